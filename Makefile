@@ -1,0 +1,38 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test lint data bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Debian's dataset-fashion-mnist, when running as root on Debian; otherwise sidenet finds the data
+# elsewhere (--data DIR, torchvision's download) or explains how to get it.
+data:
+	@if [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1) || \
+		echo "note: could not install dataset-fashion-mnist with apt-get"; \
+	fi
+
+demo: $(STAMP) data
+	$(BIN)/sidenet demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+test: $(STAMP) data lint
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP) data
+	$(BIN)/python benchmarks/fmnist_resnet.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

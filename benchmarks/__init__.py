@@ -1,0 +1,1 @@
+"""Benchmark scripts of sidenet; each writes JSON under benchmarks/results/ and regenerates BENCHMARKS.md."""

@@ -1,0 +1,132 @@
+"""Fashion-MNIST / ResNet-20: SideNet at each candidate tap, threshold chosen on validation, reported
+on the 10,000 test images with measured FLOPs and wall-clock throughput against the MainNet alone.
+
+Run: ``python benchmarks/fmnist_resnet.py`` (``make bench``). Writes
+``benchmarks/results/fmnist_resnet.json`` and regenerates BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import sidenet
+from benchmarks.common import RESULTS, machine, write_result
+from benchmarks.report import main as write_benchmarks_md
+from sidenet.data import fashion_mnist_splits, make_loader
+from sidenet.pretrain import PretrainRecipe, pretrain_fmnist_resnet
+from sidenet.timing import latency_percentiles, measure_throughput
+
+TAPS = ("stem", "layer1.0", "layer1", "layer2.0", "layer2")
+MAX_DROP = 0.005
+TARGETS = {"flops_fraction": ("<=", 0.45), "speedup_batch64": (">=", 1.8)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--taps", nargs="+", default=list(TAPS))
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved timing repeats")
+    parser.add_argument("--batch1-images", type=int, default=1000, help="test images timed at batch 1")
+    parser.add_argument("--data", type=Path, default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    mainnet, meta = pretrain_fmnist_resnet(PretrainRecipe(), data_dir=args.data)
+    splits = fashion_mnist_splits(args.data)
+    loaders = {name: make_loader(ds, 256) for name, ds in splits.items()}
+
+    rows, models = [], {}
+    for tap in args.taps:
+        model = sidenet.attach(mainnet, tap, input_shape=(1, 28, 28))
+        started = time.perf_counter()
+        model.fit(loaders["train"], epochs=30, progress=False)
+        fit_seconds = time.perf_counter() - started
+        val = sidenet.sweep(model, loaders["val"], progress=False)
+        model.threshold = val.threshold_for(max_accuracy_drop=MAX_DROP)
+        test = sidenet.sweep(model, loaders["test"], progress=False)
+        models[tap] = (model, test)
+        row = {
+            "tap": tap,
+            "threshold": model.threshold,
+            "fit_seconds": fit_seconds,
+            "sidenet_test_accuracy": test.sidenet_accuracy,
+            "flop_profile": model.flop_profile(splits["test"].tensors[0][:1]).to_dict(),
+            "val": val.at(model.threshold),
+            "test": test.at(model.threshold),
+        }
+        rows.append(row)
+        print(f"{tap:>9}: val compute {row['val']['relative_compute']:.3f} | test acc {row['test']['accuracy']:.4f} "
+              f"(drop {100 * row['test']['accuracy_drop']:+.2f} pt) exit {row['test']['exit_rate']:.3f} "
+              f"compute {row['test']['relative_compute']:.3f}")  # fmt: skip
+
+    # The tap is chosen on validation too: the least validation compute at its chosen threshold.
+    best = min(rows, key=lambda r: r["val"]["relative_compute"])
+    model, curve = models[best["tap"]]
+    model.eval()
+    mainnet.eval()
+    images = splits["test"].tensors[0]
+
+    def run_mainnet(x: torch.Tensor) -> torch.Tensor:
+        return mainnet(x)
+
+    def run_adaptive(x: torch.Tensor) -> torch.Tensor:
+        return model(x).logits
+
+    runners = {"mainnet": run_mainnet, "adaptive": run_adaptive}
+    timing = {}
+    batches64 = list(images.split(64))
+    batches1 = list(images[: args.batch1_images].split(1))
+    for name, batches in (("batch64", batches64), ("batch1", batches1)):
+        result = measure_throughput(runners, batches, repeats=args.repeats if name == "batch64" else 3)
+        timing[name] = {k: v.to_dict() for k, v in result.items()}
+        print(f"{name}: " + ", ".join(f"{k} {v.throughput:,.0f} img/s" for k, v in result.items()))
+    latency = {k: latency_percentiles(fn, batches1) for k, fn in runners.items()}
+
+    point = best["test"]
+    speedup = {b: timing[b]["adaptive"]["throughput"] / timing[b]["mainnet"]["throughput"] for b in timing}
+    speedup["ideal"] = 1.0 / point["relative_compute"]
+    plot = curve.plot(RESULTS / "fmnist_resnet_curve.png", marks={f"tap {best['tap']}, chosen on val": model.threshold},
+                      title="Fashion-MNIST test, ResNet-20 MainNet")  # fmt: skip
+    values = {"flops_fraction": point["relative_compute"], "speedup_batch64": speedup["batch64"]}
+    result = {
+        "workload": "fmnist_resnet",
+        "command": "python benchmarks/fmnist_resnet.py",
+        "machine": machine(),
+        "mainnet_description": f"CIFAR-style ResNet-{meta['recipe']['depth']} on 1x28x28, trained by "
+        f"`sidenet pretrain` ({meta['recipe']['epochs']} epochs on 55,000 training images)",
+        "test_size": len(images),
+        "choice": {"split": "5,000 images held out of the training file", "max_accuracy_drop": MAX_DROP,
+                   "rule": "least validation compute among taps"},  # fmt: skip
+        "tap": best["tap"],
+        "threshold": model.threshold,
+        "mainnet": {"accuracy": curve.mainnet_accuracy, "flops": curve.mainnet_flops,
+                    "throughput": {b: timing[b]["mainnet"]["throughput"] for b in timing},
+                    "latency_batch1": latency["mainnet"]},  # fmt: skip
+        "adaptive": {
+            "accuracy": point["accuracy"],
+            "accuracy_drop": point["accuracy_drop"],
+            "exit_rate": point["exit_rate"],
+            "flops_fraction": point["relative_compute"],
+            "mean_flops": point["mean_flops"],
+            "throughput": {b: timing[b]["adaptive"]["throughput"] for b in timing},
+            "latency_batch1": latency["adaptive"],
+        },
+        "speedup": speedup,
+        "timing": timing,
+        "targets": {k: {"target": f"{op} {v}", "value": values[k],
+                        "met": values[k] <= v if op == "<=" else values[k] >= v} for k, (op, v) in TARGETS.items()},
+        "taps": rows,
+        "plot": str(Path(plot).relative_to(RESULTS.parent.parent)),
+    }  # fmt: skip
+    print(f"wrote {write_result('fmnist_resnet', result)} and {write_benchmarks_md()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""The ``sidenet`` command line: pretrain, fit, sweep, predict, demo."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from sidenet.attach import attach, load_sidenet, save_sidenet
+from sidenet.config import SideNetConfig
+from sidenet.curve import TradeoffCurve, sweep
+from sidenet.tasks import TASKS, get_task
+
+app = typer.Typer(
+    help="Adaptive compute for pretrained classifiers: attach a SideNet to your MainNet.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+TaskOption = Annotated[str, typer.Option(help=f"Workload: {', '.join(TASKS)}.")]
+DataOption = Annotated[Path | None, typer.Option("--data", help="Folder holding the dataset files.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+DEFAULT_OUT = Path("sidenet-output")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _threshold_text(threshold: float) -> str:
+    return "never exit" if math.isinf(threshold) else f"{threshold:.4f}"
+
+
+@app.command()
+def pretrain(
+    task: TaskOption = "fmnist",
+    data: DataOption = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
+    force: Annotated[bool, typer.Option(help="Retrain even if a cached MainNet exists.")] = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Train the task's demo MainNet (cached under the user's cache folder)."""
+    from sidenet.pretrain import PretrainRecipe, pretrain_fmnist_resnet
+
+    if task != "fmnist":
+        _fail(f"pretrain knows only the fmnist task, got {task!r}")
+    try:
+        _, meta = pretrain_fmnist_resnet(PretrainRecipe(epochs=epochs), data_dir=data, force=force, progress=not quiet)
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(f"MainNet {meta['recipe']} test accuracy {meta['test_accuracy']:.4f}")
+
+
+def _fit(task_name: str, tap: str, out: Path, data: Path | None, hidden: int, pool: int, epochs: int,
+         distill: float, max_drop: float, seed: int, progress: bool) -> tuple[Path, dict]:  # fmt: skip
+    task = get_task(task_name)
+    mainnet = task.mainnet(data, progress=progress)
+    loaders = task.loaders(data)
+    model = attach(mainnet, tap, input_shape=task.input_shape, hidden=hidden, pool_size=pool, seed=seed)
+    started = time.perf_counter()
+    model.fit(loaders["train"], val_loader=loaders["val"], epochs=epochs, distill_weight=distill, seed=seed,
+              progress=progress)  # fmt: skip
+    seconds = time.perf_counter() - started
+    val_curve = sweep(model, loaders["val"], progress=progress)
+    model.threshold = val_curve.threshold_for(max_accuracy_drop=max_drop)
+    choice = {"max_accuracy_drop": max_drop, "chosen_on": "val", **val_curve.point(
+        int((val_curve.thresholds == model.threshold).argmax()))}  # fmt: skip
+    save_sidenet(model, out, metadata={"task": task.name, "fit_seconds": seconds, "threshold_choice": choice})
+    return out, choice
+
+
+@app.command()
+def fit(
+    task: TaskOption = "fmnist",
+    tap: Annotated[str | None, typer.Option(help="Where to attach the SideNet (default: the task's).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder to save the SideNet in.")] = None,
+    data: DataOption = None,
+    hidden: Annotated[int, typer.Option(help="Hidden width of the SideNet.")] = 256,
+    pool: Annotated[int, typer.Option(help="Pooling grid side for convolutional features.")] = 4,
+    epochs: Annotated[int, typer.Option(help="SideNet training epochs (on cached features).")] = 30,
+    distill: Annotated[float, typer.Option(help="Weight of distillation toward the MainNet, 0..1.")] = 0.0,
+    max_drop: Annotated[float, typer.Option(help="Accuracy drop allowed when choosing the threshold.")] = 0.005,
+    seed: int = 0,
+    quiet: QuietOption = False,
+) -> None:
+    """Train a SideNet at a tap of the frozen MainNet; choose its threshold on the validation split."""
+    tap = tap or get_task(task).default_tap
+    out = out or DEFAULT_OUT / f"{task}-{tap}"
+    try:
+        folder, choice = _fit(task, tap, out, data, hidden, pool, epochs, distill, max_drop, seed, not quiet)
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(
+        f"SideNet saved to {folder}; threshold {_threshold_text(choice['threshold'])} (validation: exit rate "
+        f"{choice['exit_rate']:.3f}, accuracy drop {100 * choice['accuracy_drop']:.2f} points, compute "
+        f"{choice['relative_compute']:.3f} of the MainNet)"
+    )
+
+
+def _load(folder: Path, data: Path | None, progress: bool):  # noqa: ANN202 - (model, task)
+    config = SideNetConfig.load(folder)
+    task = get_task(config.metadata.get("task", "fmnist"))
+    return load_sidenet(task.mainnet(data, progress=progress), folder), task
+
+
+@app.command("sweep")
+def sweep_command(
+    sidenet: Annotated[Path, typer.Option("--sidenet", help="Folder of a saved SideNet.")] = DEFAULT_OUT
+    / "fmnist-stem",
+    split: Annotated[str, typer.Option(help="Data split to sweep: val or test.")] = "test",
+    data: DataOption = None,
+    plot: Annotated[Path | None, typer.Option(help="PNG path (default: beside the SideNet).")] = None,
+    rows: Annotated[int, typer.Option(help="Rows of the printed table.")] = 12,
+    quiet: QuietOption = False,
+) -> None:
+    """Print the compute-accuracy curve of a saved SideNet and save it as a PNG plot."""
+    try:
+        model, task = _load(sidenet, data, not quiet)
+        loaders = task.loaders(data)
+        if split not in loaders:
+            _fail(f"split must be one of {sorted(loaders)}, got {split!r}")
+        curve = sweep(model, loaders[split], progress=not quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    marks = {"saved threshold": model.threshold}
+    typer.echo(curve.table(rows, marks=marks))
+    path = curve.plot(plot or sidenet / f"curve_{split}.png", marks=marks,
+                      title=f"{task.name}, tap {model.tap}, {split} split")  # fmt: skip
+    curve.save_json(path.with_suffix(".json"))
+    typer.echo(f"Plot written to {path}")
+
+
+@app.command()
+def predict(
+    inputs: Annotated[list[str], typer.Argument(help="Input files (images for fmnist).")],
+    sidenet: Annotated[Path, typer.Option("--sidenet", help="Folder of a saved SideNet.")] = DEFAULT_OUT
+    / "fmnist-stem",
+    threshold: Annotated[float | None, typer.Option(help="Override the saved threshold.")] = None,
+    data: DataOption = None,
+) -> None:
+    """Label, confidence and exit decision for each input."""
+    try:
+        model, task = _load(sidenet, data, progress=False)
+        if threshold is not None:
+            model.threshold = threshold
+        batch = task.read_inputs(inputs)
+        with torch.no_grad():
+            output = model(batch)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    probabilities = torch.softmax(output.logits.float(), dim=1)
+    for item, label, prob, exited, conf, flops in zip(
+        inputs, output.predictions.tolist(), probabilities.max(1).values.tolist(), output.exited.tolist(),
+        output.confidence.tolist(), output.flops.tolist(), strict=True,
+    ):  # fmt: skip
+        name = task.class_names[label] if task.class_names else str(label)
+        where = f"SideNet (confidence {conf:.3f})" if exited else f"MainNet (SideNet confidence {conf:.3f})"
+        typer.echo(f"{item}\t{name}\tp={prob:.3f}\tanswered by {where}\t{flops / 1e6:.2f} MFLOPs")
+
+
+@app.command()
+def demo(
+    data: DataOption = None,
+    out: Annotated[Path, typer.Option(help="Where the SideNet, plot and results go.")] = DEFAULT_OUT,
+    tap: Annotated[str, typer.Option(help="Tap of the demo SideNet.")] = "stem",
+    max_drop: Annotated[float, typer.Option(help="Accuracy drop allowed when choosing the threshold.")] = 0.005,
+    quiet: QuietOption = False,
+) -> None:
+    """The whole method on Fashion-MNIST: MainNet, SideNet, threshold on validation, curve on test."""
+    progress = not quiet
+    try:
+        folder, choice = _fit("fmnist", tap, out / f"fmnist-{tap}", data, 256, 4, 30, 0.0, max_drop, 0, progress)
+        model, task = _load(folder, data, progress)
+        curve: TradeoffCurve = sweep(model, task.loaders(data)["test"], progress=progress)
+    except ValueError as exc:
+        _fail(str(exc))
+    marks = {f"chosen on val (<= {100 * max_drop:.1f} pt)": model.threshold}
+    typer.echo("\nCompute-accuracy trade-off on the 10,000 Fashion-MNIST test images:")
+    typer.echo(curve.table(12, marks=marks))
+    point = curve.at(model.threshold)
+    typer.echo(
+        f"\nAt threshold {_threshold_text(model.threshold)} (chosen on the validation split): accuracy "
+        f"{point['accuracy']:.4f} vs MainNet {curve.mainnet_accuracy:.4f}, {point['exit_rate']:.1%} of images "
+        f"exit at the SideNet, {point['relative_compute']:.1%} of the MainNet's FLOPs."
+    )
+    plot_path = curve.plot(out / "fmnist_curve.png", marks=marks, title=f"Fashion-MNIST test, ResNet-20, tap {tap}")
+    summary = {"tap": tap, "threshold_choice": choice, "test": point, "mainnet_accuracy": curve.mainnet_accuracy}
+    (out / "fmnist_demo.json").write_text(json.dumps(summary, indent=2))
+    typer.echo(f"Plot written to {plot_path}; SideNet saved in {folder}")
+
+
+def main() -> None:
+    """Entry point of the ``sidenet`` script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

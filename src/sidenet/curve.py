@@ -1,0 +1,231 @@
+"""The compute-accuracy trade-off: one pass over a dataset collects the SideNet's confidences and
+predictions and the MainNet's predictions; every distinct threshold is then evaluated by sorting,
+without running the network again."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sidenet.policy import NEVER_EXIT
+
+if TYPE_CHECKING:
+    from sidenet.routing import AdaptiveModel
+
+__all__ = ["TradeoffCurve", "SweepRecord", "sweep", "collect"]
+
+
+@dataclass
+class SweepRecord:
+    """Per-sample results of one pass: everything a threshold's outcome depends on."""
+
+    confidence: np.ndarray  # SideNet confidence under the model's exit policy
+    side_correct: np.ndarray  # bool
+    main_correct: np.ndarray  # bool
+    agree: np.ndarray  # bool: SideNet and MainNet predict the same class
+    trunk_side_flops: np.ndarray  # FLOPs spent on every sample: trunk + SideNet
+    rest_flops: np.ndarray  # FLOPs of the rest of the MainNet, spent only if the sample continues
+    mainnet_flops: np.ndarray  # FLOPs of the MainNet alone on the sample
+
+
+@torch.no_grad()
+def collect(model: AdaptiveModel, loader: Iterable, progress: bool = True) -> SweepRecord:
+    """Run trunk, SideNet and the rest of the MainNet once over ``loader`` (every sample)."""
+    from sidenet.training import _batches
+
+    model.eval()
+    parts: dict[str, list] = {k: [] for k in ("conf", "side", "main", "labels", "ts", "rest", "mainnet")}
+    for inputs, labels in tqdm(_batches(loader), desc="Sweeping thresholds", disable=not progress, leave=False):
+        if model.check_inputs:
+            model.split.validate_input(inputs)
+        profile = model.flop_profile(inputs)
+        state = model.split.trunk(inputs)
+        side_logits = model.sidenet(model.split.features(state))
+        main_logits = model.split.rest(state)
+        n = len(side_logits)
+        parts["conf"].append(model.policy.confidence(side_logits).cpu().numpy())
+        parts["side"].append(side_logits.argmax(1).cpu().numpy())
+        parts["main"].append(main_logits.argmax(1).cpu().numpy())
+        parts["labels"].append(torch.as_tensor(labels).cpu().numpy())
+        parts["ts"].append(np.full(n, profile.trunk + profile.side, dtype=np.float64))
+        parts["rest"].append(np.full(n, profile.rest, dtype=np.float64))
+        parts["mainnet"].append(np.full(n, profile.mainnet, dtype=np.float64))
+    if not parts["conf"]:
+        raise ValueError("the loader yielded no batches")
+    cat = {k: np.concatenate(v) for k, v in parts.items()}
+    return SweepRecord(
+        confidence=cat["conf"].astype(np.float64),
+        side_correct=cat["side"] == cat["labels"],
+        main_correct=cat["main"] == cat["labels"],
+        agree=cat["side"] == cat["main"],
+        trunk_side_flops=cat["ts"],
+        rest_flops=cat["rest"],
+        mainnet_flops=cat["mainnet"],
+    )
+
+
+class TradeoffCurve:
+    """Accuracy, exit rate and compute at every distinct threshold.
+
+    Point ``i`` exits exactly the samples whose confidence is at least ``thresholds[i]``. The first
+    point is :data:`NEVER_EXIT` (the MainNet answers everything, the SideNet's cost still paid), the
+    last exits every sample. ``mainnet_accuracy`` and ``mainnet_flops`` describe the MainNet alone.
+    """
+
+    def __init__(self, record: SweepRecord) -> None:
+        n = len(record.confidence)
+        if n == 0:
+            raise ValueError("cannot build a trade-off curve from zero samples")
+        self.record = record
+        self.num_samples = n
+        order = np.argsort(-record.confidence, kind="stable")
+        conf = record.confidence[order]
+        cum = lambda a: np.concatenate([[0.0], np.cumsum(a[order], dtype=np.float64)])  # noqa: E731
+        side_ok, main_ok, rest = cum(record.side_correct), cum(record.main_correct), cum(record.rest_flops)
+        # Exiting the top k samples is a reachable point only at the end of a run of equal confidences.
+        ends = np.concatenate([[0], np.flatnonzero(np.diff(conf) != 0) + 1, [n]]) if n > 1 else np.array([0, 1])
+        ends = np.unique(ends)
+        self.exits = ends
+        self.thresholds = np.array([NEVER_EXIT] + [conf[k - 1] for k in ends[1:]])
+        self.accuracy = (side_ok[ends] + main_ok[n] - main_ok[ends]) / n
+        self.exit_rate = ends / n
+        self.mean_flops = record.trunk_side_flops.mean() + (rest[n] - rest[ends]) / n
+        self.mainnet_flops = float(record.mainnet_flops.mean())
+        self.relative_compute = self.mean_flops / self.mainnet_flops
+        self.mainnet_accuracy = float(record.main_correct.mean())
+        self.sidenet_accuracy = float(record.side_correct.mean())
+
+    def __len__(self) -> int:
+        return len(self.thresholds)
+
+    def point(self, index: int) -> dict[str, float]:
+        """The operating point ``index`` as a dict."""
+        return {
+            "threshold": float(self.thresholds[index]),
+            "accuracy": float(self.accuracy[index]),
+            "accuracy_drop": self.mainnet_accuracy - float(self.accuracy[index]),
+            "exit_rate": float(self.exit_rate[index]),
+            "mean_flops": float(self.mean_flops[index]),
+            "relative_compute": float(self.relative_compute[index]),
+        }
+
+    def at(self, threshold: float) -> dict[str, float]:
+        """The operating point a given threshold reaches on this data."""
+        exits = int((self.record.confidence >= threshold).sum())
+        return self.point(int(np.searchsorted(self.exits, exits)))
+
+    def threshold_for(self, *, max_accuracy_drop: float | None = None, compute_budget: float | None = None) -> float:
+        """Choose a threshold on this data.
+
+        Args:
+            max_accuracy_drop: the least compute whose accuracy is at most this far (a fraction,
+                0.005 = half a point) below the MainNet's. Falls back to :data:`NEVER_EXIT`.
+            compute_budget: the most accurate point whose mean compute is at most this fraction of
+                the MainNet's; raises ``ValueError`` if no point is that cheap.
+
+        The choice holds on this data; on new data it holds only as far as that data resembles it.
+        """
+        if (max_accuracy_drop is None) == (compute_budget is None):
+            raise ValueError("give exactly one of max_accuracy_drop and compute_budget")
+        if max_accuracy_drop is not None:
+            if not 0 <= max_accuracy_drop <= 1:
+                raise ValueError(f"max_accuracy_drop is a fraction in [0, 1], got {max_accuracy_drop}")
+            ok = np.flatnonzero(self.accuracy >= self.mainnet_accuracy - max_accuracy_drop - 1e-12)
+            return float(self.thresholds[ok[np.argmin(self.mean_flops[ok])]])
+        assert compute_budget is not None
+        ok = np.flatnonzero(self.relative_compute <= compute_budget + 1e-12)
+        if len(ok) == 0:
+            raise ValueError(
+                f"no threshold meets compute_budget={compute_budget}: the cheapest point costs "
+                f"{self.relative_compute.min():.3f} of the MainNet"
+            )
+        best = ok[self.accuracy[ok] == self.accuracy[ok].max()]
+        return float(self.thresholds[best[np.argmin(self.mean_flops[best])]])
+
+    def table(self, rows: int = 12, marks: dict[str, float] | None = None) -> str:
+        """A plain-text table of about ``rows`` points spread over the exit rate, plus marked thresholds."""
+        picks = {0, len(self) - 1}
+        picks |= {int(np.searchsorted(self.exit_rate, q)) for q in np.linspace(0, 1, rows)}
+        labels: dict[int, str] = {}
+        for name, threshold in (marks or {}).items():
+            index = int(np.searchsorted(self.exits, int((self.record.confidence >= threshold).sum())))
+            picks.add(index)
+            labels[index] = name
+        lines = [
+            f"MainNet alone: accuracy {self.mainnet_accuracy:.4f}, {self.mainnet_flops / 1e6:.2f} MFLOPs/sample; "
+            f"SideNet alone: accuracy {self.sidenet_accuracy:.4f}; {self.num_samples} samples",
+            f"{'threshold':>10} {'accuracy':>9} {'drop(pt)':>9} {'exit rate':>10} {'MFLOPs':>9} {'compute':>8}",
+        ]
+        for i in sorted(p for p in picks if 0 <= p < len(self)):
+            p = self.point(i)
+            t = "never" if math.isinf(p["threshold"]) else f"{p['threshold']:.4f}"
+            lines.append(
+                f"{t:>10} {p['accuracy']:>9.4f} {100 * p['accuracy_drop']:>9.2f} {p['exit_rate']:>10.3f} "
+                f"{p['mean_flops'] / 1e6:>9.3f} {p['relative_compute']:>8.3f}"
+                + (f"  <- {labels[i]}" if i in labels else "")
+            )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (thresholds of never-exit are written as null)."""
+        return {
+            "mainnet_accuracy": self.mainnet_accuracy,
+            "mainnet_flops": self.mainnet_flops,
+            "sidenet_accuracy": self.sidenet_accuracy,
+            "num_samples": self.num_samples,
+            "thresholds": [None if math.isinf(t) else float(t) for t in self.thresholds],
+            "accuracy": self.accuracy.tolist(),
+            "exit_rate": self.exit_rate.tolist(),
+            "relative_compute": self.relative_compute.tolist(),
+        }
+
+    def save_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict()))
+        return path
+
+    def plot(self, path: str | Path, marks: dict[str, float] | None = None, title: str | None = None) -> Path:
+        """Save a PNG of accuracy against compute relative to the MainNet, with the MainNet's point
+        and any marked thresholds."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+        ax.plot(self.relative_compute, 100 * self.accuracy, lw=1.6, label="SideNet + MainNet (threshold sweep)")
+        ax.scatter([1.0], [100 * self.mainnet_accuracy], color="black", zorder=3, label="MainNet alone")
+        ax.axhline(100 * self.mainnet_accuracy, color="black", lw=0.6, ls=":")
+        for name, threshold in (marks or {}).items():
+            p = self.at(threshold)
+            ax.scatter([p["relative_compute"]], [100 * p["accuracy"]], zorder=4, marker="D")
+            ax.annotate(f"{name}\nexit {p['exit_rate']:.0%}", (p["relative_compute"], 100 * p["accuracy"]),
+                        textcoords="offset points", xytext=(8, -18), fontsize=8)  # fmt: skip
+        low = min(100 * self.accuracy.min(), 100 * self.mainnet_accuracy - 5)
+        ax.set_ylim(
+            max(low, 100 * self.sidenet_accuracy - 1), 100 * max(self.accuracy.max(), self.mainnet_accuracy) + 0.5
+        )
+        ax.set_xlabel("compute per sample, relative to the MainNet (measured FLOPs)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(title or "Compute-accuracy trade-off")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+
+def sweep(model: AdaptiveModel, loader: Iterable, progress: bool = True) -> TradeoffCurve:
+    """One pass over ``loader``, then the trade-off at every distinct threshold."""
+    return TradeoffCurve(collect(model, loader, progress=progress))

@@ -1,0 +1,148 @@
+"""The demo MainNet: a CIFAR-style ResNet-20 trained by sidenet on Fashion-MNIST, cached on disk.
+
+Users bring their own pretrained MainNet; this recipe exists so that the demo, the tests of the CLI
+and the benchmarks have a real one without the internet. It trains on the 55,000-image ``train``
+split of :func:`sidenet.data.fashion_mnist_splits`, so the ``val`` split stays unseen for choosing
+thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from sidenet.data import fashion_mnist_splits
+from sidenet.models.cifar_resnet import CifarResNet, cifar_resnet
+from sidenet.paths import cache_dir
+
+__all__ = ["PretrainRecipe", "pretrain_fmnist_resnet", "load_fmnist_resnet", "evaluate_accuracy"]
+
+
+@dataclass(frozen=True)
+class PretrainRecipe:
+    """Settings of the demo MainNet's training; the cache key is derived from them."""
+
+    depth: int = 20
+    epochs: int = 10
+    batch_size: int = 128
+    max_lr: float = 0.2
+    weight_decay: float = 5e-4
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"fmnist_resnet{self.depth}_e{self.epochs}_s{self.seed}"
+
+
+def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip and random 2-pixel translation (pad-and-crop), on a whole batch."""
+    flip = torch.rand(len(images), generator=generator) < 0.5
+    images = torch.where(flip[:, None, None, None], images.flip(3), images)
+    padded = F.pad(images, (2, 2, 2, 2), mode="replicate")
+    dx, dy = torch.randint(0, 5, (2,), generator=generator).tolist()
+    return padded[:, :, dy : dy + images.shape[2], dx : dx + images.shape[3]]
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512
+) -> float:
+    """Top-1 accuracy of ``model`` (in eval mode) on in-memory tensors."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        logits = model(images[start : start + batch_size])
+        correct += int((logits.argmax(1) == labels[start : start + batch_size]).sum())
+    return correct / max(len(images), 1)
+
+
+def _paths(recipe: PretrainRecipe, root: Path | None) -> tuple[Path, Path]:
+    folder = (root or cache_dir() / "mainnets") / recipe.name
+    return folder / "model.safetensors", folder / "meta.json"
+
+
+def load_fmnist_resnet(
+    recipe: PretrainRecipe = PretrainRecipe(), root: Path | None = None
+) -> tuple[CifarResNet, dict] | None:
+    """Load the cached demo MainNet and its metadata, or return ``None`` when it was never trained."""
+    weights, meta_path = _paths(recipe, root)
+    if not (weights.is_file() and meta_path.is_file()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    model = cifar_resnet(recipe.depth, num_classes=10, in_channels=1)
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval(), meta
+
+
+def pretrain_fmnist_resnet(
+    recipe: PretrainRecipe = PretrainRecipe(),
+    data_dir: str | Path | None = None,
+    root: Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> tuple[CifarResNet, dict]:
+    """Train (or load from the cache) the demo MainNet; returns the model in eval mode and metadata
+    with its test accuracy. SGD with Nesterov momentum and a one-cycle learning rate."""
+    if not force:
+        cached = load_fmnist_resnet(recipe, root)
+        if cached is not None:
+            return cached
+    torch.manual_seed(recipe.seed)
+    splits = fashion_mnist_splits(data_dir)
+    images, labels = splits["train"].tensors
+    model = cifar_resnet(recipe.depth, num_classes=10, in_channels=1)
+    steps_per_epoch = math.ceil(len(images) / recipe.batch_size)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=recipe.max_lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=recipe.max_lr, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch
+    )
+    generator = torch.Generator().manual_seed(recipe.seed)
+    started = time.perf_counter()
+    history = []
+    for epoch in range(recipe.epochs):
+        model.train()
+        order = torch.randperm(len(images), generator=generator)
+        bar = tqdm(range(steps_per_epoch), desc=f"MainNet epoch {epoch + 1}/{recipe.epochs}", disable=not progress)
+        total_loss = 0.0
+        for step in bar:
+            index = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
+            loss = F.cross_entropy(model(_augment(images[index], generator)), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total_loss += float(loss)
+            bar.set_postfix(loss=f"{total_loss / (step + 1):.3f}")
+        val_images, val_labels = splits["val"].tensors
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": total_loss / steps_per_epoch,
+                "val_accuracy": evaluate_accuracy(model, val_images, val_labels),
+            }
+        )
+    test_images, test_labels = splits["test"].tensors
+    meta = {
+        "recipe": asdict(recipe),
+        "arch": "cifar_resnet",
+        "in_channels": 1,
+        "num_classes": 10,
+        "test_accuracy": evaluate_accuracy(model, test_images, test_labels),
+        "train_seconds": time.perf_counter() - started,
+        "history": history,
+    }
+    weights, meta_path = _paths(recipe, root)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return model.eval(), meta

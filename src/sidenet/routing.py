@@ -1,0 +1,184 @@
+"""``AdaptiveModel``: MainNet trunk, SideNet, exit policy, and the rest of the MainNet run only on
+the samples that did not exit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from sidenet.flops import FlopProfile, profile_flops
+from sidenet.head import SideNet
+from sidenet.policy import ExitPolicy
+from sidenet.splits import MainNetSplit
+
+__all__ = ["AdaptiveModel", "AdaptiveOutput", "Mode", "ClassCountMismatchError"]
+
+Mode = Literal["adaptive", "main", "side"]
+MODES = ("adaptive", "main", "side")
+
+
+class ClassCountMismatchError(ValueError):
+    """The SideNet and the MainNet predict different numbers of classes."""
+
+
+@dataclass
+class AdaptiveOutput:
+    """What the adaptive model returns for a batch.
+
+    Attributes:
+        logits: (N, C) the SideNet's logits for samples that exited, the MainNet's for the others.
+        exited: (N,) True where the SideNet answered.
+        confidence: (N,) the SideNet's confidence (NaN in ``main`` mode, where it is not run).
+        flops: (N,) FLOPs actually spent on each sample (measured per part, see ``sidenet.flops``).
+    """
+
+    logits: torch.Tensor
+    exited: torch.Tensor
+    confidence: torch.Tensor
+    flops: torch.Tensor
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        return self.logits.argmax(dim=-1)
+
+
+class AdaptiveModel(nn.Module):
+    """A MainNet with a SideNet attached at a tap, answering early for confident samples.
+
+    Args:
+        split: the MainNet cut at the tap (see :func:`sidenet.split_mainnet`).
+        sidenet: the classifier reading the tap features.
+        threshold: exit when the SideNet's max softmax probability is at least this (0..1, or
+            :data:`sidenet.NEVER_EXIT`).
+        temperature: divides the SideNet's logits before the softmax of the exit rule.
+        check_inputs: validate every batch (shape, emptiness, NaN/inf); costs one pass over the input.
+
+    The MainNet is put in eval mode and never trained here; call :meth:`fit` to train the SideNet.
+    """
+
+    def __init__(
+        self,
+        split: MainNetSplit,
+        sidenet: SideNet,
+        threshold: float = 0.9,
+        temperature: float = 1.0,
+        check_inputs: bool = True,
+    ) -> None:
+        super().__init__()
+        if split.num_classes is not None and split.num_classes != sidenet.num_classes:
+            raise ClassCountMismatchError(
+                f"the SideNet predicts {sidenet.num_classes} classes but the MainNet predicts {split.num_classes}"
+            )
+        self.split = split.eval()
+        self.sidenet = sidenet
+        self.policy = ExitPolicy(threshold, temperature)
+        self.check_inputs = check_inputs
+        self._flop_profiles: dict[tuple, FlopProfile] = {}
+        self.history_: list[dict[str, float]] = []
+        self.reset_stats()
+
+    # -- settings -------------------------------------------------------------------------------
+    @property
+    def threshold(self) -> float:
+        return self.policy.threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self.policy = ExitPolicy(value, self.policy.temperature)
+
+    @property
+    def temperature(self) -> float:
+        return self.policy.temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self.policy = ExitPolicy(self.policy.threshold, value)
+
+    @property
+    def tap(self) -> str | int:
+        return self.split.tap
+
+    def train(self, mode: bool = True) -> AdaptiveModel:
+        """Only the SideNet ever trains: the MainNet (and its batch-norm statistics) stays frozen."""
+        super().train(mode)
+        self.split.eval()
+        return self
+
+    # -- running statistics ----------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        """Zero the counts of samples seen and exited in adaptive mode."""
+        self.samples_seen = 0
+        self.samples_exited = 0
+
+    @property
+    def observed_exit_rate(self) -> float:
+        """Fraction of the samples seen in adaptive mode since :meth:`reset_stats` that exited."""
+        return self.samples_exited / self.samples_seen if self.samples_seen else float("nan")
+
+    # -- compute ---------------------------------------------------------------------------------
+    def flop_profile(self, x: Any) -> FlopProfile:
+        """FLOPs per sample of trunk, SideNet and rest for inputs like ``x`` (measured once per shape)."""
+        key = self.split.flop_key(x)
+        if key not in self._flop_profiles:
+            self._flop_profiles[key] = profile_flops(self.split, self.sidenet, self.split.example(x))
+        return self._flop_profiles[key]
+
+    def forward(self, x: Any, mode: Mode = "adaptive") -> AdaptiveOutput:
+        """Classify a batch.
+
+        ``mode="main"`` runs the MainNet alone (as before attaching), ``"side"`` lets the SideNet
+        answer every sample, ``"adaptive"`` routes each sample by the exit policy.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if self.check_inputs:
+            self.split.validate_input(x)
+        profile = self.flop_profile(x)
+        state = self.split.trunk(x)
+        n = self.split.batch_size(x)
+        if mode == "main":
+            logits = self.split.rest(state)
+            flops = torch.full((n,), float(profile.mainnet), device=logits.device)
+            nan = torch.full((n,), float("nan"), device=logits.device)
+            return AdaptiveOutput(logits, torch.zeros(n, dtype=torch.bool, device=logits.device), nan, flops)
+
+        side_logits = self.sidenet(self.split.features(state))
+        confidence = self.policy.confidence(side_logits)
+        if mode == "side":
+            exited = torch.ones(n, dtype=torch.bool, device=side_logits.device)
+        else:
+            exited = self.policy.exits(confidence)
+        remaining = (~exited).nonzero().squeeze(1)
+        # Skip the gather when nobody or everybody continues: at zero exits the routed model must
+        # cost what the MainNet costs (plus the SideNet), not an extra copy of the state.
+        if len(remaining) == 0:
+            logits = side_logits
+        elif len(remaining) == n:
+            logits = self.split.rest(state)
+        else:
+            rest_logits = self.split.rest(self.split.select(state, remaining))
+            dtype = torch.promote_types(side_logits.dtype, rest_logits.dtype)
+            logits = side_logits.to(dtype).index_copy(0, remaining, rest_logits.to(dtype))
+        flops = torch.full((n,), float(profile.trunk + profile.side), device=logits.device)
+        flops += (~exited).to(flops.dtype) * profile.rest
+        if mode == "adaptive":
+            self.samples_seen += n
+            self.samples_exited += n - len(remaining)
+        return AdaptiveOutput(logits, exited, confidence, flops)
+
+    @torch.no_grad()
+    def predict(self, x: Any) -> torch.Tensor:
+        """Predicted class per sample (adaptive routing, eval mode)."""
+        self.eval()
+        return self.forward(x).predictions
+
+    def fit(self, loader: Iterable, **options: Any) -> AdaptiveModel:
+        """Train the SideNet only; options go to :func:`sidenet.training.fit_sidenet`. Returns self."""
+        from sidenet.training import fit_sidenet
+
+        self.history_ = fit_sidenet(self, loader, **options)
+        return self

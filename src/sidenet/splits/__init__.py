@@ -1,0 +1,66 @@
+"""Splitters: cut a MainNet at a tap. ``split_mainnet`` picks the splitter registered for a model.
+
+New families register with :func:`register_splitter`, as peft maps model types to target modules:
+per-architecture knowledge lives in this one registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from sidenet.splits.base import CallableSplit, MainNetSplit, StagedSplit, State, TapError, select_samples
+from sidenet.splits.vision import (
+    SequentialSplit,
+    is_cifar_resnet,
+    is_torchvision_resnet,
+    split_cifar_resnet,
+    split_torchvision_resnet,
+)
+
+__all__ = [
+    "MainNetSplit",
+    "CallableSplit",
+    "StagedSplit",
+    "SequentialSplit",
+    "State",
+    "TapError",
+    "select_samples",
+    "register_splitter",
+    "split_mainnet",
+    "SPLITTERS",
+]
+
+# name -> (does this splitter handle the model?, build the split at a tap)
+SPLITTERS: dict[str, tuple[Callable[[nn.Module], bool], Callable[[Any, Any], MainNetSplit]]] = {}
+
+
+def register_splitter(
+    name: str, matches: Callable[[nn.Module], bool], build: Callable[[Any, Any], MainNetSplit]
+) -> None:
+    """Register a splitter; later registrations are tried first, so users can override built-ins."""
+    SPLITTERS[name] = (matches, build)
+
+
+register_splitter("sequential", lambda m: isinstance(m, nn.Sequential), SequentialSplit)
+register_splitter("torchvision_resnet", is_torchvision_resnet, split_torchvision_resnet)
+register_splitter("cifar_resnet", is_cifar_resnet, split_cifar_resnet)
+
+
+def split_mainnet(mainnet: nn.Module | MainNetSplit, tap: str | int) -> MainNetSplit:
+    """Cut ``mainnet`` at ``tap`` with the splitter registered for its type.
+
+    A ``MainNetSplit`` passes through unchanged. Raises ``TypeError`` for a model no splitter knows
+    (build a :class:`CallableSplit` for those) and :class:`TapError` for an unknown tap.
+    """
+    if isinstance(mainnet, MainNetSplit):
+        return mainnet
+    for matches, build in reversed(SPLITTERS.values()):
+        if matches(mainnet):
+            return build(mainnet, tap)
+    raise TypeError(
+        f"no splitter knows {type(mainnet).__name__}; registered: {', '.join(SPLITTERS)}. "
+        "Wrap it with sidenet.CallableSplit(trunk=..., rest=..., mainnet=model) instead."
+    )

@@ -1,0 +1,198 @@
+"""``MainNetSplit``: a pretrained MainNet cut in two at a tap.
+
+The adaptive model needs four things from a MainNet: run it from the input up to the tap (``trunk``),
+take from that state what the SideNet reads (``features``), keep only some samples of the state
+(``select``), and finish the forward pass from the state (``rest``). A state is a tensor or any
+nesting of tuples, lists and dicts of tensors whose first dimension is the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+__all__ = ["MainNetSplit", "CallableSplit", "StagedSplit", "State", "select_samples", "TapError"]
+
+State = Any
+
+
+class TapError(ValueError):
+    """Raised for a tap that the MainNet does not have; the message lists the valid ones."""
+
+
+def select_samples(state: State, index: torch.Tensor) -> State:
+    """Keep the samples ``index`` (1-D long tensor) of every tensor in ``state`` (batch on dim 0)."""
+    return tree_map(lambda t: t.index_select(0, index) if isinstance(t, torch.Tensor) else t, state)
+
+
+class MainNetSplit(nn.Module):
+    """A MainNet cut at ``tap`` into ``trunk`` (input -> state) and ``rest`` (state -> logits).
+
+    Subclasses implement :meth:`trunk` and :meth:`rest`; the defaults of :meth:`features` (the state
+    itself) and :meth:`select` (index every tensor of the state) suit MainNets whose state is a tensor.
+    The MainNet is registered as the submodule ``mainnet`` so that ``.to()`` and ``.eval()`` reach it.
+    """
+
+    def __init__(self, mainnet: nn.Module | None, tap: str | int, num_classes: int | None = None) -> None:
+        super().__init__()
+        self.mainnet = mainnet
+        self.tap = tap
+        self.num_classes = num_classes
+
+    def trunk(self, x: Any) -> State:
+        """Run the MainNet from its input to the tap."""
+        raise NotImplementedError
+
+    def rest(self, state: State) -> torch.Tensor:
+        """Finish the MainNet's forward pass from the tap state; returns logits."""
+        raise NotImplementedError
+
+    def features(self, state: State) -> torch.Tensor:
+        """What the SideNet reads from the tap state."""
+        if not isinstance(state, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} must define features() for a non-tensor state")
+        return state
+
+    def select(self, state: State, index: torch.Tensor) -> State:
+        """The state restricted to the samples ``index``."""
+        return select_samples(state, index)
+
+    def validate_input(self, x: Any) -> None:
+        """Raise ``ValueError`` for inputs the MainNet cannot take; subclasses add shape checks."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"expected a tensor input, got {type(x).__name__}")
+        if x.ndim == 0 or x.shape[0] == 0:
+            raise ValueError(f"empty batch: input has shape {tuple(x.shape)}")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError("input contains NaN or infinite values")
+
+    def batch_size(self, x: Any) -> int:
+        """Number of samples in an input batch."""
+        return int(x.shape[0])
+
+    def flop_key(self, x: Any) -> tuple:
+        """Inputs with equal keys cost the same FLOPs per sample (for vision: the sample shape)."""
+        return tuple(x.shape[1:])
+
+    def example(self, x: Any) -> Any:
+        """A batch of one sample taken from ``x``, used to measure FLOPs per sample."""
+        return x[:1]
+
+    def forward(self, x: Any) -> torch.Tensor:
+        """The whole MainNet: ``rest(trunk(x))``."""
+        return self.rest(self.trunk(x))
+
+    def extra_repr(self) -> str:
+        return f"tap={self.tap!r}, num_classes={self.num_classes}"
+
+
+class CallableSplit(MainNetSplit):
+    """A split made of plain callables, for architectures sidenet has no splitter for.
+
+    Example::
+
+        split = CallableSplit(trunk=lambda x: net.body(x), rest=lambda h: net.head(h), mainnet=net)
+
+    Args:
+        trunk: input -> state.
+        rest: state -> logits.
+        mainnet: the module the callables use (so that ``.eval()``, ``.to()`` and the fingerprint
+            of saved SideNets see it); optional.
+        features: state -> SideNet input; defaults to the state itself.
+        select: (state, index) -> state; defaults to indexing every tensor of the state.
+        num_classes: the MainNet's number of classes, checked against the SideNet's when given.
+        tap: a name for the tap, stored in saved configs.
+    """
+
+    def __init__(
+        self,
+        trunk: Callable[[Any], State],
+        rest: Callable[[State], torch.Tensor],
+        mainnet: nn.Module | None = None,
+        features: Callable[[State], torch.Tensor] | None = None,
+        select: Callable[[State, torch.Tensor], State] | None = None,
+        num_classes: int | None = None,
+        tap: str | int = "custom",
+    ) -> None:
+        super().__init__(mainnet, tap, num_classes)
+        self._trunk_fn = trunk
+        self._rest_fn = rest
+        self._features_fn = features
+        self._select_fn = select
+
+    def trunk(self, x: Any) -> State:
+        return self._trunk_fn(x)
+
+    def rest(self, state: State) -> torch.Tensor:
+        return self._rest_fn(state)
+
+    def features(self, state: State) -> torch.Tensor:
+        return self._features_fn(state) if self._features_fn else super().features(state)
+
+    def select(self, state: State, index: torch.Tensor) -> State:
+        return self._select_fn(state, index) if self._select_fn else super().select(state, index)
+
+
+class StagedSplit(MainNetSplit):
+    """A MainNet that is a chain of named stages followed by a head, cut after the stage ``tap``.
+
+    Args:
+        mainnet: the whole model.
+        stages: ``(name, callable)`` in execution order; a tap names the stage after which to cut.
+        head: the callable after the last stage (pooling, classifier).
+        tap: a stage name, or an alias from ``aliases``.
+        aliases: other names for stages (``"layer2"`` for its last block ``"layer2.1"``).
+        in_channels: when set, inputs must be image batches (N, in_channels, H, W).
+    """
+
+    def __init__(
+        self,
+        mainnet: nn.Module,
+        stages: Sequence[tuple[str, Callable[[torch.Tensor], torch.Tensor]]],
+        head: Callable[[torch.Tensor], torch.Tensor],
+        tap: str,
+        aliases: dict[str, str] | None = None,
+        num_classes: int | None = None,
+        in_channels: int | None = None,
+    ) -> None:
+        super().__init__(mainnet, tap, num_classes)
+        aliases = aliases or {}
+        names = [name for name, _ in stages]
+        self.valid_taps = sorted(set(names) | set(aliases), key=lambda n: names.index(aliases.get(n, n)))
+        resolved = aliases.get(str(tap), str(tap))
+        if resolved not in names:
+            raise TapError(
+                f"unknown tap {tap!r} for {type(mainnet).__name__}; valid taps: {', '.join(self.valid_taps)}"
+            )
+        cut = names.index(resolved) + 1
+        # Plain lists: the stages are already registered inside ``mainnet``.
+        self._trunk_stages = [fn for _, fn in stages[:cut]]
+        self._rest_stages = [fn for _, fn in stages[cut:]]
+        self._head = head
+        self.in_channels = in_channels
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self._trunk_stages:
+            x = stage(x)
+        return x
+
+    def rest(self, state: torch.Tensor) -> torch.Tensor:
+        for stage in self._rest_stages:
+            state = stage(state)
+        return self._head(state)
+
+    def validate_input(self, x: Any) -> None:
+        super().validate_input(x)
+        if self.in_channels is not None:
+            if x.ndim != 4:
+                raise ValueError(
+                    f"expected an image batch of shape (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}"
+                )
+            if x.shape[1] != self.in_channels:
+                raise ValueError(
+                    f"expected {self.in_channels} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
+                )

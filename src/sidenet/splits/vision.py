@@ -1,0 +1,109 @@
+"""Splitters for vision MainNets: torchvision ResNets, CIFAR ResNets and ``nn.Sequential``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sidenet.models.cifar_resnet import CifarResNet
+from sidenet.splits.base import MainNetSplit, StagedSplit, TapError
+
+__all__ = [
+    "split_torchvision_resnet",
+    "split_cifar_resnet",
+    "SequentialSplit",
+    "is_torchvision_resnet",
+    "is_cifar_resnet",
+]
+
+
+def is_torchvision_resnet(model: nn.Module) -> bool:
+    """True for torchvision's ``ResNet`` and anything laid out like it."""
+    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc")
+    return all(hasattr(model, name) for name in names)
+
+
+def is_cifar_resnet(model: nn.Module) -> bool:
+    """True for :class:`CifarResNet` and models with its module names (``conv1`` ... ``linear``)."""
+    if isinstance(model, CifarResNet):
+        return True
+    names = ("conv1", "bn1", "layer1", "layer2", "layer3", "linear")
+    return all(hasattr(model, name) for name in names) and not hasattr(model, "layer4")
+
+
+def _block_stages(model: nn.Module, layers: list[str]) -> tuple[list, dict[str, str]]:
+    stages, aliases = [], {}
+    for layer in layers:
+        blocks = list(getattr(model, layer).named_children())
+        for index, block in blocks:
+            stages.append((f"{layer}.{index}", block))
+        aliases[layer] = f"{layer}.{blocks[-1][0]}"
+    return stages, aliases
+
+
+def split_torchvision_resnet(model: nn.Module, tap: str) -> StagedSplit:
+    """Split a torchvision ResNet (18, 34, 50, 101, 152, or a ResNeXt/Wide ResNet) at ``tap``:
+    ``stem`` (conv1, bn1, relu, maxpool), ``layer1`` ... ``layer4``, or a block such as ``layer2.1``."""
+
+    def stem(x: torch.Tensor) -> torch.Tensor:
+        return model.maxpool(model.relu(model.bn1(model.conv1(x))))
+
+    def head(x: torch.Tensor) -> torch.Tensor:
+        return model.fc(torch.flatten(model.avgpool(x), 1))
+
+    stages, aliases = _block_stages(model, ["layer1", "layer2", "layer3", "layer4"])
+    return StagedSplit(
+        model, [("stem", stem), *stages], head, tap, aliases,
+        num_classes=model.fc.out_features, in_channels=model.conv1.in_channels,
+    )  # fmt: skip
+
+
+def split_cifar_resnet(model: nn.Module, tap: str) -> StagedSplit:
+    """Split a CIFAR ResNet at ``stem`` (conv1, bn1, relu), ``layer1`` ... ``layer3`` or a block."""
+
+    def stem(x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(model.bn1(model.conv1(x)))
+
+    def head(x: torch.Tensor) -> torch.Tensor:
+        return model.linear(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    stages, aliases = _block_stages(model, ["layer1", "layer2", "layer3"])
+    return StagedSplit(
+        model, [("stem", stem), *stages], head, tap, aliases,
+        num_classes=model.linear.out_features, in_channels=model.conv1.in_channels,
+    )  # fmt: skip
+
+
+class SequentialSplit(MainNetSplit):
+    """Split an ``nn.Sequential`` after its first ``tap`` modules (1 <= tap < len(model))."""
+
+    def __init__(self, model: nn.Sequential, tap: int | str) -> None:
+        try:
+            cut = int(tap)
+        except (TypeError, ValueError):
+            cut = -1
+        if not 1 <= cut < len(model):
+            raise TapError(
+                f"unknown tap {tap!r} for nn.Sequential of {len(model)} modules; valid taps: "
+                f"integers 1..{len(model) - 1} (the trunk is the first `tap` modules)"
+            )
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        super().__init__(model, cut, linears[-1].out_features if linears else None)
+        # A tuple, not attributes: the halves share modules already registered under ``mainnet``.
+        self._halves = (model[:cut], model[cut:])
+        first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+        self.in_channels = first.in_channels if isinstance(first, nn.Conv2d) else None
+        self.in_features = first.in_features if isinstance(first, nn.Linear) else None
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        return self._halves[0](x)
+
+    def rest(self, state: torch.Tensor) -> torch.Tensor:
+        return self._halves[1](state)
+
+    def validate_input(self, x: torch.Tensor) -> None:
+        super().validate_input(x)
+        if self.in_channels is not None and (x.ndim != 4 or x.shape[1] != self.in_channels):
+            raise ValueError(f"expected an image batch of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        if self.in_features is not None and x.shape[-1] != self.in_features:
+            raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")

@@ -1,0 +1,83 @@
+"""Wall-clock throughput of compared models, measured in one process with interleaved repeats
+(A B A B ...), after a warm-up, so that drift of the machine hits every model alike."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["Timing", "measure_throughput", "latency_percentiles"]
+
+
+@dataclass
+class Timing:
+    """Seconds per pass over the batches, one entry per repeat, and the samples in a pass."""
+
+    seconds: list[float]
+    samples: int
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def throughput(self) -> float:
+        """Samples per second at the median pass time."""
+        return self.samples / self.median
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples_per_pass": self.samples,
+            "median_seconds": self.median,
+            "min_seconds": min(self.seconds),
+            "max_seconds": max(self.seconds),
+            "repeats": len(self.seconds),
+            "throughput": self.throughput,
+            "throughput_spread": [self.samples / max(self.seconds), self.samples / min(self.seconds)],
+        }
+
+
+@torch.inference_mode()
+def measure_throughput(
+    runners: dict[str, Callable[[Any], Any]],
+    batches: Sequence[Any],
+    repeats: int = 5,
+    warmup: int = 1,
+    batch_size: Callable[[Any], int] = len,
+) -> dict[str, Timing]:
+    """Time one pass of each runner over ``batches``, interleaved, ``repeats`` times after ``warmup``
+    untimed passes; returns a :class:`Timing` per runner name."""
+    if repeats < 1 or not batches:
+        raise ValueError("need at least one repeat and one batch")
+    samples = sum(batch_size(b) for b in batches)
+    for _ in range(warmup):
+        for run in runners.values():
+            for batch in batches:
+                run(batch)
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            started = time.perf_counter()
+            for batch in batches:
+                run(batch)
+            seconds[name].append(time.perf_counter() - started)
+    return {name: Timing(values, samples) for name, values in seconds.items()}
+
+
+@torch.inference_mode()
+def latency_percentiles(
+    run: Callable[[Any], Any], inputs: Sequence[Any], percentiles: Sequence[float] = (50, 95)
+) -> dict[str, float]:
+    """Per-call latency (seconds) of ``run`` on each input, as the given percentiles."""
+    times = []
+    for item in inputs:
+        started = time.perf_counter()
+        run(item)
+        times.append(time.perf_counter() - started)
+    times.sort()
+    return {f"p{p:g}": times[min(len(times) - 1, int(round(p / 100 * (len(times) - 1))))] for p in percentiles}

@@ -1,0 +1,166 @@
+"""Training the SideNet only. One pass of the frozen MainNet caches the pooled tap features and the
+MainNet's logits; the SideNet then trains on that cache for many epochs in seconds."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sidenet.head import SideNet
+
+if TYPE_CHECKING:
+    from sidenet.routing import AdaptiveModel
+
+__all__ = ["FeatureCache", "cache_features", "train_sidenet", "fit_sidenet"]
+
+
+@dataclass
+class FeatureCache:
+    """Pooled SideNet inputs, MainNet logits and labels of a dataset, all on the CPU."""
+
+    features: torch.Tensor
+    mainnet_logits: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _batches(loader: Iterable) -> Iterable[tuple]:
+    for batch in loader:
+        if isinstance(batch, dict):
+            yield batch, batch["labels"]
+        elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            yield batch[0], batch[1]
+        else:
+            raise ValueError("expected a loader of (inputs, labels) pairs or dicts with a 'labels' key")
+
+
+@torch.no_grad()
+def cache_features(
+    model: AdaptiveModel, loader: Iterable, progress: bool = True, desc: str = "Caching tap features"
+) -> FeatureCache:
+    """Run the frozen MainNet once over ``loader``; keep pooled tap features, MainNet logits, labels."""
+    model.eval()
+    features, logits, labels = [], [], []
+    for inputs, targets in tqdm(_batches(loader), desc=desc, disable=not progress, leave=False):
+        if model.check_inputs:
+            model.split.validate_input(inputs)
+        state = model.split.trunk(inputs)
+        features.append(model.sidenet.pooled(model.split.features(state)).float().cpu())
+        logits.append(model.split.rest(state).float().cpu())
+        labels.append(torch.as_tensor(targets).long().cpu())
+    if not labels:
+        raise ValueError("the loader yielded no batches")
+    return FeatureCache(torch.cat(features), torch.cat(logits), torch.cat(labels))
+
+
+def _loss(
+    logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor, weight: float, temperature: float
+) -> torch.Tensor:
+    loss = F.cross_entropy(logits, labels)
+    if weight > 0:
+        # Hinton et al.'s distillation term, scaled by T^2 so its gradient does not shrink with T.
+        soft = F.kl_div(
+            F.log_softmax(logits / temperature, dim=1),
+            F.log_softmax(teacher / temperature, dim=1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        loss = (1 - weight) * loss + weight * temperature**2 * soft
+    return loss
+
+
+@torch.no_grad()
+def _accuracy(sidenet: SideNet, cache: FeatureCache) -> float:
+    sidenet.eval()
+    device = next(sidenet.parameters()).device
+    predictions = sidenet.classify(cache.features.to(device)).argmax(1).cpu()
+    return float((predictions == cache.labels).float().mean())
+
+
+def train_sidenet(
+    sidenet: SideNet,
+    cache: FeatureCache,
+    *,
+    epochs: int = 30,
+    lr: float = 2e-3,
+    batch_size: int = 256,
+    weight_decay: float = 1e-4,
+    distill_weight: float = 0.0,
+    distill_temperature: float = 2.0,
+    seed: int = 0,
+    val_cache: FeatureCache | None = None,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Train ``sidenet``'s perceptron on cached features with AdamW and a cosine schedule.
+
+    Loss: cross-entropy on the labels, mixed with ``distill_weight`` of distillation toward the
+    MainNet's logits softened by ``distill_temperature``. Returns one record per epoch with the mean
+    loss and the SideNet's accuracy on the cache (and on ``val_cache`` when given).
+    """
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise ValueError(f"epochs and batch_size must be positive and lr > 0, got {epochs}, {batch_size}, {lr}")
+    if not 0.0 <= distill_weight <= 1.0 or distill_temperature <= 0:
+        raise ValueError("distill_weight must lie in [0, 1] and distill_temperature be positive")
+    if cache.mainnet_logits.shape[1] != sidenet.num_classes:
+        raise ValueError(
+            f"the SideNet predicts {sidenet.num_classes} classes, the cached MainNet logits have "
+            f"{cache.mainnet_logits.shape[1]}"
+        )
+    if int(cache.labels.max()) >= sidenet.num_classes or int(cache.labels.min()) < 0:
+        raise ValueError(f"labels must lie in [0, {sidenet.num_classes - 1}]")
+    device = next(sidenet.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(sidenet.mlp.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * -(-len(cache) // batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    history = []
+    bar = tqdm(range(epochs), desc="Training SideNet", disable=not progress, leave=False)
+    for epoch in bar:
+        sidenet.train()
+        order = torch.randperm(len(cache), generator=generator)
+        total = 0.0
+        for start in range(0, len(cache), batch_size):
+            index = order[start : start + batch_size]
+            logits = sidenet.classify(cache.features[index].to(device))
+            loss = _loss(logits, cache.labels[index].to(device), cache.mainnet_logits[index].to(device),
+                         distill_weight, distill_temperature)  # fmt: skip
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += float(loss.detach()) * len(index)
+        record = {"epoch": epoch + 1, "loss": total / len(cache), "accuracy": _accuracy(sidenet, cache)}
+        if val_cache is not None:
+            record["val_accuracy"] = _accuracy(sidenet, val_cache)
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
+    sidenet.eval()
+    return history
+
+
+def fit_sidenet(
+    model: AdaptiveModel,
+    loader: Iterable,
+    *,
+    val_loader: Iterable | None = None,
+    progress: bool = True,
+    **options: float | int,
+) -> list[dict[str, float]]:
+    """Cache features of ``loader`` (and ``val_loader``) through the frozen MainNet, then train the
+    SideNet of ``model``; options are those of :func:`train_sidenet`."""
+    cache = cache_features(model, loader, progress=progress)
+    val_cache = (
+        cache_features(model, val_loader, progress=progress, desc="Caching validation features")
+        if val_loader is not None
+        else None
+    )
+    history = train_sidenet(model.sidenet, cache, val_cache=val_cache, progress=progress, **options)
+    model.eval()
+    return history
