@@ -24,7 +24,8 @@ from sidenet.data import fashion_mnist_splits, make_loader
 from sidenet.pretrain import PretrainRecipe, pretrain_fmnist_resnet
 from sidenet.timing import latency_percentiles, measure_throughput
 
-TAPS = ("stem", "layer1.0", "layer1", "layer2.0", "layer2")
+TAPS = ("stem", "layer1.0", "layer1", "layer2.0")
+POOLS = (4, 7)
 MAX_DROP = 0.005
 TARGETS = {"flops_fraction": ("<=", 0.45), "speedup_batch64": (">=", 1.8)}
 
@@ -32,6 +33,7 @@ TARGETS = {"flops_fraction": ("<=", 0.45), "speedup_batch64": (">=", 1.8)}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--taps", nargs="+", default=list(TAPS))
+    parser.add_argument("--pools", nargs="+", type=int, default=list(POOLS), help="SideNet pooling grids tried")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timing repeats")
     parser.add_argument("--batch1-images", type=int, default=1000, help="test images timed at batch 1")
     parser.add_argument("--data", type=Path, default=None)
@@ -43,17 +45,18 @@ def main() -> None:
     loaders = {name: make_loader(ds, 256) for name, ds in splits.items()}
 
     rows, models = [], {}
-    for tap in args.taps:
-        model = sidenet.attach(mainnet, tap, input_shape=(1, 28, 28))
+    for tap, pool in [(t, p) for t in args.taps for p in args.pools]:
+        model = sidenet.attach(mainnet, tap, input_shape=(1, 28, 28), pool_size=pool)
         started = time.perf_counter()
         model.fit(loaders["train"], epochs=30, progress=False)
         fit_seconds = time.perf_counter() - started
         val = sidenet.sweep(model, loaders["val"], progress=False)
         model.threshold = val.threshold_for(max_accuracy_drop=MAX_DROP)
         test = sidenet.sweep(model, loaders["test"], progress=False)
-        models[tap] = (model, test)
+        models[tap, pool] = (model, test)
         row = {
             "tap": tap,
+            "pool": pool,
             "threshold": model.threshold,
             "fit_seconds": fit_seconds,
             "sidenet_test_accuracy": test.sidenet_accuracy,
@@ -62,13 +65,14 @@ def main() -> None:
             "test": test.at(model.threshold),
         }
         rows.append(row)
-        print(f"{tap:>9}: val compute {row['val']['relative_compute']:.3f} | test acc {row['test']['accuracy']:.4f} "
+        v, te = row["val"], row["test"]
+        print(f"{tap:>9} pool {pool}: val compute {v['relative_compute']:.3f} | test acc {te['accuracy']:.4f} "
               f"(drop {100 * row['test']['accuracy_drop']:+.2f} pt) exit {row['test']['exit_rate']:.3f} "
               f"compute {row['test']['relative_compute']:.3f}")  # fmt: skip
 
     # The tap is chosen on validation too: the least validation compute at its chosen threshold.
     best = min(rows, key=lambda r: r["val"]["relative_compute"])
-    model, curve = models[best["tap"]]
+    model, curve = models[best["tap"], best["pool"]]
     model.eval()
     mainnet.eval()
     images = splits["test"].tensors[0]
@@ -92,7 +96,8 @@ def main() -> None:
     point = best["test"]
     speedup = {b: timing[b]["adaptive"]["throughput"] / timing[b]["mainnet"]["throughput"] for b in timing}
     speedup["ideal"] = 1.0 / point["relative_compute"]
-    plot = curve.plot(RESULTS / "fmnist_resnet_curve.png", marks={f"tap {best['tap']}, chosen on val": model.threshold},
+    marks = {f"tap {best['tap']}, pool {best['pool']}": model.threshold}
+    plot = curve.plot(RESULTS / "fmnist_resnet_curve.png", marks=marks,
                       title="Fashion-MNIST test, ResNet-20 MainNet")  # fmt: skip
     values = {"flops_fraction": point["relative_compute"], "speedup_batch64": speedup["batch64"]}
     result = {
@@ -103,8 +108,9 @@ def main() -> None:
         f"`sidenet pretrain` ({meta['recipe']['epochs']} epochs on 55,000 training images)",
         "test_size": len(images),
         "choice": {"split": "5,000 images held out of the training file", "max_accuracy_drop": MAX_DROP,
-                   "rule": "least validation compute among taps"},  # fmt: skip
+                   "rule": "least validation compute among (tap, pool) candidates"},  # fmt: skip
         "tap": best["tap"],
+        "pool": best["pool"],
         "threshold": model.threshold,
         "mainnet": {"accuracy": curve.mainnet_accuracy, "flops": curve.mainnet_flops,
                     "throughput": {b: timing[b]["mainnet"]["throughput"] for b in timing},

@@ -41,7 +41,7 @@ def _fmnist(r: dict[str, Any]) -> list[str]:
         "",
         "| | MainNet alone | SideNet + MainNet |",
         "|---|---|---|",
-        f"| tap / threshold | – | `{r['tap']}` / {_thr(r['threshold'])} |",
+        f"| tap / SideNet pooling / threshold | – | `{r['tap']}` / {r['pool']}x{r['pool']} / {_thr(r['threshold'])} |",
         f"| accuracy | {_pct(m['accuracy'])} | {_pct(a['accuracy'])} ({100 * a['accuracy_drop']:+.2f} pt drop) |",
         f"| exit rate | 0 | {_pct(a['exit_rate'])} |",
         f"| FLOPs per image | {m['flops'] / 1e6:.2f} M | {a['mean_flops'] / 1e6:.2f} M "
@@ -64,16 +64,18 @@ def _fmnist(r: dict[str, Any]) -> list[str]:
             for k, v in t.items()
         ),  # fmt: skip
         "",
-        "### Every candidate tap (threshold chosen on validation, reported on test)",
+        "### Every candidate (threshold chosen on validation, reported on test)",
         "",
-        "| tap | SideNet acc. | threshold | val exit | test acc. | drop (pt) | test exit | FLOPs fraction |",
-        "|---|---|---|---|---|---|---|---|",
+        "| tap | pool | SideNet acc. | threshold | val exit | val compute | test acc. | drop (pt) | test exit "
+        "| FLOPs fraction |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["taps"]:
         v, te = row["val"], row["test"]
         lines.append(
-            f"| `{row['tap']}` | {_pct(row['sidenet_test_accuracy'])} | {_thr(row['threshold'])} | "
-            f"{_pct(v['exit_rate'])} | {_pct(te['accuracy'])} | {100 * te['accuracy_drop']:+.2f} | "
+            f"| `{row['tap']}` | {row['pool']} | {_pct(row['sidenet_test_accuracy'])} | {_thr(row['threshold'])} | "
+            f"{_pct(v['exit_rate'])} | {_pct(v['relative_compute'])} | {_pct(te['accuracy'])} | "
+            f"{100 * te['accuracy_drop']:+.2f} | "
             f"{_pct(te['exit_rate'])} | {_pct(te['relative_compute'])} |"
         )
     lines += ["", f"![curve]({r['plot']})", ""]

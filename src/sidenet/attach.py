@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ def attach(
     threshold: float = 0.9,
     temperature: float = 1.0,
     seed: int = 0,
+    split_options: Mapping[str, Any] | None = None,
 ) -> AdaptiveModel:
     """Cut ``mainnet`` at ``tap`` and attach a fresh SideNet there.
 
@@ -53,11 +54,12 @@ def attach(
         mainnet: a pretrained model (or a ready :class:`MainNetSplit`); it is put in eval mode.
         tap: where to attach; an unknown tap raises an error listing the valid ones.
         input_shape: the shape of one input sample, e.g. ``(3, 224, 224)``; or give ``example_input``
-            (a batch) instead. Used once to size the SideNet.
+            (a batch) instead. Used once to size the SideNet. Text MainNets need neither.
         num_classes: needed only when the MainNet's class count cannot be read from it.
         hidden, pool_size: SideNet size (see :class:`SideNet`).
         threshold, temperature: the exit policy.
         seed: seeds the SideNet's initialisation.
+        split_options: settings of the splitter (text encoders: ``{"features": "mean"}``).
 
     Example::
 
@@ -65,11 +67,11 @@ def attach(
         model.fit(train_loader)
         curve = sidenet.sweep(model, val_loader)
     """
-    split = split_mainnet(mainnet, tap).eval()
+    split = split_mainnet(mainnet, tap, **dict(split_options or {})).eval()
     if example_input is None:
-        if input_shape is None:
+        example_input = torch.zeros(1, *input_shape) if input_shape is not None else split.dummy_input()
+        if example_input is None:
             raise ValueError("attach() needs input_shape (one sample's shape) or example_input (a batch)")
-        example_input = torch.zeros(1, *input_shape)
     split.validate_input(example_input)
     classes = split.num_classes if split.num_classes is not None else num_classes
     if classes is None:
@@ -90,6 +92,7 @@ def save_sidenet(model: AdaptiveModel, folder: str | Path, metadata: dict[str, A
     mainnet = model.split.mainnet
     config = SideNetConfig(
         tap=model.tap,
+        split_options=model.split.options(),
         feature_shape=list(sidenet.feature_shape),
         num_classes=sidenet.num_classes,
         hidden=sidenet.hidden,
@@ -120,7 +123,16 @@ def load_sidenet(
         config = SideNetConfig.load(folder)
     except (FileNotFoundError, ValueError, TypeError) as exc:
         raise CheckpointError(f"cannot load SideNet config from {folder}: {exc}") from exc
-    split = split_mainnet(mainnet, config.tap)
+    split = split_mainnet(mainnet, config.tap, **config.split_options)
+    if str(split.tap) != str(config.tap):
+        raise CheckpointError(
+            f"the SideNet in {folder} was trained at tap {config.tap!r}, the split given is at {split.tap!r}"
+        )
+    if split.options() != config.split_options:
+        raise CheckpointError(
+            f"the SideNet in {folder} was saved with split options {config.split_options}, "
+            f"the split given has {split.options()}"
+        )
     base = split.mainnet
     if check_fingerprint and config.mainnet_fingerprint and base is not None:
         found = mainnet_fingerprint(base)

@@ -42,28 +42,26 @@ def _threshold_text(threshold: float) -> str:
 def pretrain(
     task: TaskOption = "fmnist",
     data: DataOption = None,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
+    epochs: Annotated[float | None, typer.Option(help="Training epochs (default: fmnist 10, sst2 1).")] = None,
     force: Annotated[bool, typer.Option(help="Retrain even if a cached MainNet exists.")] = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Train the task's demo MainNet (cached under the user's cache folder)."""
-    from sidenet.pretrain import PretrainRecipe, pretrain_fmnist_resnet
-
-    if task != "fmnist":
-        _fail(f"pretrain knows only the fmnist task, got {task!r}")
+    """Train the task's MainNet (cached under the user's cache folder)."""
     try:
-        _, meta = pretrain_fmnist_resnet(PretrainRecipe(epochs=epochs), data_dir=data, force=force, progress=not quiet)
+        summary = get_task(task).pretrain(data, epochs=epochs, force=force, progress=not quiet)
     except ValueError as exc:
         _fail(str(exc))
-    typer.echo(f"MainNet {meta['recipe']} test accuracy {meta['test_accuracy']:.4f}")
+    typer.echo(summary)
 
 
 def _fit(task_name: str, tap: str, out: Path, data: Path | None, hidden: int, pool: int, epochs: int,
-         distill: float, max_drop: float, seed: int, progress: bool) -> tuple[Path, dict]:  # fmt: skip
+         distill: float, max_drop: float, seed: int, progress: bool,
+         split_options: dict | None = None) -> tuple[Path, dict]:  # fmt: skip
     task = get_task(task_name)
     mainnet = task.mainnet(data, progress=progress)
     loaders = task.loaders(data)
-    model = attach(mainnet, tap, input_shape=task.input_shape, hidden=hidden, pool_size=pool, seed=seed)
+    model = attach(mainnet, tap, input_shape=task.input_shape, hidden=hidden, pool_size=pool, seed=seed,
+                   split_options=split_options)  # fmt: skip
     started = time.perf_counter()
     model.fit(loaders["train"], val_loader=loaders["val"], epochs=epochs, distill_weight=distill, seed=seed,
               progress=progress)  # fmt: skip
@@ -87,14 +85,18 @@ def fit(
     epochs: Annotated[int, typer.Option(help="SideNet training epochs (on cached features).")] = 30,
     distill: Annotated[float, typer.Option(help="Weight of distillation toward the MainNet, 0..1.")] = 0.0,
     max_drop: Annotated[float, typer.Option(help="Accuracy drop allowed when choosing the threshold.")] = 0.005,
+    features: Annotated[
+        str | None, typer.Option(help="Text MainNets: what the SideNet reads, first, mean or both tokens.")
+    ] = None,
     seed: int = 0,
     quiet: QuietOption = False,
 ) -> None:
     """Train a SideNet at a tap of the frozen MainNet; choose its threshold on the validation split."""
-    tap = tap or get_task(task).default_tap
-    out = out or DEFAULT_OUT / f"{task}-{tap}"
     try:
-        folder, choice = _fit(task, tap, out, data, hidden, pool, epochs, distill, max_drop, seed, not quiet)
+        tap = tap or get_task(task).default_tap
+        out = out or DEFAULT_OUT / f"{task}-{tap}"
+        options = {"features": features} if features else None
+        folder, choice = _fit(task, tap, out, data, hidden, pool, epochs, distill, max_drop, seed, not quiet, options)
     except ValueError as exc:
         _fail(str(exc))
     typer.echo(
@@ -113,7 +115,7 @@ def _load(folder: Path, data: Path | None, progress: bool):  # noqa: ANN202 - (m
 @app.command("sweep")
 def sweep_command(
     sidenet: Annotated[Path, typer.Option("--sidenet", help="Folder of a saved SideNet.")] = DEFAULT_OUT
-    / "fmnist-stem",
+    / "fmnist-layer1.0",
     split: Annotated[str, typer.Option(help="Data split to sweep: val or test.")] = "test",
     data: DataOption = None,
     plot: Annotated[Path | None, typer.Option(help="PNG path (default: beside the SideNet).")] = None,
@@ -139,13 +141,24 @@ def sweep_command(
 
 @app.command()
 def predict(
-    inputs: Annotated[list[str], typer.Argument(help="Input files (images for fmnist).")],
+    inputs: Annotated[
+        list[str] | None, typer.Argument(help="Inputs: image files for fmnist, sentences for sst2.")
+    ] = None,
+    file: Annotated[Path | None, typer.Option("--file", help="A text file with one input per line.")] = None,
     sidenet: Annotated[Path, typer.Option("--sidenet", help="Folder of a saved SideNet.")] = DEFAULT_OUT
-    / "fmnist-stem",
+    / "fmnist-layer1.0",
     threshold: Annotated[float | None, typer.Option(help="Override the saved threshold.")] = None,
     data: DataOption = None,
 ) -> None:
     """Label, confidence and exit decision for each input."""
+    inputs = list(inputs or [])
+    if file is not None:
+        try:
+            inputs += [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            _fail(f"cannot read --file {file}: {exc}")
+    if not inputs:
+        _fail("give inputs on the command line or with --file")
     try:
         model, task = _load(sidenet, data, progress=False)
         if threshold is not None:
@@ -169,14 +182,15 @@ def predict(
 def demo(
     data: DataOption = None,
     out: Annotated[Path, typer.Option(help="Where the SideNet, plot and results go.")] = DEFAULT_OUT,
-    tap: Annotated[str, typer.Option(help="Tap of the demo SideNet.")] = "stem",
+    tap: Annotated[str, typer.Option(help="Tap of the demo SideNet.")] = "layer1.0",
+    pool: Annotated[int, typer.Option(help="Pooling grid side of the demo SideNet.")] = 7,
     max_drop: Annotated[float, typer.Option(help="Accuracy drop allowed when choosing the threshold.")] = 0.005,
     quiet: QuietOption = False,
 ) -> None:
     """The whole method on Fashion-MNIST: MainNet, SideNet, threshold on validation, curve on test."""
     progress = not quiet
     try:
-        folder, choice = _fit("fmnist", tap, out / f"fmnist-{tap}", data, 256, 4, 30, 0.0, max_drop, 0, progress)
+        folder, choice = _fit("fmnist", tap, out / f"fmnist-{tap}", data, 256, pool, 30, 0.0, max_drop, 0, progress)
         model, task = _load(folder, data, progress)
         curve: TradeoffCurve = sweep(model, task.loaders(data)["test"], progress=progress)
     except ValueError as exc:

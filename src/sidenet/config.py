@@ -38,7 +38,8 @@ class SideNetConfig:
     """Settings of a SideNet attached to a MainNet.
 
     Attributes:
-        tap: where the MainNet is cut (a stage name, or an integer for ``nn.Sequential``).
+        tap: where the MainNet is cut (a stage name, or an integer for ``nn.Sequential`` and text encoders).
+        split_options: the split's settings beyond the tap (text encoders: ``{"features": "both"}``).
         feature_shape: shape of one sample's tap features.
         num_classes: classes of SideNet and MainNet.
         hidden: hidden width of the SideNet.
@@ -54,6 +55,7 @@ class SideNetConfig:
     tap: str | int
     feature_shape: list[int]
     num_classes: int
+    split_options: dict[str, Any] = field(default_factory=dict)
     hidden: int = 256
     pool_size: int = 4
     threshold: float = 0.9

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
-from sidenet.policy import NEVER_EXIT
+from sidenet.policy import NEVER_EXIT, validate_threshold
 
 if TYPE_CHECKING:
     from sidenet.routing import AdaptiveModel
@@ -32,13 +33,44 @@ class SweepRecord:
     main_correct: np.ndarray  # bool
     agree: np.ndarray  # bool: SideNet and MainNet predict the same class
     trunk_side_flops: np.ndarray  # FLOPs spent on every sample: trunk + SideNet
-    rest_flops: np.ndarray  # FLOPs of the rest of the MainNet, spent only if the sample continues
+    rest_flops: np.ndarray  # FLOPs of the rest of the MainNet, saved when the sample exits (see collect)
     mainnet_flops: np.ndarray  # FLOPs of the MainNet alone on the sample
+
+
+def _marginal_rest_flops(model: AdaptiveModel, state: Any, confidence: np.ndarray, profile: Any) -> np.ndarray:
+    """FLOPs of the rest that each sample of a batch saves by exiting, for a split whose rest costs
+    depend on which samples continue (text: the rest runs at the longest remaining length).
+
+    Samples exit in decreasing confidence, the order :class:`TradeoffCurve` uses (a stable sort, as
+    there). ``cost[j]`` is what the rest of this batch costs once its ``j`` most confident samples have
+    exited, exactly as :meth:`AdaptiveModel.forward` runs it: all ``n`` samples on the untouched state
+    for ``j = 0``, the ``n - j`` others on their gathered, trimmed state otherwise. The sample of rank
+    ``j`` is credited ``cost[j] - cost[j + 1]``, so that at every threshold the credits of the samples
+    that continue add up to the batch's actual rest cost.
+    """
+    n = len(confidence)
+    order = np.argsort(-confidence, kind="stable")
+    index = torch.as_tensor(order, dtype=torch.long, device=_state_device(state))
+    cost = np.zeros(n + 1)
+    cost[0] = n * model.rest_flops(state, None, profile)
+    for j in range(1, n):
+        cost[j] = (n - j) * model.rest_flops(state, index[j:], profile)
+    marginal = np.empty(n)
+    marginal[order] = cost[:-1] - cost[1:]
+    return marginal
+
+
+def _state_device(state: Any) -> torch.device:
+    return next(t.device for t in tree_leaves(state) if isinstance(t, torch.Tensor))
 
 
 @torch.no_grad()
 def collect(model: AdaptiveModel, loader: Iterable, progress: bool = True) -> SweepRecord:
-    """Run trunk, SideNet and the rest of the MainNet once over ``loader`` (every sample)."""
+    """Run trunk, SideNet and the rest of the MainNet once over ``loader`` (every sample).
+
+    FLOPs are those :meth:`AdaptiveModel.forward` would spend on the same batches: trunk and SideNet at
+    each batch's input size, the rest at the size it would actually run at for each threshold.
+    """
     from sidenet.training import _batches
 
     model.eval()
@@ -51,12 +83,17 @@ def collect(model: AdaptiveModel, loader: Iterable, progress: bool = True) -> Sw
         side_logits = model.sidenet(model.split.features(state))
         main_logits = model.split.rest(state)
         n = len(side_logits)
-        parts["conf"].append(model.policy.confidence(side_logits).cpu().numpy())
+        confidence = model.policy.confidence(side_logits).cpu().numpy().astype(np.float64)
+        if model.split.rest_flop_key(state) is None:
+            rest = np.full(n, profile.rest, dtype=np.float64)
+        else:
+            rest = _marginal_rest_flops(model, state, confidence, profile)
+        parts["conf"].append(confidence)
         parts["side"].append(side_logits.argmax(1).cpu().numpy())
         parts["main"].append(main_logits.argmax(1).cpu().numpy())
         parts["labels"].append(torch.as_tensor(labels).cpu().numpy())
         parts["ts"].append(np.full(n, profile.trunk + profile.side, dtype=np.float64))
-        parts["rest"].append(np.full(n, profile.rest, dtype=np.float64))
+        parts["rest"].append(rest)
         parts["mainnet"].append(np.full(n, profile.mainnet, dtype=np.float64))
     if not parts["conf"]:
         raise ValueError("the loader yielded no batches")
@@ -119,8 +156,14 @@ class TradeoffCurve:
 
     def at(self, threshold: float) -> dict[str, float]:
         """The operating point a given threshold reaches on this data."""
-        exits = int((self.record.confidence >= threshold).sum())
-        return self.point(int(np.searchsorted(self.exits, exits)))
+        return self.point(self._index_of(threshold))
+
+    def _index_of(self, threshold: float) -> int:
+        """Index of the point a threshold reaches. Compared in float32, as the exit policy compares
+        the SideNet's float32 confidences, so that curve and routed model agree at the boundary."""
+        threshold = validate_threshold(threshold)
+        exits = int((self.record.confidence.astype(np.float32) >= np.float32(threshold)).sum())
+        return int(np.searchsorted(self.exits, exits))
 
     def threshold_for(self, *, max_accuracy_drop: float | None = None, compute_budget: float | None = None) -> float:
         """Choose a threshold on this data.
@@ -156,7 +199,7 @@ class TradeoffCurve:
         picks |= {int(np.searchsorted(self.exit_rate, q)) for q in np.linspace(0, 1, rows)}
         labels: dict[int, str] = {}
         for name, threshold in (marks or {}).items():
-            index = int(np.searchsorted(self.exits, int((self.record.confidence >= threshold).sum())))
+            index = self._index_of(threshold)
             picks.add(index)
             labels[index] = name
         lines = [

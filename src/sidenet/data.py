@@ -1,16 +1,23 @@
-"""Datasets used by the demo, the tests and the benchmarks.
+"""Datasets used by the demo, the tests and the benchmarks: Fashion-MNIST (images) and SST-2 (text).
 
 Fashion-MNIST is read from the official IDX gzip files, looked for in this order: a folder the user
 names, Debian's ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``), sidenet's
 cache, and finally torchvision's download (which needs the internet).
+
+SST-2 is read from GLUE's TSV files (``train.tsv``, ``dev.tsv``: a header naming the ``sentence`` and
+``label`` columns), looked for in a folder the user names, then ``../shared/data/sst2`` beside the
+repository, then sidenet's cache, and finally the ``datasets`` library's ``glue/sst2`` (internet).
+Text batches are dicts of ``input_ids``, ``attention_mask`` and ``labels``, tokenised by the
+MainNet's own tokenizer and padded per batch to their longest sentence (see :class:`TextCollator`).
 """
 
 from __future__ import annotations
 
 import gzip
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +36,13 @@ __all__ = [
     "normalize_fashion_mnist",
     "make_loader",
     "iter_batches",
+    "SST2_CLASSES",
+    "SST2_DIR",
+    "TextDataset",
+    "TextCollator",
+    "read_sst2_tsv",
+    "load_sst2",
+    "sst2_splits",
 ]
 
 FASHION_MNIST_CLASSES = (
@@ -45,6 +59,11 @@ _FILES = {
 }
 # The samples of the training file held out from MainNet and SideNet training, for choosing thresholds.
 VALIDATION_SIZE = 5000
+SST2_CLASSES = ("negative", "positive")
+# The GLUE files shared beside a checkout of the repository (read in place, never copied).
+SST2_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "sst2"
+SST2_VALIDATION_SIZE = 2000
+_SST2_FILES = {"train": "train.tsv", "dev": "dev.tsv"}
 
 
 class DataNotFoundError(ValueError, FileNotFoundError):
@@ -65,6 +84,8 @@ def read_idx(path: str | Path) -> np.ndarray:
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08:
         raise ValueError(f"{path} is not an IDX file of unsigned bytes (header {raw[:4].hex()})")
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path} is truncated: its header declares {ndim} dimensions but the file ends first")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
@@ -122,7 +143,7 @@ def find_fashion_mnist(data_dir: str | Path | None = None, download: bool = True
 
 def normalize_fashion_mnist(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Turn uint8 images of shape (N, 28, 28) into normalised float tensors of shape (N, 1, 28, 28)."""
-    tensor = torch.as_tensor(np.asarray(images), dtype=torch.float32).div_(255.0)
+    tensor = torch.from_numpy(np.array(images, dtype=np.float32)).div_(255.0)
     return tensor.sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD).unsqueeze(1)
 
 
@@ -147,8 +168,7 @@ def fashion_mnist_splits(
     reported on, never used for choices)."""
     full = load_fashion_mnist("train", data_dir, download)
     images, labels = full.tensors
-    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
-    train, val = order[VALIDATION_SIZE:], order[:VALIDATION_SIZE]
+    train, val = _holdout(len(full), VALIDATION_SIZE, seed)
     return {
         "train": TensorDataset(images[train], labels[train]),
         "val": TensorDataset(images[val], labels[val]),
@@ -156,10 +176,25 @@ def fashion_mnist_splits(
     }
 
 
-def make_loader(dataset: Dataset, batch_size: int = 256, shuffle: bool = False, seed: int = 0) -> DataLoader:
-    """A single-process DataLoader (in-memory tensors need no workers), seeded when shuffling."""
+def _holdout(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random split of ``range(n)`` into (the rest, ``size`` held-out indices)."""
+    if not 0 < size < n:
+        raise ValueError(f"cannot hold out {size} of {n} samples")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[size:], order[:size]
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int = 256,
+    shuffle: bool = False,
+    seed: int = 0,
+    collate_fn: Callable[[list], Any] | None = None,
+) -> DataLoader:
+    """A single-process DataLoader (in-memory data needs no workers), seeded when shuffling;
+    ``collate_fn`` makes the batches (a :class:`TextCollator` for text)."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate_fn)
 
 
 def iter_batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -168,3 +203,132 @@ def iter_batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tenso
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise ValueError("expected a loader of (inputs, labels) batches")
         yield batch[0], batch[1]
+
+
+# -- SST-2 ------------------------------------------------------------------------------------------
+
+
+class TextDataset(Dataset):
+    """Sentences and their integer labels; items are ``(sentence, label)`` pairs."""
+
+    def __init__(self, sentences: Sequence[str], labels: Sequence[int]) -> None:
+        if len(sentences) != len(labels):
+            raise ValueError(f"{len(sentences)} sentences but {len(labels)} labels")
+        self.sentences = list(sentences)
+        self.labels = [int(label) for label in labels]
+
+    def __len__(self) -> int:
+        return len(self.sentences)
+
+    def __getitem__(self, index: int) -> tuple[str, int]:
+        return self.sentences[index], self.labels[index]
+
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> TextDataset:
+        """The samples ``indices``, in that order."""
+        picked = [int(i) for i in indices]
+        return TextDataset([self.sentences[i] for i in picked], [self.labels[i] for i in picked])
+
+
+def read_sst2_tsv(path: str | Path) -> TextDataset:
+    """Read a GLUE SST-2 TSV file: a header naming ``sentence`` and ``label`` (in either order), then
+    one tab-separated sample per line; labels are 0 (negative) or 1 (positive)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read SST-2 file {path}: {exc}") from exc
+    header = lines[0].split("\t") if lines else []
+    if "sentence" not in header or "label" not in header:
+        raise ValueError(f"{path} is not an SST-2 TSV file: its header {header} lacks 'sentence' and 'label'")
+    text_col, label_col = header.index("sentence"), header.index("label")
+    sentences, labels = [], []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != len(header) or fields[label_col].strip() not in ("0", "1"):
+            raise ValueError(f"{path}, line {number}: expected {len(header)} tab-separated fields with a 0/1 label")
+        sentences.append(fields[text_col].strip())
+        labels.append(int(fields[label_col]))
+    if not sentences:
+        raise ValueError(f"{path} holds no samples")
+    return TextDataset(sentences, labels)
+
+
+def _sst2_from_datasets(split: str) -> TextDataset | None:
+    try:
+        from datasets import load_dataset
+
+        data = load_dataset("glue", "sst2", split="validation" if split == "dev" else split)
+    except Exception:  # noqa: BLE001 - not installed or no internet; the caller explains
+        return None
+    return TextDataset(data["sentence"], data["label"])
+
+
+def load_sst2(split: str, data_dir: str | Path | None = None, download: bool = True) -> TextDataset:
+    """Load SST-2's ``"train"`` (67,349 phrases) or ``"dev"`` (872 sentences) split (see module doc).
+
+    Raises:
+        DataNotFoundError: with instructions, when no source works.
+    """
+    if split not in _SST2_FILES:
+        raise ValueError(f"split must be one of {sorted(_SST2_FILES)}, got {split!r}")
+    if data_dir is not None:
+        path = Path(data_dir).expanduser() / _SST2_FILES[split]
+        if not path.is_file():
+            raise DataNotFoundError(f"--data {data_dir} does not hold the SST-2 file {_SST2_FILES[split]}")
+        return read_sst2_tsv(path)
+    candidates = [SST2_DIR, cache_dir() / "data" / "sst2"]
+    for folder in candidates:
+        if (folder / _SST2_FILES[split]).is_file():
+            return read_sst2_tsv(folder / _SST2_FILES[split])
+    found = _sst2_from_datasets(split) if download else None
+    if found is not None:
+        return found
+    raise DataNotFoundError(
+        f"SST-2 was not found. sidenet looks in the folder given with --data, then in {candidates[0]} and "
+        f"{candidates[1]} for GLUE's train.tsv and dev.tsv (a header naming 'sentence' and 'label'), and "
+        "finally tries `datasets.load_dataset('glue', 'sst2')`, which needs `pip install datasets` and the "
+        "internet. Download SST-2 from https://gluebenchmark.com/tasks into a folder and pass it with --data."
+    )
+
+
+def sst2_splits(
+    data_dir: str | Path | None = None, download: bool = True, seed: int = 0, val_size: int = SST2_VALIDATION_SIZE
+) -> dict[str, TextDataset]:
+    """``train`` (SST-2 train less ``val``), ``val`` (held out of train, for choices) and ``test``
+    (SST-2 dev; GLUE's test split has no labels). Train holds short phrases, dev full sentences: a
+    threshold chosen on ``val`` transfers to ``test`` only as far as they are alike."""
+    full = load_sst2("train", data_dir, download)
+    train, val = _holdout(len(full), val_size, seed)
+    return {"train": full.subset(train), "val": full.subset(val), "test": load_sst2("dev", data_dir, download)}
+
+
+class TextCollator:
+    """Tokenise a list of ``(sentence, label)`` pairs into one batch, padded to its longest sentence.
+
+    Args:
+        tokenizer: the MainNet's own tokenizer (``AutoTokenizer.from_pretrained`` of its folder).
+        max_length: longer sentences are truncated to this many tokens.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int = 64) -> None:
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def encode(self, sentences: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tokenise sentences into ``input_ids``, ``attention_mask`` (and ``token_type_ids`` if the
+        tokenizer makes them), padded to the longest."""
+        if not sentences or not all(isinstance(s, str) for s in sentences):
+            raise ValueError("expected a non-empty list of sentences (strings)")
+        encoded = self.tokenizer(
+            list(sentences), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return dict(encoded)
+
+    def __call__(self, items: Sequence[tuple[str, int]]) -> dict[str, torch.Tensor]:
+        batch = self.encode([sentence for sentence, _ in items])
+        batch["labels"] = torch.tensor([label for _, label in items], dtype=torch.long)
+        return batch

@@ -2,6 +2,9 @@
 
 FlopCounterMode counts the matrix and convolution work (where nearly all of a network's cost is);
 element-wise operations such as batch norm and ReLU are not counted, for MainNet and SideNet alike.
+PyTorch's counter has no formula for the CPU kernel of ``scaled_dot_product_attention``; sidenet adds
+the one it uses for the GPU kernels, so that a transformer's attention counts the same under the
+``sdpa`` and ``eager`` attention implementations.
 """
 
 from __future__ import annotations
@@ -11,14 +14,23 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 __all__ = ["count_flops", "FlopProfile", "profile_flops"]
 
 
+def _sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """Attention FLOPs from the shapes of query, key and value (PyTorch's formula for its GPU kernels)."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+EXTRA_FORMULAS: dict[Any, Callable[..., int]] = {_CPU_SDPA: _sdpa_flops} if _CPU_SDPA is not None else {}
+
+
 def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int, Any]:
     """Run ``fn(*args, **kwargs)`` under a FLOP counter; return ``(flops, result)``."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS) as counter:
         result = fn(*args, **kwargs)
     return int(counter.get_total_flops()), result
 
@@ -37,7 +49,8 @@ class FlopProfile:
         return self.trunk + self.rest
 
     def adaptive(self, exit_rate: float) -> float:
-        """Expected FLOPs per sample when ``exit_rate`` of the samples exit at the SideNet."""
+        """Expected FLOPs per sample when ``exit_rate`` of the samples exit at the SideNet (for MainNets
+        whose rest costs the same whichever samples continue; see ``MainNetSplit.rest_flop_key``)."""
         return self.trunk + self.side + (1.0 - exit_rate) * self.rest
 
     def to_dict(self) -> dict[str, int]:

@@ -121,7 +121,7 @@ def pretrain_fmnist_resnet(
             loss.backward()
             optimizer.step()
             schedule.step()
-            total_loss += float(loss)
+            total_loss += float(loss.detach())
             bar.set_postfix(loss=f"{total_loss / (step + 1):.3f}")
         val_images, val_labels = splits["val"].tensors
         history.append(

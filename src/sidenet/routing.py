@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from sidenet.flops import FlopProfile, profile_flops
+from sidenet.flops import FlopProfile, count_flops, profile_flops
 from sidenet.head import SideNet
 from sidenet.policy import ExitPolicy
 from sidenet.splits import MainNetSplit
@@ -78,6 +78,7 @@ class AdaptiveModel(nn.Module):
         self.policy = ExitPolicy(threshold, temperature)
         self.check_inputs = check_inputs
         self._flop_profiles: dict[tuple, FlopProfile] = {}
+        self._rest_flops: dict[tuple, int] = {}
         self.history_: list[dict[str, float]] = []
         self.reset_stats()
 
@@ -121,11 +122,28 @@ class AdaptiveModel(nn.Module):
 
     # -- compute ---------------------------------------------------------------------------------
     def flop_profile(self, x: Any) -> FlopProfile:
-        """FLOPs per sample of trunk, SideNet and rest for inputs like ``x`` (measured once per shape)."""
+        """FLOPs per sample of trunk, SideNet and rest for inputs like ``x`` (measured once per shape;
+        for text, once per padded length)."""
         key = self.split.flop_key(x)
         if key not in self._flop_profiles:
             self._flop_profiles[key] = profile_flops(self.split, self.sidenet, self.split.example(x))
         return self._flop_profiles[key]
+
+    def rest_flops(self, state: Any, index: torch.Tensor | None, profile: FlopProfile, selected: Any = None) -> float:
+        """FLOPs per sample of the rest run on ``select(state, index)`` (on ``state`` when ``index`` is None).
+
+        ``profile.rest`` unless the split says the rest's cost depends on the samples kept (text: the
+        rest runs at the longest remaining length); then it is measured once per
+        :meth:`MainNetSplit.rest_flop_key` and cached. ``selected``, when the caller has it, spares a
+        second ``select`` for the measurement.
+        """
+        key = self.split.rest_flop_key(state, index)
+        if key is None:
+            return float(profile.rest)
+        if key not in self._rest_flops:
+            part = state if index is None else (selected if selected is not None else self.split.select(state, index))
+            self._rest_flops[key] = count_flops(self.split.rest, self.split.example_state(part))[0]
+        return float(self._rest_flops[key])
 
     def forward(self, x: Any, mode: Mode = "adaptive") -> AdaptiveOutput:
         """Classify a batch.
@@ -155,16 +173,20 @@ class AdaptiveModel(nn.Module):
         remaining = (~exited).nonzero().squeeze(1)
         # Skip the gather when nobody or everybody continues: at zero exits the routed model must
         # cost what the MainNet costs (plus the SideNet), not an extra copy of the state.
+        rest_cost = 0.0
         if len(remaining) == 0:
             logits = side_logits
         elif len(remaining) == n:
             logits = self.split.rest(state)
+            rest_cost = self.rest_flops(state, None, profile)
         else:
-            rest_logits = self.split.rest(self.split.select(state, remaining))
+            selected = self.split.select(state, remaining)
+            rest_logits = self.split.rest(selected)
+            rest_cost = self.rest_flops(state, remaining, profile, selected)
             dtype = torch.promote_types(side_logits.dtype, rest_logits.dtype)
             logits = side_logits.to(dtype).index_copy(0, remaining, rest_logits.to(dtype))
         flops = torch.full((n,), float(profile.trunk + profile.side), device=logits.device)
-        flops += (~exited).to(flops.dtype) * profile.rest
+        flops += (~exited).to(flops.dtype) * rest_cost
         if mode == "adaptive":
             self.samples_seen += n
             self.samples_exited += n - len(remaining)

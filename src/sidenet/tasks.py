@@ -1,4 +1,5 @@
-"""Built-in tasks of the CLI: a MainNet recipe plus its data. ``fmnist`` is the default demo task."""
+"""Built-in tasks of the CLI: a MainNet recipe plus its data. ``fmnist`` is the default demo task;
+``sst2`` is sentiment of movie-review sentences with a fine-tuned all-MiniLM-L6-v2 MainNet."""
 
 from __future__ import annotations
 
@@ -12,9 +13,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sidenet.data import FASHION_MNIST_CLASSES, fashion_mnist_splits, make_loader, normalize_fashion_mnist
+from sidenet.data import (
+    FASHION_MNIST_CLASSES,
+    SST2_CLASSES,
+    TextCollator,
+    fashion_mnist_splits,
+    make_loader,
+    normalize_fashion_mnist,
+    sst2_splits,
+)
 
-__all__ = ["Task", "FashionMnistTask", "TASKS", "get_task"]
+__all__ = ["Task", "FashionMnistTask", "Sst2Task", "TASKS", "get_task"]
 
 
 @dataclass
@@ -24,11 +33,21 @@ class Task:
     name: str
     description: str
     default_tap: str
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] | None  # one sample's shape; None where the split makes its own example
     class_names: Sequence[str] = field(default_factory=tuple)
 
     def mainnet(self, data_dir: str | Path | None = None, progress: bool = True) -> nn.Module:
         """The task's MainNet, trained on first use and cached."""
+        raise NotImplementedError
+
+    def pretrain(
+        self,
+        data_dir: str | Path | None = None,
+        epochs: float | None = None,
+        force: bool = False,
+        progress: bool = True,
+    ) -> str:
+        """Train (or load) the task's MainNet; returns a one-line summary with its test accuracy."""
         raise NotImplementedError
 
     def loaders(self, data_dir: str | Path | None = None, batch_size: int = 256) -> dict[str, DataLoader]:
@@ -47,7 +66,7 @@ class FashionMnistTask(Task):
         super().__init__(
             name="fmnist",
             description="Fashion-MNIST, 28x28 grey images, 10 classes; MainNet: CIFAR-style ResNet-20",
-            default_tap="stem",
+            default_tap="layer1.0",
             input_shape=(1, 28, 28),
             class_names=FASHION_MNIST_CLASSES,
         )
@@ -64,6 +83,19 @@ class FashionMnistTask(Task):
         if progress:
             print(f"MainNet test accuracy: {meta['test_accuracy']:.4f} ({meta['train_seconds']:.0f} s)")
         return model
+
+    def pretrain(
+        self,
+        data_dir: str | Path | None = None,
+        epochs: float | None = None,
+        force: bool = False,
+        progress: bool = True,
+    ) -> str:
+        from sidenet.pretrain import PretrainRecipe, pretrain_fmnist_resnet
+
+        recipe = PretrainRecipe() if epochs is None else PretrainRecipe(epochs=int(epochs))
+        _, meta = pretrain_fmnist_resnet(recipe, data_dir=data_dir, force=force, progress=progress)
+        return f"MainNet {meta['recipe']} test accuracy {meta['test_accuracy']:.4f}"
 
     def loaders(self, data_dir: str | Path | None = None, batch_size: int = 256) -> dict[str, DataLoader]:
         return {name: make_loader(ds, batch_size) for name, ds in fashion_mnist_splits(data_dir).items()}
@@ -84,7 +116,75 @@ class FashionMnistTask(Task):
         return normalize_fashion_mnist(np.stack(images))
 
 
-TASKS: dict[str, Task] = {"fmnist": FashionMnistTask()}
+class Sst2Task(Task):
+    """SST-2 with a BERT-family MainNet fine-tuned by :mod:`sidenet.text_pretrain` (all-MiniLM-L6-v2 by
+    default). ``val`` is held out of SST-2 train (short phrases), ``test`` is SST-2 dev (sentences)."""
+
+    def __init__(self, recipe: Any = None) -> None:
+        from sidenet.text_pretrain import TextRecipe
+
+        self.recipe = recipe or TextRecipe()
+        super().__init__(
+            name="sst2",
+            description=f"SST-2 sentence sentiment, 2 classes; MainNet: {self.recipe.checkpoint} fine-tuned",
+            default_tap="3",
+            input_shape=None,
+            class_names=SST2_CLASSES,
+        )
+        self._collator: TextCollator | None = None
+
+    @property
+    def collator(self) -> TextCollator:
+        """Tokenises with the checkpoint's own tokenizer (the fine-tuned MainNet keeps it unchanged)."""
+        if self._collator is None:
+            from sidenet.text_pretrain import load_tokenizer
+
+            self._collator = TextCollator(load_tokenizer(self.recipe.checkpoint), self.recipe.max_length)
+        return self._collator
+
+    def mainnet(self, data_dir: str | Path | None = None, progress: bool = True) -> nn.Module:
+        from sidenet.text_pretrain import finetune_text_mainnet, load_text_mainnet
+
+        cached = load_text_mainnet(self.recipe)
+        if cached is not None:
+            return cached[0]
+        if progress:
+            print(f"Fine-tuning the MainNet ({self.recipe.checkpoint} on SST-2) once; it is cached afterwards.")
+        model, _, meta = finetune_text_mainnet(self.recipe, data_dir=data_dir, progress=progress)
+        if progress:
+            print(f"MainNet SST-2 dev accuracy: {meta['test_accuracy']:.4f} ({meta['train_seconds']:.0f} s)")
+        return model
+
+    def pretrain(
+        self,
+        data_dir: str | Path | None = None,
+        epochs: float | None = None,
+        force: bool = False,
+        progress: bool = True,
+    ) -> str:
+        from dataclasses import replace
+
+        from sidenet.text_pretrain import finetune_text_mainnet
+
+        recipe = self.recipe if epochs is None else replace(self.recipe, epochs=epochs)
+        _, _, meta = finetune_text_mainnet(recipe, data_dir=data_dir, force=force, progress=progress)
+        return (
+            f"MainNet {recipe.name}: SST-2 dev accuracy {meta['test_accuracy']:.4f}, "
+            f"val {meta['val_accuracy']:.4f} ({meta['train_seconds']:.0f} s of training)"
+        )
+
+    def loaders(self, data_dir: str | Path | None = None, batch_size: int = 32) -> dict[str, DataLoader]:
+        """Batches of ``batch_size`` sentences, each padded to its longest (dynamic padding)."""
+        return {
+            name: make_loader(ds, batch_size, collate_fn=self.collator) for name, ds in sst2_splits(data_dir).items()
+        }
+
+    def read_inputs(self, items: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Sentences into a tokenised batch."""
+        return self.collator.encode(items)
+
+
+TASKS: dict[str, Task] = {"fmnist": FashionMnistTask(), "sst2": Sst2Task()}
 
 
 def get_task(name: str) -> Task:

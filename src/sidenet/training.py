@@ -3,7 +3,7 @@ MainNet's logits; the SideNet then trains on that cache for many epochs in secon
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,7 +33,9 @@ class FeatureCache:
 
 def _batches(loader: Iterable) -> Iterable[tuple]:
     for batch in loader:
-        if isinstance(batch, dict):
+        if isinstance(batch, Mapping):  # text batches: dicts (or BatchEncodings) with a 'labels' key
+            if "labels" not in batch:
+                raise ValueError(f"a dict batch needs a 'labels' key; it has {sorted(batch)}")
             yield batch, batch["labels"]
         elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
             yield batch[0], batch[1]

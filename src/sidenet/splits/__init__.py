@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from sidenet.splits.base import CallableSplit, MainNetSplit, StagedSplit, State, TapError, select_samples
+from sidenet.splits.transformers import TextEncoderSplit, is_text_encoder_classifier
 from sidenet.splits.vision import (
     SequentialSplit,
     is_cifar_resnet,
@@ -25,6 +26,7 @@ __all__ = [
     "CallableSplit",
     "StagedSplit",
     "SequentialSplit",
+    "TextEncoderSplit",
     "State",
     "TapError",
     "select_samples",
@@ -34,32 +36,36 @@ __all__ = [
 ]
 
 # name -> (does this splitter handle the model?, build the split at a tap)
-SPLITTERS: dict[str, tuple[Callable[[nn.Module], bool], Callable[[Any, Any], MainNetSplit]]] = {}
+SPLITTERS: dict[str, tuple[Callable[[nn.Module], bool], Callable[..., MainNetSplit]]] = {}
 
 
-def register_splitter(
-    name: str, matches: Callable[[nn.Module], bool], build: Callable[[Any, Any], MainNetSplit]
-) -> None:
-    """Register a splitter; later registrations are tried first, so users can override built-ins."""
+def register_splitter(name: str, matches: Callable[[nn.Module], bool], build: Callable[..., MainNetSplit]) -> None:
+    """Register a splitter; later registrations are tried first, so users can override built-ins.
+
+    ``build(model, tap, **options)`` makes the split; ``options`` are the split's own settings (such as
+    the text splitter's ``features``), saved beside a SideNet by ``MainNetSplit.options()``.
+    """
     SPLITTERS[name] = (matches, build)
 
 
 register_splitter("sequential", lambda m: isinstance(m, nn.Sequential), SequentialSplit)
 register_splitter("torchvision_resnet", is_torchvision_resnet, split_torchvision_resnet)
 register_splitter("cifar_resnet", is_cifar_resnet, split_cifar_resnet)
+register_splitter("transformers_encoder", is_text_encoder_classifier, TextEncoderSplit)
 
 
-def split_mainnet(mainnet: nn.Module | MainNetSplit, tap: str | int) -> MainNetSplit:
+def split_mainnet(mainnet: nn.Module | MainNetSplit, tap: str | int, **options: Any) -> MainNetSplit:
     """Cut ``mainnet`` at ``tap`` with the splitter registered for its type.
 
-    A ``MainNetSplit`` passes through unchanged. Raises ``TypeError`` for a model no splitter knows
-    (build a :class:`CallableSplit` for those) and :class:`TapError` for an unknown tap.
+    ``options`` go to the splitter (e.g. ``features="mean"`` for text encoders). A ``MainNetSplit``
+    passes through unchanged. Raises ``TypeError`` for a model no splitter knows (build a
+    :class:`CallableSplit` for those) and :class:`TapError` for an unknown tap.
     """
     if isinstance(mainnet, MainNetSplit):
         return mainnet
     for matches, build in reversed(SPLITTERS.values()):
         if matches(mainnet):
-            return build(mainnet, tap)
+            return build(mainnet, tap, **options)
     raise TypeError(
         f"no splitter knows {type(mainnet).__name__}; registered: {', '.join(SPLITTERS)}. "
         "Wrap it with sidenet.CallableSplit(trunk=..., rest=..., mainnet=model) instead."

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 __all__ = ["MainNetSplit", "CallableSplit", "StagedSplit", "State", "select_samples", "TapError"]
 
@@ -81,6 +81,35 @@ class MainNetSplit(nn.Module):
     def example(self, x: Any) -> Any:
         """A batch of one sample taken from ``x``, used to measure FLOPs per sample."""
         return x[:1]
+
+    def rest_flop_key(self, state: State, index: torch.Tensor | None = None) -> tuple | None:
+        """What the rest's FLOPs per sample depend on when it runs on ``select(state, index)`` (on
+        ``state`` itself when ``index`` is None).
+
+        ``None``, the default, says that the rest costs the same per sample for every state made from
+        inputs of one :meth:`flop_key`, so the input's :class:`~sidenet.flops.FlopProfile` covers it
+        (vision). A split whose :meth:`select` changes the size of the state (text: padding trimmed to
+        the longest remaining sequence) returns a key such as ``(length,)``; the adaptive model then
+        measures the rest's FLOPs once per key, on :meth:`example_state`.
+        """
+        return None
+
+    def example_state(self, state: State) -> State:
+        """One sample of ``state`` at the state's size, used to measure the rest's FLOPs per sample."""
+        leaves = [t for t in tree_leaves(state) if isinstance(t, torch.Tensor)]
+        if not leaves:
+            raise TypeError(f"{type(self).__name__}: the state holds no tensor")
+        return select_samples(state, torch.zeros(1, dtype=torch.long, device=leaves[0].device))
+
+    def options(self) -> dict[str, Any]:
+        """Settings beyond the tap that rebuild this split (saved beside a SideNet, given back to the
+        splitter on loading); none by default."""
+        return {}
+
+    def dummy_input(self) -> Any:
+        """A small valid input batch, used to size a SideNet when the caller gives no input shape;
+        ``None`` when the split cannot make one (image MainNets need the image size)."""
+        return None
 
     def forward(self, x: Any) -> torch.Tensor:
         """The whole MainNet: ``rest(trunk(x))``."""
@@ -162,7 +191,7 @@ class StagedSplit(MainNetSplit):
         super().__init__(mainnet, tap, num_classes)
         aliases = aliases or {}
         names = [name for name, _ in stages]
-        self.valid_taps = sorted(set(names) | set(aliases), key=lambda n: names.index(aliases.get(n, n)))
+        self.valid_taps = sorted(set(names) | set(aliases), key=lambda n: (names.index(aliases.get(n, n)), n))
         resolved = aliases.get(str(tap), str(tap))
         if resolved not in names:
             raise TapError(

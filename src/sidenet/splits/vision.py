@@ -91,7 +91,9 @@ class SequentialSplit(MainNetSplit):
         super().__init__(model, cut, linears[-1].out_features if linears else None)
         # A tuple, not attributes: the halves share modules already registered under ``mainnet``.
         self._halves = (model[:cut], model[cut:])
-        first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+        # A reshaping module ahead of the first layer (nn.Flatten) hides the input shape: no check then.
+        shaping = (nn.Conv2d, nn.Linear, nn.Flatten, nn.Unflatten)
+        first = next((m for m in model.modules() if isinstance(m, shaping)), None)
         self.in_channels = first.in_channels if isinstance(first, nn.Conv2d) else None
         self.in_features = first.in_features if isinstance(first, nn.Linear) else None
 

@@ -1,0 +1,55 @@
+"""Small shared fixtures: a tiny CIFAR ResNet MainNet on 1x16x16 images, a SideNet attached to it, and
+a linearly separable synthetic task (builders in helpers.py)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import sidenet
+from helpers import IMAGE_SHAPE, build_tiny_mainnet, make_images, separable_dataset
+
+# The tensors here are tiny: one thread is fastest, and avoids intra-op threads spinning against
+# whatever else runs on a small CI machine. OMP_NUM_THREADS still wins when set.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture()
+def tiny_mainnet() -> nn.Module:
+    """A random CIFAR ResNet-8 (width 8) for 1x16x16 images and 4 classes, in eval mode."""
+    return build_tiny_mainnet()
+
+
+@pytest.fixture()
+def make_mainnet() -> Callable[..., nn.Module]:
+    return build_tiny_mainnet
+
+
+@pytest.fixture()
+def images() -> Callable[..., torch.Tensor]:
+    """``images(n, seed=0)``: a batch of random 1x16x16 images."""
+    return make_images
+
+
+@pytest.fixture()
+def tiny_model(tiny_mainnet: nn.Module) -> sidenet.AdaptiveModel:
+    """A fresh SideNet attached at ``layer1`` of :func:`tiny_mainnet`."""
+    return sidenet.attach(tiny_mainnet, "layer1", input_shape=IMAGE_SHAPE, hidden=32, pool_size=2, seed=0)
+
+
+@pytest.fixture()
+def separable_loader() -> DataLoader:
+    return DataLoader(separable_dataset(128), batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def shared_model() -> sidenet.AdaptiveModel:
+    """Like :func:`tiny_model` but built once per module, for hypothesis tests; tests must restore
+    anything they change on it."""
+    return sidenet.attach(build_tiny_mainnet(), "layer1", input_shape=IMAGE_SHAPE, hidden=32, pool_size=2, seed=0)

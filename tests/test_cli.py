@@ -1,0 +1,112 @@
+"""The CLI end to end on a tiny registered task (a random CIFAR ResNet on synthetic images)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import TensorDataset
+from typer.testing import CliRunner
+
+from sidenet import cli
+from sidenet.data import make_loader
+from sidenet.models.cifar_resnet import cifar_resnet
+from sidenet.tasks import TASKS, FashionMnistTask
+
+runner = CliRunner()
+
+
+class TinyTask(FashionMnistTask):
+    """Fashion-MNIST-shaped task with a fixed random MainNet and 96 synthetic images per split."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name = "tiny"
+        torch.manual_seed(0)
+        self._mainnet = cifar_resnet(8, num_classes=10, in_channels=1).eval()
+        generator = torch.Generator().manual_seed(1)
+        self._splits = {
+            name: TensorDataset(
+                torch.randn(96, 1, 28, 28, generator=generator), torch.randint(0, 10, (96,), generator=generator)
+            )
+            for name in ("train", "val", "test")
+        }
+
+    def mainnet(self, data_dir=None, progress=True):  # noqa: ANN001, ANN201
+        return self._mainnet
+
+    def loaders(self, data_dir=None, batch_size=256):  # noqa: ANN001, ANN201
+        return {name: make_loader(ds, 32) for name, ds in self._splits.items()}
+
+
+@pytest.fixture()
+def tiny_task(monkeypatch: pytest.MonkeyPatch) -> TinyTask:
+    task = TinyTask()
+    monkeypatch.setitem(TASKS, "tiny", task)
+    return task
+
+
+@pytest.mark.parametrize("command", [[], ["pretrain"], ["fit"], ["sweep"], ["predict"], ["demo"]])
+def test_every_command_has_help(command: list[str]) -> None:
+    result = runner.invoke(cli.app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_fit_sweep_predict(tiny_task: TinyTask, tmp_path: Path) -> None:
+    out = tmp_path / "side"
+    result = runner.invoke(
+        cli.app, ["fit", "--task", "tiny", "--tap", "layer1", "--out", str(out), "--epochs", "2", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "sidenet.safetensors").is_file() and (out / "sidenet_config.json").is_file()
+    config = json.loads((out / "sidenet_config.json").read_text())
+    assert config["tap"] == "layer1" and config["metadata"]["task"] == "tiny"
+
+    plot = tmp_path / "curve.png"
+    result = runner.invoke(cli.app, ["sweep", "--sidenet", str(out), "--split", "val", "--plot", str(plot), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "MainNet alone" in result.output and "saved threshold" in result.output
+    assert plot.stat().st_size > 1000
+    saved = json.loads(plot.with_suffix(".json").read_text())
+    assert saved["num_samples"] == 96
+
+    images = []
+    for i in range(3):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(np.full((40, 30), 40 * i, dtype=np.uint8)).save(path)
+        images.append(str(path))
+    result = runner.invoke(cli.app, ["predict", "--sidenet", str(out), "--threshold", "0", *images])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 3 and all("answered by SideNet" in line for line in lines)
+
+
+def test_predict_bad_image_and_missing_folder(tiny_task: TinyTask, tmp_path: Path) -> None:
+    result = runner.invoke(cli.app, ["sweep", "--sidenet", str(tmp_path / "nowhere"), "-q"])
+    assert result.exit_code == 2
+    assert "sidenet_config.json" in result.output
+
+    out = tmp_path / "side"
+    assert runner.invoke(cli.app, ["fit", "--task", "tiny", "--out", str(out), "--epochs", "1", "-q"]).exit_code == 0
+    bad = tmp_path / "not-an-image.png"
+    bad.write_text("hello")
+    result = runner.invoke(cli.app, ["predict", "--sidenet", str(out), str(bad)])
+    assert result.exit_code == 2
+    assert "cannot read image" in result.output
+
+
+def test_fit_unknown_tap_lists_valid_taps(tiny_task: TinyTask, tmp_path: Path) -> None:
+    result = runner.invoke(cli.app, ["fit", "--task", "tiny", "--tap", "layer7", "--out", str(tmp_path), "-q"])
+    assert result.exit_code == 2
+    assert "valid taps" in result.output and "layer1.0" in result.output
+
+
+def test_unknown_task(tmp_path: Path) -> None:
+    result = runner.invoke(cli.app, ["fit", "--task", "nope", "--out", str(tmp_path), "-q"])
+    assert result.exit_code == 2
+    assert "known tasks" in result.output

@@ -1,0 +1,257 @@
+"""The trade-off curve: every point checked against a brute-force recomputation, threshold choice,
+errors, the sweep's agreement with the routed model, plotting and JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import NUM_CLASSES, separable_dataset
+from sidenet import NEVER_EXIT, AdaptiveModel, TradeoffCurve, sweep
+from sidenet.curve import SweepRecord
+
+HYPOTHESIS = settings(max_examples=25, deadline=None)
+# A few values so that ties are common, plus arbitrary ones; all float32 values, as the SideNet's
+# confidences are (the curve compares thresholds in float32, like the exit policy).
+CONFIDENCE = st.one_of(
+    st.sampled_from([float(np.float32(v)) for v in (0.25, 0.5, 0.75, 0.9, 1.0)]), st.floats(0.25, 1.0, width=32)
+)
+
+
+@st.composite
+def records(draw: st.DrawFn) -> SweepRecord:
+    n = draw(st.integers(1, 30))
+    bools = st.lists(st.booleans(), min_size=n, max_size=n)
+    uniform_flops = draw(st.booleans())
+    rest = (
+        [draw(st.floats(1.0, 1e6))] * n
+        if uniform_flops
+        else draw(st.lists(st.floats(0.0, 1e6), min_size=n, max_size=n))
+    )
+    trunk_side = draw(st.lists(st.floats(1.0, 1e5), min_size=n, max_size=n))
+    rest_arr, trunk_side_arr = np.array(rest), np.array(trunk_side)
+    side_correct, main_correct = np.array(draw(bools)), np.array(draw(bools))
+    return SweepRecord(
+        confidence=np.array(draw(st.lists(CONFIDENCE, min_size=n, max_size=n)), dtype=np.float64),
+        side_correct=side_correct,
+        main_correct=main_correct,
+        agree=side_correct == main_correct,
+        trunk_side_flops=trunk_side_arr,
+        rest_flops=rest_arr,
+        # The MainNet alone: trunk + rest, a little less than trunk + SideNet + rest.
+        mainnet_flops=0.9 * trunk_side_arr + rest_arr,
+    )
+
+
+def brute_force(record: SweepRecord, threshold: float) -> dict[str, float]:
+    exited = record.confidence >= threshold
+    flops = np.mean(record.trunk_side_flops + np.where(exited, 0.0, record.rest_flops))
+    return {
+        "accuracy": float(np.mean(np.where(exited, record.side_correct, record.main_correct))),
+        "exit_rate": float(exited.mean()),
+        "mean_flops": float(flops),
+        "relative_compute": float(flops / record.mainnet_flops.mean()),
+    }
+
+
+def assert_point(point: dict[str, float], expected: dict[str, float]) -> None:
+    for key, value in expected.items():
+        assert point[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
+
+
+@HYPOTHESIS
+@given(record=records())
+def test_every_point_matches_brute_force(record: SweepRecord) -> None:
+    curve = TradeoffCurve(record)
+    distinct = sorted(set(record.confidence.tolist()), reverse=True)
+    assert curve.thresholds.tolist() == [NEVER_EXIT, *distinct]
+    assert len(curve) == len(distinct) + 1
+    for i, threshold in enumerate(curve.thresholds):
+        point = curve.point(i)
+        assert point["threshold"] == threshold
+        assert_point(point, brute_force(record, threshold))
+        assert point["accuracy_drop"] == pytest.approx(curve.mainnet_accuracy - point["accuracy"])
+    # First point: the MainNet answers everything; last: the SideNet answers everything.
+    assert curve.accuracy[0] == pytest.approx(record.main_correct.mean())
+    assert curve.exit_rate[0] == 0 and curve.exit_rate[-1] == 1
+    assert curve.accuracy[-1] == pytest.approx(record.side_correct.mean())
+    assert curve.mainnet_accuracy == pytest.approx(record.main_correct.mean())
+    assert curve.sidenet_accuracy == pytest.approx(record.side_correct.mean())
+    assert np.all(np.diff(curve.exit_rate) > 0)
+
+
+@HYPOTHESIS
+@given(record=records(), threshold=st.one_of(CONFIDENCE, st.floats(0.0, 1.0), st.just(NEVER_EXIT)))
+def test_at_matches_brute_force(record: SweepRecord, threshold: float) -> None:
+    assert_point(TradeoffCurve(record).at(threshold), brute_force(record, threshold))
+
+
+@HYPOTHESIS
+@given(record=records(), drop=st.one_of(st.just(0.0), st.floats(0.0, 1.0)))
+def test_threshold_for_accuracy_drop_is_cheapest_feasible(record: SweepRecord, drop: float) -> None:
+    curve = TradeoffCurve(record)
+    chosen = curve.threshold_for(max_accuracy_drop=drop)
+    assert chosen in curve.thresholds.tolist()
+    mainnet_accuracy = record.main_correct.mean()
+    candidates = [NEVER_EXIT, *set(record.confidence.tolist())]
+    feasible = [t for t in candidates if brute_force(record, t)["accuracy"] >= mainnet_accuracy - drop - 1e-9]
+    assert NEVER_EXIT in feasible  # never exiting is always feasible
+    picked = brute_force(record, chosen)
+    assert picked["accuracy"] >= mainnet_accuracy - drop - 1e-9
+    assert picked["mean_flops"] <= min(brute_force(record, t)["mean_flops"] for t in feasible) + 1e-6
+
+
+@HYPOTHESIS
+@given(record=records(), budget=st.floats(0.0, 1.5))
+def test_threshold_for_compute_budget_is_most_accurate_under_budget(record: SweepRecord, budget: float) -> None:
+    curve = TradeoffCurve(record)
+    candidates = [NEVER_EXIT, *set(record.confidence.tolist())]
+    under = [t for t in candidates if brute_force(record, t)["relative_compute"] <= budget + 1e-12]
+    if not under:
+        with pytest.raises(ValueError, match="no threshold meets compute_budget"):
+            curve.threshold_for(compute_budget=budget)
+        return
+    chosen = curve.threshold_for(compute_budget=budget)
+    picked = brute_force(record, chosen)
+    assert picked["relative_compute"] <= budget + 1e-9
+    best = max(brute_force(record, t)["accuracy"] for t in under)
+    assert picked["accuracy"] == pytest.approx(best)
+    cheapest_best = min(
+        brute_force(record, t)["mean_flops"] for t in under if brute_force(record, t)["accuracy"] >= best - 1e-12
+    )
+    assert picked["mean_flops"] == pytest.approx(cheapest_best)
+
+
+def simple_record() -> SweepRecord:
+    confidence = np.array([0.95, 0.9, 0.9, 0.6, 0.4])
+    side = np.array([True, True, False, False, True])
+    main = np.array([True, True, True, True, False])
+    n = len(confidence)
+    return SweepRecord(confidence, side, main, side == main, np.full(n, 10.0), np.full(n, 90.0), np.full(n, 95.0))
+
+
+def test_simple_curve_by_hand() -> None:
+    curve = TradeoffCurve(simple_record())
+    assert curve.thresholds.tolist() == [NEVER_EXIT, 0.95, 0.9, 0.6, 0.4]
+    assert curve.exits.tolist() == [0, 1, 3, 4, 5]
+    assert curve.accuracy.tolist() == pytest.approx([0.8, 0.8, 0.6, 0.4, 0.6])
+    assert curve.mean_flops.tolist() == pytest.approx([100, 82, 46, 28, 10])
+    assert curve.mainnet_flops == 95.0
+    assert curve.threshold_for(max_accuracy_drop=0.0) == 0.95
+    assert curve.threshold_for(max_accuracy_drop=0.2) == 0.4
+    assert curve.threshold_for(compute_budget=0.9) == 0.95
+    assert curve.threshold_for(compute_budget=0.5) == 0.4  # 0.9 is as accurate but dearer
+    assert curve.threshold_for(compute_budget=10 / 95) == 0.4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "exactly one"),
+        ({"max_accuracy_drop": 0.01, "compute_budget": 0.5}, "exactly one"),
+        ({"max_accuracy_drop": -0.1}, "max_accuracy_drop"),
+        ({"max_accuracy_drop": 1.5}, "max_accuracy_drop"),
+        ({"max_accuracy_drop": math.nan}, "max_accuracy_drop"),
+        ({"compute_budget": 0.01}, "cheapest point costs 0.105"),
+        ({"compute_budget": -1.0}, "compute_budget"),
+    ],
+)
+def test_threshold_for_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TradeoffCurve(simple_record()).threshold_for(**kwargs)
+
+
+def test_empty_record_raises() -> None:
+    empty = np.array([])
+    with pytest.raises(ValueError, match="zero samples"):
+        TradeoffCurve(SweepRecord(empty, empty, empty, empty, empty, empty, empty))
+
+
+def test_table_json_and_plot(tmp_path) -> None:
+    curve = TradeoffCurve(simple_record())
+    table = curve.table(rows=4, marks={"chosen": 0.9})
+    assert "never" in table and "<- chosen" in table and "5 samples" in table
+    data = json.loads(curve.save_json(tmp_path / "curve.json").read_text())
+    assert data["thresholds"][0] is None and data["thresholds"][1:] == [0.95, 0.9, 0.6, 0.4]
+    assert data["accuracy"] == pytest.approx(curve.accuracy.tolist()) and data["num_samples"] == 5
+    path = curve.plot(tmp_path / "plots" / "curve.png", marks={"chosen": 0.9}, title="test")
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and path.stat().st_size > 1000
+
+
+# -- sweep on a real (tiny) model -------------------------------------------------------------------
+
+
+@pytest.fixture()
+def trained(tiny_model: AdaptiveModel, separable_loader) -> tuple[AdaptiveModel, DataLoader]:
+    tiny_model.fit(separable_loader, epochs=1, lr=3e-3, batch_size=32, progress=False)
+    # Half separable images, half noise with random labels: confidences spread over (1/C, 1].
+    x, y = separable_dataset(48, seed=11).tensors
+    generator = torch.Generator().manual_seed(12)
+    noise = torch.randn(48, *x.shape[1:], generator=generator)
+    labels = torch.randint(0, NUM_CLASSES, (48,), generator=generator)
+    dataset = TensorDataset(torch.cat([x, noise]), torch.cat([y, labels]))
+    return tiny_model, DataLoader(dataset, batch_size=24)
+
+
+@torch.no_grad()
+def run_at(model: AdaptiveModel, loader: DataLoader, threshold: float, mode: str = "adaptive") -> dict[str, float]:
+    model.threshold = threshold
+    exited, correct, flops = [], [], []
+    for x, y in loader:
+        out = model(x, mode=mode)
+        exited.append(out.exited)
+        correct.append(out.predictions == y)
+        flops.append(out.flops)
+    return {
+        "exit_rate": float(torch.cat(exited).float().mean()),
+        "accuracy": float(torch.cat(correct).float().mean()),
+        "mean_flops": float(torch.cat(flops).double().mean()),
+    }
+
+
+def test_sweep_agrees_with_the_routed_model(trained: tuple[AdaptiveModel, DataLoader]) -> None:
+    model, loader = trained
+    curve = sweep(model, loader, progress=False)
+    assert curve.num_samples == 96
+    assert len(curve) > 40  # confidences are (nearly all) distinct
+    assert curve.mainnet_accuracy == pytest.approx(run_at(model, loader, 0.5, mode="main")["accuracy"])
+    assert curve.sidenet_accuracy == pytest.approx(run_at(model, loader, 0.5, mode="side")["accuracy"])
+    chosen = [
+        curve.threshold_for(max_accuracy_drop=0.0),
+        curve.threshold_for(max_accuracy_drop=0.05),
+        curve.threshold_for(compute_budget=0.7),
+        *curve.thresholds[:: max(1, len(curve) // 6)].tolist(),
+        float(curve.thresholds[-1]),
+    ]
+    assert any(0.2 < curve.at(t)["exit_rate"] < 0.8 for t in chosen)
+    for threshold in chosen:
+        expected = curve.at(threshold)
+        measured = run_at(model, loader, threshold)
+        assert measured["exit_rate"] == pytest.approx(expected["exit_rate"]), threshold
+        assert measured["accuracy"] == pytest.approx(expected["accuracy"]), threshold
+        assert measured["mean_flops"] == pytest.approx(expected["mean_flops"]), threshold
+    assert curve.at(NEVER_EXIT)["accuracy"] == pytest.approx(curve.mainnet_accuracy)
+    assert curve.point(len(curve) - 1)["exit_rate"] == 1.0
+
+
+def test_sweep_uses_the_model_temperature(trained: tuple[AdaptiveModel, DataLoader]) -> None:
+    model, loader = trained
+    model.temperature = 1.0
+    sharp = sweep(model, loader, progress=False)
+    model.temperature = 3.0
+    soft = sweep(model, loader, progress=False)
+    assert soft.record.confidence.max() < sharp.record.confidence.max()
+    threshold = float(np.median(soft.record.confidence))
+    assert run_at(model, loader, threshold)["exit_rate"] == pytest.approx(soft.at(threshold)["exit_rate"])
+
+
+def test_sweep_of_empty_loader_raises(tiny_model: AdaptiveModel) -> None:
+    with pytest.raises(ValueError, match="no batches"):
+        sweep(tiny_model, [], progress=False)

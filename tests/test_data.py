@@ -1,0 +1,208 @@
+"""Fashion-MNIST files: the IDX reader, finding the files, loading and splitting."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sidenet import data
+from sidenet.data import (
+    DEBIAN_FASHION_MNIST_DIR,
+    DataNotFoundError,
+    fashion_mnist_splits,
+    find_fashion_mnist,
+    iter_batches,
+    load_fashion_mnist,
+    make_loader,
+    normalize_fashion_mnist,
+    read_idx,
+)
+
+FILES = [
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+]
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray | bytes) -> Path:
+    raw = array if isinstance(array, bytes) else idx_bytes(array)
+    if path.suffix == ".gz":
+        with gzip.open(path, "wb") as handle:
+            handle.write(raw)
+    else:
+        path.write_bytes(raw)
+    return path
+
+
+def write_fashion_mnist(folder: Path, n_train: int = 12, n_test: int = 5) -> dict[str, np.ndarray]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {
+        FILES[0]: rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        FILES[1]: rng.integers(0, 10, n_train, dtype=np.uint8),
+        FILES[2]: rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        FILES[3]: rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    for name, array in arrays.items():
+        write_idx(folder / name, array)
+    return arrays
+
+
+# -- read_idx -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".gz", ""])
+@pytest.mark.parametrize("shape", [(7,), (3, 4, 5), (2, 28, 28), (0, 3)])
+def test_read_idx_round_trip(tmp_path: Path, suffix: str, shape: tuple[int, ...]) -> None:
+    array = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    result = read_idx(write_idx(tmp_path / f"data{suffix}", array))
+    assert result.dtype == np.uint8 and result.shape == shape
+    assert np.array_equal(result, array)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"", "only 0 bytes"),
+        (b"\x00\x00", "only 2 bytes"),
+        (struct.pack(">HBB", 0, 0x0D, 1) + struct.pack(">I", 2) + b"\x00" * 8, "unsigned bytes"),  # floats
+        (struct.pack(">HBB", 0x1F8B, 0x08, 1) + struct.pack(">I", 2) + b"\x00\x00", "not an IDX file"),
+        (struct.pack(">HBB", 0, 0x08, 3) + struct.pack(">I", 5), "truncated"),  # header cut short
+        (struct.pack(">HBB", 0, 0x08, 2) + struct.pack(">II", 3, 4) + b"\x01" * 11, "truncated"),
+        (struct.pack(">HBB", 0, 0x08, 1) + struct.pack(">I", 3) + b"\x01" * 4, "header says"),
+    ],
+    ids=["empty", "short", "float-type", "bad-magic", "short-header", "short-data", "long-data"],
+)
+def test_read_idx_rejects_bad_files(tmp_path: Path, raw: bytes, message: str) -> None:
+    for suffix in (".gz", ".idx"):
+        with pytest.raises(ValueError, match=message):
+            read_idx(write_idx(tmp_path / f"bad{suffix}", raw))
+
+
+def test_read_idx_rejects_broken_gzip(tmp_path: Path) -> None:
+    path = write_idx(tmp_path / "x.gz", np.zeros((50, 28, 28), dtype=np.uint8))
+    path.write_bytes(path.read_bytes()[:-30])  # cut inside the compressed stream
+    with pytest.raises(ValueError, match="cannot read IDX file"):
+        read_idx(path)
+    (tmp_path / "plain.gz").write_bytes(b"this is not gzip")
+    with pytest.raises(ValueError, match="cannot read IDX file"):
+        read_idx(tmp_path / "plain.gz")
+    with pytest.raises(ValueError, match="cannot read IDX file"):
+        read_idx(tmp_path / "missing.gz")
+
+
+# -- finding and loading ----------------------------------------------------------------------------
+
+
+def test_find_in_given_folder(tmp_path: Path) -> None:
+    write_fashion_mnist(tmp_path / "fm")
+    assert find_fashion_mnist(tmp_path / "fm", download=False) == tmp_path / "fm"
+    # torchvision's layout below the given folder is found too.
+    write_fashion_mnist(tmp_path / "tv" / "FashionMNIST" / "raw")
+    assert find_fashion_mnist(str(tmp_path / "tv"), download=False) == tmp_path / "tv" / "FashionMNIST" / "raw"
+
+
+def test_given_folder_lacking_files(tmp_path: Path) -> None:
+    write_fashion_mnist(tmp_path)
+    (tmp_path / FILES[3]).unlink()
+    with pytest.raises(DataNotFoundError, match="--data") as info:
+        find_fashion_mnist(tmp_path)
+    assert FILES[3] in str(info.value)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, FileNotFoundError)
+
+
+def test_nothing_found_explains_how_to_get_the_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "debian")
+    monkeypatch.setenv("SIDENET_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DataNotFoundError) as info:
+        find_fashion_mnist(download=False)
+    message = str(info.value)
+    assert "apt-get install dataset-fashion-mnist" in message and "--data" in message
+    assert str(tmp_path / "debian") in message
+    # The Debian folder and sidenet's cache are looked in, in that order.
+    write_fashion_mnist(tmp_path / "cache" / "data" / "FashionMNIST" / "raw")
+    assert find_fashion_mnist(download=False) == tmp_path / "cache" / "data" / "FashionMNIST" / "raw"
+    write_fashion_mnist(tmp_path / "debian")
+    assert find_fashion_mnist(download=False) == tmp_path / "debian"
+
+
+def test_load_synthetic_files(tmp_path: Path) -> None:
+    arrays = write_fashion_mnist(tmp_path)
+    train = load_fashion_mnist("train", tmp_path, download=False)
+    images, labels = train.tensors
+    assert images.shape == (12, 1, 28, 28) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and labels.tolist() == arrays[FILES[1]].tolist()
+    torch.testing.assert_close(images, normalize_fashion_mnist(arrays[FILES[0]]))
+    test = load_fashion_mnist("test", tmp_path, download=False)
+    assert len(test) == 5
+    with pytest.raises(ValueError, match="split"):
+        load_fashion_mnist("validation", tmp_path)
+
+
+def test_inconsistent_files(tmp_path: Path) -> None:
+    write_fashion_mnist(tmp_path)
+    write_idx(tmp_path / FILES[1], np.zeros(11, dtype=np.uint8))
+    with pytest.raises(ValueError, match="inconsistent"):
+        load_fashion_mnist("train", tmp_path)
+
+
+def test_splits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_fashion_mnist(tmp_path, n_train=20, n_test=6)
+    monkeypatch.setattr(data, "VALIDATION_SIZE", 5)
+    splits = fashion_mnist_splits(tmp_path, download=False, seed=0)
+    assert {name: len(ds) for name, ds in splits.items()} == {"train": 15, "val": 5, "test": 6}
+    full = load_fashion_mnist("train", tmp_path).tensors[0]
+    rows = torch.cat([splits["train"].tensors[0], splits["val"].tensors[0]]).flatten(1)
+    # train and val partition the training file
+    assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, full.flatten(1).tolist()))
+    again = fashion_mnist_splits(tmp_path, download=False, seed=0)
+    assert torch.equal(again["val"].tensors[0], splits["val"].tensors[0])
+
+
+def test_normalize() -> None:
+    images = np.array([[[0, 255]]], dtype=np.uint8)
+    out = normalize_fashion_mnist(images)
+    assert out.shape == (1, 1, 1, 2)
+    expected = (torch.tensor([0.0, 1.0]) - data.FASHION_MNIST_MEAN) / data.FASHION_MNIST_STD
+    torch.testing.assert_close(out[0, 0, 0], expected)
+
+
+def test_loaders() -> None:
+    dataset = torch.utils.data.TensorDataset(torch.arange(10).float(), torch.arange(10))
+    batches = list(iter_batches(make_loader(dataset, batch_size=4)))
+    assert [len(x) for x, _ in batches] == [4, 4, 2]
+    assert torch.cat([y for _, y in batches]).tolist() == list(range(10))
+    first = [y.tolist() for _, y in make_loader(dataset, 4, shuffle=True, seed=3)]
+    second = [y.tolist() for _, y in make_loader(dataset, 4, shuffle=True, seed=3)]
+    assert first == second and sorted(sum(first, [])) == list(range(10))
+    with pytest.raises(ValueError, match="inputs, labels"):
+        list(iter_batches([torch.zeros(2)]))
+
+
+@pytest.mark.skipif(
+    not all((DEBIAN_FASHION_MNIST_DIR / name).is_file() for name in FILES),
+    reason=f"Fashion-MNIST is not installed in {DEBIAN_FASHION_MNIST_DIR}",
+)
+def test_real_fashion_mnist() -> None:
+    assert find_fashion_mnist(download=False) == DEBIAN_FASHION_MNIST_DIR
+    folder = DEBIAN_FASHION_MNIST_DIR
+    train_images, test_labels = read_idx(folder / FILES[0]), read_idx(folder / FILES[3])
+    assert train_images.shape == (60000, 28, 28) and test_labels.shape == (10000,)
+    assert read_idx(folder / FILES[1]).shape == (60000,) and read_idx(folder / FILES[2]).shape == (10000, 28, 28)
+    assert set(np.unique(test_labels).tolist()) == set(range(10))
+    test = load_fashion_mnist("test", folder, download=False)
+    images, labels = test.tensors
+    assert images.shape == (10000, 1, 28, 28) and labels.shape == (10000,)
+    assert abs(float(images.mean())) < 0.1  # normalised with the training statistics
