@@ -83,12 +83,19 @@ def main() -> None:
     def run_adaptive(x: torch.Tensor) -> torch.Tensor:
         return model(x).logits
 
+    # The same SideNet never exiting: what routing costs when it saves nothing (SideNet included).
+    never = sidenet.AdaptiveModel(model.split, model.sidenet, threshold=sidenet.NEVER_EXIT).eval()
+
+    def run_never_exit(x: torch.Tensor) -> torch.Tensor:
+        return never(x).logits
+
     runners = {"mainnet": run_mainnet, "adaptive": run_adaptive}
     timing = {}
     batches64 = list(images.split(64))
     batches1 = list(images[: args.batch1_images].split(1))
     for name, batches in (("batch64", batches64), ("batch1", batches1)):
-        result = measure_throughput(runners, batches, repeats=args.repeats if name == "batch64" else 3)
+        extra = {"never_exit": run_never_exit} if name == "batch64" else {}
+        result = measure_throughput({**runners, **extra}, batches, repeats=args.repeats if name == "batch64" else 3)
         timing[name] = {k: v.to_dict() for k, v in result.items()}
         print(f"{name}: " + ", ".join(f"{k} {v.throughput:,.0f} img/s" for k, v in result.items()))
     latency = {k: latency_percentiles(fn, batches1) for k, fn in runners.items()}
@@ -96,6 +103,8 @@ def main() -> None:
     point = best["test"]
     speedup = {b: timing[b]["adaptive"]["throughput"] / timing[b]["mainnet"]["throughput"] for b in timing}
     speedup["ideal"] = 1.0 / point["relative_compute"]
+    t64 = timing["batch64"]
+    zero_exit_overhead = 1.0 - t64["never_exit"]["throughput"] / t64["mainnet"]["throughput"]
     marks = {f"tap {best['tap']}, pool {best['pool']}": model.threshold}
     plot = curve.plot(RESULTS / "fmnist_resnet_curve.png", marks=marks,
                       title="Fashion-MNIST test, ResNet-20 MainNet")  # fmt: skip
@@ -125,6 +134,7 @@ def main() -> None:
             "latency_batch1": latency["adaptive"],
         },
         "speedup": speedup,
+        "zero_exit_overhead_batch64": zero_exit_overhead,
         "timing": timing,
         "targets": {k: {"target": f"{op} {v}", "value": values[k],
                         "met": values[k] <= v if op == "<=" else values[k] >= v} for k, (op, v) in TARGETS.items()},

@@ -56,7 +56,10 @@ def _fmnist(r: dict[str, Any]) -> list[str]:
             f"(**{s[b]:.2f}×**) |"
         )
     lines += [
-        f"| ideal speed-up from FLOPs (1 / FLOPs fraction) | | {s['ideal']:.2f}× |",
+        f"| ideal speed-up from FLOPs (1 / FLOPs fraction) | | {s['ideal']:.2f}× "
+        f"(measured batch 64 reaches {s['batch64'] / s['ideal']:.0%} of it) |",
+        f"| cost of routing when nothing exits (threshold never, batch 64; SideNet included) | | "
+        f"{100 * r['zero_exit_overhead_batch64']:.1f}% lower throughput than the MainNet |",
         "",
         "Targets (issue 2): "
         + "; ".join(
@@ -82,7 +85,79 @@ def _fmnist(r: dict[str, Any]) -> list[str]:
     return lines
 
 
-SECTIONS = {"fmnist_resnet": _fmnist}
+def _sst2(r: dict[str, Any]) -> list[str]:
+    m, a, s, c = r["mainnet"], r["adaptive"], r["speedup"], r["choice"]
+    folds = "; ".join(f"{name}: tap {v['tap']}, threshold {_thr(v['threshold'])}" for name, v in r["threshold"].items())
+    lines = [
+        "## SST-2, all-MiniLM-L6-v2 MainNet (text)",
+        "",
+        f"Command: `{r['command']}` — {r['machine']['date']}, {r['machine']['cpu']}, "
+        f"{r['machine']['cores']} cores, torch {r['machine']['torch']} ({r['machine']['torch_threads']} threads), "
+        f"commit {r['machine']['commit'] or 'n/a'}.",
+        "",
+        f"MainNet: {r['mainnet_description']}; SST-2 dev accuracy {_pct(m['accuracy'])}, "
+        f"{m['flops'] / 1e6:.1f} MFLOPs per sentence on average at the batches' padded lengths (FlopCounterMode).",
+        f"SideNets read the {c['features']!r} features (chosen on phrases held out of train). Tap and threshold "
+        f"are chosen by {c['split']}, for at most {100 * c['max_accuracy_drop']:.1f} points below the MainNet on "
+        f"the choosing half ({folds}); every figure is pooled over the {r['test_size']} dev sentences, each "
+        "reported by the choice made on the other half. Batches of 32 are padded to their longest sentence; the "
+        "rest of the MainNet runs on the samples that continue, cut to the longest of them.",
+        "",
+        "### Chosen operating point (cross-fitted on dev)",
+        "",
+        "| | MainNet alone | SideNet + MainNet |",
+        "|---|---|---|",
+        f"| accuracy | {_pct(m['accuracy'])} | {_pct(a['accuracy'])} ({100 * a['accuracy_drop']:+.2f} pt drop) |",
+        f"| exit rate | 0 | {_pct(a['exit_rate'])} |",
+        f"| FLOPs per sentence | {m['flops'] / 1e6:.1f} M | {a['mean_flops'] / 1e6:.1f} M "
+        f"({_pct(a['flops_fraction'])} of the MainNet) |",
+    ]
+    for b in ("batch1", "batch32"):
+        if b not in r["timing"]:
+            continue
+        mt, at = r["timing"][b]["mainnet"], r["timing"][b]["adaptive"]
+        lines.append(
+            f"| throughput, {b.replace('batch', 'batch ')} (sentences/s, median of {mt['repeats']}) | "
+            f"{mt['throughput']:,.1f} [{mt['throughput_spread'][0]:,.1f}–{mt['throughput_spread'][1]:,.1f}] | "
+            f"{at['throughput']:,.1f} [{at['throughput_spread'][0]:,.1f}–{at['throughput_spread'][1]:,.1f}] "
+            f"(**{s[b]:.2f}×**) |"
+        )
+    t = r["train_split_choice"]
+    lines += [
+        f"| ideal speed-up from FLOPs (1 / FLOPs fraction) | | {s['ideal']:.2f}× "
+        f"(measured batch 64 reaches {s['batch64'] / s['ideal']:.0%} of it) |",
+        f"| cost of routing when nothing exits (threshold never, batch 64; SideNet included) | | "
+        f"{100 * r['zero_exit_overhead_batch64']:.1f}% lower throughput than the MainNet |",
+        "",
+        "Targets (issue 3): "
+        + "; ".join(
+            f"{k.replace('_', ' ')} {'met' if v['met'] else 'NOT met'} ({v['value']:.3f} vs {v['target']})"
+            for k, v in r["targets"].items()
+        ),
+        "",
+        f"Threshold chosen on phrases held out of SST-2 train instead (tap {t['tap']}, threshold "
+        f"{_thr(t['threshold'])}, {100 * t['on_val']['accuracy_drop']:+.2f} pt there): on dev "
+        f"{_pct(t['on_dev']['accuracy'])} ({100 * t['on_dev']['accuracy_drop']:+.2f} pt), exit rate "
+        f"{_pct(t['on_dev']['exit_rate'])}, {_pct(t['on_dev']['flops_fraction'])} of the MainNet's FLOPs.",
+        "",
+        "### Every tap (dev, cross-fitted; and the train-split choice on dev)",
+        "",
+        "| tap | SideNet dev acc. | cross-fit acc. | drop (pt) | exit | FLOPs fraction | train-split choice: "
+        "drop (pt) | exit | FLOPs fraction |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["taps"]:
+        x, v = row["crossfit"], row["train_split_on_dev"]
+        lines.append(
+            f"| {row['tap']} | {_pct(row['sidenet_dev_accuracy'])} | {_pct(x['accuracy'])} | "
+            f"{100 * x['accuracy_drop']:+.2f} | {_pct(x['exit_rate'])} | {_pct(x['flops_fraction'])} | "
+            f"{100 * v['accuracy_drop']:+.2f} | {_pct(v['exit_rate'])} | {_pct(v['flops_fraction'])} |"
+        )
+    lines += ["", f"![curve]({r['plot']})", ""]
+    return lines
+
+
+SECTIONS = {"fmnist_resnet": _fmnist, "sst2_minilm": _sst2}
 
 
 def render(results: Path = RESULTS) -> str:

@@ -71,11 +71,13 @@ def collect(model: AdaptiveModel, loader: Iterable, progress: bool = True) -> Sw
     FLOPs are those :meth:`AdaptiveModel.forward` would spend on the same batches: trunk and SideNet at
     each batch's input size, the rest at the size it would actually run at for each threshold.
     """
-    from sidenet.training import _batches
+    from sidenet.training import _batches, _length
 
     model.eval()
     parts: dict[str, list] = {k: [] for k in ("conf", "side", "main", "labels", "ts", "rest", "mainnet")}
-    for inputs, labels in tqdm(_batches(loader), desc="Sweeping thresholds", disable=not progress, leave=False):
+    for inputs, labels in tqdm(
+        _batches(loader), desc="Sweeping thresholds", total=_length(loader), disable=not progress, leave=False
+    ):
         if model.check_inputs:
             model.split.validate_input(inputs)
         profile = model.flop_profile(inputs)
@@ -209,7 +211,7 @@ class TradeoffCurve:
         ]
         for i in sorted(p for p in picks if 0 <= p < len(self)):
             p = self.point(i)
-            t = "never" if math.isinf(p["threshold"]) else f"{p['threshold']:.4f}"
+            t = "never" if math.isinf(p["threshold"]) else f"{p['threshold']:.6f}"
             lines.append(
                 f"{t:>10} {p['accuracy']:>9.4f} {100 * p['accuracy_drop']:>9.2f} {p['exit_rate']:>10.3f} "
                 f"{p['mean_flops'] / 1e6:>9.3f} {p['relative_compute']:>8.3f}"

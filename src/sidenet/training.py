@@ -31,6 +31,14 @@ class FeatureCache:
         return len(self.labels)
 
 
+def _length(loader: Iterable) -> int | None:
+    """Number of batches, for progress bars, when the loader knows it."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def _batches(loader: Iterable) -> Iterable[tuple]:
     for batch in loader:
         if isinstance(batch, Mapping):  # text batches: dicts (or BatchEncodings) with a 'labels' key
@@ -50,7 +58,7 @@ def cache_features(
     """Run the frozen MainNet once over ``loader``; keep pooled tap features, MainNet logits, labels."""
     model.eval()
     features, logits, labels = [], [], []
-    for inputs, targets in tqdm(_batches(loader), desc=desc, disable=not progress, leave=False):
+    for inputs, targets in tqdm(_batches(loader), desc=desc, total=_length(loader), disable=not progress, leave=False):
         if model.check_inputs:
             model.split.validate_input(inputs)
         state = model.split.trunk(inputs)
