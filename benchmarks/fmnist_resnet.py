@@ -89,12 +89,18 @@ def main() -> None:
     def run_never_exit(x: torch.Tensor) -> torch.Tensor:
         return never(x).logits
 
+    # The same SideNet with every sample exiting: the floor that routing can reach (trunk + SideNet).
+    always = sidenet.AdaptiveModel(model.split, model.sidenet, threshold=0.0).eval()
+
+    def run_always_exit(x: torch.Tensor) -> torch.Tensor:
+        return always(x).logits
+
     runners = {"mainnet": run_mainnet, "adaptive": run_adaptive}
     timing = {}
     batches64 = list(images.split(64))
     batches1 = list(images[: args.batch1_images].split(1))
     for name, batches in (("batch64", batches64), ("batch1", batches1)):
-        extra = {"never_exit": run_never_exit} if name == "batch64" else {}
+        extra = {"never_exit": run_never_exit, "always_exit": run_always_exit} if name == "batch64" else {}
         result = measure_throughput({**runners, **extra}, batches, repeats=args.repeats if name == "batch64" else 3)
         timing[name] = {k: v.to_dict() for k, v in result.items()}
         print(f"{name}: " + ", ".join(f"{k} {v.throughput:,.0f} img/s" for k, v in result.items()))
@@ -135,6 +141,9 @@ def main() -> None:
         },
         "speedup": speedup,
         "zero_exit_overhead_batch64": zero_exit_overhead,
+        # Time share of trunk + SideNet in the MainNet's time, against their FLOPs share.
+        "trunk_time_fraction_batch64": t64["mainnet"]["throughput"] / t64["always_exit"]["throughput"],
+        "trunk_flops_fraction": curve.point(len(curve) - 1)["relative_compute"],
         "timing": timing,
         "targets": {k: {"target": f"{op} {v}", "value": values[k],
                         "met": values[k] <= v if op == "<=" else values[k] >= v} for k, (op, v) in TARGETS.items()},
