@@ -16,6 +16,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
+from sidenet.data import batch_count, iter_batches
 from sidenet.policy import NEVER_EXIT, validate_threshold
 
 if TYPE_CHECKING:
@@ -71,12 +72,10 @@ def collect(model: AdaptiveModel, loader: Iterable, progress: bool = True) -> Sw
     FLOPs are those :meth:`AdaptiveModel.forward` would spend on the same batches: trunk and SideNet at
     each batch's input size, the rest at the size it would actually run at for each threshold.
     """
-    from sidenet.training import _batches, _length
-
     model.eval()
     parts: dict[str, list] = {k: [] for k in ("conf", "side", "main", "labels", "ts", "rest", "mainnet")}
     for inputs, labels in tqdm(
-        _batches(loader), desc="Sweeping thresholds", total=_length(loader), disable=not progress, leave=False
+        iter_batches(loader), desc="Sweeping thresholds", total=batch_count(loader), disable=not progress, leave=False
     ):
         if model.check_inputs:
             model.split.validate_input(inputs)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gzip
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ __all__ = [
     "normalize_fashion_mnist",
     "make_loader",
     "iter_batches",
+    "batch_count",
     "SST2_CLASSES",
     "SST2_DIR",
     "TextDataset",
@@ -197,12 +198,26 @@ def make_loader(
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate_fn)
 
 
-def iter_batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(inputs, labels)`` from a loader whose batches are pairs (or longer tuples)."""
+def iter_batches(loader: Iterable) -> Iterator[tuple[Any, torch.Tensor]]:
+    """Yield ``(inputs, labels)`` from a loader of ``(inputs, labels, ...)`` tuples (vision) or of dicts
+    (or BatchEncodings) holding a ``labels`` key beside the model inputs (text)."""
     for batch in loader:
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise ValueError("expected a loader of (inputs, labels) batches")
-        yield batch[0], batch[1]
+        if isinstance(batch, Mapping):
+            if "labels" not in batch:
+                raise ValueError(f"a dict batch needs a 'labels' key; it has {sorted(batch)}")
+            yield batch, batch["labels"]
+        elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            yield batch[0], batch[1]
+        else:
+            raise ValueError("expected a loader of (inputs, labels) batches or dicts with a 'labels' key")
+
+
+def batch_count(loader: Iterable) -> int | None:
+    """Number of batches of ``loader`` when it knows it (for progress bars), else ``None``."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 # -- SST-2 ------------------------------------------------------------------------------------------

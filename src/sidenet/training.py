@@ -3,7 +3,7 @@ MainNet's logits; the SideNet then trains on that cache for many epochs in secon
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sidenet.data import batch_count, iter_batches
 from sidenet.head import SideNet
 
 if TYPE_CHECKING:
@@ -31,26 +32,6 @@ class FeatureCache:
         return len(self.labels)
 
 
-def _length(loader: Iterable) -> int | None:
-    """Number of batches, for progress bars, when the loader knows it."""
-    try:
-        return len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-
-
-def _batches(loader: Iterable) -> Iterable[tuple]:
-    for batch in loader:
-        if isinstance(batch, Mapping):  # text batches: dicts (or BatchEncodings) with a 'labels' key
-            if "labels" not in batch:
-                raise ValueError(f"a dict batch needs a 'labels' key; it has {sorted(batch)}")
-            yield batch, batch["labels"]
-        elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
-            yield batch[0], batch[1]
-        else:
-            raise ValueError("expected a loader of (inputs, labels) pairs or dicts with a 'labels' key")
-
-
 @torch.no_grad()
 def cache_features(
     model: AdaptiveModel, loader: Iterable, progress: bool = True, desc: str = "Caching tap features"
@@ -58,7 +39,9 @@ def cache_features(
     """Run the frozen MainNet once over ``loader``; keep pooled tap features, MainNet logits, labels."""
     model.eval()
     features, logits, labels = [], [], []
-    for inputs, targets in tqdm(_batches(loader), desc=desc, total=_length(loader), disable=not progress, leave=False):
+    for inputs, targets in tqdm(
+        iter_batches(loader), desc=desc, total=batch_count(loader), disable=not progress, leave=False
+    ):
         if model.check_inputs:
             model.split.validate_input(inputs)
         state = model.split.trunk(inputs)
