@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test lint data bench clean
+.PHONY: demo test lint data bench bench-sst2 clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: $(STAMP) data lint
 
 bench: $(STAMP) data
 	$(BIN)/python benchmarks/fmnist_resnet.py
+
+# SST-2 with all-MiniLM-L6-v2: reads ../shared/data/sst2 (or `datasets`), fine-tunes the MainNet once (cached).
+bench-sst2: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[text]'
+	$(BIN)/python benchmarks/sst2_minilm.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

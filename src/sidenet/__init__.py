@@ -11,7 +11,7 @@ from sidenet.flops import FlopProfile, count_flops, profile_flops
 from sidenet.head import SideNet
 from sidenet.policy import NEVER_EXIT, ExitPolicy
 from sidenet.routing import AdaptiveModel, AdaptiveOutput, ClassCountMismatchError
-from sidenet.splits import CallableSplit, MainNetSplit, TapError, register_splitter, split_mainnet
+from sidenet.splits import CallableSplit, MainNetSplit, TapError, TextEncoderSplit, register_splitter, split_mainnet
 from sidenet.training import FeatureCache, cache_features, fit_sidenet, train_sidenet
 
 __version__ = "0.1.0"
@@ -31,6 +31,7 @@ __all__ = [
     "SideNet",
     "SideNetConfig",
     "TapError",
+    "TextEncoderSplit",
     "TradeoffCurve",
     "attach",
     "cache_features",

@@ -128,12 +128,16 @@ class TradeoffCurve:
         conf = record.confidence[order]
         cum = lambda a: np.concatenate([[0.0], np.cumsum(a[order], dtype=np.float64)])  # noqa: E731
         side_ok, main_ok, rest = cum(record.side_correct), cum(record.main_correct), cum(record.rest_flops)
+        differ = cum(~record.agree)
         # Exiting the top k samples is a reachable point only at the end of a run of equal confidences.
         ends = np.concatenate([[0], np.flatnonzero(np.diff(conf) != 0) + 1, [n]]) if n > 1 else np.array([0, 1])
         ends = np.unique(ends)
         self.exits = ends
         self.thresholds = np.array([NEVER_EXIT] + [conf[k - 1] for k in ends[1:]])
         self.accuracy = (side_ok[ends] + main_ok[n] - main_ok[ends]) / n
+        # Fraction of all samples that exit with another answer than the MainNet's: a bound on the
+        # accuracy drop that needs no labels and no cancellation of errors.
+        self.disagreement = differ[ends] / n
         self.exit_rate = ends / n
         self.mean_flops = record.trunk_side_flops.mean() + (rest[n] - rest[ends]) / n
         self.mainnet_flops = float(record.mainnet_flops.mean())
@@ -151,6 +155,7 @@ class TradeoffCurve:
             "accuracy": float(self.accuracy[index]),
             "accuracy_drop": self.mainnet_accuracy - float(self.accuracy[index]),
             "exit_rate": float(self.exit_rate[index]),
+            "disagreement": float(self.disagreement[index]),
             "mean_flops": float(self.mean_flops[index]),
             "relative_compute": float(self.relative_compute[index]),
         }
@@ -166,7 +171,13 @@ class TradeoffCurve:
         exits = int((self.record.confidence.astype(np.float32) >= np.float32(threshold)).sum())
         return int(np.searchsorted(self.exits, exits))
 
-    def threshold_for(self, *, max_accuracy_drop: float | None = None, compute_budget: float | None = None) -> float:
+    def threshold_for(
+        self,
+        *,
+        max_accuracy_drop: float | None = None,
+        compute_budget: float | None = None,
+        max_disagreement: float | None = None,
+    ) -> float:
         """Choose a threshold on this data.
 
         Args:
@@ -174,15 +185,24 @@ class TradeoffCurve:
                 0.005 = half a point) below the MainNet's. Falls back to :data:`NEVER_EXIT`.
             compute_budget: the most accurate point whose mean compute is at most this fraction of
                 the MainNet's; raises ``ValueError`` if no point is that cheap.
+            max_disagreement: the least compute at which at most this fraction of the samples exit
+                with another answer than the MainNet's. It bounds the accuracy drop on this data
+                without counting on the SideNet's lucky wins where the MainNet errs, so it holds better
+                on new data when the choosing set is small (and it needs no labels).
 
         The choice holds on this data; on new data it holds only as far as that data resembles it.
         """
-        if (max_accuracy_drop is None) == (compute_budget is None):
-            raise ValueError("give exactly one of max_accuracy_drop and compute_budget")
-        if max_accuracy_drop is not None:
-            if not 0 <= max_accuracy_drop <= 1:
-                raise ValueError(f"max_accuracy_drop is a fraction in [0, 1], got {max_accuracy_drop}")
-            ok = np.flatnonzero(self.accuracy >= self.mainnet_accuracy - max_accuracy_drop - 1e-12)
+        if sum(x is not None for x in (max_accuracy_drop, compute_budget, max_disagreement)) != 1:
+            raise ValueError("give exactly one of max_accuracy_drop, compute_budget and max_disagreement")
+        for name, limit in (("max_accuracy_drop", max_accuracy_drop), ("max_disagreement", max_disagreement)):
+            if limit is not None and not 0 <= limit <= 1:
+                raise ValueError(f"{name} is a fraction in [0, 1], got {limit}")
+        if max_accuracy_drop is not None or max_disagreement is not None:
+            # The first point (never exit) always qualifies: no drop, no disagreement.
+            if max_accuracy_drop is not None:
+                ok = np.flatnonzero(self.accuracy >= self.mainnet_accuracy - max_accuracy_drop - 1e-12)
+            else:
+                ok = np.flatnonzero(self.disagreement <= max_disagreement + 1e-12)
             return float(self.thresholds[ok[np.argmin(self.mean_flops[ok])]])
         assert compute_budget is not None
         ok = np.flatnonzero(self.relative_compute <= compute_budget + 1e-12)

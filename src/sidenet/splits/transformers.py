@@ -26,6 +26,9 @@ __all__ = ["TextEncoderSplit", "EncoderLayout", "LAYOUTS", "FEATURES", "is_text_
 
 Features = Literal["first", "mean", "both"]
 FEATURES = ("first", "mean", "both")
+# Measured on SST-2 with a fine-tuned all-MiniLM-L6-v2 (benchmarks/sst2_minilm.py, SideNet accuracy on
+# phrases held out of train, taps 1..5): the first token alone trails by 0.1-18 points (most at early
+# taps), the mean and both are within 0.3 points of each other, both ahead on average.
 DEFAULT_FEATURES: Features = "both"
 
 
