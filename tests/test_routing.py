@@ -52,10 +52,14 @@ def test_never_exit_equals_mainnet(tiny_model: AdaptiveModel, images) -> None:
 
 
 @torch.no_grad()
-def test_threshold_zero_equals_sidenet(tiny_model: AdaptiveModel, images) -> None:
+@pytest.mark.parametrize(
+    ("threshold", "mode"),
+    [(0.0, "adaptive"), (NEVER_EXIT, "side")],  # threshold 0 exits all; side mode ignores the threshold
+)
+def test_sidenet_answers_everything(tiny_model: AdaptiveModel, images, threshold: float, mode: str) -> None:
     x = images(12)
-    tiny_model.threshold = 0.0
-    out = tiny_model(x)
+    tiny_model.threshold = threshold
+    out = tiny_model(x, mode=mode)
     _, side, confidence = reference(tiny_model, x)
     torch.testing.assert_close(out.logits, side, rtol=0, atol=ATOL)
     torch.testing.assert_close(out.confidence, confidence)
@@ -73,19 +77,6 @@ def test_mode_main_equals_mainnet(tiny_model: AdaptiveModel, images) -> None:
     assert not out.exited.any()
     assert torch.isnan(out.confidence).all()
     assert torch.all(out.flops == tiny_model.flop_profile(x).mainnet)
-
-
-@torch.no_grad()
-def test_mode_side_equals_sidenet(tiny_model: AdaptiveModel, images) -> None:
-    x = images(8)
-    tiny_model.threshold = NEVER_EXIT  # the threshold must not matter in side mode
-    out = tiny_model(x, mode="side")
-    _, side, confidence = reference(tiny_model, x)
-    torch.testing.assert_close(out.logits, side, rtol=0, atol=ATOL)
-    torch.testing.assert_close(out.confidence, confidence)
-    assert out.exited.all()
-    profile = tiny_model.flop_profile(x)
-    assert torch.all(out.flops == profile.trunk + profile.side)
 
 
 def test_unknown_mode_raises(tiny_model: AdaptiveModel, images) -> None:

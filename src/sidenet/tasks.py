@@ -38,6 +38,22 @@ class Task:
 
     def mainnet(self, data_dir: str | Path | None = None, progress: bool = True) -> nn.Module:
         """The task's MainNet, trained on first use and cached."""
+        cached = self._load_cached()
+        if cached is not None:
+            return cached
+        if progress:
+            print(f"Training the {self.name} MainNet once ({self.description}); it is cached afterwards.")
+        model, summary = self._train(data_dir, progress)
+        if progress:
+            print(summary)
+        return model
+
+    def _load_cached(self) -> nn.Module | None:
+        """The cached MainNet, or None when it has not been trained yet."""
+        raise NotImplementedError
+
+    def _train(self, data_dir: str | Path | None, progress: bool) -> tuple[nn.Module, str]:
+        """Train and cache the MainNet; returns it with a one-line summary of its accuracy."""
         raise NotImplementedError
 
     def pretrain(
@@ -71,18 +87,17 @@ class FashionMnistTask(Task):
             class_names=FASHION_MNIST_CLASSES,
         )
 
-    def mainnet(self, data_dir: str | Path | None = None, progress: bool = True) -> nn.Module:
-        from sidenet.pretrain import load_fmnist_resnet, pretrain_fmnist_resnet
+    def _load_cached(self) -> nn.Module | None:
+        from sidenet.pretrain import load_fmnist_resnet
 
         cached = load_fmnist_resnet()
-        if cached is not None:
-            return cached[0]
-        if progress:
-            print("Training the demo MainNet (ResNet-20 on Fashion-MNIST) once; it is cached afterwards.")
+        return None if cached is None else cached[0]
+
+    def _train(self, data_dir: str | Path | None, progress: bool) -> tuple[nn.Module, str]:
+        from sidenet.pretrain import pretrain_fmnist_resnet
+
         model, meta = pretrain_fmnist_resnet(data_dir=data_dir, progress=progress)
-        if progress:
-            print(f"MainNet test accuracy: {meta['test_accuracy']:.4f} ({meta['train_seconds']:.0f} s)")
-        return model
+        return model, f"MainNet test accuracy: {meta['test_accuracy']:.4f} ({meta['train_seconds']:.0f} s)"
 
     def pretrain(
         self,
@@ -142,18 +157,17 @@ class Sst2Task(Task):
             self._collator = TextCollator(load_tokenizer(self.recipe.checkpoint), self.recipe.max_length)
         return self._collator
 
-    def mainnet(self, data_dir: str | Path | None = None, progress: bool = True) -> nn.Module:
-        from sidenet.text_pretrain import finetune_text_mainnet, load_text_mainnet
+    def _load_cached(self) -> nn.Module | None:
+        from sidenet.text_pretrain import load_text_mainnet
 
         cached = load_text_mainnet(self.recipe)
-        if cached is not None:
-            return cached[0]
-        if progress:
-            print(f"Fine-tuning the MainNet ({self.recipe.checkpoint} on SST-2) once; it is cached afterwards.")
+        return None if cached is None else cached[0]
+
+    def _train(self, data_dir: str | Path | None, progress: bool) -> tuple[nn.Module, str]:
+        from sidenet.text_pretrain import finetune_text_mainnet
+
         model, _, meta = finetune_text_mainnet(self.recipe, data_dir=data_dir, progress=progress)
-        if progress:
-            print(f"MainNet SST-2 dev accuracy: {meta['test_accuracy']:.4f} ({meta['train_seconds']:.0f} s)")
-        return model
+        return model, f"MainNet SST-2 dev accuracy: {meta['test_accuracy']:.4f} ({meta['train_seconds']:.0f} s)"
 
     def pretrain(
         self,
