@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test lint data bench bench-sst2 clean
+.PHONY: demo test lint data browser bench bench-sst2 clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +22,21 @@ data:
 		echo "note: could not install dataset-fashion-mnist with apt-get"; \
 	fi
 
+# Headless Chromium, for the test that renders `sidenet report`'s page (skipped where it is missing).
+browser:
+	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q chromium >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || \
+		echo "note: could not install chromium with apt-get; the page-rendering test will be skipped"; \
+	fi
+
 demo: $(STAMP) data
 	$(BIN)/sidenet demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
-test: $(STAMP) data lint
+test: $(STAMP) data browser lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP) data

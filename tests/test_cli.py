@@ -50,7 +50,7 @@ def tiny_task(monkeypatch: pytest.MonkeyPatch) -> TinyTask:
     return task
 
 
-@pytest.mark.parametrize("command", [[], ["pretrain"], ["fit"], ["sweep"], ["predict"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["pretrain"], ["fit"], ["sweep"], ["predict"], ["report"], ["demo"]])
 def test_every_command_has_help(command: list[str]) -> None:
     result = runner.invoke(cli.app, [*command, "--help"])
     assert result.exit_code == 0, result.output

@@ -255,3 +255,51 @@ def test_sweep_uses_the_model_temperature(trained: tuple[AdaptiveModel, DataLoad
 def test_sweep_of_empty_loader_raises(tiny_model: AdaptiveModel) -> None:
     with pytest.raises(ValueError, match="no batches"):
         sweep(tiny_model, [], progress=False)
+
+
+def test_oracle_by_hand() -> None:
+    curve = TradeoffCurve(simple_record())
+    # agree on samples 0 and 1 only: they exit (10 each); the other three continue (10 + 90 each)
+    oracle = curve.oracle()
+    assert oracle["accuracy"] == curve.mainnet_accuracy == pytest.approx(0.8)
+    assert oracle["exit_rate"] == pytest.approx(0.4)
+    assert oracle["mean_flops"] == pytest.approx((2 * 10 + 3 * 100) / 5)
+    assert oracle["relative_compute"] == pytest.approx(64 / 95)
+    # threshold 0.95 saves 1 - 82/95 of the compute, the oracle 1 - 64/95
+    assert curve.oracle_fraction(0.95) == pytest.approx((1 - 82 / 95) / (1 - 64 / 95))
+
+
+@HYPOTHESIS
+@given(record=records())
+def test_no_point_at_mainnet_accuracy_beats_the_oracle_with_uniform_costs(record: SweepRecord) -> None:
+    """With equal per-sample costs, no threshold keeps every answer equal to the MainNet's and exits more
+    than the oracle."""
+    record.rest_flops = np.full(len(record), 50.0)
+    record.trunk_side_flops = np.full(len(record), 5.0)
+    curve = TradeoffCurve(record)
+    oracle = curve.oracle()
+    same_answers = np.flatnonzero(curve.disagreement == 0)
+    assert curve.relative_compute[same_answers].min() >= oracle["relative_compute"] - 1e-12
+
+
+def test_subset_and_logits_in_the_record(trained: tuple[AdaptiveModel, DataLoader]) -> None:
+    model, loader = trained
+    record = sweep(model, loader, progress=False).record
+    assert record.side_logits.shape == record.main_logits.shape == (96, NUM_CLASSES)
+    assert np.array_equal(record.side_logits.argmax(1) == record.labels, record.side_correct)
+    assert record.policy == {"kind": "max_softmax", "temperature": model.temperature}
+    half = record.subset(np.arange(48))
+    assert len(half) == 48 and np.array_equal(half.labels, record.labels[:48])
+
+
+@pytest.mark.parametrize("kind", ["entropy", "margin"])
+def test_sweep_agrees_with_the_routed_model_under_other_policies(
+    trained: tuple[AdaptiveModel, DataLoader], kind: str
+) -> None:
+    model, loader = trained
+    model.policy_kind = kind
+    curve = sweep(model, loader, progress=False)
+    for threshold in curve.thresholds[1 :: max(1, len(curve) // 5)]:
+        measured = run_at(model, loader, float(threshold))
+        assert measured["exit_rate"] == pytest.approx(curve.at(float(threshold))["exit_rate"])
+        assert measured["accuracy"] == pytest.approx(curve.at(float(threshold))["accuracy"])

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidenet import NEVER_EXIT, ExitPolicy
-from sidenet.policy import validate_threshold
+from sidenet.policy import POLICIES, validate_threshold
 
 
 def test_never_exit_is_infinity() -> None:
@@ -68,3 +68,49 @@ def test_exit_rule_is_greater_or_equal() -> None:
     assert ExitPolicy(0.0).exits(confidence).all()
     assert ExitPolicy(1.0).exits(confidence).tolist() == [False, False, False, False, True]
     assert not ExitPolicy(NEVER_EXIT).exits(confidence).any()
+
+
+PROBS = st.lists(st.floats(0.0, 1.0), min_size=2, max_size=6).filter(lambda p: sum(p) > 1e-3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.lists(PROBS, min_size=1, max_size=5), kind=st.sampled_from(POLICIES))
+def test_every_score_lies_in_unit_interval(rows: list[list[float]], kind: str) -> None:
+    width = min(len(r) for r in rows)
+    probs = torch.tensor([r[:width] for r in rows], dtype=torch.float64)
+    probs = probs / probs.sum(dim=1, keepdim=True)
+    score = ExitPolicy(0.5, kind=kind).score(probs)
+    assert torch.all(score >= -1e-9) and torch.all(score <= 1 + 1e-9)
+
+
+@pytest.mark.parametrize("kind", POLICIES)
+def test_one_hot_scores_one(kind: str) -> None:
+    policy = ExitPolicy(0.5, kind=kind)
+    assert policy.score(torch.tensor([[0.0, 1.0, 0.0]])).item() == pytest.approx(1.0)
+
+
+def test_uniform_scores() -> None:
+    uniform = torch.full((1, 4), 0.25)
+    assert ExitPolicy(kind="entropy").score(uniform).item() == pytest.approx(0.0, abs=1e-7)
+    assert ExitPolicy(kind="margin").score(uniform).item() == pytest.approx(0.0)
+    assert ExitPolicy(kind="max_softmax").score(uniform).item() == pytest.approx(0.25)
+
+
+def test_entropy_and_margin_by_hand() -> None:
+    probs = torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64)
+    entropy = -(0.5 * math.log(0.5) + 0.3 * math.log(0.3) + 0.2 * math.log(0.2))
+    assert ExitPolicy(kind="entropy").score(probs).item() == pytest.approx(1 - entropy / math.log(3))
+    assert ExitPolicy(kind="margin").score(probs).item() == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("kind", POLICIES)
+def test_two_class_rules_order_samples_alike(kind: str) -> None:
+    """With two classes every rule is a monotone function of the larger probability."""
+    larger = 0.5 + 0.5 * torch.rand(50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    probs = torch.stack([larger, 1 - larger], dim=1)
+    assert torch.equal(ExitPolicy(kind=kind).score(probs).argsort(), larger.argsort())
+
+
+def test_unknown_policy_raises() -> None:
+    with pytest.raises(ValueError, match="max_softmax, entropy, margin"):
+        ExitPolicy(0.5, kind="variance")

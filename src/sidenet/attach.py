@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sidenet.config import WEIGHTS_NAME, SideNetConfig, mainnet_fingerprint
+from sidenet.config import REFERENCE_NAME, WEIGHTS_NAME, SideNetConfig, mainnet_fingerprint
 from sidenet.head import SideNet
 from sidenet.routing import AdaptiveModel
 from sidenet.splits import MainNetSplit, split_mainnet
@@ -45,6 +45,7 @@ def attach(
     pool_size: int = 4,
     threshold: float = 0.9,
     temperature: float = 1.0,
+    policy: str = "max_softmax",
     seed: int = 0,
     split_options: Mapping[str, Any] | None = None,
 ) -> AdaptiveModel:
@@ -57,7 +58,7 @@ def attach(
             (a batch) instead. Used once to size the SideNet. Text MainNets need neither.
         num_classes: needed only when the MainNet's class count cannot be read from it.
         hidden, pool_size: SideNet size (see :class:`SideNet`).
-        threshold, temperature: the exit policy.
+        threshold, temperature, policy: the exit rule (``policy``: ``max_softmax``, ``entropy`` or ``margin``).
         seed: seeds the SideNet's initialisation.
         split_options: settings of the splitter (text encoders: ``{"features": "mean"}``).
 
@@ -81,11 +82,12 @@ def attach(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         sidenet = SideNet(_feature_shape(split, split.example(example_input)), classes, hidden, pool_size)
-    return AdaptiveModel(split, sidenet, threshold=threshold, temperature=temperature)
+    return AdaptiveModel(split, sidenet, threshold=threshold, temperature=temperature, policy=policy)
 
 
 def save_sidenet(model: AdaptiveModel, folder: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """Write only the SideNet (``sidenet.safetensors``) and its config (``sidenet_config.json``)."""
+    """Write only the SideNet (``sidenet.safetensors``) and its config (``sidenet_config.json``), plus
+    the reference confidences of the shift check (``reference.safetensors``) when the model has them."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sidenet = model.sidenet
@@ -99,12 +101,18 @@ def save_sidenet(model: AdaptiveModel, folder: str | Path, metadata: dict[str, A
         pool_size=sidenet.pool_size,
         threshold=model.threshold,
         temperature=model.temperature,
+        policy=model.policy_kind,
         mainnet_fingerprint=mainnet_fingerprint(mainnet) if mainnet is not None else "",
         mainnet_class=type(mainnet).__name__ if mainnet is not None else "",
         metadata={"history": model.history_, **(metadata or {})},
     )
     tensors = {name: t.detach().cpu().contiguous() for name, t in sidenet.state_dict().items()}
     save_file(tensors, str(folder / WEIGHTS_NAME))
+    reference = folder / REFERENCE_NAME
+    if model.reference_confidence is not None:
+        save_file({"confidence": model.reference_confidence.contiguous()}, str(reference))
+    elif reference.exists():
+        reference.unlink()  # a stale reference from an earlier save would describe another SideNet
     config.save(folder)
     return folder
 
@@ -154,7 +162,15 @@ def load_sidenet(
         sidenet.load_state_dict(tensors)
     except RuntimeError as exc:
         raise CheckpointError(f"{weights} does not match its config: {exc}") from exc
-    model = AdaptiveModel(split, sidenet, threshold=config.threshold, temperature=config.temperature)
+    model = AdaptiveModel(
+        split, sidenet, threshold=config.threshold, temperature=config.temperature, policy=config.policy
+    )
+    reference = folder / REFERENCE_NAME
+    if reference.is_file():
+        try:
+            model.set_reference(load_file(str(reference))["confidence"])
+        except (SafetensorError, OSError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{reference} is corrupt: {exc}") from exc
     model.history_ = list(config.metadata.get("history", []))
     model.eval()
     return model

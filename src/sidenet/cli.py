@@ -1,4 +1,4 @@
-"""The ``sidenet`` command line: pretrain, fit, sweep, predict, demo."""
+"""The ``sidenet`` command line: pretrain, fit, sweep, predict, report, demo."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import torch
 import typer
 
 from sidenet.attach import attach, load_sidenet, save_sidenet
+from sidenet.calibration import calibrate
 from sidenet.config import SideNetConfig
 from sidenet.curve import TradeoffCurve, sweep
+from sidenet.policy import POLICIES
 from sidenet.tasks import TASKS, get_task
 
 app = typer.Typer(
@@ -56,20 +58,24 @@ def pretrain(
 
 def _fit(task_name: str, tap: str, out: Path, data: Path | None, hidden: int, pool: int, epochs: int,
          distill: float, max_drop: float, seed: int, progress: bool,
-         split_options: dict | None = None) -> tuple[Path, dict]:  # fmt: skip
+         split_options: dict | None = None, policy: str = "max_softmax", temperature_scaling: bool = True,
+         confidence: float | None = None) -> tuple[Path, dict]:  # fmt: skip
     task = get_task(task_name)
     mainnet = task.mainnet(data, progress=progress)
     loaders = task.loaders(data)
     model = attach(mainnet, tap, input_shape=task.input_shape, hidden=hidden, pool_size=pool, seed=seed,
-                   split_options=split_options)  # fmt: skip
+                   split_options=split_options, policy=policy)  # fmt: skip
     started = time.perf_counter()
     model.fit(loaders["train"], val_loader=loaders["val"], epochs=epochs, distill_weight=distill, seed=seed,
               progress=progress)  # fmt: skip
     seconds = time.perf_counter() - started
+    if temperature_scaling:
+        calibrate(model, loaders["val"], progress=progress)
     val_curve = sweep(model, loaders["val"], progress=progress)
-    model.threshold = val_curve.threshold_for(max_accuracy_drop=max_drop)
-    choice = {"max_accuracy_drop": max_drop, "chosen_on": "val", **val_curve.point(
-        int((val_curve.thresholds == model.threshold).argmax()))}  # fmt: skip
+    model.threshold = val_curve.threshold_for(max_accuracy_drop=max_drop, confidence=confidence)
+    model.set_reference(val_curve.record.confidence)  # for the shift check on later traffic
+    choice = {"max_accuracy_drop": max_drop, "confidence": confidence, "chosen_on": "val",
+              "temperature": model.temperature, "policy": policy, **val_curve.at(model.threshold)}  # fmt: skip
     save_sidenet(model, out, metadata={"task": task.name, "fit_seconds": seconds, "threshold_choice": choice})
     return out, choice
 
@@ -88,6 +94,17 @@ def fit(
     features: Annotated[
         str | None, typer.Option(help="Text MainNets: what the SideNet reads, first, mean or both tokens.")
     ] = None,
+    policy: Annotated[str, typer.Option(help=f"Exit rule: {', '.join(POLICIES)}.")] = "max_softmax",
+    temperature_scaling: Annotated[
+        bool, typer.Option(help="Fit the SideNet's softmax temperature on the validation split first.")
+    ] = True,
+    confidence: Annotated[
+        float | None,
+        typer.Option(
+            help="Choose the threshold so that the drop stays within --max-drop with this probability "
+            "on new data like the validation split (e.g. 0.9); default: on the validation split only."
+        ),
+    ] = None,
     seed: int = 0,
     quiet: QuietOption = False,
 ) -> None:
@@ -96,11 +113,13 @@ def fit(
         tap = tap or get_task(task).default_tap
         out = out or DEFAULT_OUT / f"{task}-{tap}"
         options = {"features": features} if features else None
-        folder, choice = _fit(task, tap, out, data, hidden, pool, epochs, distill, max_drop, seed, not quiet, options)
+        folder, choice = _fit(task, tap, out, data, hidden, pool, epochs, distill, max_drop, seed, not quiet, options,
+                              policy, temperature_scaling, confidence)  # fmt: skip
     except ValueError as exc:
         _fail(str(exc))
     typer.echo(
-        f"SideNet saved to {folder}; threshold {_threshold_text(choice['threshold'])} (validation: exit rate "
+        f"SideNet saved to {folder}; policy {choice['policy']}, temperature {choice['temperature']:.3f}, "
+        f"threshold {_threshold_text(choice['threshold'])} (validation: exit rate "
         f"{choice['exit_rate']:.3f}, accuracy drop {100 * choice['accuracy_drop']:.2f} points, compute "
         f"{choice['relative_compute']:.3f} of the MainNet)"
     )
@@ -176,6 +195,44 @@ def predict(
         name = task.class_names[label] if task.class_names else str(label)
         where = f"SideNet (confidence {conf:.3f})" if exited else f"MainNet (SideNet confidence {conf:.3f})"
         typer.echo(f"{item}\t{name}\tp={prob:.3f}\tanswered by {where}\t{flops / 1e6:.2f} MFLOPs")
+
+
+@app.command()
+def report(
+    sidenet: Annotated[Path, typer.Option("--sidenet", help="Folder of a saved SideNet.")] = DEFAULT_OUT
+    / "fmnist-layer1.0",
+    out: Annotated[Path | None, typer.Option(help="Folder for report.html, report.md and the plots.")] = None,
+    calibration_split: Annotated[str, typer.Option(help="Split that fits temperatures, picks thresholds.")] = "val",
+    split: Annotated[str, typer.Option(help="Split the report evaluates on.")] = "test",
+    data: DataOption = None,
+    max_drop: Annotated[float, typer.Option(help="Accuracy drop tolerated at the chosen points (fraction).")] = 0.005,
+    confidence: Annotated[float, typer.Option(help="Probability that the guarantee holds.")] = 0.9,
+    bins: Annotated[int, typer.Option(help="Calibration bins.")] = 15,
+    timing: Annotated[bool, typer.Option(help="Measure throughput at each threshold of the table.")] = True,
+    quiet: QuietOption = False,
+) -> None:
+    """Write an HTML page and a Markdown summary: curves of every exit policy with the MainNet and the
+    oracle, calibration before and after temperature scaling, guaranteed thresholds, shift check,
+    per-class exits and measured throughput."""
+    from sidenet.report import ReportSettings, build_report
+    from sidenet.report_page import write_report
+
+    try:
+        model, task = _load(sidenet, data, not quiet)
+        loaders = task.loaders(data)
+        for name in (calibration_split, split):
+            if name not in loaders:
+                _fail(f"splits are {sorted(loaders)}, got {name!r}")
+        settings = ReportSettings(max_accuracy_drop=max_drop, confidence=confidence, bins=bins, timing=timing)
+        built = build_report(model, loaders[calibration_split], loaders[split], settings, task.class_names, not quiet)
+        title = f"sidenet report: {task.name}, tap {model.tap} ({split} split, thresholds from {calibration_split})"
+        html_path, md_path = write_report(built, out or sidenet / "report", title)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    for line in md_path.read_text().splitlines():
+        if line.startswith("> "):
+            typer.echo(line[2:])
+    typer.echo(f"Report written to {html_path} (and {md_path.name}, report.json, PNGs beside it)")
 
 
 @app.command()

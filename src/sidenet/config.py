@@ -13,12 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from sidenet.policy import validate_threshold
+from sidenet.policy import validate_policy, validate_threshold
 
-__all__ = ["SideNetConfig", "mainnet_fingerprint", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION"]
+__all__ = ["SideNetConfig", "mainnet_fingerprint", "CONFIG_NAME", "WEIGHTS_NAME", "REFERENCE_NAME", "FORMAT_VERSION"]
 
 CONFIG_NAME = "sidenet_config.json"
 WEIGHTS_NAME = "sidenet.safetensors"
+REFERENCE_NAME = "reference.safetensors"  # calibration confidences for the shift check (optional)
 FORMAT_VERSION = 1
 
 
@@ -45,8 +46,8 @@ class SideNetConfig:
         hidden: hidden width of the SideNet.
         pool_size: pooling grid side for convolutional features.
         threshold: exit threshold of the policy (inf means never exit).
-        temperature: softmax temperature of the policy.
-        policy: name of the exit rule.
+        temperature: softmax temperature of the policy (fitted by temperature scaling, or 1).
+        policy: name of the exit rule (``max_softmax``, ``entropy``, ``margin``).
         mainnet_fingerprint: :func:`mainnet_fingerprint` of the MainNet trained on ("" if unknown).
         mainnet_class: the MainNet's class name, for error messages.
         metadata: free-form extras (training history, data, ...).
@@ -91,6 +92,7 @@ class SideNetConfig:
             data["threshold"] = math.inf
         config = cls(**data)
         validate_threshold(config.threshold)
+        validate_policy(config.policy)
         return config
 
     def save(self, folder: str | Path) -> Path:

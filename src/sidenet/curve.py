@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from sidenet.data import batch_count, iter_batches
+from sidenet.guarantee import binomial_pvalue, fixed_sequence, hoeffding_bentkus_pvalue
 from sidenet.policy import NEVER_EXIT, validate_threshold
 
 if TYPE_CHECKING:
@@ -36,6 +37,33 @@ class SweepRecord:
     trunk_side_flops: np.ndarray  # FLOPs spent on every sample: trunk + SideNet
     rest_flops: np.ndarray  # FLOPs of the rest of the MainNet, saved when the sample exits (see collect)
     mainnet_flops: np.ndarray  # FLOPs of the MainNet alone on the sample
+    # For calibration and per-class reports (filled by collect; optional for hand-made records):
+    side_logits: np.ndarray | None = None  # (N, C) raw SideNet logits (before the temperature)
+    main_logits: np.ndarray | None = None  # (N, C)
+    labels: np.ndarray | None = None  # (N,)
+    policy: dict[str, Any] = field(default_factory=dict)  # the exit policy the confidences were taken under
+
+    def __len__(self) -> int:
+        return len(self.confidence)
+
+    def subset(self, index: Any) -> SweepRecord:
+        """The record of the samples ``index`` (an integer array or boolean mask), e.g. to split one
+        pass into calibration and test parts. Text rest FLOPs keep the credits of the whole batch."""
+        index = np.asarray(index)
+        pick = lambda a: None if a is None else a[index]  # noqa: E731
+        return SweepRecord(
+            confidence=self.confidence[index],
+            side_correct=self.side_correct[index],
+            main_correct=self.main_correct[index],
+            agree=self.agree[index],
+            trunk_side_flops=self.trunk_side_flops[index],
+            rest_flops=self.rest_flops[index],
+            mainnet_flops=self.mainnet_flops[index],
+            side_logits=pick(self.side_logits),
+            main_logits=pick(self.main_logits),
+            labels=pick(self.labels),
+            policy=dict(self.policy),
+        )
 
 
 def _marginal_rest_flops(model: AdaptiveModel, state: Any, confidence: np.ndarray, profile: Any) -> np.ndarray:
@@ -73,7 +101,8 @@ def collect(model: AdaptiveModel, loader: Iterable, progress: bool = True) -> Sw
     each batch's input size, the rest at the size it would actually run at for each threshold.
     """
     model.eval()
-    parts: dict[str, list] = {k: [] for k in ("conf", "side", "main", "labels", "ts", "rest", "mainnet")}
+    keys = ("conf", "side", "main", "labels", "ts", "rest", "mainnet", "side_logits", "main_logits")
+    parts: dict[str, list] = {k: [] for k in keys}
     for inputs, labels in tqdm(
         iter_batches(loader), desc="Sweeping thresholds", total=batch_count(loader), disable=not progress, leave=False
     ):
@@ -96,6 +125,8 @@ def collect(model: AdaptiveModel, loader: Iterable, progress: bool = True) -> Sw
         parts["ts"].append(np.full(n, profile.trunk + profile.side, dtype=np.float64))
         parts["rest"].append(rest)
         parts["mainnet"].append(np.full(n, profile.mainnet, dtype=np.float64))
+        parts["side_logits"].append(side_logits.float().cpu().numpy())
+        parts["main_logits"].append(main_logits.float().cpu().numpy())
     if not parts["conf"]:
         raise ValueError("the loader yielded no batches")
     cat = {k: np.concatenate(v) for k, v in parts.items()}
@@ -107,6 +138,10 @@ def collect(model: AdaptiveModel, loader: Iterable, progress: bool = True) -> Sw
         trunk_side_flops=cat["ts"],
         rest_flops=cat["rest"],
         mainnet_flops=cat["mainnet"],
+        side_logits=cat["side_logits"],
+        main_logits=cat["main_logits"],
+        labels=cat["labels"].astype(np.int64),
+        policy={"kind": model.policy.kind, "temperature": model.policy.temperature},
     )
 
 
@@ -177,6 +212,7 @@ class TradeoffCurve:
         max_accuracy_drop: float | None = None,
         compute_budget: float | None = None,
         max_disagreement: float | None = None,
+        confidence: float | None = None,
     ) -> float:
         """Choose a threshold on this data.
 
@@ -189,30 +225,97 @@ class TradeoffCurve:
                 with another answer than the MainNet's. It bounds the accuracy drop on this data
                 without counting on the SideNet's lucky wins where the MainNet errs, so it holds better
                 on new data when the choosing set is small (and it needs no labels).
+            confidence: 1 - delta. Without it the choice holds on this data only. With it the choice
+                holds on new data with probability at least ``confidence`` over the draw of this
+                (calibration) data, provided that new data and this data are exchangeable (i.i.d. from
+                one distribution; see :mod:`sidenet.guarantee` and :mod:`sidenet.shift`):
 
-        The choice holds on this data; on new data it holds only as far as that data resembles it.
+                - with ``max_accuracy_drop`` (or ``max_disagreement``): the least compute among the
+                  thresholds certified by a one-sided Clopper-Pearson test that the share of samples
+                  exiting with another answer than the MainNet's (an upper bound on the accuracy drop)
+                  is at most the limit, tested from the highest threshold down with fixed-sequence
+                  testing ("Learn then Test"). Falls back to :data:`NEVER_EXIT`. Needs no labels.
+                - with ``compute_budget``: the most accurate (on this data) threshold among those
+                  certified to keep the mean FLOPs per sample at most the budget times the MainNet's
+                  mean FLOPs here; the cost of one sample is assumed to stay within the range seen
+                  here. Raises ``ValueError`` when no threshold can be certified.
         """
         if sum(x is not None for x in (max_accuracy_drop, compute_budget, max_disagreement)) != 1:
             raise ValueError("give exactly one of max_accuracy_drop, compute_budget and max_disagreement")
         for name, limit in (("max_accuracy_drop", max_accuracy_drop), ("max_disagreement", max_disagreement)):
             if limit is not None and not 0 <= limit <= 1:
                 raise ValueError(f"{name} is a fraction in [0, 1], got {limit}")
-        if max_accuracy_drop is not None or max_disagreement is not None:
-            # The first point (never exit) always qualifies: no drop, no disagreement.
-            if max_accuracy_drop is not None:
-                ok = np.flatnonzero(self.accuracy >= self.mainnet_accuracy - max_accuracy_drop - 1e-12)
-            else:
-                ok = np.flatnonzero(self.disagreement <= max_disagreement + 1e-12)
-            return float(self.thresholds[ok[np.argmin(self.mean_flops[ok])]])
-        assert compute_budget is not None
-        ok = np.flatnonzero(self.relative_compute <= compute_budget + 1e-12)
+        if confidence is not None and not 0 < confidence < 1:
+            raise ValueError(f"confidence is 1 - delta, a probability in (0, 1), got {confidence}")
+        if compute_budget is not None:
+            ok = self._certified_budget(compute_budget, confidence)
+            best = ok[self.accuracy[ok] == self.accuracy[ok].max()]
+            return float(self.thresholds[best[np.argmin(self.mean_flops[best])]])
+        if confidence is not None:
+            limit = max_accuracy_drop if max_accuracy_drop is not None else max_disagreement
+            assert limit is not None
+            # Points in order of growing exits; point 0 (never exit) has no risk and needs no test.
+            counts = np.rint(self.disagreement[1:] * self.num_samples).astype(np.int64)
+            pvalues = (binomial_pvalue(int(k), self.num_samples, limit) for k in counts)
+            ok = np.arange(1 + fixed_sequence(pvalues, 1.0 - confidence))
+        elif max_accuracy_drop is not None:
+            ok = np.flatnonzero(self.accuracy >= self.mainnet_accuracy - max_accuracy_drop - 1e-12)
+        else:
+            assert max_disagreement is not None
+            ok = np.flatnonzero(self.disagreement <= max_disagreement + 1e-12)
+        # The first point (never exit) always qualifies: no drop, no disagreement.
+        return float(self.thresholds[ok[np.argmin(self.mean_flops[ok])]])
+
+    def _certified_budget(self, compute_budget: float, confidence: float | None) -> np.ndarray:
+        """Indices of the points whose mean compute meets the budget (on this data, or certified)."""
+        if compute_budget < 0:
+            raise ValueError(f"compute_budget is a fraction of the MainNet's compute (>= 0), got {compute_budget}")
+        if confidence is None:
+            ok = np.flatnonzero(self.relative_compute <= compute_budget + 1e-12)
+        else:
+            record = self.record
+            low = float(record.trunk_side_flops.min())
+            high = float((record.trunk_side_flops + record.rest_flops).max())
+            limit = (compute_budget * self.mainnet_flops - low) / max(high - low, 1e-300)
+            two_valued = np.ptp(record.trunk_side_flops) == 0 and np.ptp(record.rest_flops) == 0
+            # From the cheapest point (every sample exits) to the dearest: compute falls with exits.
+            pvalues = []
+            for k in range(len(self) - 1, -1, -1):
+                if two_valued:  # every sample costs low or high: its scaled cost is 0/1 (it continues)
+                    pvalues.append(binomial_pvalue(int(self.num_samples - self.exits[k]), self.num_samples, limit))
+                else:
+                    scaled = min(max((self.mean_flops[k] - low) / max(high - low, 1e-300), 0.0), 1.0)
+                    pvalues.append(hoeffding_bentkus_pvalue(scaled, self.num_samples, limit))
+            count = fixed_sequence(pvalues, 1.0 - confidence)
+            ok = np.arange(len(self) - count, len(self))
         if len(ok) == 0:
+            how = "" if confidence is None else f" with confidence {confidence}"
             raise ValueError(
-                f"no threshold meets compute_budget={compute_budget}: the cheapest point costs "
-                f"{self.relative_compute.min():.3f} of the MainNet"
+                f"no threshold meets compute_budget={compute_budget}{how}: the cheapest point costs "
+                f"{self.relative_compute.min():.3f} of the MainNet on {self.num_samples} samples"
             )
-        best = ok[self.accuracy[ok] == self.accuracy[ok].max()]
-        return float(self.thresholds[best[np.argmin(self.mean_flops[best])]])
+        return ok
+
+    def oracle(self) -> dict[str, float]:
+        """The oracle exit rule: exit exactly where the SideNet's answer equals the MainNet's. It keeps
+        the MainNet's accuracy at the least compute this SideNet allows; a bound, not a policy."""
+        record = self.record
+        continues = ~record.agree
+        mean_flops = float(record.trunk_side_flops.mean() + (record.rest_flops * continues).sum() / self.num_samples)
+        return {
+            "accuracy": self.mainnet_accuracy,
+            "exit_rate": float(record.agree.mean()),
+            "mean_flops": mean_flops,
+            "relative_compute": mean_flops / self.mainnet_flops,
+        }
+
+    def oracle_fraction(self, threshold: float) -> float:
+        """The compute saved at ``threshold`` as a fraction of what the oracle saves (NaN if the oracle
+        saves nothing)."""
+        saved_oracle = 1.0 - self.oracle()["relative_compute"]
+        if saved_oracle <= 0:
+            return float("nan")
+        return (1.0 - self.at(threshold)["relative_compute"]) / saved_oracle
 
     def table(self, rows: int = 12, marks: dict[str, float] | None = None) -> str:
         """A plain-text table of about ``rows`` points spread over the exit rate, plus marked thresholds."""

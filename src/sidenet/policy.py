@@ -1,5 +1,15 @@
-"""When does a sample exit? The paper's rule: the SideNet's maximum softmax probability (after an
-optional temperature) reaches the threshold."""
+"""When does a sample exit? Each rule turns the SideNet's logits into a confidence score in [0, 1]
+(higher = surer); the sample exits when the score reaches the threshold.
+
+Rules (``ExitPolicy.kind``):
+
+- ``max_softmax``: the largest softmax probability (the paper's rule), in [1/C, 1].
+- ``entropy``: one minus the softmax entropy divided by log C, in [0, 1] (1 = one-hot).
+- ``margin``: the gap between the two largest probabilities, in [0, 1].
+
+All three read the softmax after dividing the logits by the temperature. With two classes they order
+samples identically (each is a monotone function of the larger probability), so their curves coincide.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ExitPolicy", "NEVER_EXIT", "validate_threshold"]
+__all__ = ["ExitPolicy", "NEVER_EXIT", "POLICIES", "validate_threshold", "validate_policy"]
 
 # The documented "never exit" threshold: no confidence reaches it, so the MainNet answers everything.
 NEVER_EXIT = math.inf
+POLICIES = ("max_softmax", "entropy", "margin")
 
 
 def validate_threshold(threshold: float) -> float:
@@ -25,27 +36,57 @@ def validate_threshold(threshold: float) -> float:
     raise ValueError(f"threshold must lie in [0, 1] (or be sidenet.NEVER_EXIT = inf to never exit), got {threshold!r}")
 
 
+def validate_policy(kind: str) -> str:
+    """Return ``kind`` if it names an exit rule, else raise ``ValueError`` listing the rules."""
+    if kind not in POLICIES:
+        raise ValueError(f"unknown exit policy {kind!r}; choose one of {', '.join(POLICIES)}")
+    return kind
+
+
 @dataclass
 class ExitPolicy:
-    """Maximum-softmax-probability exit rule.
+    """Exit rule: a confidence score of the SideNet's softmax compared with a threshold.
 
     Attributes:
-        threshold: a sample exits when its confidence is at least this; 0 exits everything,
+        threshold: a sample exits when its score is at least this; 0 exits everything,
             :data:`NEVER_EXIT` nothing.
         temperature: the SideNet's logits are divided by it before the softmax (1 = unchanged).
+        kind: ``max_softmax`` (default), ``entropy`` or ``margin`` (see the module docstring).
     """
 
     threshold: float = 0.9
     temperature: float = 1.0
+    kind: str = "max_softmax"
 
     def __post_init__(self) -> None:
         self.threshold = validate_threshold(self.threshold)
+        validate_policy(self.kind)
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be a positive finite number, got {self.temperature!r}")
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax of the logits after the temperature, in float32 or wider."""
+        return torch.softmax(logits.float() / self.temperature, dim=-1)
+
     def confidence(self, logits: torch.Tensor) -> torch.Tensor:
-        """Per-sample confidence in [1/C, 1]."""
-        return torch.softmax(logits.float() / self.temperature, dim=-1).amax(dim=-1)
+        """Per-sample score in [0, 1] under this rule."""
+        return self.score(self.probabilities(logits))
+
+    def score(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """The rule's score of softmax probabilities (N, C)."""
+        if self.kind == "max_softmax":
+            return probabilities.amax(dim=-1)
+        if self.kind == "margin":
+            if probabilities.shape[-1] < 2:
+                return torch.ones(probabilities.shape[:-1], dtype=probabilities.dtype, device=probabilities.device)
+            top2 = probabilities.topk(2, dim=-1).values
+            return top2[..., 0] - top2[..., 1]
+        # entropy: 0 * log 0 counts as 0 (xlogy), normalised by the entropy of the uniform distribution
+        classes = probabilities.shape[-1]
+        if classes < 2:
+            return torch.ones(probabilities.shape[:-1], dtype=probabilities.dtype, device=probabilities.device)
+        entropy = -torch.special.xlogy(probabilities, probabilities).sum(dim=-1)
+        return (1.0 - entropy / math.log(classes)).clamp(0.0, 1.0)
 
     def exits(self, confidence: torch.Tensor) -> torch.Tensor:
         """Boolean mask of the samples that exit."""

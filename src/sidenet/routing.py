@@ -3,8 +3,9 @@ the samples that did not exit."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -55,7 +56,9 @@ class AdaptiveModel(nn.Module):
         threshold: exit when the SideNet's max softmax probability is at least this (0..1, or
             :data:`sidenet.NEVER_EXIT`).
         temperature: divides the SideNet's logits before the softmax of the exit rule.
+        policy: the exit rule's score, ``max_softmax`` (the paper's), ``entropy`` or ``margin``.
         check_inputs: validate every batch (shape, emptiness, NaN/inf); costs one pass over the input.
+        stats_window: how many of the latest adaptive-mode confidences to keep for :meth:`shift_check`.
 
     The MainNet is put in eval mode and never trained here; call :meth:`fit` to train the SideNet.
     """
@@ -66,7 +69,9 @@ class AdaptiveModel(nn.Module):
         sidenet: SideNet,
         threshold: float = 0.9,
         temperature: float = 1.0,
+        policy: str = "max_softmax",
         check_inputs: bool = True,
+        stats_window: int = 4096,
     ) -> None:
         super().__init__()
         if split.num_classes is not None and split.num_classes != sidenet.num_classes:
@@ -75,8 +80,11 @@ class AdaptiveModel(nn.Module):
             )
         self.split = split.eval()
         self.sidenet = sidenet
-        self.policy = ExitPolicy(threshold, temperature)
+        self.policy = ExitPolicy(threshold, temperature, policy)
         self.check_inputs = check_inputs
+        self.stats_window = stats_window
+        # Confidences of the data the threshold was chosen on (see set_reference); None until set.
+        self.reference_confidence: torch.Tensor | None = None
         self._flop_profiles: dict[tuple, FlopProfile] = {}
         self._rest_flops: dict[tuple, int] = {}
         self.history_: list[dict[str, float]] = []
@@ -89,7 +97,8 @@ class AdaptiveModel(nn.Module):
 
     @threshold.setter
     def threshold(self, value: float) -> None:
-        self.policy = ExitPolicy(value, self.policy.temperature)
+        self.policy = replace(self.policy, threshold=value)
+        self.policy.__post_init__()
 
     @property
     def temperature(self) -> float:
@@ -97,7 +106,18 @@ class AdaptiveModel(nn.Module):
 
     @temperature.setter
     def temperature(self, value: float) -> None:
-        self.policy = ExitPolicy(self.policy.threshold, value)
+        self.policy = replace(self.policy, temperature=value)
+        self.policy.__post_init__()
+
+    @property
+    def policy_kind(self) -> str:
+        """Name of the exit rule (``max_softmax``, ``entropy`` or ``margin``)."""
+        return self.policy.kind
+
+    @policy_kind.setter
+    def policy_kind(self, value: str) -> None:
+        self.policy = replace(self.policy, kind=value)
+        self.policy.__post_init__()
 
     @property
     def tap(self) -> str | int:
@@ -111,9 +131,48 @@ class AdaptiveModel(nn.Module):
 
     # -- running statistics ----------------------------------------------------------------------
     def reset_stats(self) -> None:
-        """Zero the counts of samples seen and exited in adaptive mode."""
+        """Zero the counts of samples seen and exited in adaptive mode and forget their confidences."""
         self.samples_seen = 0
         self.samples_exited = 0
+        self._recent: deque[torch.Tensor] = deque()
+        self._recent_count = 0
+
+    def set_reference(self, confidence: Any) -> None:
+        """Remember the SideNet confidences (under this policy) of the data the threshold was chosen on,
+        e.g. ``curve.record.confidence``; :meth:`shift_check` compares new traffic with them."""
+        reference = torch.as_tensor(confidence, dtype=torch.float64).flatten().cpu()
+        if reference.numel() == 0 or not torch.isfinite(reference).all():
+            raise ValueError("the reference confidences must be a non-empty array of finite numbers")
+        self.reference_confidence = reference
+
+    @property
+    def recent_confidence(self) -> torch.Tensor:
+        """The latest (at most ``stats_window``) confidences seen in adaptive mode."""
+        if not self._recent:
+            return torch.empty(0, dtype=torch.float64)
+        return torch.cat(list(self._recent))[-self.stats_window :]
+
+    def _remember(self, confidence: torch.Tensor) -> None:
+        self._recent.append(confidence.detach().to("cpu", torch.float64))
+        self._recent_count += len(confidence)
+        # Drop whole old batches once the rest still fills the window.
+        while self._recent and self._recent_count - len(self._recent[0]) >= self.stats_window:
+            self._recent_count -= len(self._recent.popleft())
+
+    def shift_check(self, alpha: float = 0.01, min_samples: int = 100) -> Any:
+        """Compare the confidences of recent traffic with the reference (two-sample Kolmogorov-Smirnov).
+
+        Returns a :class:`sidenet.shift.ShiftReport`; ``report.shifted`` is True when the p-value is
+        below ``alpha``: the threshold's promises, made on the reference data, may not hold on this
+        traffic. Needs :meth:`set_reference` first.
+        """
+        from sidenet.shift import confidence_shift
+
+        if self.reference_confidence is None:
+            raise ValueError("no reference confidences: call set_reference(curve.record.confidence) first")
+        return confidence_shift(
+            self.reference_confidence.numpy(), self.recent_confidence.numpy(), self.threshold, alpha, min_samples
+        )
 
     @property
     def observed_exit_rate(self) -> float:
@@ -190,6 +249,7 @@ class AdaptiveModel(nn.Module):
         if mode == "adaptive":
             self.samples_seen += n
             self.samples_exited += n - len(remaining)
+            self._remember(confidence)
         return AdaptiveOutput(logits, exited, confidence, flops)
 
     @torch.no_grad()

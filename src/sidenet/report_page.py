@@ -1,0 +1,261 @@
+"""Write a :class:`sidenet.report.TradeoffReport` as a self-contained HTML page (plots embedded as
+base64 PNG, no external resources) and a Markdown summary beside its PNG files."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sidenet.calibration import reliability_diagram
+from sidenet.report import TradeoffReport
+
+__all__ = ["write_report", "plot_policies"]
+
+COLORS = {"max_softmax": "#4C72B0", "entropy": "#55A868", "margin": "#C44E52"}
+
+
+def _thr(t: float) -> str:
+    return "never" if math.isinf(t) else f"{t:.4f}"
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+
+
+def plot_policies(report: TradeoffReport, path: Path, title: str) -> Path:
+    """Accuracy against relative compute for every policy on the evaluation split, the MainNet point,
+    the oracle point and the marked thresholds of the recommended policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = report.summary
+    best = s["recommended"]["policy"]
+    fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=120)
+    for kind, curve in report.curves.items():
+        ax.plot(curve.relative_compute, 100 * curve.accuracy, lw=1.8 if kind == best else 1.1,
+                color=COLORS.get(kind), label=f"{kind}" + (" (recommended)" if kind == best else ""))  # fmt: skip
+    curve = report.curves[best]
+    ax.scatter([1.0], [100 * curve.mainnet_accuracy], color="black", zorder=4, label="MainNet alone")
+    ax.axhline(100 * curve.mainnet_accuracy, color="black", lw=0.6, ls=":")
+    oracle = curve.oracle()
+    ax.scatter([oracle["relative_compute"]], [100 * oracle["accuracy"]], marker="*", s=160, color="#8172B2",
+               zorder=5, label="oracle (exit iff SideNet = MainNet)")  # fmt: skip
+    for i, (name, threshold) in enumerate(report.marks.items()):
+        p = curve.at(threshold)
+        ax.scatter([p["relative_compute"]], [100 * p["accuracy"]], marker="D", zorder=6, color=f"C{i + 3}")
+        ax.annotate(f"{name}\nexit {p['exit_rate']:.0%}, compute {p['relative_compute']:.0%}",
+                    (p["relative_compute"], 100 * p["accuracy"]), textcoords="offset points",
+                    xytext=(10, -24 - 22 * i), fontsize=7, arrowprops={"arrowstyle": "-", "lw": 0.5})  # fmt: skip
+    low = min(100 * curve.mainnet_accuracy - 4, 100 * curve.accuracy[curve.relative_compute < 1.05].min())
+    top = max(max(c.accuracy.max() for c in report.curves.values()), curve.mainnet_accuracy)
+    ax.set_ylim(max(low, 100 * min(c.sidenet_accuracy for c in report.curves.values()) - 1), 100 * top + 0.5)
+    ax.set_xlabel("compute per sample relative to the MainNet (measured FLOPs)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _plot_per_class(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["class"] for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(rows) + 2), 3.4), dpi=110)
+    ax.bar(x - 0.2, [100 * r["exit_rate"] for r in rows], 0.4, label="exit rate", color="#4C72B0")
+    ax.bar(x + 0.2, [100 * r["adaptive_accuracy"] for r in rows], 0.4, label="adaptive accuracy", color="#55A868")
+    ax.scatter(x + 0.2, [100 * r["mainnet_accuracy"] for r in rows], color="black", marker="_", s=200, zorder=3,
+               label="MainNet accuracy")  # fmt: skip
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _tables(s: dict[str, Any]) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """Each table as (header, rows) of strings, shared by the HTML and the Markdown."""
+    cal = s["calibration"]
+    metric_rows = []
+    names = {
+        "sidenet_before": "SideNet, T = 1",
+        "sidenet_after": f"SideNet, T = {cal['temperature']:.3f}",
+        "mainnet": "MainNet",
+        "adaptive_at_guaranteed": "adaptive (guaranteed threshold)",
+    }
+    for key, name in names.items():
+        m = cal[key]
+        metric_rows.append([name, _pct(m["ece"]), _pct(m["ece_mass"]), _pct(m["mce"]), f"{m['brier']:.4f}",
+                            f"{m['nll']:.4f}", _pct(m["accuracy"])])  # fmt: skip
+    policy_rows = []
+    for kind, p in s["policies"].items():
+        g, e = p["guaranteed"], p["empirical"]
+        policy_rows.append([kind, f"{p['best_compute_calibration']:.3f}", f"{p['best_compute_evaluation']:.3f}",
+                            _thr(g["threshold"]), f"{100 * g['evaluation']['accuracy_drop']:+.2f}",
+                            f"{g['evaluation']['relative_compute']:.3f}", f"{g['oracle_fraction']:.2f}",
+                            _thr(e["threshold"]), f"{100 * e['evaluation']['accuracy_drop']:+.2f}",
+                            f"{e['evaluation']['relative_compute']:.3f}"])  # fmt: skip
+    threshold_rows = []
+    for r in s["thresholds"]:
+        speed = f"{r['throughput']:,.0f} ({r['speedup']:.2f}x)" if "throughput" in r else "not measured"
+        threshold_rows.append([_thr(r["threshold"]), _pct(r["accuracy"]), f"{100 * r['accuracy_drop']:+.2f}",
+                               _pct(r["exit_rate"]), f"{r['mean_flops'] / 1e6:.2f}", f"{r['relative_compute']:.3f}",
+                               speed, ", ".join(r["marks"])])  # fmt: skip
+    class_rows = [[r["class"], str(r["samples"]), _pct(r["exit_rate"]), _pct(r["adaptive_accuracy"]),
+                   _pct(r["mainnet_accuracy"]), _pct(r["sidenet_accuracy"])] for r in s["per_class"]]  # fmt: skip
+    shift_rows = []
+    for name, r in s["shift"].items():
+        verdict = "too few samples" if r["p_value"] != r["p_value"] else ("SHIFT" if r["shifted"] else "no shift")
+        shift_rows.append([name.replace("_", " "), verdict, f"{r['statistic']:.3f}", f"{r['p_value']:.2g}",
+                           _pct(r["reference_exit_rate"]), _pct(r["observed_exit_rate"])])  # fmt: skip
+    return {
+        "calibration": (["model", "ECE (width)", "ECE (mass)", "MCE", "Brier", "NLL", "accuracy"], metric_rows),
+        "policies": (
+            [
+                "policy",
+                "best compute, calibration",
+                "best compute, evaluation",
+                "guaranteed threshold",
+                "drop (pt)",
+                "compute",
+                "oracle fraction",
+                "empirical threshold",
+                "drop (pt)",
+                "compute",
+            ],
+            policy_rows,
+        ),  # fmt: skip
+        "thresholds": (
+            [
+                "threshold",
+                "accuracy",
+                "drop (pt)",
+                "exit rate",
+                "MFLOPs/sample",
+                "compute",
+                "samples/s (speed-up)",
+                "point",
+            ],
+            threshold_rows,
+        ),  # fmt: skip
+        "per_class": (["class", "samples", "exit rate", "adaptive acc.", "MainNet acc.", "SideNet acc."], class_rows),
+        "shift": (
+            ["comparison", "verdict", "KS statistic", "p-value", "exit rate (reference)", "exit rate (new)"],
+            shift_rows,
+        ),  # fmt: skip
+    }
+
+
+def _headline(s: dict[str, Any]) -> list[str]:
+    rec, cal, st = s["recommended"], s["calibration"], s["settings"]
+    ev = rec["evaluation"]
+    shift = s["shift"]["calibration_vs_evaluation"]
+    lines = [
+        f"Recommended: policy {rec['policy']}, temperature {rec['temperature']:.3f}, threshold {_thr(rec['threshold'])}"
+        f", chosen on {s['samples']['calibration']} calibration samples so that the accuracy drop exceeds "
+        f"{100 * st['max_accuracy_drop']:g} points with probability at most {100 * (1 - st['confidence']):g}% "
+        "(exchangeable data assumed).",
+        f"On {s['samples']['evaluation']} evaluation samples: accuracy {_pct(ev['accuracy'])} vs MainNet "
+        f"{_pct(s['mainnet']['accuracy'])} ({100 * ev['accuracy_drop']:+.2f} pt), exit rate {_pct(ev['exit_rate'])}, "
+        f"compute {_pct(ev['relative_compute'])} of the MainNet; the oracle needs "
+        f"{_pct(rec['oracle']['relative_compute'])}, so this threshold saves {rec['oracle_fraction']:.0%} "
+        "of what the oracle saves.",
+        f"SideNet ECE {_pct(cal['sidenet_before']['ece'])} before and {_pct(cal['sidenet_after']['ece'])} after "
+        f"temperature scaling (MainNet {_pct(cal['mainnet']['ece'])}).",
+    ]
+    if shift["shifted"]:
+        lines.append(
+            f"WARNING: the SideNet's confidences on the evaluation data differ from the calibration data "
+            f"(KS p = {shift['p_value']:.2g}; exit rate {_pct(shift['observed_exit_rate'])} vs "
+            f"{_pct(shift['reference_exit_rate'])}): the guarantee does not cover this data."
+        )
+    return lines
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+SECTIONS = [
+    ("Compute-accuracy trade-off", "curve", "policies"),
+    ("Thresholds", None, "thresholds"),
+    ("Calibration", "reliability", "calibration"),
+    ("Per class (guaranteed threshold)", "per_class", "per_class"),
+    ("Shift check (two-sample Kolmogorov-Smirnov on SideNet confidences)", None, "shift"),
+]
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;padding:0 1em}
+table{border-collapse:collapse;margin:.6em 0 1.4em;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .6em;
+text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%}
+.note{background:#f7f7f2;border-left:4px solid #999;padding:.5em 1em}.warn{border-left-color:#c44e52}"""
+
+
+def write_report(report: TradeoffReport, out: str | Path, title: str) -> tuple[Path, Path]:
+    """Write ``report.html`` (self-contained), ``report.md``, the PNGs and ``report.json`` into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    s = report.summary
+    raw = report.raw_evaluation
+    images = {
+        "curve": plot_policies(report, out / "curve.png", f"{title}: evaluation split"),
+        "reliability": reliability_diagram(
+            out / "reliability.png",
+            {
+                "SideNet, T = 1": (raw.side_logits, raw.labels),
+                f"SideNet, T = {report.temperature:.2f}": (raw.side_logits / report.temperature, raw.labels),
+                "MainNet": (raw.main_logits, raw.labels),
+            },
+            bins=s["settings"]["bins"],
+            title="Reliability on the evaluation split",
+        ),
+        "per_class": _plot_per_class(s["per_class"], out / "per_class.png"),
+    }
+    tables = _tables(s)
+    headline = _headline(s)
+    (out / "report.json").write_text(json.dumps(s, indent=2, default=float) + "\n")
+
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]  # fmt: skip
+    for line in headline:
+        warn = " warn" if line.startswith("WARNING") else ""
+        parts.append(f"<p class='note{warn}'>{html.escape(line)}</p>")
+    md = [f"# {title}", "", *[f"> {line}\n" for line in headline]]
+    for heading, image, table in SECTIONS:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        md += [f"## {heading}", ""]
+        if image:
+            data = base64.b64encode(images[image].read_bytes()).decode()
+            parts.append(f"<img alt='{image}' src='data:image/png;base64,{data}'>")
+            md += [f"![{image}]({images[image].name})", ""]
+        parts.append(_html_table(*tables[table]))
+        md += [_md_table(*tables[table]), ""]
+    parts.append("</body></html>")
+    html_path, md_path = out / "report.html", out / "report.md"
+    html_path.write_text("\n".join(parts), encoding="utf-8")
+    md_path.write_text("\n".join(md), encoding="utf-8")
+    return html_path, md_path

@@ -1,0 +1,136 @@
+"""The trade-off report: its numbers agree with the curve and calibration functions, the page is
+self-contained, the CLI writes it, and (where Chromium is installed) it renders to a non-blank image."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+from typer.testing import CliRunner
+
+from helpers import NUM_CLASSES, separable_dataset
+from sidenet import AdaptiveModel, TradeoffCurve, cli
+from sidenet.calibration import calibration_metrics
+from sidenet.curve import collect
+from sidenet.policy import POLICIES
+from sidenet.report import ReportSettings, adaptive_log_probs, build_report
+from sidenet.report_page import write_report
+
+
+def mixed_loader(seed: int) -> DataLoader:
+    """Half separable images, half noise with random labels: confidences spread out."""
+    x, y = separable_dataset(64, seed=seed).tensors
+    generator = torch.Generator().manual_seed(seed + 100)
+    noise = torch.randn(64, *x.shape[1:], generator=generator)
+    labels = torch.randint(0, NUM_CLASSES, (64,), generator=generator)
+    return DataLoader(TensorDataset(torch.cat([x, noise]), torch.cat([y, labels])), batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def built(shared_model: AdaptiveModel):  # noqa: ANN201
+    model = shared_model
+    model.fit(DataLoader(separable_dataset(128), batch_size=32), epochs=2, lr=3e-3, progress=False)
+    model.threshold, model.temperature = 0.77, 1.3
+    settings = ReportSettings(max_accuracy_drop=0.05, timing_samples=64, repeats=1, table_rows=4)
+    report = build_report(model, mixed_loader(1), mixed_loader(2), settings, class_names=("a", "b", "c", "d"),
+                          progress=False)  # fmt: skip
+    return model, report
+
+
+def test_model_settings_are_restored(built) -> None:  # noqa: ANN001
+    model, _ = built
+    assert (model.policy_kind, model.temperature, model.threshold) == ("max_softmax", 1.3, pytest.approx(0.77))
+
+
+def test_report_numbers_agree_with_the_library(built) -> None:  # noqa: ANN001
+    model, report = built
+    s = report.summary
+    assert set(s["policies"]) == set(POLICIES) and s["recommended"]["policy"] in POLICIES
+    raw = report.raw_evaluation
+    before = calibration_metrics(raw.side_logits, raw.labels)
+    assert s["calibration"]["sidenet_before"]["ece"] == pytest.approx(before.ece)
+    t = report.temperature
+    after = calibration_metrics(raw.side_logits, raw.labels, temperature=t)
+    assert s["calibration"]["sidenet_after"]["nll"] == pytest.approx(after.nll)
+    # The recommended point is the evaluation curve of that policy at the guaranteed threshold.
+    best = s["recommended"]["policy"]
+    curve = report.curves[best]
+    assert s["recommended"]["evaluation"] == curve.at(s["recommended"]["threshold"])
+    assert s["recommended"]["oracle"]["accuracy"] == pytest.approx(curve.mainnet_accuracy)
+    # Threshold rows: distinct, high to low, each with a measured throughput.
+    thresholds = [r["threshold"] for r in s["thresholds"]]
+    assert thresholds == sorted(set(thresholds), reverse=True)
+    assert all(r["throughput"] > 0 for r in s["thresholds"])
+    assert sum(r["samples"] for r in s["per_class"]) == curve.num_samples == 128
+    assert set(s["shift"]) == {"calibration_vs_evaluation", "evaluation_half_vs_half"}
+
+
+def test_adaptive_log_probs_mix_the_two_answers(built) -> None:  # noqa: ANN001
+    model, _ = built
+    record = collect(model, mixed_loader(2), progress=False)
+    mixed = adaptive_log_probs(record, 0.8, temperature=model.temperature)
+    exited = record.confidence.astype(np.float32) >= np.float32(0.8)
+    side = torch.log_softmax(torch.as_tensor(record.side_logits, dtype=torch.float64) / model.temperature, 1).numpy()
+    main = torch.log_softmax(torch.as_tensor(record.main_logits, dtype=torch.float64), 1).numpy()
+    np.testing.assert_allclose(mixed[exited], side[exited])
+    np.testing.assert_allclose(mixed[~exited], main[~exited])
+    accuracy = (mixed.argmax(1) == record.labels).mean()
+    assert accuracy == pytest.approx(TradeoffCurve(record).at(0.8)["accuracy"])
+
+
+def test_page_is_self_contained(built, tmp_path: Path) -> None:  # noqa: ANN001
+    _, report = built
+    html_path, md_path = write_report(report, tmp_path / "r", "tiny report")
+    page = html_path.read_text()
+    assert page.count("data:image/png;base64,") == 3
+    assert not re.search(r"(src|href)=['\"]?(https?:|//|file:)", page)  # nothing fetched from elsewhere
+    for heading in ("Compute-accuracy trade-off", "Calibration", "Per class", "Shift check", "Thresholds"):
+        assert heading in page and heading in md_path.read_text()
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md_path.read_text()):
+        assert (md_path.parent / image).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["tap"] == "layer1"
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian package: chromium)")
+def test_page_renders_in_headless_chromium(built, tmp_path: Path) -> None:  # noqa: ANN001
+    _, report = built
+    html_path, _ = write_report(report, tmp_path / "r", "tiny report")
+    shot = tmp_path / "shot.png"
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+               f"--screenshot={shot}", "--window-size=1100,2400", html_path.resolve().as_uri()]  # fmt: skip
+    subprocess.run(command, capture_output=True, timeout=120, check=False)
+    assert shot.is_file(), "Chromium wrote no screenshot"
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    # A rendered page: mostly white, with text, tables and plots (dark pixels) spread down the page.
+    dark_rows = np.flatnonzero((pixels < 128).any(axis=1))
+    assert pixels.mean() > 150 and len(dark_rows) > 400 and dark_rows.max() > 1200
+
+
+def test_report_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_cli import TinyTask
+
+    monkeypatch.setitem(cli.TASKS, "tiny", TinyTask())
+    runner = CliRunner()
+    out = tmp_path / "side"
+    assert runner.invoke(cli.app, ["fit", "--task", "tiny", "--out", str(out), "--epochs", "2", "-q"]).exit_code == 0
+    config = json.loads((out / "sidenet_config.json").read_text())
+    assert config["temperature"] > 0 and (out / "reference.safetensors").is_file()
+    options = ["--out", str(tmp_path / "rep"), "--no-timing", "--max-drop", "0.1", "-q"]
+    result = runner.invoke(cli.app, ["report", "--sidenet", str(out), *options])
+    assert result.exit_code == 0, result.output
+    assert "Recommended: policy" in result.output and (tmp_path / "rep" / "report.html").is_file()
+    rows = json.loads((tmp_path / "rep" / "report.json").read_text())["thresholds"]
+    assert all("throughput" not in r for r in rows)
+    bad = runner.invoke(cli.app, ["report", "--sidenet", str(out), "--split", "nope", "-q"])
+    assert bad.exit_code == 2 and "splits are" in bad.output
