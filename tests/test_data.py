@@ -206,3 +206,17 @@ def test_real_fashion_mnist() -> None:
     images, labels = test.tensors
     assert images.shape == (10000, 1, 28, 28) and labels.shape == (10000,)
     assert abs(float(images.mean())) < 0.1  # normalised with the training statistics
+
+
+def test_split_loader_halves_are_disjoint_and_cover_the_data() -> None:
+    from torch.utils.data import TensorDataset
+
+    from sidenet.data import split_loader
+
+    dataset = TensorDataset(torch.arange(11).float()[:, None], torch.arange(11))
+    first, second = split_loader(make_loader(dataset, 4))
+    seen = [int(y) for loader in (first, second) for _, labels in loader for y in labels]
+    assert sorted(seen) == list(range(11)) and first.batch_size == 4
+    assert len(first.dataset) == 5 and len(second.dataset) == 6
+    with pytest.raises(ValueError, match="fewer than 2"):
+        split_loader(make_loader(TensorDataset(torch.zeros(1, 1), torch.zeros(1)), 4))

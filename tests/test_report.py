@@ -132,5 +132,9 @@ def test_report_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert "Recommended: policy" in result.output and (tmp_path / "rep" / "report.html").is_file()
     rows = json.loads((tmp_path / "rep" / "report.json").read_text())["thresholds"]
     assert all("throughput" not in r for r in rows)
+    halves = runner.invoke(cli.app, ["report", "--sidenet", str(out), "--halves", *options])
+    assert halves.exit_code == 0, halves.output
+    samples = json.loads((tmp_path / "rep" / "report.json").read_text())["samples"]
+    assert samples == {"calibration": 48, "evaluation": 48}
     bad = runner.invoke(cli.app, ["report", "--sidenet", str(out), "--split", "nope", "-q"])
     assert bad.exit_code == 2 and "splits are" in bad.output

@@ -15,6 +15,7 @@ from sidenet.attach import attach, load_sidenet, save_sidenet
 from sidenet.calibration import calibrate
 from sidenet.config import SideNetConfig
 from sidenet.curve import TradeoffCurve, sweep
+from sidenet.data import split_loader
 from sidenet.policy import POLICIES
 from sidenet.tasks import TASKS, get_task
 
@@ -209,6 +210,13 @@ def report(
     confidence: Annotated[float, typer.Option(help="Probability that the guarantee holds.")] = 0.9,
     bins: Annotated[int, typer.Option(help="Calibration bins.")] = 15,
     timing: Annotated[bool, typer.Option(help="Measure throughput at each threshold of the table.")] = True,
+    halves: Annotated[
+        bool,
+        typer.Option(
+            help="Calibrate on a random half of --split and evaluate on the other half (for when no "
+            "other split is distributed like it); --calibration-split is then ignored."
+        ),
+    ] = False,
     quiet: QuietOption = False,
 ) -> None:
     """Write an HTML page and a Markdown summary: curves of every exit policy with the MainNet and the
@@ -224,8 +232,14 @@ def report(
             if name not in loaders:
                 _fail(f"splits are {sorted(loaders)}, got {name!r}")
         settings = ReportSettings(max_accuracy_drop=max_drop, confidence=confidence, bins=bins, timing=timing)
-        built = build_report(model, loaders[calibration_split], loaders[split], settings, task.class_names, not quiet)
-        title = f"sidenet report: {task.name}, tap {model.tap} ({split} split, thresholds from {calibration_split})"
+        if halves:
+            calibration_loader, evaluation_loader = split_loader(loaders[split])
+            where = f"one half of {split}, evaluated on the other"
+        else:
+            calibration_loader, evaluation_loader = loaders[calibration_split], loaders[split]
+            where = f"{calibration_split}, evaluated on {split}"
+        built = build_report(model, calibration_loader, evaluation_loader, settings, task.class_names, not quiet)
+        title = f"sidenet report: {task.name}, tap {model.tap} (thresholds from {where})"
         html_path, md_path = write_report(built, out or sidenet / "report", title)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))

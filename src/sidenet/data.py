@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from sidenet.paths import cache_dir
 
@@ -35,6 +35,7 @@ __all__ = [
     "read_idx",
     "normalize_fashion_mnist",
     "make_loader",
+    "split_loader",
     "iter_batches",
     "batch_count",
     "SST2_CLASSES",
@@ -196,6 +197,20 @@ def make_loader(
     ``collate_fn`` makes the batches (a :class:`TextCollator` for text)."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate_fn)
+
+
+def split_loader(loader: DataLoader, seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    """Two loaders over disjoint random halves of ``loader``'s dataset, with its batch size and
+    collate function (e.g. to calibrate on one half of a split and evaluate on the other)."""
+    n = len(loader.dataset)  # type: ignore[arg-type]
+    if n < 2:
+        raise ValueError("cannot halve a dataset of fewer than 2 samples")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    halves = (sorted(order[: n // 2]), sorted(order[n // 2 :]))
+    size = loader.batch_size or 1
+    return tuple(  # type: ignore[return-value]
+        make_loader(Subset(loader.dataset, half), size, collate_fn=loader.collate_fn) for half in halves
+    )
 
 
 def iter_batches(loader: Iterable) -> Iterator[tuple[Any, torch.Tensor]]:
