@@ -305,3 +305,21 @@ def test_flop_profile_is_cached_per_sample_shape(tiny_model: AdaptiveModel) -> N
     assert tiny_model.flop_profile(torch.zeros(7, *IMAGE_SHAPE)) is profile
     assert list(tiny_model._flop_profiles) == [IMAGE_SHAPE]
     assert min(profile.trunk, profile.side, profile.rest) > 0
+
+
+@torch.no_grad()
+def test_batch_mode_exits_only_when_every_sample_is_confident(tiny_model: AdaptiveModel, images) -> None:
+    x = images(10)
+    confidence = tiny_model(x, mode="side").confidence
+    main = tiny_model(x, mode="main").logits
+    side = tiny_model(x, mode="side").logits
+    tiny_model.threshold = float(confidence.min())  # everyone confident: the SideNet answers all
+    out = tiny_model(x, mode="batch")
+    assert out.exited.all()
+    torch.testing.assert_close(out.logits, side, rtol=0, atol=ATOL)
+    tiny_model.threshold = float(confidence.median())  # some are not: the MainNet answers all
+    out = tiny_model(x, mode="batch")
+    assert not out.exited.any()
+    torch.testing.assert_close(out.logits, main, rtol=0, atol=ATOL)
+    profile = tiny_model.flop_profile(x)
+    assert torch.all(out.flops == profile.trunk + profile.side + profile.rest)

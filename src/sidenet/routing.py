@@ -18,8 +18,8 @@ from sidenet.splits import MainNetSplit
 
 __all__ = ["AdaptiveModel", "AdaptiveOutput", "Mode", "ClassCountMismatchError"]
 
-Mode = Literal["adaptive", "main", "side"]
-MODES = ("adaptive", "main", "side")
+Mode = Literal["adaptive", "main", "side", "batch"]
+MODES = ("adaptive", "main", "side", "batch")
 
 
 class ClassCountMismatchError(ValueError):
@@ -208,7 +208,9 @@ class AdaptiveModel(nn.Module):
         """Classify a batch.
 
         ``mode="main"`` runs the MainNet alone (as before attaching), ``"side"`` lets the SideNet
-        answer every sample, ``"adaptive"`` routes each sample by the exit policy.
+        answer every sample, ``"adaptive"`` routes each sample by the exit policy. ``"batch"`` is the
+        batch-level exit of other toolkits, for comparison: the SideNet answers only when every sample
+        of the batch is confident, otherwise the MainNet answers them all.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -229,6 +231,8 @@ class AdaptiveModel(nn.Module):
             exited = torch.ones(n, dtype=torch.bool, device=side_logits.device)
         else:
             exited = self.policy.exits(confidence)
+            if mode == "batch" and not bool(exited.all()):
+                exited = torch.zeros_like(exited)
         remaining = (~exited).nonzero().squeeze(1)
         # Skip the gather when nobody or everybody continues: at zero exits the routed model must
         # cost what the MainNet costs (plus the SideNet), not an extra copy of the state.
