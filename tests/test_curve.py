@@ -51,7 +51,8 @@ def records(draw: st.DrawFn) -> SweepRecord:
 
 
 def brute_force(record: SweepRecord, threshold: float) -> dict[str, float]:
-    exited = record.confidence >= threshold
+    # float32, as the exit policy compares the SideNet's float32 confidences
+    exited = record.confidence.astype(np.float32) >= np.float32(threshold)
     flops = np.mean(record.trunk_side_flops + np.where(exited, 0.0, record.rest_flops))
     return {
         "accuracy": float(np.mean(np.where(exited, record.side_correct, record.main_correct))),

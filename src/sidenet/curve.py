@@ -329,6 +329,8 @@ class TradeoffCurve:
         lines = [
             f"MainNet alone: accuracy {self.mainnet_accuracy:.4f}, {self.mainnet_flops / 1e6:.2f} MFLOPs/sample; "
             f"SideNet alone: accuracy {self.sidenet_accuracy:.4f}; {self.num_samples} samples",
+            f"Oracle (exit iff the SideNet agrees with the MainNet): exit rate {self.oracle()['exit_rate']:.3f}, "
+            f"compute {self.oracle()['relative_compute']:.3f} of the MainNet",
             f"{'threshold':>10} {'accuracy':>9} {'drop(pt)':>9} {'exit rate':>10} {'MFLOPs':>9} {'compute':>8}",
         ]
         for i in sorted(p for p in picks if 0 <= p < len(self)):
@@ -370,6 +372,9 @@ class TradeoffCurve:
         fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
         ax.plot(self.relative_compute, 100 * self.accuracy, lw=1.6, label="SideNet + MainNet (threshold sweep)")
         ax.scatter([1.0], [100 * self.mainnet_accuracy], color="black", zorder=3, label="MainNet alone")
+        oracle = self.oracle()
+        ax.scatter([oracle["relative_compute"]], [100 * oracle["accuracy"]], marker="*", s=140, color="#8172B2",
+                   zorder=4, label="oracle (exit iff SideNet = MainNet)")  # fmt: skip
         ax.axhline(100 * self.mainnet_accuracy, color="black", lw=0.6, ls=":")
         for name, threshold in (marks or {}).items():
             p = self.at(threshold)
