@@ -29,8 +29,10 @@ def machine() -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True, check=False).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                capture_output=True, text=True, check=False).stdout.splitlines()  # fmt: skip
+        # Results written by earlier benchmarks of the same run are outputs, not code changes.
+        dirty = [line for line in status if not line[3:].startswith(("benchmarks/results/", "BENCHMARKS.md"))]
         if commit and dirty:
             commit += "-dirty"
     except OSError:
