@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test lint data browser bench bench-sst2 clean
+.PHONY: demo test lint data browser bench bench-quick bench-fmnist bench-sst2 clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,12 +39,19 @@ lint: $(STAMP)
 test: $(STAMP) data browser lint
 	$(BIN)/python -m pytest -q
 
+# Every benchmark (python -m benchmarks run), then BENCHMARKS.md regenerated from the JSON results;
+# `make bench-quick` is the few-minute smoke version (results in benchmarks/results/quick/).
 bench: $(STAMP) data
+	$(BIN)/python -m benchmarks run
+
+bench-quick: $(STAMP) data
+	$(BIN)/python -m benchmarks run --quick
+
+# One workload at a time.
+bench-fmnist: $(STAMP) data
 	$(BIN)/python benchmarks/fmnist_resnet.py
 
-# SST-2 with all-MiniLM-L6-v2: reads ../shared/data/sst2 (or `datasets`), fine-tunes the MainNet once (cached).
 bench-sst2: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[text]'
 	$(BIN)/python benchmarks/sst2_minilm.py
 
 clean:

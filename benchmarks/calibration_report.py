@@ -26,25 +26,25 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, ROOT, machine, write_result
+from benchmarks.common import RESULTS, ROOT, SIDENETS, link, machine, write_result
 from benchmarks.report import main as write_benchmarks_md
 
-SIDENETS = ROOT / "sidenet-output" / "benchmarks"
 REPORTS = RESULTS / "reports"
 
 
 def runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     sst2_data = ["--data", str(args.sst2_data)] if args.sst2_data else []
+    quick = ["--max-train-samples", "4000", "--epochs", "5"] if args.quick else []
     return [
         {
             "name": "fmnist",
-            "fit": ["fit", "--task", "fmnist", "--tap", "layer1.0", "--pool", "7"],
+            "fit": ["fit", "--task", "fmnist", "--tap", "layer1.0", "--pool", "7", *quick],
             "report": ["--max-drop", "0.005"],
             "sidenet": "fmnist-layer1.0",
         },
         {
             "name": "sst2",
-            "fit": ["fit", "--task", "sst2", "--tap", "3", *sst2_data],
+            "fit": ["fit", "--task", "sst2", "--tap", "3", *sst2_data, *quick],
             "report": ["--max-drop", "0.01", *sst2_data],
             "sidenet": "sst2-3",
         },
@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None, help="run only these (fmnist, sst2, sst2_dev_halves)")
     parser.add_argument("--skip-fit", action="store_true", help="reuse SideNets fitted by an earlier run")
     parser.add_argument("--sst2-data", type=Path, default=None, help="folder of SST-2's train.tsv and dev.tsv")
+    parser.add_argument("--quick", action="store_true", help="SideNets on 4,000 training samples, 5 epochs")
     args = parser.parse_args()
     path = RESULTS / "calibration.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
@@ -98,10 +99,11 @@ def main() -> None:
             "seconds": seconds,
             "machine": machine(),
             "sidenet_config": {k: config[k] for k in ("tap", "hidden", "pool_size", "temperature", "policy")},
-            "report_markdown": str((out / "report.md").relative_to(ROOT)),
+            "report_markdown": link(out / "report.md"),
             "report": report,
         }
-    results["command"] = "python benchmarks/calibration_report.py"
+    results["command"] = "python benchmarks/calibration_report.py" + (" --quick" if args.quick else "")
+    results["quick"] = bool(args.quick)
     print(f"wrote {write_result('calibration', results)} and {write_benchmarks_md()}")
 
 

@@ -12,8 +12,19 @@ from typing import Any
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
+# SIDENET_BENCH_RESULTS redirects a run (``python -m benchmarks run --quick`` does, so that smoke checks
+# never overwrite the committed results); its BENCHMARKS.md is then written beside its JSON.
+_DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("SIDENET_BENCH_RESULTS", _DEFAULT_RESULTS)).resolve()
+MARKDOWN = ROOT / "BENCHMARKS.md" if RESULTS == _DEFAULT_RESULTS else RESULTS / "BENCHMARKS.md"
+# SideNets fitted by the benchmarks (not committed), shared by calibration_report.py and serving.py.
+SIDENETS = ROOT / "sidenet-output" / "benchmarks" if RESULTS == _DEFAULT_RESULTS else RESULTS / "sidenets"
+
+
+def link(path: str | Path) -> str:
+    """``path`` relative to the folder of the BENCHMARKS.md being written (for Markdown links)."""
+    return os.path.relpath(Path(path).resolve(), MARKDOWN.parent)
 
 
 def machine() -> dict[str, Any]:

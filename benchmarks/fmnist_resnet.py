@@ -18,7 +18,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sidenet
-from benchmarks.common import RESULTS, machine, write_result
+from benchmarks.common import RESULTS, link, machine, write_result
 from benchmarks.report import main as write_benchmarks_md
 from sidenet.data import fashion_mnist_splits, make_loader
 from sidenet.pretrain import PretrainRecipe, pretrain_fmnist_resnet
@@ -148,7 +148,7 @@ def main() -> None:
         "targets": {k: {"target": f"{op} {v}", "value": values[k],
                         "met": values[k] <= v if op == "<=" else values[k] >= v} for k, (op, v) in TARGETS.items()},
         "taps": rows,
-        "plot": str(Path(plot).relative_to(RESULTS.parent.parent)),
+        "plot": link(plot),
     }  # fmt: skip
     print(f"wrote {write_result('fmnist_resnet', result)} and {write_benchmarks_md()}")
 

@@ -27,7 +27,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, machine, write_result
+from benchmarks.common import RESULTS, link, machine, write_result
 from benchmarks.report import main as write_benchmarks_md
 from sidenet import NEVER_EXIT, AdaptiveModel, FeatureCache, SideNet, TradeoffCurve, split_mainnet, train_sidenet
 from sidenet.curve import collect
@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats at batch 32")
     parser.add_argument("--no-timing", action="store_true", help="skip the wall-clock part")
     parser.add_argument("--data", type=Path, default=None)
+    parser.add_argument("--train-limit", type=int, default=None, help="train SideNets on this many phrases (quick)")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -120,6 +121,8 @@ def main() -> None:
     mainnet.eval()
     collate = TextCollator(tokenizer, recipe.max_length)
     splits = sst2_splits(args.data)
+    if args.train_limit:
+        splits["train"] = splits["train"].subset(range(min(args.train_limit, len(splits["train"]))))
     dev = splits["test"]
     halves = [sorted(h.tolist()) for h in torch.randperm(len(dev), generator=torch.Generator().manual_seed(0)).chunk(2)]
     loaders = {"val": make_loader(splits["val"], 32, collate_fn=collate)}
@@ -321,7 +324,7 @@ def main() -> None:
         "taps": rows,
         "features": features_rows,
         "sidenet_cache_seconds": cache_seconds,
-        "plot": str(Path(plot).relative_to(RESULTS.parent.parent)),
+        "plot": link(plot),
     }
     print(f"wrote {write_result('sst2_minilm', result)} and {write_benchmarks_md()}")
 

@@ -110,3 +110,10 @@ def test_unknown_task(tmp_path: Path) -> None:
     result = runner.invoke(cli.app, ["fit", "--task", "nope", "--out", str(tmp_path), "-q"])
     assert result.exit_code == 2
     assert "known tasks" in result.output
+
+
+def test_fit_on_a_prefix_of_the_training_data(tiny_task: TinyTask, tmp_path: Path) -> None:
+    out = tmp_path / "side"
+    args = ["fit", "--task", "tiny", "--out", str(out), "--epochs", "1", "-q"]
+    assert runner.invoke(cli.app, [*args, "--max-train-samples", "10"]).exit_code == 0
+    assert runner.invoke(cli.app, [*args, "--max-train-samples", "0"]).exit_code == 2

@@ -10,12 +10,13 @@ from typing import Annotated
 
 import torch
 import typer
+from torch.utils.data import Subset
 
 from sidenet.attach import attach, load_sidenet, save_sidenet
 from sidenet.calibration import calibrate
 from sidenet.config import SideNetConfig
 from sidenet.curve import TradeoffCurve, sweep
-from sidenet.data import split_loader
+from sidenet.data import make_loader, split_loader
 from sidenet.policy import POLICIES
 from sidenet.tasks import TASKS, get_task
 
@@ -60,10 +61,14 @@ def pretrain(
 def _fit(task_name: str, tap: str, out: Path, data: Path | None, hidden: int, pool: int, epochs: int,
          distill: float, max_drop: float, seed: int, progress: bool,
          split_options: dict | None = None, policy: str = "max_softmax", temperature_scaling: bool = True,
-         confidence: float | None = None) -> tuple[Path, dict]:  # fmt: skip
+         confidence: float | None = None, max_train_samples: int | None = None) -> tuple[Path, dict]:  # fmt: skip
     task = get_task(task_name)
     mainnet = task.mainnet(data, progress=progress)
     loaders = task.loaders(data)
+    if max_train_samples is not None:
+        train = loaders["train"]
+        keep = range(min(max_train_samples, len(train.dataset)))
+        loaders["train"] = make_loader(Subset(train.dataset, keep), train.batch_size or 1, collate_fn=train.collate_fn)
     model = attach(mainnet, tap, input_shape=task.input_shape, hidden=hidden, pool_size=pool, seed=seed,
                    split_options=split_options, policy=policy)  # fmt: skip
     started = time.perf_counter()
@@ -106,6 +111,9 @@ def fit(
             "on new data like the validation split (e.g. 0.9); default: on the validation split only."
         ),
     ] = None,
+    max_train_samples: Annotated[
+        int | None, typer.Option(help="Train on the first N training samples only (quick trials).", min=1)
+    ] = None,
     seed: int = 0,
     quiet: QuietOption = False,
 ) -> None:
@@ -115,7 +123,7 @@ def fit(
         out = out or DEFAULT_OUT / f"{task}-{tap}"
         options = {"features": features} if features else None
         folder, choice = _fit(task, tap, out, data, hidden, pool, epochs, distill, max_drop, seed, not quiet, options,
-                              policy, temperature_scaling, confidence)  # fmt: skip
+                              policy, temperature_scaling, confidence, max_train_samples)  # fmt: skip
     except ValueError as exc:
         _fail(str(exc))
     typer.echo(

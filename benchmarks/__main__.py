@@ -1,0 +1,75 @@
+"""One runner for every benchmark: ``python -m benchmarks run [--quick] [--only NAME ...]``.
+
+Runs, in order, each in its own process: ``fmnist`` (benchmarks/fmnist_resnet.py), ``sst2``
+(benchmarks/sst2_minilm.py), ``calibration`` (benchmarks/calibration_report.py: ``sidenet fit`` and
+``sidenet report`` on both workloads) and ``serving`` (benchmarks/serving.py: MainNet, per-sample
+routing, batch-level exit, ideal); each writes its JSON under ``benchmarks/results/`` and
+BENCHMARKS.md is regenerated from all of them.
+
+``--quick`` runs reduced versions (one tap, few training samples and epochs, few timing repeats) for
+a smoke check in a few minutes once the MainNets are cached. Its results go to
+``benchmarks/results/quick/`` (not committed), with their own BENCHMARKS.md, never over the real ones.
+MainNets are trained or fine-tuned first when not cached (Fashion-MNIST about 10 minutes, SST-2 about
+12 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+STEPS: dict[str, tuple[str, list[str], list[str]]] = {
+    # name: (script, arguments of a full run, arguments of a quick run)
+    "fmnist": (
+        "fmnist_resnet.py",
+        [],
+        ["--taps", "layer1.0", "--pools", "7", "--repeats", "2", "--batch1-images", "100"],
+    ),  # fmt: skip
+    "sst2": (
+        "sst2_minilm.py",
+        [],
+        ["--taps", "3", "--train-limit", "4000", "--sidenet-epochs", "5", "--repeats", "2"],
+    ),  # fmt: skip
+    "calibration": ("calibration_report.py", [], ["--quick"]),
+    "serving": ("serving.py", [], ["--quick"]),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the benchmarks and regenerate BENCHMARKS.md")
+    run.add_argument("--quick", action="store_true", help="reduced versions, results in benchmarks/results/quick")
+    run.add_argument("--only", nargs="+", choices=list(STEPS), default=list(STEPS))
+    run.add_argument("--sst2-data", type=Path, default=None, help="folder of SST-2's train.tsv and dev.tsv")
+    sub.add_parser("report", help="only regenerate BENCHMARKS.md from the JSON results")
+    args = parser.parse_args()
+
+    env = dict(os.environ)
+    if args.command == "run" and args.quick:
+        env["SIDENET_BENCH_RESULTS"] = str(HERE / "results" / "quick")
+    if args.command == "report":
+        subprocess.run([sys.executable, "-m", "benchmarks.report"], check=True, cwd=HERE.parent, env=env)
+        return
+    started = time.perf_counter()
+    for name in args.only:
+        script, full, quick = STEPS[name]
+        extra = quick if args.quick else full
+        if args.sst2_data is not None and name != "fmnist":
+            extra = [*extra, "--data" if name == "sst2" else "--sst2-data", str(args.sst2_data)]
+        command = [sys.executable, str(HERE / script), *extra]
+        print(f"== {name}: {' '.join(command[1:])}", flush=True)
+        step = time.perf_counter()
+        subprocess.run(command, check=True, cwd=HERE.parent, env=env)
+        print(f"== {name} took {(time.perf_counter() - step) / 60:.1f} min", flush=True)
+    subprocess.run([sys.executable, "-m", "benchmarks.report"], check=True, cwd=HERE.parent, env=env)
+    print(f"all done in {(time.perf_counter() - started) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

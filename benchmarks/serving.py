@@ -1,0 +1,146 @@
+"""Serving side by side, per workload: the MainNet alone, the SideNet with per-sample routing (gather
+the samples that continue), the batch-level exit of other toolkits (the batch skips the rest of the
+MainNet only when every sample in it is confident; same SideNet, same threshold), and the ideal
+speed-up the FLOPs predict. Throughput at batch 1 and batch 64 (32 for text), median of interleaved
+repeats after a warm-up, with the spread; p50/p95 latency at batch 1.
+
+Uses the SideNets that ``benchmarks/calibration_report.py`` fitted with ``sidenet fit`` (run it first).
+Thresholds: Fashion-MNIST, at most 0.5 points lost on the validation split, reported on the test set;
+SST-2, at most 1% of the sentences exiting with another answer than the MainNet's on one half of dev,
+reported on the other half (train phrases are not distributed like dev sentences).
+
+Run: ``python benchmarks/serving.py [--quick]``. Writes ``benchmarks/results/serving.json`` and
+regenerates BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import SIDENETS, machine, write_result
+from benchmarks.report import main as write_benchmarks_md
+from sidenet import AdaptiveModel, load_sidenet, sweep
+from sidenet.data import iter_batches, make_loader, split_loader
+from sidenet.tasks import get_task
+from sidenet.timing import latency_percentiles, measure_throughput
+
+WORKLOADS = {
+    "fmnist": {"sidenet": "fmnist-layer1.0", "batch": 64, "rule": {"max_accuracy_drop": 0.005}},
+    "sst2": {"sidenet": "sst2-3", "batch": 32, "rule": {"max_disagreement": 0.01}},
+}
+
+
+def loaders_for(name: str, data: Path | None) -> tuple[Any, Any, Any]:
+    """(threshold-choosing loader, evaluation dataset, collate function)."""
+    task = get_task(name)
+    loaders = task.loaders(data)
+    if name == "sst2":
+        choose, evaluate = split_loader(loaders["test"])
+        return choose, evaluate.dataset, loaders["test"].collate_fn
+    return loaders["val"], loaders["test"].dataset, None
+
+
+@torch.no_grad()
+def routed_outcome(model: AdaptiveModel, dataset: Any, collate: Any, batch: int, mode: str) -> dict[str, float]:
+    """Accuracy, exit rate and mean FLOPs per sample of ``mode`` over the dataset in batches of ``batch``."""
+    correct, exited, flops = [], [], []
+    for inputs, labels in iter_batches(make_loader(dataset, batch, collate_fn=collate)):
+        out = model(inputs, mode=mode)
+        correct.append((out.predictions == labels).float())
+        exited.append(out.exited.float())
+        flops.append(out.flops.double())
+    return {
+        "accuracy": float(torch.cat(correct).mean()),
+        "exit_rate": float(torch.cat(exited).mean()),
+        "mean_flops": float(torch.cat(flops).mean()),
+    }
+
+
+def input_batches(model: AdaptiveModel, dataset: Any, collate: Any, batch: int, samples: int) -> list[Any]:
+    out, count = [], 0
+    for inputs, _ in iter_batches(make_loader(dataset, batch, collate_fn=collate)):
+        out.append(inputs)
+        count += model.split.batch_size(inputs)
+        if count >= samples:
+            break
+    return out
+
+
+def run_workload(name: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    task = get_task(name)
+    data = args.sst2_data if name == "sst2" else None
+    model = load_sidenet(task.mainnet(data), SIDENETS / spec["sidenet"]).eval()
+    choose, dataset, collate = loaders_for(name, data)
+    model.threshold = sweep(model, choose, progress=False).threshold_for(**spec["rule"])
+    big = spec["batch"]
+    rows: dict[str, dict[str, Any]] = {}
+    for label, mode in {"mainnet": "main", "per_sample": "adaptive", "batch_level": "batch"}.items():
+        rows[label] = {f"batch{big}": routed_outcome(model, dataset, collate, big, mode)}
+    mainnet_flops = rows["mainnet"][f"batch{big}"]["mean_flops"]
+    for row in rows.values():
+        row["flops_fraction"] = row[f"batch{big}"]["mean_flops"] / mainnet_flops
+
+    modes = {"mainnet": "main", "per_sample": "adaptive", "batch_level": "batch"}
+    runners = {label: (lambda x, m=mode: model(x, mode=m).logits) for label, mode in modes.items()}
+    size = model.split.batch_size
+    timing: dict[str, Any] = {}
+    for batch, samples, repeats in ((big, args.samples, args.repeats), (1, args.samples_batch1, args.repeats)):
+        batches = input_batches(model, dataset, collate, batch, samples)
+        chosen = runners if batch > 1 else {k: v for k, v in runners.items() if k != "batch_level"}
+        result = measure_throughput(chosen, batches, repeats=repeats, batch_size=size)
+        timing[f"batch{batch}"] = {k: v.to_dict() for k, v in result.items()}
+        print(f"{name} batch {batch}: " + ", ".join(f"{k} {v.throughput:,.1f}/s" for k, v in result.items()))
+    # At batch 1 the batch is one sample: batch-level exit is per-sample routing.
+    timing["batch1"]["batch_level"] = timing["batch1"]["per_sample"]
+    singles = input_batches(model, dataset, collate, 1, args.samples_batch1)
+    latency = {label: latency_percentiles(run, singles) for label, run in runners.items() if label != "batch_level"}
+    latency["batch_level"] = latency["per_sample"]
+    ideal = 1.0 / rows["per_sample"]["flops_fraction"]
+    for label, row in rows.items():
+        row["throughput"] = {b: timing[b][label]["throughput"] for b in timing}
+        row["speedup"] = {b: timing[b][label]["throughput"] / timing[b]["mainnet"]["throughput"] for b in timing}
+        row["latency_batch1"] = latency[label]
+    per_sample, batch_level = rows["per_sample"], rows["batch_level"]
+    return {
+        "tap": str(model.tap),
+        "threshold": model.threshold,
+        "temperature": model.temperature,
+        "policy": model.policy_kind,
+        "rule": spec["rule"],
+        "batch": big,
+        "evaluation_size": len(dataset),
+        "rows": rows,
+        "ideal_speedup": ideal,
+        "fraction_of_ideal": {b: per_sample["speedup"][b] / ideal for b in timing},
+        "per_sample_over_batch_level": per_sample["throughput"][f"batch{big}"]
+        / batch_level["throughput"][f"batch{big}"],
+        "timing": timing,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", default=list(WORKLOADS))
+    parser.add_argument("--quick", action="store_true", help="fewer samples and repeats (a smoke check)")
+    parser.add_argument("--sst2-data", type=Path, default=None, help="folder of SST-2's train.tsv and dev.tsv")
+    args = parser.parse_args()
+    args.samples, args.samples_batch1, args.repeats = (512, 64, 2) if args.quick else (4096, 400, 5)
+    torch.manual_seed(0)
+    results: dict[str, Any] = {"command": "python benchmarks/serving.py" + (" --quick" if args.quick else ""),
+                               "machine": machine(), "workloads": {}}  # fmt: skip
+    for name in args.only:
+        results["workloads"][name] = run_workload(name, WORKLOADS[name], args)
+    results["quick"] = bool(args.quick)
+    print(f"wrote {write_result('serving', results)} and {write_benchmarks_md()}")
+
+
+if __name__ == "__main__":
+    main()
