@@ -97,3 +97,25 @@ def test_adaptive_flops_per_sample(tiny_model: sidenet.AdaptiveModel, images) ->
     assert torch.all(out.flops[out.exited] == profile.trunk + profile.side)
     assert torch.all(out.flops[~out.exited] == profile.trunk + profile.side + profile.rest)
     assert float(out.flops.mean()) == pytest.approx(profile.adaptive(float(out.exited.float().mean())))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao.quantization
+def test_quantised_mainnet_counts_flops_on_its_float_twin() -> None:
+    """FlopCounterMode counts no int8 kernel; count_flops_with(float twin) restores the FLOPs while the
+    routed outputs stay those of the quantised MainNet."""
+    import copy
+
+    import sidenet
+
+    torch.manual_seed(0)
+    mainnet = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5)).eval()
+    int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(mainnet), {nn.Linear}, dtype=torch.qint8)
+    model = sidenet.attach(int8, 2, input_shape=(16,), num_classes=5, hidden=8, threshold=sidenet.NEVER_EXIT)
+    x = torch.randn(4, 16)
+    assert model.flop_profile(x).mainnet == 0  # nothing counted on int8 kernels
+    model.count_flops_with(mainnet)
+    assert model.flop_profile(x).mainnet == 2 * (16 * 64 + 64 * 64 + 64 * 5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, int8(x))
+    model.count_flops_with(None)
+    assert model.flop_profile(x).mainnet == 0

@@ -14,7 +14,7 @@ from torch import nn
 from sidenet.flops import FlopProfile, count_flops, profile_flops
 from sidenet.head import SideNet
 from sidenet.policy import ExitPolicy
-from sidenet.splits import MainNetSplit
+from sidenet.splits import MainNetSplit, split_mainnet
 
 __all__ = ["AdaptiveModel", "AdaptiveOutput", "Mode", "ClassCountMismatchError"]
 
@@ -82,6 +82,8 @@ class AdaptiveModel(nn.Module):
         self.sidenet = sidenet
         self.policy = ExitPolicy(threshold, temperature, policy)
         self.check_inputs = check_inputs
+        # A float twin of the MainNet for counting FLOPs (see count_flops_with); None: the MainNet itself.
+        self.flops_split: MainNetSplit | None = None
         self.stats_window = stats_window
         # Confidences of the data the threshold was chosen on (see set_reference); None until set.
         self.reference_confidence: torch.Tensor | None = None
@@ -180,12 +182,23 @@ class AdaptiveModel(nn.Module):
         return self.samples_exited / self.samples_seen if self.samples_seen else float("nan")
 
     # -- compute ---------------------------------------------------------------------------------
+    def count_flops_with(self, mainnet: nn.Module | None) -> AdaptiveModel:
+        """Count FLOPs on ``mainnet``, a float model of the same architecture and shapes, instead of the
+        MainNet itself; ``None`` goes back to the MainNet. For quantised MainNets: FlopCounterMode counts
+        no int8 kernel (``quantize_dynamic``'s linear layers), so their work is reported as the
+        FLOP-equivalents of the float twin. Returns self."""
+        self.flops_split = None if mainnet is None else split_mainnet(mainnet, self.tap, **self.split.options()).eval()
+        self._flop_profiles.clear()
+        self._rest_flops.clear()
+        return self
+
     def flop_profile(self, x: Any) -> FlopProfile:
         """FLOPs per sample of trunk, SideNet and rest for inputs like ``x`` (measured once per shape;
         for text, once per padded length)."""
         key = self.split.flop_key(x)
         if key not in self._flop_profiles:
-            self._flop_profiles[key] = profile_flops(self.split, self.sidenet, self.split.example(x))
+            counted = self.flops_split or self.split
+            self._flop_profiles[key] = profile_flops(counted, self.sidenet, self.split.example(x))
         return self._flop_profiles[key]
 
     def rest_flops(self, state: Any, index: torch.Tensor | None, profile: FlopProfile, selected: Any = None) -> float:
@@ -201,7 +214,8 @@ class AdaptiveModel(nn.Module):
             return float(profile.rest)
         if key not in self._rest_flops:
             part = state if index is None else (selected if selected is not None else self.split.select(state, index))
-            self._rest_flops[key] = count_flops(self.split.rest, self.split.example_state(part))[0]
+            rest = (self.flops_split or self.split).rest
+            self._rest_flops[key] = count_flops(rest, self.split.example_state(part))[0]
         return float(self._rest_flops[key])
 
     def forward(self, x: Any, mode: Mode = "adaptive") -> AdaptiveOutput:
