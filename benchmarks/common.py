@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import subprocess
@@ -65,3 +66,13 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def pct(x: float) -> str:
+    """A fraction as a percentage with two decimals."""
+    return f"{100 * x:.2f}%"
+
+
+def thr(t: float | None) -> str:
+    """A threshold; infinity and None read "never"."""
+    return "never" if t is None or (isinstance(t, float) and math.isinf(t)) else f"{t:.4f}"
