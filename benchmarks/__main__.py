@@ -3,7 +3,8 @@
 Runs, in order, each in its own process: ``fmnist`` (benchmarks/fmnist_resnet.py), ``sst2``
 (benchmarks/sst2_minilm.py), ``calibration`` (benchmarks/calibration_report.py: ``sidenet fit`` and
 ``sidenet report`` on both workloads), ``serving`` (benchmarks/serving.py: MainNet, per-sample
-routing, batch-level exit, ideal) and ``stacking`` (benchmarks/stacking.py: int8 quantisation with and
+routing, batch-level exit, ideal), ``stacking`` (benchmarks/stacking.py: int8 quantisation with and
+without a SideNet, SST-2) and ``distillation`` (benchmarks/distillation.py: a 3-layer student with and
 without a SideNet, SST-2); each writes its JSON under ``benchmarks/results/`` and
 BENCHMARKS.md is regenerated from all of them.
 
@@ -39,6 +40,11 @@ STEPS: dict[str, tuple[str, list[str], list[str]]] = {
     "calibration": ("calibration_report.py", [], ["--quick"]),
     "serving": ("serving.py", [], ["--quick"]),
     "stacking": ("stacking.py", [], ["--max-train-samples", "2000", "--epochs", "3", "--repeats", "1"]),
+    "distillation": (
+        "distillation.py",
+        [],
+        ["--distil-epochs", "0.05", "--max-train-samples", "2000", "--epochs", "3", "--repeats", "1"],
+    ),  # fmt: skip
 }
 
 
@@ -63,7 +69,8 @@ def main() -> None:
         script, full, quick = STEPS[name]
         extra = quick if args.quick else full
         if args.sst2_data is not None and name != "fmnist":
-            extra = [*extra, "--data" if name in ("sst2", "stacking") else "--sst2-data", str(args.sst2_data)]
+            data_flag = "--data" if name in ("sst2", "stacking", "distillation") else "--sst2-data"
+            extra = [*extra, data_flag, str(args.sst2_data)]
         command = [sys.executable, str(HERE / script), *extra]
         print(f"== {name}: {' '.join(command[1:])}", flush=True)
         step = time.perf_counter()

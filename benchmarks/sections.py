@@ -243,3 +243,38 @@ def _stacking(r: dict[str, Any]) -> list[str]:
         "",
     ]
     return lines
+
+
+def _distillation(r: dict[str, Any]) -> list[str]:
+    m, mult, st = r["machine"], r["multiply"], r["student"]
+    lines = [
+        "## Stacking with distillation (SST-2, 3-layer student of MiniLM)",
+        "",
+        f"Command: `{r['command']}` — {m['date']}, {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+        f"({m['torch_threads']} threads), commit {m['commit'] or 'n/a'}.",
+        "",
+        f"Student: the MainNet's layers {', '.join(str(i + 1) for i in st['keep_layers'])}, distilled for "
+        f"{st['epochs']:g} epoch on SST-2 train (half cross-entropy, half KL to the MainNet at temperature "
+        f"{st['temperature']:g}; {st['train_seconds'] / 60:.1f} min), SST-2 dev accuracy {_pct(st['dev_accuracy'])}. "
+        f"Its SideNet sits after layer {r['student_tap']}. Thresholds: at most 1% of sentences exiting with another "
+        f"answer than their own MainNet's, chosen on one half of dev, reported on the other ({r['report_size']} "
+        "sentences). Speed-ups against the 6-layer MainNet, same run.",
+        "",
+        "| variant | accuracy | exit rate | FLOPs fraction | batch 32 (sentences/s) | batch 1 (sentences/s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, v in r["variants"].items():
+        spread = r["timing"]["batch32"][name]["throughput_spread"]
+        lines.append(
+            f"| {name} | {_pct(v['accuracy'])} | {_pct(v['exit_rate'])} | {_pct(v['flops_fraction'])} | "
+            f"{v['throughput']['batch32']:,.1f} [{spread[0]:,.1f}–{spread[1]:,.1f}] ({v['speedup']['batch32']:.2f}×) "
+            f"| {v['throughput']['batch1']:,.1f} ({v['speedup']['batch1']:.2f}×) |"
+        )
+    lines += [
+        "",
+        f"Do the savings multiply? student alone {mult['student_alone']:.2f}×, SideNet alone "
+        f"{mult['sidenet_alone']:.2f}×, both {mult['both']:.2f}×: the SideNet on the student gives "
+        f"{mult['sidenet_on_student']:.2f}× over the student alone at {100 * mult['drop_vs_student']:+.2f} pt.",
+        "",
+    ]
+    return lines

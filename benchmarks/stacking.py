@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,9 +34,9 @@ if __package__ in (None, ""):
 from benchmarks.common import RESULTS, SIDENETS, link, machine, write_result
 from benchmarks.report import main as write_benchmarks_md
 from benchmarks.serving import input_batches, routed_outcome
-from sidenet import attach, load_sidenet, sweep
+from sidenet import AdaptiveModel, attach, load_sidenet, sweep
 from sidenet.calibration import calibrate
-from sidenet.data import split_loader
+from sidenet.data import make_loader, split_loader
 from sidenet.tasks import get_task
 from sidenet.timing import measure_throughput
 
@@ -47,6 +48,41 @@ def quantise(mainnet: nn.Module) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(mainnet), {nn.Linear}, dtype=torch.qint8).eval()
+
+
+def train_prefix(loader: DataLoader, limit: int | None) -> DataLoader:
+    """``loader`` over its first ``limit`` samples (all of them when ``limit`` is None): quick runs."""
+    if not limit:
+        return loader
+    keep = range(min(limit, len(loader.dataset)))  # type: ignore[arg-type]
+    return make_loader(Subset(loader.dataset, keep), loader.batch_size or 32, collate_fn=loader.collate_fn)
+
+
+def compare_variants(
+    variants: dict[str, tuple[AdaptiveModel, str]], dataset: Any, collate: Any, repeats: int
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Accuracy, exit rate and FLOPs (batches of 32) of each (model, mode), and their throughput at batch
+    32 (the whole dataset) and batch 1 (200 sentences), interleaved; speed-ups against the first."""
+    outcome = {name: routed_outcome(model, dataset, collate, 32, mode) for name, (model, mode) in variants.items()}
+    runners = {name: (lambda x, m=model, mode=mode: m(x, mode=mode).logits) for name, (model, mode) in variants.items()}
+    first = next(iter(variants))
+    size = variants[first][0].split.batch_size
+    timing: dict[str, Any] = {}
+    for batch, samples in ((32, len(dataset)), (1, 200)):
+        batches = input_batches(variants[first][0], dataset, collate, batch, samples)
+        result = measure_throughput(runners, batches, repeats=repeats, batch_size=size)
+        timing[f"batch{batch}"] = {k: v.to_dict() for k, v in result.items()}
+        print(f"batch {batch}: " + ", ".join(f"{k} {v.throughput:,.1f}/s" for k, v in result.items()))
+    base_flops = outcome[first]["mean_flops"]
+    table = {}
+    for name, o in outcome.items():
+        table[name] = {
+            **o,
+            "flops_fraction": o["mean_flops"] / base_flops,
+            "throughput": {b: timing[b][name]["throughput"] for b in timing},
+            "speedup": {b: timing[b][name]["throughput"] / timing[b][first]["throughput"] for b in timing},
+        }
+    return table, timing
 
 
 def plot(variants: dict[str, dict[str, Any]], path: Path) -> Path:
@@ -88,16 +124,8 @@ def main() -> None:
     int8 = quantise(mainnet)
     int8_side = attach(int8, 3, split_options=float_side.split.options(), hidden=float_side.sidenet.hidden, seed=0)
     int8_side.count_flops_with(mainnet)
-    train = loaders["train"]
-    if args.max_train_samples:
-        from torch.utils.data import Subset
-
-        from sidenet.data import make_loader
-
-        keep = range(min(args.max_train_samples, len(train.dataset)))
-        train = make_loader(Subset(train.dataset, keep), train.batch_size or 32, collate_fn=collate)
     started = time.perf_counter()
-    int8_side.fit(train, epochs=args.epochs, progress=False)
+    int8_side.fit(train_prefix(loaders["train"], args.max_train_samples), epochs=args.epochs, progress=False)
     calibrate(int8_side, loaders["val"], progress=False)
     fit_seconds = time.perf_counter() - started
     print(f"int8 SideNet fitted in {fit_seconds:.0f} s (temperature {int8_side.temperature:.3f})")
@@ -105,34 +133,18 @@ def main() -> None:
     models = {"float": float_side, "int8": int8_side}
     for model in models.values():
         model.threshold = sweep(model, choose, progress=False).threshold_for(**RULE)
+    variants, timing = compare_variants(
+        {
+            "float MainNet": (float_side, "main"),
+            "float + SideNet": (float_side, "adaptive"),
+            "int8 MainNet": (int8_side, "main"),
+            "int8 + SideNet": (int8_side, "adaptive"),
+        },
+        report.dataset,
+        collate,
+        args.repeats,
+    )
     dataset = report.dataset
-    outcome = {
-        "float MainNet": routed_outcome(float_side, dataset, collate, 32, "main"),
-        "float + SideNet": routed_outcome(float_side, dataset, collate, 32, "adaptive"),
-        "int8 MainNet": routed_outcome(int8_side, dataset, collate, 32, "main"),
-        "int8 + SideNet": routed_outcome(int8_side, dataset, collate, 32, "adaptive"),
-    }
-    runners = {
-        "float MainNet": lambda x: float_side(x, mode="main").logits,
-        "float + SideNet": lambda x: float_side(x).logits,
-        "int8 MainNet": lambda x: int8_side(x, mode="main").logits,
-        "int8 + SideNet": lambda x: int8_side(x).logits,
-    }
-    timing = {}
-    for batch, samples in ((32, len(dataset)), (1, 200)):
-        batches = input_batches(float_side, dataset, collate, batch, samples)
-        result = measure_throughput(runners, batches, repeats=args.repeats, batch_size=float_side.split.batch_size)
-        timing[f"batch{batch}"] = {k: v.to_dict() for k, v in result.items()}
-        print(f"batch {batch}: " + ", ".join(f"{k} {v.throughput:,.1f}/s" for k, v in result.items()))
-    base_flops = outcome["float MainNet"]["mean_flops"]
-    variants = {}
-    for name, o in outcome.items():
-        variants[name] = {
-            **o,
-            "flops_fraction": o["mean_flops"] / base_flops,
-            "throughput": {b: timing[b][name]["throughput"] for b in timing},
-            "speedup": {b: timing[b][name]["throughput"] / timing[b]["float MainNet"]["throughput"] for b in timing},
-        }
     sp = {name: v["speedup"]["batch32"] for name, v in variants.items()}
     int8_main_acc = variants["int8 MainNet"]["accuracy"]
     result = {
