@@ -4,8 +4,9 @@ Runs, in order, each in its own process: ``fmnist`` (benchmarks/fmnist_resnet.py
 (benchmarks/sst2_minilm.py), ``calibration`` (benchmarks/calibration_report.py: ``sidenet fit`` and
 ``sidenet report`` on both workloads), ``serving`` (benchmarks/serving.py: MainNet, per-sample
 routing, batch-level exit, ideal), ``stacking`` (benchmarks/stacking.py: int8 quantisation with and
-without a SideNet, SST-2) and ``distillation`` (benchmarks/distillation.py: a 3-layer student with and
-without a SideNet, SST-2); each writes its JSON under ``benchmarks/results/`` and
+without a SideNet, SST-2), ``distillation`` (benchmarks/distillation.py: a 3-layer student with and
+without a SideNet, SST-2) and ``pruning`` (benchmarks/pruning.py: channel-pruned ResNets with and without
+a SideNet, Fashion-MNIST); each writes its JSON under ``benchmarks/results/`` and
 BENCHMARKS.md is regenerated from all of them.
 
 ``--quick`` runs reduced versions (one tap, few training samples and epochs, few timing repeats) for
@@ -44,6 +45,22 @@ STEPS: dict[str, tuple[str, list[str], list[str]]] = {
         "distillation.py",
         [],
         ["--distil-epochs", "0.05", "--max-train-samples", "2000", "--epochs", "3", "--repeats", "1"],
+    ),  # fmt: skip
+    "pruning": (
+        "pruning.py",
+        [],
+        [
+            "--sparsities",
+            "0.5",
+            "--finetune-epochs",
+            "0.05",
+            "--max-train-samples",
+            "2000",
+            "--epochs",
+            "3",
+            "--repeats",
+            "1",
+        ],
     ),  # fmt: skip
 }
 

@@ -278,3 +278,32 @@ def _distillation(r: dict[str, Any]) -> list[str]:
         "",
     ]
     return lines
+
+
+def _pruning(r: dict[str, Any]) -> list[str]:
+    m = r["machine"]
+    lines = [
+        "## Stacking with structured pruning (Fashion-MNIST, ResNet-20)",
+        "",
+        f"Command: `{r['command']}` — {m['date']}, {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+        f"({m['torch_threads']} threads), commit {m['commit'] or 'n/a'}.",
+        "",
+        "Channel pruning inside every residual block (filters chosen by L1 norm with "
+        "`torch.nn.utils.prune.ln_structured`, then physically removed), brief fine-tuning (one epoch by default); "
+        "a SideNet "
+        "at `layer1.0` (7x7) trained on each pruned MainNet; thresholds at most 0.5 points below that MainNet on "
+        f"validation, reported on the test set. MainNet parameters: {r['mainnet_parameters']:,}"
+        + "".join(f"; {name}: {p['parameters']:,}" for name, p in r["pruned"].items())
+        + ". Speed-ups against the MainNet, same run.",
+        "",
+        "| variant | accuracy | exit rate | FLOPs fraction | batch 64 (img/s) | batch 1 (img/s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, v in r["variants"].items():
+        spread = r["timing"]["batch64"][name]["throughput_spread"]
+        lines.append(
+            f"| {name} | {_pct(v['accuracy'])} | {_pct(v['exit_rate'])} | {_pct(v['flops_fraction'])} | "
+            f"{v['throughput']['batch64']:,.0f} [{spread[0]:,.0f}–{spread[1]:,.0f}] ({v['speedup']['batch64']:.2f}×) "
+            f"| {v['throughput']['batch1']:,.0f} ({v['speedup']['batch1']:.2f}×) |"
+        )
+    return [*lines, ""]

@@ -59,17 +59,22 @@ def train_prefix(loader: DataLoader, limit: int | None) -> DataLoader:
 
 
 def compare_variants(
-    variants: dict[str, tuple[AdaptiveModel, str]], dataset: Any, collate: Any, repeats: int
+    variants: dict[str, tuple[AdaptiveModel, str]],
+    dataset: Any,
+    collate: Any,
+    repeats: int,
+    sizes: tuple[tuple[int, int | None], ...] = ((32, None), (1, 200)),
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Accuracy, exit rate and FLOPs (batches of 32) of each (model, mode), and their throughput at batch
-    32 (the whole dataset) and batch 1 (200 sentences), interleaved; speed-ups against the first."""
-    outcome = {name: routed_outcome(model, dataset, collate, 32, mode) for name, (model, mode) in variants.items()}
+    """Accuracy, exit rate and FLOPs (at the first batch size) of each (model, mode), and throughput at
+    each (batch size, samples timed; None = all), interleaved; speed-ups against the first variant."""
+    big = sizes[0][0]
+    outcome = {name: routed_outcome(model, dataset, collate, big, mode) for name, (model, mode) in variants.items()}
     runners = {name: (lambda x, m=model, mode=mode: m(x, mode=mode).logits) for name, (model, mode) in variants.items()}
     first = next(iter(variants))
     size = variants[first][0].split.batch_size
     timing: dict[str, Any] = {}
-    for batch, samples in ((32, len(dataset)), (1, 200)):
-        batches = input_batches(variants[first][0], dataset, collate, batch, samples)
+    for batch, samples in sizes:
+        batches = input_batches(variants[first][0], dataset, collate, batch, samples or len(dataset))
         result = measure_throughput(runners, batches, repeats=repeats, batch_size=size)
         timing[f"batch{batch}"] = {k: v.to_dict() for k, v in result.items()}
         print(f"batch {batch}: " + ", ".join(f"{k} {v.throughput:,.1f}/s" for k, v in result.items()))
