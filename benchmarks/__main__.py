@@ -5,8 +5,8 @@ Runs, in order, each in its own process: ``fmnist`` (benchmarks/fmnist_resnet.py
 ``sidenet report`` on both workloads), ``serving`` (benchmarks/serving.py: MainNet, per-sample
 routing, batch-level exit, ideal), ``stacking`` (benchmarks/stacking.py: int8 quantisation with and
 without a SideNet, SST-2), ``distillation`` (benchmarks/distillation.py: a 3-layer student with and
-without a SideNet, SST-2) and ``pruning`` (benchmarks/pruning.py: channel-pruned ResNets with and without
-a SideNet, Fashion-MNIST); each writes its JSON under ``benchmarks/results/`` and
+without a SideNet, SST-2) and ``resnet_compression`` (benchmarks/resnet_compression.py: channel-pruned and
+int8 ResNets with and without a SideNet, Fashion-MNIST); each writes its JSON under ``benchmarks/results/`` and
 BENCHMARKS.md is regenerated from all of them.
 
 ``--quick`` runs reduced versions (one tap, few training samples and epochs, few timing repeats) for
@@ -46,8 +46,8 @@ STEPS: dict[str, tuple[str, list[str], list[str]]] = {
         [],
         ["--distil-epochs", "0.05", "--max-train-samples", "2000", "--epochs", "3", "--repeats", "1"],
     ),  # fmt: skip
-    "pruning": (
-        "pruning.py",
+    "resnet_compression": (
+        "resnet_compression.py",
         [],
         [
             "--sparsities",

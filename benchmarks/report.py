@@ -12,7 +12,7 @@ from typing import Any
 from benchmarks.common import MARKDOWN, RESULTS
 from benchmarks.common import pct as _pct
 from benchmarks.common import thr as _thr
-from benchmarks.sections import _calibration, _distillation, _pruning, _serving, _stacking, _summary
+from benchmarks.sections import _calibration, _distillation, _resnet_compression, _serving, _stacking, _summary
 
 
 def _fmnist(r: dict[str, Any]) -> list[str]:
@@ -191,7 +191,7 @@ SECTIONS = {
     "serving": _serving,
     "stacking": _stacking,
     "distillation": _distillation,
-    "pruning": _pruning,
+    "resnet_compression": _resnet_compression,
 }
 
 

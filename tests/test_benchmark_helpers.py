@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from benchmarks.pruning import prune_channels
+from benchmarks.resnet_compression import prune_channels
 
 from sidenet.models.cifar_resnet import cifar_resnet
 
