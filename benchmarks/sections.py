@@ -19,6 +19,7 @@ def _summary(results: Path) -> list[str]:
         return json.loads(path.read_text()) if path.is_file() else None
 
     fm, st, serving, stack = load("fmnist_resnet"), load("sst2_minilm"), load("serving"), load("stacking")
+    compressed, distilled = load("resnet_compression"), load("distillation")
     lines = ["## Summary", ""]
     if fm:
         a, s = fm["adaptive"], fm["speedup"]
@@ -42,6 +43,8 @@ def _summary(results: Path) -> list[str]:
             f"{_pct(fm['trunk_flops_fraction'])} of the FLOPs but {_pct(fm['trunk_time_fraction_batch64'])} of the "
             "time, and per-batch overheads do not shrink with the FLOPs."
         )
+        if compressed:
+            text += " With compression (batch 64, accuracy in brackets): " + _stacked(compressed, "batch64") + "."
         lines += [text, ""]
     if st:
         a, s = st["adaptive"], st["speedup"]
@@ -64,6 +67,8 @@ def _summary(results: Path) -> list[str]:
                 f" It stacks with int8 quantisation: int8 alone {m['int8_alone']:.2f}×, int8 + SideNet "
                 f"{m['both']:.2f}× ({m['sidenet_on_int8']:.2f}× over int8 alone)."
             )
+        if distilled:
+            text += " With a distilled 3-layer student (batch 32): " + _stacked(distilled, "batch32") + "."
         text += (
             " Where it does not pay: the trunk up to layer 3 is already half of the MainNet, so no threshold can "
             "beat 2×; and a threshold chosen on SST-2's train phrases over-exits on dev sentences and loses "
@@ -71,6 +76,21 @@ def _summary(results: Path) -> list[str]:
         )
         lines += [text, ""]
     return lines if len(lines) > 2 else []
+
+
+def _stacked(r: dict[str, Any], batch: str) -> str:
+    """'X alone a× (acc), with a SideNet b× (acc)' for each compressed variant of a stacking result, whose
+    variants come in pairs (alone, with a SideNet), the MainNet's pair first."""
+    variants = list(r["variants"].values())
+    names = list(r["variants"])
+    parts = [f"SideNet alone {variants[1]['speedup'][batch]:.2f}× ({_pct(variants[1]['accuracy'])})"]
+    for i in range(2, len(variants) - 1, 2):
+        alone, side = variants[i], variants[i + 1]
+        parts.append(
+            f"{names[i]} alone {alone['speedup'][batch]:.2f}× ({_pct(alone['accuracy'])}), with a SideNet "
+            f"{side['speedup'][batch]:.2f}× ({_pct(side['accuracy'])})"
+        )
+    return "; ".join(parts)
 
 
 CALIBRATION_TITLES = {
