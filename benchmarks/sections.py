@@ -227,13 +227,37 @@ def _serving(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _command_line(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    return (
+        f"Command: `{r['command']}` — {m['date']}, {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+        f"({m['torch_threads']} threads), commit {m['commit'] or 'n/a'}."
+    )
+
+
+def _variants_table(r: dict[str, Any], big: int, unit: str, digits: int) -> list[str]:
+    """Rows of a side-by-side table: accuracy, exit rate, FLOPs, throughput at ``big`` and at batch 1."""
+    lines = [
+        f"| variant | accuracy | exit rate | FLOPs fraction | batch {big} ({unit}/s) | batch 1 ({unit}/s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    key = f"batch{big}"
+    for name, v in r["variants"].items():
+        low, high = r["timing"][key][name]["throughput_spread"]
+        lines.append(
+            f"| {name} | {_pct(v['accuracy'])} | {_pct(v['exit_rate'])} | {_pct(v['flops_fraction'])} | "
+            f"{v['throughput'][key]:,.{digits}f} [{low:,.{digits}f}–{high:,.{digits}f}] ({v['speedup'][key]:.2f}×) "
+            f"| {v['throughput']['batch1']:,.{digits}f} ({v['speedup']['batch1']:.2f}×) |"
+        )
+    return lines
+
+
 def _stacking(r: dict[str, Any]) -> list[str]:
-    m, mult, target = r["machine"], r["multiply"], r["target"]
+    mult, target = r["multiply"], r["target"]
     lines = [
         "## Stacking with int8 quantisation (SST-2, MiniLM)",
         "",
-        f"Command: `{r['command']}` — {m['date']}, {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
-        f"({m['torch_threads']} threads), commit {m['commit'] or 'n/a'}.",
+        _command_line(r),
         "",
         "int8 dynamic quantisation of every Linear layer (`torch.ao.quantization.quantize_dynamic`); the int8 "
         "SideNet (tap 3) is trained on the int8 MainNet's features. Thresholds: at most 1% of sentences exiting "
@@ -241,16 +265,8 @@ def _stacking(r: dict[str, Any]) -> list[str]:
         f"({r['report_size']} sentences). FLOPs of int8 models are float-equivalents (FlopCounterMode counts no "
         "int8 kernel): the int8 gain shows in time only. Speed-ups are against the float MainNet, same run.",
         "",
-        "| variant | accuracy | exit rate | FLOPs fraction | batch 32 (sentences/s) | batch 1 (sentences/s) |",
-        "|---|---|---|---|---|---|",
+        *_variants_table(r, 32, "sentences", 1),
     ]
-    for name, v in r["variants"].items():
-        spread = r["timing"]["batch32"][name]["throughput_spread"]
-        lines.append(
-            f"| {name} | {_pct(v['accuracy'])} | {_pct(v['exit_rate'])} | {_pct(v['flops_fraction'])} | "
-            f"{v['throughput']['batch32']:,.1f} [{spread[0]:,.1f}–{spread[1]:,.1f}] ({v['speedup']['batch32']:.2f}×) "
-            f"| {v['throughput']['batch1']:,.1f} ({v['speedup']['batch1']:.2f}×) |"
-        )
     lines += [
         "",
         f"Do the savings multiply? int8 alone {mult['int8_alone']:.2f}×, SideNet alone {mult['sidenet_alone']:.2f}×, "
@@ -266,12 +282,11 @@ def _stacking(r: dict[str, Any]) -> list[str]:
 
 
 def _distillation(r: dict[str, Any]) -> list[str]:
-    m, mult, st = r["machine"], r["multiply"], r["student"]
+    mult, st = r["multiply"], r["student"]
     lines = [
         "## Stacking with distillation (SST-2, 3-layer student of MiniLM)",
         "",
-        f"Command: `{r['command']}` — {m['date']}, {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
-        f"({m['torch_threads']} threads), commit {m['commit'] or 'n/a'}.",
+        _command_line(r),
         "",
         f"Student: the MainNet's layers {', '.join(str(i + 1) for i in st['keep_layers'])}, distilled for "
         f"{st['epochs']:g} epoch on SST-2 train (half cross-entropy, half KL to the MainNet at temperature "
@@ -280,16 +295,8 @@ def _distillation(r: dict[str, Any]) -> list[str]:
         f"answer than their own MainNet's, chosen on one half of dev, reported on the other ({r['report_size']} "
         "sentences). Speed-ups against the 6-layer MainNet, same run.",
         "",
-        "| variant | accuracy | exit rate | FLOPs fraction | batch 32 (sentences/s) | batch 1 (sentences/s) |",
-        "|---|---|---|---|---|---|",
+        *_variants_table(r, 32, "sentences", 1),
     ]
-    for name, v in r["variants"].items():
-        spread = r["timing"]["batch32"][name]["throughput_spread"]
-        lines.append(
-            f"| {name} | {_pct(v['accuracy'])} | {_pct(v['exit_rate'])} | {_pct(v['flops_fraction'])} | "
-            f"{v['throughput']['batch32']:,.1f} [{spread[0]:,.1f}–{spread[1]:,.1f}] ({v['speedup']['batch32']:.2f}×) "
-            f"| {v['throughput']['batch1']:,.1f} ({v['speedup']['batch1']:.2f}×) |"
-        )
     lines += [
         "",
         f"Do the savings multiply? student alone {mult['student_alone']:.2f}×, SideNet alone "
@@ -301,12 +308,10 @@ def _distillation(r: dict[str, Any]) -> list[str]:
 
 
 def _resnet_compression(r: dict[str, Any]) -> list[str]:
-    m = r["machine"]
     lines = [
         "## Stacking with pruning and int8 quantisation (Fashion-MNIST, ResNet-20)",
         "",
-        f"Command: `{r['command']}` — {m['date']}, {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
-        f"({m['torch_threads']} threads), commit {m['commit'] or 'n/a'}.",
+        _command_line(r),
         "",
         "Channel pruning inside every residual block (filters chosen by L1 norm with "
         "`torch.nn.utils.prune.ln_structured`, then physically removed), brief fine-tuning (one epoch by default); "
@@ -318,14 +323,6 @@ def _resnet_compression(r: dict[str, Any]) -> list[str]:
         "joined by `sidenet.CallableSplit` (FX leaves no `layer1.0` module to cut at); int8 FLOPs are "
         "float-equivalents. Speed-ups against the MainNet, same run.",
         "",
-        "| variant | accuracy | exit rate | FLOPs fraction | batch 64 (img/s) | batch 1 (img/s) |",
-        "|---|---|---|---|---|---|",
+        *_variants_table(r, 64, "img", 0),
     ]
-    for name, v in r["variants"].items():
-        spread = r["timing"]["batch64"][name]["throughput_spread"]
-        lines.append(
-            f"| {name} | {_pct(v['accuracy'])} | {_pct(v['exit_rate'])} | {_pct(v['flops_fraction'])} | "
-            f"{v['throughput']['batch64']:,.0f} [{spread[0]:,.0f}–{spread[1]:,.0f}] ({v['speedup']['batch64']:.2f}×) "
-            f"| {v['throughput']['batch1']:,.0f} ({v['speedup']['batch1']:.2f}×) |"
-        )
     return [*lines, ""]

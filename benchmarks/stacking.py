@@ -37,6 +37,7 @@ from benchmarks.serving import input_batches, routed_outcome
 from sidenet import AdaptiveModel, attach, load_sidenet, sweep
 from sidenet.calibration import calibrate
 from sidenet.data import make_loader, split_loader
+from sidenet.plotting import pyplot, save_figure
 from sidenet.tasks import get_task
 from sidenet.timing import measure_throughput
 
@@ -91,10 +92,7 @@ def compare_variants(
 
 
 def plot(variants: dict[str, dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for i, (name, v) in enumerate(variants.items()):
@@ -105,10 +103,7 @@ def plot(variants: dict[str, dict[str, Any]], path: Path) -> Path:
     ax.set_title("SST-2 / MiniLM: int8 quantisation and a SideNet, alone and stacked", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main() -> None:

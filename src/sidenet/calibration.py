@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from scipy import optimize
 
+from sidenet.plotting import pyplot, save_figure
+
 __all__ = [
     "CalibrationMetrics",
     "ReliabilityBins",
@@ -175,10 +177,7 @@ def reliability_diagram(
 ) -> Path:
     """Save a PNG with one reliability diagram per entry of ``panels`` (name -> (logits, labels)),
     side by side: accuracy per equal-width confidence bin against the diagonal, bin counts below."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if not panels:
         raise ValueError("give at least one panel")
@@ -208,12 +207,7 @@ def reliability_diagram(
             top.legend(loc="upper left", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def calibrate(model: Any, loader: Any, progress: bool = True) -> float:

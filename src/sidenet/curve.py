@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from sidenet.data import batch_count, iter_batches
 from sidenet.guarantee import binomial_pvalue, fixed_sequence, hoeffding_bentkus_pvalue
+from sidenet.plotting import pyplot, save_figure
 from sidenet.policy import NEVER_EXIT, validate_threshold
 
 if TYPE_CHECKING:
@@ -364,10 +365,7 @@ class TradeoffCurve:
     def plot(self, path: str | Path, marks: dict[str, float] | None = None, title: str | None = None) -> Path:
         """Save a PNG of accuracy against compute relative to the MainNet, with the MainNet's point
         and any marked thresholds."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
         ax.plot(self.relative_compute, 100 * self.accuracy, lw=1.6, label="SideNet + MainNet (threshold sweep)")
@@ -390,12 +388,7 @@ class TradeoffCurve:
         ax.set_title(title or "Compute-accuracy trade-off")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
 
 def sweep(model: AdaptiveModel, loader: Iterable, progress: bool = True) -> TradeoffCurve:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from sidenet.calibration import reliability_diagram
+from sidenet.plotting import pyplot, save_figure
 from sidenet.report import TradeoffReport
 
 __all__ = ["write_report", "plot_policies"]
@@ -31,10 +32,7 @@ def _pct(x: float) -> str:
 def plot_policies(report: TradeoffReport, path: Path, title: str) -> Path:
     """Accuracy against relative compute for every policy on the evaluation split, the MainNet point,
     the oracle point and the marked thresholds of the recommended policy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     s = report.summary
     best = s["recommended"]["policy"]
@@ -62,17 +60,11 @@ def plot_policies(report: TradeoffReport, path: Path, title: str) -> Path:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _plot_per_class(rows: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [r["class"] for r in rows]
     x = np.arange(len(rows))
@@ -85,10 +77,7 @@ def _plot_per_class(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("%")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _tables(s: dict[str, Any]) -> dict[str, tuple[list[str], list[list[str]]]]:
