@@ -4,7 +4,8 @@ Runs, in order, each in its own process: ``fmnist`` (benchmarks/fmnist_resnet.py
 (benchmarks/sst2_minilm.py), ``calibration`` (benchmarks/calibration_report.py: ``sidenet fit`` and
 ``sidenet report`` on both workloads), ``serving`` (benchmarks/serving.py: MainNet, per-sample
 routing, batch-level exit, ideal), ``stacking`` (benchmarks/stacking.py: int8 quantisation with and
-without a SideNet, SST-2), ``distillation`` (benchmarks/distillation.py: a 3-layer student with and
+without a SideNet, SST-2), ``text_pruning`` (benchmarks/text_pruning.py: feed-forward pruning at two
+sparsities with and without a SideNet, SST-2), ``distillation`` (benchmarks/distillation.py: a 3-layer student with and
 without a SideNet, SST-2) and ``resnet_compression`` (benchmarks/resnet_compression.py: channel-pruned and
 int8 ResNets with and without a SideNet, Fashion-MNIST); each writes its JSON under ``benchmarks/results/`` and
 BENCHMARKS.md is regenerated from all of them.
@@ -20,48 +21,48 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STEPS: dict[str, tuple[str, list[str], list[str]]] = {
-    # name: (script, arguments of a full run, arguments of a quick run)
+STEPS: dict[str, tuple[str, list[str], list[str], str | None]] = {
+    # name: (script, arguments of a full run, of a quick run, the script's flag for SST-2's folder)
     "fmnist": (
         "fmnist_resnet.py",
         [],
-        ["--taps", "layer1.0", "--pools", "7", "--repeats", "2", "--batch1-images", "100"],
-    ),  # fmt: skip
+        shlex.split("--taps layer1.0 --pools 7 --train-limit 5000 --sidenet-epochs 5 --repeats 1 --batch1-images 50"),
+        None,
+    ),
     "sst2": (
         "sst2_minilm.py",
         [],
-        ["--taps", "3", "--train-limit", "4000", "--sidenet-epochs", "5", "--repeats", "2"],
-    ),  # fmt: skip
-    "calibration": ("calibration_report.py", [], ["--quick"]),
-    "serving": ("serving.py", [], ["--quick"]),
-    "stacking": ("stacking.py", [], ["--max-train-samples", "2000", "--epochs", "3", "--repeats", "1"]),
+        shlex.split("--taps 3 --features mean --train-limit 2000 --sidenet-epochs 5 --repeats 1 --batch1-repeats 1"),
+        "--data",
+    ),
+    "calibration": ("calibration_report.py", [], ["--quick"], "--sst2-data"),
+    "serving": ("serving.py", [], ["--quick"], "--sst2-data"),
+    "stacking": ("stacking.py", [], shlex.split("--max-train-samples 2000 --epochs 3 --repeats 1"), "--data"),
+    "text_pruning": (
+        "text_pruning.py",
+        [],
+        shlex.split("--sparsities 0.5 --finetune-epochs 0.02 --max-train-samples 2000 --epochs 3 --repeats 1"),
+        "--data",
+    ),
     "distillation": (
         "distillation.py",
         [],
-        ["--distil-epochs", "0.05", "--max-train-samples", "2000", "--epochs", "3", "--repeats", "1"],
-    ),  # fmt: skip
+        shlex.split("--distil-epochs 0.05 --max-train-samples 2000 --epochs 3 --repeats 1"),
+        "--data",
+    ),
     "resnet_compression": (
         "resnet_compression.py",
         [],
-        [
-            "--sparsities",
-            "0.5",
-            "--finetune-epochs",
-            "0.05",
-            "--max-train-samples",
-            "2000",
-            "--epochs",
-            "3",
-            "--repeats",
-            "1",
-        ],
-    ),  # fmt: skip
+        shlex.split("--sparsities 0.5 --finetune-epochs 0.05 --max-train-samples 2000 --epochs 3 --repeats 1"),
+        None,
+    ),
 }
 
 
@@ -83,10 +84,9 @@ def main() -> None:
         return
     started = time.perf_counter()
     for name in args.only:
-        script, full, quick = STEPS[name]
+        script, full, quick, data_flag = STEPS[name]
         extra = quick if args.quick else full
-        if args.sst2_data is not None and name != "fmnist":
-            data_flag = "--data" if name in ("sst2", "stacking", "distillation") else "--sst2-data"
+        if args.sst2_data is not None and data_flag is not None:
             extra = [*extra, data_flag, str(args.sst2_data)]
         command = [sys.executable, str(HERE / script), *extra]
         print(f"== {name}: {' '.join(command[1:])}", flush=True)

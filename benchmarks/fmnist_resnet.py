@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import TensorDataset
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -37,18 +38,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timing repeats")
     parser.add_argument("--batch1-images", type=int, default=1000, help="test images timed at batch 1")
     parser.add_argument("--data", type=Path, default=None)
+    parser.add_argument("--train-limit", type=int, default=None, help="train SideNets on this many images (quick)")
+    parser.add_argument("--sidenet-epochs", type=int, default=30)
     args = parser.parse_args()
     torch.manual_seed(0)
 
     mainnet, meta = pretrain_fmnist_resnet(PretrainRecipe(), data_dir=args.data)
     splits = fashion_mnist_splits(args.data)
+    if args.train_limit:
+        images, labels = splits["train"].tensors
+        splits["train"] = TensorDataset(images[: args.train_limit], labels[: args.train_limit])
     loaders = {name: make_loader(ds, 256) for name, ds in splits.items()}
 
     rows, models = [], {}
     for tap, pool in [(t, p) for t in args.taps for p in args.pools]:
         model = sidenet.attach(mainnet, tap, input_shape=(1, 28, 28), pool_size=pool)
         started = time.perf_counter()
-        model.fit(loaders["train"], epochs=30, progress=False)
+        model.fit(loaders["train"], epochs=args.sidenet_epochs, progress=False)
         fit_seconds = time.perf_counter() - started
         val = sidenet.sweep(model, loaders["val"], progress=False)
         model.threshold = val.threshold_for(max_accuracy_drop=MAX_DROP)

@@ -9,10 +9,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import MARKDOWN, RESULTS
+from benchmarks.common import MARKDOWN, RESULTS, link
 from benchmarks.common import pct as _pct
 from benchmarks.common import thr as _thr
-from benchmarks.sections import _calibration, _distillation, _resnet_compression, _serving, _stacking, _summary
+from benchmarks.compression_plot import WORKLOADS, plot_compression
+from benchmarks.sections import (
+    _calibration,
+    _distillation,
+    _resnet_compression,
+    _serving,
+    _stacking,
+    _summary,
+    _text_pruning,
+)
 
 
 def _fmnist(r: dict[str, Any]) -> list[str]:
@@ -190,6 +199,7 @@ SECTIONS = {
     "calibration": _calibration,
     "serving": _serving,
     "stacking": _stacking,
+    "text_pruning": _text_pruning,
     "distillation": _distillation,
     "resnet_compression": _resnet_compression,
 }
@@ -209,10 +219,22 @@ def render(results: Path = RESULTS) -> str:
         path = results / f"{name}.json"
         if path.is_file():
             lines += section(json.loads(path.read_text()))
+    figures = [(w, results / spec[2]) for w, spec in WORKLOADS.items() if (results / spec[2]).is_file()]
+    if figures:
+        lines += ["## Compression side by side", ""]
+        lines += [
+            "Every variant of the stacking sections above on one figure per workload: ○ the MainNet or its "
+            "compressed version alone, ★ the same with its SideNet; left is faster, up is more accurate.",
+            "",
+        ]
+        lines += [f"![compression, {w}]({link(path)})" for w, path in figures]  # fmt: skip
     return "\n".join(lines).rstrip() + "\n"
 
 
 def main() -> Path:
+    """Draw the compression figures from the JSON results, then write BENCHMARKS.md."""
+    for workload in WORKLOADS:
+        plot_compression(RESULTS, workload)
     MARKDOWN.write_text(render())
     return MARKDOWN
 

@@ -19,7 +19,7 @@ def _summary(results: Path) -> list[str]:
         return json.loads(path.read_text()) if path.is_file() else None
 
     fm, st, serving, stack = load("fmnist_resnet"), load("sst2_minilm"), load("serving"), load("stacking")
-    compressed, distilled = load("resnet_compression"), load("distillation")
+    compressed, distilled, pruned = load("resnet_compression"), load("distillation"), load("text_pruning")
     lines = ["## Summary", ""]
     if fm:
         a, s = fm["adaptive"], fm["speedup"]
@@ -67,6 +67,8 @@ def _summary(results: Path) -> list[str]:
                 f" It stacks with int8 quantisation: int8 alone {m['int8_alone']:.2f}×, int8 + SideNet "
                 f"{m['both']:.2f}× ({m['sidenet_on_int8']:.2f}× over int8 alone)."
             )
+        if pruned:
+            text += " With feed-forward pruning (batch 32): " + _stacked(pruned, "batch32") + "."
         if distilled:
             text += " With a distilled 3-layer student (batch 32): " + _stacked(distilled, "batch32") + "."
         text += (
@@ -275,8 +277,6 @@ def _stacking(r: dict[str, Any]) -> list[str]:
         f"{100 * target['accuracy_drop_vs_int8']:+.2f} pt. Target ({target['target']}): "
         f"{'met' if target['met'] else 'not met'}.",
         "",
-        f"![stacking]({r['plot']})",
-        "",
     ]
     return lines
 
@@ -302,6 +302,39 @@ def _distillation(r: dict[str, Any]) -> list[str]:
         f"Do the savings multiply? student alone {mult['student_alone']:.2f}×, SideNet alone "
         f"{mult['sidenet_alone']:.2f}×, both {mult['both']:.2f}×: the SideNet on the student gives "
         f"{mult['sidenet_on_student']:.2f}× over the student alone at {100 * mult['drop_vs_student']:+.2f} pt.",
+        "",
+    ]
+    return lines
+
+
+def _text_pruning(r: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Stacking with pruning (SST-2, MiniLM)",
+        "",
+        _command_line(r),
+        "",
+        "Structured magnitude pruning of every layer's feed-forward network (neurons chosen by the L1 norm of "
+        "their input weights with `torch.nn.utils.prune.ln_structured`, then removed from both matrices), "
+        "fine-tuned briefly with the MainNet as teacher; a SideNet after layer 3 trained on each pruned MainNet. "
+        "Thresholds: at most 1% of sentences exiting with another answer than their own MainNet's, chosen on one "
+        f"half of SST-2 dev, reported on the other ({r['report_size']} sentences). MainNet parameters: "
+        f"{r['mainnet_parameters']:,}"
+        + "".join(
+            f"; {name}: {m['parameters']:,} (dev accuracy {_pct(m['dev_accuracy_before_finetuning'])} right after "
+            f"pruning, {_pct(m['dev_accuracy'])} after {m['epochs']:g} epoch of fine-tuning)"
+            for name, m in r["compressed"].items()
+        )
+        + ". Speed-ups against the MainNet, same run.",
+        "",
+        *_variants_table(r, 32, "sentences", 1),
+        "",
+        "Do the savings multiply? "
+        + "; ".join(
+            f"{name}: alone {m['pruned_alone']:.2f}×, with a SideNet {m['both']:.2f}× ({m['sidenet_on_pruned']:.2f}× "
+            f"over the pruned MainNet alone at {100 * m['drop_vs_pruned']:+.2f} pt)"
+            for name, m in r["multiply"].items()
+        )
+        + f"; SideNet alone {next(iter(r['multiply'].values()))['sidenet_alone']:.2f}×.",
         "",
     ]
     return lines

@@ -11,7 +11,8 @@ no int8 kernel), so the int8 saving shows in time, not in FLOPs. Throughput at b
 median of interleaved repeats.
 
 Run: ``python benchmarks/stacking.py`` (needs the float SideNet of ``benchmarks/calibration_report.py``).
-Writes ``benchmarks/results/stacking.json`` and a plot, and regenerates BENCHMARKS.md.
+Writes ``benchmarks/results/stacking.json`` and regenerates BENCHMARKS.md (whose compression figure
+shows these variants).
 """
 
 from __future__ import annotations
@@ -31,13 +32,12 @@ from torch.utils.data import DataLoader, Subset
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, SIDENETS, link, machine, write_result
+from benchmarks.common import SIDENETS, machine, write_result
 from benchmarks.report import main as write_benchmarks_md
 from benchmarks.serving import input_batches, routed_outcome
 from sidenet import AdaptiveModel, attach, load_sidenet, sweep
 from sidenet.calibration import calibrate
 from sidenet.data import make_loader, split_loader
-from sidenet.plotting import pyplot, save_figure
 from sidenet.tasks import get_task
 from sidenet.timing import measure_throughput
 
@@ -89,21 +89,6 @@ def compare_variants(
             "speedup": {b: timing[b][name]["throughput"] / timing[b][first]["throughput"] for b in timing},
         }
     return table, timing
-
-
-def plot(variants: dict[str, dict[str, Any]], path: Path) -> Path:
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for i, (name, v) in enumerate(variants.items()):
-        x, y = 1.0 / v["speedup"]["batch32"], 100 * v["accuracy"]
-        ax.scatter([x], [y], s=60, color=f"C{i}", label=f"{name}: {v['speedup']['batch32']:.2f}×", zorder=3)
-    ax.set_xlabel("time per sentence relative to the float MainNet (batch 32, measured)")
-    ax.set_ylabel("accuracy on the reporting half of SST-2 dev (%)")
-    ax.set_title("SST-2 / MiniLM: int8 quantisation and a SideNet, alone and stacked", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    return save_figure(fig, path)
 
 
 def main() -> None:
@@ -175,7 +160,6 @@ def main() -> None:
             ),  # fmt: skip
         },
         "timing": timing,
-        "plot": link(plot(variants, RESULTS / "stacking_sst2_int8.png")),
     }
     print(f"wrote {write_result('stacking', result)} and {write_benchmarks_md()}")
 

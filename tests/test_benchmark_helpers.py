@@ -34,3 +34,82 @@ def test_pruning_leaves_the_original_alone() -> None:
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError):
         prune_channels(model, 1.5)
+
+
+@torch.no_grad()
+def test_feed_forward_pruning_shrinks_bert_layers_and_round_trips(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from benchmarks.text_pruning import prune_feed_forward
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=40, num_labels=2)  # fmt: skip
+    model = transformers.BertForSequenceClassification(config).eval()
+    ids = torch.randint(0, 50, (3, 7))
+    same = prune_feed_forward(model, 0.0)
+    torch.testing.assert_close(same(input_ids=ids).logits, model(input_ids=ids).logits)
+    half = prune_feed_forward(model, 0.5)
+    for before, after in zip(model.bert.encoder.layer, half.bert.encoder.layer, strict=True):
+        assert after.intermediate.dense.out_features == 20 and after.output.dense.in_features == 20
+        # the kept neurons are those whose input weights have the largest L1 norms
+        norms = before.intermediate.dense.weight.abs().sum(1)
+        kept = after.intermediate.dense.weight.abs().sum(1)
+        assert kept.min() >= norms.sort(descending=True).values[19] - 1e-6
+    assert half(input_ids=ids).logits.shape == (3, 2)
+    assert sum(p.numel() for p in half.parameters()) < sum(p.numel() for p in model.parameters())
+    half.save_pretrained(tmp_path)  # the config records the new width, so the model loads back
+    loaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, half(input_ids=ids).logits)
+    with pytest.raises(ValueError):
+        prune_feed_forward(model, 1.0)
+
+
+def _variant(speedup: float, accuracy: float) -> dict:
+    return {"speedup": {"batch32": speedup}, "accuracy": accuracy}
+
+
+def test_compression_figure_takes_the_mainnet_pair_once(tmp_path) -> None:
+    import json
+
+    from benchmarks.compression_plot import plot_compression, variant_pairs
+
+    main_pair = {"MainNet": _variant(1.0, 0.88), "MainNet + SideNet": _variant(1.6, 0.881)}
+    files = {
+        "stacking": {**main_pair, "int8": _variant(3.9, 0.883), "int8 + SideNet": _variant(5.5, 0.887)},
+        "distillation": {**main_pair, "student": _variant(2.0, 0.89), "student + SideNet": _variant(2.9, 0.892)},
+    }
+    assert plot_compression(tmp_path, "sst2") is None  # no results, no figure
+    for name, variants in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({"variants": variants}))
+    pairs = variant_pairs(tmp_path, ("stacking", "text_pruning", "distillation"), "batch32")
+    assert [label for label, _, _ in pairs] == ["MainNet", "int8", "student"]
+    assert pairs[2][2]["speedup"]["batch32"] == 2.9
+    path = plot_compression(tmp_path, "sst2")
+    assert path is not None and path.stat().st_size > 10_000
+
+
+class _Parsed(Exception):
+    """Raised in place of running a benchmark once its command line has parsed."""
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_runner_step_accepts_its_arguments(quick: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+    import importlib
+    import sys
+
+    from benchmarks.__main__ import STEPS
+
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):  # noqa: ANN001, ANN202
+        original(self, args, namespace)
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    for script, full, quick_args, data_flag in STEPS.values():
+        arguments = [*(quick_args if quick else full), *([data_flag, "/data/sst2"] if data_flag else [])]
+        module = importlib.import_module(f"benchmarks.{script.removesuffix('.py')}")
+        monkeypatch.setattr(sys, "argv", [script, *arguments])
+        with pytest.raises(_Parsed):  # an unknown argument would exit with argparse's error instead
+            module.main()

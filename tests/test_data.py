@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidenet import data
 from sidenet.data import (
@@ -220,3 +222,32 @@ def test_split_loader_halves_are_disjoint_and_cover_the_data() -> None:
     assert len(first.dataset) == 5 and len(second.dataset) == 6
     with pytest.raises(ValueError, match="fewer than 2"):
         split_loader(make_loader(TensorDataset(torch.zeros(1, 1), torch.zeros(1)), 4))
+
+
+@given(st.lists(st.text(min_size=0, max_size=12), min_size=1, max_size=40), st.integers(1, 7), st.booleans())
+@settings(max_examples=50, deadline=None)
+def test_length_grouped_keeps_every_sample_in_sorted_batches(sentences: list[str], size: int, subset: bool) -> None:
+    from torch.utils.data import Subset
+
+    from sidenet.data import TextDataset, length_grouped
+
+    dataset = TextDataset(sentences, list(range(len(sentences))))
+    if subset:  # the way split_loader and quick runs hand datasets over
+        dataset = Subset(dataset, list(range(len(sentences)))[::-1])
+    batches = list(length_grouped(make_loader(dataset, size, collate_fn=list)))
+    flat = [item for batch in batches for item in batch]
+    assert sorted(label for _, label in flat) == list(range(len(sentences)))  # each sample exactly once
+    assert all(len(batch) <= size for batch in batches)
+    lengths = [len(text) for text, _ in flat]
+    assert lengths == sorted(lengths)
+
+
+def test_length_grouped_leaves_other_loaders_alone() -> None:
+    from torch.utils.data import TensorDataset
+
+    from sidenet.data import length_grouped
+
+    loader = make_loader(TensorDataset(torch.zeros(5, 1), torch.arange(5)), 2)
+    assert length_grouped(loader) is loader
+    batches = [[1, 2], [3]]
+    assert length_grouped(batches) is batches

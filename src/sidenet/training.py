@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sidenet.data import batch_count, iter_batches
+from sidenet.data import batch_count, iter_batches, length_grouped
 from sidenet.head import SideNet
 
 if TYPE_CHECKING:
@@ -148,9 +148,10 @@ def fit_sidenet(
 ) -> list[dict[str, float]]:
     """Cache features of ``loader`` (and ``val_loader``) through the frozen MainNet, then train the
     SideNet of ``model``; options are those of :func:`train_sidenet`."""
-    cache = cache_features(model, loader, progress=progress)
+    # The cache's order does not matter (training shuffles it), so sentences go in length-sorted batches.
+    cache = cache_features(model, length_grouped(loader), progress=progress)
     val_cache = (
-        cache_features(model, val_loader, progress=progress, desc="Caching validation features")
+        cache_features(model, length_grouped(val_loader), progress=progress, desc="Caching validation features")
         if val_loader is not None
         else None
     )
