@@ -39,28 +39,42 @@ STEPS: dict[str, tuple[str, list[str], list[str], str | None]] = {
     "sst2": (
         "sst2_minilm.py",
         [],
-        shlex.split("--taps 3 --features mean --train-limit 2000 --sidenet-epochs 5 --repeats 1 --batch1-repeats 1"),
+        shlex.split(
+            "--taps 3 --features mean --train-limit 2000 --sidenet-epochs 5 --repeats 1 --batch1-repeats 1 "
+            "--batch1-sentences 64"
+        ),
         "--data",
     ),
     "calibration": ("calibration_report.py", [], ["--quick"], "--sst2-data"),
     "serving": ("serving.py", [], ["--quick"], "--sst2-data"),
-    "stacking": ("stacking.py", [], shlex.split("--max-train-samples 2000 --epochs 3 --repeats 1"), "--data"),
+    "stacking": (
+        "stacking.py",
+        [],
+        shlex.split("--max-train-samples 2000 --epochs 3 --repeats 1 --batch1-samples 32"),
+        "--data",
+    ),
     "text_pruning": (
         "text_pruning.py",
         [],
-        shlex.split("--sparsities 0.5 --finetune-epochs 0.02 --max-train-samples 2000 --epochs 3 --repeats 1"),
+        shlex.split(
+            "--sparsities 0.5 --finetune-epochs 0.02 --max-train-samples 2000 --epochs 3 --repeats 1 "
+            "--batch1-samples 32"
+        ),
         "--data",
     ),
     "distillation": (
         "distillation.py",
         [],
-        shlex.split("--distil-epochs 0.05 --max-train-samples 2000 --epochs 3 --repeats 1"),
+        shlex.split("--distil-epochs 0.05 --max-train-samples 2000 --epochs 3 --repeats 1 --batch1-samples 32"),
         "--data",
     ),
     "resnet_compression": (
         "resnet_compression.py",
         [],
-        shlex.split("--sparsities 0.5 --finetune-epochs 0.05 --max-train-samples 2000 --epochs 3 --repeats 1"),
+        shlex.split(
+            "--sparsities 0.5 --finetune-epochs 0.05 --max-train-samples 2000 --epochs 3 --repeats 1 "
+            "--batch1-samples 50"
+        ),
         None,
     ),
 }

@@ -113,6 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=None, help="folder of SST-2's train.tsv and dev.tsv")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch1-samples", type=int, default=200, help="samples timed at batch 1")
     # Half an epoch keeps `make bench` within its hour (one epoch, at commit 9033e06, took 15.6 min and
     # reached 88.76% on SST-2 dev; BENCHMARKS.md gives this default's accuracy).
     parser.add_argument("--distil-epochs", type=float, default=0.5)
@@ -159,6 +160,7 @@ def main() -> None:
         report.dataset,
         collate,
         args.repeats,
+        ((32, None), (1, args.batch1_samples)),
     )
     names = list(variants)
     student_acc = variants[names[2]]["accuracy"]

@@ -147,6 +147,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="SideNet epochs on cached features")
     parser.add_argument("--max-train-samples", type=int, default=None, help="quick runs: SideNet on a prefix")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch1-samples", type=int, default=300, help="samples timed at batch 1")
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 static variant")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -189,7 +190,8 @@ def main() -> None:
         prune_meta["int8 (static)"] = {"test_accuracy": int8_accuracy, "scheme": "FX static, x86"}
     for model in models.values():
         model.threshold = sweep(model, loaders["val"], progress=False).threshold_for(**RULE)
-    table, timing = compare_variants(variants, loaders["test"].dataset, None, args.repeats, ((64, 4096), (1, 300)))
+    sizes = ((64, 4096), (1, args.batch1_samples))
+    table, timing = compare_variants(variants, loaders["test"].dataset, None, args.repeats, sizes)
     result = {
         "workload": "fmnist_resnet_compressed",
         "command": "python benchmarks/resnet_compression.py",

@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer samples and repeats (a smoke check)")
     parser.add_argument("--sst2-data", type=Path, default=None, help="folder of SST-2's train.tsv and dev.tsv")
     args = parser.parse_args()
-    args.samples, args.samples_batch1, args.repeats = (512, 64, 2) if args.quick else (4096, 400, 5)
+    args.samples, args.samples_batch1, args.repeats = (256, 32, 1) if args.quick else (4096, 400, 5)
     torch.manual_seed(0)
     results: dict[str, Any] = {"command": "python benchmarks/serving.py" + (" --quick" if args.quick else ""),
                                "machine": machine(), "workloads": {}}  # fmt: skip

@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--features", nargs="+", choices=FEATURES, default=list(FEATURES),
                         help="SideNet inputs tried (chosen on the held-out train split)")  # fmt: skip
     parser.add_argument("--batch1-repeats", type=int, default=3, help="interleaved timing repeats at batch 1")
+    parser.add_argument("--batch1-sentences", type=int, default=None, help="dev sentences timed at batch 1 (all)")
     parser.add_argument("--train-limit", type=int, default=None, help="train SideNets on this many phrases (quick)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -248,6 +249,9 @@ def main() -> None:
                 for i in range(2)
                 for b in make_loader(dev.subset(halves[i]), batch_size, collate_fn=collate)
             ]
+            if name == "batch1" and args.batch1_sentences:  # quick runs: the first sentences of each half
+                per_half = args.batch1_sentences // 2
+                batches = [item for i in range(2) for item in [b for b in batches if b[0] == i][:per_half]]
             chosen = {**runners, **extra} if name == "batch32" else runners
             result = measure_throughput(chosen, batches, repeats=repeats, batch_size=size)
             timing[name] = {k: v.to_dict() for k, v in result.items()}

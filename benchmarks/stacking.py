@@ -95,6 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=None, help="folder of SST-2's train.tsv and dev.tsv")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch1-samples", type=int, default=200, help="samples timed at batch 1")
     parser.add_argument("--epochs", type=int, default=30, help="SideNet epochs on cached features")
     parser.add_argument("--max-train-samples", type=int, default=None, help="quick runs: train on a prefix")
     args = parser.parse_args()
@@ -128,6 +129,7 @@ def main() -> None:
         report.dataset,
         collate,
         args.repeats,
+        ((32, None), (1, args.batch1_samples)),
     )
     dataset = report.dataset
     sp = {name: v["speedup"]["batch32"] for name, v in variants.items()}

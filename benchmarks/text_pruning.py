@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="SideNet epochs on cached features")
     parser.add_argument("--max-train-samples", type=int, default=None, help="quick runs: SideNet on a prefix")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch1-samples", type=int, default=200, help="samples timed at batch 1")
     parser.add_argument("--retrain", action="store_true", help="prune and fine-tune again even if cached")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -127,7 +128,9 @@ def main() -> None:
         print(f"{name}: {meta}")
     for model in models.values():
         model.threshold = sweep(model, choose, progress=False).threshold_for(**RULE)
-    table, timing = compare_variants(variants, report.dataset, collate, args.repeats)
+    table, timing = compare_variants(
+        variants, report.dataset, collate, args.repeats, ((32, None), (1, args.batch1_samples))
+    )
     names = list(table)
     multiply = {}
     for alone, both in zip(names[2::2], names[3::2], strict=True):

@@ -73,6 +73,21 @@ def test_report_numbers_agree_with_the_library(built) -> None:  # noqa: ANN001
     assert set(s["shift"]) == {"calibration_vs_evaluation", "evaluation_half_vs_half"}
 
 
+def test_policies_scored_from_one_pass_equal_their_own_sweeps(built) -> None:  # noqa: ANN001
+    model, report = built
+    saved = (model.policy_kind, model.temperature)
+    try:
+        for kind in POLICIES:
+            model.policy_kind, model.temperature = kind, report.temperature
+            fresh = collect(model, mixed_loader(2), progress=False)
+            got = report.curves[kind].record
+            assert not got.order_dependent_flops and got.policy == fresh.policy
+            np.testing.assert_allclose(got.confidence, fresh.confidence, rtol=1e-6)
+            np.testing.assert_array_equal(got.rest_flops, fresh.rest_flops)
+    finally:
+        model.policy_kind, model.temperature = saved
+
+
 def test_adaptive_log_probs_mix_the_two_answers(built) -> None:  # noqa: ANN001
     model, _ = built
     record = collect(model, mixed_loader(2), progress=False)

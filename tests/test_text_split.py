@@ -277,3 +277,24 @@ def test_real_minilm_folder() -> None:
         out = adaptive(batch)
     torch.testing.assert_close(out.logits, hf_logits(model, batch), rtol=0, atol=1e-5)
     assert adaptive.split.valid_taps == [1, 2, 3, 4, 5]
+
+
+def test_report_rescoring_equals_a_new_sweep() -> None:
+    """The report scores every exit policy from one pass; with text's order-dependent FLOPs credits it
+    must equal a fresh sweep under each policy and temperature (sweeping again where orders differ)."""
+    from sidenet.policy import POLICIES
+    from sidenet.report import _rescored
+
+    adaptive = attached(tiny_encoder("bert"), 2)
+    loader = [dict(make_batch(lengths, seed=i), labels=torch.tensor([i % CLASSES] * len(lengths)))
+              for i, lengths in enumerate([[9, 2, 5, 14, 3, 7], [4, 4, 11], [13, 1, 6, 2]])]  # fmt: skip
+    raw = collect(adaptive, loader, progress=False)
+    assert raw.order_dependent_flops
+    for kind in POLICIES:
+        for temperature in (1.0, 0.3, 4.0):
+            adaptive.policy_kind, adaptive.temperature = kind, temperature
+            fresh = collect(adaptive, loader, progress=False)
+            got = _rescored(adaptive, raw, loader, progress=False)
+            np.testing.assert_allclose(got.confidence, fresh.confidence, rtol=1e-6)
+            np.testing.assert_allclose(got.rest_flops, fresh.rest_flops)
+            assert got.policy == fresh.policy

@@ -43,6 +43,7 @@ class SweepRecord:
     main_logits: np.ndarray | None = None  # (N, C)
     labels: np.ndarray | None = None  # (N,)
     policy: dict[str, Any] = field(default_factory=dict)  # the exit policy the confidences were taken under
+    order_dependent_flops: bool = False  # rest_flops credits follow the confidence order (text; see collect)
 
     def __len__(self) -> int:
         return len(self.confidence)
@@ -64,6 +65,7 @@ class SweepRecord:
             main_logits=pick(self.main_logits),
             labels=pick(self.labels),
             policy=dict(self.policy),
+            order_dependent_flops=self.order_dependent_flops,
         )
 
 
@@ -104,6 +106,7 @@ def collect(model: AdaptiveModel, loader: Iterable, progress: bool = True) -> Sw
     model.eval()
     keys = ("conf", "side", "main", "labels", "ts", "rest", "mainnet", "side_logits", "main_logits")
     parts: dict[str, list] = {k: [] for k in keys}
+    order_dependent = False
     for inputs, labels in tqdm(
         iter_batches(loader), desc="Sweeping thresholds", total=batch_count(loader), disable=not progress, leave=False
     ):
@@ -119,6 +122,7 @@ def collect(model: AdaptiveModel, loader: Iterable, progress: bool = True) -> Sw
             rest = np.full(n, profile.rest, dtype=np.float64)
         else:
             rest = _marginal_rest_flops(model, state, confidence, profile)
+            order_dependent = True
         parts["conf"].append(confidence)
         parts["side"].append(side_logits.argmax(1).cpu().numpy())
         parts["main"].append(main_logits.argmax(1).cpu().numpy())
@@ -143,6 +147,7 @@ def collect(model: AdaptiveModel, loader: Iterable, progress: bool = True) -> Sw
         main_logits=cat["main_logits"],
         labels=cat["labels"].astype(np.int64),
         policy={"kind": model.policy.kind, "temperature": model.policy.temperature},
+        order_dependent_flops=order_dependent,
     )
 
 

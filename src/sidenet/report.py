@@ -9,6 +9,7 @@ the *evaluation* split reports what they do on data they never saw.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,6 +132,20 @@ def _throughput(
     }
 
 
+def _rescored(model: AdaptiveModel, raw: SweepRecord, loader: Iterable, progress: bool) -> SweepRecord:
+    """``raw`` scored under the model's current policy and temperature. The SideNet logits give the new
+    confidences without running the MainNet again; its FLOPs stay exact unless they credit samples in
+    confidence order (text) and the new scores order the samples differently: then ``loader`` is
+    swept again."""
+    confidence = model.policy.confidence(torch.as_tensor(raw.side_logits)).cpu().numpy().astype(np.float64)
+    if raw.order_dependent_flops and not np.array_equal(
+        np.argsort(-raw.confidence, kind="stable"), np.argsort(-confidence, kind="stable")
+    ):
+        return collect(model, loader, progress=progress)
+    policy = {"kind": model.policy.kind, "temperature": model.policy.temperature}
+    return dataclasses.replace(raw, confidence=confidence, policy=policy)
+
+
 def build_report(
     model: AdaptiveModel,
     calibration_loader: Iterable,
@@ -186,8 +201,8 @@ def _build(
     records: dict[str, SweepRecord] = {}
     for kind in settings.policies:
         model.policy_kind, model.temperature = kind, temperature
-        cal = TradeoffCurve(collect(model, calibration_loader, progress=progress))
-        ev = TradeoffCurve(collect(model, evaluation_loader, progress=progress))
+        cal = TradeoffCurve(_rescored(model, raw_cal, calibration_loader, progress))
+        ev = TradeoffCurve(_rescored(model, raw_eval, evaluation_loader, progress))
         cal_curves[kind], eval_curves[kind], records[kind] = cal, ev, ev.record
         guaranteed = cal.threshold_for(max_accuracy_drop=eps, confidence=conf)
         empirical = cal.threshold_for(max_accuracy_drop=eps)
