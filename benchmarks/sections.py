@@ -43,6 +43,16 @@ def _summary(results: Path) -> list[str]:
             f"{_pct(fm['trunk_flops_fraction'])} of the FLOPs but {_pct(fm['trunk_time_fraction_batch64'])} of the "
             "time, and per-batch overheads do not shrink with the FLOPs."
         )
+        if "batch64" in fm.get("timing", {}):
+            # Measured bound: trunk + SideNet on every image (always-exit run) plus the rest on the images
+            # that continue at the MainNet's full-batch cost per image, as if they were pooled into full batches.
+            t = fm["timing"]["batch64"]
+            t_main, t_trunk = 1 / t["mainnet"]["throughput"], 1 / t["always_exit"]["throughput"]
+            bound = t_main / (t_trunk + (1 - a["exit_rate"]) * (t_main - t_trunk))
+            text += (
+                f" Even if the images that continue ran through the rest in full batches, the measured trunk would "
+                f"cap the speed-up at {bound:.2f}× ({bound / s['ideal']:.0%} of the FLOPs ideal)."
+            )
         if compressed:
             text += " With compression (batch 64, accuracy in brackets): " + _stacked(compressed, "batch64") + "."
         lines += [text, ""]
