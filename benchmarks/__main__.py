@@ -41,7 +41,7 @@ STEPS: dict[str, tuple[str, list[str], list[str], str | None]] = {
         [],
         shlex.split(
             "--taps 3 --features mean --train-limit 2000 --sidenet-epochs 5 --repeats 1 --batch1-repeats 1 "
-            "--batch1-sentences 64"
+            "--batch1-sentences 64 --dev-limit 300"
         ),
         "--data",
     ),
@@ -50,22 +50,24 @@ STEPS: dict[str, tuple[str, list[str], list[str], str | None]] = {
     "stacking": (
         "stacking.py",
         [],
-        shlex.split("--max-train-samples 2000 --epochs 3 --repeats 1 --batch1-samples 32"),
+        shlex.split("--max-train-samples 2000 --dev-limit 300 --epochs 3 --repeats 1 --batch1-samples 32"),
         "--data",
     ),
     "text_pruning": (
         "text_pruning.py",
         [],
         shlex.split(
-            "--sparsities 0.5 --finetune-epochs 0.02 --max-train-samples 2000 --epochs 3 --repeats 1 "
-            "--batch1-samples 32"
+            "--sparsities 0.5 --finetune-epochs 0.02 --max-train-samples 2000 --dev-limit 300 --epochs 3 "
+            "--repeats 1 --batch1-samples 32"
         ),
         "--data",
     ),
     "distillation": (
         "distillation.py",
         [],
-        shlex.split("--distil-epochs 0.05 --max-train-samples 2000 --epochs 3 --repeats 1 --batch1-samples 32"),
+        shlex.split(
+            "--distil-epochs 0.02 --max-train-samples 2000 --dev-limit 300 --epochs 3 --repeats 1 --batch1-samples 32"
+        ),
         "--data",
     ),
     "resnet_compression": (

@@ -120,13 +120,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="SideNet epochs on cached features")
     parser.add_argument("--tap", type=int, default=1, help="the student's SideNet tap (1 or 2)")
     parser.add_argument("--max-train-samples", type=int, default=None, help="quick runs: SideNet on a prefix")
+    parser.add_argument("--dev-limit", type=int, default=None, help="quick runs: the first dev sentences only")
     parser.add_argument("--retrain", action="store_true", help="distil again even if a student is cached")
     args = parser.parse_args()
     task = get_task("sst2")
     mainnet = task.mainnet(args.data).eval()
     loaders = task.loaders(args.data)
     collate = loaders["test"].collate_fn
-    choose, report = split_loader(loaders["test"])
+    choose, report = split_loader(train_prefix(loaders["test"], args.dev_limit))
 
     folder = SIDENETS / "student-3l"
     if (folder / "student_meta.json").is_file() and not args.retrain:

@@ -118,6 +118,7 @@ def main() -> None:
                         help="SideNet inputs tried (chosen on the held-out train split)")  # fmt: skip
     parser.add_argument("--batch1-repeats", type=int, default=3, help="interleaved timing repeats at batch 1")
     parser.add_argument("--batch1-sentences", type=int, default=None, help="dev sentences timed at batch 1 (all)")
+    parser.add_argument("--dev-limit", type=int, default=None, help="the first dev sentences only (quick)")
     parser.add_argument("--train-limit", type=int, default=None, help="train SideNets on this many phrases (quick)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -130,6 +131,8 @@ def main() -> None:
     if args.train_limit:
         splits["train"] = splits["train"].subset(range(min(args.train_limit, len(splits["train"]))))
     dev = splits["test"]
+    if args.dev_limit:
+        dev = dev.subset(range(min(args.dev_limit, len(dev))))
     halves = [sorted(h.tolist()) for h in torch.randperm(len(dev), generator=torch.Generator().manual_seed(0)).chunk(2)]
     loaders = {"val": make_loader(splits["val"], 32, collate_fn=collate)}
     for i, half in enumerate(halves):

@@ -98,12 +98,13 @@ def main() -> None:
     parser.add_argument("--batch1-samples", type=int, default=200, help="samples timed at batch 1")
     parser.add_argument("--epochs", type=int, default=30, help="SideNet epochs on cached features")
     parser.add_argument("--max-train-samples", type=int, default=None, help="quick runs: train on a prefix")
+    parser.add_argument("--dev-limit", type=int, default=None, help="quick runs: the first dev sentences only")
     args = parser.parse_args()
     torch.manual_seed(0)
     task = get_task("sst2")
     mainnet = task.mainnet(args.data).eval()
     loaders = task.loaders(args.data)
-    choose, report = split_loader(loaders["test"])
+    choose, report = split_loader(train_prefix(loaders["test"], args.dev_limit))
     collate = loaders["test"].collate_fn
 
     float_side = load_sidenet(mainnet, SIDENETS / "sst2-3")

@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=float, default=0.15)
     parser.add_argument("--epochs", type=int, default=30, help="SideNet epochs on cached features")
     parser.add_argument("--max-train-samples", type=int, default=None, help="quick runs: SideNet on a prefix")
+    parser.add_argument("--dev-limit", type=int, default=None, help="quick runs: the first dev sentences only")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch1-samples", type=int, default=200, help="samples timed at batch 1")
     parser.add_argument("--retrain", action="store_true", help="prune and fine-tune again even if cached")
@@ -109,7 +110,7 @@ def main() -> None:
     mainnet = task.mainnet(args.data).eval()
     loaders = task.loaders(args.data)
     collate = loaders["test"].collate_fn
-    choose, report = split_loader(loaders["test"])
+    choose, report = split_loader(train_prefix(loaders["test"], args.dev_limit))
 
     main_side = load_sidenet(mainnet, SIDENETS / "sst2-3")
     models, pruned_meta = {"MainNet": main_side}, {}
