@@ -84,3 +84,17 @@ def test_reliability_diagram_writes_png(tmp_path) -> None:  # noqa: ANN001
     logits, labels = planted(500, 3, 1.0)
     path = reliability_diagram(tmp_path / "rel.png", {"SideNet": (logits, labels), "MainNet": (2 * logits, labels)})
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibrate_fits_the_temperature_of_the_sidenet_logits(tiny_model, separable_loader) -> None:  # noqa: ANN001
+    from sidenet.calibration import calibrate
+    from sidenet.curve import collect
+
+    tiny_model.fit(separable_loader, epochs=2, progress=False)
+    tiny_model.temperature = 3.0  # calibrate starts from the raw logits, whatever was set before
+    record = collect(tiny_model, separable_loader, progress=False)
+    expected = fit_temperature(record.side_logits, record.labels)
+    assert calibrate(tiny_model, separable_loader, progress=False) == pytest.approx(expected, rel=1e-5)
+    assert tiny_model.temperature == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="no batches"):
+        calibrate(tiny_model, [], progress=False)

@@ -214,9 +214,23 @@ def calibrate(model: Any, loader: Any, progress: bool = True) -> float:
     """Temperature-scale the SideNet of an :class:`sidenet.AdaptiveModel` on ``loader`` (a calibration
     split with labels, not the test set): fits T on its raw logits, sets ``model.temperature`` and
     returns T. The exit policy then reads softmax(logits / T); thresholds must be chosen after this."""
-    from sidenet.curve import collect
+    from tqdm.auto import tqdm
 
-    model.temperature = 1.0
-    record = collect(model, loader, progress=progress)
-    model.temperature = fit_temperature(record.side_logits, record.labels)
+    from sidenet.data import batch_count, iter_batches, length_grouped
+
+    # Only the SideNet's logits matter here: trunk and SideNet suffice, and sentences may go in
+    # length-sorted batches (logits do not depend on the batching; FLOPs would, but none are counted).
+    loader = length_grouped(loader)
+    model.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        for inputs, targets in tqdm(iter_batches(loader), desc="Calibrating", total=batch_count(loader),
+                                    disable=not progress, leave=False):  # fmt: skip
+            if model.check_inputs:
+                model.split.validate_input(inputs)
+            logits.append(model.sidenet(model.split.features(model.split.trunk(inputs))).float().cpu())
+            labels.append(torch.as_tensor(targets).long().cpu())
+    if not labels:
+        raise ValueError("the loader yielded no batches")
+    model.temperature = fit_temperature(torch.cat(logits).numpy(), torch.cat(labels).numpy())
     return model.temperature
