@@ -210,21 +210,18 @@ def reliability_diagram(
     return save_figure(fig, path)
 
 
-def calibrate(model: Any, loader: Any, progress: bool = True) -> float:
-    """Temperature-scale the SideNet of an :class:`sidenet.AdaptiveModel` on ``loader`` (a calibration
-    split with labels, not the test set): fits T on its raw logits, sets ``model.temperature`` and
-    returns T. The exit policy then reads softmax(logits / T); thresholds must be chosen after this."""
+def sidenet_logits(model: Any, loader: Any, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Raw SideNet logits (before any temperature) and labels of ``loader``, from trunk and SideNet only;
+    sentences go in length-sorted batches (logits do not depend on the batching, FLOPs would)."""
     from tqdm.auto import tqdm
 
     from sidenet.data import batch_count, iter_batches, length_grouped
 
-    # Only the SideNet's logits matter here: trunk and SideNet suffice, and sentences may go in
-    # length-sorted batches (logits do not depend on the batching; FLOPs would, but none are counted).
     loader = length_grouped(loader)
     model.eval()
     logits, labels = [], []
     with torch.no_grad():
-        for inputs, targets in tqdm(iter_batches(loader), desc="Calibrating", total=batch_count(loader),
+        for inputs, targets in tqdm(iter_batches(loader), desc="SideNet logits", total=batch_count(loader),
                                     disable=not progress, leave=False):  # fmt: skip
             if model.check_inputs:
                 model.split.validate_input(inputs)
@@ -232,5 +229,12 @@ def calibrate(model: Any, loader: Any, progress: bool = True) -> float:
             labels.append(torch.as_tensor(targets).long().cpu())
     if not labels:
         raise ValueError("the loader yielded no batches")
-    model.temperature = fit_temperature(torch.cat(logits).numpy(), torch.cat(labels).numpy())
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def calibrate(model: Any, loader: Any, progress: bool = True) -> float:
+    """Temperature-scale the SideNet of an :class:`sidenet.AdaptiveModel` on ``loader`` (a calibration
+    split with labels, not the test set): fits T on its raw logits, sets ``model.temperature`` and
+    returns T. The exit policy then reads softmax(logits / T); thresholds must be chosen after this."""
+    model.temperature = fit_temperature(*sidenet_logits(model, loader, progress=progress))
     return model.temperature

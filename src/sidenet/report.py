@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sidenet.calibration import calibration_metrics, fit_temperature
+from sidenet.calibration import calibration_metrics, fit_temperature, sidenet_logits
 from sidenet.curve import SweepRecord, TradeoffCurve, collect
 from sidenet.data import iter_batches
 from sidenet.policy import NEVER_EXIT, POLICIES
@@ -58,7 +58,7 @@ class TradeoffReport:
 
     summary: dict[str, Any]
     curves: dict[str, TradeoffCurve]  # evaluation curve per policy (at the fitted temperature)
-    raw_evaluation: SweepRecord  # max_softmax at temperature 1, for the reliability diagrams
+    raw_evaluation: SweepRecord  # its raw logits (before the temperature) feed the reliability diagrams
     temperature: float
     marks: dict[str, float] = field(default_factory=dict)  # named thresholds of the recommended policy
 
@@ -174,10 +174,13 @@ def _build(
 ) -> TradeoffReport:
     eps, conf = settings.max_accuracy_drop, settings.confidence
     # 1. Temperature scaling of the SideNet on the calibration split (raw logits: policy-independent).
-    model.policy_kind, model.temperature = "max_softmax", 1.0
-    raw_cal = collect(model, calibration_loader, progress=progress)
+    # Trunk and SideNet suffice for T; the two full sweeps then run at T under the first policy, so that
+    # the other policies' scores order the samples alike and are rescored without sweeping again
+    # (at T = 1 saturated confidences tie, and breaking those ties would force new text sweeps).
+    temperature = fit_temperature(*sidenet_logits(model, calibration_loader, progress=progress))
+    model.policy_kind, model.temperature = settings.policies[0], temperature
+    raw_cal = collect(model, calibration_loader, progress=progress)  # its logits are raw whatever the policy
     raw_eval = collect(model, evaluation_loader, progress=progress)
-    temperature = fit_temperature(raw_cal.side_logits, raw_cal.labels)
     calibration = {
         "temperature": temperature,
         "fitted_on": "calibration split",
