@@ -213,22 +213,14 @@ def reliability_diagram(
 def sidenet_logits(model: Any, loader: Any, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Raw SideNet logits (before any temperature) and labels of ``loader``, from trunk and SideNet only;
     sentences go in length-sorted batches (logits do not depend on the batching, FLOPs would)."""
-    from tqdm.auto import tqdm
+    from sidenet.data import length_grouped
+    from sidenet.training import trunk_states
 
-    from sidenet.data import batch_count, iter_batches, length_grouped
-
-    loader = length_grouped(loader)
-    model.eval()
     logits, labels = [], []
     with torch.no_grad():
-        for inputs, targets in tqdm(iter_batches(loader), desc="SideNet logits", total=batch_count(loader),
-                                    disable=not progress, leave=False):  # fmt: skip
-            if model.check_inputs:
-                model.split.validate_input(inputs)
-            logits.append(model.sidenet(model.split.features(model.split.trunk(inputs))).float().cpu())
-            labels.append(torch.as_tensor(targets).long().cpu())
-    if not labels:
-        raise ValueError("the loader yielded no batches")
+        for state, targets in trunk_states(model, length_grouped(loader), progress, "SideNet logits"):
+            logits.append(model.sidenet(model.split.features(state)).float().cpu())
+            labels.append(targets)
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 

@@ -3,9 +3,9 @@ MainNet's logits; the SideNet then trains on that cache for many epochs in secon
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -32,24 +32,34 @@ class FeatureCache:
         return len(self.labels)
 
 
-@torch.no_grad()
-def cache_features(
-    model: AdaptiveModel, loader: Iterable, progress: bool = True, desc: str = "Caching tap features"
-) -> FeatureCache:
-    """Run the frozen MainNet once over ``loader``; keep pooled tap features, MainNet logits, labels."""
+def trunk_states(
+    model: AdaptiveModel, loader: Iterable, progress: bool, desc: str
+) -> Iterator[tuple[Any, torch.Tensor]]:
+    """``(state at the tap, labels)`` of each batch of ``loader`` (inputs validated when the model checks
+    them), with a progress bar; raises when the loader yields nothing. Call under ``torch.no_grad()``."""
     model.eval()
-    features, logits, labels = [], [], []
+    empty = True
     for inputs, targets in tqdm(
         iter_batches(loader), desc=desc, total=batch_count(loader), disable=not progress, leave=False
     ):
         if model.check_inputs:
             model.split.validate_input(inputs)
-        state = model.split.trunk(inputs)
+        empty = False
+        yield model.split.trunk(inputs), torch.as_tensor(targets).long().cpu()
+    if empty:
+        raise ValueError("the loader yielded no batches")
+
+
+@torch.no_grad()
+def cache_features(
+    model: AdaptiveModel, loader: Iterable, progress: bool = True, desc: str = "Caching tap features"
+) -> FeatureCache:
+    """Run the frozen MainNet once over ``loader``; keep pooled tap features, MainNet logits, labels."""
+    features, logits, labels = [], [], []
+    for state, targets in trunk_states(model, loader, progress, desc):
         features.append(model.sidenet.pooled(model.split.features(state)).float().cpu())
         logits.append(model.split.rest(state).float().cpu())
-        labels.append(torch.as_tensor(targets).long().cpu())
-    if not labels:
-        raise ValueError("the loader yielded no batches")
+        labels.append(targets)
     return FeatureCache(torch.cat(features), torch.cat(logits), torch.cat(labels))
 
 
