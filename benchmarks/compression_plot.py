@@ -28,7 +28,7 @@ WORKLOADS: dict[str, tuple[tuple[str, ...], str, str, str]] = {
 }
 
 
-def variant_pairs(results: Path, names: tuple[str, ...], batch: str) -> list[tuple[str, dict, dict]]:
+def variant_pairs(results: Path, names: tuple[str, ...]) -> list[tuple[str, dict, dict]]:
     """(label, alone, with a SideNet) of every pair in the result files ``names`` present; the MainNet's
     pair is taken once, from the first file (each file measures it again in its own run, and each
     file's speed-ups are against its own MainNet run)."""
@@ -48,7 +48,7 @@ def variant_pairs(results: Path, names: tuple[str, ...], batch: str) -> list[tup
 def plot_compression(results: Path, workload: str) -> Path | None:
     """Write the workload's figure beside its results; None when none of its results exist."""
     names, batch, filename, title = WORKLOADS[workload]
-    pairs = variant_pairs(results, names, batch)
+    pairs = variant_pairs(results, names)
     if not pairs:
         return None
     plt = pyplot()

@@ -35,7 +35,7 @@ if __package__ in (None, ""):
 
 from benchmarks.common import SIDENETS, machine, write_result
 from benchmarks.report import main as write_benchmarks_md
-from benchmarks.stacking import RULE, compare_variants, train_prefix
+from benchmarks.stacking import RULE, compare_variants, prefix_loader
 from sidenet import attach, load_sidenet, sweep
 from sidenet.calibration import calibrate
 from sidenet.data import TextCollator, make_loader, split_loader, sst2_splits
@@ -127,7 +127,7 @@ def main() -> None:
     mainnet = task.mainnet(args.data).eval()
     loaders = task.loaders(args.data)
     collate = loaders["test"].collate_fn
-    choose, report = split_loader(train_prefix(loaders["test"], args.dev_limit))
+    choose, report = split_loader(prefix_loader(loaders["test"], args.dev_limit))
 
     folder = SIDENETS / "student-3l"
     if (folder / "student_meta.json").is_file() and not args.retrain:
@@ -146,7 +146,7 @@ def main() -> None:
     main_side = load_sidenet(mainnet, SIDENETS / "sst2-3")
     student_side = attach(student, args.tap, split_options=main_side.split.options(), hidden=256, seed=0)
     started = time.perf_counter()
-    student_side.fit(train_prefix(loaders["train"], args.max_train_samples), epochs=args.epochs, progress=False)
+    student_side.fit(prefix_loader(loaders["train"], args.max_train_samples), epochs=args.epochs, progress=False)
     calibrate(student_side, loaders["val"], progress=False)
     fit_seconds = time.perf_counter() - started
     for model in (main_side, student_side):

@@ -43,7 +43,7 @@ if __package__ in (None, ""):
 
 from benchmarks.common import SIDENETS, machine, write_result
 from benchmarks.report import main as write_benchmarks_md
-from benchmarks.stacking import compare_variants, train_prefix
+from benchmarks.stacking import compare_variants, prefix_loader
 from sidenet import CallableSplit, attach, load_sidenet, split_mainnet, sweep
 from sidenet.calibration import calibrate
 from sidenet.data import fashion_mnist_splits
@@ -54,14 +54,21 @@ from sidenet.tasks import get_task
 RULE = {"max_accuracy_drop": 0.005}
 
 
+def l1_kept_outputs(module: nn.Module, amount: float) -> torch.Tensor:
+    """Indices of the output units (rows of ``module.weight``) that ``prune.ln_structured`` keeps when it
+    drops the ``amount`` share with the smallest L1 norms; the dropped rows of the weight are zeroed."""
+    prune.ln_structured(module, "weight", amount=amount, n=1, dim=0)
+    keep = module.weight_mask.flatten(1).any(dim=1).nonzero().squeeze(1)
+    prune.remove(module, "weight")
+    return keep
+
+
 def prune_channels(model: CifarResNet, sparsity: float) -> CifarResNet:
     """A copy of ``model`` with ``sparsity`` of each block's inner channels removed (see the module doc)."""
     pruned = copy.deepcopy(model).eval()
     for stage in (pruned.layer1, pruned.layer2, pruned.layer3):
         for block in stage:
-            prune.ln_structured(block.conv1, "weight", amount=sparsity, n=1, dim=0)
-            keep = block.conv1.weight_mask.flatten(1).any(dim=1).nonzero().squeeze(1)
-            prune.remove(block.conv1, "weight")
+            keep = l1_kept_outputs(block.conv1, sparsity)
             conv1 = nn.Conv2d(block.conv1.in_channels, len(keep), 3, stride=block.conv1.stride, padding=1, bias=False)
             conv1.weight.data = block.conv1.weight.data[keep].clone()
             bn1 = nn.BatchNorm2d(len(keep), eps=block.bn1.eps, momentum=block.bn1.momentum)
@@ -168,7 +175,7 @@ def main() -> None:
             "test_accuracy": evaluate_accuracy(pruned, test_images, test_labels),
         }
         side = attach(pruned, "layer1.0", input_shape=(1, 28, 28), hidden=256, pool_size=7, seed=0)
-        side.fit(train_prefix(loaders["train"], args.max_train_samples), epochs=args.epochs, progress=False)
+        side.fit(prefix_loader(loaders["train"], args.max_train_samples), epochs=args.epochs, progress=False)
         calibrate(side, loaders["val"], progress=False)
         models[name] = side
         variants[name] = (side, "main")
@@ -181,7 +188,7 @@ def main() -> None:
                               tap="layer1.0 (int8)")  # fmt: skip
         int8_side = attach(split, "layer1.0", input_shape=(1, 28, 28), hidden=256, pool_size=7, seed=0)
         int8_side.count_flops_with(split_mainnet(mainnet, "layer1.0"))
-        int8_side.fit(train_prefix(loaders["train"], args.max_train_samples), epochs=args.epochs, progress=False)
+        int8_side.fit(prefix_loader(loaders["train"], args.max_train_samples), epochs=args.epochs, progress=False)
         calibrate(int8_side, loaders["val"], progress=False)
         models["int8"] = int8_side
         variants["int8 (static)"] = (int8_side, "main")

@@ -51,8 +51,9 @@ def quantise(mainnet: nn.Module) -> nn.Module:
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(mainnet), {nn.Linear}, dtype=torch.qint8).eval()
 
 
-def train_prefix(loader: DataLoader, limit: int | None) -> DataLoader:
-    """``loader`` over its first ``limit`` samples (all of them when ``limit`` is None): quick runs."""
+def prefix_loader(loader: DataLoader, limit: int | None) -> DataLoader:
+    """``loader`` over its first ``limit`` samples (all of them when ``limit`` is None): quick runs cut
+    the training data and the dev sentences with it."""
     if not limit:
         return loader
     keep = range(min(limit, len(loader.dataset)))  # type: ignore[arg-type]
@@ -64,7 +65,7 @@ def compare_variants(
     dataset: Any,
     collate: Any,
     repeats: int,
-    sizes: tuple[tuple[int, int | None], ...] = ((32, None), (1, 200)),
+    sizes: tuple[tuple[int, int | None], ...],
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Accuracy, exit rate and FLOPs (at the first batch size) of each (model, mode), and throughput at
     each (batch size, samples timed; None = all), interleaved; speed-ups against the first variant."""
@@ -104,7 +105,7 @@ def main() -> None:
     task = get_task("sst2")
     mainnet = task.mainnet(args.data).eval()
     loaders = task.loaders(args.data)
-    choose, report = split_loader(train_prefix(loaders["test"], args.dev_limit))
+    choose, report = split_loader(prefix_loader(loaders["test"], args.dev_limit))
     collate = loaders["test"].collate_fn
 
     float_side = load_sidenet(mainnet, SIDENETS / "sst2-3")
@@ -112,7 +113,7 @@ def main() -> None:
     int8_side = attach(int8, 3, split_options=float_side.split.options(), hidden=float_side.sidenet.hidden, seed=0)
     int8_side.count_flops_with(mainnet)
     started = time.perf_counter()
-    int8_side.fit(train_prefix(loaders["train"], args.max_train_samples), epochs=args.epochs, progress=False)
+    int8_side.fit(prefix_loader(loaders["train"], args.max_train_samples), epochs=args.epochs, progress=False)
     calibrate(int8_side, loaders["val"], progress=False)
     fit_seconds = time.perf_counter() - started
     print(f"int8 SideNet fitted in {fit_seconds:.0f} s (temperature {int8_side.temperature:.3f})")

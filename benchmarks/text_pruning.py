@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import prune
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -39,7 +38,8 @@ if __package__ in (None, ""):
 from benchmarks.common import SIDENETS, machine, write_result
 from benchmarks.distillation import train_with_teacher
 from benchmarks.report import main as write_benchmarks_md
-from benchmarks.stacking import RULE, compare_variants, train_prefix
+from benchmarks.resnet_compression import l1_kept_outputs
+from benchmarks.stacking import RULE, compare_variants, prefix_loader
 from sidenet import attach, load_sidenet, sweep
 from sidenet.calibration import calibrate
 from sidenet.data import make_loader, split_loader, sst2_splits
@@ -55,9 +55,7 @@ def prune_feed_forward(model: nn.Module, sparsity: float) -> nn.Module:
     kept = set()
     for layer in pruned.base_model.encoder.layer:
         inner, outer = layer.intermediate.dense, layer.output.dense
-        prune.ln_structured(inner, "weight", amount=sparsity, n=1, dim=0)
-        keep = inner.weight_mask.any(dim=1).nonzero().squeeze(1)
-        prune.remove(inner, "weight")
+        keep = l1_kept_outputs(inner, sparsity)
         new_inner = nn.Linear(inner.in_features, len(keep))
         new_inner.weight.data = inner.weight.data[keep].clone()
         new_inner.bias.data = inner.bias.data[keep].clone()
@@ -110,7 +108,7 @@ def main() -> None:
     mainnet = task.mainnet(args.data).eval()
     loaders = task.loaders(args.data)
     collate = loaders["test"].collate_fn
-    choose, report = split_loader(train_prefix(loaders["test"], args.dev_limit))
+    choose, report = split_loader(prefix_loader(loaders["test"], args.dev_limit))
 
     main_side = load_sidenet(mainnet, SIDENETS / "sst2-3")
     models, pruned_meta = {"MainNet": main_side}, {}
@@ -119,7 +117,7 @@ def main() -> None:
         pruned, meta = pruned_mainnet(mainnet, sparsity, collate, args.data, args.finetune_epochs, args.retrain)
         side = attach(pruned, 3, split_options=main_side.split.options(), hidden=main_side.sidenet.hidden, seed=0)
         started = time.perf_counter()
-        side.fit(train_prefix(loaders["train"], args.max_train_samples), epochs=args.epochs, progress=False)
+        side.fit(prefix_loader(loaders["train"], args.max_train_samples), epochs=args.epochs, progress=False)
         calibrate(side, loaders["val"], progress=False)
         meta["sidenet_fit_seconds"] = time.perf_counter() - started
         name = f"FFN pruned {sparsity:.0%}"

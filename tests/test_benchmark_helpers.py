@@ -81,7 +81,7 @@ def test_compression_figure_takes_the_mainnet_pair_once(tmp_path) -> None:
     assert plot_compression(tmp_path, "sst2") is None  # no results, no figure
     for name, variants in files.items():
         (tmp_path / f"{name}.json").write_text(json.dumps({"variants": variants}))
-    pairs = variant_pairs(tmp_path, ("stacking", "text_pruning", "distillation"), "batch32")
+    pairs = variant_pairs(tmp_path, ("stacking", "text_pruning", "distillation"))
     assert [label for label, _, _ in pairs] == ["MainNet", "int8", "student"]
     assert pairs[2][2]["speedup"]["batch32"] == 2.9
     path = plot_compression(tmp_path, "sst2")
