@@ -35,10 +35,10 @@ if __package__ in (None, ""):
 
 from benchmarks.common import SIDENETS, machine, write_result
 from benchmarks.report import main as write_benchmarks_md
-from benchmarks.stacking import RULE, compare_variants, prefix_loader
+from benchmarks.stacking import RULE, compare_variants
 from sidenet import attach, load_sidenet, sweep
 from sidenet.calibration import calibrate
-from sidenet.data import TextCollator, make_loader, split_loader, sst2_splits
+from sidenet.data import TextCollator, make_loader, prefix_loader, split_loader, sst2_splits
 from sidenet.tasks import get_task
 from sidenet.text_pretrain import _length_grouped_batches, evaluate_text_accuracy
 

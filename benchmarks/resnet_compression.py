@@ -43,10 +43,10 @@ if __package__ in (None, ""):
 
 from benchmarks.common import SIDENETS, machine, write_result
 from benchmarks.report import main as write_benchmarks_md
-from benchmarks.stacking import compare_variants, prefix_loader
+from benchmarks.stacking import compare_variants
 from sidenet import CallableSplit, attach, load_sidenet, split_mainnet, sweep
 from sidenet.calibration import calibrate
-from sidenet.data import fashion_mnist_splits
+from sidenet.data import fashion_mnist_splits, prefix_loader
 from sidenet.models.cifar_resnet import CifarResNet
 from sidenet.pretrain import _augment, evaluate_accuracy
 from sidenet.tasks import get_task

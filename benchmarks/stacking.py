@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -37,7 +36,7 @@ from benchmarks.report import main as write_benchmarks_md
 from benchmarks.serving import input_batches, routed_outcome
 from sidenet import AdaptiveModel, attach, load_sidenet, sweep
 from sidenet.calibration import calibrate
-from sidenet.data import make_loader, split_loader
+from sidenet.data import prefix_loader, split_loader
 from sidenet.tasks import get_task
 from sidenet.timing import measure_throughput
 
@@ -49,15 +48,6 @@ def quantise(mainnet: nn.Module) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(mainnet), {nn.Linear}, dtype=torch.qint8).eval()
-
-
-def prefix_loader(loader: DataLoader, limit: int | None) -> DataLoader:
-    """``loader`` over its first ``limit`` samples (all of them when ``limit`` is None): quick runs cut
-    the training data and the dev sentences with it."""
-    if not limit:
-        return loader
-    keep = range(min(limit, len(loader.dataset)))  # type: ignore[arg-type]
-    return make_loader(Subset(loader.dataset, keep), loader.batch_size or 32, collate_fn=loader.collate_fn)
 
 
 def compare_variants(

@@ -39,10 +39,10 @@ from benchmarks.common import SIDENETS, machine, write_result
 from benchmarks.distillation import train_with_teacher
 from benchmarks.report import main as write_benchmarks_md
 from benchmarks.resnet_compression import l1_kept_outputs
-from benchmarks.stacking import RULE, compare_variants, prefix_loader
+from benchmarks.stacking import RULE, compare_variants
 from sidenet import attach, load_sidenet, sweep
 from sidenet.calibration import calibrate
-from sidenet.data import make_loader, split_loader, sst2_splits
+from sidenet.data import make_loader, prefix_loader, split_loader, sst2_splits
 from sidenet.tasks import get_task
 from sidenet.text_pretrain import evaluate_text_accuracy
 

@@ -117,3 +117,19 @@ def test_fit_on_a_prefix_of_the_training_data(tiny_task: TinyTask, tmp_path: Pat
     args = ["fit", "--task", "tiny", "--out", str(out), "--epochs", "1", "-q"]
     assert runner.invoke(cli.app, [*args, "--max-train-samples", "10"]).exit_code == 0
     assert runner.invoke(cli.app, [*args, "--max-train-samples", "0"]).exit_code == 2
+
+
+def test_fit_chooses_the_threshold_on_a_prefix_of_validation(
+    tiny_task: TinyTask, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    swept: list[int] = []
+    real_sweep = cli.sweep
+    monkeypatch.setattr(
+        cli,
+        "sweep",
+        lambda model, loader, **kw: (swept.append(len(loader.dataset)), real_sweep(model, loader, **kw))[1],
+    )
+    args = ["fit", "--task", "tiny", "--out", str(tmp_path / "side"), "--epochs", "1", "-q"]
+    assert runner.invoke(cli.app, [*args, "--max-val-samples", "20"]).exit_code == 0
+    assert runner.invoke(cli.app, [*args, "--max-val-samples", "0"]).exit_code == 2
+    assert swept == [20]

@@ -224,6 +224,19 @@ def test_split_loader_halves_are_disjoint_and_cover_the_data() -> None:
         split_loader(make_loader(TensorDataset(torch.zeros(1, 1), torch.zeros(1)), 4))
 
 
+def test_prefix_loader_keeps_the_first_samples() -> None:
+    from torch.utils.data import TensorDataset
+
+    from sidenet.data import prefix_loader
+
+    loader = make_loader(TensorDataset(torch.arange(11).float()[:, None], torch.arange(11)), 4)
+    assert prefix_loader(loader, None) is loader
+    assert [int(y) for _, labels in prefix_loader(loader, 6) for y in labels] == list(range(6))
+    assert len(prefix_loader(loader, 50).dataset) == 11 and prefix_loader(loader, 6).batch_size == 4
+    with pytest.raises(ValueError, match="at least 1"):
+        prefix_loader(loader, 0)
+
+
 @given(st.lists(st.text(min_size=0, max_size=12), min_size=1, max_size=40), st.integers(1, 7), st.booleans())
 @settings(max_examples=50, deadline=None)
 def test_length_grouped_keeps_every_sample_in_sorted_batches(sentences: list[str], size: int, subset: bool) -> None:

@@ -151,5 +151,9 @@ def test_report_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert halves.exit_code == 0, halves.output
     samples = json.loads((tmp_path / "rep" / "report.json").read_text())["samples"]
     assert samples == {"calibration": 48, "evaluation": 48}
+    capped = runner.invoke(cli.app, ["report", "--sidenet", str(out), "--max-samples", "30", *options])
+    assert capped.exit_code == 0, capped.output
+    samples = json.loads((tmp_path / "rep" / "report.json").read_text())["samples"]
+    assert samples == {"calibration": 30, "evaluation": 30}
     bad = runner.invoke(cli.app, ["report", "--sidenet", str(out), "--split", "nope", "-q"])
     assert bad.exit_code == 2 and "splits are" in bad.output

@@ -10,13 +10,12 @@ from typing import Annotated
 
 import torch
 import typer
-from torch.utils.data import Subset
 
 from sidenet.attach import attach, load_sidenet, save_sidenet
 from sidenet.calibration import calibrate
 from sidenet.config import SideNetConfig
 from sidenet.curve import TradeoffCurve, sweep
-from sidenet.data import make_loader, split_loader
+from sidenet.data import prefix_loader, split_loader
 from sidenet.policy import POLICIES
 from sidenet.tasks import TASKS, get_task
 
@@ -61,14 +60,13 @@ def pretrain(
 def _fit(task_name: str, tap: str, out: Path, data: Path | None, hidden: int, pool: int, epochs: int,
          distill: float, max_drop: float, seed: int, progress: bool,
          split_options: dict | None = None, policy: str = "max_softmax", temperature_scaling: bool = True,
-         confidence: float | None = None, max_train_samples: int | None = None) -> tuple[Path, dict]:  # fmt: skip
+         confidence: float | None = None, max_train_samples: int | None = None,
+         max_val_samples: int | None = None) -> tuple[Path, dict]:  # fmt: skip
     task = get_task(task_name)
     mainnet = task.mainnet(data, progress=progress)
     loaders = task.loaders(data)
-    if max_train_samples is not None:
-        train = loaders["train"]
-        keep = range(min(max_train_samples, len(train.dataset)))
-        loaders["train"] = make_loader(Subset(train.dataset, keep), train.batch_size or 1, collate_fn=train.collate_fn)
+    loaders["train"] = prefix_loader(loaders["train"], max_train_samples)
+    loaders["val"] = prefix_loader(loaders["val"], max_val_samples)
     model = attach(mainnet, tap, input_shape=task.input_shape, hidden=hidden, pool_size=pool, seed=seed,
                    split_options=split_options, policy=policy)  # fmt: skip
     started = time.perf_counter()
@@ -114,6 +112,12 @@ def fit(
     max_train_samples: Annotated[
         int | None, typer.Option(help="Train on the first N training samples only (quick trials).", min=1)
     ] = None,
+    max_val_samples: Annotated[
+        int | None,
+        typer.Option(
+            help="Validate, calibrate and choose the threshold on the first N validation samples only.", min=1
+        ),
+    ] = None,
     seed: int = 0,
     quiet: QuietOption = False,
 ) -> None:
@@ -123,7 +127,7 @@ def fit(
         out = out or DEFAULT_OUT / f"{task}-{tap}"
         options = {"features": features} if features else None
         folder, choice = _fit(task, tap, out, data, hidden, pool, epochs, distill, max_drop, seed, not quiet, options,
-                              policy, temperature_scaling, confidence, max_train_samples)  # fmt: skip
+                              policy, temperature_scaling, confidence, max_train_samples, max_val_samples)  # fmt: skip
     except ValueError as exc:
         _fail(str(exc))
     typer.echo(
@@ -225,6 +229,9 @@ def report(
             "other split is distributed like it); --calibration-split is then ignored."
         ),
     ] = False,
+    max_samples: Annotated[
+        int | None, typer.Option(help="Use the first N samples of each split only (quick looks).", min=1)
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Write an HTML page and a Markdown summary: curves of every exit policy with the MainNet and the
@@ -240,6 +247,7 @@ def report(
             if name not in loaders:
                 _fail(f"splits are {sorted(loaders)}, got {name!r}")
         settings = ReportSettings(max_accuracy_drop=max_drop, confidence=confidence, bins=bins, timing=timing)
+        loaders = {name: prefix_loader(loader, max_samples) for name, loader in loaders.items()}
         if halves:
             calibration_loader, evaluation_loader = split_loader(loaders[split])
             where = f"one half of {split}, evaluated on the other"

@@ -35,6 +35,7 @@ __all__ = [
     "read_idx",
     "normalize_fashion_mnist",
     "make_loader",
+    "prefix_loader",
     "split_loader",
     "iter_batches",
     "batch_count",
@@ -198,6 +199,17 @@ def make_loader(
     ``collate_fn`` makes the batches (a :class:`TextCollator` for text)."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate_fn)
+
+
+def prefix_loader(loader: DataLoader, limit: int | None) -> DataLoader:
+    """``loader`` over its first ``limit`` samples, with its batch size and collate function (all of
+    them when ``limit`` is None): for quick trials on part of a split."""
+    if limit is None:
+        return loader
+    if limit < 1:
+        raise ValueError(f"the sample limit must be at least 1, got {limit}")
+    keep = range(min(limit, len(loader.dataset)))  # type: ignore[arg-type]
+    return make_loader(Subset(loader.dataset, keep), loader.batch_size or 1, collate_fn=loader.collate_fn)
 
 
 def split_loader(loader: DataLoader, seed: int = 0) -> tuple[DataLoader, DataLoader]:
