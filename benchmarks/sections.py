@@ -222,11 +222,14 @@ def _serving(r: dict[str, Any]) -> list[str]:
             o = row[big]
             spread = w["timing"][big][label]["throughput_spread"]
             lat = row["latency_batch1"]
+            batch1 = "–"
+            if "batch1" in row["throughput"]:
+                batch1 = f"{row['throughput']['batch1']:,.0f}/s ({row['speedup']['batch1']:.2f}×)"
             lines.append(
                 f"| {label.replace('_', ' ')} | {_pct(o['accuracy'])} | {_pct(o['exit_rate'])} | "
                 f"{_pct(row['flops_fraction'])} | {row['throughput'][big]:,.0f}/s [{spread[0]:,.0f}–{spread[1]:,.0f}] "
-                f"({row['speedup'][big]:.2f}×) | {row['throughput']['batch1']:,.0f}/s ({row['speedup']['batch1']:.2f}×)"
-                f" | {1e3 * lat['p50']:.2f} / {1e3 * lat['p95']:.2f} ms |"
+                f"({row['speedup'][big]:.2f}×) | {batch1} | "
+                + (f"{1e3 * lat['p50']:.2f} / {1e3 * lat['p95']:.2f} ms |" if lat else "– |")
             )
         lines += [
             "",
@@ -234,8 +237,20 @@ def _serving(r: dict[str, Any]) -> list[str]:
             f"measured reaches {w['fraction_of_ideal'][big]:.0%} of it at batch {w['batch']} and "
             f"{w['fraction_of_ideal']['batch1']:.0%} at batch 1. Per-sample routing over batch-level exit at batch "
             f"{w['batch']}: {w['per_sample_over_batch_level']:.2f}×.",
-            "",
         ]
+        if "pooled" in w:
+            p, o = w["pooled"], w["rows"]["per_sample_pooled"][big]
+            lines.append(
+                "Per-sample pooled (`sidenet.serving.PooledRouter`): the rest of the MainNet runs once "
+                f"{p['rest_batch']} continuing samples wait, gathered across batches, or once the oldest has waited "
+                f"{p['max_wait']} later batches; {p['over_per_sample']:.2f}× per-sample routing within each batch, "
+                f"{p['fraction_of_ideal']:.0%} of the ideal. The price is latency: {_pct(o['batches_waiting'])} of "
+                "the batches had a sample that continued, and those were answered on average "
+                f"{o['mean_wait']:.1f} later batches after they arrived "
+                f"(at most {o['max_wait']}). At batch 1 it is not timed: each continuing request would wait for "
+                f"{p['rest_batch'] - 1} others."
+            )
+        lines.append("")
     return lines
 
 

@@ -1,8 +1,9 @@
 """Serving side by side, per workload: the MainNet alone, the SideNet with per-sample routing (gather
-the samples that continue), the batch-level exit of other toolkits (the batch skips the rest of the
-MainNet only when every sample in it is confident; same SideNet, same threshold), and the ideal
-speed-up the FLOPs predict. Throughput at batch 1 and batch 64 (32 for text), median of interleaved
-repeats after a warm-up, with the spread; p50/p95 latency at batch 1.
+the samples that continue), the same with the rest of the MainNet run on continuing samples pooled
+across batches (``sidenet.serving.PooledRouter``), the batch-level exit of other toolkits (the batch
+skips the rest of the MainNet only when every sample in it is confident; same SideNet, same threshold),
+and the ideal speed-up the FLOPs predict. Throughput at batch 1 and batch 64 (32 for text), median of
+interleaved repeats after a warm-up, with the spread; p50/p95 latency at batch 1.
 
 Uses the SideNets that ``benchmarks/calibration_report.py`` fitted with ``sidenet fit`` (run it first).
 Thresholds: Fashion-MNIST, at most 0.5 points lost on the validation split, reported on the test set;
@@ -29,6 +30,7 @@ from benchmarks.common import SIDENETS, machine, write_result
 from benchmarks.report import main as write_benchmarks_md
 from sidenet import AdaptiveModel, load_sidenet, sweep
 from sidenet.data import iter_batches, make_loader, split_loader
+from sidenet.serving import PooledRouter
 from sidenet.tasks import get_task
 from sidenet.timing import latency_percentiles, measure_throughput
 
@@ -64,6 +66,24 @@ def routed_outcome(model: AdaptiveModel, dataset: Any, collate: Any, batch: int,
     }
 
 
+@torch.no_grad()
+def pooled_outcome(router: PooledRouter, dataset: Any, collate: Any, batch: int) -> dict[str, float]:
+    """As :func:`routed_outcome` for pooled routing, with how long batches waited for their last answer."""
+    batches = list(iter_batches(make_loader(dataset, batch, collate_fn=collate)))
+    answered = router.run([inputs for inputs, _ in batches])
+    labels = torch.cat([target for _, target in batches])
+    outputs = [routed.output for routed in answered]
+    waited = [routed.waited for routed in answered if not bool(routed.output.exited.all())]
+    return {
+        "accuracy": float((torch.cat([o.predictions for o in outputs]) == labels).float().mean()),
+        "exit_rate": float(torch.cat([o.exited.float() for o in outputs]).mean()),
+        "mean_flops": float(torch.cat([o.flops.double() for o in outputs]).mean()),
+        "batches_waiting": len(waited) / len(answered),
+        "mean_wait": sum(waited) / len(waited) if waited else 0.0,
+        "max_wait": max(waited, default=0),
+    }
+
+
 def input_batches(model: AdaptiveModel, dataset: Any, collate: Any, batch: int, samples: int) -> list[Any]:
     out, count = [], 0
     for inputs, _ in iter_batches(make_loader(dataset, batch, collate_fn=collate)):
@@ -84,6 +104,8 @@ def run_workload(name: str, spec: dict[str, Any], args: argparse.Namespace) -> d
     rows: dict[str, dict[str, Any]] = {}
     for label, mode in {"mainnet": "main", "per_sample": "adaptive", "batch_level": "batch"}.items():
         rows[label] = {f"batch{big}": routed_outcome(model, dataset, collate, big, mode)}
+    router = PooledRouter(model, rest_batch=big, max_wait=args.max_wait)
+    rows["per_sample_pooled"] = {f"batch{big}": pooled_outcome(router, dataset, collate, big)}
     mainnet_flops = rows["mainnet"][f"batch{big}"]["mean_flops"]
     for row in rows.values():
         row["flops_fraction"] = row[f"batch{big}"]["mean_flops"] / mainnet_flops
@@ -95,7 +117,13 @@ def run_workload(name: str, spec: dict[str, Any], args: argparse.Namespace) -> d
     for batch, samples, repeats in ((big, args.samples, args.repeats), (1, args.samples_batch1, args.repeats)):
         batches = input_batches(model, dataset, collate, batch, samples)
         chosen = runners if batch > 1 else {k: v for k, v in runners.items() if k != "batch_level"}
-        result = measure_throughput(chosen, batches, repeats=repeats, batch_size=size)
+        # Pooling is timed at the large batch only: with single requests it would make each continuing
+        # sample wait for rest_batch others, a latency no batch-1 user would choose.
+        pooled = {"per_sample_pooled": router.submit} if batch > 1 else {}
+        result = measure_throughput(
+            {**chosen, **pooled}, batches, repeats=repeats, batch_size=size,
+            finish={"per_sample_pooled": router.flush} if pooled else None,
+        )  # fmt: skip
         timing[f"batch{batch}"] = {k: v.to_dict() for k, v in result.items()}
         print(f"{name} batch {batch}: " + ", ".join(f"{k} {v.throughput:,.1f}/s" for k, v in result.items()))
     # At batch 1 the batch is one sample: batch-level exit is per-sample routing.
@@ -105,10 +133,11 @@ def run_workload(name: str, spec: dict[str, Any], args: argparse.Namespace) -> d
     latency["batch_level"] = latency["per_sample"]
     ideal = 1.0 / rows["per_sample"]["flops_fraction"]
     for label, row in rows.items():
-        row["throughput"] = {b: timing[b][label]["throughput"] for b in timing}
-        row["speedup"] = {b: timing[b][label]["throughput"] / timing[b]["mainnet"]["throughput"] for b in timing}
-        row["latency_batch1"] = latency[label]
-    per_sample, batch_level = rows["per_sample"], rows["batch_level"]
+        measured = [b for b in timing if label in timing[b]]
+        row["throughput"] = {b: timing[b][label]["throughput"] for b in measured}
+        row["speedup"] = {b: timing[b][label]["throughput"] / timing[b]["mainnet"]["throughput"] for b in measured}
+        row["latency_batch1"] = latency.get(label)
+    per_sample, batch_level, pooled_row = rows["per_sample"], rows["batch_level"], rows["per_sample_pooled"]
     return {
         "tap": str(model.tap),
         "threshold": model.threshold,
@@ -120,6 +149,12 @@ def run_workload(name: str, spec: dict[str, Any], args: argparse.Namespace) -> d
         "rows": rows,
         "ideal_speedup": ideal,
         "fraction_of_ideal": {b: per_sample["speedup"][b] / ideal for b in timing},
+        "pooled": {
+            "rest_batch": big,
+            "max_wait": args.max_wait,
+            "fraction_of_ideal": pooled_row["speedup"][f"batch{big}"] / ideal,
+            "over_per_sample": pooled_row["throughput"][f"batch{big}"] / per_sample["throughput"][f"batch{big}"],
+        },
         "per_sample_over_batch_level": per_sample["throughput"][f"batch{big}"]
         / batch_level["throughput"][f"batch{big}"],
         "timing": timing,
@@ -131,6 +166,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=list(WORKLOADS))
     parser.add_argument("--quick", action="store_true", help="fewer samples and repeats (a smoke check)")
     parser.add_argument("--sst2-data", type=Path, default=None, help="folder of SST-2's train.tsv and dev.tsv")
+    parser.add_argument(
+        "--max-wait", type=int, default=16, help="pooled routing: most later batches a continuing sample waits"
+    )
     args = parser.parse_args()
     args.samples, args.samples_batch1, args.repeats = (256, 32, 1) if args.quick else (4096, 400, 5)
     torch.manual_seed(0)

@@ -11,7 +11,14 @@ import sidenet
 from helpers import randomize_batchnorm
 from sidenet import NEVER_EXIT, CallableSplit, MainNetSplit, TapError, split_mainnet
 from sidenet.models.cifar_resnet import cifar_resnet
-from sidenet.splits import SPLITTERS, SequentialSplit, StagedSplit, register_splitter, select_samples
+from sidenet.splits import (
+    SPLITTERS,
+    SequentialSplit,
+    StagedSplit,
+    concat_samples,
+    register_splitter,
+    select_samples,
+)
 from sidenet.splits.vision import is_cifar_resnet, is_torchvision_resnet
 
 
@@ -293,6 +300,24 @@ def test_select_samples_nested_state() -> None:
     assert picked["a"].tolist() == [4, 1]
     assert picked["b"][0].tolist() == [[8, 9], [2, 3]] and picked["b"][1] == "label"
     assert picked["c"][0].shape == (2, 1, 2)
+
+
+def test_concat_samples_undoes_select() -> None:
+    state = {"a": torch.arange(5), "b": [torch.arange(10).reshape(5, 2), "label"]}
+    parts = [select_samples(state, torch.tensor(index)) for index in ([0, 1], [2], [3, 4])]
+    joined = concat_samples(parts)
+    assert torch.equal(joined["a"], state["a"]) and torch.equal(joined["b"][0], state["b"][0])
+    assert joined["b"][1] == "label"
+
+
+@pytest.mark.parametrize(("states", "message"), [
+    ([], "no states"),
+    ([torch.zeros(2, 3), {"a": torch.zeros(2, 3)}], "structures"),
+    ([torch.zeros(2, 3), torch.zeros(2, 4)], "sample shapes"),
+])  # fmt: skip
+def test_concat_samples_refuses_mismatched_states(states: list, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        concat_samples(states)
 
 
 def test_unknown_model_type() -> None:

@@ -165,6 +165,20 @@ def test_rest_runs_on_padding_trimmed_to_longest_remaining() -> None:
     torch.testing.assert_close(out.flops, expected)
 
 
+def test_concat_pads_states_of_different_lengths() -> None:
+    model = tiny_encoder("bert")
+    adaptive = attached(model, 2)
+    first, second = make_batch([3, 5], seed=1), make_batch([9, 2, 4], seed=2)
+    with torch.no_grad():
+        joined = adaptive.split.concat([adaptive.split.trunk(first), adaptive.split.trunk(second)])
+        assert joined["hidden"].shape[:2] == (5, 9) and joined["mask"].sum(1).tolist() == [3, 5, 9, 2, 4]
+        logits = adaptive.split.rest(joined)
+    expected = torch.cat([hf_logits(model, first), hf_logits(model, second)])
+    torch.testing.assert_close(logits, expected, rtol=0, atol=ATOL)
+    with pytest.raises(ValueError, match="no states"):
+        adaptive.split.concat([])
+
+
 def test_flops_per_length_and_mainnet_flops_match_hf() -> None:
     model = tiny_encoder("bert")
     adaptive = attached(model, 1)

@@ -16,7 +16,7 @@ from sidenet.head import SideNet
 from sidenet.policy import ExitPolicy
 from sidenet.splits import MainNetSplit, split_mainnet
 
-__all__ = ["AdaptiveModel", "AdaptiveOutput", "Mode", "ClassCountMismatchError"]
+__all__ = ["AdaptiveModel", "AdaptiveOutput", "FrontPass", "Mode", "ClassCountMismatchError"]
 
 Mode = Literal["adaptive", "main", "side", "batch"]
 MODES = ("adaptive", "main", "side", "batch")
@@ -45,6 +45,30 @@ class AdaptiveOutput:
     @property
     def predictions(self) -> torch.Tensor:
         return self.logits.argmax(dim=-1)
+
+
+@dataclass
+class FrontPass:
+    """Trunk and SideNet run on a batch (see :meth:`AdaptiveModel.front_pass`).
+
+    Attributes:
+        state: the MainNet's state at the tap, for the rest of the MainNet.
+        side_logits: (N, C) the SideNet's logits.
+        confidence: (N,) the exit policy's score.
+        exited: (N,) True where the SideNet answers.
+        profile: FLOPs per sample of trunk, SideNet and rest for this batch's inputs.
+    """
+
+    state: Any
+    side_logits: torch.Tensor
+    confidence: torch.Tensor
+    exited: torch.Tensor
+    profile: FlopProfile
+
+    def front_flops(self) -> torch.Tensor:
+        """(N,) FLOPs spent on each sample so far: trunk and SideNet."""
+        cost = float(self.profile.trunk + self.profile.side)
+        return torch.full((len(self.exited),), cost, device=self.side_logits.device)
 
 
 class AdaptiveModel(nn.Module):
@@ -228,25 +252,18 @@ class AdaptiveModel(nn.Module):
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if self.check_inputs:
-            self.split.validate_input(x)
-        profile = self.flop_profile(x)
-        state = self.split.trunk(x)
-        n = self.split.batch_size(x)
         if mode == "main":
-            logits = self.split.rest(state)
+            if self.check_inputs:
+                self.split.validate_input(x)
+            profile = self.flop_profile(x)
+            logits = self.split.rest(self.split.trunk(x))
+            n = self.split.batch_size(x)
             flops = torch.full((n,), float(profile.mainnet), device=logits.device)
             nan = torch.full((n,), float("nan"), device=logits.device)
             return AdaptiveOutput(logits, torch.zeros(n, dtype=torch.bool, device=logits.device), nan, flops)
 
-        side_logits = self.sidenet(self.split.features(state))
-        confidence = self.policy.confidence(side_logits)
-        if mode == "side":
-            exited = torch.ones(n, dtype=torch.bool, device=side_logits.device)
-        else:
-            exited = self.policy.exits(confidence)
-            if mode == "batch" and not bool(exited.all()):
-                exited = torch.zeros_like(exited)
+        front = self.front_pass(x, mode)
+        state, side_logits, exited, n = front.state, front.side_logits, front.exited, len(front.exited)
         remaining = (~exited).nonzero().squeeze(1)
         # Skip the gather when nobody or everybody continues: at zero exits the routed model must
         # cost what the MainNet costs (plus the SideNet), not an extra copy of the state.
@@ -255,20 +272,44 @@ class AdaptiveModel(nn.Module):
             logits = side_logits
         elif len(remaining) == n:
             logits = self.split.rest(state)
-            rest_cost = self.rest_flops(state, None, profile)
+            rest_cost = self.rest_flops(state, None, front.profile)
         else:
             selected = self.split.select(state, remaining)
             rest_logits = self.split.rest(selected)
-            rest_cost = self.rest_flops(state, remaining, profile, selected)
+            rest_cost = self.rest_flops(state, remaining, front.profile, selected)
             dtype = torch.promote_types(side_logits.dtype, rest_logits.dtype)
             logits = side_logits.to(dtype).index_copy(0, remaining, rest_logits.to(dtype))
-        flops = torch.full((n,), float(profile.trunk + profile.side), device=logits.device)
+        flops = front.front_flops()
         flops += (~exited).to(flops.dtype) * rest_cost
+        return AdaptiveOutput(logits, exited, front.confidence, flops)
+
+    def front_pass(self, x: Any, mode: Mode = "adaptive") -> FrontPass:
+        """Trunk, SideNet and exit decision for a batch, without the rest of the MainNet.
+
+        ``mode`` is ``"adaptive"`` (per-sample exits; counted in :attr:`observed_exit_rate` and the
+        shift-check window), ``"side"`` (everyone exits) or ``"batch"`` (all exit or none). Used by
+        :meth:`forward` and by :class:`sidenet.serving.PooledRouter`, which runs the rest later, on
+        continuing samples pooled from several batches.
+        """
+        if mode not in ("adaptive", "side", "batch"):
+            raise ValueError(f"front_pass mode must be 'adaptive', 'side' or 'batch', got {mode!r}")
+        if self.check_inputs:
+            self.split.validate_input(x)
+        profile = self.flop_profile(x)
+        state = self.split.trunk(x)
+        side_logits = self.sidenet(self.split.features(state))
+        confidence = self.policy.confidence(side_logits)
+        if mode == "side":
+            exited = torch.ones(len(side_logits), dtype=torch.bool, device=side_logits.device)
+        else:
+            exited = self.policy.exits(confidence)
+            if mode == "batch" and not bool(exited.all()):
+                exited = torch.zeros_like(exited)
         if mode == "adaptive":
-            self.samples_seen += n
-            self.samples_exited += n - len(remaining)
+            self.samples_seen += len(exited)
+            self.samples_exited += int(exited.sum())
             self._remember(confidence)
-        return AdaptiveOutput(logits, exited, confidence, flops)
+        return FrontPass(state, side_logits, confidence, exited, profile)
 
     @torch.no_grad()
     def predict(self, x: Any) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,22 +49,35 @@ def measure_throughput(
     repeats: int = 5,
     warmup: int = 1,
     batch_size: Callable[[Any], int] = len,
+    finish: Mapping[str, Callable[[], Any]] | None = None,
 ) -> dict[str, Timing]:
     """Time one pass of each runner over ``batches``, interleaved, ``repeats`` times after ``warmup``
-    untimed passes; returns a :class:`Timing` per runner name."""
+    untimed passes; returns a :class:`Timing` per runner name.
+
+    ``finish`` maps runner names to a call made at the end of each of their passes, inside the timed
+    region: for runners that hold work back across batches (:meth:`sidenet.serving.PooledRouter.flush`).
+    """
     if repeats < 1 or not batches:
         raise ValueError("need at least one repeat and one batch")
+    finish = dict(finish or {})
+    if unknown := set(finish) - set(runners):
+        raise ValueError(f"finish names runners that do not exist: {sorted(unknown)}")
     samples = sum(batch_size(b) for b in batches)
+
+    def one_pass(name: str, run: Callable[[Any], Any]) -> None:
+        for batch in batches:
+            run(batch)
+        if name in finish:
+            finish[name]()
+
     for _ in range(warmup):
-        for run in runners.values():
-            for batch in batches:
-                run(batch)
+        for name, run in runners.items():
+            one_pass(name, run)
     seconds: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():
             started = time.perf_counter()
-            for batch in batches:
-                run(batch)
+            one_pass(name, run)
             seconds[name].append(time.perf_counter() - started)
     return {name: Timing(values, samples) for name, values in seconds.items()}
 

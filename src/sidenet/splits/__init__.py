@@ -11,7 +11,15 @@ from typing import Any
 
 from torch import nn
 
-from sidenet.splits.base import CallableSplit, MainNetSplit, StagedSplit, State, TapError, select_samples
+from sidenet.splits.base import (
+    CallableSplit,
+    MainNetSplit,
+    StagedSplit,
+    State,
+    TapError,
+    concat_samples,
+    select_samples,
+)
 from sidenet.splits.transformers import TextEncoderSplit, is_text_encoder_classifier
 from sidenet.splits.vision import (
     SequentialSplit,
@@ -29,6 +37,7 @@ __all__ = [
     "TextEncoderSplit",
     "State",
     "TapError",
+    "concat_samples",
     "select_samples",
     "register_splitter",
     "split_mainnet",

@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
-__all__ = ["MainNetSplit", "CallableSplit", "StagedSplit", "State", "select_samples", "TapError"]
+__all__ = [
+    "MainNetSplit", "CallableSplit", "StagedSplit", "State", "select_samples", "concat_samples", "TapError",
+]  # fmt: skip
 
 State = Any
 
@@ -27,6 +29,30 @@ class TapError(ValueError):
 def select_samples(state: State, index: torch.Tensor) -> State:
     """Keep the samples ``index`` (1-D long tensor) of every tensor in ``state`` (batch on dim 0)."""
     return tree_map(lambda t: t.index_select(0, index) if isinstance(t, torch.Tensor) else t, state)
+
+
+def concat_samples(states: Sequence[State]) -> State:
+    """One state holding the samples of ``states`` in order: every tensor concatenated on dim 0.
+
+    The states must share their structure and, beyond the batch dimension, their tensor shapes;
+    anything that is not a tensor is taken from the first state.
+    """
+    if not states:
+        raise ValueError("nothing to concatenate: no states given")
+    flat = [tree_flatten(state) for state in states]
+    spec = flat[0][1]
+    if any(other != spec for _, other in flat[1:]):
+        raise ValueError("cannot concatenate states of different structures")
+    leaves = []
+    for column in zip(*(values for values, _ in flat), strict=True):
+        if isinstance(column[0], torch.Tensor):
+            shapes = {tuple(t.shape[1:]) for t in column}
+            if len(shapes) > 1:
+                raise ValueError(f"cannot concatenate state tensors of sample shapes {sorted(shapes)}")
+            leaves.append(torch.cat(column, 0))
+        else:
+            leaves.append(column[0])
+    return tree_unflatten(leaves, spec)
 
 
 class MainNetSplit(nn.Module):
@@ -60,6 +86,11 @@ class MainNetSplit(nn.Module):
     def select(self, state: State, index: torch.Tensor) -> State:
         """The state restricted to the samples ``index``."""
         return select_samples(state, index)
+
+    def concat(self, states: Sequence[State]) -> State:
+        """One state holding the samples of ``states`` in order (the inverse of :meth:`select`), for
+        running the rest once on samples that continued from several batches."""
+        return concat_samples(states)
 
     def validate_input(self, x: Any) -> None:
         """Raise ``ValueError`` for inputs the MainNet cannot take; subclasses add shape checks."""

@@ -13,11 +13,12 @@ a model is split; ``import sidenet`` does not need it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sidenet.splits.base import MainNetSplit, TapError
@@ -237,6 +238,16 @@ class TextEncoderSplit(MainNetSplit):
         mask = state["mask"].index_select(0, index)
         length = self._kept_length(mask)
         return {"hidden": state["hidden"][:, :length].index_select(0, index), "mask": mask[:, :length]}
+
+    def concat(self, states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Samples of several states in one, padded (masked out) to the longest state's length:
+        padding at the end changes no real token's result, as in a batch padded by the tokenizer."""
+        if not states:
+            raise ValueError("nothing to concatenate: no states given")
+        length = max(int(state["mask"].shape[1]) for state in states)
+        hidden = [F.pad(s["hidden"], (0, 0, 0, length - s["hidden"].shape[1])) for s in states]
+        masks = [F.pad(s["mask"], (0, length - s["mask"].shape[1])) for s in states]
+        return {"hidden": torch.cat(hidden, 0), "mask": torch.cat(masks, 0)}
 
     def rest_flop_key(self, state: Mapping[str, torch.Tensor], index: torch.Tensor | None = None) -> tuple:
         """The length the rest runs at: the state's, or after :meth:`select`, the longest kept sample's."""
