@@ -113,3 +113,27 @@ def test_every_runner_step_accepts_its_arguments(quick: bool, monkeypatch: pytes
         monkeypatch.setattr(sys, "argv", [script, *arguments])
         with pytest.raises(_Parsed):  # an unknown argument would exit with argparse's error instead
             module.main()
+
+
+def test_benchmarks_md_renders_from_the_committed_results() -> None:
+    """The renderer copes with every committed JSON result (older ones may lack newer fields)."""
+    from benchmarks.common import RESULTS
+    from benchmarks.report import render
+
+    text = render(RESULTS)
+    assert text.startswith("# Benchmarks") and "## Summary" in text
+    assert "## Serving side by side" in text and "nan" not in text.lower().split()
+
+
+def test_run_script_runs_main_under_its_command_line_and_restores_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    import benchmarks.__main__ as runner
+
+    seen: list[list[str]] = []
+    fake = types.SimpleNamespace(main=lambda: seen.append(list(sys.argv)))
+    monkeypatch.setattr(runner.importlib, "import_module", lambda name: fake if name == "benchmarks.serving" else None)
+    before = list(sys.argv)
+    runner.run_script("serving.py", ["--quick"])
+    assert seen == [[str(runner.HERE / "serving.py"), "--quick"]] and sys.argv == before
