@@ -110,14 +110,11 @@ def collect(model: AdaptiveModel, loader: Iterable, progress: bool = True) -> Sw
     for inputs, labels in tqdm(
         iter_batches(loader), desc="Sweeping thresholds", total=batch_count(loader), disable=not progress, leave=False
     ):
-        if model.check_inputs:
-            model.split.validate_input(inputs)
-        profile = model.flop_profile(inputs)
-        state = model.split.trunk(inputs)
-        side_logits = model.sidenet(model.split.features(state))
+        front = model.front_pass(inputs, "side")  # trunk and SideNet; "side" leaves the exit counts alone
+        state, side_logits, profile = front.state, front.side_logits, front.profile
         main_logits = model.split.rest(state)
         n = len(side_logits)
-        confidence = model.policy.confidence(side_logits).cpu().numpy().astype(np.float64)
+        confidence = front.confidence.cpu().numpy().astype(np.float64)
         if model.split.rest_flop_key(state) is None:
             rest = np.full(n, profile.rest, dtype=np.float64)
         else:
