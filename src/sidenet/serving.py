@@ -76,7 +76,8 @@ class PooledRouter:
 
     Use :meth:`submit` per incoming batch and :meth:`flush` when the stream pauses or ends, or
     :meth:`run` for a whole list of batches. Exit statistics count in ``model.observed_exit_rate``
-    as in adaptive mode.
+    as in adaptive mode; exits are decided when a batch is submitted. One router serves one stream:
+    it is not thread-safe.
     """
 
     def __init__(self, model: AdaptiveModel, rest_batch: int | None = None, max_wait: int = 4) -> None:
