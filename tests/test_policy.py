@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from sidenet import NEVER_EXIT, ExitPolicy
@@ -78,6 +78,7 @@ PROBS = st.lists(st.floats(0.0, 1.0), min_size=2, max_size=6).filter(lambda p: s
 def test_every_score_lies_in_unit_interval(rows: list[list[float]], kind: str) -> None:
     width = min(len(r) for r in rows)
     probs = torch.tensor([r[:width] for r in rows], dtype=torch.float64)
+    assume(bool((probs.sum(dim=1) > 1e-3).all()))  # cutting rows to one width can leave all zeros
     probs = probs / probs.sum(dim=1, keepdim=True)
     score = ExitPolicy(0.5, kind=kind).score(probs)
     assert torch.all(score >= -1e-9) and torch.all(score <= 1 + 1e-9)
