@@ -29,7 +29,7 @@ if __package__ in (None, ""):
 
 from benchmarks.common import SIDENETS, machine, write_result
 from benchmarks.report import main as write_benchmarks_md
-from sidenet import AdaptiveModel, load_sidenet, sweep
+from sidenet import AdaptiveModel, AdaptiveOutput, load_sidenet, sweep
 from sidenet.data import iter_batches, make_loader, prefix_loader, split_loader
 from sidenet.serving import PooledRouter
 from sidenet.tasks import get_task
@@ -51,20 +51,21 @@ def loaders_for(name: str, data: Path | None) -> tuple[Any, Any, Any]:
     return loaders["val"], loaders["test"].dataset, None
 
 
+def summarise(outputs: list[AdaptiveOutput], labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy, exit rate and mean FLOPs per sample of the outputs of consecutive batches."""
+    return {
+        "accuracy": float((torch.cat([o.predictions for o in outputs]) == labels).float().mean()),
+        "exit_rate": float(torch.cat([o.exited.float() for o in outputs]).mean()),
+        "mean_flops": float(torch.cat([o.flops.double() for o in outputs]).mean()),
+    }
+
+
 @torch.no_grad()
 def routed_outcome(model: AdaptiveModel, dataset: Any, collate: Any, batch: int, mode: str) -> dict[str, float]:
     """Accuracy, exit rate and mean FLOPs per sample of ``mode`` over the dataset in batches of ``batch``."""
-    correct, exited, flops = [], [], []
-    for inputs, labels in iter_batches(make_loader(dataset, batch, collate_fn=collate)):
-        out = model(inputs, mode=mode)
-        correct.append((out.predictions == labels).float())
-        exited.append(out.exited.float())
-        flops.append(out.flops.double())
-    return {
-        "accuracy": float(torch.cat(correct).mean()),
-        "exit_rate": float(torch.cat(exited).mean()),
-        "mean_flops": float(torch.cat(flops).mean()),
-    }
+    batches = list(iter_batches(make_loader(dataset, batch, collate_fn=collate)))
+    outputs = [model(inputs, mode=mode) for inputs, _ in batches]
+    return summarise(outputs, torch.cat([target for _, target in batches]))
 
 
 @torch.no_grad()
@@ -72,13 +73,9 @@ def pooled_outcome(router: PooledRouter, dataset: Any, collate: Any, batch: int)
     """As :func:`routed_outcome` for pooled routing, with how long batches waited for their last answer."""
     batches = list(iter_batches(make_loader(dataset, batch, collate_fn=collate)))
     answered = router.run([inputs for inputs, _ in batches])
-    labels = torch.cat([target for _, target in batches])
-    outputs = [routed.output for routed in answered]
     waited = [routed.waited for routed in answered if not bool(routed.output.exited.all())]
     return {
-        "accuracy": float((torch.cat([o.predictions for o in outputs]) == labels).float().mean()),
-        "exit_rate": float(torch.cat([o.exited.float() for o in outputs]).mean()),
-        "mean_flops": float(torch.cat([o.flops.double() for o in outputs]).mean()),
+        **summarise([routed.output for routed in answered], torch.cat([target for _, target in batches])),
         "batches_waiting": len(waited) / len(answered),
         "mean_wait": sum(waited) / len(waited) if waited else 0.0,
         "max_wait": max(waited, default=0),
