@@ -3,6 +3,9 @@ separable synthetic task. Fixtures wrapping them live in conftest.py."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -37,6 +40,30 @@ def build_tiny_mainnet(seed: int = 0, depth: int = 8, num_classes: int = NUM_CLA
 
 def make_images(n: int, seed: int = 0, shape: tuple[int, ...] = IMAGE_SHAPE) -> torch.Tensor:
     return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def threshold_between(confidence: torch.Tensor | Sequence[float], quantile: float) -> float:
+    """A threshold near the ``quantile`` of ``confidence`` that lies strictly between two distinct
+    confidences, with a float32 margin on both sides.
+
+    A threshold taken from a sample's own confidence (a median, a quantile) puts that sample exactly
+    on it; its float32 score may differ in the last bit between batch sizes and flip its exit. Tests
+    choose thresholds here instead. Returns 0.0 for ``quantile`` 0 (everyone exits) and
+    :data:`sidenet.NEVER_EXIT` for 1 when no confidence lies above the top gap.
+    """
+    values = torch.as_tensor(confidence, dtype=torch.float32).flatten().unique().sort().values.tolist()
+    if quantile <= 0.0:
+        return 0.0
+    if quantile >= 1.0 or len(values) < 2:
+        return math.inf
+    # The widest gap near the quantile, so that a threshold in its middle is far from both neighbours.
+    centre = min(int(quantile * (len(values) - 1)), len(values) - 2)
+    window = range(max(0, centre - 2), min(len(values) - 1, centre + 3))
+    low = max(window, key=lambda i: values[i + 1] - values[i])
+    lower, upper = values[low], values[low + 1]
+    if upper - lower < 1e-5:
+        raise ValueError(f"confidences {lower} and {upper} are too close for a threshold between them")
+    return (lower + upper) / 2
 
 
 def separable_dataset(n: int, seed: int = 0) -> TensorDataset:
