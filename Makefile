@@ -4,14 +4,35 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
+# Every package of the environment at an exact version (torch included); `make lock` refreshes it.
+# pyproject.toml keeps compatible ranges for people who pip install the package.
+LOCK := requirements.lock
+PIP_VERSION := 26.3
+PIP_TOOLS_VERSION := 7.6.2
+# The PyTorch releases this project is built and tested with (the lock is resolved under them).
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint data browser bench bench-quick bench-fmnist bench-sst2 clean
+.PHONY: demo test lint data browser lock bench bench-quick bench-fmnist bench-sst2 clean
 
-$(STAMP): pyproject.toml
+# The lock, then sidenet itself without dependencies (its build backend, setuptools, is in the lock).
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet pip==$(PIP_VERSION)
+	$(BIN)/python -m pip install --quiet -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Resolve pyproject.toml's ranges (extras dev and text, build dependencies too) to exact versions.
+lock:
+	rm -rf .lock-tools
+	$(PYTHON) -m venv .lock-tools
+	.lock-tools/bin/python -m pip install --quiet pip==$(PIP_VERSION) pip-tools==$(PIP_TOOLS_VERSION)
+	printf '%s\n' $(TORCH_PINS) > .lock-tools/torch-pins.txt
+	.lock-tools/bin/pip-compile --quiet --extra dev --extra text --strip-extras --all-build-deps --allow-unsafe \
+		--no-emit-index-url --no-emit-find-links --no-header -c .lock-tools/torch-pins.txt -o $(LOCK) pyproject.toml
+	sed -i -e 's|-c .lock-tools/torch-pins.txt|TORCH_PINS of the Makefile|' \
+		-e '1i # Every package of the environment at an exact version: written by `make lock` (pip-compile), installed by `make`.' $(LOCK)
+	rm -rf .lock-tools
 
 # Debian's dataset-fashion-mnist, when running as root on Debian; otherwise sidenet finds the data
 # elsewhere (--data DIR, torchvision's download) or explains how to get it.
@@ -55,4 +76,4 @@ bench-sst2: $(STAMP)
 	$(BIN)/python benchmarks/sst2_minilm.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .lock-tools build dist src/*.egg-info .pytest_cache .ruff_cache
