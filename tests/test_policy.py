@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -17,12 +18,19 @@ def test_never_exit_is_infinity() -> None:
     assert math.isinf(NEVER_EXIT) and NEVER_EXIT > 0
 
 
-@pytest.mark.parametrize("threshold", [0, 0.0, 0.25, 1, 1.0, NEVER_EXIT, "0.5"])
+@pytest.mark.parametrize(
+    "threshold", [0, 0.0, 0.25, 1, 1.0, NEVER_EXIT, np.float32(0.5), np.float64(0.25), np.int64(1), torch.tensor(0.5)]
+)
 def test_valid_thresholds(threshold: object) -> None:
-    assert validate_threshold(threshold) == float(threshold)
+    value = validate_threshold(threshold)
+    assert type(value) is float and value == float(threshold)
+    assert type(ExitPolicy(threshold=threshold).threshold) is float
 
 
-@pytest.mark.parametrize("threshold", [-0.1, 1.5, 1.0000001, math.nan, -math.inf, "abc", None, [0.5]])
+@pytest.mark.parametrize(
+    "threshold",
+    [-0.1, 1.5, 1.0000001, math.nan, -math.inf, "abc", None, [0.5], "0.5", True, False, np.bool_(True)],
+)
 def test_invalid_thresholds(threshold: object) -> None:
     with pytest.raises(ValueError, match="threshold"):
         validate_threshold(threshold)
@@ -30,10 +38,44 @@ def test_invalid_thresholds(threshold: object) -> None:
         ExitPolicy(threshold=threshold)
 
 
-@pytest.mark.parametrize("temperature", [0.0, -2.0, math.inf, math.nan])
-def test_invalid_temperature(temperature: float) -> None:
+@pytest.mark.parametrize("value", [True, "0.5", b"0.5"])
+def test_bools_and_strings_are_named(value: object) -> None:
+    """``float(True)`` is 1.0 and ``float("0.5")`` is 0.5: refused, with the type in the message."""
+    with pytest.raises(ValueError, match=rf"threshold must be .* got the {type(value).__name__}"):
+        validate_threshold(value)
+    with pytest.raises(ValueError, match=rf"temperature must be .* got the {type(value).__name__}"):
+        ExitPolicy(0.5, value)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -2.0, math.inf, math.nan, True, "2", None])
+def test_invalid_temperature(temperature: object) -> None:
     with pytest.raises(ValueError, match="temperature"):
         ExitPolicy(0.5, temperature)
+
+
+@pytest.mark.parametrize("temperature", [2, 0.5, np.float32(1.5)])
+def test_valid_temperature_is_stored_as_float(temperature: object) -> None:
+    assert ExitPolicy(0.5, temperature).temperature == float(temperature)
+    assert type(ExitPolicy(0.5, temperature).temperature) is float
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("threshold", 5), ("threshold", "0.5"), ("threshold", True), ("temperature", 0.0),
+     ("temperature", True), ("kind", "variance"), ("kind", None)],
+)  # fmt: skip
+def test_assignment_is_validated(field: str, value: object) -> None:
+    policy = ExitPolicy(0.5, 2.0, "margin")
+    with pytest.raises(ValueError, match="threshold|temperature|policy"):
+        setattr(policy, field, value)
+    assert (policy.threshold, policy.temperature, policy.kind) == (0.5, 2.0, "margin")  # unchanged
+
+
+def test_valid_assignment_is_converted() -> None:
+    policy = ExitPolicy()
+    policy.threshold, policy.temperature, policy.kind = np.float64(0.25), 3, "entropy"
+    assert (policy.threshold, policy.temperature, policy.kind) == (0.25, 3.0, "entropy")
+    assert type(policy.threshold) is float and type(policy.temperature) is float
 
 
 @settings(max_examples=25, deadline=None)

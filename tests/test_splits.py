@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -105,6 +106,51 @@ def test_torchvision_resnet_attach_never_exit(resnet18: nn.Module) -> None:
     assert model.sidenet.feature_shape == (128, 4, 4)
 
 
+@pytest.mark.parametrize("attach_classes", [None, 7])
+def test_torchvision_resnet_with_sequential_fc(attach_classes: int | None) -> None:
+    """``fc = Sequential(Dropout, Linear)``: the class count comes from the last Linear inside."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None)
+    net.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(512, 7))
+    net.eval()
+    model = sidenet.attach(net, "layer1", input_shape=(3, 64, 64), num_classes=attach_classes, hidden=8,
+                           threshold=NEVER_EXIT)  # fmt: skip
+    assert model.split.num_classes == 7 and model.sidenet.num_classes == 7
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, net(x), rtol=0, atol=1e-5)
+
+
+def test_resnet_head_without_linear_takes_attach_classes() -> None:
+    """A head with no Linear inside (a 1x1 convolution here): the count is unknown, attach's is used."""
+
+    class ConvHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(512, 6, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x[:, :, None, None]).flatten(1)
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None)
+    net.fc = ConvHead()
+    assert split_mainnet(net.eval(), "layer2").num_classes is None
+    with pytest.raises(ValueError, match="num_classes"):
+        sidenet.attach(net, "layer2", input_shape=(3, 32, 32))
+    assert sidenet.attach(net, "layer2", input_shape=(3, 32, 32), num_classes=6, hidden=8).sidenet.num_classes == 6
+
+
+def test_cifar_resnet_with_sequential_linear() -> None:
+    model = cifar_resnet(8, num_classes=10)
+    model.linear = nn.Sequential(nn.Dropout(), nn.Linear(64, 3))
+    split = split_mainnet(model.eval(), "layer1")
+    assert split.num_classes == 3
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(split(x), model(x))
+
+
 def test_torchvision_unknown_tap_lists_valid_taps(resnet18: nn.Module) -> None:
     with pytest.raises(TapError) as info:
         split_mainnet(resnet18, "layer5")
@@ -206,10 +252,17 @@ def test_sequential_integer_taps() -> None:
     with torch.no_grad():
         assert split_mainnet(model, 2).trunk(x).shape == (4, 4, 16, 16)
     assert split_mainnet(model, "3").tap == 3
+    # The CLI passes taps as text; integer types other than int count as integers.
+    for tap in ("3", " 3 ", np.int64(3), torch.tensor(3)):
+        split = split_mainnet(model, tap)
+        assert split.tap == 3 and type(split.tap) is int
 
 
-@pytest.mark.parametrize("tap", [0, 7, -1, "layer1", None])
+@pytest.mark.parametrize(
+    "tap", [0, 7, -1, "layer1", None, 2.7, 2.0, "2.7", "-1", True, False, np.bool_(True), torch.tensor(True)]
+)
 def test_sequential_bad_tap(tap: object) -> None:
+    """Floats and booleans are refused, not truncated: ``int(2.7)`` is 2 and ``int(True)`` is 1."""
     with pytest.raises(TapError, match=r"valid taps: integers 1\.\.6"):
         split_mainnet(small_cnn(), tap)
 

@@ -4,14 +4,29 @@ Attach a small SideNet to an early layer of a frozen MainNet; confident inputs e
 continue through the MainNet from where they left off.
 """
 
-from sidenet.attach import CheckpointError, MainNetMismatchError, attach, load_sidenet, save_sidenet
+from sidenet.attach import (
+    CheckpointError,
+    MainNetMismatchError,
+    SplitMismatchError,
+    attach,
+    load_sidenet,
+    save_sidenet,
+)
 from sidenet.config import SideNetConfig, mainnet_fingerprint
 from sidenet.curve import TradeoffCurve, sweep
 from sidenet.flops import FlopProfile, count_flops, profile_flops
 from sidenet.head import SideNet
 from sidenet.policy import NEVER_EXIT, ExitPolicy
 from sidenet.routing import AdaptiveModel, AdaptiveOutput, ClassCountMismatchError
-from sidenet.splits import CallableSplit, MainNetSplit, TapError, TextEncoderSplit, register_splitter, split_mainnet
+from sidenet.splits import (
+    CallableSplit,
+    MainNetSplit,
+    TapError,
+    TextEncoderSplit,
+    UnsupportedMainNetError,
+    register_splitter,
+    split_mainnet,
+)
 from sidenet.training import FeatureCache, cache_features, fit_sidenet, train_sidenet
 
 __version__ = "0.1.0"
@@ -30,9 +45,11 @@ __all__ = [
     "NEVER_EXIT",
     "SideNet",
     "SideNetConfig",
+    "SplitMismatchError",
     "TapError",
     "TextEncoderSplit",
     "TradeoffCurve",
+    "UnsupportedMainNetError",
     "attach",
     "cache_features",
     "count_flops",

@@ -56,8 +56,12 @@ class SideNet(nn.Module):
         return self.pool(features)
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Logits from pooled features."""
-        return self.mlp(pooled)
+        """Logits from pooled features, in the SideNet's dtype.
+
+        Features in another floating dtype (a bfloat16 MainNet feeding a float32 SideNet, or the
+        reverse) are cast first: ``nn.Linear`` refuses mixed dtypes. A no-op when they agree.
+        """
+        return self.mlp(pooled.to(self.mlp[0].weight.dtype))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.classify(self.pooled(features))

@@ -3,6 +3,7 @@ the samples that did not exit."""
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -71,6 +72,14 @@ class FrontPass:
         return torch.full((len(self.exited),), cost, device=self.side_logits.device)
 
 
+def _eval_if_training(module: nn.Module) -> nn.Module:
+    """``module``, put back in eval mode if any part of it is training (a scan of the modules' flags:
+    cheap beside a forward pass, and it catches ``mainnet.layer1.train()`` as well)."""
+    if any(part.training for part in module.modules()):
+        module.eval()
+    return module
+
+
 class AdaptiveModel(nn.Module):
     """A MainNet with a SideNet attached at a tap, answering early for confident samples.
 
@@ -84,7 +93,9 @@ class AdaptiveModel(nn.Module):
         check_inputs: validate every batch (shape, emptiness, NaN/inf); costs one pass over the input.
         stats_window: how many of the latest adaptive-mode confidences to keep for :meth:`shift_check`.
 
-    The MainNet is put in eval mode and never trained here; call :meth:`fit` to train the SideNet.
+    The MainNet is frozen: its parameters stop requiring gradients (as peft freezes its base model),
+    it runs in eval mode and without autograd even after a user's ``mainnet.train()``; call :meth:`fit`
+    to train the SideNet. One model may serve several threads: the running statistics are locked.
     """
 
     def __init__(
@@ -103,6 +114,9 @@ class AdaptiveModel(nn.Module):
                 f"the SideNet predicts {sidenet.num_classes} classes but the MainNet predicts {split.num_classes}"
             )
         self.split = split.eval()
+        # Frozen like peft's base model: no MainNet gradient is ever wanted, so optimisers and
+        # parameter counts see only the SideNet.
+        self.split.requires_grad_(False)
         self.sidenet = sidenet
         self.policy = ExitPolicy(threshold, temperature, policy)
         self.check_inputs = check_inputs
@@ -114,6 +128,8 @@ class AdaptiveModel(nn.Module):
         self._flop_profiles: dict[tuple, FlopProfile] = {}
         self._rest_flops: dict[tuple, int] = {}
         self.history_: list[dict[str, float]] = []
+        # Guards the running statistics below when threads share the model (see _record).
+        self._stats_lock = threading.Lock()
         self.reset_stats()
 
     # -- settings -------------------------------------------------------------------------------
@@ -123,8 +139,8 @@ class AdaptiveModel(nn.Module):
 
     @threshold.setter
     def threshold(self, value: float) -> None:
+        # A new policy, not an edit of the old one: callers may hold the old one to restore it.
         self.policy = replace(self.policy, threshold=value)
-        self.policy.__post_init__()
 
     @property
     def temperature(self) -> float:
@@ -132,8 +148,8 @@ class AdaptiveModel(nn.Module):
 
     @temperature.setter
     def temperature(self, value: float) -> None:
+        # A new policy, not an edit of the old one: callers may hold the old one to restore it.
         self.policy = replace(self.policy, temperature=value)
-        self.policy.__post_init__()
 
     @property
     def policy_kind(self) -> str:
@@ -142,8 +158,8 @@ class AdaptiveModel(nn.Module):
 
     @policy_kind.setter
     def policy_kind(self, value: str) -> None:
+        # A new policy, not an edit of the old one: callers may hold the old one to restore it.
         self.policy = replace(self.policy, kind=value)
-        self.policy.__post_init__()
 
     @property
     def tap(self) -> str | int:
@@ -155,13 +171,30 @@ class AdaptiveModel(nn.Module):
         self.split.eval()
         return self
 
+    def _keep_mainnet_in_eval(self) -> None:
+        """Undo a ``train()`` called on the MainNet or one of its parts since: in train mode its
+        batch norms would update their statistics and its dropout would change the answers."""
+        _eval_if_training(self.split)
+
+    # -- copies ----------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        # A lock can be neither pickled nor deep-copied; every copy gets a fresh one.
+        state = dict(super().__getstate__())
+        state.pop("_stats_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._stats_lock = threading.Lock()
+
     # -- running statistics ----------------------------------------------------------------------
     def reset_stats(self) -> None:
         """Zero the counts of samples seen and exited in adaptive mode and forget their confidences."""
-        self.samples_seen = 0
-        self.samples_exited = 0
-        self._recent: deque[torch.Tensor] = deque()
-        self._recent_count = 0
+        with self._stats_lock:
+            self.samples_seen = 0
+            self.samples_exited = 0
+            self._recent: deque[torch.Tensor] = deque()
+            self._recent_count = 0
 
     def set_reference(self, confidence: Any) -> None:
         """Remember the SideNet confidences (under this policy) of the data the threshold was chosen on,
@@ -174,16 +207,28 @@ class AdaptiveModel(nn.Module):
     @property
     def recent_confidence(self) -> torch.Tensor:
         """The latest (at most ``stats_window``) confidences seen in adaptive mode."""
-        if not self._recent:
+        with self._stats_lock:  # another thread may be appending to the window
+            recent = list(self._recent)
+        if not recent:
             return torch.empty(0, dtype=torch.float64)
-        return torch.cat(list(self._recent))[-self.stats_window :]
+        return torch.cat(recent)[-self.stats_window :]
 
-    def _remember(self, confidence: torch.Tensor) -> None:
-        self._recent.append(confidence.detach().to("cpu", torch.float64))
-        self._recent_count += len(confidence)
-        # Drop whole old batches once the rest still fills the window.
-        while self._recent and self._recent_count - len(self._recent[0]) >= self.stats_window:
-            self._recent_count -= len(self._recent.popleft())
+    def _record(self, exited: torch.Tensor, confidence: torch.Tensor) -> None:
+        """Count an adaptive-mode batch and keep its confidences for :meth:`shift_check`.
+
+        The device work (the sum, the copy to the CPU) happens outside the lock; inside it, only the
+        read-modify-writes that threads sharing the model would otherwise interleave and lose.
+        """
+        seen, exits = len(exited), int(exited.sum())
+        scores = confidence.detach().to("cpu", torch.float64)
+        with self._stats_lock:
+            self.samples_seen += seen
+            self.samples_exited += exits
+            self._recent.append(scores)
+            self._recent_count += len(scores)
+            # Drop whole old batches once the rest still fills the window.
+            while self._recent and self._recent_count - len(self._recent[0]) >= self.stats_window:
+                self._recent_count -= len(self._recent.popleft())
 
     def shift_check(self, alpha: float = 0.01, min_samples: int = 100) -> Any:
         """Compare the confidences of recent traffic with the reference (two-sample Kolmogorov-Smirnov).
@@ -203,7 +248,9 @@ class AdaptiveModel(nn.Module):
     @property
     def observed_exit_rate(self) -> float:
         """Fraction of the samples seen in adaptive mode since :meth:`reset_stats` that exited."""
-        return self.samples_exited / self.samples_seen if self.samples_seen else float("nan")
+        with self._stats_lock:  # a consistent pair of counts
+            seen, exited = self.samples_seen, self.samples_exited
+        return exited / seen if seen else float("nan")
 
     # -- compute ---------------------------------------------------------------------------------
     def count_flops_with(self, mainnet: nn.Module | None) -> AdaptiveModel:
@@ -221,7 +268,7 @@ class AdaptiveModel(nn.Module):
         for text, once per padded length)."""
         key = self.split.flop_key(x)
         if key not in self._flop_profiles:
-            counted = self.flops_split or self.split
+            counted = _eval_if_training(self.flops_split or self.split)  # counting must not train it
             self._flop_profiles[key] = profile_flops(counted, self.sidenet, self.split.example(x))
         return self._flop_profiles[key]
 
@@ -238,8 +285,8 @@ class AdaptiveModel(nn.Module):
             return float(profile.rest)
         if key not in self._rest_flops:
             part = state if index is None else (selected if selected is not None else self.split.select(state, index))
-            rest = (self.flops_split or self.split).rest
-            self._rest_flops[key] = count_flops(rest, self.split.example_state(part))[0]
+            counted = _eval_if_training(self.flops_split or self.split)
+            self._rest_flops[key] = count_flops(counted.rest, self.split.example_state(part))[0]
         return float(self._rest_flops[key])
 
     def forward(self, x: Any, mode: Mode = "adaptive") -> AdaptiveOutput:
@@ -249,14 +296,18 @@ class AdaptiveModel(nn.Module):
         answer every sample, ``"adaptive"`` routes each sample by the exit policy. ``"batch"`` is the
         batch-level exit of other toolkits, for comparison: the SideNet answers only when every sample
         of the batch is confident, otherwise the MainNet answers them all.
+
+        The MainNet runs in eval mode and under ``torch.no_grad()``: gradients reach only the SideNet.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "main":
             if self.check_inputs:
                 self.split.validate_input(x)
+            self._keep_mainnet_in_eval()
             profile = self.flop_profile(x)
-            logits = self.split.rest(self.split.trunk(x))
+            with torch.no_grad():
+                logits = self.split.rest(self.split.trunk(x))
             n = self.split.batch_size(x)
             flops = torch.full((n,), float(profile.mainnet), device=logits.device)
             nan = torch.full((n,), float("nan"), device=logits.device)
@@ -271,11 +322,13 @@ class AdaptiveModel(nn.Module):
         if len(remaining) == 0:
             logits = side_logits
         elif len(remaining) == n:
-            logits = self.split.rest(state)
+            with torch.no_grad():
+                logits = self.split.rest(state)
             rest_cost = self.rest_flops(state, None, front.profile)
         else:
-            selected = self.split.select(state, remaining)
-            rest_logits = self.split.rest(selected)
+            with torch.no_grad():
+                selected = self.split.select(state, remaining)
+                rest_logits = self.split.rest(selected)
             rest_cost = self.rest_flops(state, remaining, front.profile, selected)
             dtype = torch.promote_types(side_logits.dtype, rest_logits.dtype)
             logits = side_logits.to(dtype).index_copy(0, remaining, rest_logits.to(dtype))
@@ -295,9 +348,13 @@ class AdaptiveModel(nn.Module):
             raise ValueError(f"front_pass mode must be 'adaptive', 'side' or 'batch', got {mode!r}")
         if self.check_inputs:
             self.split.validate_input(x)
+        self._keep_mainnet_in_eval()
         profile = self.flop_profile(x)
-        state = self.split.trunk(x)
-        side_logits = self.sidenet(self.split.features(state))
+        # No graph through the MainNet, even for inputs that require grad; the SideNet keeps its own.
+        with torch.no_grad():
+            state = self.split.trunk(x)
+            features = self.split.features(state)
+        side_logits = self.sidenet(features)
         confidence = self.policy.confidence(side_logits)
         if mode == "side":
             exited = torch.ones(len(side_logits), dtype=torch.bool, device=side_logits.device)
@@ -306,9 +363,7 @@ class AdaptiveModel(nn.Module):
             if mode == "batch" and not bool(exited.all()):
                 exited = torch.zeros_like(exited)
         if mode == "adaptive":
-            self.samples_seen += len(exited)
-            self.samples_exited += int(exited.sum())
-            self._remember(confidence)
+            self._record(exited, confidence)
         return FrontPass(state, side_logits, confidence, exited, profile)
 
     @torch.no_grad()

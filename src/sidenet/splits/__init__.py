@@ -37,12 +37,18 @@ __all__ = [
     "TextEncoderSplit",
     "State",
     "TapError",
+    "UnsupportedMainNetError",
     "concat_samples",
     "select_samples",
     "register_splitter",
     "split_mainnet",
     "SPLITTERS",
 ]
+
+class UnsupportedMainNetError(ValueError, TypeError):
+    """No registered splitter knows the MainNet's type. A ``ValueError`` like every other bad input
+    (and a ``TypeError``, as earlier releases raised)."""
+
 
 # name -> (does this splitter handle the model?, build the split at a tap)
 SPLITTERS: dict[str, tuple[Callable[[nn.Module], bool], Callable[..., MainNetSplit]]] = {}
@@ -67,15 +73,20 @@ def split_mainnet(mainnet: nn.Module | MainNetSplit, tap: str | int, **options: 
     """Cut ``mainnet`` at ``tap`` with the splitter registered for its type.
 
     ``options`` go to the splitter (e.g. ``features="mean"`` for text encoders). A ``MainNetSplit``
-    passes through unchanged. Raises ``TypeError`` for a model no splitter knows (build a
-    :class:`CallableSplit` for those) and :class:`TapError` for an unknown tap.
+    passes through unchanged. Raises :class:`UnsupportedMainNetError` for a model no splitter knows
+    (build a :class:`CallableSplit` for those) and :class:`TapError` for an unknown tap.
     """
     if isinstance(mainnet, MainNetSplit):
         return mainnet
+    if not isinstance(mainnet, nn.Module):
+        raise UnsupportedMainNetError(
+            f"the MainNet must be a torch.nn.Module (or a sidenet.MainNetSplit), got {type(mainnet).__name__}; "
+            f"registered splitters: {', '.join(SPLITTERS)}"
+        )
     for matches, build in reversed(SPLITTERS.values()):
         if matches(mainnet):
             return build(mainnet, tap, **options)
-    raise TypeError(
+    raise UnsupportedMainNetError(
         f"no splitter knows {type(mainnet).__name__}; registered: {', '.join(SPLITTERS)}. "
         "Wrap it with sidenet.CallableSplit(trunk=..., rest=..., mainnet=model) instead."
     )

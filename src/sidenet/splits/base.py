@@ -98,6 +98,23 @@ class MainNetSplit(nn.Module):
             raise ValueError(f"expected a tensor input, got {type(x).__name__}")
         if x.ndim == 0 or x.shape[0] == 0:
             raise ValueError(f"empty batch: input has shape {tuple(x.shape)}")
+        # Name a device or dtype mismatch here: the MainNet's own error ("expected scalar type Double
+        # but found Float") names neither the input nor the fix. The first floating parameter is read
+        # on every call (cheap) so that the check follows the MainNet through ``.to()``.
+        parameters = self.mainnet.parameters() if isinstance(self.mainnet, nn.Module) else iter(())
+        reference = next((p for p in parameters if p.is_floating_point()), None)
+        if reference is not None:
+            if x.device != reference.device:
+                raise ValueError(
+                    f"input is on {x.device} but the MainNet is on {reference.device}; "
+                    f"move it with x.to({str(reference.device)!r})"
+                )
+            # Integer inputs (token ids) are not cast by the MainNet; autocast casts floating ones itself.
+            if x.is_floating_point() and x.dtype != reference.dtype and not torch.is_autocast_enabled(x.device.type):
+                raise ValueError(
+                    f"input dtype {x.dtype} does not match the MainNet's {reference.dtype}; "
+                    f"convert with x.to({reference.dtype})"
+                )
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise ValueError("input contains NaN or infinite values")
 
@@ -148,6 +165,17 @@ class MainNetSplit(nn.Module):
 
     def extra_repr(self) -> str:
         return f"tap={self.tap!r}, num_classes={self.num_classes}"
+
+    def mainnet_logits(self, x: Any) -> torch.Tensor:
+        """The MainNet's own forward on ``x``, for checking that ``rest(trunk(x))`` reproduces it.
+
+        Splitters match module names, so a model whose ``forward`` adds a step is cut wrongly without
+        any error; ``attach`` and ``load_sidenet`` compare the two once. A splitter whose inputs differ
+        from the model's call signature (text: a dict of keyword arguments) overrides this.
+        """
+        if self.mainnet is None:
+            raise ValueError(f"{type(self).__name__} has no MainNet module to run (mainnet=None)")
+        return self.mainnet(x)
 
 
 class CallableSplit(MainNetSplit):
@@ -205,6 +233,11 @@ class StagedSplit(MainNetSplit):
         stages: ``(name, callable)`` in execution order; a tap names the stage after which to cut.
         head: the callable after the last stage (pooling, classifier).
         tap: a stage name, or an alias from ``aliases``.
+
+    Stages and head should be submodules of ``mainnet`` or ``functools.partial`` of module-level
+    functions over it, not closures: ``copy.deepcopy`` remaps a partial's arguments to the copied
+    model but shares a closure's (the copy would run the original model), and pickle cannot store
+    closures at all.
         aliases: other names for stages (``"layer2"`` for its last block ``"layer2.1"``).
         in_channels: when set, inputs must be image batches (N, in_channels, H, W).
     """

@@ -43,12 +43,15 @@ class EncoderLayout:
         embed: ``(encoder model, batch) -> embeddings``; the batch is a mapping of tensors.
         head: ``(classifier, last hidden states) -> logits``: pooling and classification, as the
             classifier's own ``forward`` does them.
+        inputs: the batch keys the trunk reads, passed to the classifier's own ``forward`` when the
+            split is checked against it (DistilBERT takes no ``token_type_ids``).
     """
 
     base: str
     layers: str
     embed: Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
     head: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    inputs: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def _bert_embed(base: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -59,18 +62,31 @@ def _bert_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return model.classifier(model.dropout(model.bert.pooler(hidden)))
 
 
+def _distilbert_embed(base: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return base.embeddings(batch["input_ids"])
+
+
 def _distilbert_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return model.classifier(model.dropout(torch.relu(model.pre_classifier(hidden[:, 0]))))
 
 
-# Keyed by class name so that matching needs no import of transformers; subclasses match too.
+def _roberta_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return model.classifier(hidden)
+
+
+# Keyed by class name so that matching needs no import of transformers; subclasses match too. The parts
+# are module-level functions, not lambdas, so that splits pickle (Ray ships models by pickling them).
 LAYOUTS: dict[str, EncoderLayout] = {
     "BertForSequenceClassification": EncoderLayout("bert", "encoder.layer", _bert_embed, _bert_head),
     "DistilBertForSequenceClassification": EncoderLayout(
-        "distilbert", "transformer.layer", lambda base, batch: base.embeddings(batch["input_ids"]), _distilbert_head
+        "distilbert",
+        "transformer.layer",
+        _distilbert_embed,
+        _distilbert_head,
+        inputs=("input_ids", "attention_mask"),
     ),
     "RobertaForSequenceClassification": EncoderLayout(
-        "roberta", "encoder.layer", _bert_embed, lambda model, hidden: model.classifier(hidden)
+        "roberta", "encoder.layer", _bert_embed, _roberta_head
     ),
 }
 
@@ -151,6 +167,9 @@ class TextEncoderSplit(MainNetSplit):
             raise ValueError(f"input_ids must be an integer tensor of shape (N, T), got {_describe(ids)}")
         if ids.shape[0] == 0 or ids.shape[1] == 0:
             raise ValueError(f"empty batch: input_ids has shape {tuple(ids.shape)}")
+        device = next(self.mainnet.parameters()).device
+        if ids.device != device:
+            raise ValueError(f"input_ids are on {ids.device} but the MainNet is on {device}; move the batch there")
         config = self.mainnet.config
         if ids.shape[1] > config.max_position_embeddings:
             raise ValueError(
@@ -188,6 +207,11 @@ class TextEncoderSplit(MainNetSplit):
 
     def options(self) -> dict[str, Any]:
         return {"features": self.features_mode}
+
+    def mainnet_logits(self, x: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``model(**inputs).logits`` with the keys the trunk reads (others, such as labels, dropped)."""
+        inputs = {key: x[key] for key in self.layout.inputs if x.get(key) is not None}
+        return self.mainnet(**inputs, return_dict=True).logits
 
     # -- the two halves ---------------------------------------------------------------------------
     def _attention_mask(self, hidden: torch.Tensor, mask: torch.Tensor) -> Any:

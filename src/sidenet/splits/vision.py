@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import operator
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -41,54 +44,81 @@ def _block_stages(model: nn.Module, layers: list[str]) -> tuple[list, dict[str, 
     return stages, aliases
 
 
+def _classifier_classes(classifier: nn.Module) -> int | None:
+    """The number of classes a classifier head predicts: its ``out_features`` for an ``nn.Linear``,
+    that of the last ``nn.Linear`` inside it otherwise (``nn.Sequential(nn.Dropout(), nn.Linear(...))``),
+    ``None`` when it holds none (the caller's ``num_classes`` is used then)."""
+    if isinstance(classifier, nn.Linear):
+        return classifier.out_features
+    linears = [m for m in classifier.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+# Stem and head as module-level functions bound to the model with functools.partial, not closures:
+# deepcopy copies a partial's arguments through its memo (so a copied split runs the copied model)
+# and pickle can store them by name (closures it cannot store at all). Neither is a submodule, so
+# the state dict holds the model's parameters once, under ``mainnet``.
+def _torchvision_stem(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.maxpool(model.relu(model.bn1(model.conv1(x))))
+
+
+def _torchvision_head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.fc(torch.flatten(model.avgpool(x), 1))
+
+
+def _cifar_stem(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.relu(model.bn1(model.conv1(x)))
+
+
+def _cifar_head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.linear(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
 def split_torchvision_resnet(model: nn.Module, tap: str) -> StagedSplit:
     """Split a torchvision ResNet (18, 34, 50, 101, 152, or a ResNeXt/Wide ResNet) at ``tap``:
     ``stem`` (conv1, bn1, relu, maxpool), ``layer1`` ... ``layer4``, or a block such as ``layer2.1``."""
-
-    def stem(x: torch.Tensor) -> torch.Tensor:
-        return model.maxpool(model.relu(model.bn1(model.conv1(x))))
-
-    def head(x: torch.Tensor) -> torch.Tensor:
-        return model.fc(torch.flatten(model.avgpool(x), 1))
-
     stages, aliases = _block_stages(model, ["layer1", "layer2", "layer3", "layer4"])
     return StagedSplit(
-        model, [("stem", stem), *stages], head, tap, aliases,
-        num_classes=model.fc.out_features, in_channels=model.conv1.in_channels,
+        model, [("stem", partial(_torchvision_stem, model)), *stages], partial(_torchvision_head, model), tap,
+        aliases, num_classes=_classifier_classes(model.fc), in_channels=model.conv1.in_channels,
     )  # fmt: skip
 
 
 def split_cifar_resnet(model: nn.Module, tap: str) -> StagedSplit:
     """Split a CIFAR ResNet at ``stem`` (conv1, bn1, relu), ``layer1`` ... ``layer3`` or a block."""
-
-    def stem(x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(model.bn1(model.conv1(x)))
-
-    def head(x: torch.Tensor) -> torch.Tensor:
-        return model.linear(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
-
     stages, aliases = _block_stages(model, ["layer1", "layer2", "layer3"])
     return StagedSplit(
-        model, [("stem", stem), *stages], head, tap, aliases,
-        num_classes=model.linear.out_features, in_channels=model.conv1.in_channels,
+        model, [("stem", partial(_cifar_stem, model)), *stages], partial(_cifar_head, model), tap, aliases,
+        num_classes=_classifier_classes(model.linear), in_channels=model.conv1.in_channels,
     )  # fmt: skip
+
+
+def _sequential_cut(tap: object) -> int | None:
+    """``tap`` as a count of modules: an int (or an integer type such as numpy's) or a string of
+    digits (the CLI passes taps as text); ``None`` for anything else. Floats and booleans are refused
+    rather than truncated: ``int(2.7)`` is 2 and ``int(True)`` is 1, silently another tap."""
+    if isinstance(tap, bool) or (isinstance(tap, torch.Tensor) and tap.dtype == torch.bool):
+        return None
+    if isinstance(tap, str):
+        text = tap.strip()
+        return int(text) if text.isdecimal() else None
+    try:
+        return operator.index(tap)  # ints and integer types only: no float, no truncation
+    except TypeError:
+        return None
 
 
 class SequentialSplit(MainNetSplit):
     """Split an ``nn.Sequential`` after its first ``tap`` modules (1 <= tap < len(model))."""
 
     def __init__(self, model: nn.Sequential, tap: int | str) -> None:
-        try:
-            cut = int(tap)
-        except (TypeError, ValueError):
-            cut = -1
-        if not 1 <= cut < len(model):
+        cut = _sequential_cut(tap)
+        if cut is None or not 1 <= cut < len(model):
             raise TapError(
                 f"unknown tap {tap!r} for nn.Sequential of {len(model)} modules; valid taps: "
-                f"integers 1..{len(model) - 1} (the trunk is the first `tap` modules)"
+                f"integers 1..{len(model) - 1} (the trunk is the first `tap` modules; no floats or booleans)"
             )
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        super().__init__(model, cut, linears[-1].out_features if linears else None)
+        super().__init__(model, cut, _classifier_classes(model))
         # A tuple, not attributes: the halves share modules already registered under ``mainnet``.
         self._halves = (model[:cut], model[cut:])
         # A reshaping module ahead of the first layer (nn.Flatten) hides the input shape: no check then.
