@@ -3,6 +3,7 @@ clear errors for missing or corrupt checkpoints."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -25,7 +26,9 @@ from sidenet import (
     mainnet_fingerprint,
     save_sidenet,
 )
+from sidenet.attach import SplitMismatchError  # also sidenet.SplitMismatchError once exported there
 from sidenet.config import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
+from sidenet.models.cifar_resnet import CifarResNet
 
 
 @pytest.fixture()
@@ -34,6 +37,15 @@ def saved(tiny_model: AdaptiveModel, separable_loader, tmp_path: Path) -> tuple[
     tiny_model.threshold, tiny_model.temperature = 0.6, 1.5
     folder = save_sidenet(tiny_model, tmp_path / "saved", metadata={"note": "test"})
     return tiny_model, folder
+
+
+def reseal_weights(folder: Path) -> None:
+    """Record the weights file's current checksum in the config (and the config's own checksum)."""
+    data = json.loads((folder / CONFIG_NAME).read_text())
+    data["weights_sha256"] = hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
+    config = SideNetConfig.from_json(json.dumps({**data, "structure_sha256": None}))
+    data["structure_sha256"] = config.structure_digest()
+    (folder / CONFIG_NAME).write_text(json.dumps(data))
 
 
 def test_attach_builds_a_fresh_sidenet(tiny_mainnet: nn.Module) -> None:
@@ -64,6 +76,9 @@ def test_attach_bad_inputs(tiny_mainnet: nn.Module) -> None:
         sidenet.attach(tiny_mainnet, "stem", input_shape=(3, 16, 16))
     with pytest.raises(ValueError, match="threshold"):
         sidenet.attach(tiny_mainnet, "stem", input_shape=IMAGE_SHAPE, threshold=2.0)
+    for bad in ((1, 16.5, 16), "1,16,16", (1, 0, 16), 16):
+        with pytest.raises(ValueError, match="input_shape"):
+            sidenet.attach(tiny_mainnet, "stem", input_shape=bad)
 
 
 def test_round_trip_gives_identical_outputs(saved: tuple[AdaptiveModel, Path], make_mainnet, images) -> None:
@@ -171,6 +186,10 @@ def test_missing_weights(saved: tuple[AdaptiveModel, Path]) -> None:
 def test_corrupt_weights(saved: tuple[AdaptiveModel, Path], content: bytes) -> None:
     model, folder = saved
     (folder / WEIGHTS_NAME).write_bytes(content)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_sidenet(model.split.mainnet, folder)
+    # The same bytes with their checksum recorded (resealed config): safetensors itself refuses them.
+    reseal_weights(folder)
     with pytest.raises(CheckpointError, match="corrupt or not a safetensors file"):
         load_sidenet(model.split.mainnet, folder)
 
@@ -186,6 +205,9 @@ def test_truncated_weights(saved: tuple[AdaptiveModel, Path]) -> None:
 def test_weights_not_matching_config(saved: tuple[AdaptiveModel, Path]) -> None:
     model, folder = saved
     save_file({"mlp.0.weight": torch.zeros(3, 3)}, str(folder / WEIGHTS_NAME))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_sidenet(model.split.mainnet, folder)
+    reseal_weights(folder)  # as if saved with these weights
     with pytest.raises(CheckpointError, match="does not match its config"):
         load_sidenet(model.split.mainnet, folder)
 
@@ -196,17 +218,15 @@ def test_weights_not_matching_config(saved: tuple[AdaptiveModel, Path]) -> None:
         ("{not json", "not valid JSON"),
         ("[1, 2]", "JSON object"),
         ('{"tap": "layer1"}', "lacks the keys"),
-        ('{"tap": "layer1", "feature_shape": [8, 16, 16], "num_classes": 4, "threshold": 7}', "threshold"),
-        ('{"tap": "layer1", "feature_shape": [8, 16, 16], "num_classes": 4, "format_version": 99}', "newer"),
-        (
-            '{"tap": "layer1", "feature_shape": [8, 16, 16], "num_classes": 4, "hidden": 32, "pool_size": 2, '
-            '"bogus": 1, "threshold": null}',
-            None,
-        ),
+        ({"threshold": 7}, "threshold"),
+        ({"format_version": 99}, "newer"),
+        ({"bogus": 1, "threshold": None}, None),
     ],
 )
-def test_corrupt_config(saved: tuple[AdaptiveModel, Path], text: str, message: str | None) -> None:
+def test_corrupt_config(saved: tuple[AdaptiveModel, Path], text: str | dict, message: str | None) -> None:
     model, folder = saved
+    if isinstance(text, dict):  # edits of the saved config
+        text = json.dumps({**json.loads((folder / CONFIG_NAME).read_text()), **text})
     (folder / CONFIG_NAME).write_text(text)
     if message is None:  # unknown keys are ignored; null is never-exit
         assert load_sidenet(model.split.mainnet, folder).threshold == NEVER_EXIT
@@ -214,3 +234,111 @@ def test_corrupt_config(saved: tuple[AdaptiveModel, Path], text: str, message: s
     with pytest.raises(CheckpointError, match=message) as info:
         load_sidenet(model.split.mainnet, folder)
     assert str(folder) in str(info.value)
+
+
+# -- the split must reproduce the MainNet's own forward ---------------------------------------------
+
+
+class ShiftedCifarResNet(CifarResNet):
+    """A MainNet whose forward adds a step the splitter, matching module names, cannot know about."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * 2 - 1)
+
+
+def shifted_copy(mainnet: nn.Module) -> ShiftedCifarResNet:
+    shifted = ShiftedCifarResNet(depth=8, num_classes=NUM_CLASSES, in_channels=IMAGE_SHAPE[0], width=8)
+    shifted.load_state_dict(mainnet.state_dict())
+    return shifted.eval()
+
+
+def test_attach_refuses_a_forward_the_split_does_not_reproduce(tiny_mainnet: nn.Module, images) -> None:
+    shifted = shifted_copy(tiny_mainnet)
+    for kwargs in ({"input_shape": IMAGE_SHAPE}, {"example_input": images(4)}):
+        with pytest.raises(SplitMismatchError, match=r"forward.*sidenet\.CallableSplit\(trunk=") as info:
+            sidenet.attach(shifted, "layer1", **kwargs)
+        assert isinstance(info.value, ValueError) and "ShiftedCifarResNet" in str(info.value)
+    # The escape hatch: a split written by hand is trusted as given.
+    plain = sidenet.split_mainnet(shifted, "layer1")
+    split = sidenet.CallableSplit(trunk=lambda x: plain.trunk(x * 2 - 1), rest=plain.rest, mainnet=shifted,
+                                  num_classes=NUM_CLASSES, tap="layer1")  # fmt: skip
+    model = sidenet.attach(split, "layer1", input_shape=IMAGE_SHAPE, hidden=8, threshold=NEVER_EXIT)
+    x = images(6, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, shifted(x), rtol=0, atol=1e-6)
+
+
+def test_torchvision_resnet_subclass_is_refused() -> None:
+    torchvision = pytest.importorskip("torchvision")
+
+    class Shifted(torchvision.models.ResNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x * 2 - 1)
+
+    torch.manual_seed(0)
+    args = (torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
+    with pytest.raises(SplitMismatchError, match="does not reproduce"):
+        sidenet.attach(Shifted(*args, num_classes=5).eval(), "layer1", input_shape=(3, 32, 32))
+    plain = torchvision.models.ResNet(*args, num_classes=5).eval()
+    assert sidenet.attach(plain, "layer1", input_shape=(3, 32, 32), hidden=8).tap == "layer1"
+
+
+def test_load_refuses_a_forward_the_split_does_not_reproduce(tiny_model: AdaptiveModel, tmp_path: Path) -> None:
+    """Same weights (same fingerprint), other forward: caught on load too."""
+    folder = save_sidenet(tiny_model, tmp_path / "s")
+    shifted = shifted_copy(tiny_model.split.mainnet)
+    assert mainnet_fingerprint(shifted) == mainnet_fingerprint(tiny_model.split.mainnet)
+    with pytest.raises(SplitMismatchError, match="CallableSplit"):
+        load_sidenet(shifted, folder)
+
+
+def test_mainnet_logits_default_and_no_mainnet(tiny_mainnet: nn.Module, images) -> None:
+    split = sidenet.split_mainnet(tiny_mainnet, "layer1")
+    x = images(3)
+    with torch.no_grad():
+        torch.testing.assert_close(split.mainnet_logits(x), tiny_mainnet(x), rtol=0, atol=0)
+    bare = sidenet.CallableSplit(trunk=lambda v: v, rest=lambda v: v)
+    with pytest.raises(ValueError, match="no MainNet"):
+        bare.mainnet_logits(x)
+
+
+# -- dtype and device --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_low_and_high_precision_mainnet(make_mainnet, images, tmp_path: Path, dtype: torch.dtype) -> None:
+    mainnet = make_mainnet().to(dtype)
+    model = sidenet.attach(mainnet, "layer1", input_shape=IMAGE_SHAPE, hidden=8, threshold=NEVER_EXIT)
+    assert {p.dtype for p in model.sidenet.parameters()} == {dtype}
+    x = images(5, seed=1).to(dtype)
+    with torch.no_grad():
+        out = model(x)
+        torch.testing.assert_close(out.logits, mainnet(x), rtol=0, atol=0)
+        model.threshold = 0.0
+        assert model(x).exited.all()
+    # A float32 example batch is cast to the MainNet's dtype.
+    assert sidenet.attach(mainnet, "layer1", example_input=images(2), hidden=8).sidenet.mlp[0].weight.dtype == dtype
+    folder = save_sidenet(model, tmp_path / "low")
+    loaded = load_sidenet(make_mainnet().to(dtype), folder)
+    assert {p.dtype for p in loaded.sidenet.parameters()} == {dtype}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_mainnet(make_mainnet, images, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    mainnet = make_mainnet().cuda()
+    model = sidenet.attach(mainnet, "layer1", input_shape=IMAGE_SHAPE, hidden=8, threshold=0.5)
+    assert next(model.sidenet.parameters()).is_cuda
+    x = images(5, seed=1).cuda()
+    with torch.no_grad():
+        expected = model(x).logits
+    folder = save_sidenet(model, tmp_path / "cuda")
+    assert all(t.device.type == "cpu" for t in load_file(str(folder / WEIGHTS_NAME)).values())
+    loaded = load_sidenet(make_mainnet().cuda(), folder)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, expected, rtol=0, atol=0)
+    on_cpu = load_sidenet(make_mainnet(), folder)
+    assert next(on_cpu.sidenet.parameters()).device.type == "cpu"

@@ -10,7 +10,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import sidenet  # noqa: E402
+from helpers import threshold_between  # noqa: E402
 from sidenet import NEVER_EXIT, AdaptiveModel, MainNetMismatchError, TapError, count_flops, split_mainnet  # noqa: E402
+from sidenet.attach import SplitMismatchError  # noqa: E402
 from sidenet.curve import collect  # noqa: E402
 from sidenet.splits import TextEncoderSplit  # noqa: E402
 
@@ -103,9 +105,11 @@ def test_eager_and_sdpa_agree(family: str) -> None:
 
 
 def median_threshold(model: AdaptiveModel, batch: dict) -> float:
+    """About half the batch exits; strictly between two samples' scores, never on one (a sample's
+    float32 score alone and in a batch may differ in the last bit)."""
     with torch.no_grad():
         side = model.sidenet(model.split.features(model.split.trunk(batch)))
-    return float(model.policy.confidence(side).median())
+    return threshold_between(model.policy.confidence(side), 0.5)
 
 
 @pytest.mark.parametrize("family", ["bert", "distilbert"])
@@ -200,8 +204,7 @@ def test_curve_flops_equal_forward_flops(threshold_quantile: float) -> None:
               for i, lengths in enumerate([[9, 2, 5, 14, 3, 7], [4, 4, 11], [13, 1, 6, 2]])]  # fmt: skip
     record = collect(adaptive, loader, progress=False)
     curve = sidenet.TradeoffCurve(record)
-    # A confidence itself: exactly representable in float32, so forward and curve agree on ties.
-    threshold = float(np.sort(record.confidence)[int(threshold_quantile * len(record.confidence))])
+    threshold = threshold_between(record.confidence, threshold_quantile)
     adaptive.threshold = threshold
     with torch.no_grad():
         flops = torch.cat([adaptive(batch).flops for batch in loader])
@@ -312,3 +315,46 @@ def test_report_rescoring_equals_a_new_sweep() -> None:
             np.testing.assert_allclose(got.confidence, fresh.confidence, rtol=1e-6)
             np.testing.assert_allclose(got.rest_flops, fresh.rest_flops)
             assert got.policy == fresh.policy
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mainnet_logits_is_the_hf_forward(family: str) -> None:
+    """The split's call of the model's own forward takes the keys its trunk reads (DistilBERT has no
+    token types) and ignores the rest, such as labels."""
+    model = tiny_encoder(family)
+    batch = padded_like(make_batch(LENGTHS, token_types=True), model.config.pad_token_id)
+    batch["labels"] = torch.zeros(len(LENGTHS), dtype=torch.long)
+    split = split_mainnet(model, 2)
+    keys = ("input_ids", "attention_mask") + (("token_type_ids",) if family != "distilbert" else ())
+    with torch.no_grad():
+        got = split.mainnet_logits(batch)
+        torch.testing.assert_close(got, hf_logits(model, {k: batch[k] for k in keys}), rtol=0, atol=0)
+        torch.testing.assert_close(split(batch), got, rtol=0, atol=ATOL)
+
+
+def test_encoder_whose_forward_differs_is_refused(tmp_path) -> None:
+    class Doubled(transformers.BertForSequenceClassification):
+        def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    model = tiny_encoder("bert")
+    with pytest.raises(SplitMismatchError, match="CallableSplit"):
+        attached(Doubled(model.config).eval(), 2)
+    folder = sidenet.save_sidenet(attached(model, 2), tmp_path / "bert")
+    doubled = Doubled(model.config).eval()
+    doubled.load_state_dict(model.state_dict())
+    with pytest.raises(SplitMismatchError):
+        sidenet.load_sidenet(doubled, folder)
+
+
+def test_bfloat16_encoder(tmp_path) -> None:
+    model = tiny_encoder("bert").to(torch.bfloat16)
+    adaptive = attached(model, 2)
+    assert adaptive.sidenet.mlp[0].weight.dtype == torch.bfloat16
+    batch = make_batch(LENGTHS)
+    with torch.no_grad():
+        torch.testing.assert_close(adaptive(batch).logits, hf_logits(model, batch), rtol=0, atol=0)
+    loaded = sidenet.load_sidenet(model, sidenet.save_sidenet(adaptive, tmp_path / "bf16"))
+    assert loaded.sidenet.mlp[0].weight.dtype == torch.bfloat16
