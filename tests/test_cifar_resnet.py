@@ -102,3 +102,18 @@ def test_bad_depth_raises(depth: int) -> None:
 def test_smallest_depth() -> None:
     model = cifar_resnet(8)
     assert len(model.layer1) == 1
+
+
+def test_constructors_are_exported_from_sidenet_models() -> None:
+    # ``sidenet.models.cifar_resnet`` used to be only the submodule, so calling it failed.
+    from sidenet.models import CIFAR_RESNET_DEPTHS as depths
+    from sidenet.models import CifarResNet as exported_class
+    from sidenet.models import cifar_resnet as exported
+
+    model = exported(56)
+    assert isinstance(model, CifarResNet) and exported_class is CifarResNet and model.depth == 56
+    assert depths == CIFAR_RESNET_DEPTHS
+    # The submodule stays importable by its dotted name.
+    from sidenet.models.cifar_resnet import PadShortcut as shortcut
+
+    assert shortcut is PadShortcut

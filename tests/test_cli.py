@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +135,22 @@ def test_fit_chooses_the_threshold_on_a_prefix_of_validation(
     assert runner.invoke(cli.app, [*args, "--max-val-samples", "20"]).exit_code == 0
     assert runner.invoke(cli.app, [*args, "--max-val-samples", "0"]).exit_code == 2
     assert swept == [20]
+
+
+def test_python_dash_m_sidenet() -> None:
+    # There was no sidenet/__main__.py, so ``python -m sidenet`` failed.
+    result = subprocess.run([sys.executable, "-m", "sidenet", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout and "fit" in result.stdout and "sweep" in result.stdout
+
+
+def test_split_options_a_mainnet_does_not_take_are_a_clean_error(
+    tiny_task: TinyTask, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even past the up-front checks (a task that cannot check its taps), options the splitter rejects
+    with a TypeError come out as an error message, not a traceback."""
+    monkeypatch.setattr(tiny_task, "check_tap", lambda tap, split_options=None: None)
+    args = ["fit", "--task", "tiny", "--tap", "layer1", "--features", "mean", "--out", str(tmp_path), "-q"]
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 2, result.output
+    assert "error: split options {'features': 'mean'} do not apply to this MainNet" in result.output

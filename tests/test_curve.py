@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -13,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import NUM_CLASSES, separable_dataset
+from helpers import NUM_CLASSES, separable_dataset, threshold_between
 from sidenet import NEVER_EXIT, AdaptiveModel, TradeoffCurve, sweep
-from sidenet.curve import SweepRecord
+from sidenet.curve import SweepRecord, collect
 
 HYPOTHESIS = settings(max_examples=25, deadline=None)
 # A few values so that ties are common, plus arbitrary ones; all float32 values, as the SideNet's
@@ -67,13 +68,28 @@ def assert_point(point: dict[str, float], expected: dict[str, float]) -> None:
         assert point[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
 
 
+def assert_between_samples(record: SweepRecord, threshold: float) -> None:
+    """``threshold`` sits on no sample's float32 confidence, except when the lowest confidence that
+    exits at it is the float32 right after the highest that does not (nothing lies between them)."""
+    scores = record.confidence.astype(np.float32)
+    if threshold == NEVER_EXIT or threshold == 0.0:
+        return
+    if np.float32(threshold) in scores:
+        exiting, staying = scores[scores >= np.float32(threshold)], scores[scores < np.float32(threshold)]
+        assert len(staying) and np.nextafter(staying.max(), np.float32(np.inf)) == exiting.min(), threshold
+
+
 @HYPOTHESIS
 @given(record=records())
 def test_every_point_matches_brute_force(record: SweepRecord) -> None:
     curve = TradeoffCurve(record)
     distinct = sorted(set(record.confidence.tolist()), reverse=True)
-    assert curve.thresholds.tolist() == [NEVER_EXIT, *distinct]
     assert len(curve) == len(distinct) + 1
+    # Point i exits the samples down to the i-th distinct confidence, with a threshold between that
+    # confidence and the next lower one (0 for the last point).
+    assert curve.thresholds[0] == NEVER_EXIT and curve.thresholds[-1] == 0.0
+    for i, threshold in enumerate(curve.thresholds[1:-1], start=1):
+        assert np.float32(distinct[i]) < np.float32(threshold) <= np.float32(distinct[i - 1])
     for i, threshold in enumerate(curve.thresholds):
         point = curve.point(i)
         assert point["threshold"] == threshold
@@ -140,16 +156,18 @@ def simple_record() -> SweepRecord:
 
 def test_simple_curve_by_hand() -> None:
     curve = TradeoffCurve(simple_record())
-    assert curve.thresholds.tolist() == [NEVER_EXIT, 0.95, 0.9, 0.6, 0.4]
+    # Midway between neighbouring confidences (0.95, 0.9, 0.6, 0.4), in float32; 0 exits everyone.
+    assert curve.thresholds.tolist() == pytest.approx([NEVER_EXIT, 0.925, 0.75, 0.5, 0.0], abs=1e-6)
     assert curve.exits.tolist() == [0, 1, 3, 4, 5]
     assert curve.accuracy.tolist() == pytest.approx([0.8, 0.8, 0.6, 0.4, 0.6])
     assert curve.mean_flops.tolist() == pytest.approx([100, 82, 46, 28, 10])
     assert curve.mainnet_flops == 95.0
-    assert curve.threshold_for(max_accuracy_drop=0.0) == 0.95
-    assert curve.threshold_for(max_accuracy_drop=0.2) == 0.4
-    assert curve.threshold_for(compute_budget=0.9) == 0.95
-    assert curve.threshold_for(compute_budget=0.5) == 0.4  # 0.9 is as accurate but dearer
-    assert curve.threshold_for(compute_budget=10 / 95) == 0.4
+    assert curve.threshold_for(max_accuracy_drop=0.0) == pytest.approx(0.925)
+    assert curve.threshold_for(max_accuracy_drop=0.2) == 0.0
+    assert curve.threshold_for(compute_budget=0.9) == pytest.approx(0.925)
+    assert curve.threshold_for(compute_budget=0.5) == 0.0  # exiting down to 0.9 is as accurate but dearer
+    assert curve.threshold_for(compute_budget=10 / 95) == 0.0
+    assert [curve._index_of(t) for t in curve.thresholds] == list(range(len(curve)))
 
 
 @pytest.mark.parametrize(
@@ -180,7 +198,7 @@ def test_table_json_and_plot(tmp_path) -> None:
     table = curve.table(rows=4, marks={"chosen": 0.9})
     assert "never" in table and "<- chosen" in table and "5 samples" in table
     data = json.loads(curve.save_json(tmp_path / "curve.json").read_text())
-    assert data["thresholds"][0] is None and data["thresholds"][1:] == [0.95, 0.9, 0.6, 0.4]
+    assert data["thresholds"][0] is None and data["thresholds"][1:] == pytest.approx([0.925, 0.75, 0.5, 0.0], abs=1e-6)
     assert data["accuracy"] == pytest.approx(curve.accuracy.tolist()) and data["num_samples"] == 5
     path = curve.plot(tmp_path / "plots" / "curve.png", marks={"chosen": 0.9}, title="test")
     assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and path.stat().st_size > 1000
@@ -233,6 +251,7 @@ def test_sweep_agrees_with_the_routed_model(trained: tuple[AdaptiveModel, DataLo
     ]
     assert any(0.2 < curve.at(t)["exit_rate"] < 0.8 for t in chosen)
     for threshold in chosen:
+        assert_between_samples(curve.record, threshold)
         expected = curve.at(threshold)
         measured = run_at(model, loader, threshold)
         assert measured["exit_rate"] == pytest.approx(expected["exit_rate"]), threshold
@@ -249,7 +268,9 @@ def test_sweep_uses_the_model_temperature(trained: tuple[AdaptiveModel, DataLoad
     model.temperature = 3.0
     soft = sweep(model, loader, progress=False)
     assert soft.record.confidence.max() < sharp.record.confidence.max()
-    threshold = float(np.median(soft.record.confidence))
+    # Between two samples' confidences, not on the median sample's own (which could flip its exit).
+    threshold = threshold_between(soft.record.confidence, 0.5)
+    assert 0.3 < soft.at(threshold)["exit_rate"] < 0.7
     assert run_at(model, loader, threshold)["exit_rate"] == pytest.approx(soft.at(threshold)["exit_rate"])
 
 
@@ -304,3 +325,102 @@ def test_sweep_agrees_with_the_routed_model_under_other_policies(
         measured = run_at(model, loader, float(threshold))
         assert measured["exit_rate"] == pytest.approx(curve.at(float(threshold))["exit_rate"])
         assert measured["accuracy"] == pytest.approx(curve.at(float(threshold))["accuracy"])
+
+
+# -- labels are checked per batch ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make_labels", "message"),
+    [
+        (lambda y: y[:, None], r"1-D, one class index per sample, got shape \(24, 1\)"),
+        (lambda y: y.reshape(2, 12), r"got shape \(2, 12\)"),
+        (lambda y: y[:20], "got 20 labels for a batch of 24 inputs"),
+        (lambda y: y.float(), "integer class indices, got dtype torch.float32"),
+        (lambda y: y + NUM_CLASSES, rf"labels must lie in \[0, {NUM_CLASSES - 1}\]"),
+        (lambda y: y - 1, rf"labels must lie in \[0, {NUM_CLASSES - 1}\]"),
+    ],
+)
+def test_collect_refuses_bad_labels(
+    tiny_model: AdaptiveModel, make_labels: Callable[[torch.Tensor], torch.Tensor], message: str
+) -> None:
+    # (N, 1) labels used to broadcast against (N,) predictions into an (N, N) comparison, and labels
+    # out of range to score 0, both without an error.
+    x, y = separable_dataset(48).tensors
+    batches = [(x[:24], y[:24]), (x[24:], make_labels(y[24:]))]  # the bad batch comes second
+    with pytest.raises(ValueError, match=message):
+        collect(tiny_model, batches, progress=False)
+    with pytest.raises(ValueError, match=message):
+        sweep(tiny_model, batches, progress=False)
+
+
+def test_collect_accepts_labels_as_lists_and_numpy(tiny_model: AdaptiveModel) -> None:
+    x, y = separable_dataset(16).tensors
+    record = collect(tiny_model, [(x[:8], y[:8].tolist()), (x[8:], y[8:].numpy().astype(np.int32))], progress=False)
+    assert record.labels.dtype == np.int64 and np.array_equal(record.labels, y.numpy())
+
+
+# -- thresholds lie between samples, never on one ---------------------------------------------------
+
+
+@st.composite
+def float32_confidences(draw: st.DrawFn) -> np.ndarray:
+    """float32 confidences with ties and neighbours one float32 apart, where no threshold fits between."""
+    base = draw(st.lists(CONFIDENCE, min_size=1, max_size=30))
+    values = []
+    for value in base:
+        values.append(value)
+        if draw(st.booleans()):
+            step = draw(st.sampled_from([-np.inf, np.inf]))
+            values.append(float(np.nextafter(np.float32(value), np.float32(step))))
+    return np.clip(np.array(values, dtype=np.float32), 0.0, 1.0).astype(np.float64)
+
+
+def record_of(confidence: np.ndarray, seed: int = 0) -> SweepRecord:
+    rng = np.random.default_rng(seed)
+    n = len(confidence)
+    side, main = rng.random(n) < 0.7, rng.random(n) < 0.8
+    return SweepRecord(confidence, side, main, rng.random(n) < 0.8, np.full(n, 10.0), np.full(n, 90.0),
+                       np.full(n, 95.0))  # fmt: skip
+
+
+@HYPOTHESIS
+@given(confidence=float32_confidences(), limit=st.floats(0.0, 1.0))
+def test_chosen_thresholds_lie_between_samples(confidence: np.ndarray, limit: float) -> None:
+    curve = TradeoffCurve(record_of(confidence))
+    scores = torch.as_tensor(confidence, dtype=torch.float32)
+    for i, threshold in enumerate(curve.thresholds):
+        # The exit rule (a float32 tensor against a Python float) exits exactly the point's samples.
+        assert int((scores >= float(threshold)).sum()) == curve.exits[i]
+        assert curve._index_of(float(threshold)) == i
+        assert_between_samples(curve.record, float(threshold))
+    assert np.all(np.diff(curve.thresholds[1:]) < 0)
+    rules = [{"max_accuracy_drop": limit}, {"max_disagreement": limit}, {"compute_budget": 0.2 + limit}]
+    rules += [{"max_accuracy_drop": limit, "confidence": 0.9}, {"max_disagreement": limit, "confidence": 0.5}]
+    for rule in rules:
+        try:
+            threshold = curve.threshold_for(**rule)
+        except ValueError:
+            continue  # no point meets the compute budget
+        assert threshold in curve.thresholds.tolist()
+        assert_between_samples(curve.record, threshold)
+        assert int((scores >= threshold).sum()) == curve.at(threshold)["exit_rate"] * len(confidence)
+
+
+def test_neighbouring_float32_confidences_share_no_threshold() -> None:
+    low = np.float32(0.5)
+    high = np.nextafter(low, np.float32(1.0))  # nothing lies strictly between them in float32
+    curve = TradeoffCurve(record_of(np.array([high, low, 0.25, 0.75], dtype=np.float32).astype(np.float64)))
+    assert curve.exits.tolist() == [0, 1, 2, 3, 4]
+    # Between 0.75 and high: the float32 midway; between high and low: high itself, the one exception.
+    assert curve.thresholds[1] == pytest.approx((0.75 + 0.5) / 2) and np.float32(curve.thresholds[1]) > high
+    assert curve.thresholds[2] == float(high)
+    assert curve.thresholds[3] == pytest.approx(0.375)
+    assert curve.thresholds[4] == 0.0
+
+
+def test_confidences_equal_in_float32_form_one_point() -> None:
+    # Distinct in float64, one value in float32, where the exit rule compares them: one point, not two.
+    curve = TradeoffCurve(record_of(np.array([0.7, 0.7 + 1e-12, 0.2])))
+    assert curve.exits.tolist() == [0, 2, 3]
+    assert [curve._index_of(float(t)) for t in curve.thresholds] == [0, 1, 2]

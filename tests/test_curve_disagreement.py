@@ -28,11 +28,12 @@ def test_disagreement_bounds_the_drop_without_cancellation() -> None:
                  [True, False, True, True, False], [True, True, True, False, True])  # fmt: skip
     curve = TradeoffCurve(rec)
     assert curve.disagreement.tolist() == pytest.approx([0, 0, 0.2, 0.2, 0.4, 0.6])
-    # The accuracy rule sees the loss at 0.8 cancelled by the win at 0.6 and exits four samples.
-    assert curve.threshold_for(max_accuracy_drop=0.0) == pytest.approx(0.6)
-    assert curve.threshold_for(max_disagreement=0.0) == pytest.approx(0.9)
-    assert curve.threshold_for(max_disagreement=0.2) == pytest.approx(0.7)
-    assert curve.threshold_for(max_disagreement=1.0) == pytest.approx(0.5)
+    # The accuracy rule sees the loss at 0.8 cancelled by the win at 0.6 and exits four samples (the
+    # threshold lies midway between the lowest exiting confidence and the next one, 0 below the last).
+    assert curve.threshold_for(max_accuracy_drop=0.0) == pytest.approx(0.55)
+    assert curve.threshold_for(max_disagreement=0.0) == pytest.approx(0.85)
+    assert curve.threshold_for(max_disagreement=0.2) == pytest.approx(0.65)
+    assert curve.threshold_for(max_disagreement=1.0) == 0.0
     assert curve.at(0.7)["disagreement"] == pytest.approx(0.2)
 
 

@@ -54,6 +54,20 @@ def test_fixed_sequence_stops_at_first_failure() -> None:
         fixed_sequence([0.1], 1.5)
 
 
+def test_fixed_sequence_counts_any_iterable_lazily() -> None:
+    # Every hypothesis rejected: counted without len(), which a generator lacks.
+    assert fixed_sequence((p for p in [0.01, 0.02, 0.03]), 0.05) == 3
+    assert fixed_sequence(iter([]), 0.05) == 0
+    assert fixed_sequence(np.array([0.01, 0.2]), 0.05) == 1
+
+    def pvalues():  # noqa: ANN202 - a generator that must not be read past the first failure
+        yield 0.01
+        yield 0.5
+        raise AssertionError("read past the first p-value above delta")
+
+    assert fixed_sequence(pvalues(), 0.05) == 1
+
+
 def population(n: int = 40000, seed: int = 0) -> SweepRecord:
     """A fixed set of scores: the SideNet agrees with the MainNet (92% accurate) more often when it is
     confident; where they disagree it is right only sometimes (10 classes)."""
@@ -116,3 +130,35 @@ def test_guarantee_falls_back_or_raises_on_tiny_calibration_sets() -> None:
         curve.threshold_for(compute_budget=0.25, confidence=0.9)
     with pytest.raises(ValueError, match="1 - delta"):
         curve.threshold_for(max_accuracy_drop=0.01, confidence=1.0)
+
+
+def test_guarantee_when_every_threshold_is_certified() -> None:
+    """When every point passes its test, threshold_for used to call len() on a generator of p-values."""
+    pop = population(2000)
+    curve = TradeoffCurve(pop)
+    # No mean of 0/1 losses exceeds 1: every threshold is certified, the cheapest (all exit) is chosen.
+    assert curve.threshold_for(max_accuracy_drop=1.0, confidence=0.9) == curve.thresholds[-1] == 0.0
+    assert curve.threshold_for(max_disagreement=1.0, confidence=0.9) == 0.0
+
+
+def test_guarantee_with_a_good_sidenet_and_many_samples() -> None:
+    # 5,000 calibration samples, 99.9% agreement (5 disagreements, at the lowest confidences): even
+    # exiting everything is certified at a 1-point limit.
+    n = 5000
+    confidence = np.linspace(0.3, 1.0, n)
+    agree = np.ones(n, dtype=bool)
+    agree[:5] = False
+    record = SweepRecord(
+        confidence=confidence,
+        side_correct=agree.copy(),
+        main_correct=np.ones(n, dtype=bool),
+        agree=agree,
+        trunk_side_flops=np.full(n, 20.0),
+        rest_flops=np.full(n, 80.0),
+        mainnet_flops=np.full(n, 98.0),
+    )
+    curve = TradeoffCurve(record)
+    assert curve.threshold_for(max_accuracy_drop=0.01, confidence=0.999) == 0.0
+    assert curve.at(curve.threshold_for(max_accuracy_drop=0.01, confidence=0.999))["exit_rate"] == 1.0
+    # A limit below the observed 0.1% cannot be certified down to every sample.
+    assert curve.at(curve.threshold_for(max_accuracy_drop=0.0005, confidence=0.9))["exit_rate"] < 1.0

@@ -4,6 +4,7 @@ SideNet learns, and bad options are refused."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -168,3 +169,37 @@ def test_fit_accepts_plain_lists_of_batches(tiny_model: AdaptiveModel) -> None:
     x, y = separable_dataset(16).tensors
     tiny_model.fit([(x[:8], y[:8]), [x[8:], y[8:].tolist()]], **{**FAST, "epochs": 1})
     assert len(tiny_model.history_) == 1
+
+
+@pytest.mark.parametrize(
+    ("make_labels", "message"),
+    [
+        (lambda y: y[:, None], r"1-D, one class index per sample, got shape \(8, 1\).*view\(-1\)"),
+        (lambda y: y[:5], "got 5 labels for a batch of 8 inputs"),
+        (lambda y: y.double(), "integer class indices, got dtype torch.float64"),
+        (lambda y: y == 1, "integer class indices, got dtype torch.bool"),
+        (lambda y: y + NUM_CLASSES, rf"labels must lie in \[0, {NUM_CLASSES - 1}\]"),
+    ],
+)
+def test_fit_and_cache_refuse_bad_labels(
+    tiny_model: AdaptiveModel, make_labels: Callable[[torch.Tensor], torch.Tensor], message: str
+) -> None:
+    # (N, 1) labels used to fail inside the loss with a message from torch, not naming the shape.
+    x, y = separable_dataset(16).tensors
+    batches = [(x[:8], y[:8]), (x[8:], make_labels(y[8:]))]
+    before = {k: v.clone() for k, v in tiny_model.sidenet.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        tiny_model.fit(batches, **{**FAST, "epochs": 1})
+    with pytest.raises(ValueError, match=message):
+        cache_features(tiny_model, batches, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in tiny_model.sidenet.state_dict().items())  # not trained
+
+
+def test_train_sidenet_refuses_a_cache_with_misshapen_labels(tiny_model: AdaptiveModel) -> None:
+    cache = make_cache()
+    with pytest.raises(ValueError, match=r"labels of shape \(8, 1\)"):
+        train_sidenet(tiny_model.sidenet, FeatureCache(cache.features, cache.mainnet_logits, cache.labels[:, None]),
+                      progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="integer class indices"):
+        train_sidenet(tiny_model.sidenet, FeatureCache(cache.features, cache.mainnet_logits, cache.labels.float()),
+                      progress=False)  # fmt: skip

@@ -16,8 +16,9 @@ from sidenet.calibration import calibrate
 from sidenet.config import SideNetConfig
 from sidenet.curve import TradeoffCurve, sweep
 from sidenet.data import prefix_loader, split_loader
-from sidenet.policy import POLICIES
-from sidenet.tasks import TASKS, get_task
+from sidenet.policy import POLICIES, validate_policy, validate_threshold
+from sidenet.splits import TapError
+from sidenet.tasks import TASKS, Task, get_task
 
 app = typer.Typer(
     help="Adaptive compute for pretrained classifiers: attach a SideNet to your MainNet.",
@@ -41,6 +42,59 @@ def _threshold_text(threshold: float) -> str:
     return "never exit" if math.isinf(threshold) else f"{threshold:.4f}"
 
 
+# -- argument checks: every command checks its arguments before it loads data or a MainNet ----------
+
+
+def _check_range(option: str, value: float, low: float, high: float, *, open_interval: bool = False) -> None:
+    """Raise ``ValueError`` naming ``option`` unless ``value`` lies in [low, high] (or (low, high))."""
+    inside = low < value < high if open_interval else low <= value <= high
+    if not inside:  # NaN lies in no interval
+        interval = f"({low:g}, {high:g})" if open_interval else f"[{low:g}, {high:g}]"
+        raise ValueError(f"{option} must lie in {interval}, got {value}")
+
+
+def _check_positive(**options: int) -> None:
+    """Raise ``ValueError`` naming the first option below 1 (keyword ``max_rows`` names ``--max-rows``)."""
+    for name, value in options.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def _check_fit_options(
+    task_name: str,
+    tap: str,
+    hidden: int,
+    pool: int,
+    epochs: int,
+    distill: float,
+    max_drop: float,
+    features: str | None,
+    policy: str,
+    confidence: float | None,
+) -> Task:
+    """The task, once every option of ``fit`` (and ``demo``) is known to be valid: a bad option is
+    refused in well under a second, not after the MainNet was trained or the SideNet fitted."""
+    task = get_task(task_name)
+    _check_positive(hidden=hidden, pool=pool, epochs=epochs)
+    _check_range("--distill", distill, 0.0, 1.0)
+    _check_range("--max-drop", max_drop, 0.0, 1.0)
+    if confidence is not None:
+        _check_range("--confidence", confidence, 0.0, 1.0, open_interval=True)
+    try:
+        validate_policy(policy)
+    except ValueError as exc:
+        raise ValueError(f"--policy: {exc}") from exc
+    try:
+        task.check_tap(tap, None if features is None else {"features": features})
+    except TapError:
+        raise  # names the tap and lists the valid ones
+    except ValueError as exc:
+        if features is None:
+            raise
+        raise ValueError(f"--features {features}: {exc}") from exc
+    return task
+
+
 @app.command()
 def pretrain(
     task: TaskOption = "fmnist",
@@ -51,6 +105,8 @@ def pretrain(
 ) -> None:
     """Train the task's MainNet (cached under the user's cache folder)."""
     try:
+        if epochs is not None and not epochs > 0:  # NaN too
+            raise ValueError(f"--epochs must be positive, got {epochs}")
         summary = get_task(task).pretrain(data, epochs=epochs, force=force, progress=not quiet)
     except ValueError as exc:
         _fail(str(exc))
@@ -62,13 +118,20 @@ def _fit(task_name: str, tap: str, out: Path, data: Path | None, hidden: int, po
          split_options: dict | None = None, policy: str = "max_softmax", temperature_scaling: bool = True,
          confidence: float | None = None, max_train_samples: int | None = None,
          max_val_samples: int | None = None) -> tuple[Path, dict]:  # fmt: skip
-    task = get_task(task_name)
+    features = (split_options or {}).get("features")
+    task = _check_fit_options(task_name, tap, hidden, pool, epochs, distill, max_drop, features, policy, confidence)
     mainnet = task.mainnet(data, progress=progress)
     loaders = task.loaders(data)
     loaders["train"] = prefix_loader(loaders["train"], max_train_samples)
     loaders["val"] = prefix_loader(loaders["val"], max_val_samples)
-    model = attach(mainnet, tap, input_shape=task.input_shape, hidden=hidden, pool_size=pool, seed=seed,
-                   split_options=split_options, policy=policy)  # fmt: skip
+    try:
+        model = attach(mainnet, tap, input_shape=task.input_shape, hidden=hidden, pool_size=pool, seed=seed,
+                       split_options=split_options, policy=policy)  # fmt: skip
+    except TypeError as exc:
+        if not split_options:
+            raise
+        # A splitter without those options rejects them as unexpected keyword arguments.
+        raise ValueError(f"split options {split_options} do not apply to this MainNet: {exc}") from exc
     started = time.perf_counter()
     model.fit(loaders["train"], val_loader=loaders["val"], epochs=epochs, distill_weight=distill, seed=seed,
               progress=progress)  # fmt: skip
@@ -125,10 +188,10 @@ def fit(
     try:
         tap = tap or get_task(task).default_tap
         out = out or DEFAULT_OUT / f"{task}-{tap}"
-        options = {"features": features} if features else None
+        options = {"features": features} if features is not None else None
         folder, choice = _fit(task, tap, out, data, hidden, pool, epochs, distill, max_drop, seed, not quiet, options,
                               policy, temperature_scaling, confidence, max_train_samples, max_val_samples)  # fmt: skip
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     typer.echo(
         f"SideNet saved to {folder}; policy {choice['policy']}, temperature {choice['temperature']:.3f}, "
@@ -138,9 +201,13 @@ def fit(
     )
 
 
-def _load(folder: Path, data: Path | None, progress: bool):  # noqa: ANN202 - (model, task)
-    config = SideNetConfig.load(folder)
-    task = get_task(config.metadata.get("task", "fmnist"))
+def _saved_task(folder: Path) -> Task:
+    """The task a saved SideNet was fitted on, read from its config alone (no MainNet loaded)."""
+    return get_task(SideNetConfig.load(folder).metadata.get("task", "fmnist"))
+
+
+def _load(folder: Path, data: Path | None, progress: bool, task: Task | None = None):  # noqa: ANN202 - (model, task)
+    task = task or _saved_task(folder)
     return load_sidenet(task.mainnet(data, progress=progress), folder), task
 
 
@@ -156,7 +223,10 @@ def sweep_command(
 ) -> None:
     """Print the compute-accuracy curve of a saved SideNet and save it as a PNG plot."""
     try:
-        model, task = _load(sidenet, data, not quiet)
+        _check_positive(rows=rows)
+        task = _saved_task(sidenet)
+        task.check_split(split)
+        model, task = _load(sidenet, data, not quiet, task)
         loaders = task.loaders(data)
         if split not in loaders:
             _fail(f"split must be one of {sorted(loaders)}, got {split!r}")
@@ -183,6 +253,11 @@ def predict(
     data: DataOption = None,
 ) -> None:
     """Label, confidence and exit decision for each input."""
+    if threshold is not None:
+        try:
+            validate_threshold(threshold)
+        except ValueError as exc:
+            _fail(f"--threshold: {exc}")
     inputs = list(inputs or [])
     if file is not None:
         try:
@@ -241,7 +316,13 @@ def report(
     from sidenet.report_page import write_report
 
     try:
-        model, task = _load(sidenet, data, not quiet)
+        _check_range("--max-drop", max_drop, 0.0, 1.0)
+        _check_range("--confidence", confidence, 0.0, 1.0, open_interval=True)
+        _check_positive(bins=bins)
+        task = _saved_task(sidenet)
+        for name in (calibration_split, split):
+            task.check_split(name)
+        model, task = _load(sidenet, data, not quiet, task)
         loaders = task.loaders(data)
         for name in (calibration_split, split):
             if name not in loaders:
@@ -280,7 +361,7 @@ def demo(
         folder, choice = _fit("fmnist", tap, out / f"fmnist-{tap}", data, 256, pool, 30, 0.0, max_drop, 0, progress)
         model, task = _load(folder, data, progress)
         curve: TradeoffCurve = sweep(model, task.loaders(data)["test"], progress=progress)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     marks = {f"chosen on val (<= {100 * max_drop:.1f} pt)": model.threshold}
     typer.echo("\nCompute-accuracy trade-off on the 10,000 Fashion-MNIST test images:")

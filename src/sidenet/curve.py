@@ -1,25 +1,22 @@
-"""The compute-accuracy trade-off: one pass over a dataset collects the SideNet's confidences and
-predictions and the MainNet's predictions; every distinct threshold is then evaluated by sorting,
-without running the network again."""
+"""The compute-accuracy trade-off: one pass over a dataset (:func:`collect`, in :mod:`sidenet.record`)
+collects the SideNet's confidences and predictions and the MainNet's predictions; every distinct
+threshold is then evaluated by sorting, without running the network again."""
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch.utils._pytree import tree_leaves
-from tqdm.auto import tqdm
 
-from sidenet.data import batch_count, iter_batches
 from sidenet.guarantee import binomial_pvalue, fixed_sequence, hoeffding_bentkus_pvalue
 from sidenet.plotting import pyplot, save_figure
 from sidenet.policy import NEVER_EXIT, validate_threshold
+from sidenet.record import SweepRecord, collect
 
 if TYPE_CHECKING:
     from sidenet.routing import AdaptiveModel
@@ -27,133 +24,45 @@ if TYPE_CHECKING:
 __all__ = ["TradeoffCurve", "SweepRecord", "sweep", "collect"]
 
 
-@dataclass
-class SweepRecord:
-    """Per-sample results of one pass: everything a threshold's outcome depends on."""
-
-    confidence: np.ndarray  # SideNet confidence under the model's exit policy
-    side_correct: np.ndarray  # bool
-    main_correct: np.ndarray  # bool
-    agree: np.ndarray  # bool: SideNet and MainNet predict the same class
-    trunk_side_flops: np.ndarray  # FLOPs spent on every sample: trunk + SideNet
-    rest_flops: np.ndarray  # FLOPs of the rest of the MainNet, saved when the sample exits (see collect)
-    mainnet_flops: np.ndarray  # FLOPs of the MainNet alone on the sample
-    # For calibration and per-class reports (filled by collect; optional for hand-made records):
-    side_logits: np.ndarray | None = None  # (N, C) raw SideNet logits (before the temperature)
-    main_logits: np.ndarray | None = None  # (N, C)
-    labels: np.ndarray | None = None  # (N,)
-    policy: dict[str, Any] = field(default_factory=dict)  # the exit policy the confidences were taken under
-    order_dependent_flops: bool = False  # rest_flops credits follow the confidence order (text; see collect)
-
-    def __len__(self) -> int:
-        return len(self.confidence)
-
-    def subset(self, index: Any) -> SweepRecord:
-        """The record of the samples ``index`` (an integer array or boolean mask), e.g. to split one
-        pass into calibration and test parts. Text rest FLOPs keep the credits of the whole batch."""
-        index = np.asarray(index)
-        pick = lambda a: None if a is None else a[index]  # noqa: E731
-        return SweepRecord(
-            confidence=self.confidence[index],
-            side_correct=self.side_correct[index],
-            main_correct=self.main_correct[index],
-            agree=self.agree[index],
-            trunk_side_flops=self.trunk_side_flops[index],
-            rest_flops=self.rest_flops[index],
-            mainnet_flops=self.mainnet_flops[index],
-            side_logits=pick(self.side_logits),
-            main_logits=pick(self.main_logits),
-            labels=pick(self.labels),
-            policy=dict(self.policy),
-            order_dependent_flops=self.order_dependent_flops,
-        )
+def _as_number(name: str, value: object) -> float:
+    """``value`` as a float, or ``ValueError`` naming ``name``: strings and booleans are refused rather
+    than compared (``"0.1" <= 1`` is a TypeError, ``True <= 1`` silently holds)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
 
 
-def _marginal_rest_flops(model: AdaptiveModel, state: Any, confidence: np.ndarray, profile: Any) -> np.ndarray:
-    """FLOPs of the rest that each sample of a batch saves by exiting, for a split whose rest costs
-    depend on which samples continue (text: the rest runs at the longest remaining length).
+def _point_thresholds(confidence: np.ndarray, exits: np.ndarray) -> np.ndarray:
+    """The threshold of each point, given the confidences sorted from high to low and the number of
+    samples each point exits (``exits[0] == 0``, ``exits[-1] == len(confidence)``).
 
-    Samples exit in decreasing confidence, the order :class:`TradeoffCurve` uses (a stable sort, as
-    there). ``cost[j]`` is what the rest of this batch costs once its ``j`` most confident samples have
-    exited, exactly as :meth:`AdaptiveModel.forward` runs it: all ``n`` samples on the untouched state
-    for ``j = 0``, the ``n - j`` others on their gathered, trimmed state otherwise. The sample of rank
-    ``j`` is credited ``cost[j] - cost[j + 1]``, so that at every threshold the credits of the samples
-    that continue add up to the batch's actual rest cost.
+    A threshold equal to a sample's confidence leaves that sample on the boundary, where its float32
+    score, which may differ in the last bit between batch sizes, decides its exit. So point ``i``,
+    which exits the top ``k`` samples, gets the float32 value midway between the float32 scores
+    ``conf[k]`` (the highest that continues) and ``conf[k - 1]`` (the lowest that exits): the exit rule
+    compares float32 scores, and torch rounds a Python threshold to float32 for that comparison.
+    Point 0 is :data:`NEVER_EXIT`; the last point, where every sample exits, is 0.0.
     """
-    n = len(confidence)
-    order = np.argsort(-confidence, kind="stable")
-    index = torch.as_tensor(order, dtype=torch.long, device=_state_device(state))
-    cost = np.zeros(n + 1)
-    cost[0] = n * model.rest_flops(state, None, profile)
-    for j in range(1, n):
-        cost[j] = (n - j) * model.rest_flops(state, index[j:], profile)
-    marginal = np.empty(n)
-    marginal[order] = cost[:-1] - cost[1:]
-    return marginal
-
-
-def _state_device(state: Any) -> torch.device:
-    return next(t.device for t in tree_leaves(state) if isinstance(t, torch.Tensor))
-
-
-@torch.no_grad()
-def collect(model: AdaptiveModel, loader: Iterable, progress: bool = True) -> SweepRecord:
-    """Run trunk, SideNet and the rest of the MainNet once over ``loader`` (every sample).
-
-    FLOPs are those :meth:`AdaptiveModel.forward` would spend on the same batches: trunk and SideNet at
-    each batch's input size, the rest at the size it would actually run at for each threshold.
-    """
-    model.eval()
-    keys = ("conf", "side", "main", "labels", "ts", "rest", "mainnet", "side_logits", "main_logits")
-    parts: dict[str, list] = {k: [] for k in keys}
-    order_dependent = False
-    for inputs, labels in tqdm(
-        iter_batches(loader), desc="Sweeping thresholds", total=batch_count(loader), disable=not progress, leave=False
-    ):
-        front = model.front_pass(inputs, "side")  # trunk and SideNet; "side" leaves the exit counts alone
-        state, side_logits, profile = front.state, front.side_logits, front.profile
-        main_logits = model.split.rest(state)
-        n = len(side_logits)
-        confidence = front.confidence.cpu().numpy().astype(np.float64)
-        if model.split.rest_flop_key(state) is None:
-            rest = np.full(n, profile.rest, dtype=np.float64)
-        else:
-            rest = _marginal_rest_flops(model, state, confidence, profile)
-            order_dependent = True
-        parts["conf"].append(confidence)
-        parts["side"].append(side_logits.argmax(1).cpu().numpy())
-        parts["main"].append(main_logits.argmax(1).cpu().numpy())
-        parts["labels"].append(torch.as_tensor(labels).cpu().numpy())
-        parts["ts"].append(np.full(n, profile.trunk + profile.side, dtype=np.float64))
-        parts["rest"].append(rest)
-        parts["mainnet"].append(np.full(n, profile.mainnet, dtype=np.float64))
-        parts["side_logits"].append(side_logits.float().cpu().numpy())
-        parts["main_logits"].append(main_logits.float().cpu().numpy())
-    if not parts["conf"]:
-        raise ValueError("the loader yielded no batches")
-    cat = {k: np.concatenate(v) for k, v in parts.items()}
-    return SweepRecord(
-        confidence=cat["conf"].astype(np.float64),
-        side_correct=cat["side"] == cat["labels"],
-        main_correct=cat["main"] == cat["labels"],
-        agree=cat["side"] == cat["main"],
-        trunk_side_flops=cat["ts"],
-        rest_flops=cat["rest"],
-        mainnet_flops=cat["mainnet"],
-        side_logits=cat["side_logits"],
-        main_logits=cat["main_logits"],
-        labels=cat["labels"].astype(np.int64),
-        policy={"kind": model.policy.kind, "temperature": model.policy.temperature},
-        order_dependent_flops=order_dependent,
-    )
+    inner = exits[1:-1]
+    high = confidence[inner - 1].astype(np.float32)  # lowest score that exits
+    low = confidence[inner].astype(np.float32)  # highest score that continues; low < high in float32
+    middle = ((high.astype(np.float64) + low.astype(np.float64)) / 2).astype(np.float32)
+    # When high is the float32 right after low, no float32 lies strictly between them: the threshold
+    # must then be the lowest exiting confidence itself (the one case a sample sits on a threshold).
+    adjacent = np.nextafter(low, np.float32(np.inf)) >= high
+    between = np.where(adjacent, confidence[inner - 1], middle.astype(np.float64))
+    return np.concatenate([[NEVER_EXIT], between, [0.0]])
 
 
 class TradeoffCurve:
     """Accuracy, exit rate and compute at every distinct threshold.
 
-    Point ``i`` exits exactly the samples whose confidence is at least ``thresholds[i]``. The first
-    point is :data:`NEVER_EXIT` (the MainNet answers everything, the SideNet's cost still paid), the
-    last exits every sample. ``mainnet_accuracy`` and ``mainnet_flops`` describe the MainNet alone.
+    Point ``i`` exits exactly the samples whose confidence is at least ``thresholds[i]`` (compared in
+    float32, as the exit policy compares the SideNet's float32 confidences). The first point is
+    :data:`NEVER_EXIT` (the MainNet answers everything, the SideNet's cost still paid), the last, at
+    threshold 0, exits every sample; the others lie midway between two neighbouring distinct
+    confidences, never on a sample's own (see :func:`_point_thresholds`). ``mainnet_accuracy`` and
+    ``mainnet_flops`` describe the MainNet alone.
     """
 
     def __init__(self, record: SweepRecord) -> None:
@@ -167,11 +76,11 @@ class TradeoffCurve:
         cum = lambda a: np.concatenate([[0.0], np.cumsum(a[order], dtype=np.float64)])  # noqa: E731
         side_ok, main_ok, rest = cum(record.side_correct), cum(record.main_correct), cum(record.rest_flops)
         differ = cum(~record.agree)
-        # Exiting the top k samples is a reachable point only at the end of a run of equal confidences.
-        ends = np.concatenate([[0], np.flatnonzero(np.diff(conf) != 0) + 1, [n]]) if n > 1 else np.array([0, 1])
-        ends = np.unique(ends)
+        # Exiting the top k samples is a reachable point only at the end of a run of equal confidences,
+        # equal in float32, in which the exit rule compares them (float32 rounding keeps the order).
+        ends = np.unique(np.concatenate([[0], np.flatnonzero(np.diff(conf.astype(np.float32)) != 0) + 1, [n]]))
         self.exits = ends
-        self.thresholds = np.array([NEVER_EXIT] + [conf[k - 1] for k in ends[1:]])
+        self.thresholds = _point_thresholds(conf, ends)
         self.accuracy = (side_ok[ends] + main_ok[n] - main_ok[ends]) / n
         # Fraction of all samples that exit with another answer than the MainNet's: a bound on the
         # accuracy drop that needs no labels and no cancellation of errors.
@@ -217,7 +126,9 @@ class TradeoffCurve:
         max_disagreement: float | None = None,
         confidence: float | None = None,
     ) -> float:
-        """Choose a threshold on this data.
+        """Choose a threshold on this data: one of :attr:`thresholds`, so that it lies between two
+        neighbouring confidences, not on a sample (a sample on it could flip its exit), and the routed
+        model exits exactly the samples the chosen point counts.
 
         Args:
             max_accuracy_drop: the least compute whose accuracy is at most this far (a fraction,
@@ -245,6 +156,11 @@ class TradeoffCurve:
         """
         if sum(x is not None for x in (max_accuracy_drop, compute_budget, max_disagreement)) != 1:
             raise ValueError("give exactly one of max_accuracy_drop, compute_budget and max_disagreement")
+        given = {"max_accuracy_drop": max_accuracy_drop, "compute_budget": compute_budget,
+                 "max_disagreement": max_disagreement, "confidence": confidence}  # fmt: skip
+        given = {name: None if value is None else _as_number(name, value) for name, value in given.items()}
+        max_accuracy_drop, compute_budget = given["max_accuracy_drop"], given["compute_budget"]
+        max_disagreement, confidence = given["max_disagreement"], given["confidence"]
         for name, limit in (("max_accuracy_drop", max_accuracy_drop), ("max_disagreement", max_disagreement)):
             if limit is not None and not 0 <= limit <= 1:
                 raise ValueError(f"{name} is a fraction in [0, 1], got {limit}")
@@ -271,7 +187,7 @@ class TradeoffCurve:
 
     def _certified_budget(self, compute_budget: float, confidence: float | None) -> np.ndarray:
         """Indices of the points whose mean compute meets the budget (on this data, or certified)."""
-        if compute_budget < 0:
+        if not compute_budget >= 0:  # NaN too
             raise ValueError(f"compute_budget is a fraction of the MainNet's compute (>= 0), got {compute_budget}")
         if confidence is None:
             ok = np.flatnonzero(self.relative_compute <= compute_budget + 1e-12)

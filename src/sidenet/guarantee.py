@@ -23,7 +23,7 @@ Risks used by :meth:`sidenet.TradeoffCurve.threshold_for`:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import numpy as np
 from scipy import stats
@@ -71,15 +71,21 @@ def mean_pvalue(losses: np.ndarray, limit: float) -> float:
     return hoeffding_bentkus_pvalue(float(losses.mean()), n, limit)
 
 
-def fixed_sequence(pvalues: Sequence[float], delta: float) -> int:
+def fixed_sequence(pvalues: Iterable[float], delta: float) -> int:
     """How many of the hypotheses, tested in the given order at level delta, are rejected before the
-    first that is not (fixed-sequence testing controls the family-wise error at delta)."""
+    first that is not (fixed-sequence testing controls the family-wise error at delta).
+
+    ``pvalues`` may be any iterable, a generator included: it is read only up to the first p-value
+    above delta, so p-values computed lazily after that are never computed.
+    """
     if not 0 < delta < 1:
         raise ValueError(f"delta must lie in (0, 1), got {delta}")
-    for count, p in enumerate(pvalues):
-        if not p <= delta:
-            return count
-    return len(pvalues)
+    count = 0
+    for p in pvalues:
+        if not p <= delta:  # a NaN p-value rejects nothing
+            break
+        count += 1
+    return count
 
 
 def upper_bound(successes: int, n: int, delta: float) -> float:

@@ -74,6 +74,20 @@ class Task:
         """Turn command-line items (file paths, sentences, ...) into a model input batch."""
         raise NotImplementedError
 
+    def check_split(self, name: str) -> str:
+        """Return ``name`` if :meth:`loaders` has a split of that name, else raise ``ValueError``
+        listing them; loads no data, so that a command can refuse a bad ``--split`` up front."""
+        splits = ("train", "val", "test")
+        if name not in splits:
+            raise ValueError(f"unknown split {name!r} of task {self.name}; splits are {', '.join(splits)}")
+        return name
+
+    def check_tap(self, tap: str | int, split_options: dict[str, Any] | None = None) -> None:
+        """Raise ``ValueError`` (:class:`sidenet.TapError` for the tap, listing the valid ones) unless
+        ``tap`` and ``split_options`` suit the task's MainNet architecture. Quick: it trains, loads and
+        reads nothing, so commands check their arguments before the MainNet is trained or loaded.
+        Tasks that do not know their architecture accept everything and leave the check to attach."""
+
 
 class FashionMnistTask(Task):
     """Fashion-MNIST with the demo ResNet-20 MainNet (see :mod:`sidenet.pretrain`)."""
@@ -110,7 +124,11 @@ class FashionMnistTask(Task):
 
         recipe = PretrainRecipe() if epochs is None else PretrainRecipe(epochs=int(epochs))
         _, meta = pretrain_fmnist_resnet(recipe, data_dir=data_dir, force=force, progress=progress)
-        return f"MainNet {meta['recipe']} test accuracy {meta['test_accuracy']:.4f}"
+        source = meta.get("source")
+        where = {None: "trained now", "shipped": "shipped with sidenet; --force retrains"}.get(
+            source, f"cached in {source}; --force retrains"
+        )
+        return f"MainNet {meta['recipe']} test accuracy {meta['test_accuracy']:.4f} ({where})"
 
     def loaders(self, data_dir: str | Path | None = None, batch_size: int = 256) -> dict[str, DataLoader]:
         return {name: make_loader(ds, batch_size) for name, ds in fashion_mnist_splits(data_dir).items()}
@@ -129,6 +147,22 @@ class FashionMnistTask(Task):
         if not images:
             raise ValueError("no input images given")
         return normalize_fashion_mnist(np.stack(images))
+
+    def check_tap(self, tap: str | int, split_options: dict[str, Any] | None = None) -> None:
+        """Cut an untrained skeleton of the demo MainNet's architecture (the default recipe's CIFAR
+        ResNet) at ``tap``: an unknown tap fails in milliseconds, with the valid taps listed."""
+        if split_options:
+            raise ValueError(
+                f"the {self.name} MainNet (a CIFAR ResNet) takes no split options, got "
+                f"{', '.join(map(str, split_options))}: features is for text MainNets only"
+            )
+        from sidenet.models.cifar_resnet import cifar_resnet
+        from sidenet.pretrain import PretrainRecipe
+        from sidenet.splits import split_mainnet
+
+        channels = self.input_shape[0] if self.input_shape else 1
+        skeleton = cifar_resnet(PretrainRecipe().depth, num_classes=len(self.class_names), in_channels=channels)
+        split_mainnet(skeleton, tap)
 
 
 class Sst2Task(Task):
@@ -196,6 +230,40 @@ class Sst2Task(Task):
     def read_inputs(self, items: Sequence[str]) -> dict[str, torch.Tensor]:
         """Sentences into a tokenised batch."""
         return self.collator.encode(items)
+
+    def check_tap(self, tap: str | int, split_options: dict[str, Any] | None = None) -> None:
+        """The tap must be an encoder layer ``k`` with 1 <= k < L, L read from the checkpoint's config
+        (offline, no weights); where no config can be read offline, only k >= 1 is checked here and
+        ``attach`` checks the rest. ``split_options`` may hold ``features`` (first, mean or both)."""
+        from sidenet.splits import TapError
+        from sidenet.splits.transformers import FEATURES
+
+        options = dict(split_options or {})
+        unknown = sorted(set(options) - {"features"})
+        if unknown:
+            raise ValueError(f"unknown split option(s) {', '.join(unknown)} for the {self.name} MainNet: only features")
+        if "features" in options and options["features"] not in FEATURES:
+            raise ValueError(f"features must be one of {', '.join(FEATURES)}, got {options['features']!r}")
+        layers = None
+        try:
+            from transformers import AutoConfig
+
+            from sidenet.text_pretrain import resolve_checkpoint
+
+            config = AutoConfig.from_pretrained(resolve_checkpoint(self.recipe.checkpoint), local_files_only=True)
+            layers = int(config.num_hidden_layers)
+        except (ImportError, OSError, ValueError, KeyError, AttributeError, TypeError):
+            pass  # a checkpoint not on this machine: attach checks the upper bound once the MainNet is loaded
+        try:
+            cut = int(tap) if not isinstance(tap, (bool, float)) else -1
+        except (TypeError, ValueError):
+            cut = -1
+        if cut < 1 or (layers is not None and cut >= layers):
+            valid = ", ".join(map(str, range(1, layers))) if layers else "integers 1 to L - 1 for L encoder layers"
+            raise TapError(
+                f"unknown tap {tap!r} for the {self.name} MainNet ({self.recipe.checkpoint}); valid taps: {valid} "
+                "(the trunk is the embeddings and the first `tap` layers)"
+            )
 
 
 TASKS: dict[str, Task] = {"fmnist": FashionMnistTask(), "sst2": Sst2Task()}

