@@ -165,3 +165,10 @@ def test_check_tap_and_check_split() -> None:
     assert fmnist.check_split("val") == "val"
     with pytest.raises(ValueError, match="splits are train, val, test"):
         sst2.check_split("dev")
+
+
+@pytest.mark.parametrize("epochs", [0.5, 2.5, 0])
+def test_fmnist_pretrain_refuses_fractional_epochs_before_training(epochs: float) -> None:
+    """The ResNet recipe trains whole epochs: 0.5 used to become int(0.5) = 0 epochs, silently."""
+    with pytest.raises(ValueError, match="whole number of epochs"):
+        FashionMnistTask().pretrain(epochs=epochs, progress=False)

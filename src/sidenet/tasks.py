@@ -122,6 +122,9 @@ class FashionMnistTask(Task):
     ) -> str:
         from sidenet.pretrain import PretrainRecipe, pretrain_fmnist_resnet
 
+        if epochs is not None and (epochs != int(epochs) or epochs < 1):
+            # The ResNet recipe's one-cycle schedule counts whole epochs: 0.5 must not become 0.
+            raise ValueError(f"--epochs for {self.name} is a whole number of epochs >= 1, got {epochs}")
         recipe = PretrainRecipe() if epochs is None else PretrainRecipe(epochs=int(epochs))
         _, meta = pretrain_fmnist_resnet(recipe, data_dir=data_dir, force=force, progress=progress)
         source = meta.get("source")
