@@ -4,18 +4,26 @@ Users bring their own pretrained MainNet; this recipe exists so that the demo, t
 and the benchmarks have a real one without the internet. It trains on the 55,000-image ``train``
 split of :func:`sidenet.data.fashion_mnist_splits`, so the ``val`` split stays unseen for choosing
 thresholds.
+
+The weights of the default recipe ship with the package (``sidenet/assets``, about 1 MB, with a
+model card): training them takes about half an hour on a 2-core machine, so the demo starts from
+them, after checking their SHA-256. ``sidenet pretrain --force`` retrains into the cache, and a
+cached model is preferred to the shipped one from then on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -23,7 +31,16 @@ from sidenet.data import fashion_mnist_splits
 from sidenet.models.cifar_resnet import CifarResNet, cifar_resnet
 from sidenet.paths import cache_dir
 
-__all__ = ["PretrainRecipe", "pretrain_fmnist_resnet", "load_fmnist_resnet", "evaluate_accuracy"]
+__all__ = [
+    "PretrainRecipe",
+    "pretrain_fmnist_resnet",
+    "load_fmnist_resnet",
+    "load_shipped_fmnist_resnet",
+    "evaluate_accuracy",
+    "ShippedWeightsError",
+    "SHIPPED_RECIPE",
+    "SHIPPED_SHA256",
+]
 
 
 @dataclass(frozen=True)
@@ -40,6 +57,10 @@ class PretrainRecipe:
     @property
     def name(self) -> str:
         return f"fmnist_resnet{self.depth}_e{self.epochs}_s{self.seed}"
+
+
+class ShippedWeightsError(ValueError):
+    """The demo MainNet's weights that ship with the package are missing or do not match their hash."""
 
 
 def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -69,17 +90,56 @@ def _paths(recipe: PretrainRecipe, root: Path | None) -> tuple[Path, Path]:
     return folder / "model.safetensors", folder / "meta.json"
 
 
-def load_fmnist_resnet(
-    recipe: PretrainRecipe = PretrainRecipe(), root: Path | None = None
-) -> tuple[CifarResNet, dict] | None:
-    """Load the cached demo MainNet and its metadata, or return ``None`` when it was never trained."""
-    weights, meta_path = _paths(recipe, root)
-    if not (weights.is_file() and meta_path.is_file()):
-        return None
-    meta = json.loads(meta_path.read_text())
+# The recipe whose weights ship in sidenet/assets, and the SHA-256 of that file: written here, apart
+# from the file, so that a damaged or swapped file is caught before it is loaded.
+SHIPPED_RECIPE = PretrainRecipe()
+SHIPPED_SHA256 = "09f7ca9922a75257b79955a9af2d5a167e35d5702119c4dc066f0a54fa5a3ccf"
+
+
+def _build(recipe: PretrainRecipe, tensors: dict[str, torch.Tensor]) -> CifarResNet:
     model = cifar_resnet(recipe.depth, num_classes=10, in_channels=1)
-    model.load_state_dict(load_file(str(weights)))
-    return model.eval(), meta
+    model.load_state_dict(tensors)
+    return model.eval()
+
+
+def _shipped_name() -> str:
+    return f"{SHIPPED_RECIPE.name}.safetensors"
+
+
+def load_shipped_fmnist_resnet() -> tuple[CifarResNet, dict]:
+    """The demo MainNet of :data:`SHIPPED_RECIPE` that ships with the package, after checking the
+    SHA-256 of its weights; raises :class:`ShippedWeightsError` when they are missing or altered."""
+    folder = resources.files("sidenet") / "assets"
+    weights = folder / _shipped_name()
+    if not weights.is_file():
+        raise ShippedWeightsError(
+            f"the shipped demo MainNet {weights} is missing; train it with `sidenet pretrain --force`"
+        )
+    data = weights.read_bytes()
+    found = hashlib.sha256(data).hexdigest()
+    if found != SHIPPED_SHA256:
+        raise ShippedWeightsError(
+            f"the shipped demo MainNet {weights} has SHA-256 {found}, expected {SHIPPED_SHA256}: the file "
+            "is damaged or was replaced; reinstall sidenet or train it with `sidenet pretrain --force`"
+        )
+    meta = json.loads((folder / f"{SHIPPED_RECIPE.name}.json").read_text())
+    return _build(SHIPPED_RECIPE, load_safetensors(data)), {**meta, "source": "shipped"}
+
+
+def load_fmnist_resnet(
+    recipe: PretrainRecipe = PretrainRecipe(), root: Path | None = None, shipped: bool = True
+) -> tuple[CifarResNet, dict] | None:
+    """Load the demo MainNet and its metadata: the one trained into the cache (``root``, by default
+    sidenet's cache folder) if any, else, for the shipped recipe and ``shipped=True``, the weights that
+    ship with the package; ``None`` when neither exists."""
+    weights, meta_path = _paths(recipe, root)
+    if weights.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        return _build(recipe, load_file(str(weights))), {**meta, "source": str(weights)}
+    # A missing shipped file (a build without package data) means "train it"; an altered one raises.
+    if shipped and recipe == SHIPPED_RECIPE and (resources.files("sidenet") / "assets" / _shipped_name()).is_file():
+        return load_shipped_fmnist_resnet()
+    return None
 
 
 def pretrain_fmnist_resnet(
@@ -89,10 +149,11 @@ def pretrain_fmnist_resnet(
     force: bool = False,
     progress: bool = True,
 ) -> tuple[CifarResNet, dict]:
-    """Train (or load from the cache) the demo MainNet; returns the model in eval mode and metadata
-    with its test accuracy. SGD with Nesterov momentum and a one-cycle learning rate."""
+    """Train (or load from the cache or the shipped weights) the demo MainNet; returns the model in
+    eval mode and metadata with its test accuracy. SGD with Nesterov momentum and a one-cycle learning
+    rate. ``force`` retrains into the cache even when a cached or shipped model exists."""
     if not force:
-        cached = load_fmnist_resnet(recipe, root)
+        cached = load_fmnist_resnet(recipe, root, shipped=root is None)
         if cached is not None:
             return cached
     torch.manual_seed(recipe.seed)
