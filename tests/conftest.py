@@ -53,3 +53,25 @@ def shared_model() -> sidenet.AdaptiveModel:
     """Like :func:`tiny_model` but built once per module, for hypothesis tests; tests must restore
     anything they change on it."""
     return sidenet.attach(build_tiny_mainnet(), "layer1", input_shape=IMAGE_SHAPE, hidden=32, pool_size=2, seed=0)
+
+
+# Everything of a built-in task that trains, loads or reads a MainNet or data.
+EXPENSIVE_TASK_METHODS = ("mainnet", "loaders", "pretrain", "read_inputs", "_train", "_load_cached")
+
+
+@pytest.fixture()
+def touched(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Makes the built-in tasks' expensive methods fail the test when called (for CLI argument checks
+    that must come before any work); returns the names of those called."""
+    from sidenet.tasks import TASKS
+
+    calls: list[str] = []
+    for task in (TASKS["fmnist"], TASKS["sst2"]):
+        for method in EXPENSIVE_TASK_METHODS:
+
+            def forbidden(*args: object, _name: str = f"{task.name}.{method}", **kwargs: object) -> None:
+                calls.append(_name)
+                raise AssertionError(f"{_name} called before the arguments were checked")
+
+            monkeypatch.setattr(task, method, forbidden)
+    return calls

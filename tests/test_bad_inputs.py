@@ -348,3 +348,44 @@ def test_router_refuses_a_bad_batch_and_keeps_serving(model: AdaptiveModel) -> N
             router.submit(bad)
     answered = router.run([make_images(3, seed=1), make_images(2, seed=2)])
     assert [routed.batch_id for routed in answered] == [0, 1]
+
+
+# -- the command line ---------------------------------------------------------------------------------
+def _valid_fit_option(option: str, value: str) -> bool:
+    """Whether ``sidenet fit`` should accept ``value`` for ``option`` (the few good values drawn)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return False
+    if option in ("--max-drop", "--distill"):
+        return 0.0 <= number <= 1.0
+    if option in ("--hidden", "--pool", "--epochs"):
+        return value.isdigit() and int(value) > 0
+    return False
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    option=st.sampled_from(["--max-drop", "--confidence", "--distill", "--hidden", "--pool", "--epochs", "--tap",
+                            "--policy", "--features", "--task"]),  # fmt: skip
+    value=st.one_of(
+        st.sampled_from(["-1", "2", "nan", "inf", "-inf", "0", "1.5", "abc", "", "layer9", "1e309"]),
+        st.floats(min_value=1.0 + 1e-6, max_value=1e6).map(str),
+        st.integers(max_value=0).map(str),
+    ),
+)
+def test_cli_refuses_bad_option_values_before_any_work(touched: list[str], tmp_path: Path, option: str,
+                                                       value: str) -> None:  # fmt: skip
+    """Any bad value of a `sidenet fit` option: exit code 2 and one `error:` line (Typer's own usage
+    error for values it cannot parse), never a traceback, a trained MainNet or data read."""
+    from typer.testing import CliRunner
+
+    from sidenet import cli
+
+    if _valid_fit_option(option, value):
+        return
+    result = CliRunner().invoke(cli.app, ["fit", "-q", "--out", str(tmp_path / "side"), option, value])
+    assert touched == [], touched
+    assert result.exit_code == 2, (option, value, result.output, result.exception)
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "side").exists()

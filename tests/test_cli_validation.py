@@ -4,7 +4,6 @@ nor with a traceback. The real built-in tasks are used, with their MainNet and d
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -12,28 +11,9 @@ from typer.testing import CliRunner
 
 from sidenet import TapError, cli
 from sidenet.config import SideNetConfig
-from sidenet.tasks import TASKS, FashionMnistTask, Sst2Task
+from sidenet.tasks import FashionMnistTask, Sst2Task
 
 runner = CliRunner()
-# Everything of a task that trains, loads or reads a MainNet or data.
-EXPENSIVE = ("mainnet", "loaders", "pretrain", "read_inputs", "_train", "_load_cached")
-
-
-@pytest.fixture()
-def touched(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the expensive task methods called; each call also fails the command."""
-    calls: list[str] = []
-    for task in (TASKS["fmnist"], TASKS["sst2"]):
-        for method in EXPENSIVE:
-
-            def forbidden(*args: object, _name: str = f"{task.name}.{method}", **kwargs: object) -> None:
-                calls.append(_name)
-                raise AssertionError(f"{_name} called before the arguments were checked")
-
-            monkeypatch.setattr(task, method, forbidden)
-    return calls
-
-
 def invoke(args: list[str], touched: list[str]) -> str:
     """Run the command, check it failed cleanly without touching MainNet or data; return its output."""
     result = runner.invoke(cli.app, args)
@@ -67,11 +47,10 @@ def test_fit_checks_every_option_first(touched: list[str], tmp_path: Path, optio
     assert not (tmp_path / "side").exists()
 
 
-def test_fit_unknown_tap_is_quick_and_lists_the_taps(touched: list[str], tmp_path: Path) -> None:
-    started = time.perf_counter()
+def test_fit_unknown_tap_lists_the_taps_before_any_work(touched: list[str], tmp_path: Path) -> None:
+    # `invoke` checks that no MainNet was trained or loaded and no data read (no timing here: the
+    # untouched task methods are the proof that it returns at once).
     output = invoke(["fit", "--tap", "nope", "--out", str(tmp_path), "-q"], touched)
-    # Well under a second on an idle machine; generous here for a loaded test runner.
-    assert time.perf_counter() - started < 10
     assert "valid taps" in output and "layer1.0" in output and "layer3" in output
 
 
