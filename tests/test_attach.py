@@ -22,11 +22,11 @@ from sidenet import (
     ClassCountMismatchError,
     MainNetMismatchError,
     SideNetConfig,
+    SplitMismatchError,
     load_sidenet,
     mainnet_fingerprint,
     save_sidenet,
 )
-from sidenet.attach import SplitMismatchError  # also sidenet.SplitMismatchError once exported there
 from sidenet.config import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
 from sidenet.models.cifar_resnet import CifarResNet
 

@@ -16,8 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import sidenet
 from helpers import IMAGE_SHAPE, NUM_CLASSES, build_tiny_mainnet, make_images
-from sidenet import AdaptiveModel, TradeoffCurve
-from sidenet.curve import SweepRecord
+from sidenet import AdaptiveModel, SweepRecord, TradeoffCurve
 from sidenet.serving import PooledRouter
 
 FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -360,7 +359,8 @@ def _valid_fit_option(option: str, value: str) -> bool:
     if option in ("--max-drop", "--distill"):
         return 0.0 <= number <= 1.0
     if option in ("--hidden", "--pool", "--epochs"):
-        return value.isdigit() and int(value) > 0
+        # Click reads "1000000.0" as the integer 1000000: whole numbers are valid whatever their spelling.
+        return math.isfinite(number) and number.is_integer() and number > 0
     return False
 
 
@@ -389,3 +389,44 @@ def test_cli_refuses_bad_option_values_before_any_work(touched: list[str], tmp_p
     assert result.exit_code == 2, (option, value, result.output, result.exception)
     assert "Traceback" not in result.output
     assert not (tmp_path / "side").exists()
+
+
+# -- validate_input: a ValueError for every wrong input, never a TypeError ---------------------------------
+WRONG_INPUTS = [
+    None, "abc", b"x", 3, 2.5, [1, 2], [[1.0]], (torch.zeros(2),), {"a": 1}, {1: 2}, np.zeros((2, *IMAGE_SHAPE)),
+    torch.zeros(()), torch.zeros(0, *IMAGE_SHAPE), torch.zeros(2, *IMAGE_SHAPE, dtype=torch.complex64),
+    torch.zeros(2, *IMAGE_SHAPE, dtype=torch.float64), torch.full((2, *IMAGE_SHAPE), math.nan),
+]  # fmt: skip
+IDS = torch.zeros(2, 3, dtype=torch.long)
+WRONG_TEXT_INPUTS = [
+    {"input_ids": None}, {"input_ids": [[1, 2]]}, {"input_ids": IDS.float()}, {"input_ids": IDS.bool()},
+    {"input_ids": IDS.to(torch.complex64)}, {"input_ids": IDS.unsqueeze(0)}, {"input_ids": IDS, "attention_mask": "x"},
+    {"input_ids": IDS, "attention_mask": np.ones((2, 3))}, {"input_ids": IDS, "token_type_ids": [0]},
+    {"input_ids": IDS, "attention_mask": torch.full((2, 3), 2)}, {"input_ids": torch.full((2, 3), 99)},
+    {"input_ids": torch.full((2, 3), -1)}, {"input_ids": np.zeros((2, 3), dtype=np.int64)},
+]  # fmt: skip
+
+
+def wrong_input_splits() -> list:
+    splits = [
+        sidenet.split_mainnet(build_tiny_mainnet(), "layer1"),
+        sidenet.split_mainnet(nn.Sequential(nn.Flatten(), nn.Linear(256, 8), nn.Linear(8, NUM_CLASSES)), 2),
+        sidenet.CallableSplit(lambda x: x, lambda state: state, mainnet=nn.Linear(4, 4), tap="t"),
+    ]
+    return [(split, x) for split in splits for x in WRONG_INPUTS]
+
+
+@pytest.mark.parametrize(("split", "x"), wrong_input_splits())
+def test_validate_input_raises_value_errors_only(split: sidenet.MainNetSplit, x: object) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - the message is each check's own
+        split.validate_input(x)
+
+
+@pytest.mark.parametrize("x", [*WRONG_INPUTS, *WRONG_TEXT_INPUTS])
+def test_text_validate_input_raises_value_errors_only(x: object) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, num_labels=3, max_position_embeddings=16)  # fmt: skip
+    split = sidenet.split_mainnet(transformers.BertForSequenceClassification(config).eval(), 1)
+    with pytest.raises(ValueError):  # noqa: PT011 - the message is each check's own
+        split.validate_input(x)

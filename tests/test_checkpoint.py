@@ -3,6 +3,7 @@ every config key required and type-checked, and the tap features checked against
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -19,8 +20,8 @@ from hypothesis import strategies as st
 from sidenet import AdaptiveModel, CheckpointError, SideNetConfig, load_sidenet, save_sidenet
 from sidenet.config import CONFIG_NAME, REFERENCE_NAME, WEIGHTS_NAME
 
-# The module (``sidenet.attach`` is the function): its save_file is patched to inject failures.
-attach_module = importlib.import_module("sidenet.attach")
+# The module that saves: its save_file is patched to inject failures.
+checkpoint_module = importlib.import_module("sidenet.checkpoint")
 
 # Every key a saved config must hold (only the free-form metadata may be left out).
 REQUIRED = [
@@ -86,7 +87,7 @@ def test_failure_mid_write_keeps_the_old_folder(
     """A save that dies while writing (disk full, killed) leaves the previous save as it was."""
     model, folder = saved
     before = snapshot(folder)
-    real_save_file = attach_module.save_file
+    real_save_file = checkpoint_module.save_file
     calls = []
 
     def failing(tensors: dict, path: str) -> None:
@@ -96,7 +97,7 @@ def test_failure_mid_write_keeps_the_old_folder(
             raise OSError("disk full")
         real_save_file(tensors, path)
 
-    monkeypatch.setattr(attach_module, "save_file", failing)
+    monkeypatch.setattr(checkpoint_module, "save_file", failing)
     with torch.no_grad():
         model.sidenet.mlp[0].weight.add_(1.0)
     with pytest.raises(OSError, match="disk full"):
@@ -301,8 +302,7 @@ def base_config_text() -> str:
         tap="layer1", feature_shape=[8, 16, 16], num_classes=4, input_shape=[1, 16, 16], input_dtype="float32",
         mainnet_fingerprint="ab" * 32, mainnet_class="CifarResNet", weights_sha256="cd" * 32,
     )  # fmt: skip
-    config.structure_sha256 = config.structure_digest()
-    return config.to_json()
+    return dataclasses.replace(config, structure_sha256=config.structure_digest()).to_json()
 
 
 JSON = st.recursive(

@@ -3,6 +3,7 @@ errors, the sweep's agreement with the routed model, plotting and JSON."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -15,8 +16,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import NUM_CLASSES, separable_dataset, threshold_between
-from sidenet import NEVER_EXIT, AdaptiveModel, TradeoffCurve, sweep
-from sidenet.curve import SweepRecord, collect
+from sidenet import NEVER_EXIT, AdaptiveModel, ExitPolicy, SweepRecord, TradeoffCurve, collect, sweep
 
 HYPOTHESIS = settings(max_examples=25, deadline=None)
 # A few values so that ties are common, plus arbitrary ones; all float32 values, as the SideNet's
@@ -167,7 +167,8 @@ def test_simple_curve_by_hand() -> None:
     assert curve.threshold_for(compute_budget=0.9) == pytest.approx(0.925)
     assert curve.threshold_for(compute_budget=0.5) == 0.0  # exiting down to 0.9 is as accurate but dearer
     assert curve.threshold_for(compute_budget=10 / 95) == 0.0
-    assert [curve._index_of(t) for t in curve.thresholds] == list(range(len(curve)))
+    assert [curve.index_of(t) for t in curve.thresholds] == list(range(len(curve)))
+    assert curve._index_of(curve.thresholds[1]) == 1  # the old private name, until report.py moves over
 
 
 @pytest.mark.parametrize(
@@ -309,9 +310,32 @@ def test_subset_and_logits_in_the_record(trained: tuple[AdaptiveModel, DataLoade
     record = sweep(model, loader, progress=False).record
     assert record.side_logits.shape == record.main_logits.shape == (96, NUM_CLASSES)
     assert np.array_equal(record.side_logits.argmax(1) == record.labels, record.side_correct)
-    assert record.policy == {"kind": "max_softmax", "temperature": model.temperature}
+    assert record.exit_rule is model.policy  # frozen: the record keeps the model's rule itself
     half = record.subset(np.arange(48))
     assert len(half) == 48 and np.array_equal(half.labels, record.labels[:48])
+    assert half.exit_rule is record.exit_rule
+
+
+def test_collect_records_nothing_in_the_monitor(trained: tuple[AdaptiveModel, DataLoader]) -> None:
+    model, loader = trained
+    model.reset_stats()
+    collect(model, loader, progress=False)
+    assert model.samples_seen == 0 and len(model.recent_confidence) == 0
+
+
+def test_the_old_policy_dict_still_reads_and_writes(trained: tuple[AdaptiveModel, DataLoader]) -> None:
+    """``SweepRecord.policy`` (a {kind, temperature} dict) gave way to ``exit_rule``; until every caller
+    moves over it still reads, and ``dataclasses.replace(record, policy=...)`` still sets the rule."""
+    model, loader = trained
+    record = collect(model, loader, progress=False)
+    assert record.policy == {"kind": "max_softmax", "temperature": model.temperature}
+    rescored = dataclasses.replace(record, policy={"kind": "margin", "temperature": 2.0})
+    assert (rescored.exit_rule.kind, rescored.exit_rule.temperature) == ("margin", 2.0)
+    assert rescored.exit_rule.threshold == record.exit_rule.threshold
+    other = ExitPolicy(0.3, 3.0, "entropy")
+    assert dataclasses.replace(record, exit_rule=other).exit_rule is other  # the old dict does not win
+    assert dataclasses.replace(record, confidence=record.confidence).exit_rule is record.exit_rule
+    assert SweepRecord(*dataclasses.astuple(record)[:7]).policy == {}
 
 
 @pytest.mark.parametrize("kind", ["entropy", "margin"])
@@ -392,7 +416,7 @@ def test_chosen_thresholds_lie_between_samples(confidence: np.ndarray, limit: fl
     for i, threshold in enumerate(curve.thresholds):
         # The exit rule (a float32 tensor against a Python float) exits exactly the point's samples.
         assert int((scores >= float(threshold)).sum()) == curve.exits[i]
-        assert curve._index_of(float(threshold)) == i
+        assert curve.index_of(float(threshold)) == i
         assert_between_samples(curve.record, float(threshold))
     assert np.all(np.diff(curve.thresholds[1:]) < 0)
     rules = [{"max_accuracy_drop": limit}, {"max_disagreement": limit}, {"compute_budget": 0.2 + limit}]
@@ -423,4 +447,4 @@ def test_confidences_equal_in_float32_form_one_point() -> None:
     # Distinct in float64, one value in float32, where the exit rule compares them: one point, not two.
     curve = TradeoffCurve(record_of(np.array([0.7, 0.7 + 1e-12, 0.2])))
     assert curve.exits.tolist() == [0, 2, 3]
-    assert [curve._index_of(float(t)) for t in curve.thresholds] == [0, 1, 2]
+    assert [curve.index_of(float(t)) for t in curve.thresholds] == [0, 1, 2]

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sidenet import TradeoffCurve
-from sidenet.curve import SweepRecord
+from sidenet import SweepRecord, TradeoffCurve
 
 
 def record(confidence: list[float], agree: list[bool], side_ok: list[bool], main_ok: list[bool]) -> SweepRecord:

@@ -120,3 +120,20 @@ def test_quantised_mainnet_counts_flops_on_its_float_twin() -> None:
         torch.testing.assert_close(model(x).logits, int8(x))
     model.count_flops_with(None)
     assert model.flop_profile(x).mainnet == 0
+
+
+def test_the_ledger_keeps_one_profile_per_input_size(tiny_model) -> None:  # noqa: ANN001
+    """The model's FLOPs methods hand over to its FlopLedger, which measures once per input size and
+    forgets its profiles when told to count on another MainNet; a float twin follows the model's .to()."""
+    from helpers import build_tiny_mainnet, make_images
+
+    ledger = tiny_model.flop_ledger
+    assert isinstance(ledger, sidenet.FlopLedger) and ledger.profiles == {}
+    profile = tiny_model.flop_profile(make_images(3))
+    assert ledger.profiles == {(1, 16, 16): profile} and ledger.profile(make_images(5)) is profile
+    twin = build_tiny_mainnet(seed=3)
+    assert tiny_model.count_flops_with(twin) is tiny_model and ledger.profiles == {}
+    assert ledger.twin is not None and not any(p.requires_grad for p in ledger.twin.parameters())
+    assert tiny_model.flop_profile(make_images(2)) == profile  # same architecture, same FLOPs
+    tiny_model.to(torch.float64)
+    assert next(ledger.twin.parameters()).dtype == torch.float64

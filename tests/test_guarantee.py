@@ -8,8 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from sidenet import TradeoffCurve
-from sidenet.curve import SweepRecord
+from sidenet import SweepRecord, TradeoffCurve
 from sidenet.guarantee import binomial_pvalue, fixed_sequence, hoeffding_bentkus_pvalue, mean_pvalue, upper_bound
 
 

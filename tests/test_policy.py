@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -10,8 +11,8 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from sidenet import NEVER_EXIT, ExitPolicy
-from sidenet.policy import POLICIES, validate_threshold
+from sidenet import NEVER_EXIT, ExitPolicy, FrozenExitPolicyError, SidenetError
+from sidenet.policy import POLICIES, format_threshold, validate_threshold
 
 
 def test_never_exit_is_infinity() -> None:
@@ -64,18 +65,51 @@ def test_valid_temperature_is_stored_as_float(temperature: object) -> None:
     [("threshold", 5), ("threshold", "0.5"), ("threshold", True), ("temperature", 0.0),
      ("temperature", True), ("kind", "variance"), ("kind", None)],
 )  # fmt: skip
-def test_assignment_is_validated(field: str, value: object) -> None:
+def test_assignment_is_refused(field: str, value: object) -> None:
+    """The rule is frozen: no assignment, good value or bad, bypasses the validation of a new rule."""
     policy = ExitPolicy(0.5, 2.0, "margin")
     with pytest.raises(ValueError, match="threshold|temperature|policy"):
         setattr(policy, field, value)
     assert (policy.threshold, policy.temperature, policy.kind) == (0.5, 2.0, "margin")  # unchanged
 
 
-def test_valid_assignment_is_converted() -> None:
+@pytest.mark.parametrize(("field", "setter"), [("threshold", "model.threshold"), ("temperature", "model.temperature"),
+                                               ("kind", "model.policy_kind")])  # fmt: skip
+def test_frozen_error_names_the_field_and_the_setter(field: str, setter: str) -> None:
     policy = ExitPolicy()
-    policy.threshold, policy.temperature, policy.kind = np.float64(0.25), 3, "entropy"
-    assert (policy.threshold, policy.temperature, policy.kind) == (0.25, 3.0, "entropy")
-    assert type(policy.threshold) is float and type(policy.temperature) is float
+    valid = {"threshold": 0.5, "temperature": 2.0, "kind": "entropy"}[field]
+    with pytest.raises(FrozenExitPolicyError, match=rf"{field}.*{setter}") as info:
+        setattr(policy, field, valid)
+    assert isinstance(info.value, SidenetError) and isinstance(info.value, dataclasses.FrozenInstanceError)
+    with pytest.raises(FrozenExitPolicyError, match=field):
+        delattr(policy, field)
+
+
+def test_replace_validates_and_converts() -> None:
+    policy = ExitPolicy()
+    changed = dataclasses.replace(policy, threshold=np.float64(0.25), temperature=3, kind="entropy")
+    assert (changed.threshold, changed.temperature, changed.kind) == (0.25, 3.0, "entropy")
+    assert type(changed.threshold) is float and type(changed.temperature) is float
+    assert (policy.threshold, policy.kind) == (0.9, "max_softmax")  # the old rule is left as it was
+    with pytest.raises(ValueError, match="threshold"):
+        dataclasses.replace(policy, threshold=5)
+
+
+def test_equal_rules_hash_alike() -> None:
+    assert hash(ExitPolicy(0.5, 2.0)) == hash(ExitPolicy(np.float32(0.5), 2))
+    assert len({ExitPolicy(0.5), ExitPolicy(0.5), ExitPolicy(0.6)}) == 2
+
+
+def test_to_dict_is_json_ready() -> None:
+    assert ExitPolicy(NEVER_EXIT, 2.0, "margin").to_dict() == {"kind": "margin", "temperature": 2.0, "threshold": None}
+
+
+@pytest.mark.parametrize(
+    ("threshold", "digits", "text"),
+    [(NEVER_EXIT, 4, "never"), (None, 4, "never"), (0.5, 4, "0.5000"), (0.25, 6, "0.250000")],
+)
+def test_format_threshold(threshold: float | None, digits: int, text: str) -> None:
+    assert format_threshold(threshold, digits=digits) == text
 
 
 @settings(max_examples=25, deadline=None)

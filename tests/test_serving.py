@@ -109,6 +109,24 @@ def test_bad_settings_raise(tiny_model: AdaptiveModel, options: dict, message: s
         PooledRouter(tiny_model, **options)
 
 
+@torch.no_grad()
+def test_front_pass_records_nothing_its_callers_do(tiny_model: AdaptiveModel) -> None:
+    """front_pass has no side effects; forward (adaptive mode) and the router record into the monitor."""
+    x = make_images(6)
+    tiny_model.threshold = 0.0
+    tiny_model.reset_stats()
+    for mode in ("adaptive", "side", "batch"):
+        tiny_model.front_pass(x, mode)
+    assert tiny_model.samples_seen == 0 and len(tiny_model.recent_confidence) == 0
+    for mode in ("main", "side", "batch"):
+        tiny_model(x, mode=mode)
+    assert tiny_model.samples_seen == 0
+    tiny_model(x)
+    assert (tiny_model.samples_seen, tiny_model.samples_exited) == (6, 6)
+    PooledRouter(tiny_model).run([x, x])
+    assert tiny_model.monitor.samples_seen == 18 and tiny_model.observed_exit_rate == 1.0
+
+
 def test_front_pass_refuses_main_mode(tiny_model: AdaptiveModel) -> None:
     with pytest.raises(ValueError, match="front_pass mode"):
         tiny_model.front_pass(make_images(2), "main")

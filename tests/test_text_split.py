@@ -11,9 +11,16 @@ transformers = pytest.importorskip("transformers")
 
 import sidenet  # noqa: E402
 from helpers import threshold_between  # noqa: E402
-from sidenet import NEVER_EXIT, AdaptiveModel, MainNetMismatchError, TapError, count_flops, split_mainnet  # noqa: E402
-from sidenet.attach import SplitMismatchError  # noqa: E402
-from sidenet.curve import collect  # noqa: E402
+from sidenet import (  # noqa: E402
+    NEVER_EXIT,
+    AdaptiveModel,
+    MainNetMismatchError,
+    SplitMismatchError,
+    TapError,
+    collect,
+    count_flops,
+    split_mainnet,
+)
 from sidenet.splits import TextEncoderSplit  # noqa: E402
 
 VOCAB, LAYERS, CLASSES = 100, 4, 3
@@ -188,7 +195,7 @@ def test_flops_per_length_and_mainnet_flops_match_hf() -> None:
     adaptive = attached(model, 1)
     short, long = make_batch([4, 8]), make_batch([16, 3])
     p_short, p_long = adaptive.flop_profile(short), adaptive.flop_profile(long)
-    assert p_short.mainnet < p_long.mainnet and set(adaptive._flop_profiles) == {(8,), (16,)}
+    assert p_short.mainnet < p_long.mainnet and set(adaptive.flop_ledger.profiles) == {(8,), (16,)}
     hf, _ = count_flops(lambda b: model(**b).logits, {k: v[:1] for k, v in long.items()})
     assert hf == p_long.mainnet
     eager = attached(tiny_encoder("bert", "eager"), 1)
@@ -314,7 +321,7 @@ def test_report_rescoring_equals_a_new_sweep() -> None:
             got = _rescored(adaptive, raw, loader, progress=False)
             np.testing.assert_allclose(got.confidence, fresh.confidence, rtol=1e-6)
             np.testing.assert_allclose(got.rest_flops, fresh.rest_flops)
-            assert got.policy == fresh.policy
+            assert got.exit_rule == fresh.exit_rule
 
 
 @pytest.mark.parametrize("family", FAMILIES)

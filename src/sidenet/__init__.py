@@ -2,64 +2,79 @@
 
 Attach a small SideNet to an early layer of a frozen MainNet; confident inputs exit there, the rest
 continue through the MainNet from where they left off.
+
+This module's ``__all__`` is the public API; each name is defined once, in the submodule named beside it.
 """
 
-from sidenet.attach import (
-    CheckpointError,
-    MainNetMismatchError,
-    SplitMismatchError,
-    attach,
-    load_sidenet,
-    save_sidenet,
-)
+from sidenet.attach import attach
+from sidenet.checkpoint import load_sidenet, save_sidenet
 from sidenet.config import SideNetConfig, mainnet_fingerprint
 from sidenet.curve import TradeoffCurve, sweep
-from sidenet.flops import FlopProfile, count_flops, profile_flops
-from sidenet.head import SideNet
-from sidenet.policy import NEVER_EXIT, ExitPolicy
-from sidenet.routing import AdaptiveModel, AdaptiveOutput, ClassCountMismatchError
-from sidenet.splits import (
-    CallableSplit,
-    MainNetSplit,
+from sidenet.errors import (
+    CheckpointError,
+    ClassCountMismatchError,
+    FrozenExitPolicyError,
+    MainNetMismatchError,
+    SidenetError,
+    SplitMismatchError,
     TapError,
-    TextEncoderSplit,
     UnsupportedMainNetError,
-    register_splitter,
-    split_mainnet,
 )
+from sidenet.flops import FlopLedger, FlopProfile, count_flops, profile_flops
+from sidenet.head import SideNet
+from sidenet.monitor import TrafficMonitor
+from sidenet.policy import NEVER_EXIT, ExitPolicy, format_threshold
+from sidenet.record import SweepRecord, collect
+from sidenet.routing import AdaptiveModel, AdaptiveOutput
+from sidenet.splits import CallableSplit, MainNetSplit, TextEncoderSplit, register_splitter, split_mainnet
 from sidenet.training import FeatureCache, cache_features, fit_sidenet, train_sidenet
 
+# The one place the version is written: pyproject.toml reads it from here
+# ([tool.setuptools.dynamic] version = {attr = "sidenet.__version__"}).
 __version__ = "0.1.0"
 
 __all__ = [
+    # attaching, saving, loading (sidenet.attach, sidenet.checkpoint, sidenet.config)
+    "attach",
+    "save_sidenet",
+    "load_sidenet",
+    "SideNetConfig",
+    "mainnet_fingerprint",
+    # the model and its parts (sidenet.routing, head, policy, flops, monitor)
     "AdaptiveModel",
     "AdaptiveOutput",
+    "SideNet",
+    "ExitPolicy",
+    "NEVER_EXIT",
+    "format_threshold",
+    "FlopLedger",
+    "FlopProfile",
+    "count_flops",
+    "profile_flops",
+    "TrafficMonitor",
+    # splitting MainNets (sidenet.splits)
+    "MainNetSplit",
     "CallableSplit",
+    "TextEncoderSplit",
+    "register_splitter",
+    "split_mainnet",
+    # training (sidenet.training)
+    "FeatureCache",
+    "cache_features",
+    "fit_sidenet",
+    "train_sidenet",
+    # the trade-off (sidenet.record, sidenet.curve)
+    "SweepRecord",
+    "collect",
+    "TradeoffCurve",
+    "sweep",
+    # errors (sidenet.errors)
+    "SidenetError",
     "CheckpointError",
     "ClassCountMismatchError",
-    "ExitPolicy",
-    "FeatureCache",
-    "FlopProfile",
+    "FrozenExitPolicyError",
     "MainNetMismatchError",
-    "MainNetSplit",
-    "NEVER_EXIT",
-    "SideNet",
-    "SideNetConfig",
     "SplitMismatchError",
     "TapError",
-    "TextEncoderSplit",
-    "TradeoffCurve",
     "UnsupportedMainNetError",
-    "attach",
-    "cache_features",
-    "count_flops",
-    "fit_sidenet",
-    "load_sidenet",
-    "mainnet_fingerprint",
-    "profile_flops",
-    "register_splitter",
-    "save_sidenet",
-    "split_mainnet",
-    "sweep",
-    "train_sidenet",
 ]

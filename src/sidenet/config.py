@@ -9,8 +9,11 @@ together with the checksums of the weight files. The exit rule (``threshold``, `
 by hand. The checksums catch corruption and accidental edits; they are not a signature (anyone can
 recompute them).
 
-A save writes a complete folder beside the old one and swaps it in with renames
-(:func:`replace_folder`), so that a failing save never leaves new weights beside an old config.
+The config is the one list of a SideNet's settings (as peft's ``PeftConfig``): ``attach`` takes its
+settings (:data:`SETTINGS`) as keywords or as a config, the model keeps it (``model.config``), saving
+writes it with the live exit rule and the checksums, loading builds the model from it. Each field says
+who sets it (``field(metadata={"role": ...})``): the user (:data:`SETTING`), attaching (:data:`MEASURED`,
+read off the MainNet and the example input) or saving (:data:`SAVED`).
 """
 
 from __future__ import annotations
@@ -18,23 +21,26 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
-import uuid
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from sidenet.policy import validate_policy, validate_threshold
+from sidenet.errors import CheckpointError
+from sidenet.policy import ExitPolicy, validate_policy, validate_threshold
+
+if TYPE_CHECKING:
+    from sidenet.head import SideNet
+    from sidenet.splits import MainNetSplit
 
 __all__ = [
-    "SideNetConfig", "CheckpointError", "mainnet_fingerprint", "file_sha256", "CONFIG_NAME", "WEIGHTS_NAME",
-    "REFERENCE_NAME", "FORMAT_VERSION", "REQUIRED_KEYS", "STRUCTURAL_FIELDS", "SAVED_FILES", "replace_folder",
+    "SideNetConfig", "mainnet_fingerprint", "file_sha256", "CONFIG_NAME", "WEIGHTS_NAME", "REFERENCE_NAME",
+    "FORMAT_VERSION", "REQUIRED_KEYS", "STRUCTURAL_FIELDS", "SAVED_FILES", "SETTINGS", "SETTING", "MEASURED", "SAVED",
+    "config_for_parts",
 ]  # fmt: skip
 
 CONFIG_NAME = "sidenet_config.json"
@@ -61,10 +67,6 @@ STRUCTURAL_FIELDS = (
 
 # The files a save writes; anything else in the folder (the CLI's plots and reports) is the user's.
 SAVED_FILES = (CONFIG_NAME, WEIGHTS_NAME, REFERENCE_NAME)
-
-
-class CheckpointError(ValueError, FileNotFoundError):
-    """A saved SideNet folder is missing, incomplete or corrupt."""
 
 
 def mainnet_fingerprint(mainnet: nn.Module) -> str:
@@ -146,15 +148,26 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-@dataclass
+# Who sets a field (its ``metadata["role"]``): the user, when attaching (:data:`SETTINGS`);
+# attaching, from the MainNet and the example input; saving, from the files it writes.
+SETTING, MEASURED, SAVED = "setting", "measured", "saved"
+
+
+def _setting(default: Any = None, factory: Callable[[], Any] | None = None, role: str = SETTING) -> Any:
+    if factory is not None:
+        return field(default_factory=factory, metadata={"role": role})
+    return field(default=default, metadata={"role": role})
+
+
+@dataclass(frozen=True)
 class SideNetConfig:
-    """Settings of a SideNet attached to a MainNet.
+    """Settings of a SideNet attached to a MainNet; frozen (build a changed one with ``dataclasses.replace``).
 
     Attributes:
         tap: where the MainNet is cut (a stage name, or an integer for ``nn.Sequential`` and text encoders).
+        feature_shape: shape of one sample's tap features (measured by ``attach``; None until then).
+        num_classes: classes of SideNet and MainNet (None: read from the MainNet when attaching).
         split_options: the split's settings beyond the tap (text encoders: ``{"features": "both"}``).
-        feature_shape: shape of one sample's tap features.
-        num_classes: classes of SideNet and MainNet.
         hidden: hidden width of the SideNet.
         pool_size: pooling grid side for convolutional features.
         threshold: exit threshold of the policy (inf means never exit).
@@ -172,24 +185,47 @@ class SideNetConfig:
         metadata: free-form extras (training history, data, ...); the only key that may be missing.
     """
 
-    tap: str | int
-    feature_shape: list[int]
-    num_classes: int
-    split_options: dict[str, Any] = field(default_factory=dict)
-    hidden: int = 256
-    pool_size: int = 4
-    threshold: float = 0.9
-    temperature: float = 1.0
-    policy: str = "max_softmax"
-    mainnet_fingerprint: str = ""
-    mainnet_class: str = ""
-    input_shape: list[int] | None = None
-    input_dtype: str | None = None
-    weights_sha256: str | None = None
-    reference_sha256: str | None = None
-    structure_sha256: str | None = None
-    format_version: int = FORMAT_VERSION
-    metadata: dict[str, Any] = field(default_factory=dict)
+    tap: str | int = field(metadata={"role": SETTING})
+    feature_shape: list[int] | None = _setting(role=MEASURED)
+    num_classes: int | None = _setting()
+    split_options: dict[str, Any] = _setting(factory=dict)
+    hidden: int = _setting(256)
+    pool_size: int = _setting(4)
+    threshold: float = _setting(0.9)
+    temperature: float = _setting(1.0)
+    policy: str = _setting("max_softmax")
+    mainnet_fingerprint: str = _setting("", role=SAVED)
+    mainnet_class: str = _setting("", role=MEASURED)
+    input_shape: list[int] | None = _setting(role=MEASURED)
+    input_dtype: str | None = _setting(role=MEASURED)
+    weights_sha256: str | None = _setting(role=SAVED)
+    reference_sha256: str | None = _setting(role=SAVED)
+    structure_sha256: str | None = _setting(role=SAVED)
+    format_version: int = _setting(FORMAT_VERSION, role=SAVED)
+    metadata: dict[str, Any] = _setting(factory=dict)
+
+    def __post_init__(self) -> None:
+        # The JSON types, whatever the caller passed: lists for shapes, dicts for objects (None: empty).
+        for name in ("feature_shape", "input_shape"):
+            if isinstance(getattr(self, name), tuple):
+                object.__setattr__(self, name, list(getattr(self, name)))
+        for name in ("split_options", "metadata"):
+            value = getattr(self, name)
+            if value is None or (isinstance(value, Mapping) and not isinstance(value, dict)):
+                object.__setattr__(self, name, dict(value or {}))
+
+    def exit_rule(self) -> ExitPolicy:
+        """The exit rule these settings describe (validated: a bad threshold raises ``ValueError``)."""
+        return ExitPolicy(self.threshold, self.temperature, self.policy)
+
+    def with_exit_rule(self, rule: ExitPolicy) -> SideNetConfig:
+        """This config with the exit-rule fields of ``rule`` (the live rule of a model)."""
+        return replace(self, threshold=rule.threshold, temperature=rule.temperature, policy=rule.kind)
+
+    def unsaved(self) -> SideNetConfig:
+        """This config less what only a saved folder has (:data:`SAVED` fields back to their defaults):
+        the checksums and fingerprint describe files, not a model in memory."""
+        return replace(self, **{f.name: f.default for f in fields(self) if f.metadata.get("role") == SAVED})
 
     def structure_digest(self) -> str:
         """SHA-256 over a canonical JSON of the :data:`STRUCTURAL_FIELDS`."""
@@ -201,6 +237,7 @@ class SideNetConfig:
         return hashlib.sha256(text.encode()).hexdigest()
 
     def to_json(self) -> str:
+        """The config as the JSON of ``sidenet_config.json`` (sorted keys; never-exit as null)."""
         data = asdict(self)
         # JSON has no infinity; "never exit" is stored as null.
         data["threshold"] = None if math.isinf(self.threshold) else self.threshold
@@ -243,12 +280,14 @@ class SideNetConfig:
         return config
 
     def save(self, folder: str | Path) -> Path:
+        """Write :meth:`to_json` to ``folder/sidenet_config.json``."""
         path = Path(folder) / CONFIG_NAME
         path.write_text(self.to_json())
         return path
 
     @classmethod
     def load(cls, folder: str | Path) -> SideNetConfig:
+        """Read and check ``folder/sidenet_config.json`` (see :meth:`from_json`)."""
         path = Path(folder) / CONFIG_NAME
         if not path.is_file():
             raise CheckpointError(f"no {CONFIG_NAME} in {folder}: not a saved SideNet folder")
@@ -259,51 +298,33 @@ class SideNetConfig:
         return cls.from_json(text, source=str(path))
 
 
-# -- the saved folder: replaced whole, so that a failing save leaves the old one as it was -----------
-def _link_or_copy(source: str, target: str) -> None:
-    # A hard link costs nothing and leaves the original untouched; copy where links are not allowed.
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+# The settings a user chooses (attach's keywords), as opposed to what attaching measures or saving records.
+SETTINGS = tuple(f.name for f in fields(SideNetConfig) if f.metadata["role"] == SETTING and f.name != "tap")
 
 
-def _carry_user_files(folder: Path, staging: Path) -> None:
-    """Link or copy into ``staging`` whatever the user keeps in ``folder`` beside the SideNet (the
-    CLI's plots and reports), so that swapping the folders loses none of it."""
-    if not folder.is_dir():
-        return
-    for entry in folder.iterdir():
-        if entry.name in SAVED_FILES:
-            continue
-        target = staging / entry.name
-        if entry.is_symlink():
-            os.symlink(os.readlink(entry), target)
-        elif entry.is_dir():
-            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(str(entry), str(target))
-
-
-def _swap_in(staging: Path, folder: Path) -> None:
-    """Put the complete ``staging`` folder at ``folder`` with renames: the old folder moves aside, the
-    new one moves in (the old one comes back if that fails), then the old one is deleted. A crash
-    in between leaves the old folder beside it as ``.<name>.old-*``."""
-    if not folder.exists():
-        os.replace(staging, folder)
-        return
-    old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(folder, old)
-    try:
-        os.replace(staging, folder)
-    except BaseException:
-        os.replace(old, folder)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def replace_folder(staging: Path, folder: Path) -> None:
-    """Make the complete saved folder ``staging`` the SideNet folder ``folder``, keeping the user's own
-    files from the old ``folder`` (see :func:`_swap_in` for what a crash leaves)."""
-    _carry_user_files(folder, staging)
-    _swap_in(staging, folder)
+def config_for_parts(split: MainNetSplit, sidenet: SideNet, config: SideNetConfig | None = None) -> SideNetConfig:
+    """``config`` (or a default one) completed with what the split and the SideNet say about
+    themselves, less what only a saved folder has (:meth:`SideNetConfig.unsaved`): the config an
+    :class:`~sidenet.AdaptiveModel` of these parts keeps. Raises ``ValueError`` when ``config``
+    contradicts the parts: a model must never save a config its weights do not fit."""
+    parts = {
+        "tap": split.tap, "feature_shape": list(sidenet.feature_shape), "num_classes": sidenet.num_classes,
+        "hidden": sidenet.hidden, "pool_size": sidenet.pool_size,
+    }  # fmt: skip
+    if config is None:
+        config = SideNetConfig(tap=split.tap)
+    else:
+        for name, actual in parts.items():
+            given = getattr(config, name)
+            # Taps compare as text: the CLI's "2" is the nn.Sequential splitter's 2.
+            same = str(given) == str(actual) if name == "tap" else given == actual
+            if given is not None and not same:
+                raise ValueError(f"the config's {name} is {given!r} but the split and SideNet have {actual!r}")
+    mainnet = split.mainnet
+    return replace(
+        config.unsaved(),
+        **parts,
+        # The split's own options, defaults included ({"features": "both"} where none were given).
+        split_options=split.options(),
+        mainnet_class=type(mainnet).__name__ if mainnet is not None else "",
+    )

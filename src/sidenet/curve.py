@@ -15,13 +15,16 @@ import numpy as np
 
 from sidenet.guarantee import binomial_pvalue, fixed_sequence, hoeffding_bentkus_pvalue
 from sidenet.plotting import pyplot, save_figure
-from sidenet.policy import NEVER_EXIT, validate_threshold
-from sidenet.record import SweepRecord, collect
+from sidenet.policy import NEVER_EXIT, format_threshold, validate_threshold
+
+# SweepRecord and collect live in sidenet.record; importable from here too, where they lived before.
+from sidenet.record import SweepRecord
+from sidenet.record import collect as collect
 
 if TYPE_CHECKING:
     from sidenet.routing import AdaptiveModel
 
-__all__ = ["TradeoffCurve", "SweepRecord", "sweep", "collect"]
+__all__ = ["TradeoffCurve", "sweep"]
 
 
 def _as_number(name: str, value: object) -> float:
@@ -72,19 +75,24 @@ class TradeoffCurve:
         self.record = record
         self.num_samples = n
         order = np.argsort(-record.confidence, kind="stable")
-        conf = record.confidence[order]
-        cum = lambda a: np.concatenate([[0.0], np.cumsum(a[order], dtype=np.float64)])  # noqa: E731
-        side_ok, main_ok, rest = cum(record.side_correct), cum(record.main_correct), cum(record.rest_flops)
-        differ = cum(~record.agree)
+        confidence = record.confidence[order]
+
+        def running_sum(values: np.ndarray) -> np.ndarray:
+            """Sums over the ``k`` most confident samples, for k = 0..n."""
+            return np.concatenate([[0.0], np.cumsum(values[order], dtype=np.float64)])
+
+        side_correct, main_correct = running_sum(record.side_correct), running_sum(record.main_correct)
+        rest, disagreeing = running_sum(record.rest_flops), running_sum(~record.agree)
         # Exiting the top k samples is a reachable point only at the end of a run of equal confidences,
         # equal in float32, in which the exit rule compares them (float32 rounding keeps the order).
-        ends = np.unique(np.concatenate([[0], np.flatnonzero(np.diff(conf.astype(np.float32)) != 0) + 1, [n]]))
+        changes = np.flatnonzero(np.diff(confidence.astype(np.float32)) != 0) + 1
+        ends = np.unique(np.concatenate([[0], changes, [n]]))
         self.exits = ends
-        self.thresholds = _point_thresholds(conf, ends)
-        self.accuracy = (side_ok[ends] + main_ok[n] - main_ok[ends]) / n
+        self.thresholds = _point_thresholds(confidence, ends)
+        self.accuracy = (side_correct[ends] + main_correct[n] - main_correct[ends]) / n
         # Fraction of all samples that exit with another answer than the MainNet's: a bound on the
         # accuracy drop that needs no labels and no cancellation of errors.
-        self.disagreement = differ[ends] / n
+        self.disagreement = disagreeing[ends] / n
         self.exit_rate = ends / n
         self.mean_flops = record.trunk_side_flops.mean() + (rest[n] - rest[ends]) / n
         self.mainnet_flops = float(record.mainnet_flops.mean())
@@ -109,14 +117,17 @@ class TradeoffCurve:
 
     def at(self, threshold: float) -> dict[str, float]:
         """The operating point a given threshold reaches on this data."""
-        return self.point(self._index_of(threshold))
+        return self.point(self.index_of(threshold))
 
-    def _index_of(self, threshold: float) -> int:
+    def index_of(self, threshold: float) -> int:
         """Index of the point a threshold reaches. Compared in float32, as the exit policy compares
         the SideNet's float32 confidences, so that curve and routed model agree at the boundary."""
         threshold = validate_threshold(threshold)
         exits = int((self.record.confidence.astype(np.float32) >= np.float32(threshold)).sum())
         return int(np.searchsorted(self.exits, exits))
+
+    # The old private name, which sidenet.report still calls; to go once it calls index_of.
+    _index_of = index_of
 
     def threshold_for(
         self,
@@ -167,8 +178,8 @@ class TradeoffCurve:
         if confidence is not None and not 0 < confidence < 1:
             raise ValueError(f"confidence is 1 - delta, a probability in (0, 1), got {confidence}")
         if compute_budget is not None:
-            ok = self._certified_budget(compute_budget, confidence)
-            best = ok[self.accuracy[ok] == self.accuracy[ok].max()]
+            eligible = self._certified_budget(compute_budget, confidence)
+            best = eligible[self.accuracy[eligible] == self.accuracy[eligible].max()]
             return float(self.thresholds[best[np.argmin(self.mean_flops[best])]])
         if confidence is not None:
             limit = max_accuracy_drop if max_accuracy_drop is not None else max_disagreement
@@ -176,21 +187,21 @@ class TradeoffCurve:
             # Points in order of growing exits; point 0 (never exit) has no risk and needs no test.
             counts = np.rint(self.disagreement[1:] * self.num_samples).astype(np.int64)
             pvalues = (binomial_pvalue(int(k), self.num_samples, limit) for k in counts)
-            ok = np.arange(1 + fixed_sequence(pvalues, 1.0 - confidence))
+            eligible = np.arange(1 + fixed_sequence(pvalues, 1.0 - confidence))
         elif max_accuracy_drop is not None:
-            ok = np.flatnonzero(self.accuracy >= self.mainnet_accuracy - max_accuracy_drop - 1e-12)
+            eligible = np.flatnonzero(self.accuracy >= self.mainnet_accuracy - max_accuracy_drop - 1e-12)
         else:
             assert max_disagreement is not None
-            ok = np.flatnonzero(self.disagreement <= max_disagreement + 1e-12)
+            eligible = np.flatnonzero(self.disagreement <= max_disagreement + 1e-12)
         # The first point (never exit) always qualifies: no drop, no disagreement.
-        return float(self.thresholds[ok[np.argmin(self.mean_flops[ok])]])
+        return float(self.thresholds[eligible[np.argmin(self.mean_flops[eligible])]])
 
     def _certified_budget(self, compute_budget: float, confidence: float | None) -> np.ndarray:
         """Indices of the points whose mean compute meets the budget (on this data, or certified)."""
         if not compute_budget >= 0:  # NaN too
             raise ValueError(f"compute_budget is a fraction of the MainNet's compute (>= 0), got {compute_budget}")
         if confidence is None:
-            ok = np.flatnonzero(self.relative_compute <= compute_budget + 1e-12)
+            eligible = np.flatnonzero(self.relative_compute <= compute_budget + 1e-12)
         else:
             record = self.record
             low = float(record.trunk_side_flops.min())
@@ -206,14 +217,14 @@ class TradeoffCurve:
                     scaled = min(max((self.mean_flops[k] - low) / max(high - low, 1e-300), 0.0), 1.0)
                     pvalues.append(hoeffding_bentkus_pvalue(scaled, self.num_samples, limit))
             count = fixed_sequence(pvalues, 1.0 - confidence)
-            ok = np.arange(len(self) - count, len(self))
-        if len(ok) == 0:
+            eligible = np.arange(len(self) - count, len(self))
+        if len(eligible) == 0:
             how = "" if confidence is None else f" with confidence {confidence}"
             raise ValueError(
                 f"no threshold meets compute_budget={compute_budget}{how}: the cheapest point costs "
                 f"{self.relative_compute.min():.3f} of the MainNet on {self.num_samples} samples"
             )
-        return ok
+        return eligible
 
     def oracle(self) -> dict[str, float]:
         """The oracle exit rule: exit exactly where the SideNet's answer equals the MainNet's. It keeps
@@ -242,7 +253,7 @@ class TradeoffCurve:
         picks |= {int(np.searchsorted(self.exit_rate, q)) for q in np.linspace(0, 1, rows)}
         labels: dict[int, str] = {}
         for name, threshold in (marks or {}).items():
-            index = self._index_of(threshold)
+            index = self.index_of(threshold)
             picks.add(index)
             labels[index] = name
         lines = [
@@ -252,13 +263,13 @@ class TradeoffCurve:
             f"compute {self.oracle()['relative_compute']:.3f} of the MainNet",
             f"{'threshold':>10} {'accuracy':>9} {'drop(pt)':>9} {'exit rate':>10} {'MFLOPs':>9} {'compute':>8}",
         ]
-        for i in sorted(p for p in picks if 0 <= p < len(self)):
-            p = self.point(i)
-            t = "never" if math.isinf(p["threshold"]) else f"{p['threshold']:.6f}"
+        for index in sorted(pick for pick in picks if 0 <= pick < len(self)):
+            point = self.point(index)
             lines.append(
-                f"{t:>10} {p['accuracy']:>9.4f} {100 * p['accuracy_drop']:>9.2f} {p['exit_rate']:>10.3f} "
-                f"{p['mean_flops'] / 1e6:>9.3f} {p['relative_compute']:>8.3f}"
-                + (f"  <- {labels[i]}" if i in labels else "")
+                f"{format_threshold(point['threshold'], digits=6):>10} {point['accuracy']:>9.4f} "
+                f"{100 * point['accuracy_drop']:>9.2f} {point['exit_rate']:>10.3f} "
+                f"{point['mean_flops'] / 1e6:>9.3f} {point['relative_compute']:>8.3f}"
+                + (f"  <- {labels[index]}" if index in labels else "")
             )
         return "\n".join(lines)
 
@@ -293,9 +304,9 @@ class TradeoffCurve:
                    zorder=4, label="oracle (exit iff SideNet = MainNet)")  # fmt: skip
         ax.axhline(100 * self.mainnet_accuracy, color="black", lw=0.6, ls=":")
         for name, threshold in (marks or {}).items():
-            p = self.at(threshold)
-            ax.scatter([p["relative_compute"]], [100 * p["accuracy"]], zorder=4, marker="D")
-            ax.annotate(f"{name}\nexit {p['exit_rate']:.0%}", (p["relative_compute"], 100 * p["accuracy"]),
+            point = self.at(threshold)
+            ax.scatter([point["relative_compute"]], [100 * point["accuracy"]], zorder=4, marker="D")
+            ax.annotate(f"{name}\nexit {point['exit_rate']:.0%}", (point["relative_compute"], 100 * point["accuracy"]),
                         textcoords="offset points", xytext=(8, -18), fontsize=8)  # fmt: skip
         low = min(100 * self.accuracy.min(), 100 * self.mainnet_accuracy - 5)
         ax.set_ylim(

@@ -9,6 +9,10 @@ Rules (``ExitPolicy.kind``):
 
 All three read the softmax after dividing the logits by the temperature. With two classes they order
 samples identically (each is a monotone function of the larger probability), so their curves coincide.
+
+An :class:`ExitPolicy` never changes once built: the model, the sweep record and the report share one
+without copying it, and a caller holding it (to restore it later) keeps what it held. The model's
+setters (``model.threshold = 0.8``) install a new rule built with ``dataclasses.replace``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["ExitPolicy", "NEVER_EXIT", "POLICIES", "validate_threshold", "validate_temperature", "validate_policy"]
+from sidenet.errors import FrozenExitPolicyError
+
+__all__ = [
+    "ExitPolicy", "NEVER_EXIT", "POLICIES", "validate_threshold", "validate_temperature", "validate_policy",
+    "format_threshold",
+]  # fmt: skip
 
 # The documented "never exit" threshold: no confidence reaches it, so the MainNet answers everything.
 NEVER_EXIT = math.inf
@@ -66,20 +75,34 @@ def validate_policy(kind: str) -> str:
     return kind
 
 
-# Field name -> validator, run on every assignment (in __init__ and afterwards).
-_VALIDATORS: dict[str, Callable[[Any], Any]] = {
-    "threshold": validate_threshold,
-    "temperature": validate_temperature,
-    "kind": validate_policy,
+def format_threshold(threshold: float | None, digits: int = 4) -> str:
+    """A threshold as text: ``"never"`` for :data:`NEVER_EXIT` (and for ``None``, how JSON stores it),
+    else the number with ``digits`` decimals. The one spelling of thresholds in tables and messages."""
+    if threshold is None or math.isinf(threshold):
+        return "never"
+    return f"{threshold:.{digits}f}"
+
+
+# Field name -> (validator, the model setting that replaces the rule). The validator runs once per
+# field, when the rule is built; the setting is named by the error of a later assignment.
+_FIELDS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "threshold": (validate_threshold, "model.threshold"),
+    "temperature": (validate_temperature, "model.temperature"),
+    "kind": (validate_policy, "model.policy_kind"),
 }
 
 
-@dataclass
+# Not dataclass(frozen=True): its generated __setattr__ raises FrozenInstanceError alone, an
+# AttributeError, where a refused setting must be a ValueError naming the setter (see __setattr__).
+# Hashable, as a frozen dataclass is: no field changes after __init__.
+@dataclass(unsafe_hash=True)
 class ExitPolicy:
     """Exit rule: a confidence score of the SideNet's softmax compared with a threshold.
 
-    Every assignment of a field is validated, so ``policy.threshold = 5`` raises like
-    ``ExitPolicy(threshold=5)`` does.
+    Frozen: fields are validated once, when the rule is built (``ExitPolicy(threshold=5)`` raises a
+    ``ValueError``), and any later assignment raises :class:`~sidenet.errors.FrozenExitPolicyError`
+    (a ``ValueError``) naming the model setting to use instead. Build a changed rule with
+    ``dataclasses.replace(rule, threshold=0.8)``, which validates like the constructor.
 
     Attributes:
         threshold: a sample exits when its score is at least this; 0 exits everything,
@@ -93,8 +116,26 @@ class ExitPolicy:
     kind: str = "max_softmax"
 
     def __setattr__(self, name: str, value: Any) -> None:
-        validator = _VALIDATORS.get(name)
-        super().__setattr__(name, validator(value) if validator is not None else value)
+        spec = _FIELDS.get(name)
+        if spec is None:  # not a field: a subclass's own attribute (test doubles set their exit mask)
+            super().__setattr__(name, value)
+        elif name in self.__dict__:  # set already: __init__ sets each field once, through here
+            raise FrozenExitPolicyError(
+                f"an ExitPolicy is frozen: cannot assign {name}={value!r}. Set {spec[1]} = ... on the model "
+                f"(it installs a new rule), or build one with dataclasses.replace(rule, {name}=...)"
+            )
+        else:
+            super().__setattr__(name, spec[0](value))
+
+    def __delattr__(self, name: str) -> None:
+        if name in _FIELDS:
+            raise FrozenExitPolicyError(f"an ExitPolicy is frozen: cannot delete its {name}")
+        super().__delattr__(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The rule as JSON-ready values (a :data:`NEVER_EXIT` threshold as null, as configs store it)."""
+        threshold = None if math.isinf(self.threshold) else self.threshold
+        return {"kind": self.kind, "temperature": self.temperature, "threshold": threshold}
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Softmax of the logits after the temperature, in float32 or wider."""

@@ -3,17 +3,17 @@ outcome depends on, collected by :func:`collect`. :mod:`sidenet.curve` turns the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import InitVar, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils._pytree import tree_leaves
-from tqdm.auto import tqdm
 
-from sidenet.data import batch_count, iter_batches
-from sidenet.training import validate_labels
+from sidenet.policy import ExitPolicy
+from sidenet.training import trunk_batches
 
 if TYPE_CHECKING:
     from sidenet.routing import AdaptiveModel
@@ -21,11 +21,19 @@ if TYPE_CHECKING:
 __all__ = ["SweepRecord", "collect"]
 
 
+class _PolicyView(dict):
+    """What the deprecated ``SweepRecord.policy`` reads: ``{"kind", "temperature"}`` of the exit rule.
+
+    A type of its own because ``dataclasses.replace`` passes every init argument, the ``policy`` alias
+    included, read back from the record: ``__post_init__`` must tell that echo (ignored) from a dict a
+    caller passed (applied)."""
+
+
 @dataclass
 class SweepRecord:
     """Per-sample results of one pass: everything a threshold's outcome depends on."""
 
-    confidence: np.ndarray  # SideNet confidence under the model's exit policy
+    confidence: np.ndarray  # SideNet confidence under exit_rule
     side_correct: np.ndarray  # bool
     main_correct: np.ndarray  # bool
     agree: np.ndarray  # bool: SideNet and MainNet predict the same class
@@ -36,8 +44,20 @@ class SweepRecord:
     side_logits: np.ndarray | None = None  # (N, C) raw SideNet logits (before the temperature)
     main_logits: np.ndarray | None = None  # (N, C)
     labels: np.ndarray | None = None  # (N,)
-    policy: dict[str, Any] = field(default_factory=dict)  # the exit policy the confidences were taken under
+    # The exit rule the confidences were scored under (its threshold was the model's then; the
+    # confidences do not depend on it). None for hand-made records. JSON: exit_rule.to_dict().
+    exit_rule: ExitPolicy | None = None
     order_dependent_flops: bool = False  # rest_flops credits follow the confidence order (text; see collect)
+    # Deprecated: the {"kind", "temperature"} dict that exit_rule replaces, accepted until report.py
+    # passes exit_rule; it sets those two fields of exit_rule. Read back through the property below.
+    policy: InitVar[Mapping[str, Any] | None] = None
+
+    def __post_init__(self, policy: Mapping[str, Any] | None) -> None:
+        if policy is None or isinstance(policy, _PolicyView):
+            return
+        base = self.exit_rule if self.exit_rule is not None else ExitPolicy()
+        settings = {key: policy[key] for key in ("kind", "temperature") if key in policy}
+        self.exit_rule = dataclasses.replace(base, **settings)
 
     def __len__(self) -> int:
         return len(self.confidence)
@@ -58,9 +78,20 @@ class SweepRecord:
             side_logits=pick(self.side_logits),
             main_logits=pick(self.main_logits),
             labels=pick(self.labels),
-            policy=dict(self.policy),
+            exit_rule=self.exit_rule,  # frozen: shared, not copied
             order_dependent_flops=self.order_dependent_flops,
         )
+
+
+def _policy_view(record: SweepRecord) -> dict[str, Any]:
+    """Deprecated: ``{"kind", "temperature"}`` of :attr:`SweepRecord.exit_rule` (``{}`` without one);
+    read ``record.exit_rule`` instead."""
+    rule = record.exit_rule
+    return _PolicyView() if rule is None else _PolicyView(kind=rule.kind, temperature=rule.temperature)
+
+
+# Set after the class is built: in its body, the property would be the InitVar's default.
+SweepRecord.policy = property(_policy_view)  # type: ignore[assignment]
 
 
 def _marginal_rest_flops(model: AdaptiveModel, state: Any, confidence: np.ndarray, profile: Any) -> np.ndarray:
@@ -92,56 +123,52 @@ def _state_device(state: Any) -> torch.device:
 
 @torch.no_grad()
 def collect(model: AdaptiveModel, loader: Iterable, progress: bool = True) -> SweepRecord:
-    """Run trunk, SideNet and the rest of the MainNet once over ``loader`` (every sample).
+    """Run trunk, SideNet and the rest of the MainNet once over ``loader`` (every sample), scoring the
+    SideNet under the model's exit rule. Nothing is recorded in the model's traffic monitor.
 
     FLOPs are those :meth:`AdaptiveModel.forward` would spend on the same batches: trunk and SideNet at
     each batch's input size, the rest at the size it would actually run at for each threshold.
     Raises ``ValueError`` for a batch whose labels are not (N,) integer class indices of the model's
     classes (see :func:`sidenet.training.validate_labels`), and when the loader yields no batches.
     """
-    model.eval()
-    keys = ("conf", "side", "main", "labels", "ts", "rest", "mainnet", "side_logits", "main_logits")
-    parts: dict[str, list] = {k: [] for k in keys}
+    rule = model.policy  # one rule for the whole pass, whatever another thread installs meanwhile
+    columns = ("confidence", "side_predictions", "main_predictions", "labels", "trunk_side_flops", "rest_flops",
+               "mainnet_flops", "side_logits", "main_logits")  # fmt: skip
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in columns}
     order_dependent = False
-    for inputs, labels in tqdm(
-        iter_batches(loader), desc="Sweeping thresholds", total=batch_count(loader), disable=not progress, leave=False
-    ):
-        front = model.front_pass(inputs, "side")  # trunk and SideNet; "side" leaves the exit counts alone
-        state, side_logits, profile = front.state, front.side_logits, front.profile
-        n = len(side_logits)
-        # Before the rest of the MainNet runs: (N, 1) labels would broadcast against (N,) predictions
-        # into an (N, N) comparison, and labels out of range would score 0 without a word.
-        targets = validate_labels(labels, n, model.sidenet.num_classes)
+    for batch in trunk_batches(model, loader, progress, desc="Sweeping thresholds"):
+        state, profile = batch.state, model.flop_profile(batch.inputs)
+        side_logits = model.side_logits(state)
         main_logits = model.split.rest(state)
-        confidence = front.confidence.cpu().numpy().astype(np.float64)
+        confidence = rule.confidence(side_logits).cpu().numpy().astype(np.float64)
+        n = len(confidence)
         if model.split.rest_flop_key(state) is None:
             rest = np.full(n, profile.rest, dtype=np.float64)
         else:
             rest = _marginal_rest_flops(model, state, confidence, profile)
             order_dependent = True
-        parts["conf"].append(confidence)
-        parts["side"].append(side_logits.argmax(1).cpu().numpy())
-        parts["main"].append(main_logits.argmax(1).cpu().numpy())
-        parts["labels"].append(targets.numpy())
-        parts["ts"].append(np.full(n, profile.trunk + profile.side, dtype=np.float64))
-        parts["rest"].append(rest)
-        parts["mainnet"].append(np.full(n, profile.mainnet, dtype=np.float64))
+        parts["confidence"].append(confidence)
+        parts["side_predictions"].append(side_logits.argmax(1).cpu().numpy())
+        parts["main_predictions"].append(main_logits.argmax(1).cpu().numpy())
+        parts["labels"].append(batch.labels.numpy())
+        parts["trunk_side_flops"].append(np.full(n, profile.trunk + profile.side, dtype=np.float64))
+        parts["rest_flops"].append(rest)
+        parts["mainnet_flops"].append(np.full(n, profile.mainnet, dtype=np.float64))
         parts["side_logits"].append(side_logits.float().cpu().numpy())
         parts["main_logits"].append(main_logits.float().cpu().numpy())
-    if not parts["conf"]:
-        raise ValueError("the loader yielded no batches")
-    cat = {k: np.concatenate(v) for k, v in parts.items()}
+    joined = {name: np.concatenate(arrays) for name, arrays in parts.items()}
+    side, main, labels = joined["side_predictions"], joined["main_predictions"], joined["labels"]
     return SweepRecord(
-        confidence=cat["conf"].astype(np.float64),
-        side_correct=cat["side"] == cat["labels"],
-        main_correct=cat["main"] == cat["labels"],
-        agree=cat["side"] == cat["main"],
-        trunk_side_flops=cat["ts"],
-        rest_flops=cat["rest"],
-        mainnet_flops=cat["mainnet"],
-        side_logits=cat["side_logits"],
-        main_logits=cat["main_logits"],
-        labels=cat["labels"].astype(np.int64),
-        policy={"kind": model.policy.kind, "temperature": model.policy.temperature},
+        confidence=joined["confidence"],
+        side_correct=side == labels,
+        main_correct=main == labels,
+        agree=side == main,
+        trunk_side_flops=joined["trunk_side_flops"],
+        rest_flops=joined["rest_flops"],
+        mainnet_flops=joined["mainnet_flops"],
+        side_logits=joined["side_logits"],
+        main_logits=joined["main_logits"],
+        labels=labels.astype(np.int64),
+        exit_rule=rule,
         order_dependent_flops=order_dependent,
     )

@@ -1,10 +1,13 @@
 """``AdaptiveModel``: MainNet trunk, SideNet, exit policy, and the rest of the MainNet run only on
-the samples that did not exit."""
+the samples that did not exit.
+
+Routing is this module's one job; the FLOPs bookkeeping lives in :class:`~sidenet.flops.FlopLedger`,
+the traffic statistics in :class:`~sidenet.monitor.TrafficMonitor`, training in :mod:`sidenet.training`.
+"""
 
 from __future__ import annotations
 
-import threading
-from collections import deque
+import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -12,19 +15,28 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from sidenet.flops import FlopProfile, count_flops, profile_flops
+from sidenet.config import SideNetConfig, config_for_parts
+from sidenet.errors import ClassCountMismatchError
+from sidenet.flops import FlopLedger, FlopProfile
 from sidenet.head import SideNet
+from sidenet.monitor import TrafficMonitor
 from sidenet.policy import ExitPolicy
-from sidenet.splits import MainNetSplit, split_mainnet
+from sidenet.splits import MainNetSplit
 
-__all__ = ["AdaptiveModel", "AdaptiveOutput", "FrontPass", "Mode", "ClassCountMismatchError"]
+__all__ = ["AdaptiveModel", "AdaptiveOutput", "FrontPass", "Mode"]
 
 Mode = Literal["adaptive", "main", "side", "batch"]
 MODES = ("adaptive", "main", "side", "batch")
 
 
-class ClassCountMismatchError(ValueError):
-    """The SideNet and the MainNet predict different numbers of classes."""
+class _FromConfig(enum.Enum):
+    """The default of AdaptiveModel's exit-rule arguments: the config's value. Not None, which stays
+    a bad threshold (a caller's unset variable) rather than a silent default."""
+
+    FROM_CONFIG = "the config's"
+
+
+FROM_CONFIG = _FromConfig.FROM_CONFIG
 
 
 @dataclass
@@ -72,41 +84,41 @@ class FrontPass:
         return torch.full((len(self.exited),), cost, device=self.side_logits.device)
 
 
-def _eval_if_training(module: nn.Module) -> nn.Module:
-    """``module``, put back in eval mode if any part of it is training (a scan of the modules' flags:
-    cheap beside a forward pass, and it catches ``mainnet.layer1.train()`` as well)."""
-    if any(part.training for part in module.modules()):
-        module.eval()
-    return module
-
-
 class AdaptiveModel(nn.Module):
     """A MainNet with a SideNet attached at a tap, answering early for confident samples.
 
     Args:
         split: the MainNet cut at the tap (see :func:`sidenet.split_mainnet`).
         sidenet: the classifier reading the tap features.
-        threshold: exit when the SideNet's max softmax probability is at least this (0..1, or
-            :data:`sidenet.NEVER_EXIT`).
+        threshold: exit when the SideNet's confidence is at least this (0..1, or :data:`sidenet.NEVER_EXIT`).
         temperature: divides the SideNet's logits before the softmax of the exit rule.
         policy: the exit rule's score, ``max_softmax`` (the paper's), ``entropy`` or ``margin``.
         check_inputs: validate every batch (shape, emptiness, NaN/inf); costs one pass over the input.
         stats_window: how many of the latest adaptive-mode confidences to keep for :meth:`shift_check`.
+        config: the settings the model was attached or loaded with (see :attr:`config`); threshold,
+            temperature and policy default to its exit rule (``FROM_CONFIG``), or without one to
+            0.9, 1.0 and ``max_softmax``. ``None``: the rest is read from ``split`` and ``sidenet``.
 
     The MainNet is frozen: its parameters stop requiring gradients (as peft freezes its base model),
     it runs in eval mode and without autograd even after a user's ``mainnet.train()``; call :meth:`fit`
-    to train the SideNet. One model may serve several threads: the running statistics are locked.
+    to train the SideNet. One model may serve several threads: the traffic statistics are locked.
+
+    Parts: the exit rule (:attr:`policy`, a frozen :class:`ExitPolicy`), the FLOPs bookkeeping
+    (:attr:`flop_ledger`, a :class:`~sidenet.flops.FlopLedger`) and the traffic statistics
+    (:attr:`monitor`, a :class:`~sidenet.monitor.TrafficMonitor`); the model's own methods of the
+    same names hand over to them.
     """
 
     def __init__(
         self,
         split: MainNetSplit,
         sidenet: SideNet,
-        threshold: float = 0.9,
-        temperature: float = 1.0,
-        policy: str = "max_softmax",
+        threshold: float | _FromConfig = FROM_CONFIG,
+        temperature: float | _FromConfig = FROM_CONFIG,
+        policy: str | _FromConfig = FROM_CONFIG,
         check_inputs: bool = True,
         stats_window: int = 4096,
+        config: SideNetConfig | None = None,
     ) -> None:
         super().__init__()
         if split.num_classes is not None and split.num_classes != sidenet.num_classes:
@@ -118,28 +130,44 @@ class AdaptiveModel(nn.Module):
         # parameter counts see only the SideNet.
         self.split.requires_grad_(False)
         self.sidenet = sidenet
-        self.policy = ExitPolicy(threshold, temperature, policy)
+        # The settings fixed at attach or load. Its exit-rule fields only seed the rule: from then on
+        # the rule (self.policy) is their one truth, and :attr:`config` reads them from it.
+        self._config = config_for_parts(split, sidenet, config)
+        given = {"threshold": threshold, "temperature": temperature, "kind": policy}
+        chosen = {name: value for name, value in given.items() if value is not FROM_CONFIG}
+        self.policy = replace(self._config.exit_rule(), **chosen)
         self.check_inputs = check_inputs
-        # A float twin of the MainNet for counting FLOPs (see count_flops_with); None: the MainNet itself.
-        self.flops_split: MainNetSplit | None = None
-        self.stats_window = stats_window
-        # Confidences of the data the threshold was chosen on (see set_reference); None until set.
-        self.reference_confidence: torch.Tensor | None = None
-        self._flop_profiles: dict[tuple, FlopProfile] = {}
-        self._rest_flops: dict[tuple, int] = {}
+        self.flop_ledger = FlopLedger(split, sidenet)
+        self.monitor = TrafficMonitor(stats_window)
         self.history_: list[dict[str, float]] = []
-        # Guards the running statistics below when threads share the model (see _record).
-        self._stats_lock = threading.Lock()
-        self.reset_stats()
 
     # -- settings -------------------------------------------------------------------------------
+    @property
+    def config(self) -> SideNetConfig:
+        """The model's :class:`SideNetConfig`, as :func:`sidenet.save_sidenet` writes it (less the
+        checksums and fingerprint, computed on saving): the settings it was attached or loaded with and
+        the live exit rule. A new frozen object on every read; change the rule through the setters."""
+        return self._config.with_exit_rule(self.policy)
+
+    @property
+    def policy(self) -> ExitPolicy:
+        """The exit rule, frozen; assign a new one (or use the setters below) to change it."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, rule: ExitPolicy) -> None:
+        if not isinstance(rule, ExitPolicy):
+            raise ValueError(f"the exit policy must be a sidenet.ExitPolicy, got {type(rule).__name__}")
+        self._policy = rule
+
+    # The setters install a new rule, not an edit of the old one: callers may hold the old one to
+    # restore it, and a thread routing a batch keeps the rule it started with.
     @property
     def threshold(self) -> float:
         return self.policy.threshold
 
     @threshold.setter
     def threshold(self, value: float) -> None:
-        # A new policy, not an edit of the old one: callers may hold the old one to restore it.
         self.policy = replace(self.policy, threshold=value)
 
     @property
@@ -148,7 +176,6 @@ class AdaptiveModel(nn.Module):
 
     @temperature.setter
     def temperature(self, value: float) -> None:
-        # A new policy, not an edit of the old one: callers may hold the old one to restore it.
         self.policy = replace(self.policy, temperature=value)
 
     @property
@@ -158,7 +185,6 @@ class AdaptiveModel(nn.Module):
 
     @policy_kind.setter
     def policy_kind(self, value: str) -> None:
-        # A new policy, not an edit of the old one: callers may hold the old one to restore it.
         self.policy = replace(self.policy, kind=value)
 
     @property
@@ -171,64 +197,57 @@ class AdaptiveModel(nn.Module):
         self.split.eval()
         return self
 
-    def _keep_mainnet_in_eval(self) -> None:
-        """Undo a ``train()`` called on the MainNet or one of its parts since: in train mode its
-        batch norms would update their statistics and its dropout would change the answers."""
-        _eval_if_training(self.split)
+    # -- traffic statistics (kept by self.monitor) -----------------------------------------------
+    @property
+    def samples_seen(self) -> int:
+        """Samples routed in adaptive mode (here and by a :class:`~sidenet.serving.PooledRouter`)."""
+        return self.monitor.samples_seen
 
-    # -- copies ----------------------------------------------------------------------------------
-    def __getstate__(self) -> dict[str, Any]:
-        # A lock can be neither pickled nor deep-copied; every copy gets a fresh one.
-        state = dict(super().__getstate__())
-        state.pop("_stats_lock", None)
-        return state
+    @property
+    def samples_exited(self) -> int:
+        """Of :attr:`samples_seen`, those that exited at the SideNet."""
+        return self.monitor.samples_exited
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._stats_lock = threading.Lock()
+    @property
+    def observed_exit_rate(self) -> float:
+        """Fraction of the samples seen in adaptive mode since :meth:`reset_stats` that exited."""
+        return self.monitor.exit_rate
 
-    # -- running statistics ----------------------------------------------------------------------
-    def reset_stats(self) -> None:
-        """Zero the counts of samples seen and exited in adaptive mode and forget their confidences."""
-        with self._stats_lock:
-            self.samples_seen = 0
-            self.samples_exited = 0
-            self._recent: deque[torch.Tensor] = deque()
-            self._recent_count = 0
+    @property
+    def stats_window(self) -> int:
+        """How many of the latest confidences :attr:`recent_confidence` keeps."""
+        return self.monitor.window
 
-    def set_reference(self, confidence: Any) -> None:
-        """Remember the SideNet confidences (under this policy) of the data the threshold was chosen on,
-        e.g. ``curve.record.confidence``; :meth:`shift_check` compares new traffic with them."""
-        reference = torch.as_tensor(confidence, dtype=torch.float64).flatten().cpu()
-        if reference.numel() == 0 or not torch.isfinite(reference).all():
-            raise ValueError("the reference confidences must be a non-empty array of finite numbers")
-        self.reference_confidence = reference
+    @stats_window.setter
+    def stats_window(self, value: int) -> None:
+        self.monitor.window = value
 
     @property
     def recent_confidence(self) -> torch.Tensor:
         """The latest (at most ``stats_window``) confidences seen in adaptive mode."""
-        with self._stats_lock:  # another thread may be appending to the window
-            recent = list(self._recent)
-        if not recent:
-            return torch.empty(0, dtype=torch.float64)
-        return torch.cat(recent)[-self.stats_window :]
+        return self.monitor.recent
 
-    def _record(self, exited: torch.Tensor, confidence: torch.Tensor) -> None:
-        """Count an adaptive-mode batch and keep its confidences for :meth:`shift_check`.
+    @property
+    def reference_confidence(self) -> torch.Tensor | None:
+        """Confidences of the data the threshold was chosen on (see :meth:`set_reference`); saved with
+        the SideNet. Assign ``None`` to forget them."""
+        return self.monitor.reference
 
-        The device work (the sum, the copy to the CPU) happens outside the lock; inside it, only the
-        read-modify-writes that threads sharing the model would otherwise interleave and lose.
-        """
-        seen, exits = len(exited), int(exited.sum())
-        scores = confidence.detach().to("cpu", torch.float64)
-        with self._stats_lock:
-            self.samples_seen += seen
-            self.samples_exited += exits
-            self._recent.append(scores)
-            self._recent_count += len(scores)
-            # Drop whole old batches once the rest still fills the window.
-            while self._recent and self._recent_count - len(self._recent[0]) >= self.stats_window:
-                self._recent_count -= len(self._recent.popleft())
+    @reference_confidence.setter
+    def reference_confidence(self, value: Any) -> None:
+        if value is None:
+            self.monitor.reference = None
+        else:
+            self.monitor.set_reference(value)
+
+    def reset_stats(self) -> None:
+        """Zero the counts of samples seen and exited in adaptive mode and forget their confidences."""
+        self.monitor.reset()
+
+    def set_reference(self, confidence: Any) -> None:
+        """Remember the SideNet confidences (under this policy) of the data the threshold was chosen on,
+        e.g. ``curve.record.confidence``; :meth:`shift_check` compares new traffic with them."""
+        self.monitor.set_reference(confidence)
 
     def shift_check(self, alpha: float = 0.01, min_samples: int = 100) -> Any:
         """Compare the confidences of recent traffic with the reference (two-sample Kolmogorov-Smirnov).
@@ -237,83 +256,45 @@ class AdaptiveModel(nn.Module):
         below ``alpha``: the threshold's promises, made on the reference data, may not hold on this
         traffic. Needs :meth:`set_reference` first.
         """
-        from sidenet.shift import confidence_shift
+        return self.monitor.shift_check(self.threshold, alpha, min_samples)
 
-        if self.reference_confidence is None:
-            raise ValueError("no reference confidences: call set_reference(curve.record.confidence) first")
-        return confidence_shift(
-            self.reference_confidence.numpy(), self.recent_confidence.numpy(), self.threshold, alpha, min_samples
-        )
-
-    @property
-    def observed_exit_rate(self) -> float:
-        """Fraction of the samples seen in adaptive mode since :meth:`reset_stats` that exited."""
-        with self._stats_lock:  # a consistent pair of counts
-            seen, exited = self.samples_seen, self.samples_exited
-        return exited / seen if seen else float("nan")
-
-    # -- compute ---------------------------------------------------------------------------------
+    # -- FLOPs (kept by self.flop_ledger) --------------------------------------------------------
     def count_flops_with(self, mainnet: nn.Module | None) -> AdaptiveModel:
         """Count FLOPs on ``mainnet``, a float model of the same architecture and shapes, instead of the
         MainNet itself; ``None`` goes back to the MainNet. For quantised MainNets: FlopCounterMode counts
         no int8 kernel (``quantize_dynamic``'s linear layers), so their work is reported as the
         FLOP-equivalents of the float twin. Returns self."""
-        self.flops_split = None if mainnet is None else split_mainnet(mainnet, self.tap, **self.split.options()).eval()
-        self._flop_profiles.clear()
-        self._rest_flops.clear()
+        self.flop_ledger.count_with(mainnet)
         return self
 
     def flop_profile(self, x: Any) -> FlopProfile:
         """FLOPs per sample of trunk, SideNet and rest for inputs like ``x`` (measured once per shape;
         for text, once per padded length)."""
-        key = self.split.flop_key(x)
-        if key not in self._flop_profiles:
-            counted = _eval_if_training(self.flops_split or self.split)  # counting must not train it
-            self._flop_profiles[key] = profile_flops(counted, self.sidenet, self.split.example(x))
-        return self._flop_profiles[key]
+        return self.flop_ledger.profile(x)
 
     def rest_flops(self, state: Any, index: torch.Tensor | None, profile: FlopProfile, selected: Any = None) -> float:
-        """FLOPs per sample of the rest run on ``select(state, index)`` (on ``state`` when ``index`` is None).
+        """FLOPs per sample of the rest run on ``select(state, index)`` (see :meth:`FlopLedger.rest`)."""
+        return self.flop_ledger.rest(state, index, profile, selected)
 
-        ``profile.rest`` unless the split says the rest's cost depends on the samples kept (text: the
-        rest runs at the longest remaining length); then it is measured once per
-        :meth:`MainNetSplit.rest_flop_key` and cached. ``selected``, when the caller has it, spares a
-        second ``select`` for the measurement.
-        """
-        key = self.split.rest_flop_key(state, index)
-        if key is None:
-            return float(profile.rest)
-        if key not in self._rest_flops:
-            part = state if index is None else (selected if selected is not None else self.split.select(state, index))
-            counted = _eval_if_training(self.flops_split or self.split)
-            self._rest_flops[key] = count_flops(counted.rest, self.split.example_state(part))[0]
-        return float(self._rest_flops[key])
-
+    # -- compute ---------------------------------------------------------------------------------
     def forward(self, x: Any, mode: Mode = "adaptive") -> AdaptiveOutput:
         """Classify a batch.
 
         ``mode="main"`` runs the MainNet alone (as before attaching), ``"side"`` lets the SideNet
-        answer every sample, ``"adaptive"`` routes each sample by the exit policy. ``"batch"`` is the
-        batch-level exit of other toolkits, for comparison: the SideNet answers only when every sample
-        of the batch is confident, otherwise the MainNet answers them all.
+        answer every sample, ``"adaptive"`` routes each sample by the exit policy (and counts it in
+        :attr:`monitor`). ``"batch"`` is the batch-level exit of other toolkits, for comparison: the
+        SideNet answers only when every sample of the batch is confident, otherwise the MainNet
+        answers them all.
 
         The MainNet runs in eval mode and under ``torch.no_grad()``: gradients reach only the SideNet.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "main":
-            if self.check_inputs:
-                self.split.validate_input(x)
-            self._keep_mainnet_in_eval()
-            profile = self.flop_profile(x)
-            with torch.no_grad():
-                logits = self.split.rest(self.split.trunk(x))
-            n = self.split.batch_size(x)
-            flops = torch.full((n,), float(profile.mainnet), device=logits.device)
-            nan = torch.full((n,), float("nan"), device=logits.device)
-            return AdaptiveOutput(logits, torch.zeros(n, dtype=torch.bool, device=logits.device), nan, flops)
-
+            return self._mainnet_alone(x)
         front = self.front_pass(x, mode)
+        if mode == "adaptive":
+            self.monitor.record(front.exited, front.confidence)
         state, side_logits, exited, n = front.state, front.side_logits, front.exited, len(front.exited)
         remaining = (~exited).nonzero().squeeze(1)
         # Skip the gather when nobody or everybody continues: at zero exits the routed model must
@@ -336,34 +317,51 @@ class AdaptiveModel(nn.Module):
         flops += (~exited).to(flops.dtype) * rest_cost
         return AdaptiveOutput(logits, exited, front.confidence, flops)
 
+    def _mainnet_alone(self, x: Any) -> AdaptiveOutput:
+        """``mode="main"``: the MainNet as before attaching; no SideNet, no confidence (NaN)."""
+        if self.check_inputs:
+            self.split.validate_input(x)
+        self.split.ensure_eval()
+        profile = self.flop_profile(x)
+        with torch.no_grad():
+            logits = self.split.rest(self.split.trunk(x))
+        n = self.split.batch_size(x)
+        flops = torch.full((n,), float(profile.mainnet), device=logits.device)
+        nan = torch.full((n,), float("nan"), device=logits.device)
+        return AdaptiveOutput(logits, torch.zeros(n, dtype=torch.bool, device=logits.device), nan, flops)
+
+    def side_logits(self, state: Any) -> torch.Tensor:
+        """The SideNet's logits on a tap state. The features are taken without autograd (no graph
+        through the MainNet, even for inputs that require grad); the SideNet keeps its own graph."""
+        with torch.no_grad():
+            features = self.split.features(state)
+        return self.sidenet(features)
+
     def front_pass(self, x: Any, mode: Mode = "adaptive") -> FrontPass:
         """Trunk, SideNet and exit decision for a batch, without the rest of the MainNet.
 
-        ``mode`` is ``"adaptive"`` (per-sample exits; counted in :attr:`observed_exit_rate` and the
-        shift-check window), ``"side"`` (everyone exits) or ``"batch"`` (all exit or none). Used by
-        :meth:`forward` and by :class:`sidenet.serving.PooledRouter`, which runs the rest later, on
-        continuing samples pooled from several batches.
+        ``mode`` is ``"adaptive"`` (per-sample exits), ``"side"`` (everyone exits) or ``"batch"`` (all
+        exit or none). No side effects: the callers that route traffic (:meth:`forward`,
+        :class:`sidenet.serving.PooledRouter`, which runs the rest later on continuing samples pooled
+        from several batches) record it in :attr:`monitor` themselves.
         """
         if mode not in ("adaptive", "side", "batch"):
             raise ValueError(f"front_pass mode must be 'adaptive', 'side' or 'batch', got {mode!r}")
         if self.check_inputs:
             self.split.validate_input(x)
-        self._keep_mainnet_in_eval()
+        self.split.ensure_eval()
+        rule = self.policy  # read once: another thread may install a new rule meanwhile
         profile = self.flop_profile(x)
-        # No graph through the MainNet, even for inputs that require grad; the SideNet keeps its own.
         with torch.no_grad():
             state = self.split.trunk(x)
-            features = self.split.features(state)
-        side_logits = self.sidenet(features)
-        confidence = self.policy.confidence(side_logits)
+        side_logits = self.side_logits(state)
+        confidence = rule.confidence(side_logits)
         if mode == "side":
             exited = torch.ones(len(side_logits), dtype=torch.bool, device=side_logits.device)
         else:
-            exited = self.policy.exits(confidence)
+            exited = rule.exits(confidence)
             if mode == "batch" and not bool(exited.all()):
                 exited = torch.zeros_like(exited)
-        if mode == "adaptive":
-            self._record(exited, confidence)
         return FrontPass(state, side_logits, confidence, exited, profile)
 
     @torch.no_grad()

@@ -75,9 +75,9 @@ class PooledRouter:
             (per-batch routing, as :meth:`AdaptiveModel.forward`).
 
     Use :meth:`submit` per incoming batch and :meth:`flush` when the stream pauses or ends, or
-    :meth:`run` for a whole list of batches. Exit statistics count in ``model.observed_exit_rate``
-    as in adaptive mode; exits are decided when a batch is submitted. One router serves one stream:
-    it is not thread-safe.
+    :meth:`run` for a whole list of batches. Every batch is recorded in the model's traffic monitor
+    (``model.monitor``: ``model.observed_exit_rate``, the shift check) as in adaptive mode; exits are
+    decided when a batch is submitted. One router serves one stream: it is not thread-safe.
     """
 
     def __init__(self, model: AdaptiveModel, rest_batch: int | None = None, max_wait: int = 4) -> None:
@@ -105,6 +105,7 @@ class PooledRouter:
         waits."""
         model = self.model
         front = model.front_pass(x, "adaptive")
+        model.monitor.record(front.exited, front.confidence)
         batch_id = self._submitted
         self._submitted += 1
         if self.rest_batch is None:
@@ -166,12 +167,12 @@ class PooledRouter:
         offset = 0
         for group in taken:
             batch = self._open[group.batch_id]
-            out = batch.output
-            dtype = torch.promote_types(out.logits.dtype, logits.dtype)
-            out.logits = out.logits.to(dtype).index_copy(
+            output = batch.output
+            dtype = torch.promote_types(output.logits.dtype, logits.dtype)
+            output.logits = output.logits.to(dtype).index_copy(
                 0, group.positions, logits[offset : offset + len(group)].to(dtype)
             )
-            out.flops[group.positions] += model.rest_flops(state, None, batch.profile)
+            output.flops[group.positions] += model.rest_flops(state, None, batch.profile)
             batch.missing -= len(group)
             offset += len(group)
 

@@ -1,23 +1,30 @@
 """Training the SideNet only. One pass of the frozen MainNet caches the pooled tap features and the
-MainNet's logits; the SideNet then trains on that cache for many epochs in seconds."""
+MainNet's logits; the SideNet then trains on that cache for many epochs in seconds.
+
+:func:`trunk_batches` is the one loop of a loader through the MainNet's trunk, with the labels checked:
+the feature cache here, the sweep (:func:`sidenet.record.collect`) and the calibration all run on it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sidenet.data import batch_count, iter_batches, length_grouped
 from sidenet.head import SideNet
+from sidenet.loaders import batch_count, iter_batches, length_grouped
 
 if TYPE_CHECKING:
     from sidenet.routing import AdaptiveModel
 
-__all__ = ["FeatureCache", "cache_features", "train_sidenet", "fit_sidenet", "validate_labels"]
+__all__ = [
+    "FeatureCache", "TrunkBatch", "cache_features", "train_sidenet", "fit_sidenet", "validate_labels",
+    "trunk_batches", "trunk_states",
+]  # fmt: skip
 
 
 @dataclass
@@ -60,12 +67,18 @@ def validate_labels(labels: Any, batch_size: int, num_classes: int) -> torch.Ten
     return tensor.long().cpu()
 
 
-def trunk_states(
-    model: AdaptiveModel, loader: Iterable, progress: bool, desc: str
-) -> Iterator[tuple[Any, torch.Tensor]]:
-    """``(state at the tap, labels)`` of each batch of ``loader`` (inputs validated when the model checks
-    them, labels always: see :func:`validate_labels`), with a progress bar; raises when the loader
-    yields nothing. Call under ``torch.no_grad()``."""
+class TrunkBatch(NamedTuple):
+    """One batch of a loader run through the trunk (see :func:`trunk_batches`)."""
+
+    inputs: Any  # as the loader gave them (the FLOPs of a batch depend on their size)
+    state: Any  # the MainNet's state at the tap
+    labels: torch.Tensor  # (N,) class indices, checked, on the CPU
+
+
+def trunk_batches(model: AdaptiveModel, loader: Iterable, progress: bool, desc: str) -> Iterator[TrunkBatch]:
+    """Each batch of ``loader`` through the model's trunk, in eval mode (inputs validated when the model
+    checks them, labels always: see :func:`validate_labels`), with a progress bar named ``desc``;
+    raises ``ValueError`` when the loader yields nothing. Call under ``torch.no_grad()``."""
     model.eval()
     empty = True
     for inputs, targets in tqdm(
@@ -76,9 +89,17 @@ def trunk_states(
         # Checked before the trunk runs, so that bad labels fail at the first batch, not in the loss.
         labels = validate_labels(targets, model.split.batch_size(inputs), model.sidenet.num_classes)
         empty = False
-        yield model.split.trunk(inputs), labels
+        yield TrunkBatch(inputs, model.split.trunk(inputs), labels)
     if empty:
         raise ValueError("the loader yielded no batches")
+
+
+def trunk_states(
+    model: AdaptiveModel, loader: Iterable, progress: bool, desc: str
+) -> Iterator[tuple[Any, torch.Tensor]]:
+    """``(state at the tap, labels)`` of each batch: :func:`trunk_batches` without the inputs."""
+    for batch in trunk_batches(model, loader, progress, desc):
+        yield batch.state, batch.labels
 
 
 @torch.no_grad()

@@ -11,12 +11,14 @@ from typing import Any
 
 from torch import nn
 
+# The errors live in sidenet.errors; importable from here too, where they were defined before.
+from sidenet.errors import TapError as TapError
+from sidenet.errors import UnsupportedMainNetError
 from sidenet.splits.base import (
     CallableSplit,
     MainNetSplit,
     StagedSplit,
     State,
-    TapError,
     concat_samples,
     select_samples,
 )
@@ -36,20 +38,12 @@ __all__ = [
     "SequentialSplit",
     "TextEncoderSplit",
     "State",
-    "TapError",
-    "UnsupportedMainNetError",
     "concat_samples",
     "select_samples",
     "register_splitter",
     "split_mainnet",
     "SPLITTERS",
 ]
-
-class UnsupportedMainNetError(ValueError, TypeError):
-    """No registered splitter knows the MainNet's type. A ``ValueError`` like every other bad input
-    (and a ``TypeError``, as earlier releases raised)."""
-
-
 # name -> (does this splitter handle the model?, build the split at a tap)
 SPLITTERS: dict[str, tuple[Callable[[nn.Module], bool], Callable[..., MainNetSplit]]] = {}
 

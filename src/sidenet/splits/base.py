@@ -15,15 +15,11 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
-__all__ = [
-    "MainNetSplit", "CallableSplit", "StagedSplit", "State", "select_samples", "concat_samples", "TapError",
-]  # fmt: skip
+from sidenet.errors import TapError
+
+__all__ = ["MainNetSplit", "CallableSplit", "StagedSplit", "State", "select_samples", "concat_samples"]
 
 State = Any
-
-
-class TapError(ValueError):
-    """Raised for a tap that the MainNet does not have; the message lists the valid ones."""
 
 
 def select_samples(state: State, index: torch.Tensor) -> State:
@@ -110,7 +106,9 @@ class MainNetSplit(nn.Module):
                     f"move it with x.to({str(reference.device)!r})"
                 )
             # Integer inputs (token ids) are not cast by the MainNet; autocast casts floating ones itself.
-            if x.is_floating_point() and x.dtype != reference.dtype and not torch.is_autocast_enabled(x.device.type):
+            # Complex inputs are refused here too: no real MainNet takes them.
+            inexact = x.is_floating_point() or x.is_complex()
+            if inexact and x.dtype != reference.dtype and not torch.is_autocast_enabled(x.device.type):
                 raise ValueError(
                     f"input dtype {x.dtype} does not match the MainNet's {reference.dtype}; "
                     f"convert with x.to({reference.dtype})"
@@ -153,6 +151,17 @@ class MainNetSplit(nn.Module):
         """Settings beyond the tap that rebuild this split (saved beside a SideNet, given back to the
         splitter on loading); none by default."""
         return {}
+
+    def ensure_eval(self) -> MainNetSplit:
+        """Put the split back in eval mode if any part of it is training, and return it.
+
+        The MainNet must never run in train mode (its batch norms would update their statistics and
+        its dropout change the answers), even after a user's ``mainnet.layer1.train()``. A scan of the
+        modules' flags, cheap beside a forward pass, so it runs before every pass.
+        """
+        if any(part.training for part in self.modules()):
+            self.eval()
+        return self
 
     def dummy_input(self) -> Any:
         """A small valid input batch, used to size a SideNet when the caller gives no input shape;

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sidenet.splits.base import MainNetSplit, TapError
+from sidenet.errors import TapError, UnsupportedMainNetError
+from sidenet.splits.base import MainNetSplit
 
 __all__ = ["TextEncoderSplit", "EncoderLayout", "LAYOUTS", "FEATURES", "is_text_encoder_classifier"]
 
@@ -85,9 +86,7 @@ LAYOUTS: dict[str, EncoderLayout] = {
         _distilbert_head,
         inputs=("input_ids", "attention_mask"),
     ),
-    "RobertaForSequenceClassification": EncoderLayout(
-        "roberta", "encoder.layer", _bert_embed, _roberta_head
-    ),
+    "RobertaForSequenceClassification": EncoderLayout("roberta", "encoder.layer", _bert_embed, _roberta_head),
 }
 
 
@@ -126,7 +125,8 @@ class TextEncoderSplit(MainNetSplit):
     def __init__(self, model: nn.Module, tap: int | str, features: Features = DEFAULT_FEATURES) -> None:
         layout = _layout(model)
         if layout is None:
-            raise TypeError(f"no text encoder layout for {type(model).__name__}; known: {', '.join(LAYOUTS)}")
+            known = ", ".join(LAYOUTS)
+            raise UnsupportedMainNetError(f"no text encoder layout for {type(model).__name__}; known: {known}")
         config = model.config
         if getattr(config, "is_decoder", False):
             raise ValueError(f"{type(model).__name__} is configured as a decoder; only encoders can be split")
@@ -163,7 +163,8 @@ class TextEncoderSplit(MainNetSplit):
                 f"{type(x).__name__}; tokenize with the model's tokenizer(..., return_tensors='pt')"
             )
         ids = x["input_ids"]
-        if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.is_floating_point():
+        integer = isinstance(ids, torch.Tensor) and not (ids.is_floating_point() or ids.is_complex())
+        if not integer or ids.ndim != 2 or ids.dtype == torch.bool:
             raise ValueError(f"input_ids must be an integer tensor of shape (N, T), got {_describe(ids)}")
         if ids.shape[0] == 0 or ids.shape[1] == 0:
             raise ValueError(f"empty batch: input_ids has shape {tuple(ids.shape)}")

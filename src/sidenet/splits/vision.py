@@ -8,8 +8,9 @@ from functools import partial
 import torch
 from torch import nn
 
+from sidenet.errors import TapError
 from sidenet.models.cifar_resnet import CifarResNet
-from sidenet.splits.base import MainNetSplit, StagedSplit, TapError
+from sidenet.splits.base import MainNetSplit, StagedSplit
 
 __all__ = [
     "split_torchvision_resnet",

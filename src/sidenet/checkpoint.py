@@ -1,0 +1,291 @@
+"""Save only the SideNet and load it back onto the same MainNet (the shape of peft's
+``save_pretrained`` / ``from_pretrained``): the folder holds the SideNet's weights, ``model.config``
+as JSON and, when set, the reference confidences of the shift check.
+
+Saved folders are written atomically (a complete folder is swapped in with renames, or the old one
+stays) and checked on loading: checksums of the weight files and of the config's structural fields
+(see :mod:`sidenet.config`), the MainNet's fingerprint, the split against the MainNet's own forward,
+and the feature shape at the tap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+from torch import nn
+
+from sidenet.config import (
+    CONFIG_NAME,
+    REFERENCE_NAME,
+    SAVED_FILES,
+    WEIGHTS_NAME,
+    SideNetConfig,
+    file_sha256,
+    mainnet_fingerprint,
+)
+from sidenet.errors import CheckpointError, MainNetMismatchError
+from sidenet.head import SideNet
+from sidenet.routing import AdaptiveModel
+from sidenet.splits import MainNetSplit, split_mainnet
+from sidenet.splits.probe import check_split, example_from_shape, feature_shape, placement, to_placement
+
+__all__ = ["save_sidenet", "load_sidenet", "replace_folder"]
+
+
+# -- save ----------------------------------------------------------------------------------------------
+def _checked_metadata(kept: Mapping[str, Any], metadata: Any, history: Any) -> dict[str, Any]:
+    """The metadata to save: the model's own (``kept``), its training history, and the caller's
+    ``metadata`` over both; refused before anything is written if JSON cannot store it as it is."""
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, Mapping):
+        raise ValueError(f"metadata must be a dict of JSON values, got {type(metadata).__name__}")
+    merged = {**kept, "history": history, **metadata}
+    for key, value in merged.items():
+        if not isinstance(key, str):
+            raise ValueError(f"metadata keys must be strings (JSON object keys), got {key!r}")
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as exc:  # ValueError: a circular reference
+            raise ValueError(f"metadata[{key!r}] is not JSON-serialisable: {exc}") from exc
+    return merged
+
+
+def save_sidenet(model: AdaptiveModel, folder: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write only the SideNet (``sidenet.safetensors``) and ``model.config`` (``sidenet_config.json``,
+    with the live exit rule, the MainNet's fingerprint and the checksums), plus the reference
+    confidences of the shift check (``reference.safetensors``) when the model has them.
+
+    ``metadata`` is saved over the model's own (``model.config.metadata``, which a loaded model keeps)
+    and its training history (``model.history_``). The save is atomic: everything is written to a
+    temporary folder beside ``folder``, which then replaces it; a failing save leaves an earlier save
+    in ``folder`` as it was. Other files in the folder are kept. Tensors are written from the CPU
+    whatever the SideNet's device. Raises ``ValueError`` before writing anything for metadata that
+    JSON cannot store.
+    """
+    folder = Path(folder)
+    config = model.config
+    merged = _checked_metadata(config.metadata, metadata, model.history_)
+    # The real folder (through a symlink) is the one replaced, and its parent holds the staging folder.
+    target = folder.resolve()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"cannot save a SideNet to {folder}: it is a file, not a folder")
+    if target == Path.cwd() or target in Path.cwd().parents:
+        raise ValueError(f"cannot save a SideNet to {folder}: it holds the working directory; give a subfolder")
+    mainnet = model.split.mainnet
+    tensors = {name: t.detach().cpu().contiguous() for name, t in model.sidenet.state_dict().items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir, not mkdtemp: the folder gets the usual permissions (mkdtemp's are owner-only).
+    staging = target.with_name(f".{target.name}.saving-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        save_file(tensors, str(staging / WEIGHTS_NAME))
+        reference_sha256 = None
+        if model.reference_confidence is not None:
+            reference = staging / REFERENCE_NAME
+            save_file({"confidence": model.reference_confidence.detach().cpu().contiguous()}, str(reference))
+            reference_sha256 = file_sha256(reference.read_bytes())
+        config = replace(
+            config,
+            mainnet_fingerprint=mainnet_fingerprint(mainnet) if mainnet is not None else "",
+            weights_sha256=file_sha256((staging / WEIGHTS_NAME).read_bytes()),
+            reference_sha256=reference_sha256,
+            metadata=merged,
+        )
+        try:
+            replace(config, structure_sha256=config.structure_digest()).save(staging)
+        except TypeError as exc:  # a split option or tap that JSON cannot store
+            raise ValueError(f"cannot store the SideNet's config as JSON: {exc}") from exc
+        replace_folder(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+# -- load ----------------------------------------------------------------------------------------------
+def _read_tensors(path: Path, digest: str | None, folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, after checking its bytes against ``digest`` (None: format 1)."""
+    if not path.is_file():
+        raise CheckpointError(f"no {path.name} in {folder}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    if digest is not None and file_sha256(data) != digest:
+        raise CheckpointError(
+            f"{path} is corrupt or not the file saved with its config: its sha256 is {file_sha256(data)[:12]}…, "
+            f"{CONFIG_NAME} records {digest[:12]}…"
+        )
+    try:
+        return load_safetensors(data)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is corrupt or not a safetensors file: {exc}") from exc
+
+
+def _load_example(split: MainNetSplit, config: SideNetConfig, device: torch.device, dtype: torch.dtype) -> Any:
+    """An input batch for the load-time checks: from the stored input shape, else the split's dummy;
+    None when neither exists (a hand-built model of tensor inputs, or a format 1 folder)."""
+    if config.input_shape is not None:
+        return example_from_shape(config.input_shape, config.input_dtype, device, dtype)
+    dummy = split.dummy_input()
+    return None if dummy is None else to_placement(dummy, device, dtype)
+
+
+def _read_config(folder: Path) -> tuple[SideNetConfig, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """The folder's config, SideNet weights and reference confidences (None: not saved), all checked
+    against the config's checksums."""
+    try:
+        config = SideNetConfig.load(folder)
+    except CheckpointError as exc:
+        raise CheckpointError(f"cannot load SideNet config from {folder}: {exc}") from exc
+    if config.format_version >= 2 and (config.weights_sha256 is None or config.structure_sha256 is None):
+        raise CheckpointError(f"{folder / CONFIG_NAME} records no checksum (weights_sha256, structure_sha256)")
+    tensors = _read_tensors(folder / WEIGHTS_NAME, config.weights_sha256, folder)
+    reference = None
+    if config.reference_sha256 is not None or (config.format_version < 2 and (folder / REFERENCE_NAME).is_file()):
+        reference = _read_tensors(folder / REFERENCE_NAME, config.reference_sha256, folder)
+    elif (folder / REFERENCE_NAME).exists():
+        raise CheckpointError(f"{folder / REFERENCE_NAME} is not part of the save recorded in {CONFIG_NAME}")
+    return config, tensors, reference
+
+
+def _check_mainnet(
+    mainnet: nn.Module | MainNetSplit, split: MainNetSplit, config: SideNetConfig, folder: Path, check_fingerprint: bool
+) -> None:
+    """Refuse a split or MainNet other than the one the SideNet in ``folder`` was saved with."""
+    if str(split.tap) != str(config.tap):
+        raise CheckpointError(
+            f"the SideNet in {folder} was trained at tap {config.tap!r}, the split given is at {split.tap!r}"
+        )
+    if split.options() != config.split_options:
+        raise CheckpointError(
+            f"the SideNet in {folder} was saved with split options {config.split_options}, "
+            f"the split given has {split.options()}"
+        )
+    base = split.mainnet
+    if check_fingerprint and config.mainnet_fingerprint and base is not None:
+        found = mainnet_fingerprint(base)
+        if found != config.mainnet_fingerprint:
+            raise MainNetMismatchError(
+                f"the SideNet in {folder} was trained on a different MainNet "
+                f"({config.mainnet_class}, fingerprint {config.mainnet_fingerprint[:12]}…) than the one given "
+                f"({type(base).__name__}, fingerprint {found[:12]}…)"
+            )
+    device, dtype = placement(split)
+    example = _load_example(split, config, device, dtype)
+    if example is None:
+        return
+    if not isinstance(mainnet, MainNetSplit) and base is not None:
+        check_split(split, example)
+    found_shape = feature_shape(split, example)
+    if found_shape != list(config.feature_shape):
+        raise CheckpointError(
+            f"the MainNet given has feature shape {tuple(found_shape)} at tap {config.tap!r}, but the SideNet "
+            f"in {folder} was built for {config.feature_shape} (its config's feature_shape): a different "
+            "MainNet, or a config edited by hand"
+        )
+
+
+def load_sidenet(
+    mainnet: nn.Module | MainNetSplit, folder: str | Path, *, check_fingerprint: bool = True
+) -> AdaptiveModel:
+    """Rebuild the adaptive model from a saved SideNet folder and the MainNet it was trained on.
+
+    The SideNet is placed on the MainNet's device and in its floating dtype; the model's config is the
+    saved one (its metadata in ``model.config.metadata``, the training history in ``model.history_``).
+    Checked before use: the config (every key, its types, its structural checksum), the weight files'
+    checksums, the MainNet's fingerprint (unless ``check_fingerprint=False``), the split against the
+    MainNet's own forward (skipped for a ready :class:`MainNetSplit`), and the feature shape at the tap.
+
+    Raises:
+        CheckpointError: the folder, config or weights are missing, corrupt or edited.
+        MainNetMismatchError: ``mainnet`` is not the MainNet the SideNet was trained on.
+        SplitMismatchError: the MainNet's forward does something its splitter does not reproduce.
+    """
+    folder = Path(folder)
+    config, tensors, reference = _read_config(folder)
+    history = config.metadata.get("history", [])
+    if not isinstance(history, list):
+        raise CheckpointError(f"{folder / CONFIG_NAME}: metadata['history'] must be a list, got {history!r}")
+    split = split_mainnet(mainnet, config.tap, **config.split_options).eval()
+    _check_mainnet(mainnet, split, config, folder, check_fingerprint)
+    try:
+        sidenet = SideNet(config.feature_shape, config.num_classes, config.hidden, config.pool_size)
+        sidenet.load_state_dict(tensors)
+    except (RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{folder / WEIGHTS_NAME} does not match its config: {exc}") from exc
+    device, dtype = placement(split)
+    sidenet = sidenet.to(device=device, dtype=dtype)
+    # The history lives on the model (fit replaces it), the rest of the metadata in its config.
+    metadata = {key: value for key, value in config.metadata.items() if key != "history"}
+    model = AdaptiveModel(split, sidenet, config=replace(config, metadata=metadata))
+    if reference is not None:
+        try:
+            model.set_reference(reference["confidence"])
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{folder / REFERENCE_NAME} is corrupt: {exc}") from exc
+    model.history_ = history
+    model.eval()
+    return model
+
+
+# -- the saved folder: replaced whole, so that a failing save leaves the old one as it was -----------
+def _link_or_copy(source: str, target: str) -> None:
+    # A hard link costs nothing and leaves the original untouched; copy where links are not allowed.
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _carry_user_files(folder: Path, staging: Path) -> None:
+    """Link or copy into ``staging`` whatever the user keeps in ``folder`` beside the SideNet (the
+    CLI's plots and reports), so that swapping the folders loses none of it."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.name in SAVED_FILES:
+            continue
+        target = staging / entry.name
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), target)
+        elif entry.is_dir():
+            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(entry), str(target))
+
+
+def _swap_in(staging: Path, folder: Path) -> None:
+    """Put the complete ``staging`` folder at ``folder`` with renames: the old folder moves aside, the
+    new one moves in (the old one comes back if that fails), then the old one is deleted. A crash
+    in between leaves the old folder beside it as ``.<name>.old-*``."""
+    if not folder.exists():
+        os.replace(staging, folder)
+        return
+    old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(folder, old)
+    try:
+        os.replace(staging, folder)
+    except BaseException:
+        os.replace(old, folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def replace_folder(staging: Path, folder: Path) -> None:
+    """Make the complete saved folder ``staging`` the SideNet folder ``folder``, keeping the user's own
+    files from the old ``folder`` (see :func:`_swap_in` for what a crash leaves)."""
+    _carry_user_files(folder, staging)
+    _swap_in(staging, folder)

@@ -1,0 +1,112 @@
+"""``TrafficMonitor``: what the routed traffic looked like, for watching a deployed threshold.
+
+It counts the samples routed and those that exited, keeps the latest confidences in a window, and
+compares them with reference confidences (those of the data the threshold was chosen on) in
+:meth:`TrafficMonitor.shift_check`. :class:`~sidenet.AdaptiveModel` and
+:class:`~sidenet.serving.PooledRouter` record every adaptive batch into the model's monitor.
+
+Threads sharing one model share its monitor: the counts and the window are updated under a lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Any
+
+import torch
+
+__all__ = ["TrafficMonitor"]
+
+
+class TrafficMonitor:
+    """Exit counts, a window of recent confidences and the reference for the shift check.
+
+    Args:
+        window: how many of the latest confidences to keep for :meth:`shift_check`.
+
+    Attributes:
+        window: as above; may be changed at any time (the next batch recorded trims to it).
+        reference: confidences of the data the threshold was chosen on (see :meth:`set_reference`),
+            float64 on the CPU; ``None`` until set, and assigning ``None`` forgets them.
+    """
+
+    def __init__(self, window: int = 4096) -> None:
+        self.window = window
+        self.reference: torch.Tensor | None = None
+        # Guards the counts and the window when threads share the model (see record).
+        self._lock = threading.Lock()
+        self.reset()
+
+    # -- copies ----------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        # A lock can be neither pickled nor deep-copied; every copy gets a fresh one.
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    # -- recording -------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Zero the counts of samples seen and exited and forget their confidences (not the reference)."""
+        with self._lock:
+            self.samples_seen = 0
+            self.samples_exited = 0
+            self._recent: deque[torch.Tensor] = deque()
+            self._recent_count = 0
+
+    def record(self, exited: torch.Tensor, confidence: torch.Tensor) -> None:
+        """Count a routed batch (its exit mask) and keep its confidences for :meth:`shift_check`.
+
+        The device work (the sum, the copy to the CPU) happens outside the lock; inside it, only the
+        read-modify-writes that threads sharing the model would otherwise interleave and lose.
+        """
+        seen, exits = len(exited), int(exited.sum())
+        scores = confidence.detach().to("cpu", torch.float64)
+        with self._lock:
+            self.samples_seen += seen
+            self.samples_exited += exits
+            self._recent.append(scores)
+            self._recent_count += len(scores)
+            # Drop whole old batches once the rest still fills the window.
+            while self._recent and self._recent_count - len(self._recent[0]) >= self.window:
+                self._recent_count -= len(self._recent.popleft())
+
+    # -- reading ---------------------------------------------------------------------------------
+    @property
+    def exit_rate(self) -> float:
+        """Fraction of the samples recorded since :meth:`reset` that exited (NaN before any)."""
+        with self._lock:  # a consistent pair of counts
+            seen, exited = self.samples_seen, self.samples_exited
+        return exited / seen if seen else float("nan")
+
+    @property
+    def recent(self) -> torch.Tensor:
+        """The latest (at most ``window``) confidences recorded, float64 on the CPU."""
+        with self._lock:  # another thread may be appending to the window
+            recent = list(self._recent)
+        if not recent:
+            return torch.empty(0, dtype=torch.float64)
+        return torch.cat(recent)[-self.window :]
+
+    def set_reference(self, confidence: Any) -> None:
+        """Remember the SideNet confidences (under the deployed exit rule) of the data the threshold was
+        chosen on, e.g. ``curve.record.confidence``; :meth:`shift_check` compares new traffic with them."""
+        reference = torch.as_tensor(confidence, dtype=torch.float64).flatten().cpu()
+        if reference.numel() == 0 or not torch.isfinite(reference).all():
+            raise ValueError("the reference confidences must be a non-empty array of finite numbers")
+        self.reference = reference
+
+    def shift_check(self, threshold: float, alpha: float = 0.01, min_samples: int = 100) -> Any:
+        """Compare the recent confidences with the reference (two-sample Kolmogorov-Smirnov) around
+        ``threshold``; returns a :class:`sidenet.shift.ShiftReport` (see :func:`sidenet.shift.confidence_shift`).
+        Needs :meth:`set_reference` first."""
+        # Imported here: the shift test (scipy) is analysis, above the core that routes.
+        from sidenet.shift import confidence_shift
+
+        if self.reference is None:
+            raise ValueError("no reference confidences: call set_reference(curve.record.confidence) first")
+        return confidence_shift(self.reference.numpy(), self.recent.numpy(), threshold, alpha, min_samples)
