@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +76,26 @@ def touched(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
             monkeypatch.setattr(task, method, forbidden)
     return calls
+
+
+def find_sst2_dir() -> Path | None:
+    """The real SST-2 files for the tests: ``$SIDENET_SST2_DIR``, else ``../shared/data/sst2`` beside the
+    repository (the tests may use the checkout's surroundings; the library never does). None when
+    neither holds ``train.tsv`` and ``dev.tsv``."""
+    named = os.environ.get("SIDENET_SST2_DIR")
+    candidates = [Path(named)] if named else []
+    candidates.append(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2")
+    for folder in candidates:
+        if (folder / "train.tsv").is_file() and (folder / "dev.tsv").is_file():
+            return folder
+    return None
+
+
+@pytest.fixture(scope="session")
+def sst2_data_dir() -> Path:
+    """The folder of the real SST-2 files, passed to sidenet explicitly (``data_dir`` / ``--data``);
+    skips the test where there is none."""
+    folder = find_sst2_dir()
+    if folder is None:
+        pytest.skip("SST-2 not found: set SIDENET_SST2_DIR or put train.tsv and dev.tsv in ../shared/data/sst2")
+    return folder

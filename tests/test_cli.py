@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
 
 from sidenet import cli
-from sidenet.data import make_loader
+from sidenet.loaders import make_loader
 from sidenet.models.cifar_resnet import cifar_resnet
 from sidenet.tasks import TASKS, FashionMnistTask
 

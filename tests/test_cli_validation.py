@@ -4,16 +4,20 @@ nor with a traceback. The real built-in tasks are used, with their MainNet and d
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from sidenet import TapError, cli
+from sidenet.cli_options import FitSettings
 from sidenet.config import SideNetConfig
 from sidenet.tasks import FashionMnistTask, Sst2Task
 
 runner = CliRunner()
+
+
 def invoke(args: list[str], touched: list[str]) -> str:
     """Run the command, check it failed cleanly without touching MainNet or data; return its output."""
     result = runner.invoke(cli.app, args)
@@ -151,3 +155,19 @@ def test_fmnist_pretrain_refuses_fractional_epochs_before_training(epochs: float
     """The ResNet recipe trains whole epochs: 0.5 used to become int(0.5) = 0 epochs, silently."""
     with pytest.raises(ValueError, match="whole number of epochs"):
         FashionMnistTask().pretrain(epochs=epochs, progress=False)
+
+
+def test_fit_settings_are_checked_once_when_made(touched: list[str], tmp_path: Path) -> None:
+    """What ``fit`` and ``demo`` pass to the fit: checked when made, with the CLI's defaults."""
+    settings = FitSettings(task="fmnist", tap="layer1.0", out=tmp_path)
+    assert (settings.hidden, settings.epochs, settings.max_drop, settings.split_options) == (256, 30, 0.005, None)
+    assert FitSettings(task="sst2", tap="1", out=tmp_path, features="mean").split_options == {"features": "mean"}
+    bad = {"hidden": 0, "distill": 2.0, "confidence": 1.0, "policy": "median", "max_val_samples": 0, "task": "nope"}
+    for field, value in bad.items():
+        with pytest.raises(ValueError):
+            FitSettings(**{"task": "fmnist", "tap": "layer1.0", "out": tmp_path, field: value})
+    with pytest.raises(TapError, match="valid taps"):
+        FitSettings(task="fmnist", tap="layer9", out=tmp_path)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.hidden = 0  # type: ignore[misc]
+    assert touched == []

@@ -1,4 +1,5 @@
-"""Fashion-MNIST files: the IDX reader, finding the files, loading and splitting."""
+"""Fashion-MNIST files (the IDX reader, finding the files, loading and partitioning them), the loader
+plumbing of sidenet.loaders, and sidenet.data re-exporting both."""
 
 from __future__ import annotations
 
@@ -11,19 +12,21 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils.data import Subset, TensorDataset
 
-from sidenet import data
-from sidenet.data import (
+from sidenet import data, datasets, loaders
+from sidenet.datasets import (
     DEBIAN_FASHION_MNIST_DIR,
     DataNotFoundError,
+    fashion_mnist_datasets,
     fashion_mnist_splits,
     find_fashion_mnist,
-    iter_batches,
     load_fashion_mnist,
-    make_loader,
     normalize_fashion_mnist,
     read_idx,
 )
+from sidenet.errors import SidenetError
+from sidenet.loaders import TextDataset, iter_batches, length_grouped, make_loader, prefix_loader, split_loader
 
 FILES = [
     "train-images-idx3-ubyte.gz",
@@ -122,11 +125,12 @@ def test_given_folder_lacking_files(tmp_path: Path) -> None:
     with pytest.raises(DataNotFoundError, match="--data") as info:
         find_fashion_mnist(tmp_path)
     assert FILES[3] in str(info.value)
-    assert isinstance(info.value, ValueError) and isinstance(info.value, FileNotFoundError)
+    assert isinstance(info.value, SidenetError) and isinstance(info.value, FileNotFoundError)
+    assert isinstance(info.value, ValueError)
 
 
 def test_nothing_found_explains_how_to_get_the_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "debian")
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "debian")
     monkeypatch.setenv("SIDENET_CACHE", str(tmp_path / "cache"))
     with pytest.raises(DataNotFoundError) as info:
         find_fashion_mnist(download=False)
@@ -160,29 +164,30 @@ def test_inconsistent_files(tmp_path: Path) -> None:
         load_fashion_mnist("train", tmp_path)
 
 
-def test_splits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_data_partitions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_fashion_mnist(tmp_path, n_train=20, n_test=6)
-    monkeypatch.setattr(data, "VALIDATION_SIZE", 5)
-    splits = fashion_mnist_splits(tmp_path, download=False, seed=0)
-    assert {name: len(ds) for name, ds in splits.items()} == {"train": 15, "val": 5, "test": 6}
+    monkeypatch.setattr(datasets, "VALIDATION_SIZE", 5)
+    parts = fashion_mnist_datasets(tmp_path, download=False, seed=0)
+    assert {name: len(ds) for name, ds in parts.items()} == {"train": 15, "val": 5, "test": 6}
     full = load_fashion_mnist("train", tmp_path).tensors[0]
-    rows = torch.cat([splits["train"].tensors[0], splits["val"].tensors[0]]).flatten(1)
+    rows = torch.cat([parts["train"].tensors[0], parts["val"].tensors[0]]).flatten(1)
     # train and val partition the training file
     assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, full.flatten(1).tolist()))
-    again = fashion_mnist_splits(tmp_path, download=False, seed=0)
-    assert torch.equal(again["val"].tensors[0], splits["val"].tensors[0])
+    again = fashion_mnist_datasets(tmp_path, download=False, seed=0)
+    assert torch.equal(again["val"].tensors[0], parts["val"].tensors[0])
+    assert fashion_mnist_splits is fashion_mnist_datasets  # the name of earlier releases
 
 
 def test_normalize() -> None:
     images = np.array([[[0, 255]]], dtype=np.uint8)
     out = normalize_fashion_mnist(images)
     assert out.shape == (1, 1, 1, 2)
-    expected = (torch.tensor([0.0, 1.0]) - data.FASHION_MNIST_MEAN) / data.FASHION_MNIST_STD
+    expected = (torch.tensor([0.0, 1.0]) - datasets.FASHION_MNIST_MEAN) / datasets.FASHION_MNIST_STD
     torch.testing.assert_close(out[0, 0, 0], expected)
 
 
 def test_loaders() -> None:
-    dataset = torch.utils.data.TensorDataset(torch.arange(10).float(), torch.arange(10))
+    dataset = TensorDataset(torch.arange(10).float(), torch.arange(10))
     batches = list(iter_batches(make_loader(dataset, batch_size=4)))
     assert [len(x) for x, _ in batches] == [4, 4, 2]
     assert torch.cat([y for _, y in batches]).tolist() == list(range(10))
@@ -211,10 +216,6 @@ def test_real_fashion_mnist() -> None:
 
 
 def test_split_loader_halves_are_disjoint_and_cover_the_data() -> None:
-    from torch.utils.data import TensorDataset
-
-    from sidenet.data import split_loader
-
     dataset = TensorDataset(torch.arange(11).float()[:, None], torch.arange(11))
     first, second = split_loader(make_loader(dataset, 4))
     seen = [int(y) for loader in (first, second) for _, labels in loader for y in labels]
@@ -225,10 +226,6 @@ def test_split_loader_halves_are_disjoint_and_cover_the_data() -> None:
 
 
 def test_prefix_loader_keeps_the_first_samples() -> None:
-    from torch.utils.data import TensorDataset
-
-    from sidenet.data import prefix_loader
-
     loader = make_loader(TensorDataset(torch.arange(11).float()[:, None], torch.arange(11)), 4)
     assert prefix_loader(loader, None) is loader
     assert [int(y) for _, labels in prefix_loader(loader, 6) for y in labels] == list(range(6))
@@ -240,10 +237,6 @@ def test_prefix_loader_keeps_the_first_samples() -> None:
 @given(st.lists(st.text(min_size=0, max_size=12), min_size=1, max_size=40), st.integers(1, 7), st.booleans())
 @settings(max_examples=50, deadline=None)
 def test_length_grouped_keeps_every_sample_in_sorted_batches(sentences: list[str], size: int, subset: bool) -> None:
-    from torch.utils.data import Subset
-
-    from sidenet.data import TextDataset, length_grouped
-
     dataset = TextDataset(sentences, list(range(len(sentences))))
     if subset:  # the way split_loader and quick runs hand datasets over
         dataset = Subset(dataset, list(range(len(sentences)))[::-1])
@@ -256,11 +249,17 @@ def test_length_grouped_keeps_every_sample_in_sorted_batches(sentences: list[str
 
 
 def test_length_grouped_leaves_other_loaders_alone() -> None:
-    from torch.utils.data import TensorDataset
-
-    from sidenet.data import length_grouped
-
     loader = make_loader(TensorDataset(torch.zeros(5, 1), torch.arange(5)), 2)
     assert length_grouped(loader) is loader
     batches = [[1, 2], [3]]
     assert length_grouped(batches) is batches
+
+
+def test_sidenet_data_re_exports_loaders_and_datasets() -> None:
+    """``sidenet.data`` stays importable (the README's ``from sidenet.data import TextCollator, make_loader``):
+    it holds the very objects of the two modules it was split into, every name of both."""
+    for module in (loaders, datasets):
+        assert all(getattr(data, name) is getattr(module, name) for name in module.__all__)
+    assert set(data.__all__) == set(loaders.__all__) | set(datasets.__all__) | {
+        "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "VALIDATION_SIZE", "SST2_VALIDATION_SIZE"
+    }  # fmt: skip

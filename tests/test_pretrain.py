@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch.utils.data import TensorDataset
 
 from sidenet import pretrain
-from sidenet.data import DEBIAN_FASHION_MNIST_DIR, fashion_mnist_splits
+from sidenet.datasets import DEBIAN_FASHION_MNIST_DIR, fashion_mnist_datasets
 from sidenet.models.cifar_resnet import CifarResNet
 from sidenet.pretrain import PretrainRecipe, evaluate_accuracy, load_fmnist_resnet, pretrain_fmnist_resnet
 
@@ -26,9 +26,11 @@ def synthetic_splits(monkeypatch: pytest.MonkeyPatch) -> None:
     for i, label in enumerate(labels.tolist()):
         images[i, 0, 2 * label : 2 * label + 3] += 2.0
     data = TensorDataset(images, labels)
-    monkeypatch.setattr(
-        pretrain, "fashion_mnist_splits", lambda data_dir=None: {"train": data, "val": data, "test": data}
-    )
+    # Under the new name and the old one (an alias), whichever the recipe's module reads.
+    for name in ("fashion_mnist_datasets", "fashion_mnist_splits"):
+        monkeypatch.setattr(
+            pretrain, name, lambda data_dir=None: {"train": data, "val": data, "test": data}, raising=False
+        )
 
 
 def test_pretrain_learns_caches_and_reloads(synthetic_splits: None, tmp_path: Path) -> None:
@@ -87,6 +89,6 @@ def test_altered_shipped_weights_are_refused(monkeypatch: pytest.MonkeyPatch) ->
 def test_shipped_weights_reach_their_model_card_accuracy() -> None:
     """On the first 2,000 real Fashion-MNIST test images (the card states the full test accuracy)."""
     model, meta = pretrain.load_shipped_fmnist_resnet()
-    images, labels = fashion_mnist_splits()["test"].tensors
+    images, labels = fashion_mnist_datasets()["test"].tensors
     accuracy = evaluate_accuracy(model, images[:2000], labels[:2000])
     assert accuracy > meta["test_accuracy"] - 0.02

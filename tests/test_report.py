@@ -3,6 +3,7 @@ self-contained, the CLI writes it, and (where Chromium is installed) it renders 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -16,12 +17,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 from typer.testing import CliRunner
 
+import sidenet.report
 from helpers import NUM_CLASSES, separable_dataset
 from sidenet import AdaptiveModel, TradeoffCurve, cli
 from sidenet.calibration import calibration_metrics
 from sidenet.curve import collect
-from sidenet.policy import POLICIES
-from sidenet.report import ReportSettings, adaptive_log_probs, build_report
+from sidenet.policy import NEVER_EXIT, POLICIES, ExitPolicy
+from sidenet.report import ReportSettings, _rescored, adaptive_log_probs, build_report
 from sidenet.report_page import write_report
 
 
@@ -52,40 +54,84 @@ def test_model_settings_are_restored(built) -> None:  # noqa: ANN001
 
 def test_report_numbers_agree_with_the_library(built) -> None:  # noqa: ANN001
     model, report = built
-    s = report.summary
-    assert set(s["policies"]) == set(POLICIES) and s["recommended"]["policy"] in POLICIES
+    assert set(report.policies) == set(POLICIES) and report.recommended is report.policies[report.recommended.kind]
     raw = report.raw_evaluation
     before = calibration_metrics(raw.side_logits, raw.labels)
-    assert s["calibration"]["sidenet_before"]["ece"] == pytest.approx(before.ece)
+    assert report.calibration.sidenet_before.ece == pytest.approx(before.ece)
     t = report.temperature
     after = calibration_metrics(raw.side_logits, raw.labels, temperature=t)
-    assert s["calibration"]["sidenet_after"]["nll"] == pytest.approx(after.nll)
+    assert report.calibration.sidenet_after.nll == pytest.approx(after.nll)
     # The recommended point is the evaluation curve of that policy at the guaranteed threshold.
-    best = s["recommended"]["policy"]
-    curve = report.curves[best]
-    assert s["recommended"]["evaluation"] == curve.at(s["recommended"]["threshold"])
-    assert s["recommended"]["oracle"]["accuracy"] == pytest.approx(curve.mainnet_accuracy)
+    best = report.recommended
+    curve = report.curves[best.kind]
+    assert best.guaranteed.evaluation == curve.at(best.guaranteed.threshold)
+    assert best.oracle["accuracy"] == pytest.approx(curve.mainnet_accuracy)
+    # The recommended rule is ready to deploy: its kind, the fitted temperature, the guaranteed threshold.
+    assert (best.policy.temperature, best.policy.threshold) == (t, best.guaranteed.threshold)
     # Threshold rows: distinct, high to low, each with a measured throughput.
-    thresholds = [r["threshold"] for r in s["thresholds"]]
+    thresholds = [row.threshold for row in report.thresholds]
     assert thresholds == sorted(set(thresholds), reverse=True)
-    assert all(r["throughput"] > 0 for r in s["thresholds"])
-    assert sum(r["samples"] for r in s["per_class"]) == curve.num_samples == 128
-    assert set(s["shift"]) == {"calibration_vs_evaluation", "evaluation_half_vs_half"}
+    assert all(row.throughput > 0 for row in report.thresholds)
+    assert sum(row.samples for row in report.per_class) == curve.num_samples == 128
+    assert [name for name, _ in report.shift.items()] == ["calibration_vs_evaluation", "evaluation_half_vs_half"]
+
+
+def test_report_json_serialises_the_typed_report(built) -> None:  # noqa: ANN001
+    """report.json's keys, as before the report was typed, with the values of the typed fields."""
+    _, report = built
+    s = json.loads(json.dumps(report.to_dict(), default=float))
+    assert list(s) == ["tap", "settings", "samples", "mainnet", "sidenet_accuracy", "calibration", "policies",
+                       "recommended", "shift", "per_class", "thresholds", "timing"]  # fmt: skip
+    best = report.recommended
+    assert s["recommended"]["policy"] == best.kind and s["recommended"]["threshold"] == best.guaranteed.threshold
+    assert s["recommended"]["evaluation"] == best.guaranteed.evaluation
+    assert s["samples"] == {"calibration": 128, "evaluation": 128}
+    for kind, policy in report.policies.items():
+        assert set(s["policies"][kind]) == {"guaranteed", "empirical", "best_compute_calibration",
+                                            "best_compute_evaluation", "oracle"}  # fmt: skip
+        assert s["policies"][kind]["best_compute_calibration"] == policy.best_compute_calibration
+        assert s["policies"][kind]["empirical"]["calibration"] == policy.empirical.calibration
+    assert s["calibration"]["temperature"] == report.temperature
+    assert s["calibration"]["adaptive_at_guaranteed"] == report.calibration.adaptive_at_guaranteed.to_dict()
+    assert [row["class"] for row in s["per_class"]] == ["a", "b", "c", "d"][: len(s["per_class"])]
+    assert s["shift"]["calibration_vs_evaluation"]["p_value"] == report.shift.calibration_vs_evaluation.p_value
+    assert [row["threshold"] for row in s["thresholds"]] == [row.threshold for row in report.thresholds]
+    assert all(row["speedup"] == pytest.approx(report.timing.speedup(row["threshold"])) for row in s["thresholds"])
+    assert set(s["timing"]["thresholds"]) == {"mainnet", *(repr(row.threshold) for row in report.thresholds)}
+    assert report.summary == report.to_dict()  # the name of earlier releases
 
 
 def test_policies_scored_from_one_pass_equal_their_own_sweeps(built) -> None:  # noqa: ANN001
     model, report = built
-    saved = (model.policy_kind, model.temperature)
+    saved = model.policy
     try:
         for kind in POLICIES:
-            model.policy_kind, model.temperature = kind, report.temperature
+            model.policy = ExitPolicy(saved.threshold, report.temperature, kind)
             fresh = collect(model, mixed_loader(2), progress=False)
             got = report.curves[kind].record
-            assert not got.order_dependent_flops and got.policy == fresh.policy
+            assert not got.order_dependent_flops and got.exit_rule == fresh.exit_rule
             np.testing.assert_allclose(got.confidence, fresh.confidence, rtol=1e-6)
             np.testing.assert_array_equal(got.rest_flops, fresh.rest_flops)
     finally:
-        model.policy_kind, model.temperature = saved
+        model.policy = saved
+
+
+def test_text_records_are_swept_again_under_a_rule_that_reorders_them(built, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """Where FLOPs credit samples in confidence order (text), a rule ordering the samples otherwise needs
+    a new sweep, run with the model under that rule; the model's own rule is back afterwards."""
+    model, report = built
+    raw = dataclasses.replace(report.curves["max_softmax"].record, order_dependent_flops=True)
+    seen: list[ExitPolicy] = []
+    monkeypatch.setattr(sidenet.report, "collect", lambda model, loader, progress: seen.append(model.policy) or raw)
+    saved = model.policy
+    same = ExitPolicy(NEVER_EXIT, report.temperature, "max_softmax")
+    np.testing.assert_array_equal(_rescored(model, raw, [], False, same).confidence, raw.confidence)
+    assert seen == []  # the same order: rescored from the logits alone
+    reorders = ExitPolicy(NEVER_EXIT, report.temperature, "entropy")
+    entropy = report.curves["entropy"].record.confidence
+    assert not np.array_equal(np.argsort(-entropy, kind="stable"), np.argsort(-raw.confidence, kind="stable"))
+    assert _rescored(model, raw, [], False, reorders) is raw and seen == [reorders]
+    assert model.policy is saved
 
 
 def test_adaptive_log_probs_mix_the_two_answers(built) -> None:  # noqa: ANN001

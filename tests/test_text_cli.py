@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from sidenet import cli
-from sidenet.data import TextCollator, TextDataset, make_loader
+from sidenet.loaders import TextCollator, TextDataset, make_loader
 from sidenet.tasks import TASKS, Sst2Task
 
 transformers = pytest.importorskip("transformers")

@@ -1,4 +1,5 @@
-"""SST-2 loading (GLUE TSV), the held-out split, and tokenised batches with dynamic padding."""
+"""SST-2 loading (GLUE TSV), where it is looked for, the held-out partition, and tokenised batches with
+dynamic padding."""
 
 from __future__ import annotations
 
@@ -7,15 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sidenet.data import (
-    DataNotFoundError,
-    TextCollator,
-    TextDataset,
-    load_sst2,
-    make_loader,
-    read_sst2_tsv,
-    sst2_splits,
-)
+from sidenet import datasets
+from sidenet.datasets import DataNotFoundError, load_sst2, read_sst2_tsv, sst2_datasets, sst2_splits
+from sidenet.loaders import TextCollator, TextDataset, make_loader
 
 TRAIN = "label\tsentence\n0\thide new secretions\n1\ta warm , funny film\n0\tdull\n1\tgreat acting\n1\tfun\n"
 DEV = "sentence\tlabel\nit 's a charming and often affecting journey .\t1\nunflinchingly bleak .\t0\n"
@@ -67,12 +62,13 @@ def test_load_sst2_from_folder_and_missing_folder(sst2_dir: Path, tmp_path: Path
         load_sst2("test", sst2_dir)
 
 
-def test_sst2_splits_hold_val_out_of_train(sst2_dir: Path) -> None:
-    splits = sst2_splits(sst2_dir, val_size=2)
-    assert [len(splits[k]) for k in ("train", "val", "test")] == [3, 2, 2]
-    assert set(splits["train"].sentences).isdisjoint(splits["val"].sentences)
-    assert splits["test"].sentences == read_sst2_tsv(sst2_dir / "dev.tsv").sentences
-    assert sst2_splits(sst2_dir, val_size=2)["val"].sentences == splits["val"].sentences  # seeded
+def test_sst2_datasets_hold_val_out_of_train(sst2_dir: Path) -> None:
+    parts = sst2_datasets(sst2_dir, val_size=2)
+    assert [len(parts[k]) for k in ("train", "val", "test")] == [3, 2, 2]
+    assert set(parts["train"].sentences).isdisjoint(parts["val"].sentences)
+    assert parts["test"].sentences == read_sst2_tsv(sst2_dir / "dev.tsv").sentences
+    assert sst2_datasets(sst2_dir, val_size=2)["val"].sentences == parts["val"].sentences  # seeded
+    assert sst2_splits is sst2_datasets  # the name of earlier releases
 
 
 def test_collator_pads_per_batch_and_truncates(tokenizer) -> None:  # noqa: ANN001
@@ -92,13 +88,36 @@ def test_collator_pads_per_batch_and_truncates(tokenizer) -> None:  # noqa: ANN0
 
 
 def test_load_sst2_explains_where_it_looked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sidenet.data as data
-
-    monkeypatch.setattr(data, "SST2_DIR", tmp_path / "shared")
+    monkeypatch.delenv("SIDENET_SST2_DIR", raising=False)
     monkeypatch.setenv("SIDENET_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "_sst2_from_datasets", lambda split: None)  # no `datasets`, or no internet
-    with pytest.raises(DataNotFoundError, match=r"--data.*pip install datasets"):
+    monkeypatch.setattr(datasets, "_sst2_from_datasets", lambda split: None)  # no `datasets`, or no internet
+    with pytest.raises(DataNotFoundError, match=r"--data.*SIDENET_SST2_DIR.*cache.*pip install datasets") as info:
         load_sst2("train")
-    (tmp_path / "shared").mkdir()
-    (tmp_path / "shared" / "dev.tsv").write_text(DEV)
-    assert len(load_sst2("dev")) == 2  # the shared folder beside the repository is found without --data
+    assert isinstance(info.value, ValueError) and isinstance(info.value, FileNotFoundError)
+    # Nothing beside the package or the repository is looked in: an installed sidenet has no checkout.
+    assert "shared" not in str(info.value)
+    (tmp_path / "cache" / "data" / "sst2").mkdir(parents=True)
+    (tmp_path / "cache" / "data" / "sst2" / "dev.tsv").write_text(DEV)
+    assert len(load_sst2("dev")) == 2  # sidenet's cache folder is found without --data
+
+
+def test_load_sst2_from_the_environment_variable(
+    sst2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIDENET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(datasets, "_sst2_from_datasets", lambda split: pytest.fail("downloaded"))
+    monkeypatch.setenv("SIDENET_SST2_DIR", str(sst2_dir))
+    assert len(load_sst2("dev")) == 2
+    # --data wins over the variable; a variable naming a folder without the files is an error, not a download.
+    with pytest.raises(DataNotFoundError, match="--data .*nowhere does not hold"):
+        load_sst2("dev", tmp_path / "nowhere")
+    monkeypatch.setenv("SIDENET_SST2_DIR", str(tmp_path / "empty"))
+    with pytest.raises(DataNotFoundError, match=r"\$SIDENET_SST2_DIR=.*empty does not hold the SST-2 file dev.tsv"):
+        load_sst2("dev")
+
+
+def test_real_sst2_passed_explicitly(sst2_data_dir: Path) -> None:
+    """The real GLUE files (see tests/conftest.py for where they are found), passed as ``data_dir``."""
+    parts = sst2_datasets(sst2_data_dir)
+    assert {name: len(part) for name, part in parts.items()} == {"train": 65349, "val": 2000, "test": 872}
+    assert set(parts["test"].labels) == {0, 1} and sum(parts["test"].labels) == 444

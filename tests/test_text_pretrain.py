@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sidenet import text_pretrain
-from sidenet.data import TextDataset
+from sidenet.loaders import TextDataset
 from sidenet.text_pretrain import TextRecipe, finetune_text_mainnet, load_text_mainnet, resolve_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -46,7 +46,8 @@ def checkpoint(tmp_path: Path) -> str:
 
 def test_finetune_learns_caches_and_reloads(checkpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     splits = {"train": synthetic(320, 0), "val": synthetic(64, 1), "test": synthetic(64, 2)}
-    monkeypatch.setattr(text_pretrain, "sst2_splits", lambda data_dir=None: splits)
+    for name in ("sst2_datasets", "sst2_splits"):  # the new name and the old one, whichever the module reads
+        monkeypatch.setattr(text_pretrain, name, lambda data_dir=None: splits, raising=False)
     recipe = TextRecipe(checkpoint=checkpoint, epochs=3, batch_size=16, lr=1e-3, max_length=16)
     root = tmp_path / "cache"
     model, tokenizer, meta = finetune_text_mainnet(recipe, root=root, progress=False)

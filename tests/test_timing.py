@@ -1,11 +1,13 @@
-"""measure_throughput and latency_percentiles: what is run how often, and what the numbers mean (no
-speed is asserted here; speed targets live in benchmarks/)."""
+"""input_batches, measure_throughput and latency_percentiles: what is gathered and run how often, and what
+the numbers mean (no speed is asserted here; speed targets live in benchmarks/)."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from sidenet.timing import Timing, latency_percentiles, measure_throughput
+from sidenet.loaders import make_loader
+from sidenet.timing import Timing, input_batches, latency_percentiles, measure_throughput
 
 
 def test_every_runner_sees_every_batch_in_each_pass_and_finish_ends_each_pass() -> None:
@@ -40,3 +42,16 @@ def test_bad_arguments_raise(options: dict, message: str) -> None:
 def test_latency_percentiles_are_ordered() -> None:
     result = latency_percentiles(lambda x: sum(range(x)), [10, 1000, 100_000], percentiles=(0, 50, 100))
     assert result["p0"] <= result["p50"] <= result["p100"]
+
+
+def test_input_batches_keep_whole_batches_up_to_the_sample_count() -> None:
+    dataset = torch.utils.data.TensorDataset(torch.arange(10.0)[:, None], torch.arange(10))
+    loader = make_loader(dataset, batch_size=4)
+    assert [len(b) for b in input_batches(loader, 5)] == [4, 4]  # whole batches, up to >= 5 samples
+    assert [len(b) for b in input_batches(loader)] == [4, 4, 2] and input_batches(loader, 4)[0].shape == (4, 1)
+    # Dict batches (text): the labels are dropped, and batch_size counts the samples of a dict.
+    texts = [{"input_ids": torch.zeros(3, 5), "labels": torch.zeros(3)} for _ in range(4)]
+    batches = input_batches(texts, 7, batch_size=lambda batch: len(batch["input_ids"]))
+    assert len(batches) == 3 and all(set(batch) == {"input_ids", "labels"} for batch in batches)
+    with pytest.raises(ValueError, match="at least 1"):
+        input_batches(loader, 0)

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from scipy import optimize
 
+from sidenet.loaders import length_grouped
 from sidenet.plotting import pyplot, save_figure
+from sidenet.training import trunk_states
 
 __all__ = [
     "CalibrationMetrics",
@@ -213,9 +215,6 @@ def reliability_diagram(
 def sidenet_logits(model: Any, loader: Any, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Raw SideNet logits (before any temperature) and labels of ``loader``, from trunk and SideNet only;
     sentences go in length-sorted batches (logits do not depend on the batching, FLOPs would)."""
-    from sidenet.data import length_grouped
-    from sidenet.training import trunk_states
-
     logits, labels = [], []
     with torch.no_grad():
         for state, targets in trunk_states(model, length_grouped(loader), progress, "SideNet logits"):

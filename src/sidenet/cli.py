@@ -1,9 +1,12 @@
-"""The ``sidenet`` command line: pretrain, fit, sweep, predict, report, demo."""
+"""The ``sidenet`` command line: pretrain, fit, sweep, predict, report, demo.
+
+Every command checks its arguments before it loads data or a MainNet, so that a bad option is refused
+in well under a second, not after the MainNet was trained or the SideNet fitted.
+"""
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Annotated
@@ -13,11 +16,11 @@ import typer
 
 from sidenet.attach import attach, load_sidenet, save_sidenet
 from sidenet.calibration import calibrate
+from sidenet.cli_options import FitSettings, check_positive, check_range
 from sidenet.config import SideNetConfig
 from sidenet.curve import TradeoffCurve, sweep
-from sidenet.data import prefix_loader, split_loader
-from sidenet.policy import POLICIES, validate_policy, validate_threshold
-from sidenet.splits import TapError
+from sidenet.loaders import prefix_loader, split_loader
+from sidenet.policy import POLICIES, format_threshold, validate_threshold
 from sidenet.tasks import TASKS, Task, get_task
 
 app = typer.Typer(
@@ -28,7 +31,9 @@ app = typer.Typer(
 )
 
 TaskOption = Annotated[str, typer.Option(help=f"Workload: {', '.join(TASKS)}.")]
-DataOption = Annotated[Path | None, typer.Option("--data", help="Folder holding the dataset files.")]
+DataOption = Annotated[
+    Path | None, typer.Option("--data", help="Dataset folder (default: looked up; SST-2: also $SIDENET_SST2_DIR).")
+]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 DEFAULT_OUT = Path("sidenet-output")
 
@@ -38,61 +43,38 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _threshold_text(threshold: float) -> str:
-    return "never exit" if math.isinf(threshold) else f"{threshold:.4f}"
-
-
-# -- argument checks: every command checks its arguments before it loads data or a MainNet ----------
-
-
-def _check_range(option: str, value: float, low: float, high: float, *, open_interval: bool = False) -> None:
-    """Raise ``ValueError`` naming ``option`` unless ``value`` lies in [low, high] (or (low, high))."""
-    inside = low < value < high if open_interval else low <= value <= high
-    if not inside:  # NaN lies in no interval
-        interval = f"({low:g}, {high:g})" if open_interval else f"[{low:g}, {high:g}]"
-        raise ValueError(f"{option} must lie in {interval}, got {value}")
-
-
-def _check_positive(**options: int) -> None:
-    """Raise ``ValueError`` naming the first option below 1 (keyword ``max_rows`` names ``--max-rows``)."""
-    for name, value in options.items():
-        if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-
-
-def _check_fit_options(
-    task_name: str,
-    tap: str,
-    hidden: int,
-    pool: int,
-    epochs: int,
-    distill: float,
-    max_drop: float,
-    features: str | None,
-    policy: str,
-    confidence: float | None,
-) -> Task:
-    """The task, once every option of ``fit`` (and ``demo``) is known to be valid: a bad option is
-    refused in well under a second, not after the MainNet was trained or the SideNet fitted."""
-    task = get_task(task_name)
-    _check_positive(hidden=hidden, pool=pool, epochs=epochs)
-    _check_range("--distill", distill, 0.0, 1.0)
-    _check_range("--max-drop", max_drop, 0.0, 1.0)
-    if confidence is not None:
-        _check_range("--confidence", confidence, 0.0, 1.0, open_interval=True)
+def _fit(settings: FitSettings, progress: bool = True) -> tuple[Path, dict]:
+    """Train the SideNet ``settings`` describe, choose its threshold on ``val`` and save it; returns
+    the folder and the threshold choice (also saved in the SideNet's metadata)."""
+    task = get_task(settings.task)
+    mainnet = task.mainnet(settings.data, progress=progress)
+    loaders = task.loaders(settings.data)
+    loaders["train"] = prefix_loader(loaders["train"], settings.max_train_samples)
+    loaders["val"] = prefix_loader(loaders["val"], settings.max_val_samples)
     try:
-        validate_policy(policy)
-    except ValueError as exc:
-        raise ValueError(f"--policy: {exc}") from exc
-    try:
-        task.check_tap(tap, None if features is None else {"features": features})
-    except TapError:
-        raise  # names the tap and lists the valid ones
-    except ValueError as exc:
-        if features is None:
+        model = attach(mainnet, settings.tap, input_shape=task.input_shape, hidden=settings.hidden,
+                       pool_size=settings.pool, seed=settings.seed, split_options=settings.split_options,
+                       policy=settings.policy)  # fmt: skip
+    except TypeError as exc:
+        if not settings.split_options:
             raise
-        raise ValueError(f"--features {features}: {exc}") from exc
-    return task
+        # A splitter without those options rejects them as unexpected keyword arguments.
+        raise ValueError(f"split options {settings.split_options} do not apply to this MainNet: {exc}") from exc
+    started = time.perf_counter()
+    model.fit(loaders["train"], val_loader=loaders["val"], epochs=settings.epochs, distill_weight=settings.distill,
+              seed=settings.seed, progress=progress)  # fmt: skip
+    seconds = time.perf_counter() - started
+    if settings.temperature_scaling:
+        calibrate(model, loaders["val"], progress=progress)
+    val_curve = sweep(model, loaders["val"], progress=progress)
+    model.threshold = val_curve.threshold_for(max_accuracy_drop=settings.max_drop, confidence=settings.confidence)
+    model.set_reference(val_curve.record.confidence)  # for the shift check on later traffic
+    choice = {"max_accuracy_drop": settings.max_drop, "confidence": settings.confidence, "chosen_on": "val",
+              "temperature": model.temperature, "policy": settings.policy,
+              **val_curve.at(model.threshold)}  # fmt: skip
+    metadata = {"task": task.name, "fit_seconds": seconds, "threshold_choice": choice}
+    save_sidenet(model, settings.out, metadata=metadata)
+    return settings.out, choice
 
 
 @app.command()
@@ -113,63 +95,33 @@ def pretrain(
     typer.echo(summary)
 
 
-def _fit(task_name: str, tap: str, out: Path, data: Path | None, hidden: int, pool: int, epochs: int,
-         distill: float, max_drop: float, seed: int, progress: bool,
-         split_options: dict | None = None, policy: str = "max_softmax", temperature_scaling: bool = True,
-         confidence: float | None = None, max_train_samples: int | None = None,
-         max_val_samples: int | None = None) -> tuple[Path, dict]:  # fmt: skip
-    features = (split_options or {}).get("features")
-    task = _check_fit_options(task_name, tap, hidden, pool, epochs, distill, max_drop, features, policy, confidence)
-    mainnet = task.mainnet(data, progress=progress)
-    loaders = task.loaders(data)
-    loaders["train"] = prefix_loader(loaders["train"], max_train_samples)
-    loaders["val"] = prefix_loader(loaders["val"], max_val_samples)
-    try:
-        model = attach(mainnet, tap, input_shape=task.input_shape, hidden=hidden, pool_size=pool, seed=seed,
-                       split_options=split_options, policy=policy)  # fmt: skip
-    except TypeError as exc:
-        if not split_options:
-            raise
-        # A splitter without those options rejects them as unexpected keyword arguments.
-        raise ValueError(f"split options {split_options} do not apply to this MainNet: {exc}") from exc
-    started = time.perf_counter()
-    model.fit(loaders["train"], val_loader=loaders["val"], epochs=epochs, distill_weight=distill, seed=seed,
-              progress=progress)  # fmt: skip
-    seconds = time.perf_counter() - started
-    if temperature_scaling:
-        calibrate(model, loaders["val"], progress=progress)
-    val_curve = sweep(model, loaders["val"], progress=progress)
-    model.threshold = val_curve.threshold_for(max_accuracy_drop=max_drop, confidence=confidence)
-    model.set_reference(val_curve.record.confidence)  # for the shift check on later traffic
-    choice = {"max_accuracy_drop": max_drop, "confidence": confidence, "chosen_on": "val",
-              "temperature": model.temperature, "policy": policy, **val_curve.at(model.threshold)}  # fmt: skip
-    save_sidenet(model, out, metadata={"task": task.name, "fit_seconds": seconds, "threshold_choice": choice})
-    return out, choice
-
-
 @app.command()
 def fit(
     task: TaskOption = "fmnist",
     tap: Annotated[str | None, typer.Option(help="Where to attach the SideNet (default: the task's).")] = None,
     out: Annotated[Path | None, typer.Option(help="Folder to save the SideNet in.")] = None,
     data: DataOption = None,
-    hidden: Annotated[int, typer.Option(help="Hidden width of the SideNet.")] = 256,
-    pool: Annotated[int, typer.Option(help="Pooling grid side for convolutional features.")] = 4,
-    epochs: Annotated[int, typer.Option(help="SideNet training epochs (on cached features).")] = 30,
-    distill: Annotated[float, typer.Option(help="Weight of distillation toward the MainNet, 0..1.")] = 0.0,
-    max_drop: Annotated[float, typer.Option(help="Accuracy drop allowed when choosing the threshold.")] = 0.005,
+    hidden: Annotated[int, typer.Option(help="Hidden width of the SideNet.")] = FitSettings.hidden,
+    pool: Annotated[int, typer.Option(help="Pooling grid side for convolutional features.")] = FitSettings.pool,
+    epochs: Annotated[int, typer.Option(help="SideNet training epochs (on cached features).")] = FitSettings.epochs,
+    distill: Annotated[
+        float, typer.Option(help="Weight of distillation toward the MainNet, 0..1.")
+    ] = FitSettings.distill,
+    max_drop: Annotated[
+        float, typer.Option(help="Accuracy drop allowed when choosing the threshold.")
+    ] = FitSettings.max_drop,
     features: Annotated[
         str | None, typer.Option(help="Text MainNets: what the SideNet reads, first, mean or both tokens.")
     ] = None,
-    policy: Annotated[str, typer.Option(help=f"Exit rule: {', '.join(POLICIES)}.")] = "max_softmax",
+    policy: Annotated[str, typer.Option(help=f"Exit rule: {', '.join(POLICIES)}.")] = FitSettings.policy,
     temperature_scaling: Annotated[
-        bool, typer.Option(help="Fit the SideNet's softmax temperature on the validation split first.")
-    ] = True,
+        bool, typer.Option(help="Fit the SideNet's softmax temperature on the validation data first.")
+    ] = FitSettings.temperature_scaling,
     confidence: Annotated[
         float | None,
         typer.Option(
             help="Choose the threshold so that the drop stays within --max-drop with this probability "
-            "on new data like the validation split (e.g. 0.9); default: on the validation split only."
+            "on new data like the validation data (e.g. 0.9); default: on the validation data only."
         ),
     ] = None,
     max_train_samples: Annotated[
@@ -181,21 +133,24 @@ def fit(
             help="Validate, calibrate and choose the threshold on the first N validation samples only.", min=1
         ),
     ] = None,
-    seed: int = 0,
+    seed: int = FitSettings.seed,
     quiet: QuietOption = False,
 ) -> None:
-    """Train a SideNet at a tap of the frozen MainNet; choose its threshold on the validation split."""
+    """Train a SideNet at a tap of the frozen MainNet; choose its threshold on the validation data."""
     try:
-        tap = tap or get_task(task).default_tap
-        out = out or DEFAULT_OUT / f"{task}-{tap}"
-        options = {"features": features} if features is not None else None
-        folder, choice = _fit(task, tap, out, data, hidden, pool, epochs, distill, max_drop, seed, not quiet, options,
-                              policy, temperature_scaling, confidence, max_train_samples, max_val_samples)  # fmt: skip
+        tap = get_task(task).default_tap if tap is None else tap  # an empty --tap is refused, not defaulted
+        settings = FitSettings(
+            task=task, tap=tap, out=out or DEFAULT_OUT / f"{task}-{tap}", data=data, hidden=hidden, pool=pool,
+            epochs=epochs, distill=distill, max_drop=max_drop, seed=seed, features=features, policy=policy,
+            temperature_scaling=temperature_scaling, confidence=confidence, max_train_samples=max_train_samples,
+            max_val_samples=max_val_samples,
+        )  # fmt: skip
+        folder, choice = _fit(settings, progress=not quiet)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     typer.echo(
         f"SideNet saved to {folder}; policy {choice['policy']}, temperature {choice['temperature']:.3f}, "
-        f"threshold {_threshold_text(choice['threshold'])} (validation: exit rate "
+        f"threshold {format_threshold(choice['threshold'])} (validation: exit rate "
         f"{choice['exit_rate']:.3f}, accuracy drop {100 * choice['accuracy_drop']:.2f} points, compute "
         f"{choice['relative_compute']:.3f} of the MainNet)"
     )
@@ -215,7 +170,7 @@ def _load(folder: Path, data: Path | None, progress: bool, task: Task | None = N
 def sweep_command(
     sidenet: Annotated[Path, typer.Option("--sidenet", help="Folder of a saved SideNet.")] = DEFAULT_OUT
     / "fmnist-layer1.0",
-    split: Annotated[str, typer.Option(help="Data split to sweep: val or test.")] = "test",
+    split: Annotated[str, typer.Option(help="Data partition (train/val/test) to sweep.")] = "test",
     data: DataOption = None,
     plot: Annotated[Path | None, typer.Option(help="PNG path (default: beside the SideNet).")] = None,
     rows: Annotated[int, typer.Option(help="Rows of the printed table.")] = 12,
@@ -223,20 +178,20 @@ def sweep_command(
 ) -> None:
     """Print the compute-accuracy curve of a saved SideNet and save it as a PNG plot."""
     try:
-        _check_positive(rows=rows)
+        check_positive(rows=rows)
         task = _saved_task(sidenet)
         task.check_split(split)
         model, task = _load(sidenet, data, not quiet, task)
         loaders = task.loaders(data)
         if split not in loaders:
-            _fail(f"split must be one of {sorted(loaders)}, got {split!r}")
+            _fail(f"--split must be one of {sorted(loaders)}, got {split!r}")
         curve = sweep(model, loaders[split], progress=not quiet)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     marks = {"saved threshold": model.threshold}
     typer.echo(curve.table(rows, marks=marks))
     path = curve.plot(plot or sidenet / f"curve_{split}.png", marks=marks,
-                      title=f"{task.name}, tap {model.tap}, {split} split")  # fmt: skip
+                      title=f"{task.name}, tap {model.tap}, {split} data")  # fmt: skip
     curve.save_json(path.with_suffix(".json"))
     typer.echo(f"Plot written to {path}")
 
@@ -290,8 +245,10 @@ def report(
     sidenet: Annotated[Path, typer.Option("--sidenet", help="Folder of a saved SideNet.")] = DEFAULT_OUT
     / "fmnist-layer1.0",
     out: Annotated[Path | None, typer.Option(help="Folder for report.html, report.md and the plots.")] = None,
-    calibration_split: Annotated[str, typer.Option(help="Split that fits temperatures, picks thresholds.")] = "val",
-    split: Annotated[str, typer.Option(help="Split the report evaluates on.")] = "test",
+    calibration_split: Annotated[
+        str, typer.Option(help="Data partition (train/val/test) that fits temperatures and picks thresholds.")
+    ] = "val",
+    split: Annotated[str, typer.Option(help="Data partition (train/val/test) the report evaluates on.")] = "test",
     data: DataOption = None,
     max_drop: Annotated[float, typer.Option(help="Accuracy drop tolerated at the chosen points (fraction).")] = 0.005,
     confidence: Annotated[float, typer.Option(help="Probability that the guarantee holds.")] = 0.9,
@@ -301,11 +258,11 @@ def report(
         bool,
         typer.Option(
             help="Calibrate on a random half of --split and evaluate on the other half (for when no "
-            "other split is distributed like it); --calibration-split is then ignored."
+            "other data partition is distributed like it); --calibration-split is then ignored."
         ),
     ] = False,
     max_samples: Annotated[
-        int | None, typer.Option(help="Use the first N samples of each split only (quick looks).", min=1)
+        int | None, typer.Option(help="Use the first N samples of each data partition only (quick looks).", min=1)
     ] = None,
     quiet: QuietOption = False,
 ) -> None:
@@ -316,9 +273,9 @@ def report(
     from sidenet.report_page import write_report
 
     try:
-        _check_range("--max-drop", max_drop, 0.0, 1.0)
-        _check_range("--confidence", confidence, 0.0, 1.0, open_interval=True)
-        _check_positive(bins=bins)
+        check_range("--max-drop", max_drop, 0.0, 1.0)
+        check_range("--confidence", confidence, 0.0, 1.0, open_interval=True)
+        check_positive(bins=bins)
         task = _saved_task(sidenet)
         for name in (calibration_split, split):
             task.check_split(name)
@@ -352,13 +309,18 @@ def demo(
     out: Annotated[Path, typer.Option(help="Where the SideNet, plot and results go.")] = DEFAULT_OUT,
     tap: Annotated[str, typer.Option(help="Tap of the demo SideNet.")] = "layer1.0",
     pool: Annotated[int, typer.Option(help="Pooling grid side of the demo SideNet.")] = 7,
-    max_drop: Annotated[float, typer.Option(help="Accuracy drop allowed when choosing the threshold.")] = 0.005,
+    max_drop: Annotated[
+        float, typer.Option(help="Accuracy drop allowed when choosing the threshold.")
+    ] = FitSettings.max_drop,
     quiet: QuietOption = False,
 ) -> None:
     """The whole method on Fashion-MNIST: MainNet, SideNet, threshold on validation, curve on test."""
     progress = not quiet
     try:
-        folder, choice = _fit("fmnist", tap, out / f"fmnist-{tap}", data, 256, pool, 30, 0.0, max_drop, 0, progress)
+        settings = FitSettings(
+            task="fmnist", tap=tap, out=out / f"fmnist-{tap}", data=data, pool=pool, max_drop=max_drop
+        )
+        folder, choice = _fit(settings, progress)
         model, task = _load(folder, data, progress)
         curve: TradeoffCurve = sweep(model, task.loaders(data)["test"], progress=progress)
     except (ValueError, FileNotFoundError) as exc:
@@ -368,7 +330,7 @@ def demo(
     typer.echo(curve.table(12, marks=marks))
     point = curve.at(model.threshold)
     typer.echo(
-        f"\nAt threshold {_threshold_text(model.threshold)} (chosen on the validation split): accuracy "
+        f"\nAt threshold {format_threshold(model.threshold)} (chosen on the validation data): accuracy "
         f"{point['accuracy']:.4f} vs MainNet {curve.mainnet_accuracy:.4f}, {point['exit_rate']:.1%} of images "
         f"exit at the SideNet, {point['relative_compute']:.1%} of the MainNet's FLOPs."
     )

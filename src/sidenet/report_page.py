@@ -1,5 +1,6 @@
-"""Write a :class:`sidenet.report.TradeoffReport` as a self-contained HTML page (plots embedded as
-base64 PNG, no external resources) and a Markdown summary beside its PNG files."""
+"""Write a :class:`sidenet.report_data.TradeoffReport` as a self-contained HTML page (plots embedded
+as base64 PNG, no external resources), a Markdown summary beside its PNG files, and ``report.json``.
+It reads the report's typed fields; only ``report.json`` is the report serialised."""
 
 from __future__ import annotations
 
@@ -8,21 +9,17 @@ import html
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from sidenet.calibration import reliability_diagram
+from sidenet.calibration import CalibrationMetrics, reliability_diagram
 from sidenet.plotting import pyplot, save_figure
-from sidenet.report import TradeoffReport
+from sidenet.policy import format_threshold
+from sidenet.report_data import ClassRow, TradeoffReport
 
 __all__ = ["write_report", "plot_policies"]
 
 COLORS = {"max_softmax": "#4C72B0", "entropy": "#55A868", "margin": "#C44E52"}
-
-
-def _thr(t: float) -> str:
-    return "never" if math.isinf(t) else f"{t:.4f}"
 
 
 def _pct(x: float) -> str:
@@ -34,8 +31,7 @@ def plot_policies(report: TradeoffReport, path: Path, title: str) -> Path:
     the oracle point and the marked thresholds of the recommended policy."""
     plt = pyplot()
 
-    s = report.summary
-    best = s["recommended"]["policy"]
+    best = report.recommended.kind
     fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=120)
     for kind, curve in report.curves.items():
         ax.plot(curve.relative_compute, 100 * curve.accuracy, lw=1.8 if kind == best else 1.1,
@@ -47,10 +43,10 @@ def plot_policies(report: TradeoffReport, path: Path, title: str) -> Path:
     ax.scatter([oracle["relative_compute"]], [100 * oracle["accuracy"]], marker="*", s=160, color="#8172B2",
                zorder=5, label="oracle (exit iff SideNet = MainNet)")  # fmt: skip
     for i, (name, threshold) in enumerate(report.marks.items()):
-        p = curve.at(threshold)
-        ax.scatter([p["relative_compute"]], [100 * p["accuracy"]], marker="D", zorder=6, color=f"C{i + 3}")
-        ax.annotate(f"{name}\nexit {p['exit_rate']:.0%}, compute {p['relative_compute']:.0%}",
-                    (p["relative_compute"], 100 * p["accuracy"]), textcoords="offset points",
+        point = curve.at(threshold)
+        ax.scatter([point["relative_compute"]], [100 * point["accuracy"]], marker="D", zorder=6, color=f"C{i + 3}")
+        ax.annotate(f"{name}\nexit {point['exit_rate']:.0%}, compute {point['relative_compute']:.0%}",
+                    (point["relative_compute"], 100 * point["accuracy"]), textcoords="offset points",
                     xytext=(10, -24 - 22 * i), fontsize=7, arrowprops={"arrowstyle": "-", "lw": 0.5})  # fmt: skip
     low = min(100 * curve.mainnet_accuracy - 4, 100 * curve.accuracy[curve.relative_compute < 1.05].min())
     top = max(max(c.accuracy.max() for c in report.curves.values()), curve.mainnet_accuracy)
@@ -63,15 +59,15 @@ def plot_policies(report: TradeoffReport, path: Path, title: str) -> Path:
     return save_figure(fig, path)
 
 
-def _plot_per_class(rows: list[dict[str, Any]], path: Path) -> Path:
+def _plot_per_class(rows: list[ClassRow], path: Path) -> Path:
     plt = pyplot()
 
-    names = [r["class"] for r in rows]
+    names = [r.name for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(rows) + 2), 3.4), dpi=110)
-    ax.bar(x - 0.2, [100 * r["exit_rate"] for r in rows], 0.4, label="exit rate", color="#4C72B0")
-    ax.bar(x + 0.2, [100 * r["adaptive_accuracy"] for r in rows], 0.4, label="adaptive accuracy", color="#55A868")
-    ax.scatter(x + 0.2, [100 * r["mainnet_accuracy"] for r in rows], color="black", marker="_", s=200, zorder=3,
+    ax.bar(x - 0.2, [100 * r.exit_rate for r in rows], 0.4, label="exit rate", color="#4C72B0")
+    ax.bar(x + 0.2, [100 * r.adaptive_accuracy for r in rows], 0.4, label="adaptive accuracy", color="#55A868")
+    ax.scatter(x + 0.2, [100 * r.mainnet_accuracy for r in rows], color="black", marker="_", s=200, zorder=3,
                label="MainNet accuracy")  # fmt: skip
     ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("%")
@@ -80,41 +76,42 @@ def _plot_per_class(rows: list[dict[str, Any]], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def _tables(s: dict[str, Any]) -> dict[str, tuple[list[str], list[list[str]]]]:
+def _tables(report: TradeoffReport) -> dict[str, tuple[list[str], list[list[str]]]]:
     """Each table as (header, rows) of strings, shared by the HTML and the Markdown."""
-    cal = s["calibration"]
-    metric_rows = []
-    names = {
-        "sidenet_before": "SideNet, T = 1",
-        "sidenet_after": f"SideNet, T = {cal['temperature']:.3f}",
-        "mainnet": "MainNet",
-        "adaptive_at_guaranteed": "adaptive (guaranteed threshold)",
+    calibration = report.calibration
+    metrics: dict[str, CalibrationMetrics] = {
+        "SideNet, T = 1": calibration.sidenet_before,
+        f"SideNet, T = {calibration.temperature:.3f}": calibration.sidenet_after,
+        "MainNet": calibration.mainnet,
+        "adaptive (guaranteed threshold)": calibration.adaptive_at_guaranteed,
     }
-    for key, name in names.items():
-        m = cal[key]
-        metric_rows.append([name, _pct(m["ece"]), _pct(m["ece_mass"]), _pct(m["mce"]), f"{m['brier']:.4f}",
-                            f"{m['nll']:.4f}", _pct(m["accuracy"])])  # fmt: skip
+    metric_rows = [[name, _pct(m.ece), _pct(m.ece_mass), _pct(m.mce), f"{m.brier:.4f}", f"{m.nll:.4f}",
+                    _pct(m.accuracy)] for name, m in metrics.items()]  # fmt: skip
     policy_rows = []
-    for kind, p in s["policies"].items():
-        g, e = p["guaranteed"], p["empirical"]
-        policy_rows.append([kind, f"{p['best_compute_calibration']:.3f}", f"{p['best_compute_evaluation']:.3f}",
-                            _thr(g["threshold"]), f"{100 * g['evaluation']['accuracy_drop']:+.2f}",
-                            f"{g['evaluation']['relative_compute']:.3f}", f"{g['oracle_fraction']:.2f}",
-                            _thr(e["threshold"]), f"{100 * e['evaluation']['accuracy_drop']:+.2f}",
-                            f"{e['evaluation']['relative_compute']:.3f}"])  # fmt: skip
+    for kind, policy in report.policies.items():
+        guaranteed, empirical = policy.guaranteed, policy.empirical
+        policy_rows.append([kind, f"{policy.best_compute_calibration:.3f}", f"{policy.best_compute_evaluation:.3f}",
+                            format_threshold(guaranteed.threshold),
+                            f"{100 * guaranteed.evaluation['accuracy_drop']:+.2f}",
+                            f"{guaranteed.evaluation['relative_compute']:.3f}", f"{guaranteed.oracle_fraction:.2f}",
+                            format_threshold(empirical.threshold),
+                            f"{100 * empirical.evaluation['accuracy_drop']:+.2f}",
+                            f"{empirical.evaluation['relative_compute']:.3f}"])  # fmt: skip
     threshold_rows = []
-    for r in s["thresholds"]:
-        speed = f"{r['throughput']:,.0f} ({r['speedup']:.2f}x)" if "throughput" in r else "not measured"
-        threshold_rows.append([_thr(r["threshold"]), _pct(r["accuracy"]), f"{100 * r['accuracy_drop']:+.2f}",
-                               _pct(r["exit_rate"]), f"{r['mean_flops'] / 1e6:.2f}", f"{r['relative_compute']:.3f}",
-                               speed, ", ".join(r["marks"])])  # fmt: skip
-    class_rows = [[r["class"], str(r["samples"]), _pct(r["exit_rate"]), _pct(r["adaptive_accuracy"]),
-                   _pct(r["mainnet_accuracy"]), _pct(r["sidenet_accuracy"])] for r in s["per_class"]]  # fmt: skip
+    for row in report.thresholds:
+        point = row.point
+        speed = "not measured" if row.throughput is None else f"{row.throughput:,.0f} ({row.speedup:.2f}x)"
+        threshold_rows.append([format_threshold(row.threshold), _pct(point["accuracy"]),
+                               f"{100 * point['accuracy_drop']:+.2f}", _pct(point["exit_rate"]),
+                               f"{point['mean_flops'] / 1e6:.2f}", f"{point['relative_compute']:.3f}", speed,
+                               ", ".join(row.marks)])  # fmt: skip
+    class_rows = [[r.name, str(r.samples), _pct(r.exit_rate), _pct(r.adaptive_accuracy), _pct(r.mainnet_accuracy),
+                   _pct(r.sidenet_accuracy)] for r in report.per_class]  # fmt: skip
     shift_rows = []
-    for name, r in s["shift"].items():
-        verdict = "too few samples" if r["p_value"] != r["p_value"] else ("SHIFT" if r["shifted"] else "no shift")
-        shift_rows.append([name.replace("_", " "), verdict, f"{r['statistic']:.3f}", f"{r['p_value']:.2g}",
-                           _pct(r["reference_exit_rate"]), _pct(r["observed_exit_rate"])])  # fmt: skip
+    for name, check in report.shift.items():
+        verdict = "too few samples" if math.isnan(check.p_value) else ("SHIFT" if check.shifted else "no shift")
+        shift_rows.append([name.replace("_", " "), verdict, f"{check.statistic:.3f}", f"{check.p_value:.2g}",
+                           _pct(check.reference_exit_rate), _pct(check.observed_exit_rate)])  # fmt: skip
     return {
         "calibration": (["model", "ECE (width)", "ECE (mass)", "MCE", "Brier", "NLL", "accuracy"], metric_rows),
         "policies": (
@@ -153,28 +150,30 @@ def _tables(s: dict[str, Any]) -> dict[str, tuple[list[str], list[list[str]]]]:
     }
 
 
-def _headline(s: dict[str, Any]) -> list[str]:
-    rec, cal, st = s["recommended"], s["calibration"], s["settings"]
-    ev = rec["evaluation"]
-    shift = s["shift"]["calibration_vs_evaluation"]
+def _headline(report: TradeoffReport) -> list[str]:
+    best, calibration, settings = report.recommended, report.calibration, report.settings
+    chosen = best.guaranteed
+    point = chosen.evaluation
+    curve = best.evaluation_curve
+    shift = report.shift.calibration_vs_evaluation
     lines = [
-        f"Recommended: policy {rec['policy']}, temperature {rec['temperature']:.3f}, threshold {_thr(rec['threshold'])}"
-        f", chosen on {s['samples']['calibration']} calibration samples so that the accuracy drop exceeds "
-        f"{100 * st['max_accuracy_drop']:g} points with probability at most {100 * (1 - st['confidence']):g}% "
-        "(exchangeable data assumed).",
-        f"On {s['samples']['evaluation']} evaluation samples: accuracy {_pct(ev['accuracy'])} vs MainNet "
-        f"{_pct(s['mainnet']['accuracy'])} ({100 * ev['accuracy_drop']:+.2f} pt), exit rate {_pct(ev['exit_rate'])}, "
-        f"compute {_pct(ev['relative_compute'])} of the MainNet; the oracle needs "
-        f"{_pct(rec['oracle']['relative_compute'])}, so this threshold saves {rec['oracle_fraction']:.0%} "
+        f"Recommended: policy {best.kind}, temperature {report.temperature:.3f}, threshold "
+        f"{format_threshold(chosen.threshold)}, chosen on {best.calibration_curve.num_samples} calibration samples "
+        f"so that the accuracy drop exceeds {100 * settings.max_accuracy_drop:g} points with probability at most "
+        f"{100 * (1 - settings.confidence):g}% (exchangeable data assumed).",
+        f"On {curve.num_samples} evaluation samples: accuracy {_pct(point['accuracy'])} vs MainNet "
+        f"{_pct(curve.mainnet_accuracy)} ({100 * point['accuracy_drop']:+.2f} pt), exit rate "
+        f"{_pct(point['exit_rate'])}, compute {_pct(point['relative_compute'])} of the MainNet; the oracle needs "
+        f"{_pct(best.oracle['relative_compute'])}, so this threshold saves {chosen.oracle_fraction:.0%} "
         "of what the oracle saves.",
-        f"SideNet ECE {_pct(cal['sidenet_before']['ece'])} before and {_pct(cal['sidenet_after']['ece'])} after "
-        f"temperature scaling (MainNet {_pct(cal['mainnet']['ece'])}).",
+        f"SideNet ECE {_pct(calibration.sidenet_before.ece)} before and {_pct(calibration.sidenet_after.ece)} after "
+        f"temperature scaling (MainNet {_pct(calibration.mainnet.ece)}).",
     ]
-    if shift["shifted"]:
+    if shift.shifted:
         lines.append(
             f"WARNING: the SideNet's confidences on the evaluation data differ from the calibration data "
-            f"(KS p = {shift['p_value']:.2g}; exit rate {_pct(shift['observed_exit_rate'])} vs "
-            f"{_pct(shift['reference_exit_rate'])}): the guarantee does not cover this data."
+            f"(KS p = {shift.p_value:.2g}; exit rate {_pct(shift.observed_exit_rate)} vs "
+            f"{_pct(shift.reference_exit_rate)}): the guarantee does not cover this data."
         )
     return lines
 
@@ -208,7 +207,6 @@ def write_report(report: TradeoffReport, out: str | Path, title: str) -> tuple[P
     """Write ``report.html`` (self-contained), ``report.md``, the PNGs and ``report.json`` into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    s = report.summary
     raw = report.raw_evaluation
     images = {
         "curve": plot_policies(report, out / "curve.png", f"{title}: evaluation split"),
@@ -219,14 +217,14 @@ def write_report(report: TradeoffReport, out: str | Path, title: str) -> tuple[P
                 f"SideNet, T = {report.temperature:.2f}": (raw.side_logits / report.temperature, raw.labels),
                 "MainNet": (raw.main_logits, raw.labels),
             },
-            bins=s["settings"]["bins"],
+            bins=report.settings.bins,
             title="Reliability on the evaluation split",
         ),
-        "per_class": _plot_per_class(s["per_class"], out / "per_class.png"),
+        "per_class": _plot_per_class(report.per_class, out / "per_class.png"),
     }
-    tables = _tables(s)
-    headline = _headline(s)
-    (out / "report.json").write_text(json.dumps(s, indent=2, default=float) + "\n")
+    tables = _tables(report)
+    headline = _headline(report)
+    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=float) + "\n")
 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]  # fmt: skip

@@ -13,15 +13,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sidenet.data import (
+from sidenet.datasets import (
     FASHION_MNIST_CLASSES,
     SST2_CLASSES,
-    TextCollator,
-    fashion_mnist_splits,
-    make_loader,
+    fashion_mnist_datasets,
     normalize_fashion_mnist,
-    sst2_splits,
+    sst2_datasets,
 )
+from sidenet.loaders import TextCollator, make_loader
 
 __all__ = ["Task", "FashionMnistTask", "Sst2Task", "TASKS", "get_task"]
 
@@ -67,7 +66,8 @@ class Task:
         raise NotImplementedError
 
     def loaders(self, data_dir: str | Path | None = None, batch_size: int = 256) -> dict[str, DataLoader]:
-        """``train``, ``val`` (for choosing thresholds) and ``test`` (for reporting) loaders."""
+        """Loaders of the data partitions ``train``, ``val`` (for choosing thresholds) and ``test`` (for
+        reporting)."""
         raise NotImplementedError
 
     def read_inputs(self, items: Sequence[str]) -> torch.Tensor:
@@ -75,8 +75,9 @@ class Task:
         raise NotImplementedError
 
     def check_split(self, name: str) -> str:
-        """Return ``name`` if :meth:`loaders` has a split of that name, else raise ``ValueError``
-        listing them; loads no data, so that a command can refuse a bad ``--split`` up front."""
+        """Return ``name`` if :meth:`loaders` has a data partition of that name (the CLI's ``--split``),
+        else raise ``ValueError`` listing them; loads no data, so that a command can refuse a bad
+        ``--split`` up front."""
         splits = ("train", "val", "test")
         if name not in splits:
             raise ValueError(f"unknown split {name!r} of task {self.name}; splits are {', '.join(splits)}")
@@ -134,7 +135,7 @@ class FashionMnistTask(Task):
         return f"MainNet {meta['recipe']} test accuracy {meta['test_accuracy']:.4f} ({where})"
 
     def loaders(self, data_dir: str | Path | None = None, batch_size: int = 256) -> dict[str, DataLoader]:
-        return {name: make_loader(ds, batch_size) for name, ds in fashion_mnist_splits(data_dir).items()}
+        return {name: make_loader(ds, batch_size) for name, ds in fashion_mnist_datasets(data_dir).items()}
 
     def read_inputs(self, items: Sequence[str]) -> torch.Tensor:
         from PIL import Image, UnidentifiedImageError
@@ -227,7 +228,7 @@ class Sst2Task(Task):
     def loaders(self, data_dir: str | Path | None = None, batch_size: int = 32) -> dict[str, DataLoader]:
         """Batches of ``batch_size`` sentences, each padded to its longest (dynamic padding)."""
         return {
-            name: make_loader(ds, batch_size, collate_fn=self.collator) for name, ds in sst2_splits(data_dir).items()
+            name: make_loader(ds, batch_size, collate_fn=self.collator) for name, ds in sst2_datasets(data_dir).items()
         }
 
     def read_inputs(self, items: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -277,7 +278,3 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
     return TASKS[name]
-
-
-def describe(task: Task) -> dict[str, Any]:
-    return {"task": task.name, "description": task.description}

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["Timing", "measure_throughput", "latency_percentiles"]
+from sidenet.loaders import iter_batches
+
+__all__ = ["Timing", "input_batches", "measure_throughput", "latency_percentiles"]
 
 
 @dataclass
@@ -40,6 +42,28 @@ class Timing:
             "throughput": self.throughput,
             "throughput_spread": [self.samples / max(self.seconds), self.samples / min(self.seconds)],
         }
+
+
+def input_batches(loader: Iterable, samples: int | None = None, batch_size: Callable[[Any], int] = len) -> list[Any]:
+    """The model inputs of ``loader``'s first batches, labels dropped, gathered before timing so that
+    loading and collation stay out of the timed passes of :func:`measure_throughput`.
+
+    Args:
+        loader: batches of ``(inputs, labels)`` or dicts with a ``labels`` key (text); see
+            :func:`sidenet.loaders.iter_batches`.
+        samples: stop after the batch that brings the count to at least this many samples; None
+            gathers every batch. Batches are kept whole: the timed batch size is the loader's.
+        batch_size: counts the samples of one input batch (``model.split.batch_size`` for dicts).
+    """
+    if samples is not None and samples < 1:
+        raise ValueError(f"samples must be at least 1 (or None for all), got {samples}")
+    batches, count = [], 0
+    for inputs, _ in iter_batches(loader):
+        batches.append(inputs)
+        count += batch_size(inputs)
+        if samples is not None and count >= samples:
+            break
+    return batches
 
 
 @torch.inference_mode()

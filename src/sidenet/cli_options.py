@@ -1,0 +1,85 @@
+"""The command line's options, checked before any work: :func:`check_range` and :func:`check_positive`
+name the option they refuse, and :class:`FitSettings` gathers what ``sidenet fit`` and ``sidenet demo``
+train, checked once when made. A bad option is refused in well under a second, not after the MainNet
+was trained or the SideNet fitted. The commands themselves are in :mod:`sidenet.cli`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidenet.policy import validate_policy
+from sidenet.splits import TapError
+from sidenet.tasks import get_task
+
+__all__ = ["FitSettings", "check_range", "check_positive"]
+
+
+def check_range(option: str, value: float, low: float, high: float, *, open_interval: bool = False) -> None:
+    """Raise ``ValueError`` naming ``option`` unless ``value`` lies in [low, high] (or (low, high))."""
+    inside = low < value < high if open_interval else low <= value <= high
+    if not inside:  # NaN lies in no interval
+        interval = f"({low:g}, {high:g})" if open_interval else f"[{low:g}, {high:g}]"
+        raise ValueError(f"{option} must lie in {interval}, got {value}")
+
+
+def check_positive(**options: int) -> None:
+    """Raise ``ValueError`` naming the first option below 1 (keyword ``max_rows`` names ``--max-rows``)."""
+    for name, value in options.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """What ``sidenet fit`` (and ``sidenet demo``) trains, and the rule that chooses its threshold on
+    ``val``; the defaults are ``sidenet fit``'s. Checked once, when made: a bad option raises
+    ``ValueError`` naming it (a :class:`sidenet.TapError` listing the valid taps for the tap) before any
+    MainNet is trained or loaded and any data read. ``data`` None: the dataset is looked up;
+    ``features``: what a text SideNet reads; ``max_*_samples``: use the first N samples only.
+    """
+
+    task: str
+    tap: str
+    out: Path
+    data: Path | None = None
+    hidden: int = 256
+    pool: int = 4
+    epochs: int = 30
+    distill: float = 0.0
+    max_drop: float = 0.005
+    seed: int = 0
+    features: str | None = None
+    policy: str = "max_softmax"
+    temperature_scaling: bool = True
+    confidence: float | None = None
+    max_train_samples: int | None = None
+    max_val_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        task = get_task(self.task)
+        check_positive(hidden=self.hidden, pool=self.pool, epochs=self.epochs)
+        limits = {"max_train_samples": self.max_train_samples, "max_val_samples": self.max_val_samples}
+        check_positive(**{name: limit for name, limit in limits.items() if limit is not None})
+        check_range("--distill", self.distill, 0.0, 1.0)
+        check_range("--max-drop", self.max_drop, 0.0, 1.0)
+        if self.confidence is not None:
+            check_range("--confidence", self.confidence, 0.0, 1.0, open_interval=True)
+        try:
+            validate_policy(self.policy)
+        except ValueError as exc:
+            raise ValueError(f"--policy: {exc}") from exc
+        try:
+            task.check_tap(self.tap, self.split_options)
+        except TapError:
+            raise  # names the tap and lists the valid ones
+        except ValueError as exc:
+            if self.features is None:
+                raise
+            raise ValueError(f"--features {self.features}: {exc}") from exc
+
+    @property
+    def split_options(self) -> dict[str, str] | None:
+        """Options of the MainNet's splitter (None: its defaults)."""
+        return None if self.features is None else {"features": self.features}
