@@ -1,133 +1,109 @@
-"""One runner for every benchmark: ``python -m benchmarks run [--quick] [--only NAME ...]``.
+"""One runner for every benchmark: ``python -m benchmarks run [--quick] [--only NAME ...] [--sst2-data DIR]``,
+and ``python -m benchmarks report [--quick | --results-dir DIR]`` to re-render BENCHMARKS.md only.
 
-Runs, in order, in this process (each script's ``main`` with its own command line; one import of
-torch and transformers instead of one per step): ``fmnist`` (benchmarks/fmnist_resnet.py), ``sst2``
-(benchmarks/sst2_minilm.py), ``calibration`` (benchmarks/calibration_report.py: ``sidenet fit`` and
-``sidenet report`` on both workloads), ``serving`` (benchmarks/serving.py: MainNet, per-sample
-routing, batch-level exit, ideal), ``stacking`` (benchmarks/stacking.py: int8 quantisation with and
-without a SideNet, SST-2), ``text_pruning`` (benchmarks/text_pruning.py: feed-forward pruning at two
-sparsities with and without a SideNet, SST-2), ``distillation`` (benchmarks/distillation.py: a 3-layer student with and
-without a SideNet, SST-2) and ``resnet_compression`` (benchmarks/resnet_compression.py: channel-pruned and
-int8 ResNets with and without a SideNet, Fashion-MNIST); each writes its JSON under ``benchmarks/results/`` and
-BENCHMARKS.md is regenerated from all of them.
+The steps run in this order, in this process (one import of torch and transformers for all), each a
+module of this package with ``run(args) -> dict`` whose result the runner writes as ``NAME.json``:
 
-``--quick`` runs reduced versions (one tap, few training samples and epochs, few timing repeats) for
-a smoke check in a few minutes once the MainNets are cached. Its results go to
+| step               | module                        | needs (output of)                                   |
+|--------------------|-------------------------------|-----------------------------------------------------|
+| fmnist             | fmnist_resnet.py              | –                                                   |
+| sst2               | sst2_minilm.py                | – (fine-tunes the SST-2 MainNet into the cache)     |
+| calibration        | calibration_report.py         | – (``sidenet fit`` writes the SideNets below)       |
+| serving            | serving.py                    | calibration: SideNets fmnist-layer1.0 and sst2-3    |
+| stacking           | stacking.py                   | calibration: SideNet sst2-3                         |
+| text_pruning       | text_pruning.py               | calibration: SideNet sst2-3                         |
+| distillation       | distillation.py               | calibration: SideNet sst2-3                         |
+| resnet_compression | resnet_compression.py         | calibration: SideNet fmnist-layer1.0                |
+| (report)           | report.py                     | every JSON result present, once after the last step |
+
+MainNets are trained or fine-tuned by whichever step first needs them when they are not cached
+(Fashion-MNIST ships with sidenet; SST-2 takes about 12 minutes on 2 cores). The SideNets fitted by the
+calibration step, and the students and pruned MainNets cached by later steps, live beside the results
+(``sidenet-output/benchmarks`` for the full run, ``benchmarks/results/quick/sidenets`` for quick runs).
+``--only`` runs a subset in the same order; a step whose needs are not in the results folder stops
+with the command to run first.
+
+``--quick`` runs reduced versions (one tap, few training samples and epochs, few timing repeats; each
+module's ``QUICK``) for a smoke check in a few minutes once the MainNets are cached. Its results go to
 ``benchmarks/results/quick/`` (not committed), with their own BENCHMARKS.md, never over the real ones.
-MainNets are trained or fine-tuned first when not cached (Fashion-MNIST about 10 minutes, SST-2 about
-12 minutes on 2 cores).
+Any one step runs alone with ``python -m benchmarks.MODULE [--quick] [options]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import shlex
-import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-STEPS: dict[str, tuple[str, list[str], list[str], str | None]] = {
-    # name: (script, arguments of a full run, of a quick run, the script's flag for SST-2's folder)
-    "fmnist": (
-        "fmnist_resnet.py",
-        [],
-        shlex.split("--taps layer1.0 --pools 7 --train-limit 5000 --sidenet-epochs 5 --repeats 1 --batch1-images 50"),
-        None,
-    ),
-    "sst2": (
-        "sst2_minilm.py",
-        [],
-        shlex.split(
-            "--taps 3 --features mean --train-limit 2000 --sidenet-epochs 5 --repeats 1 --batch1-repeats 1 "
-            "--batch1-sentences 64 --dev-limit 300"
-        ),
-        "--data",
-    ),
-    "calibration": ("calibration_report.py", [], ["--quick"], "--sst2-data"),
-    "serving": ("serving.py", [], ["--quick"], "--sst2-data"),
-    "stacking": (
-        "stacking.py",
-        [],
-        shlex.split("--max-train-samples 2000 --dev-limit 300 --epochs 3 --repeats 1 --batch1-samples 32"),
-        "--data",
-    ),
-    "text_pruning": (
-        "text_pruning.py",
-        [],
-        shlex.split(
-            "--sparsities 0.5 --finetune-epochs 0.02 --max-train-samples 2000 --dev-limit 300 --epochs 3 "
-            "--repeats 1 --batch1-samples 32"
-        ),
-        "--data",
-    ),
-    "distillation": (
-        "distillation.py",
-        [],
-        shlex.split(
-            "--distil-epochs 0.02 --max-train-samples 2000 --dev-limit 300 --epochs 3 --repeats 1 --batch1-samples 32"
-        ),
-        "--data",
-    ),
-    "resnet_compression": (
-        "resnet_compression.py",
-        [],
-        shlex.split(
-            "--sparsities 0.5 --finetune-epochs 0.05 --max-train-samples 2000 --epochs 3 --repeats 1 "
-            "--batch1-samples 50"
-        ),
-        None,
-    ),
+from benchmarks.harness import QUICK_RESULTS, RESULTS, default_sst2_dir, write_result
+from benchmarks.report import write
+
+
+@dataclass(frozen=True)
+class Step:
+    """A benchmark step: its module in this package and the steps whose output it reads."""
+
+    module: str
+    needs: tuple[str, ...] = ()
+
+
+# In running order: every step comes after the steps it needs (the table above).
+STEPS: dict[str, Step] = {
+    "fmnist": Step("fmnist_resnet"),
+    "sst2": Step("sst2_minilm"),
+    "calibration": Step("calibration_report"),
+    "serving": Step("serving", needs=("calibration",)),
+    "stacking": Step("stacking", needs=("calibration",)),
+    "text_pruning": Step("text_pruning", needs=("calibration",)),
+    "distillation": Step("distillation", needs=("calibration",)),
+    "resnet_compression": Step("resnet_compression", needs=("calibration",)),
 }
 
 
-def main() -> None:
+def step_arguments(quick: bool, results: Path, sst2_data: Path) -> list[str]:
+    """The command line every step gets from the runner: the same folders for all."""
+    return [*(["--quick"] if quick else []), "--results-dir", str(results), "--sst2-data", str(sst2_data)]
+
+
+def run_steps(names: Sequence[str], quick: bool, results: Path, sst2_data: Path) -> None:
+    """Run the steps ``names`` in the order of :data:`STEPS`, writing each one's JSON into ``results``."""
+    arguments = step_arguments(quick, results, sst2_data)
+    for name in [n for n in STEPS if n in names]:
+        module = importlib.import_module(f"benchmarks.{STEPS[name].module}")
+        args = module.options(arguments)
+        print(f"== {name}: python -m benchmarks.{STEPS[name].module} {' '.join(arguments)}", flush=True)
+        started = time.perf_counter()
+        path = write_result(results, module.NAME, module.run(args))
+        print(f"== {name}: wrote {path} in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the benchmarks and regenerate BENCHMARKS.md")
+    run = sub.add_parser("run", help="run the benchmarks, then render BENCHMARKS.md once")
     run.add_argument("--quick", action="store_true", help="reduced versions, results in benchmarks/results/quick")
     run.add_argument("--only", nargs="+", choices=list(STEPS), default=list(STEPS))
-    run.add_argument("--sst2-data", type=Path, default=None, help="folder of SST-2's train.tsv and dev.tsv")
-    sub.add_parser("report", help="only regenerate BENCHMARKS.md from the JSON results")
-    args = parser.parse_args()
-
-    if args.command == "run" and args.quick:
-        # Read by benchmarks.common when first imported, below: quick results never overwrite the real ones.
-        os.environ["SIDENET_BENCH_RESULTS"] = str(HERE / "results" / "quick")
+    run.add_argument(
+        "--sst2-data",
+        type=Path,
+        default=None,
+        help="folder of SST-2's train.tsv and dev.tsv (default $SIDENET_SST2_DIR, else ../shared/data/sst2)",
+    )
+    report = sub.add_parser("report", help="only render BENCHMARKS.md (and the compression figures) from the JSON")
+    report.add_argument("--quick", action="store_true", help="the quick run's results (benchmarks/results/quick)")
+    report.add_argument("--results-dir", type=Path, default=None, help="another results folder")
+    args = parser.parse_args(argv)
     if args.command == "report":
-        print(f"wrote {_write_report()}")
+        print(f"wrote {write(args.results_dir or (QUICK_RESULTS if args.quick else RESULTS))}")
         return
+    results = QUICK_RESULTS if args.quick else RESULTS
     started = time.perf_counter()
-    for name in args.only:
-        script, full, quick, data_flag = STEPS[name]
-        extra = quick if args.quick else full
-        if args.sst2_data is not None and data_flag is not None:
-            extra = [*extra, data_flag, str(args.sst2_data)]
-        print(f"== {name}: {script} {' '.join(extra)}", flush=True)
-        step = time.perf_counter()
-        run_script(script, extra)
-        print(f"== {name} took {(time.perf_counter() - step) / 60:.1f} min", flush=True)
-    print(f"wrote {_write_report()}")
+    run_steps(args.only, args.quick, results, args.sst2_data or default_sst2_dir())
+    print(f"wrote {write(results)}")
     print(f"all done in {(time.perf_counter() - started) / 60:.1f} min")
-
-
-def run_script(script: str, arguments: list[str]) -> None:
-    """Run ``benchmarks/SCRIPT ARGUMENTS`` in this process: its ``main`` under that command line."""
-    module = importlib.import_module(f"benchmarks.{script.removesuffix('.py')}")
-    saved = sys.argv
-    sys.argv = [str(HERE / script), *arguments]
-    try:
-        module.main()
-    finally:
-        sys.argv = saved
-
-
-def _write_report() -> Path:
-    from benchmarks.report import main as write_benchmarks_md
-
-    return write_benchmarks_md()
 
 
 if __name__ == "__main__":

@@ -9,109 +9,62 @@ Kullback-Leibler divergence to the MainNet's softened logits (temperature 2). It
 Thresholds and reporting as in benchmarks/stacking.py: chosen on one half of SST-2 dev, reported on
 the other.
 
-Run: ``python benchmarks/distillation.py`` (needs the MainNet SideNet of benchmarks/calibration_report.py;
-the student is cached under ``sidenet-output/benchmarks/student-3l``). Writes
-``benchmarks/results/distillation.json`` and regenerates BENCHMARKS.md.
+Run: ``python -m benchmarks.distillation [--quick]`` after the calibration step, whose SST-2 SideNet is
+the MainNet's here (or every step: ``python -m benchmarks run``). The student is cached as
+``student-3l`` beside the fitted SideNets (``sidenet-output/benchmarks`` for the full run). Writes
+``distillation.json`` into the results folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
-import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import SIDENETS, machine, write_result
-from benchmarks.report import main as write_benchmarks_md
-from benchmarks.stacking import RULE, compare_variants
-from sidenet import attach, load_sidenet, sweep
+from benchmarks.harness import (
+    RULES,
+    benchmark_parser,
+    command,
+    compare_variants,
+    fitted_sidenet,
+    machine,
+    parse_options,
+    run_and_write,
+    sidenet_dir,
+)
+from benchmarks.model_edits import KEEP_LAYERS, make_student, train_with_teacher
+from sidenet import attach, sweep
 from sidenet.calibration import calibrate
 from sidenet.data import TextCollator, make_loader, prefix_loader, split_loader, sst2_splits
 from sidenet.tasks import get_task
-from sidenet.text_pretrain import _length_grouped_batches, evaluate_text_accuracy
+from sidenet.text_pretrain import evaluate_text_accuracy
 
-KEEP_LAYERS = (0, 2, 4)
-
-
-def make_student(teacher: nn.Module, keep: tuple[int, ...] = KEEP_LAYERS) -> nn.Module:
-    """A copy of the BERT-family ``teacher`` with only the encoder layers ``keep`` (0-based)."""
-    student = copy.deepcopy(teacher)
-    encoder = student.base_model.encoder
-    encoder.layer = nn.ModuleList([encoder.layer[i] for i in keep])
-    student.config.num_hidden_layers = len(keep)
-    return student
-
-
-def train_with_teacher(
-    student: nn.Module,
-    teacher: nn.Module,
-    collate: TextCollator,
-    data_dir: Path | None,
-    epochs: float,
-    lr: float,
-    seed: int,
-    desc: str,
-) -> dict[str, Any]:
-    """Train ``student`` on SST-2 train, half cross-entropy on the labels, half Kullback-Leibler
-    divergence to the ``teacher``'s logits softened by temperature 2; returns what was done."""
-    torch.manual_seed(seed)
-    student.train()
-    teacher.eval()
-    train = sst2_splits(data_dir)["train"]
-    steps = max(1, math.ceil(epochs * len(train) / 32))
-    batches = _length_grouped_batches(train, 32, steps, seed)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
-    )
-    temperature, weight = 2.0, 0.5
-    started, total = time.perf_counter(), 0.0
-    bar = tqdm(batches, desc=desc, mininterval=10)
-    for step, index in enumerate(bar):
-        batch = collate([train[i] for i in index])
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        with torch.no_grad():
-            soft = F.softmax(teacher(**inputs).logits / temperature, dim=-1)
-        logits = student(**inputs).logits
-        kd = F.kl_div(F.log_softmax(logits / temperature, dim=-1), soft, reduction="batchmean") * temperature**2
-        loss = weight * kd + (1 - weight) * F.cross_entropy(logits, batch["labels"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        total += float(loss.detach())
-        bar.set_postfix(loss=f"{total / (step + 1):.3f}", refresh=False)
-    student.eval()
-    return {"steps": steps, "epochs": epochs, "lr": lr, "temperature": temperature, "kd_weight": weight,
-            "train_seconds": time.perf_counter() - started, "train_loss": total / steps}  # fmt: skip
+RULE = RULES["sst2"]
+NAME = "distillation"
+# --quick: 0.02 epoch of distillation, the student's SideNet on 2,000 phrases for 3 epochs, the first 300
+# dev sentences, one repeat.
+QUICK = {"distil_epochs": 0.02, "max_train_samples": 2000, "dev_limit": 300, "epochs": 3, "repeats": 1,
+         "batch1_samples": 32}  # fmt: skip
 
 
 def distil(
-    teacher: nn.Module, collate: TextCollator, data_dir: Path | None, epochs: float, lr: float, seed: int
+    teacher: nn.Module, collate: TextCollator, data_dir: Path, epochs: float, lr: float, seed: int
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A 3-layer student of ``teacher`` (layers 1, 3, 5), trained against it on SST-2 train."""
     student = make_student(teacher)
-    meta = train_with_teacher(student, teacher, collate, data_dir, epochs, lr, seed, "Distilling a 3-layer student")
+    train = sst2_splits(data_dir)["train"]
+    meta = train_with_teacher(student, teacher, train, collate, epochs, lr, seed, "Distilling a 3-layer student")
     return student, {"keep_layers": list(KEEP_LAYERS), **meta}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=None, help="folder of SST-2's train.tsv and dev.tsv")
+def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """This step's options from ``argv`` (the command line when None)."""
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch1-samples", type=int, default=200, help="samples timed at batch 1")
     # Half an epoch keeps `make bench` within its hour. SST-2 dev accuracy of the student: 88.76% after
@@ -119,31 +72,35 @@ def main() -> None:
     parser.add_argument("--distil-epochs", type=float, default=0.5)
     parser.add_argument("--epochs", type=int, default=30, help="SideNet epochs on cached features")
     parser.add_argument("--tap", type=int, default=1, help="the student's SideNet tap (1 or 2)")
-    parser.add_argument("--max-train-samples", type=int, default=None, help="quick runs: SideNet on a prefix")
-    parser.add_argument("--dev-limit", type=int, default=None, help="quick runs: the first dev sentences only")
+    parser.add_argument("--max-train-samples", type=int, default=None, help="the SideNet on a prefix of train")
+    parser.add_argument("--dev-limit", type=int, default=None, help="the first dev sentences only")
     parser.add_argument("--retrain", action="store_true", help="distil again even if a student is cached")
-    args = parser.parse_args()
+    return parse_options(parser, argv, QUICK)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The MainNet and its 3-layer student, alone and with their SideNets, side by side; the result."""
     task = get_task("sst2")
-    mainnet = task.mainnet(args.data).eval()
-    loaders = task.loaders(args.data)
+    mainnet = task.mainnet(args.sst2_data).eval()
+    loaders = task.loaders(args.sst2_data)
     collate = loaders["test"].collate_fn
     choose, report = split_loader(prefix_loader(loaders["test"], args.dev_limit))
 
-    folder = SIDENETS / "student-3l"
+    folder = sidenet_dir(args.results_dir) / "student-3l"
     if (folder / "student_meta.json").is_file() and not args.retrain:
         from transformers import AutoModelForSequenceClassification
 
         student = AutoModelForSequenceClassification.from_pretrained(folder).eval()
         meta = json.loads((folder / "student_meta.json").read_text())
     else:
-        student, meta = distil(mainnet, collate, args.data, args.distil_epochs, 1e-4, seed=0)
-        meta["dev_accuracy"] = evaluate_text_accuracy(student, make_loader(sst2_splits(args.data)["test"], 64,
-                                                                           collate_fn=collate))  # fmt: skip
+        student, meta = distil(mainnet, collate, args.sst2_data, args.distil_epochs, 1e-4, seed=0)
+        dev = make_loader(sst2_splits(args.sst2_data)["test"], 64, collate_fn=collate)
+        meta["dev_accuracy"] = evaluate_text_accuracy(student, dev)
         student.save_pretrained(folder)
         (folder / "student_meta.json").write_text(json.dumps(meta, indent=2))
     print(f"student: {meta}")
 
-    main_side = load_sidenet(mainnet, SIDENETS / "sst2-3")
+    main_side = fitted_sidenet(mainnet, args.results_dir, "sst2")
     student_side = attach(student, args.tap, split_options=main_side.split.options(), hidden=256, seed=0)
     started = time.perf_counter()
     student_side.fit(prefix_loader(loaders["train"], args.max_train_samples), epochs=args.epochs, progress=False)
@@ -167,7 +124,7 @@ def main() -> None:
     student_acc = variants[names[2]]["accuracy"]
     result = {
         "workload": "sst2_minilm_distilled",
-        "command": "python benchmarks/distillation.py",
+        "command": command(NAME, args),
         "machine": machine(),
         "rule": RULE,
         "student": meta,
@@ -186,7 +143,11 @@ def main() -> None:
         },
         "timing": timing,
     }
-    print(f"wrote {write_result('distillation', result)} and {write_benchmarks_md()}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_and_write(NAME, run, options(argv))
 
 
 if __name__ == "__main__":

@@ -1,26 +1,33 @@
 """Fashion-MNIST / ResNet-20: SideNet at each candidate tap, threshold chosen on validation, reported
 on the 10,000 test images with measured FLOPs and wall-clock throughput against the MainNet alone.
 
-Run: ``python benchmarks/fmnist_resnet.py`` (``make bench``). Writes
-``benchmarks/results/fmnist_resnet.json`` and regenerates BENCHMARKS.md.
+Run: ``python -m benchmarks.fmnist_resnet [--quick]`` (or every step: ``python -m benchmarks run``).
+Needs no other step (the demo MainNet ships with sidenet). Writes ``fmnist_resnet.json`` and its curve
+into the results folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import TensorDataset
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import sidenet
-from benchmarks.common import RESULTS, link, machine, write_result
-from benchmarks.report import main as write_benchmarks_md
+from benchmarks.harness import (
+    at_threshold,
+    benchmark_parser,
+    command,
+    link,
+    machine,
+    parse_options,
+    run_and_write,
+    targets,
+)
 from sidenet.data import fashion_mnist_splits, make_loader
 from sidenet.pretrain import PretrainRecipe, pretrain_fmnist_resnet
 from sidenet.timing import latency_percentiles, measure_throughput
@@ -29,22 +36,30 @@ TAPS = ("stem", "layer1.0", "layer1", "layer2.0")
 POOLS = (4, 7)
 MAX_DROP = 0.005
 TARGETS = {"flops_fraction": ("<=", 0.45), "speedup_batch64": (">=", 1.8)}
+NAME = "fmnist_resnet"
+# --quick: one tap and pooling, SideNets on 5,000 images for 5 epochs, one timing repeat.
+QUICK = {"taps": ["layer1.0"], "pools": [7], "train_limit": 5000, "sidenet_epochs": 5, "repeats": 1,
+         "batch1_images": 50}  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """This step's options from ``argv`` (the command line when None)."""
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--taps", nargs="+", default=list(TAPS))
     parser.add_argument("--pools", nargs="+", type=int, default=list(POOLS), help="SideNet pooling grids tried")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timing repeats")
     parser.add_argument("--batch1-images", type=int, default=1000, help="test images timed at batch 1")
-    parser.add_argument("--data", type=Path, default=None)
-    parser.add_argument("--train-limit", type=int, default=None, help="train SideNets on this many images (quick)")
+    parser.add_argument("--fmnist-data", type=Path, default=None, help="folder of the Fashion-MNIST files")
+    parser.add_argument("--train-limit", type=int, default=None, help="train SideNets on this many images")
     parser.add_argument("--sidenet-epochs", type=int, default=30)
-    args = parser.parse_args()
-    torch.manual_seed(0)
+    return parse_options(parser, argv, QUICK)
 
-    mainnet, meta = pretrain_fmnist_resnet(PretrainRecipe(), data_dir=args.data)
-    splits = fashion_mnist_splits(args.data)
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """SideNets at every (tap, pool), the least-compute one timed against the MainNet; the result."""
+    torch.manual_seed(0)
+    mainnet, meta = pretrain_fmnist_resnet(PretrainRecipe(), data_dir=args.fmnist_data)
+    splits = fashion_mnist_splits(args.fmnist_data)
     if args.train_limit:
         images, labels = splits["train"].tensors
         splits["train"] = TensorDataset(images[: args.train_limit], labels[: args.train_limit])
@@ -90,13 +105,13 @@ def main() -> None:
         return model(x).logits
 
     # The same SideNet never exiting: what routing costs when it saves nothing (SideNet included).
-    never = sidenet.AdaptiveModel(model.split, model.sidenet, threshold=sidenet.NEVER_EXIT).eval()
+    never = at_threshold(model, sidenet.NEVER_EXIT)
 
     def run_never_exit(x: torch.Tensor) -> torch.Tensor:
         return never(x).logits
 
     # The same SideNet with every sample exiting: the floor that routing can reach (trunk + SideNet).
-    always = sidenet.AdaptiveModel(model.split, model.sidenet, threshold=0.0).eval()
+    always = at_threshold(model, 0.0)
 
     def run_always_exit(x: torch.Tensor) -> torch.Tensor:
         return always(x).logits
@@ -118,12 +133,12 @@ def main() -> None:
     t64 = timing["batch64"]
     zero_exit_overhead = 1.0 - t64["never_exit"]["throughput"] / t64["mainnet"]["throughput"]
     marks = {f"tap {best['tap']}, pool {best['pool']}": model.threshold}
-    plot = curve.plot(RESULTS / "fmnist_resnet_curve.png", marks=marks,
+    plot = curve.plot(args.results_dir / "fmnist_resnet_curve.png", marks=marks,
                       title="Fashion-MNIST test, ResNet-20 MainNet")  # fmt: skip
     values = {"flops_fraction": point["relative_compute"], "speedup_batch64": speedup["batch64"]}
     result = {
         "workload": "fmnist_resnet",
-        "command": "python benchmarks/fmnist_resnet.py",
+        "command": command(NAME, args),
         "machine": machine(),
         "mainnet_description": f"CIFAR-style ResNet-{meta['recipe']['depth']} on 1x28x28, trained by "
         f"`sidenet pretrain` ({meta['recipe']['epochs']} epochs on 55,000 training images)",
@@ -151,12 +166,15 @@ def main() -> None:
         "trunk_time_fraction_batch64": t64["mainnet"]["throughput"] / t64["always_exit"]["throughput"],
         "trunk_flops_fraction": curve.point(len(curve) - 1)["relative_compute"],
         "timing": timing,
-        "targets": {k: {"target": f"{op} {v}", "value": values[k],
-                        "met": values[k] <= v if op == "<=" else values[k] >= v} for k, (op, v) in TARGETS.items()},
+        "targets": targets(TARGETS, values),
         "taps": rows,
-        "plot": link(plot),
+        "plot": link(plot, args.results_dir),
     }  # fmt: skip
-    print(f"wrote {write_result('fmnist_resnet', result)} and {write_benchmarks_md()}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_and_write(NAME, run, options(argv))
 
 
 if __name__ == "__main__":

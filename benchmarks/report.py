@@ -1,6 +1,9 @@
-"""Regenerate BENCHMARKS.md entirely from the JSON files in benchmarks/results/.
+"""Regenerate BENCHMARKS.md entirely from the JSON files of a results folder (and the compression
+figures beside them); the two workloads' sections are here, the others in benchmarks/sections.py and
+benchmarks/sections_stacking.py.
 
-Run: ``python -m benchmarks.report`` (the benchmark scripts call it after writing their JSON).
+Run: ``python -m benchmarks report [--quick | --results-dir DIR]`` (``python -m benchmarks run`` calls it
+once, after its last step; ``python -m benchmarks.report`` also works).
 """
 
 from __future__ import annotations
@@ -9,22 +12,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import MARKDOWN, RESULTS, link
-from benchmarks.common import pct as _pct
-from benchmarks.common import thr as _thr
 from benchmarks.compression_plot import WORKLOADS, plot_compression
-from benchmarks.sections import (
-    _calibration,
-    _distillation,
-    _resnet_compression,
-    _serving,
-    _stacking,
-    _summary,
-    _text_pruning,
+from benchmarks.harness import RESULTS, link, markdown_path, pct, thr
+from benchmarks.sections import calibration_section, serving_section, summary_section
+from benchmarks.sections_stacking import (
+    distillation_section,
+    resnet_compression_section,
+    stacking_section,
+    text_pruning_section,
 )
 
 
-def _fmnist(r: dict[str, Any]) -> list[str]:
+def fmnist_section(r: dict[str, Any]) -> list[str]:
     m, a, s = r["mainnet"], r["adaptive"], r["speedup"]
     t = r["targets"]
     lines = [
@@ -34,7 +33,7 @@ def _fmnist(r: dict[str, Any]) -> list[str]:
         f"{r['machine']['cores']} cores, torch {r['machine']['torch']} ({r['machine']['torch_threads']} threads), "
         f"commit {r['machine']['commit'] or 'n/a'}.",
         "",
-        f"MainNet: {r['mainnet_description']}; test accuracy {_pct(m['accuracy'])}, "
+        f"MainNet: {r['mainnet_description']}; test accuracy {pct(m['accuracy'])}, "
         f"{m['flops'] / 1e6:.2f} MFLOPs per image (FlopCounterMode).",
         f"Thresholds and the tap are chosen on the validation split ({r['choice']['split']}), for at most "
         f"{100 * r['choice']['max_accuracy_drop']:.1f} points below the MainNet; every figure below is on the "
@@ -44,11 +43,11 @@ def _fmnist(r: dict[str, Any]) -> list[str]:
         "",
         "| | MainNet alone | SideNet + MainNet |",
         "|---|---|---|",
-        f"| tap / SideNet pooling / threshold | – | `{r['tap']}` / {r['pool']}x{r['pool']} / {_thr(r['threshold'])} |",
-        f"| accuracy | {_pct(m['accuracy'])} | {_pct(a['accuracy'])} ({100 * a['accuracy_drop']:+.2f} pt drop) |",
-        f"| exit rate | 0 | {_pct(a['exit_rate'])} |",
+        f"| tap / SideNet pooling / threshold | – | `{r['tap']}` / {r['pool']}x{r['pool']} / {thr(r['threshold'])} |",
+        f"| accuracy | {pct(m['accuracy'])} | {pct(a['accuracy'])} ({100 * a['accuracy_drop']:+.2f} pt drop) |",
+        f"| exit rate | 0 | {pct(a['exit_rate'])} |",
         f"| FLOPs per image | {m['flops'] / 1e6:.2f} M | {a['mean_flops'] / 1e6:.2f} M "
-        f"({_pct(a['flops_fraction'])} of the MainNet) |",
+        f"({pct(a['flops_fraction'])} of the MainNet) |",
     ]
     for b in ("batch1", "batch64"):
         mt, at = r["timing"][b]["mainnet"], r["timing"][b]["adaptive"]
@@ -66,8 +65,8 @@ def _fmnist(r: dict[str, Any]) -> list[str]:
     ]
     if "trunk_time_fraction_batch64" in r:
         lines.append(
-            f"| trunk + SideNet alone (every image exits), batch 64 | | {_pct(r['trunk_flops_fraction'])} of the "
-            f"MainNet's FLOPs but {_pct(r['trunk_time_fraction_batch64'])} of its time |"
+            f"| trunk + SideNet alone (every image exits), batch 64 | | {pct(r['trunk_flops_fraction'])} of the "
+            f"MainNet's FLOPs but {pct(r['trunk_time_fraction_batch64'])} of its time |"
         )
     lines += [
         "",
@@ -86,19 +85,19 @@ def _fmnist(r: dict[str, Any]) -> list[str]:
     for row in r["taps"]:
         v, te = row["val"], row["test"]
         lines.append(
-            f"| `{row['tap']}` | {row['pool']} | {_pct(row['sidenet_test_accuracy'])} | {_thr(row['threshold'])} | "
-            f"{_pct(v['exit_rate'])} | {_pct(v['relative_compute'])} | {_pct(te['accuracy'])} | "
+            f"| `{row['tap']}` | {row['pool']} | {pct(row['sidenet_test_accuracy'])} | {thr(row['threshold'])} | "
+            f"{pct(v['exit_rate'])} | {pct(v['relative_compute'])} | {pct(te['accuracy'])} | "
             f"{100 * te['accuracy_drop']:+.2f} | "
-            f"{_pct(te['exit_rate'])} | {_pct(te['relative_compute'])} |"
+            f"{pct(te['exit_rate'])} | {pct(te['relative_compute'])} |"
         )
     lines += ["", f"![curve]({r['plot']})", ""]
     return lines
 
 
-def _sst2(r: dict[str, Any]) -> list[str]:
+def sst2_section(r: dict[str, Any]) -> list[str]:
     m, a, s, c = r["mainnet"], r["adaptive"], r["speedup"], r["choice"]
     folds = "; ".join(
-        f"{name}: tap {v['tap']}, threshold {_thr(v['threshold'])}" for name, v in r["threshold_folds"].items()
+        f"{name}: tap {v['tap']}, threshold {thr(v['threshold'])}" for name, v in r["threshold_folds"].items()
     )
     lines = [
         "## SST-2, all-MiniLM-L6-v2 MainNet (text)",
@@ -107,15 +106,15 @@ def _sst2(r: dict[str, Any]) -> list[str]:
         f"{r['machine']['cores']} cores, torch {r['machine']['torch']} ({r['machine']['torch_threads']} threads), "
         f"commit {r['machine']['commit'] or 'n/a'}.",
         "",
-        f"MainNet: {r['mainnet_description']}; SST-2 dev accuracy {_pct(m['accuracy'])}, "
+        f"MainNet: {r['mainnet_description']}; SST-2 dev accuracy {pct(m['accuracy'])}, "
         f"{m['flops'] / 1e6:.1f} MFLOPs per sentence on average at the batches' padded lengths (FlopCounterMode).",
         f"SideNets read the {c['features']!r} features (chosen on phrases held out of train). Tap and threshold "
-        f"are chosen by {c['split']}: the least compute at which at most {_pct(c['max_disagreement'])} of the "
+        f"are chosen by {c['split']}: the least compute at which at most {pct(c['max_disagreement'])} of the "
         f"choosing half exits with another answer than the MainNet's ({folds}); every figure is pooled over the "
         f"{r['test_size']} dev sentences, each reported by the choice made on the other half. Batches of 32 are "
         "padded to their longest sentence; the rest of the MainNet runs on the samples that continue, cut to the "
         "longest of them.",
-        f"For deployment the same rule on all of dev picks tap {r['tap']}, threshold {_thr(r['threshold'])}. "
+        f"For deployment the same rule on all of dev picks tap {r['tap']}, threshold {thr(r['threshold'])}. "
         "Caveat: the disagreement rule itself was adopted after the accuracy rule (below) was seen to transfer "
         "badly on dev, so the rule, though not the thresholds, was chosen with dev in view.",
         "",
@@ -123,10 +122,10 @@ def _sst2(r: dict[str, Any]) -> list[str]:
         "",
         "| | MainNet alone | SideNet + MainNet |",
         "|---|---|---|",
-        f"| accuracy | {_pct(m['accuracy'])} | {_pct(a['accuracy'])} ({100 * a['accuracy_drop']:+.2f} pt drop) |",
-        f"| exit rate | 0 | {_pct(a['exit_rate'])} |",
+        f"| accuracy | {pct(m['accuracy'])} | {pct(a['accuracy'])} ({100 * a['accuracy_drop']:+.2f} pt drop) |",
+        f"| exit rate | 0 | {pct(a['exit_rate'])} |",
         f"| FLOPs per sentence | {m['flops'] / 1e6:.1f} M | {a['mean_flops'] / 1e6:.1f} M "
-        f"({_pct(a['flops_fraction'])} of the MainNet) |",
+        f"({pct(a['flops_fraction'])} of the MainNet) |",
     ]
     for b in ("batch1", "batch32"):
         if b not in r["timing"]:
@@ -146,8 +145,8 @@ def _sst2(r: dict[str, Any]) -> list[str]:
         lines += [
             f"| cost of routing when nothing exits (threshold never, batch 32; SideNet included) | | "
             f"{100 * r['zero_exit_overhead_batch32']:.1f}% lower throughput than the MainNet |",
-            f"| trunk + SideNet alone (every sentence exits), batch 32 | | {_pct(r['trunk_flops_fraction'])} of the "
-            f"MainNet's FLOPs, {_pct(r['trunk_time_fraction_batch32'])} of its time |",
+            f"| trunk + SideNet alone (every sentence exits), batch 32 | | {pct(r['trunk_flops_fraction'])} of the "
+            f"MainNet's FLOPs, {pct(r['trunk_time_fraction_batch32'])} of its time |",
         ]
     lines += [
         "",
@@ -158,9 +157,9 @@ def _sst2(r: dict[str, Any]) -> list[str]:
         ),
         "",
         f"Tap and threshold chosen on phrases held out of SST-2 train instead (same rule; tap {t['tap']}, "
-        f"threshold {_thr(t['threshold'])}, {100 * t['on_val']['accuracy_drop']:+.2f} pt there): on dev "
-        f"{_pct(t['on_dev']['accuracy'])} ({100 * t['on_dev']['accuracy_drop']:+.2f} pt), exit rate "
-        f"{_pct(t['on_dev']['exit_rate'])}, {_pct(t['on_dev']['flops_fraction'])} of the MainNet's FLOPs.",
+        f"threshold {thr(t['threshold'])}, {100 * t['on_val']['accuracy_drop']:+.2f} pt there): on dev "
+        f"{pct(t['on_dev']['accuracy'])} ({100 * t['on_dev']['accuracy_drop']:+.2f} pt), exit rate "
+        f"{pct(t['on_dev']['exit_rate'])}, {pct(t['on_dev']['flops_fraction'])} of the MainNet's FLOPs.",
     ]
     if "accuracy_rule" in r:
         q = r["accuracy_rule"]
@@ -170,7 +169,7 @@ def _sst2(r: dict[str, Any]) -> list[str]:
             f"Choosing by accuracy instead (least compute within "
             f"{100 * q['rule']['max_accuracy_drop']:.1f} points of the MainNet on the choosing half; taps "
             f"{', '.join(str(f['tap']) for f in q['folds'])}): cross-fitted on dev {100 * x['accuracy_drop']:+.2f} pt, "
-            f"exit rate {_pct(x['exit_rate'])}, {_pct(x['flops_fraction'])} of the FLOPs; chosen on train phrases: "
+            f"exit rate {pct(x['exit_rate'])}, {pct(x['flops_fraction'])} of the FLOPs; chosen on train phrases: "
             f"{100 * v['accuracy_drop']:+.2f} pt on dev. On a half of 436 sentences the accuracy rule counts the "
             "SideNet's chance wins where the MainNet errs; the disagreement bound does not.",
         ]
@@ -185,35 +184,35 @@ def _sst2(r: dict[str, Any]) -> list[str]:
     for row in r["taps"]:
         x, v = row["disagreement"]["crossfit"], row["disagreement"]["train_split_on_dev"]
         lines.append(
-            f"| {row['tap']} | {_pct(row['sidenet_dev_accuracy'])} | {_pct(x['accuracy'])} | "
-            f"{100 * x['accuracy_drop']:+.2f} | {_pct(x['exit_rate'])} | {_pct(x['flops_fraction'])} | "
-            f"{100 * v['accuracy_drop']:+.2f} | {_pct(v['exit_rate'])} | {_pct(v['flops_fraction'])} |"
+            f"| {row['tap']} | {pct(row['sidenet_dev_accuracy'])} | {pct(x['accuracy'])} | "
+            f"{100 * x['accuracy_drop']:+.2f} | {pct(x['exit_rate'])} | {pct(x['flops_fraction'])} | "
+            f"{100 * v['accuracy_drop']:+.2f} | {pct(v['exit_rate'])} | {pct(v['flops_fraction'])} |"
         )
     lines += ["", f"![curve]({r['plot']})", ""]
     return lines
 
 
 SECTIONS = {
-    "fmnist_resnet": _fmnist,
-    "sst2_minilm": _sst2,
-    "calibration": _calibration,
-    "serving": _serving,
-    "stacking": _stacking,
-    "text_pruning": _text_pruning,
-    "distillation": _distillation,
-    "resnet_compression": _resnet_compression,
+    "fmnist_resnet": fmnist_section,
+    "sst2_minilm": sst2_section,
+    "calibration": calibration_section,
+    "serving": serving_section,
+    "stacking": stacking_section,
+    "text_pruning": text_pruning_section,
+    "distillation": distillation_section,
+    "resnet_compression": resnet_compression_section,
 }
 
 
 def render(results: Path = RESULTS) -> str:
-    """BENCHMARKS.md as text, from the JSON files present."""
+    """BENCHMARKS.md of ``results`` as text, from the JSON files present."""
     lines = [
         "# Benchmarks",
         "",
         "Generated by `python -m benchmarks.report` from `benchmarks/results/*.json`; do not edit by hand.",
         "Each section names the command that produced its numbers.",
         "",
-        *_summary(results),
+        *summary_section(results),
     ]
     for name, section in SECTIONS.items():
         path = results / f"{name}.json"
@@ -227,17 +226,20 @@ def render(results: Path = RESULTS) -> str:
             "compressed version alone, ★ the same with its SideNet; left is faster, up is more accurate.",
             "",
         ]
-        lines += [f"![compression, {w}]({link(path)})" for w, path in figures]  # fmt: skip
+        lines += [f"![compression, {w}]({link(path, results)})" for w, path in figures]  # fmt: skip
     return "\n".join(lines).rstrip() + "\n"
 
 
-def main() -> Path:
-    """Draw the compression figures from the JSON results, then write BENCHMARKS.md."""
+def write(results: Path = RESULTS) -> Path:
+    """Draw the compression figures from the JSON results of ``results``, then write its BENCHMARKS.md
+    (see :func:`benchmarks.harness.markdown_path`); returns that path."""
+    results = results.resolve()
     for workload in WORKLOADS:
-        plot_compression(RESULTS, workload)
-    MARKDOWN.write_text(render())
-    return MARKDOWN
+        plot_compression(results, workload)
+    markdown = markdown_path(results)
+    markdown.write_text(render(results))
+    return markdown
 
 
 if __name__ == "__main__":
-    print(f"wrote {main()}")
+    print(f"wrote {write()}")

@@ -18,8 +18,9 @@ Every SideNet (tap ``layer1.0``, 7x7 pooling) follows the ``sidenet fit`` recipe
 thresholds: at most 0.5 points below that MainNet on the validation split; everything reported on the
 10,000 test images.
 
-Run: ``python benchmarks/resnet_compression.py`` (needs the SideNet of benchmarks/calibration_report.py).
-Writes ``benchmarks/results/resnet_compression.json`` and regenerates BENCHMARKS.md.
+Run: ``python -m benchmarks.resnet_compression [--quick]`` after the calibration step, whose
+Fashion-MNIST SideNet is the MainNet's here (or every step: ``python -m benchmarks run``). Writes
+``resnet_compression.json`` into the results folder.
 """
 
 from __future__ import annotations
@@ -27,80 +28,66 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import sys
 import time
 import warnings
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import prune
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import SIDENETS, machine, write_result
-from benchmarks.report import main as write_benchmarks_md
-from benchmarks.stacking import compare_variants
-from sidenet import CallableSplit, attach, load_sidenet, split_mainnet, sweep
+from benchmarks.harness import (
+    RULES,
+    benchmark_parser,
+    command,
+    compare_variants,
+    fitted_sidenet,
+    machine,
+    parse_options,
+    run_and_write,
+)
+from benchmarks.model_edits import prune_channels
+from sidenet import CallableSplit, MainNetSplit, attach, split_mainnet, sweep
 from sidenet.calibration import calibrate
 from sidenet.data import fashion_mnist_splits, prefix_loader
 from sidenet.models.cifar_resnet import CifarResNet
-from sidenet.pretrain import _augment, evaluate_accuracy
+from sidenet.pretrain import augment, evaluate_accuracy
 from sidenet.tasks import get_task
 
-RULE = {"max_accuracy_drop": 0.005}
-
-
-def l1_kept_outputs(module: nn.Module, amount: float) -> torch.Tensor:
-    """Indices of the output units (rows of ``module.weight``) that ``prune.ln_structured`` keeps when it
-    drops the ``amount`` share with the smallest L1 norms; the dropped rows of the weight are zeroed."""
-    prune.ln_structured(module, "weight", amount=amount, n=1, dim=0)
-    keep = module.weight_mask.flatten(1).any(dim=1).nonzero().squeeze(1)
-    prune.remove(module, "weight")
-    return keep
-
-
-def prune_channels(model: CifarResNet, sparsity: float) -> CifarResNet:
-    """A copy of ``model`` with ``sparsity`` of each block's inner channels removed (see the module doc)."""
-    pruned = copy.deepcopy(model).eval()
-    for stage in (pruned.layer1, pruned.layer2, pruned.layer3):
-        for block in stage:
-            keep = l1_kept_outputs(block.conv1, sparsity)
-            conv1 = nn.Conv2d(block.conv1.in_channels, len(keep), 3, stride=block.conv1.stride, padding=1, bias=False)
-            conv1.weight.data = block.conv1.weight.data[keep].clone()
-            bn1 = nn.BatchNorm2d(len(keep), eps=block.bn1.eps, momentum=block.bn1.momentum)
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                getattr(bn1, name).data = getattr(block.bn1, name).data[keep].clone()
-            conv2 = nn.Conv2d(len(keep), block.conv2.out_channels, 3, padding=1, bias=False)
-            conv2.weight.data = block.conv2.weight.data[:, keep].clone()
-            block.conv1, block.bn1, block.conv2 = conv1, bn1, conv2
-    return pruned.eval()  # the new modules start in training mode
+RULE = RULES["fmnist"]
+NAME = "resnet_compression"
+# --quick: 50% sparsity only, 0.05 epoch of fine-tuning, SideNets on 2,000 images for 3 epochs, one repeat.
+QUICK = {"sparsities": [0.5], "finetune_epochs": 0.05, "max_train_samples": 2000, "epochs": 3, "repeats": 1,
+         "batch1_samples": 50}  # fmt: skip
 
 
 class _Trunk(nn.Module):
-    """Stem and ``layer1.0`` of a CIFAR ResNet: the trunk at tap ``layer1.0``."""
+    """The trunk at tap ``layer1.0`` as a module of its own, for FX to trace: the MainNet's own stem
+    (``CifarResNet.forward_stem``), then ``layer1.0``.
+
+    Not ``split_mainnet(model, "layer1.0").trunk``: its stem calls ``torch.relu``, which FX graph-mode
+    quantisation does not fuse with the convolution and batch norm before it (only ``F.relu`` and
+    ``nn.ReLU``), so the int8 trunk would requantise after the ReLU: another, slower int8 model than
+    the one measured so far."""
 
     def __init__(self, model: CifarResNet) -> None:
         super().__init__()
-        self.conv1, self.bn1, self.block = model.conv1, model.bn1, model.layer1[0]
+        self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(F.relu(self.bn1(self.conv1(x))))
+        return self.model.layer1[0](self.model.forward_stem(x))
 
 
 class _Rest(nn.Module):
-    """Everything after ``layer1.0``: the rest of the MainNet."""
+    """The rest of a split (everything after its tap) as a module of its own, for FX to trace."""
 
-    def __init__(self, model: CifarResNet) -> None:
+    def __init__(self, split: MainNetSplit) -> None:
         super().__init__()
-        self.layer1, self.layer2, self.layer3, self.linear = model.layer1[1:], model.layer2, model.layer3, model.linear
+        self.split = split
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.split.rest(state)
 
 
 def quantise_parts(model: CifarResNet, calibration: torch.Tensor) -> tuple[nn.Module, nn.Module]:
@@ -117,7 +104,8 @@ def quantise_parts(model: CifarResNet, calibration: torch.Tensor) -> tuple[nn.Mo
             trunk(calibration[start : start + 250])
         trunk = convert_fx(trunk)
         states = torch.cat([trunk(calibration[i : i + 250]) for i in range(0, len(calibration), 250)])
-        rest = prepare_fx(_Rest(copy.deepcopy(model)).eval(), mapping, example_inputs=(states[:2],))
+        split = split_mainnet(copy.deepcopy(model), "layer1.0")
+        rest = prepare_fx(_Rest(split).eval(), mapping, example_inputs=(states[:2],))
         for start in range(0, len(states), 250):
             rest(states[start : start + 250])
         rest = convert_fx(rest)
@@ -125,7 +113,10 @@ def quantise_parts(model: CifarResNet, calibration: torch.Tensor) -> tuple[nn.Mo
 
 
 def fine_tune(model: nn.Module, epochs: float, seed: int = 0) -> tuple[nn.Module, float]:
-    """SGD with momentum, cosine learning rate from 0.01, the MainNet's augmentation; returns seconds."""
+    """SGD with momentum, cosine learning rate from 0.01, the MainNet's augmentation; returns seconds.
+
+    Not :func:`sidenet.pretrain.pretrain_fmnist_resnet`, which trains a new MainNet from scratch with a
+    one-cycle schedule; this continues from a pruned one."""
     images, labels = fashion_mnist_splits()["train"].tensors
     steps = max(1, math.ceil(epochs * len(images) / 128))
     generator = torch.Generator().manual_seed(seed)
@@ -139,7 +130,7 @@ def fine_tune(model: nn.Module, epochs: float, seed: int = 0) -> tuple[nn.Module
             order = torch.randperm(len(images), generator=generator)
         start = (step * 128) % len(images)
         index = order[start : start + 128]
-        loss = F.cross_entropy(model(_augment(images[index], generator)), labels[index])
+        loss = F.cross_entropy(model(augment(images[index], generator)), labels[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -147,22 +138,27 @@ def fine_tune(model: nn.Module, epochs: float, seed: int = 0) -> tuple[nn.Module
     return model.eval(), time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """This step's options from ``argv`` (the command line when None)."""
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.5])
     parser.add_argument("--finetune-epochs", type=float, default=1.0)
     parser.add_argument("--epochs", type=int, default=30, help="SideNet epochs on cached features")
-    parser.add_argument("--max-train-samples", type=int, default=None, help="quick runs: SideNet on a prefix")
+    parser.add_argument("--max-train-samples", type=int, default=None, help="SideNets on a prefix of train")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch1-samples", type=int, default=300, help="samples timed at batch 1")
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 static variant")
-    args = parser.parse_args()
+    return parse_options(parser, argv, QUICK)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The MainNet, its pruned and int8 versions, alone and with their SideNets, side by side; the result."""
     torch.manual_seed(0)
     task = get_task("fmnist")
     mainnet = task.mainnet().eval()
     loaders = task.loaders()
     test_images, test_labels = fashion_mnist_splits()["test"].tensors
-    main_side = load_sidenet(mainnet, SIDENETS / "fmnist-layer1.0")
+    main_side = fitted_sidenet(mainnet, args.results_dir, "fmnist")
     variants: dict[str, Any] = {"MainNet": (main_side, "main"), "MainNet + SideNet": (main_side, "adaptive")}
     models, prune_meta = {"MainNet": main_side}, {}
     for sparsity in args.sparsities:
@@ -201,7 +197,7 @@ def main() -> None:
     table, timing = compare_variants(variants, loaders["test"].dataset, None, args.repeats, sizes)
     result = {
         "workload": "fmnist_resnet_compressed",
-        "command": "python benchmarks/resnet_compression.py",
+        "command": command(NAME, args),
         "machine": machine(),
         "rule": RULE,
         "mainnet_parameters": sum(p.numel() for p in mainnet.parameters()),
@@ -210,7 +206,11 @@ def main() -> None:
         "variants": table,
         "timing": timing,
     }
-    print(f"wrote {write_result('resnet_compression', result)} and {write_benchmarks_md()}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_and_write(NAME, run, options(argv))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Sections of BENCHMARKS.md beyond the two workloads: the opening summary, calibration and guarantees,
-serving side by side, stacking with compression (rendered from their JSON results)."""
+serving side by side (rendered from their JSON results); stacking with compression is in
+benchmarks/sections_stacking.py."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import pct as _pct
-from benchmarks.common import thr as _thr
+from benchmarks.harness import pct, thr
 
 
-def _summary(results: Path) -> list[str]:
+def summary_section(results: Path) -> list[str]:
     """The opening paragraphs: what a user gains per workload, and where it does not pay."""
 
     def load(name: str) -> dict[str, Any] | None:
@@ -25,8 +25,8 @@ def _summary(results: Path) -> list[str]:
         a, s = fm["adaptive"], fm["speedup"]
         text = (
             f"**Vision (Fashion-MNIST, ResNet-20).** With an accuracy drop of {100 * a['accuracy_drop']:+.2f} "
-            f"points (threshold chosen on validation for ≤ 0.5), {_pct(a['exit_rate'])} of test images exit after "
-            f"`{fm['tap']}` and the model spends {_pct(a['flops_fraction'])} of the MainNet's FLOPs: "
+            f"points (threshold chosen on validation for ≤ 0.5), {pct(a['exit_rate'])} of test images exit after "
+            f"`{fm['tap']}` and the model spends {pct(a['flops_fraction'])} of the MainNet's FLOPs: "
             f"{s['batch64']:.2f}× the MainNet's throughput at batch 64 and {s['batch1']:.2f}× at batch 1."
         )
         if serving and "fmnist" in serving["workloads"]:
@@ -34,13 +34,13 @@ def _summary(results: Path) -> list[str]:
             text += (
                 " In the serving benchmark, against batch-level exit (same SideNet and threshold), per-sample "
                 f"routing is {w['per_sample_over_batch_level']:.2f}× faster at batch 64: only "
-                f"{_pct(w['rows']['batch_level']['batch64']['exit_rate'])} of the images leave early when a batch "
+                f"{pct(w['rows']['batch_level']['batch64']['exit_rate'])} of the images leave early when a batch "
                 "must be confident as a whole."
             )
         text += (
             f" Where it does not pay in full: the measured speed-up reaches only {s['batch64'] / s['ideal']:.0%} of "
             f"the FLOPs ideal ({s['ideal']:.2f}×) because this ResNet is tiny: its trunk and SideNet cost "
-            f"{_pct(fm['trunk_flops_fraction'])} of the FLOPs but {_pct(fm['trunk_time_fraction_batch64'])} of the "
+            f"{pct(fm['trunk_flops_fraction'])} of the FLOPs but {pct(fm['trunk_time_fraction_batch64'])} of the "
             "time, and per-batch overheads do not shrink with the FLOPs."
         )
         if "batch64" in fm.get("timing", {}):
@@ -61,8 +61,8 @@ def _summary(results: Path) -> list[str]:
         a, s = st["adaptive"], st["speedup"]
         text = (
             f"**Text (SST-2, all-MiniLM-L6-v2).** With an accuracy drop of {100 * a['accuracy_drop']:+.2f} points "
-            f"(cross-fitted on dev, ≤ 1.0 allowed), {_pct(a['exit_rate'])} of dev sentences exit after layer "
-            f"{st['tap']}, at {_pct(a['flops_fraction'])} of the MainNet's FLOPs: {s['batch32']:.2f}× at batch 32 "
+            f"(cross-fitted on dev, ≤ 1.0 allowed), {pct(a['exit_rate'])} of dev sentences exit after layer "
+            f"{st['tap']}, at {pct(a['flops_fraction'])} of the MainNet's FLOPs: {s['batch32']:.2f}× at batch 32 "
             f"({s['batch32'] / s['ideal']:.0%} of the FLOPs ideal) and {s['batch1']:.2f}× at batch 1."
         )
         if serving and "sst2" in serving["workloads"]:
@@ -97,12 +97,12 @@ def _stacked(r: dict[str, Any], batch: str) -> str:
     variants come in pairs (alone, with a SideNet), the MainNet's pair first."""
     variants = list(r["variants"].values())
     names = list(r["variants"])
-    parts = [f"SideNet alone {variants[1]['speedup'][batch]:.2f}× ({_pct(variants[1]['accuracy'])})"]
+    parts = [f"SideNet alone {variants[1]['speedup'][batch]:.2f}× ({pct(variants[1]['accuracy'])})"]
     for i in range(2, len(variants) - 1, 2):
         alone, side = variants[i], variants[i + 1]
         parts.append(
-            f"{names[i]} alone {alone['speedup'][batch]:.2f}× ({_pct(alone['accuracy'])}), with a SideNet "
-            f"{side['speedup'][batch]:.2f}× ({_pct(side['accuracy'])})"
+            f"{names[i]} alone {alone['speedup'][batch]:.2f}× ({pct(alone['accuracy'])}), with a SideNet "
+            f"{side['speedup'][batch]:.2f}× ({pct(side['accuracy'])})"
         )
     return "; ".join(parts)
 
@@ -114,7 +114,7 @@ CALIBRATION_TITLES = {
 }
 
 
-def _calibration(results: dict[str, Any]) -> list[str]:
+def calibration_section(results: dict[str, Any]) -> list[str]:
     runs = {k: v for k, v in results.items() if k in CALIBRATION_TITLES}
     if not runs:
         return []
@@ -153,10 +153,10 @@ def _calibration(results: dict[str, Any]) -> list[str]:
             return f"{'**shift**' if x['shifted'] else 'quiet'} (p = {x['p_value']:.2g})"
 
         lines.append(
-            f"| {CALIBRATION_TITLES[name]} | {_pct(c['sidenet_before']['ece'])} | {c['temperature']:.3f} | "
-            f"{_pct(c['sidenet_after']['ece'])} | {_pct(c['mainnet']['ece'])} | {rec['policy']} | "
+            f"| {CALIBRATION_TITLES[name]} | {pct(c['sidenet_before']['ece'])} | {c['temperature']:.3f} | "
+            f"{pct(c['sidenet_after']['ece'])} | {pct(c['mainnet']['ece'])} | {rec['policy']} | "
             f"{100 * r['settings']['max_accuracy_drop']:g} pt | {100 * ev['accuracy_drop']:+.2f} | "
-            f"{_pct(ev['exit_rate'])} | {_pct(ev['relative_compute'])} | {_pct(rec['oracle']['relative_compute'])} | "
+            f"{pct(ev['exit_rate'])} | {pct(ev['relative_compute'])} | {pct(rec['oracle']['relative_compute'])} | "
             f"{rec['oracle_fraction']:.2f} | {verdict(shift['calibration_vs_evaluation'])} | "
             f"{verdict(shift['evaluation_half_vs_half'])} |"
         )
@@ -174,9 +174,9 @@ def _calibration(results: dict[str, Any]) -> list[str]:
         for kind, p in run["report"]["policies"].items():
             g, e = p["guaranteed"]["evaluation"], p["empirical"]["evaluation"]
             lines.append(
-                f"| {CALIBRATION_TITLES[name]} | {kind} | {_pct(p['best_compute_evaluation'])} | "
-                f"{100 * g['accuracy_drop']:+.2f} | {_pct(g['relative_compute'])} | "
-                f"{100 * e['accuracy_drop']:+.2f} | {_pct(e['relative_compute'])} |"
+                f"| {CALIBRATION_TITLES[name]} | {kind} | {pct(p['best_compute_evaluation'])} | "
+                f"{100 * g['accuracy_drop']:+.2f} | {pct(g['relative_compute'])} | "
+                f"{100 * e['accuracy_drop']:+.2f} | {pct(e['relative_compute'])} |"
             )
     lines.append("")
     for name, run in runs.items():
@@ -184,7 +184,7 @@ def _calibration(results: dict[str, Any]) -> list[str]:
         least = min(p["best_compute_evaluation"] for p in policies.values())
         best = [k for k, p in policies.items() if p["best_compute_evaluation"] <= least + 0.0005]
         lines.append(
-            f"- Best curve, {CALIBRATION_TITLES[name]}: {', '.join(best)} ({_pct(least)} of the MainNet's compute "
+            f"- Best curve, {CALIBRATION_TITLES[name]}: {', '.join(best)} ({pct(least)} of the MainNet's compute "
             f"within {100 * run['report']['settings']['max_accuracy_drop']:g} pt)"
             + (
                 "; with two classes the three rules order samples alike, so their curves coincide."
@@ -209,7 +209,7 @@ def _pooled_sentence(serving: dict[str, Any] | None, workload: str, samples: str
     )
 
 
-def _serving(r: dict[str, Any]) -> list[str]:
+def serving_section(r: dict[str, Any]) -> list[str]:
     m = r["machine"]
     lines = [
         "## Serving side by side: per-sample routing vs batch-level exit",
@@ -227,7 +227,7 @@ def _serving(r: dict[str, Any]) -> list[str]:
     for name, w in r["workloads"].items():
         big = f"batch{w['batch']}"
         lines += [
-            f"### {name}: tap {w['tap']}, threshold {_thr(w['threshold'])} ({w['policy']}, T = {w['temperature']:.3f})"
+            f"### {name}: tap {w['tap']}, threshold {thr(w['threshold'])} ({w['policy']}, T = {w['temperature']:.3f})"
             f", {w['evaluation_size']} evaluation samples",
             "",
             f"| | accuracy | exit rate | FLOPs fraction | throughput, batch {w['batch']} | throughput, batch 1 | "
@@ -242,8 +242,8 @@ def _serving(r: dict[str, Any]) -> list[str]:
             if "batch1" in row["throughput"]:
                 batch1 = f"{row['throughput']['batch1']:,.0f}/s ({row['speedup']['batch1']:.2f}×)"
             lines.append(
-                f"| {label.replace('_', ' ')} | {_pct(o['accuracy'])} | {_pct(o['exit_rate'])} | "
-                f"{_pct(row['flops_fraction'])} | {row['throughput'][big]:,.0f}/s [{spread[0]:,.0f}–{spread[1]:,.0f}] "
+                f"| {label.replace('_', ' ')} | {pct(o['accuracy'])} | {pct(o['exit_rate'])} | "
+                f"{pct(row['flops_fraction'])} | {row['throughput'][big]:,.0f}/s [{spread[0]:,.0f}–{spread[1]:,.0f}] "
                 f"({row['speedup'][big]:.2f}×) | {batch1} | "
                 + (f"{1e3 * lat['p50']:.2f} / {1e3 * lat['p95']:.2f} ms |" if lat else "– |")
             )
@@ -261,7 +261,7 @@ def _serving(r: dict[str, Any]) -> list[str]:
                 "Per-sample pooled (`sidenet.serving.PooledRouter`): the rest of the MainNet runs once "
                 f"{p['rest_batch']} continuing samples wait, gathered across batches, or once the oldest has waited "
                 f"{p['max_wait']} later batches; {p['over_per_sample']:.2f}× per-sample routing within each batch, "
-                f"{p['fraction_of_ideal']:.0%} of the ideal. The price is latency: {_pct(o['batches_waiting'])} of "
+                f"{p['fraction_of_ideal']:.0%} of the ideal. The price is latency: {pct(o['batches_waiting'])} of "
                 "the batches had a sample that continued, and those were answered on average "
                 f"{o['mean_wait']:.1f} later batches after they arrived "
                 f"(at most {o['max_wait']}). At batch 1 it is not timed: each continuing request would wait for "
@@ -279,135 +279,3 @@ def _serving(r: dict[str, Any]) -> list[str]:
             )
         lines.append("")
     return lines
-
-
-def _command_line(r: dict[str, Any]) -> str:
-    m = r["machine"]
-    return (
-        f"Command: `{r['command']}` — {m['date']}, {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
-        f"({m['torch_threads']} threads), commit {m['commit'] or 'n/a'}."
-    )
-
-
-def _variants_table(r: dict[str, Any], big: int, unit: str, digits: int) -> list[str]:
-    """Rows of a side-by-side table: accuracy, exit rate, FLOPs, throughput at ``big`` and at batch 1."""
-    lines = [
-        f"| variant | accuracy | exit rate | FLOPs fraction | batch {big} ({unit}/s) | batch 1 ({unit}/s) |",
-        "|---|---|---|---|---|---|",
-    ]
-    key = f"batch{big}"
-    for name, v in r["variants"].items():
-        low, high = r["timing"][key][name]["throughput_spread"]
-        lines.append(
-            f"| {name} | {_pct(v['accuracy'])} | {_pct(v['exit_rate'])} | {_pct(v['flops_fraction'])} | "
-            f"{v['throughput'][key]:,.{digits}f} [{low:,.{digits}f}–{high:,.{digits}f}] ({v['speedup'][key]:.2f}×) "
-            f"| {v['throughput']['batch1']:,.{digits}f} ({v['speedup']['batch1']:.2f}×) |"
-        )
-    return lines
-
-
-def _stacking(r: dict[str, Any]) -> list[str]:
-    mult, target = r["multiply"], r["target"]
-    lines = [
-        "## Stacking with int8 quantisation (SST-2, MiniLM)",
-        "",
-        _command_line(r),
-        "",
-        "int8 dynamic quantisation of every Linear layer (`torch.ao.quantization.quantize_dynamic`); the int8 "
-        "SideNet (tap 3) is trained on the int8 MainNet's features. Thresholds: at most 1% of sentences exiting "
-        f"with another answer than their MainNet's, chosen on one half of SST-2 dev, reported on the other "
-        f"({r['report_size']} sentences). FLOPs of int8 models are float-equivalents (FlopCounterMode counts no "
-        "int8 kernel): the int8 gain shows in time only. Speed-ups are against the float MainNet, same run.",
-        "",
-        *_variants_table(r, 32, "sentences", 1),
-    ]
-    lines += [
-        "",
-        f"Do the savings multiply? int8 alone {mult['int8_alone']:.2f}×, SideNet alone {mult['sidenet_alone']:.2f}×, "
-        f"both {mult['both']:.2f}× (the product of the two alone would be {mult['product_of_alone']:.2f}×); the "
-        f"SideNet on the int8 MainNet gives {mult['sidenet_on_int8']:.2f}× over int8 alone at "
-        f"{100 * target['accuracy_drop_vs_int8']:+.2f} pt. Target ({target['target']}): "
-        f"{'met' if target['met'] else 'not met'}.",
-        "",
-    ]
-    return lines
-
-
-def _distillation(r: dict[str, Any]) -> list[str]:
-    mult, st = r["multiply"], r["student"]
-    lines = [
-        "## Stacking with distillation (SST-2, 3-layer student of MiniLM)",
-        "",
-        _command_line(r),
-        "",
-        f"Student: the MainNet's layers {', '.join(str(i + 1) for i in st['keep_layers'])}, distilled for "
-        f"{st['epochs']:g} epoch on SST-2 train (half cross-entropy, half KL to the MainNet at temperature "
-        f"{st['temperature']:g}; {st['train_seconds'] / 60:.1f} min), SST-2 dev accuracy {_pct(st['dev_accuracy'])}. "
-        f"Its SideNet sits after layer {r['student_tap']}. Thresholds: at most 1% of sentences exiting with another "
-        f"answer than their own MainNet's, chosen on one half of dev, reported on the other ({r['report_size']} "
-        "sentences). Speed-ups against the 6-layer MainNet, same run.",
-        "",
-        *_variants_table(r, 32, "sentences", 1),
-    ]
-    lines += [
-        "",
-        f"Do the savings multiply? student alone {mult['student_alone']:.2f}×, SideNet alone "
-        f"{mult['sidenet_alone']:.2f}×, both {mult['both']:.2f}×: the SideNet on the student gives "
-        f"{mult['sidenet_on_student']:.2f}× over the student alone at {100 * mult['drop_vs_student']:+.2f} pt.",
-        "",
-    ]
-    return lines
-
-
-def _text_pruning(r: dict[str, Any]) -> list[str]:
-    lines = [
-        "## Stacking with pruning (SST-2, MiniLM)",
-        "",
-        _command_line(r),
-        "",
-        "Structured magnitude pruning of every layer's feed-forward network (neurons chosen by the L1 norm of "
-        "their input weights with `torch.nn.utils.prune.ln_structured`, then removed from both matrices), "
-        "fine-tuned briefly with the MainNet as teacher; a SideNet after layer 3 trained on each pruned MainNet. "
-        "Thresholds: at most 1% of sentences exiting with another answer than their own MainNet's, chosen on one "
-        f"half of SST-2 dev, reported on the other ({r['report_size']} sentences). MainNet parameters: "
-        f"{r['mainnet_parameters']:,}"
-        + "".join(
-            f"; {name}: {m['parameters']:,} (dev accuracy {_pct(m['dev_accuracy_before_finetuning'])} right after "
-            f"pruning, {_pct(m['dev_accuracy'])} after {m['epochs']:g} epoch of fine-tuning)"
-            for name, m in r["compressed"].items()
-        )
-        + ". Speed-ups against the MainNet, same run.",
-        "",
-        *_variants_table(r, 32, "sentences", 1),
-        "",
-        "Do the savings multiply? "
-        + "; ".join(
-            f"{name}: alone {m['pruned_alone']:.2f}×, with a SideNet {m['both']:.2f}× ({m['sidenet_on_pruned']:.2f}× "
-            f"over the pruned MainNet alone at {100 * m['drop_vs_pruned']:+.2f} pt)"
-            for name, m in r["multiply"].items()
-        )
-        + f"; SideNet alone {next(iter(r['multiply'].values()))['sidenet_alone']:.2f}×.",
-        "",
-    ]
-    return lines
-
-
-def _resnet_compression(r: dict[str, Any]) -> list[str]:
-    lines = [
-        "## Stacking with pruning and int8 quantisation (Fashion-MNIST, ResNet-20)",
-        "",
-        _command_line(r),
-        "",
-        "Channel pruning inside every residual block (filters chosen by L1 norm with "
-        "`torch.nn.utils.prune.ln_structured`, then physically removed), brief fine-tuning (one epoch by default); "
-        "a SideNet "
-        "at `layer1.0` (7x7) trained on each pruned MainNet; thresholds at most 0.5 points below that MainNet on "
-        f"validation, reported on the test set. MainNet parameters: {r['mainnet_parameters']:,}"
-        + "".join(f"; {name}: {p['parameters']:,}" for name, p in r["compressed"].items() if "parameters" in p)
-        + ". int8: FX graph-mode static quantisation (x86 backend) of the trunk and the rest as two graphs "
-        "joined by `sidenet.CallableSplit` (FX leaves no `layer1.0` module to cut at); int8 FLOPs are "
-        "float-equivalents. Speed-ups against the MainNet, same run.",
-        "",
-        *_variants_table(r, 64, "img", 0),
-    ]
-    return [*lines, ""]

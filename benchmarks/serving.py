@@ -5,40 +5,47 @@ skips the rest of the MainNet only when every sample in it is confident; same Si
 and the ideal speed-up the FLOPs predict. Throughput at batch 1 and batch 64 (32 for text), median of
 interleaved repeats after a warm-up, with the spread; p50/p95 latency at batch 1.
 
-Uses the SideNets that ``benchmarks/calibration_report.py`` fitted with ``sidenet fit`` (run it first).
+Uses the SideNets that the calibration step (benchmarks/calibration_report.py) fitted with ``sidenet fit``.
 Thresholds: Fashion-MNIST, at most 0.5 points lost on the validation split, reported on the test set;
 SST-2, at most 1% of the sentences exiting with another answer than the MainNet's on one half of dev,
 reported on the other half (train phrases are not distributed like dev sentences).
 
-Run: ``python benchmarks/serving.py [--quick]``. Writes ``benchmarks/results/serving.json`` and
-regenerates BENCHMARKS.md.
+Run: ``python -m benchmarks.serving [--quick]`` after the calibration step (or every step: ``python -m
+benchmarks run``). Writes ``serving.json`` into the results folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Subset
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import SIDENETS, machine, write_result
-from benchmarks.report import main as write_benchmarks_md
-from sidenet import AdaptiveModel, AdaptiveOutput, load_sidenet, sweep
+from benchmarks.harness import (
+    RULES,
+    benchmark_parser,
+    command,
+    fitted_sidenet,
+    input_batches,
+    machine,
+    parse_options,
+    routed_outcome,
+    run_and_write,
+    summarise,
+)
+from sidenet import sweep
 from sidenet.data import iter_batches, make_loader, prefix_loader, split_loader
 from sidenet.serving import PooledRouter
 from sidenet.tasks import get_task
 from sidenet.timing import latency_percentiles, measure_throughput
 
-WORKLOADS = {
-    "fmnist": {"sidenet": "fmnist-layer1.0", "batch": 64, "rule": {"max_accuracy_drop": 0.005}},
-    "sst2": {"sidenet": "sst2-3", "batch": 32, "rule": {"max_disagreement": 0.01}},
-}
+WORKLOADS = {"fmnist": {"batch": 64, "rule": RULES["fmnist"]}, "sst2": {"batch": 32, "rule": RULES["sst2"]}}
+NAME = "serving"
+# --quick: the first 2,000 samples of each split, 256 samples timed (32 at batch 1), one repeat.
+QUICK = {"limit": 2000, "samples": 256, "samples_batch1": 32, "repeats": 1}
 
 
 def loaders_for(name: str, data: Path | None) -> tuple[Any, Any, Any]:
@@ -49,23 +56,6 @@ def loaders_for(name: str, data: Path | None) -> tuple[Any, Any, Any]:
         choose, evaluate = split_loader(loaders["test"])
         return choose, evaluate.dataset, loaders["test"].collate_fn
     return loaders["val"], loaders["test"].dataset, None
-
-
-def summarise(outputs: list[AdaptiveOutput], labels: torch.Tensor) -> dict[str, float]:
-    """Accuracy, exit rate and mean FLOPs per sample of the outputs of consecutive batches."""
-    return {
-        "accuracy": float((torch.cat([o.predictions for o in outputs]) == labels).float().mean()),
-        "exit_rate": float(torch.cat([o.exited.float() for o in outputs]).mean()),
-        "mean_flops": float(torch.cat([o.flops.double() for o in outputs]).mean()),
-    }
-
-
-@torch.no_grad()
-def routed_outcome(model: AdaptiveModel, dataset: Any, collate: Any, batch: int, mode: str) -> dict[str, float]:
-    """Accuracy, exit rate and mean FLOPs per sample of ``mode`` over the dataset in batches of ``batch``."""
-    batches = list(iter_batches(make_loader(dataset, batch, collate_fn=collate)))
-    outputs = [model(inputs, mode=mode) for inputs, _ in batches]
-    return summarise(outputs, torch.cat([target for _, target in batches]))
 
 
 @torch.no_grad()
@@ -82,23 +72,14 @@ def pooled_outcome(router: PooledRouter, dataset: Any, collate: Any, batch: int)
     }
 
 
-def input_batches(model: AdaptiveModel, dataset: Any, collate: Any, batch: int, samples: int) -> list[Any]:
-    out, count = [], 0
-    for inputs, _ in iter_batches(make_loader(dataset, batch, collate_fn=collate)):
-        out.append(inputs)
-        count += model.split.batch_size(inputs)
-        if count >= samples:
-            break
-    return out
-
-
 def run_workload(name: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The serving comparison of one workload."""
     task = get_task(name)
     data = args.sst2_data if name == "sst2" else None
-    model = load_sidenet(task.mainnet(data), SIDENETS / spec["sidenet"]).eval()
+    model = fitted_sidenet(task.mainnet(data), args.results_dir, name).eval()
     choose, dataset, collate = loaders_for(name, data)
-    if args.quick:  # a smoke check: the first 2,000 samples of each split
-        choose, dataset = prefix_loader(choose, 2000), Subset(dataset, range(min(2000, len(dataset))))
+    if args.limit:  # quick runs: the first samples of each split
+        choose, dataset = prefix_loader(choose, args.limit), Subset(dataset, range(min(args.limit, len(dataset))))
     model.threshold = sweep(model, choose, progress=False).threshold_for(**spec["rule"])
     big = spec["batch"]
     rows: dict[str, dict[str, Any]] = {}
@@ -171,25 +152,32 @@ def run_workload(name: str, spec: dict[str, Any], args: argparse.Namespace) -> d
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", default=list(WORKLOADS))
-    parser.add_argument(
-        "--quick", action="store_true", help="2,000 samples per split, fewer timed samples and repeats (a smoke check)"
-    )
-    parser.add_argument("--sst2-data", type=Path, default=None, help="folder of SST-2's train.tsv and dev.tsv")
+def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """This step's options from ``argv`` (the command line when None)."""
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--only", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--limit", type=int, default=None, help="the first samples of each split only")
+    parser.add_argument("--samples", type=int, default=4096, help="samples timed at the large batch")
+    parser.add_argument("--samples-batch1", type=int, default=400, help="samples timed at batch 1")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats")
     parser.add_argument(
         "--max-wait", type=int, default=16, help="pooled routing: most later batches a continuing sample waits"
     )
-    args = parser.parse_args()
-    args.samples, args.samples_batch1, args.repeats = (256, 32, 1) if args.quick else (4096, 400, 5)
+    return parse_options(parser, argv, QUICK)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The serving comparison of every workload in ``args.only``; the result."""
     torch.manual_seed(0)
-    results: dict[str, Any] = {"command": "python benchmarks/serving.py" + (" --quick" if args.quick else ""),
-                               "machine": machine(), "workloads": {}}  # fmt: skip
+    results: dict[str, Any] = {"command": command(NAME, args), "machine": machine(), "workloads": {}}
     for name in args.only:
         results["workloads"][name] = run_workload(name, WORKLOADS[name], args)
     results["quick"] = bool(args.quick)
-    print(f"wrote {write_result('serving', results)} and {write_benchmarks_md()}")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_and_write(NAME, run, options(argv))
 
 
 if __name__ == "__main__":

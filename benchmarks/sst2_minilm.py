@@ -9,26 +9,31 @@ reported once, by a choice that never saw it). The choice bounds the share of se
 another answer than the MainNet's (``threshold_for(max_disagreement=...)``); the accuracy rule
 (``max_accuracy_drop``) is reported beside it, as it transfers worse from a half of 436 sentences.
 
-Run: ``python benchmarks/sst2_minilm.py`` (the MainNet is fine-tuned first if not cached). Writes
-``benchmarks/results/sst2_minilm.json`` and regenerates BENCHMARKS.md.
+Run: ``python -m benchmarks.sst2_minilm [--quick]`` (or every step: ``python -m benchmarks run``).
+Needs no other step (the MainNet is fine-tuned first if not cached, about 12 minutes on 2 cores).
+Writes ``sst2_minilm.json`` and its curve into the results folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import RESULTS, link, machine, write_result
-from benchmarks.report import main as write_benchmarks_md
+from benchmarks.harness import (
+    at_threshold,
+    benchmark_parser,
+    command,
+    link,
+    machine,
+    parse_options,
+    run_and_write,
+    targets,
+)
 from sidenet import NEVER_EXIT, AdaptiveModel, FeatureCache, SideNet, TradeoffCurve, split_mainnet, train_sidenet
 from sidenet.curve import collect
 from sidenet.data import TextCollator, TextDataset, make_loader, sst2_splits
@@ -43,6 +48,10 @@ TAPS = (1, 2, 3, 4, 5)
 MAX_DISAGREEMENT = 0.01
 MAX_DROP = 0.005
 TARGETS = {"accuracy_drop": ("<=", 0.01), "flops_fraction": ("<=", 0.65), "speedup_batch32": (">=", 1.4)}
+NAME = "sst2_minilm"
+# --quick: tap 3 with mean features, SideNets on 2,000 phrases for 5 epochs, the first 300 dev sentences.
+QUICK = {"taps": [3], "features": ["mean"], "train_limit": 2000, "sidenet_epochs": 5, "repeats": 1,
+         "batch1_repeats": 1, "batch1_sentences": 64, "dev_limit": 300}  # fmt: skip
 
 
 def inputs_only(batch: dict) -> dict:
@@ -54,7 +63,12 @@ def train_caches(
     model: Any, data: TextDataset, collate: TextCollator, taps: list[int], features: tuple[str, ...] = FEATURES
 ) -> dict[tuple, FeatureCache]:
     """One pass of the MainNet over ``data`` (length-sorted batches: little padding) gives the SideNet
-    inputs of every tap and feature mode, the MainNet's logits and the labels."""
+    inputs of every tap and feature mode, the MainNet's logits and the labels.
+
+    Not :func:`sidenet.cache_features` once per (tap, features): that runs trunk and rest again for each,
+    15 passes over 62,000 phrases in a full run (about 45 minutes on 2 cores instead of 3). The features
+    are still the library's (``split.features``), and the first batch checks its trunk against the
+    model's hidden states."""
     order = sorted(range(len(data)), key=lambda i: len(data.sentences[i]))
     splits = {(k, f): split_mainnet(model, k, features=f) for k in taps for f in features}
     feats: dict[tuple, list] = {key: [] for key in splits}
@@ -100,8 +114,9 @@ def choose(curves: dict[int, TradeoffCurve], rule: dict[str, float]) -> tuple[in
     return tap, picks[tap]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """This step's options from ``argv`` (the command line when None)."""
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--taps", nargs="+", type=int, default=list(TAPS))
     parser.add_argument(
         "--max-disagreement",
@@ -113,21 +128,23 @@ def main() -> None:
     parser.add_argument("--sidenet-epochs", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats at batch 32")
     parser.add_argument("--no-timing", action="store_true", help="skip the wall-clock part")
-    parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--features", nargs="+", choices=FEATURES, default=list(FEATURES),
                         help="SideNet inputs tried (chosen on the held-out train split)")  # fmt: skip
     parser.add_argument("--batch1-repeats", type=int, default=3, help="interleaved timing repeats at batch 1")
     parser.add_argument("--batch1-sentences", type=int, default=None, help="dev sentences timed at batch 1 (all)")
-    parser.add_argument("--dev-limit", type=int, default=None, help="the first dev sentences only (quick)")
-    parser.add_argument("--train-limit", type=int, default=None, help="train SideNets on this many phrases (quick)")
-    args = parser.parse_args()
-    torch.manual_seed(0)
+    parser.add_argument("--dev-limit", type=int, default=None, help="the first dev sentences only")
+    parser.add_argument("--train-limit", type=int, default=None, help="train SideNets on this many phrases")
+    return parse_options(parser, argv, QUICK)
 
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """SideNets at every tap and feature mode, (tap, threshold) cross-fitted on dev, timed; the result."""
+    torch.manual_seed(0)
     recipe = TextRecipe()
-    mainnet, tokenizer, meta = finetune_text_mainnet(recipe, data_dir=args.data)
+    mainnet, tokenizer, meta = finetune_text_mainnet(recipe, data_dir=args.sst2_data)
     mainnet.eval()
     collate = TextCollator(tokenizer, recipe.max_length)
-    splits = sst2_splits(args.data)
+    splits = sst2_splits(args.sst2_data)
     if args.train_limit:
         splits["train"] = splits["train"].subset(range(min(args.train_limit, len(splits["train"]))))
     dev = splits["test"]
@@ -234,13 +251,13 @@ def main() -> None:
 
         def routing(override: float | None = None) -> Any:
             """The routed models at their chosen thresholds, or all at ``override`` (never / always exit)."""
+            # Fixed copies (split and SideNet shared): both folds may route through one tap's model.
+            fixed = {i: at_threshold(m, t if override is None else override) for i, (m, t) in routed.items()}
 
-            def run(item: tuple[int, dict]) -> torch.Tensor:
-                model, threshold = routed[item[0]]
-                model.threshold = threshold if override is None else override
-                return model(item[1]).logits
+            def run_routed(item: tuple[int, dict]) -> torch.Tensor:
+                return fixed[item[0]](item[1]).logits
 
-            return run
+            return run_routed
 
         # Never exiting: what routing costs when it saves nothing; always exiting: the floor (trunk + SideNet).
         extra = {"never_exit": routing(NEVER_EXIT), "always_exit": routing(0.0)}
@@ -278,7 +295,7 @@ def main() -> None:
     whole_dev = {k: TradeoffCurve(collect(m, dev_loader, progress=False)) for k, m in models.items()}
     deploy_tap, deploy_threshold = choose(whole_dev, rules["disagreement"])
     plot = whole_dev[deploy_tap].plot(
-        RESULTS / "sst2_minilm_curve.png",
+        args.results_dir / "sst2_minilm_curve.png",
         title=f"SST-2 dev, all-MiniLM-L6-v2, tap {deploy_tap}",
         marks={
             **{f"fold {i + 1}: tap {t}": thr for i, (t, thr) in enumerate(folds) if t == deploy_tap},
@@ -292,7 +309,7 @@ def main() -> None:
     }
     result = {
         "workload": "sst2_minilm",
-        "command": "python benchmarks/sst2_minilm.py",
+        "command": command(NAME, args),
         "machine": machine(),
         "mainnet_description": f"all-MiniLM-L6-v2 (6 layers, hidden 384) fine-tuned by `sidenet pretrain --task sst2` "
         f"({recipe.epochs:g} epoch, batch {recipe.batch_size}, lr {recipe.lr:g}, max length {recipe.max_length}; "
@@ -325,20 +342,17 @@ def main() -> None:
         "speedup": speedup,
         **overheads,
         "timing": timing,
-        "targets": {
-            k: {
-                "target": f"{op} {v}",
-                "value": values[k],
-                "met": bool(values[k] <= v if op == "<=" else values[k] >= v),
-            }
-            for k, (op, v) in TARGETS.items()
-        },
+        "targets": targets(TARGETS, values),
         "taps": rows,
         "features": features_rows,
         "sidenet_cache_seconds": cache_seconds,
-        "plot": link(plot),
+        "plot": link(plot, args.results_dir),
     }
-    print(f"wrote {write_result('sst2_minilm', result)} and {write_benchmarks_md()}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_and_write(NAME, run, options(argv))
 
 
 if __name__ == "__main__":

@@ -10,37 +10,42 @@ sentences). FLOPs of the int8 model are the FLOP-equivalents of its float twin (
 no int8 kernel), so the int8 saving shows in time, not in FLOPs. Throughput at batch 32 and batch 1,
 median of interleaved repeats.
 
-Run: ``python benchmarks/stacking.py`` (needs the float SideNet of ``benchmarks/calibration_report.py``).
-Writes ``benchmarks/results/stacking.json`` and regenerates BENCHMARKS.md (whose compression figure
-shows these variants).
+Run: ``python -m benchmarks.stacking [--quick]`` after the calibration step, whose SST-2 SideNet is the
+float one here (or every step: ``python -m benchmarks run``). Writes ``stacking.json`` into the results
+folder (BENCHMARKS.md's compression figure shows these variants).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 import warnings
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import SIDENETS, machine, write_result
-from benchmarks.report import main as write_benchmarks_md
-from benchmarks.serving import input_batches, routed_outcome
-from sidenet import AdaptiveModel, attach, load_sidenet, sweep
+from benchmarks.harness import (
+    RULES,
+    benchmark_parser,
+    command,
+    compare_variants,
+    fitted_sidenet,
+    machine,
+    parse_options,
+    run_and_write,
+)
+from sidenet import attach, sweep
 from sidenet.calibration import calibrate
 from sidenet.data import prefix_loader, split_loader
 from sidenet.tasks import get_task
-from sidenet.timing import measure_throughput
 
-RULE = {"max_disagreement": 0.01}
+RULE = RULES["sst2"]
+NAME = "stacking"
+# --quick: the int8 SideNet on 2,000 phrases for 3 epochs, the first 300 dev sentences, one repeat.
+QUICK = {"max_train_samples": 2000, "dev_limit": 300, "epochs": 3, "repeats": 1, "batch1_samples": 32}
 
 
 def quantise(mainnet: nn.Module) -> nn.Module:
@@ -50,55 +55,27 @@ def quantise(mainnet: nn.Module) -> nn.Module:
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(mainnet), {nn.Linear}, dtype=torch.qint8).eval()
 
 
-def compare_variants(
-    variants: dict[str, tuple[AdaptiveModel, str]],
-    dataset: Any,
-    collate: Any,
-    repeats: int,
-    sizes: tuple[tuple[int, int | None], ...],
-) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Accuracy, exit rate and FLOPs (at the first batch size) of each (model, mode), and throughput at
-    each (batch size, samples timed; None = all), interleaved; speed-ups against the first variant."""
-    big = sizes[0][0]
-    outcome = {name: routed_outcome(model, dataset, collate, big, mode) for name, (model, mode) in variants.items()}
-    runners = {name: (lambda x, m=model, mode=mode: m(x, mode=mode).logits) for name, (model, mode) in variants.items()}
-    first = next(iter(variants))
-    size = variants[first][0].split.batch_size
-    timing: dict[str, Any] = {}
-    for batch, samples in sizes:
-        batches = input_batches(variants[first][0], dataset, collate, batch, samples or len(dataset))
-        result = measure_throughput(runners, batches, repeats=repeats, batch_size=size)
-        timing[f"batch{batch}"] = {k: v.to_dict() for k, v in result.items()}
-        print(f"batch {batch}: " + ", ".join(f"{k} {v.throughput:,.1f}/s" for k, v in result.items()))
-    base_flops = outcome[first]["mean_flops"]
-    table = {}
-    for name, o in outcome.items():
-        table[name] = {
-            **o,
-            "flops_fraction": o["mean_flops"] / base_flops,
-            "throughput": {b: timing[b][name]["throughput"] for b in timing},
-            "speedup": {b: timing[b][name]["throughput"] / timing[b][first]["throughput"] for b in timing},
-        }
-    return table, timing
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=None, help="folder of SST-2's train.tsv and dev.tsv")
+def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """This step's options from ``argv`` (the command line when None)."""
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch1-samples", type=int, default=200, help="samples timed at batch 1")
     parser.add_argument("--epochs", type=int, default=30, help="SideNet epochs on cached features")
-    parser.add_argument("--max-train-samples", type=int, default=None, help="quick runs: train on a prefix")
-    parser.add_argument("--dev-limit", type=int, default=None, help="quick runs: the first dev sentences only")
-    args = parser.parse_args()
+    parser.add_argument("--max-train-samples", type=int, default=None, help="train the SideNet on a prefix")
+    parser.add_argument("--dev-limit", type=int, default=None, help="the first dev sentences only")
+    return parse_options(parser, argv, QUICK)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """float and int8 MainNets, alone and with their SideNets, side by side; the result."""
     torch.manual_seed(0)
     task = get_task("sst2")
-    mainnet = task.mainnet(args.data).eval()
-    loaders = task.loaders(args.data)
+    mainnet = task.mainnet(args.sst2_data).eval()
+    loaders = task.loaders(args.sst2_data)
     choose, report = split_loader(prefix_loader(loaders["test"], args.dev_limit))
     collate = loaders["test"].collate_fn
 
-    float_side = load_sidenet(mainnet, SIDENETS / "sst2-3")
+    float_side = fitted_sidenet(mainnet, args.results_dir, "sst2")
     int8 = quantise(mainnet)
     int8_side = attach(int8, 3, split_options=float_side.split.options(), hidden=float_side.sidenet.hidden, seed=0)
     int8_side.count_flops_with(mainnet)
@@ -128,7 +105,7 @@ def main() -> None:
     int8_main_acc = variants["int8 MainNet"]["accuracy"]
     result = {
         "workload": "sst2_minilm_int8",
-        "command": "python benchmarks/stacking.py",
+        "command": command(NAME, args),
         "machine": machine(),
         "rule": RULE,
         "tap": 3,
@@ -155,7 +132,11 @@ def main() -> None:
         },
         "timing": timing,
     }
-    print(f"wrote {write_result('stacking', result)} and {write_benchmarks_md()}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_and_write(NAME, run, options(argv))
 
 
 if __name__ == "__main__":

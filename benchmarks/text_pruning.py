@@ -8,82 +8,73 @@ drop; those neurons (rows of ``intermediate.dense``, columns of ``output.dense``
 the matrices really shrink: an unstructured mask leaves dense kernels doing the same work on a CPU.
 The feed-forward network holds about two thirds of a MiniLM layer's multiply-adds on SST-2's short
 sentences. Fine-tuning: 0.15 epoch of SST-2 train by default (300 steps), half cross-entropy and half
-distillation to the unpruned MainNet (``benchmarks/distillation.py``'s loop), learning rate 5e-5.
+distillation to the unpruned MainNet (the distillation step's loop, ``model_edits.train_with_teacher``),
+learning rate 5e-5.
 
 SideNets follow the ``sidenet fit`` recipe on each pruned MainNet; thresholds and reporting as in
 benchmarks/stacking.py (at most 1% of sentences exiting with another answer than their own MainNet's,
 chosen on one half of SST-2 dev, reported on the other).
 
-Run: ``python benchmarks/text_pruning.py`` (needs the MainNet SideNet of benchmarks/calibration_report.py;
-pruned MainNets are cached under ``sidenet-output/benchmarks/pruned-ffn-<percent>``). Writes
-``benchmarks/results/text_pruning.json`` and regenerates BENCHMARKS.md.
+Run: ``python -m benchmarks.text_pruning [--quick]`` after the calibration step, whose SST-2 SideNet is
+the MainNet's here (or every step: ``python -m benchmarks run``). Pruned MainNets are cached as
+``pruned-ffn-<percent>`` beside the fitted SideNets (``sidenet-output/benchmarks`` for the full run).
+Writes ``text_pruning.json`` into the results folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import SIDENETS, machine, write_result
-from benchmarks.distillation import train_with_teacher
-from benchmarks.report import main as write_benchmarks_md
-from benchmarks.resnet_compression import l1_kept_outputs
-from benchmarks.stacking import RULE, compare_variants
-from sidenet import attach, load_sidenet, sweep
+from benchmarks.harness import (
+    RULES,
+    benchmark_parser,
+    command,
+    compare_variants,
+    fitted_sidenet,
+    machine,
+    parse_options,
+    run_and_write,
+    sidenet_dir,
+)
+from benchmarks.model_edits import prune_feed_forward, train_with_teacher
+from sidenet import attach, sweep
 from sidenet.calibration import calibrate
 from sidenet.data import make_loader, prefix_loader, split_loader, sst2_splits
 from sidenet.tasks import get_task
 from sidenet.text_pretrain import evaluate_text_accuracy
 
-
-def prune_feed_forward(model: nn.Module, sparsity: float) -> nn.Module:
-    """A copy of the BERT-family ``model`` with ``sparsity`` of every layer's feed-forward neurons removed."""
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
-    pruned = copy.deepcopy(model).eval()
-    kept = set()
-    for layer in pruned.base_model.encoder.layer:
-        inner, outer = layer.intermediate.dense, layer.output.dense
-        keep = l1_kept_outputs(inner, sparsity)
-        new_inner = nn.Linear(inner.in_features, len(keep))
-        new_inner.weight.data = inner.weight.data[keep].clone()
-        new_inner.bias.data = inner.bias.data[keep].clone()
-        new_outer = nn.Linear(len(keep), outer.out_features)
-        new_outer.weight.data = outer.weight.data[:, keep].clone()
-        new_outer.bias.data = outer.bias.data.clone()
-        layer.intermediate.dense, layer.output.dense = new_inner, new_outer
-        kept.add(len(keep))
-    # ln_structured prunes the same count in every layer, so the config can say it and
-    # save_pretrained / from_pretrained round-trip the pruned model.
-    (pruned.config.intermediate_size,) = kept
-    return pruned.eval()
+RULE = RULES["sst2"]
+NAME = "text_pruning"
+# --quick: 50% sparsity only, 0.02 epoch of fine-tuning, SideNets on 2,000 phrases for 3 epochs, the
+# first 300 dev sentences, one repeat.
+QUICK = {"sparsities": [0.5], "finetune_epochs": 0.02, "max_train_samples": 2000, "dev_limit": 300, "epochs": 3,
+         "repeats": 1, "batch1_samples": 32}  # fmt: skip
 
 
 def pruned_mainnet(
-    mainnet: nn.Module, sparsity: float, collate: Any, data: Path | None, epochs: float, retrain: bool
+    mainnet: nn.Module, sparsity: float, collate: Any, data: Path, epochs: float, retrain: bool, cache: Path
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The pruned, fine-tuned MainNet at ``sparsity`` (cached), and what was done to make it."""
-    folder = SIDENETS / f"pruned-ffn-{round(100 * sparsity)}"
+    """The pruned, fine-tuned MainNet at ``sparsity`` (cached in ``cache``), and what was done to make it."""
+    folder = cache / f"pruned-ffn-{round(100 * sparsity)}"
     if (folder / "pruned_meta.json").is_file() and not retrain:
         from transformers import AutoModelForSequenceClassification
 
         model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
         return model, json.loads((folder / "pruned_meta.json").read_text())
-    dev = make_loader(sst2_splits(data)["test"], 64, collate_fn=collate)
+    splits = sst2_splits(data)
+    dev = make_loader(splits["test"], 64, collate_fn=collate)
     model = prune_feed_forward(mainnet, sparsity)
     meta: dict[str, Any] = {"sparsity": sparsity, "dev_accuracy_before_finetuning": evaluate_text_accuracy(model, dev)}
-    meta |= train_with_teacher(model, mainnet, collate, data, epochs, 5e-5, 0, f"Fine-tuning at {sparsity:.0%}")
+    desc = f"Fine-tuning at {sparsity:.0%}"
+    meta |= train_with_teacher(model, mainnet, splits["train"], collate, epochs, 5e-5, 0, desc)
     meta["dev_accuracy"] = evaluate_text_accuracy(model, dev)
     meta["parameters"] = sum(p.numel() for p in model.parameters())
     model.save_pretrained(folder)
@@ -91,30 +82,35 @@ def pruned_mainnet(
     return model, meta
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=None, help="folder of SST-2's train.tsv and dev.tsv")
+def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """This step's options from ``argv`` (the command line when None)."""
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.5])
     parser.add_argument("--finetune-epochs", type=float, default=0.15)
     parser.add_argument("--epochs", type=int, default=30, help="SideNet epochs on cached features")
-    parser.add_argument("--max-train-samples", type=int, default=None, help="quick runs: SideNet on a prefix")
-    parser.add_argument("--dev-limit", type=int, default=None, help="quick runs: the first dev sentences only")
+    parser.add_argument("--max-train-samples", type=int, default=None, help="SideNets on a prefix of train")
+    parser.add_argument("--dev-limit", type=int, default=None, help="the first dev sentences only")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch1-samples", type=int, default=200, help="samples timed at batch 1")
     parser.add_argument("--retrain", action="store_true", help="prune and fine-tune again even if cached")
-    args = parser.parse_args()
+    return parse_options(parser, argv, QUICK)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The MainNet and its pruned versions, alone and with their SideNets, side by side; the result."""
     torch.manual_seed(0)
     task = get_task("sst2")
-    mainnet = task.mainnet(args.data).eval()
-    loaders = task.loaders(args.data)
+    mainnet = task.mainnet(args.sst2_data).eval()
+    loaders = task.loaders(args.sst2_data)
     collate = loaders["test"].collate_fn
     choose, report = split_loader(prefix_loader(loaders["test"], args.dev_limit))
 
-    main_side = load_sidenet(mainnet, SIDENETS / "sst2-3")
+    main_side = fitted_sidenet(mainnet, args.results_dir, "sst2")
     models, pruned_meta = {"MainNet": main_side}, {}
     variants: dict[str, Any] = {"MainNet": (main_side, "main"), "MainNet + SideNet": (main_side, "adaptive")}
     for sparsity in args.sparsities:
-        pruned, meta = pruned_mainnet(mainnet, sparsity, collate, args.data, args.finetune_epochs, args.retrain)
+        pruned, meta = pruned_mainnet(mainnet, sparsity, collate, args.sst2_data, args.finetune_epochs, args.retrain,
+                                      sidenet_dir(args.results_dir))  # fmt: skip
         side = attach(pruned, 3, split_options=main_side.split.options(), hidden=main_side.sidenet.hidden, seed=0)
         started = time.perf_counter()
         side.fit(prefix_loader(loaders["train"], args.max_train_samples), epochs=args.epochs, progress=False)
@@ -142,7 +138,7 @@ def main() -> None:
         }
     result = {
         "workload": "sst2_minilm_pruned",
-        "command": "python benchmarks/text_pruning.py",
+        "command": command(NAME, args),
         "machine": machine(),
         "rule": RULE,
         "tap": 3,
@@ -155,7 +151,11 @@ def main() -> None:
         "multiply": multiply,
         "timing": timing,
     }
-    print(f"wrote {write_result('text_pruning', result)} and {write_benchmarks_md()}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_and_write(NAME, run, options(argv))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""Helpers of the compression benchmarks that change models: they must keep the network valid."""
+"""The benchmark harness: model edits of the compression benchmarks keep the network valid, every step
+parses its command line and comes after the steps it needs, and BENCHMARKS.md renders from the
+committed results exactly as committed."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from benchmarks.resnet_compression import prune_channels
+from benchmarks.model_edits import prune_channels
 
 from sidenet.models.cifar_resnet import cifar_resnet
 
@@ -39,7 +41,7 @@ def test_pruning_leaves_the_original_alone() -> None:
 @torch.no_grad()
 def test_feed_forward_pruning_shrinks_bert_layers_and_round_trips(tmp_path) -> None:
     transformers = pytest.importorskip("transformers")
-    from benchmarks.text_pruning import prune_feed_forward
+    from benchmarks.model_edits import prune_feed_forward
 
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -88,52 +90,61 @@ def test_compression_figure_takes_the_mainnet_pair_once(tmp_path) -> None:
     assert path is not None and path.stat().st_size > 10_000
 
 
-class _Parsed(Exception):
-    """Raised in place of running a benchmark once its command line has parsed."""
-
-
 @pytest.mark.parametrize("quick", [False, True])
-def test_every_runner_step_accepts_its_arguments(quick: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    import argparse
+def test_every_runner_step_accepts_the_runners_arguments(quick: bool, tmp_path) -> None:
+    """Each step's own parser takes what the runner passes it, and --quick sets the step's QUICK defaults."""
     import importlib
-    import sys
 
+    from benchmarks.__main__ import STEPS, step_arguments
+
+    for step in STEPS.values():
+        module = importlib.import_module(f"benchmarks.{step.module}")
+        args = module.options(step_arguments(quick, tmp_path, tmp_path / "sst2"))
+        assert args.quick is quick and args.results_dir == tmp_path.resolve() and args.sst2_data == tmp_path / "sst2"
+        assert callable(module.run) and isinstance(module.NAME, str)
+        for key, value in getattr(module, "QUICK", {}).items():
+            assert quick is False or getattr(args, key) == value, (step.module, key)
+
+
+def test_quick_defaults_yield_to_options_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import fmnist_resnet, harness
+
+    monkeypatch.delenv("SIDENET_SST2_DIR", raising=False)
+    args = fmnist_resnet.options(["--quick", "--repeats", "3"])
+    assert args.repeats == 3 and args.taps == ["layer1.0"]  # given option kept, other quick defaults applied
+    assert args.results_dir == harness.QUICK_RESULTS
+    assert args.sst2_data == harness.ROOT.parent / "shared" / "data" / "sst2"
+    assert fmnist_resnet.options([]).results_dir == harness.RESULTS
+    monkeypatch.setenv("SIDENET_SST2_DIR", "/somewhere/sst2")
+    assert str(fmnist_resnet.options([]).sst2_data) == "/somewhere/sst2"
+
+
+def test_steps_run_after_what_they_need() -> None:
     from benchmarks.__main__ import STEPS
 
-    original = argparse.ArgumentParser.parse_args
+    order = list(STEPS)
+    for name, step in STEPS.items():
+        assert all(need in order[: order.index(name)] for need in step.needs), name
 
-    def parse_then_stop(self, args=None, namespace=None):  # noqa: ANN001, ANN202
-        original(self, args, namespace)
-        raise _Parsed
 
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
-    for script, full, quick_args, data_flag in STEPS.values():
-        arguments = [*(quick_args if quick else full), *([data_flag, "/data/sst2"] if data_flag else [])]
-        module = importlib.import_module(f"benchmarks.{script.removesuffix('.py')}")
-        monkeypatch.setattr(sys, "argv", [script, *arguments])
-        with pytest.raises(_Parsed):  # an unknown argument would exit with argparse's error instead
-            module.main()
+def test_results_folders_are_explicit(tmp_path) -> None:
+    from benchmarks import harness
+
+    assert harness.markdown_path(harness.RESULTS) == harness.ROOT / "BENCHMARKS.md"
+    assert harness.markdown_path(tmp_path) == tmp_path / "BENCHMARKS.md"
+    assert harness.sidenet_dir(tmp_path) == tmp_path / "sidenets"
+    assert harness.link(tmp_path / "curve.png", tmp_path) == "curve.png"
+    assert harness.link(harness.RESULTS / "curve.png", harness.RESULTS) == "benchmarks/results/curve.png"
+    with pytest.raises(SystemExit, match="calibration"):
+        harness.fitted_sidenet(torch.nn.Linear(2, 2), tmp_path, "sst2")
 
 
 def test_benchmarks_md_renders_from_the_committed_results() -> None:
-    """The renderer copes with every committed JSON result (older ones may lack newer fields)."""
-    from benchmarks.common import RESULTS
+    """The renderer reproduces the committed BENCHMARKS.md from the committed JSON results."""
+    from benchmarks.harness import RESULTS, markdown_path
     from benchmarks.report import render
 
     text = render(RESULTS)
     assert text.startswith("# Benchmarks") and "## Summary" in text
     assert "## Serving side by side" in text and "nan" not in text.lower().split()
-
-
-def test_run_script_runs_main_under_its_command_line_and_restores_argv(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sys
-    import types
-
-    import benchmarks.__main__ as runner
-
-    seen: list[list[str]] = []
-    fake = types.SimpleNamespace(main=lambda: seen.append(list(sys.argv)))
-    monkeypatch.setattr(runner.importlib, "import_module", lambda name: fake if name == "benchmarks.serving" else None)
-    before = list(sys.argv)
-    runner.run_script("serving.py", ["--quick"])
-    assert seen == [[str(runner.HERE / "serving.py"), "--quick"]] and sys.argv == before
+    assert text == markdown_path(RESULTS).read_text()

