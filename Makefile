@@ -70,10 +70,10 @@ bench-quick: $(STAMP) data
 
 # One workload at a time.
 bench-fmnist: $(STAMP) data
-	$(BIN)/python benchmarks/fmnist_resnet.py
+	$(BIN)/python -m benchmarks.fmnist_resnet
 
 bench-sst2: $(STAMP)
-	$(BIN)/python benchmarks/sst2_minilm.py
+	$(BIN)/python -m benchmarks.sst2_minilm
 
 clean:
 	rm -rf $(VENV) .lock-tools build dist src/*.egg-info .pytest_cache .ruff_cache

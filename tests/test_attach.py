@@ -260,8 +260,9 @@ def test_attach_refuses_a_forward_the_split_does_not_reproduce(tiny_mainnet: nn.
         assert isinstance(info.value, ValueError) and "ShiftedCifarResNet" in str(info.value)
     # The escape hatch: a split written by hand is trusted as given.
     plain = sidenet.split_mainnet(shifted, "layer1")
-    split = sidenet.CallableSplit(trunk=lambda x: plain.trunk(x * 2 - 1), rest=plain.rest, mainnet=shifted,
-                                  num_classes=NUM_CLASSES, tap="layer1")  # fmt: skip
+    split = sidenet.CallableSplit(
+        trunk=lambda x: plain.trunk(x * 2 - 1), rest=plain.rest, mainnet=shifted, num_classes=NUM_CLASSES, tap="layer1"
+    )
     model = sidenet.attach(split, "layer1", input_shape=IMAGE_SHAPE, hidden=8, threshold=NEVER_EXIT)
     x = images(6, seed=2)
     with torch.no_grad():

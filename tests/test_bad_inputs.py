@@ -287,8 +287,9 @@ def test_load_refuses_what_is_not_a_saved_sidenet(model: AdaptiveModel, tmp_path
 
 @FUZZ
 @given(data=st.binary(max_size=200))
-def test_load_refuses_a_config_of_random_bytes(model: AdaptiveModel, tmp_path_factory: pytest.TempPathFactory,
-                                                data: bytes) -> None:  # fmt: skip
+def test_load_refuses_a_config_of_random_bytes(
+    model: AdaptiveModel, tmp_path_factory: pytest.TempPathFactory, data: bytes
+) -> None:
     folder = tmp_path_factory.mktemp("saved")
     sidenet.save_sidenet(model, folder)
     (folder / sidenet.config.CONFIG_NAME).write_bytes(data)
@@ -298,13 +299,33 @@ def test_load_refuses_a_config_of_random_bytes(model: AdaptiveModel, tmp_path_fa
 
 @FUZZ
 @given(
-    key=st.sampled_from(["tap", "feature_shape", "num_classes", "hidden", "pool_size", "threshold", "temperature",
-                         "policy", "split_options", "mainnet_fingerprint", "format_version"]),  # fmt: skip
-    value=st.one_of(st.none(), st.text(max_size=5), st.integers(-3, 3), st.floats(allow_nan=False),
-                    st.lists(st.integers(-1, 3), max_size=3), st.dictionaries(st.text(max_size=3), st.integers())),
-)  # fmt: skip
-def test_load_refuses_or_survives_any_edited_value(model: AdaptiveModel, tmp_path_factory: pytest.TempPathFactory,
-                                                   key: str, value: object) -> None:  # fmt: skip
+    key=st.sampled_from(
+        [
+            "tap",
+            "feature_shape",
+            "num_classes",
+            "hidden",
+            "pool_size",
+            "threshold",
+            "temperature",
+            "policy",
+            "split_options",
+            "mainnet_fingerprint",
+            "format_version",
+        ]
+    ),
+    value=st.one_of(
+        st.none(),
+        st.text(max_size=5),
+        st.integers(-3, 3),
+        st.floats(allow_nan=False),
+        st.lists(st.integers(-1, 3), max_size=3),
+        st.dictionaries(st.text(max_size=3), st.integers()),
+    ),
+)
+def test_load_refuses_or_survives_any_edited_value(
+    model: AdaptiveModel, tmp_path_factory: pytest.TempPathFactory, key: str, value: object
+) -> None:
     """An edited config either loads (the value was valid) or raises CheckpointError; never anything
     else, and never a model that reads another tap."""
     import json
@@ -332,9 +353,14 @@ def test_load_refuses_or_survives_any_edited_value(model: AdaptiveModel, tmp_pat
 # -- PooledRouter -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"rest_batch": 0}, "rest_batch"), ({"rest_batch": "8"}, "rest_batch"), ({"max_wait": -1}, "max_wait"),
-     ({"max_wait": 1.5}, "max_wait"), ({"rest_batch": True}, "rest_batch")],
-)  # fmt: skip
+    [
+        ({"rest_batch": 0}, "rest_batch"),
+        ({"rest_batch": "8"}, "rest_batch"),
+        ({"max_wait": -1}, "max_wait"),
+        ({"max_wait": 1.5}, "max_wait"),
+        ({"rest_batch": True}, "rest_batch"),
+    ],
+)
 def test_router_refuses_bad_settings(model: AdaptiveModel, options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         PooledRouter(model, **options)
@@ -366,16 +392,29 @@ def _valid_fit_option(option: str, value: str) -> bool:
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    option=st.sampled_from(["--max-drop", "--confidence", "--distill", "--hidden", "--pool", "--epochs", "--tap",
-                            "--policy", "--features", "--task"]),  # fmt: skip
+    option=st.sampled_from(
+        [
+            "--max-drop",
+            "--confidence",
+            "--distill",
+            "--hidden",
+            "--pool",
+            "--epochs",
+            "--tap",
+            "--policy",
+            "--features",
+            "--task",
+        ]
+    ),
     value=st.one_of(
         st.sampled_from(["-1", "2", "nan", "inf", "-inf", "0", "1.5", "abc", "", "layer9", "1e309"]),
         st.floats(min_value=1.0 + 1e-6, max_value=1e6).map(str),
         st.integers(max_value=0).map(str),
     ),
 )
-def test_cli_refuses_bad_option_values_before_any_work(touched: list[str], tmp_path: Path, option: str,
-                                                       value: str) -> None:  # fmt: skip
+def test_cli_refuses_bad_option_values_before_any_work(
+    touched: list[str], tmp_path: Path, option: str, value: str
+) -> None:
     """Any bad value of a `sidenet fit` option: exit code 2 and one `error:` line (Typer's own usage
     error for values it cannot parse), never a traceback, a trained MainNet or data read."""
     from typer.testing import CliRunner
@@ -393,18 +432,39 @@ def test_cli_refuses_bad_option_values_before_any_work(touched: list[str], tmp_p
 
 # -- validate_input: a ValueError for every wrong input, never a TypeError ---------------------------------
 WRONG_INPUTS = [
-    None, "abc", b"x", 3, 2.5, [1, 2], [[1.0]], (torch.zeros(2),), {"a": 1}, {1: 2}, np.zeros((2, *IMAGE_SHAPE)),
-    torch.zeros(()), torch.zeros(0, *IMAGE_SHAPE), torch.zeros(2, *IMAGE_SHAPE, dtype=torch.complex64),
-    torch.zeros(2, *IMAGE_SHAPE, dtype=torch.float64), torch.full((2, *IMAGE_SHAPE), math.nan),
-]  # fmt: skip
+    None,
+    "abc",
+    b"x",
+    3,
+    2.5,
+    [1, 2],
+    [[1.0]],
+    (torch.zeros(2),),
+    {"a": 1},
+    {1: 2},
+    np.zeros((2, *IMAGE_SHAPE)),
+    torch.zeros(()),
+    torch.zeros(0, *IMAGE_SHAPE),
+    torch.zeros(2, *IMAGE_SHAPE, dtype=torch.complex64),
+    torch.zeros(2, *IMAGE_SHAPE, dtype=torch.float64),
+    torch.full((2, *IMAGE_SHAPE), math.nan),
+]
 IDS = torch.zeros(2, 3, dtype=torch.long)
 WRONG_TEXT_INPUTS = [
-    {"input_ids": None}, {"input_ids": [[1, 2]]}, {"input_ids": IDS.float()}, {"input_ids": IDS.bool()},
-    {"input_ids": IDS.to(torch.complex64)}, {"input_ids": IDS.unsqueeze(0)}, {"input_ids": IDS, "attention_mask": "x"},
-    {"input_ids": IDS, "attention_mask": np.ones((2, 3))}, {"input_ids": IDS, "token_type_ids": [0]},
-    {"input_ids": IDS, "attention_mask": torch.full((2, 3), 2)}, {"input_ids": torch.full((2, 3), 99)},
-    {"input_ids": torch.full((2, 3), -1)}, {"input_ids": np.zeros((2, 3), dtype=np.int64)},
-]  # fmt: skip
+    {"input_ids": None},
+    {"input_ids": [[1, 2]]},
+    {"input_ids": IDS.float()},
+    {"input_ids": IDS.bool()},
+    {"input_ids": IDS.to(torch.complex64)},
+    {"input_ids": IDS.unsqueeze(0)},
+    {"input_ids": IDS, "attention_mask": "x"},
+    {"input_ids": IDS, "attention_mask": np.ones((2, 3))},
+    {"input_ids": IDS, "token_type_ids": [0]},
+    {"input_ids": IDS, "attention_mask": torch.full((2, 3), 2)},
+    {"input_ids": torch.full((2, 3), 99)},
+    {"input_ids": torch.full((2, 3), -1)},
+    {"input_ids": np.zeros((2, 3), dtype=np.int64)},
+]
 
 
 def wrong_input_splits() -> list:
@@ -418,15 +478,22 @@ def wrong_input_splits() -> list:
 
 @pytest.mark.parametrize(("split", "x"), wrong_input_splits())
 def test_validate_input_raises_value_errors_only(split: sidenet.MainNetSplit, x: object) -> None:
-    with pytest.raises(ValueError):  # noqa: PT011 - the message is each check's own
+    with pytest.raises(ValueError):
         split.validate_input(x)
 
 
 @pytest.mark.parametrize("x", [*WRONG_INPUTS, *WRONG_TEXT_INPUTS])
 def test_text_validate_input_raises_value_errors_only(x: object) -> None:
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, num_labels=3, max_position_embeddings=16)  # fmt: skip
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+        max_position_embeddings=16,
+    )
     split = sidenet.split_mainnet(transformers.BertForSequenceClassification(config).eval(), 1)
-    with pytest.raises(ValueError):  # noqa: PT011 - the message is each check's own
+    with pytest.raises(ValueError):
         split.validate_input(x)

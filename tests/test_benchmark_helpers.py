@@ -44,8 +44,9 @@ def test_feed_forward_pruning_shrinks_bert_layers_and_round_trips(tmp_path) -> N
     from benchmarks.model_edits import prune_feed_forward
 
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=40, num_labels=2)  # fmt: skip
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40, num_labels=2
+    )
     model = transformers.BertForSequenceClassification(config).eval()
     ids = torch.randint(0, 50, (3, 7))
     same = prune_feed_forward(model, 0.0)

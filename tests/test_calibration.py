@@ -75,18 +75,18 @@ def test_equal_mass_bins_hold_equal_counts() -> None:
         (lambda: fit_temperature(np.full((2, 2), np.nan), [0, 1]), "NaN"),
     ],
 )
-def test_bad_input_raises(call, match: str) -> None:  # noqa: ANN001
+def test_bad_input_raises(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
 
 
-def test_reliability_diagram_writes_png(tmp_path) -> None:  # noqa: ANN001
+def test_reliability_diagram_writes_png(tmp_path) -> None:
     logits, labels = planted(500, 3, 1.0)
     path = reliability_diagram(tmp_path / "rel.png", {"SideNet": (logits, labels), "MainNet": (2 * logits, labels)})
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_calibrate_fits_the_temperature_of_the_sidenet_logits(tiny_model, separable_loader) -> None:  # noqa: ANN001
+def test_calibrate_fits_the_temperature_of_the_sidenet_logits(tiny_model, separable_loader) -> None:
     from sidenet.calibration import calibrate
     from sidenet.curve import collect
 

@@ -25,10 +25,24 @@ checkpoint_module = importlib.import_module("sidenet.checkpoint")
 
 # Every key a saved config must hold (only the free-form metadata may be left out).
 REQUIRED = [
-    "tap", "split_options", "feature_shape", "num_classes", "hidden", "pool_size", "threshold", "temperature",
-    "policy", "mainnet_fingerprint", "mainnet_class", "format_version", "input_shape", "input_dtype",
-    "weights_sha256", "reference_sha256", "structure_sha256",
-]  # fmt: skip
+    "tap",
+    "split_options",
+    "feature_shape",
+    "num_classes",
+    "hidden",
+    "pool_size",
+    "threshold",
+    "temperature",
+    "policy",
+    "mainnet_fingerprint",
+    "mainnet_class",
+    "format_version",
+    "input_shape",
+    "input_dtype",
+    "weights_sha256",
+    "reference_sha256",
+    "structure_sha256",
+]
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -206,9 +220,17 @@ def test_tap_edited_to_a_layer_of_the_same_shape_is_detected(saved: tuple[Adapti
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("hidden", 16), ("pool_size", 1), ("split_options", {"x": 1}), ("mainnet_fingerprint", ""),
-     ("feature_shape", [8, 16, 15]), ("num_classes", 5), ("input_shape", [1, 8, 8]), ("weights_sha256", "0" * 64)],
-)  # fmt: skip
+    [
+        ("hidden", 16),
+        ("pool_size", 1),
+        ("split_options", {"x": 1}),
+        ("mainnet_fingerprint", ""),
+        ("feature_shape", [8, 16, 15]),
+        ("num_classes", 5),
+        ("input_shape", [1, 8, 8]),
+        ("weights_sha256", "0" * 64),
+    ],
+)
 def test_structural_edits_are_detected(saved: tuple[AdaptiveModel, Path], key: str, value: Any) -> None:
     model, folder = saved
     write_config(folder, {**read_config(folder), key: value})
@@ -275,16 +297,44 @@ def test_metadata_may_be_missing(saved: tuple[AdaptiveModel, Path]) -> None:
 
 
 MALFORMED = [
-    ("hidden", "abc"), ("hidden", 0), ("hidden", True), ("hidden", 2.5), ("feature_shape", 5),
-    ("feature_shape", [8, "16", 16]), ("feature_shape", []), ("feature_shape", [8, 0, 16]), ("num_classes", None),
-    ("num_classes", 1), ("split_options", []), ("split_options", "features=mean"), ("threshold", "0.5"),
-    ("threshold", 1.5), ("threshold", True), ("temperature", -1), ("temperature", "1"), ("policy", 3),
-    ("policy", "vote"), ("tap", [1]), ("tap", None), ("tap", True), ("pool_size", None), ("mainnet_fingerprint", 5),
-    ("mainnet_fingerprint", "abc"), ("mainnet_class", None), ("format_version", "2"), ("format_version", 0),
-    ("metadata", []), ("weights_sha256", "xyz"), ("weights_sha256", 12), ("reference_sha256", "A" * 64),
-    ("structure_sha256", ["a"]), ("input_shape", "1,16,16"), ("input_shape", [1, -16, 16]),
-    ("input_dtype", "float99"), ("input_dtype", 32),
-]  # fmt: skip
+    ("hidden", "abc"),
+    ("hidden", 0),
+    ("hidden", True),
+    ("hidden", 2.5),
+    ("feature_shape", 5),
+    ("feature_shape", [8, "16", 16]),
+    ("feature_shape", []),
+    ("feature_shape", [8, 0, 16]),
+    ("num_classes", None),
+    ("num_classes", 1),
+    ("split_options", []),
+    ("split_options", "features=mean"),
+    ("threshold", "0.5"),
+    ("threshold", 1.5),
+    ("threshold", True),
+    ("temperature", -1),
+    ("temperature", "1"),
+    ("policy", 3),
+    ("policy", "vote"),
+    ("tap", [1]),
+    ("tap", None),
+    ("tap", True),
+    ("pool_size", None),
+    ("mainnet_fingerprint", 5),
+    ("mainnet_fingerprint", "abc"),
+    ("mainnet_class", None),
+    ("format_version", "2"),
+    ("format_version", 0),
+    ("metadata", []),
+    ("weights_sha256", "xyz"),
+    ("weights_sha256", 12),
+    ("reference_sha256", "A" * 64),
+    ("structure_sha256", ["a"]),
+    ("input_shape", "1,16,16"),
+    ("input_shape", [1, -16, 16]),
+    ("input_dtype", "float99"),
+    ("input_dtype", 32),
+]
 
 
 @pytest.mark.parametrize(("key", "value"), MALFORMED)
@@ -299,9 +349,15 @@ def test_malformed_values_name_the_key(saved: tuple[AdaptiveModel, Path], key: s
 
 def base_config_text() -> str:
     config = SideNetConfig(
-        tap="layer1", feature_shape=[8, 16, 16], num_classes=4, input_shape=[1, 16, 16], input_dtype="float32",
-        mainnet_fingerprint="ab" * 32, mainnet_class="CifarResNet", weights_sha256="cd" * 32,
-    )  # fmt: skip
+        tap="layer1",
+        feature_shape=[8, 16, 16],
+        num_classes=4,
+        input_shape=[1, 16, 16],
+        input_dtype="float32",
+        mainnet_fingerprint="ab" * 32,
+        mainnet_class="CifarResNet",
+        weights_sha256="cd" * 32,
+    )
     return dataclasses.replace(config, structure_sha256=config.structure_digest()).to_json()
 
 

@@ -38,10 +38,10 @@ class TinyTask(FashionMnistTask):
             for name in ("train", "val", "test")
         }
 
-    def mainnet(self, data_dir=None, progress=True):  # noqa: ANN001, ANN201
+    def mainnet(self, data_dir=None, progress=True):
         return self._mainnet
 
-    def loaders(self, data_dir=None, batch_size=256):  # noqa: ANN001, ANN201
+    def loaders(self, data_dir=None, batch_size=256):
         return {name: make_loader(ds, 32) for name, ds in self._splits.items()}
 
 

@@ -22,16 +22,35 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_settings_are_the_config_fields_a_user_chooses() -> None:
     roles = {f.name: f.metadata["role"] for f in dataclasses.fields(SideNetConfig)}
-    assert set(SETTINGS) == {"num_classes", "split_options", "hidden", "pool_size", "threshold", "temperature",
-                             "policy", "metadata"}  # fmt: skip
+    assert set(SETTINGS) == {
+        "num_classes",
+        "split_options",
+        "hidden",
+        "pool_size",
+        "threshold",
+        "temperature",
+        "policy",
+        "metadata",
+    }
     assert {name for name, role in roles.items() if role == SAVED} == {
-        "mainnet_fingerprint", "weights_sha256", "reference_sha256", "structure_sha256", "format_version",
-    }  # fmt: skip
+        "mainnet_fingerprint",
+        "weights_sha256",
+        "reference_sha256",
+        "structure_sha256",
+        "format_version",
+    }
 
 
 def test_attach_keeps_its_settings_in_model_config(tiny_mainnet: nn.Module) -> None:
-    model = sidenet.attach(tiny_mainnet, "layer1", input_shape=IMAGE_SHAPE, hidden=8, pool_size=2, threshold=0.7,
-                           metadata={"data": "separable"})  # fmt: skip
+    model = sidenet.attach(
+        tiny_mainnet,
+        "layer1",
+        input_shape=IMAGE_SHAPE,
+        hidden=8,
+        pool_size=2,
+        threshold=0.7,
+        metadata={"data": "separable"},
+    )
     config = model.config
     assert (config.tap, config.hidden, config.pool_size, config.threshold) == ("layer1", 8, 2, 0.7)
     assert (config.feature_shape, config.num_classes) == ([8, 16, 16], NUM_CLASSES)
@@ -95,8 +114,9 @@ def test_hand_built_model_reads_its_config_off_its_parts(tiny_model: AdaptiveMod
     assert (warmer.temperature, warmer.threshold) == (3.0, tiny_model.threshold)
 
 
-@pytest.mark.parametrize(("field", "value"), [("hidden", 7), ("tap", "layer2"), ("num_classes", 9),
-                                              ("feature_shape", [1, 2, 3])])  # fmt: skip
+@pytest.mark.parametrize(
+    ("field", "value"), [("hidden", 7), ("tap", "layer2"), ("num_classes", 9), ("feature_shape", [1, 2, 3])]
+)
 def test_a_config_that_contradicts_the_parts_is_refused(tiny_model: AdaptiveModel, field: str, value: object) -> None:
     wrong = dataclasses.replace(tiny_model.config, **{field: value})
     with pytest.raises(ValueError, match=field):
@@ -113,8 +133,15 @@ def test_none_is_no_threshold(tiny_model: AdaptiveModel) -> None:
 
 
 # -- errors ---------------------------------------------------------------------------------------------
-ERRORS = ["CheckpointError", "ClassCountMismatchError", "FrozenExitPolicyError", "MainNetMismatchError",
-          "SplitMismatchError", "TapError", "UnsupportedMainNetError"]  # fmt: skip
+ERRORS = [
+    "CheckpointError",
+    "ClassCountMismatchError",
+    "FrozenExitPolicyError",
+    "MainNetMismatchError",
+    "SplitMismatchError",
+    "TapError",
+    "UnsupportedMainNetError",
+]
 
 
 @pytest.mark.parametrize("name", ERRORS)

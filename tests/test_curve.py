@@ -404,8 +404,9 @@ def record_of(confidence: np.ndarray, seed: int = 0) -> SweepRecord:
     rng = np.random.default_rng(seed)
     n = len(confidence)
     side, main = rng.random(n) < 0.7, rng.random(n) < 0.8
-    return SweepRecord(confidence, side, main, rng.random(n) < 0.8, np.full(n, 10.0), np.full(n, 90.0),
-                       np.full(n, 95.0))  # fmt: skip
+    return SweepRecord(
+        confidence, side, main, rng.random(n) < 0.8, np.full(n, 10.0), np.full(n, 90.0), np.full(n, 95.0)
+    )
 
 
 @HYPOTHESIS

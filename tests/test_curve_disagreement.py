@@ -23,8 +23,12 @@ def record(confidence: list[float], agree: list[bool], side_ok: list[bool], main
 
 def test_disagreement_bounds_the_drop_without_cancellation() -> None:
     # Confidences 0.9 .. 0.5; the 0.8 sample disagrees and is wrong, the 0.6 one disagrees and is right.
-    rec = record([0.9, 0.8, 0.7, 0.6, 0.5], [True, False, True, False, False],
-                 [True, False, True, True, False], [True, True, True, False, True])  # fmt: skip
+    rec = record(
+        [0.9, 0.8, 0.7, 0.6, 0.5],
+        [True, False, True, False, False],
+        [True, False, True, True, False],
+        [True, True, True, False, True],
+    )
     curve = TradeoffCurve(rec)
     assert curve.disagreement.tolist() == pytest.approx([0, 0, 0.2, 0.2, 0.4, 0.6])
     # The accuracy rule sees the loss at 0.8 cancelled by the win at 0.6 and exits four samples (the
@@ -40,8 +44,12 @@ def test_disagreement_bounds_the_drop_without_cancellation() -> None:
 def test_max_disagreement_is_cheapest_feasible(seed: int) -> None:
     rng = np.random.default_rng(seed)
     n = 40
-    rec = record(rng.choice([0.5, 0.6, 0.7, 0.8, 0.9, 1.0], n).tolist(), (rng.random(n) < 0.8).tolist(),
-                 (rng.random(n) < 0.7).tolist(), (rng.random(n) < 0.8).tolist())  # fmt: skip
+    rec = record(
+        rng.choice([0.5, 0.6, 0.7, 0.8, 0.9, 1.0], n).tolist(),
+        (rng.random(n) < 0.8).tolist(),
+        (rng.random(n) < 0.7).tolist(),
+        (rng.random(n) < 0.8).tolist(),
+    )
     curve = TradeoffCurve(rec)
     for limit in (0.0, 0.05, 0.1, 0.3):
         chosen = curve.threshold_for(max_disagreement=limit)

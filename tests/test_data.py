@@ -261,5 +261,8 @@ def test_sidenet_data_re_exports_loaders_and_datasets() -> None:
     for module in (loaders, datasets):
         assert all(getattr(data, name) is getattr(module, name) for name in module.__all__)
     assert set(data.__all__) == set(loaders.__all__) | set(datasets.__all__) | {
-        "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "VALIDATION_SIZE", "SST2_VALIDATION_SIZE"
-    }  # fmt: skip
+        "FASHION_MNIST_MEAN",
+        "FASHION_MNIST_STD",
+        "VALIDATION_SIZE",
+        "SST2_VALIDATION_SIZE",
+    }

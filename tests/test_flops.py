@@ -122,7 +122,7 @@ def test_quantised_mainnet_counts_flops_on_its_float_twin() -> None:
     assert model.flop_profile(x).mainnet == 0
 
 
-def test_the_ledger_keeps_one_profile_per_input_size(tiny_model) -> None:  # noqa: ANN001
+def test_the_ledger_keeps_one_profile_per_input_size(tiny_model) -> None:
     """The model's FLOPs methods hand over to its FlopLedger, which measures once per input size and
     forgets its profiles when told to count on another MainNet; a float twin follows the model's .to()."""
     from helpers import build_tiny_mainnet, make_images

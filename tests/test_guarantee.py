@@ -59,7 +59,7 @@ def test_fixed_sequence_counts_any_iterable_lazily() -> None:
     assert fixed_sequence(iter([]), 0.05) == 0
     assert fixed_sequence(np.array([0.01, 0.2]), 0.05) == 1
 
-    def pvalues():  # noqa: ANN202 - a generator that must not be read past the first failure
+    def pvalues():
         yield 0.01
         yield 0.5
         raise AssertionError("read past the first p-value above delta")

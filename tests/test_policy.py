@@ -62,9 +62,16 @@ def test_valid_temperature_is_stored_as_float(temperature: object) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("threshold", 5), ("threshold", "0.5"), ("threshold", True), ("temperature", 0.0),
-     ("temperature", True), ("kind", "variance"), ("kind", None)],
-)  # fmt: skip
+    [
+        ("threshold", 5),
+        ("threshold", "0.5"),
+        ("threshold", True),
+        ("temperature", 0.0),
+        ("temperature", True),
+        ("kind", "variance"),
+        ("kind", None),
+    ],
+)
 def test_assignment_is_refused(field: str, value: object) -> None:
     """The rule is frozen: no assignment, good value or bad, bypasses the validation of a new rule."""
     policy = ExitPolicy(0.5, 2.0, "margin")
@@ -73,8 +80,10 @@ def test_assignment_is_refused(field: str, value: object) -> None:
     assert (policy.threshold, policy.temperature, policy.kind) == (0.5, 2.0, "margin")  # unchanged
 
 
-@pytest.mark.parametrize(("field", "setter"), [("threshold", "model.threshold"), ("temperature", "model.temperature"),
-                                               ("kind", "model.policy_kind")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("field", "setter"),
+    [("threshold", "model.threshold"), ("temperature", "model.temperature"), ("kind", "model.policy_kind")],
+)
 def test_frozen_error_names_the_field_and_the_setter(field: str, setter: str) -> None:
     policy = ExitPolicy()
     valid = {"threshold": 0.5, "temperature": 2.0, "kind": "entropy"}[field]

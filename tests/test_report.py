@@ -37,22 +37,23 @@ def mixed_loader(seed: int) -> DataLoader:
 
 
 @pytest.fixture(scope="module")
-def built(shared_model: AdaptiveModel):  # noqa: ANN201
+def built(shared_model: AdaptiveModel):
     model = shared_model
     model.fit(DataLoader(separable_dataset(128), batch_size=32), epochs=2, lr=3e-3, progress=False)
     model.threshold, model.temperature = 0.77, 1.3
     settings = ReportSettings(max_accuracy_drop=0.05, timing_samples=64, repeats=1, table_rows=4)
-    report = build_report(model, mixed_loader(1), mixed_loader(2), settings, class_names=("a", "b", "c", "d"),
-                          progress=False)  # fmt: skip
+    report = build_report(
+        model, mixed_loader(1), mixed_loader(2), settings, class_names=("a", "b", "c", "d"), progress=False
+    )
     return model, report
 
 
-def test_model_settings_are_restored(built) -> None:  # noqa: ANN001
+def test_model_settings_are_restored(built) -> None:
     model, _ = built
     assert (model.policy_kind, model.temperature, model.threshold) == ("max_softmax", 1.3, pytest.approx(0.77))
 
 
-def test_report_numbers_agree_with_the_library(built) -> None:  # noqa: ANN001
+def test_report_numbers_agree_with_the_library(built) -> None:
     model, report = built
     assert set(report.policies) == set(POLICIES) and report.recommended is report.policies[report.recommended.kind]
     raw = report.raw_evaluation
@@ -76,19 +77,36 @@ def test_report_numbers_agree_with_the_library(built) -> None:  # noqa: ANN001
     assert [name for name, _ in report.shift.items()] == ["calibration_vs_evaluation", "evaluation_half_vs_half"]
 
 
-def test_report_json_serialises_the_typed_report(built) -> None:  # noqa: ANN001
+def test_report_json_serialises_the_typed_report(built) -> None:
     """report.json's keys, as before the report was typed, with the values of the typed fields."""
     _, report = built
     s = json.loads(json.dumps(report.to_dict(), default=float))
-    assert list(s) == ["tap", "settings", "samples", "mainnet", "sidenet_accuracy", "calibration", "policies",
-                       "recommended", "shift", "per_class", "thresholds", "timing"]  # fmt: skip
+    assert list(s) == [
+        "tap",
+        "settings",
+        "samples",
+        "mainnet",
+        "sidenet_accuracy",
+        "calibration",
+        "policies",
+        "recommended",
+        "shift",
+        "per_class",
+        "thresholds",
+        "timing",
+    ]
     best = report.recommended
     assert s["recommended"]["policy"] == best.kind and s["recommended"]["threshold"] == best.guaranteed.threshold
     assert s["recommended"]["evaluation"] == best.guaranteed.evaluation
     assert s["samples"] == {"calibration": 128, "evaluation": 128}
     for kind, policy in report.policies.items():
-        assert set(s["policies"][kind]) == {"guaranteed", "empirical", "best_compute_calibration",
-                                            "best_compute_evaluation", "oracle"}  # fmt: skip
+        assert set(s["policies"][kind]) == {
+            "guaranteed",
+            "empirical",
+            "best_compute_calibration",
+            "best_compute_evaluation",
+            "oracle",
+        }
         assert s["policies"][kind]["best_compute_calibration"] == policy.best_compute_calibration
         assert s["policies"][kind]["empirical"]["calibration"] == policy.empirical.calibration
     assert s["calibration"]["temperature"] == report.temperature
@@ -101,7 +119,7 @@ def test_report_json_serialises_the_typed_report(built) -> None:  # noqa: ANN001
     assert report.summary == report.to_dict()  # the name of earlier releases
 
 
-def test_policies_scored_from_one_pass_equal_their_own_sweeps(built) -> None:  # noqa: ANN001
+def test_policies_scored_from_one_pass_equal_their_own_sweeps(built) -> None:
     model, report = built
     saved = model.policy
     try:
@@ -116,7 +134,7 @@ def test_policies_scored_from_one_pass_equal_their_own_sweeps(built) -> None:  #
         model.policy = saved
 
 
-def test_text_records_are_swept_again_under_a_rule_that_reorders_them(built, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_text_records_are_swept_again_under_a_rule_that_reorders_them(built, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where FLOPs credit samples in confidence order (text), a rule ordering the samples otherwise needs
     a new sweep, run with the model under that rule; the model's own rule is back afterwards."""
     model, report = built
@@ -134,7 +152,7 @@ def test_text_records_are_swept_again_under_a_rule_that_reorders_them(built, mon
     assert model.policy is saved
 
 
-def test_adaptive_log_probs_mix_the_two_answers(built) -> None:  # noqa: ANN001
+def test_adaptive_log_probs_mix_the_two_answers(built) -> None:
     model, _ = built
     record = collect(model, mixed_loader(2), progress=False)
     mixed = adaptive_log_probs(record, 0.8, temperature=model.temperature)
@@ -147,7 +165,7 @@ def test_adaptive_log_probs_mix_the_two_answers(built) -> None:  # noqa: ANN001
     assert accuracy == pytest.approx(TradeoffCurve(record).at(0.8)["accuracy"])
 
 
-def test_page_is_self_contained(built, tmp_path: Path) -> None:  # noqa: ANN001
+def test_page_is_self_contained(built, tmp_path: Path) -> None:
     _, report = built
     html_path, md_path = write_report(report, tmp_path / "r", "tiny report")
     page = html_path.read_text()
@@ -164,12 +182,20 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian package: chromium)")
-def test_page_renders_in_headless_chromium(built, tmp_path: Path) -> None:  # noqa: ANN001
+def test_page_renders_in_headless_chromium(built, tmp_path: Path) -> None:
     _, report = built
     html_path, _ = write_report(report, tmp_path / "r", "tiny report")
     shot = tmp_path / "shot.png"
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-               f"--screenshot={shot}", "--window-size=1100,2400", html_path.resolve().as_uri()]  # fmt: skip
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--screenshot={shot}",
+        "--window-size=1100,2400",
+        html_path.resolve().as_uri(),
+    ]
     subprocess.run(command, capture_output=True, timeout=120, check=False)
     assert shot.is_file(), "Chromium wrote no screenshot"
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)

@@ -32,9 +32,14 @@ COPIES = {"deepcopy": copy.deepcopy, "pickle": pickle_round_trip}
 def tiny_bert() -> nn.Module:
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
-        num_labels=3, max_position_embeddings=16,
-    )  # fmt: skip
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+        max_position_embeddings=16,
+    )
     torch.manual_seed(0)
     return transformers.BertForSequenceClassification(config).eval()
 
@@ -110,7 +115,7 @@ def test_counts_exact_under_threads(tiny_model: AdaptiveModel, images) -> None:
             start.wait()
             for _ in range(calls):
                 tiny_model(x)
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+        except BaseException as exc:
             errors.append(exc)
 
     # Switch threads as often as possible so that unguarded read-modify-writes interleave.

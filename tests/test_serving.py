@@ -98,12 +98,15 @@ def test_exit_statistics_are_counted(tiny_model: AdaptiveModel) -> None:
     assert tiny_model.samples_seen == 32 and tiny_model.samples_exited == exited
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"rest_batch": 0}, "rest_batch"),
-    ({"rest_batch": 2.5}, "rest_batch"),
-    ({"max_wait": -1}, "max_wait"),
-    ({"max_wait": True}, "max_wait"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"rest_batch": 0}, "rest_batch"),
+        ({"rest_batch": 2.5}, "rest_batch"),
+        ({"max_wait": -1}, "max_wait"),
+        ({"max_wait": True}, "max_wait"),
+    ],
+)
 def test_bad_settings_raise(tiny_model: AdaptiveModel, options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         PooledRouter(tiny_model, **options)

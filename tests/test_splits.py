@@ -113,8 +113,9 @@ def test_torchvision_resnet_with_sequential_fc(attach_classes: int | None) -> No
     net = torchvision.models.resnet18(weights=None)
     net.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(512, 7))
     net.eval()
-    model = sidenet.attach(net, "layer1", input_shape=(3, 64, 64), num_classes=attach_classes, hidden=8,
-                           threshold=NEVER_EXIT)  # fmt: skip
+    model = sidenet.attach(
+        net, "layer1", input_shape=(3, 64, 64), num_classes=attach_classes, hidden=8, threshold=NEVER_EXIT
+    )
     assert model.split.num_classes == 7 and model.sidenet.num_classes == 7
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -363,11 +364,14 @@ def test_concat_samples_undoes_select() -> None:
     assert joined["b"][1] == "label"
 
 
-@pytest.mark.parametrize(("states", "message"), [
-    ([], "no states"),
-    ([torch.zeros(2, 3), {"a": torch.zeros(2, 3)}], "structures"),
-    ([torch.zeros(2, 3), torch.zeros(2, 4)], "sample shapes"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("states", "message"),
+    [
+        ([], "no states"),
+        ([torch.zeros(2, 3), {"a": torch.zeros(2, 3)}], "structures"),
+        ([torch.zeros(2, 3), torch.zeros(2, 4)], "sample shapes"),
+    ],
+)
 def test_concat_samples_refuses_mismatched_states(states: list, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         concat_samples(states)

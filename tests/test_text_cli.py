@@ -40,16 +40,22 @@ class TinyTextTask(Sst2Task):
         tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
         tokenizer = transformers.BertTokenizer(vocab={token: i for i, token in enumerate(tokens)})
         self._collator = TextCollator(tokenizer, max_length=16)
-        config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3,
-                                         num_attention_heads=2, intermediate_size=64, num_labels=2)  # fmt: skip
+        config = transformers.BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=2,
+        )
         torch.manual_seed(0)
         self._model = transformers.BertForSequenceClassification(config).eval()
         self._splits = {name: sentences(64, seed) for seed, name in enumerate(("train", "val", "test"))}
 
-    def mainnet(self, data_dir=None, progress=True):  # noqa: ANN001, ANN201
+    def mainnet(self, data_dir=None, progress=True):
         return self._model
 
-    def loaders(self, data_dir=None, batch_size=16):  # noqa: ANN001, ANN201
+    def loaders(self, data_dir=None, batch_size=16):
         return {name: make_loader(ds, batch_size, collate_fn=self.collator) for name, ds in self._splits.items()}
 
 

@@ -25,7 +25,7 @@ def sst2_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tokenizer():  # noqa: ANN201 - a transformers tokenizer
+def tokenizer():
     transformers = pytest.importorskip("transformers")
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(WORDS.split()))]
     return transformers.BertTokenizer(vocab={token: i for i, token in enumerate(tokens)})
@@ -71,7 +71,7 @@ def test_sst2_datasets_hold_val_out_of_train(sst2_dir: Path) -> None:
     assert sst2_splits is sst2_datasets  # the name of earlier releases
 
 
-def test_collator_pads_per_batch_and_truncates(tokenizer) -> None:  # noqa: ANN001
+def test_collator_pads_per_batch_and_truncates(tokenizer) -> None:
     data = TextDataset(["fun", "a warm funny film great acting", "dull", "great"], [1, 1, 0, 1])
     collate = TextCollator(tokenizer, max_length=5)
     batches = list(make_loader(data, batch_size=2, collate_fn=collate))

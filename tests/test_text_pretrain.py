@@ -35,8 +35,9 @@ def checkpoint(tmp_path: Path) -> str:
     """A random 2-layer BERT and its tokenizer saved as a local folder, as from_pretrained reads it."""
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     tokenizer = transformers.BertTokenizer(vocab={t: i for i, t in enumerate(tokens)})
-    config = transformers.BertConfig(vocab_size=len(tokens), hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64)  # fmt: skip
+    config = transformers.BertConfig(
+        vocab_size=len(tokens), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
     torch.manual_seed(0)
     folder = tmp_path / "tiny-bert"
     transformers.BertModel(config).save_pretrained(folder)

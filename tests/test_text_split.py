@@ -32,17 +32,30 @@ def tiny_encoder(family: str = "bert", attn: str = "sdpa", seed: int = 0) -> tor
     A larger initialisation than the default makes attention peaked, so masking errors show."""
     common = {"vocab_size": VOCAB, "num_labels": CLASSES, "max_position_embeddings": 64}
     if family == "bert":
-        config = transformers.BertConfig(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2,
-                                         intermediate_size=64, initializer_range=0.2, **common)  # fmt: skip
+        config = transformers.BertConfig(
+            hidden_size=32,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=2,
+            intermediate_size=64,
+            initializer_range=0.2,
+            **common,
+        )
         cls = transformers.BertForSequenceClassification
     elif family == "distilbert":
-        config = transformers.DistilBertConfig(dim=32, n_layers=LAYERS, n_heads=2, hidden_dim=64,
-                                               initializer_range=0.2, **common)  # fmt: skip
+        config = transformers.DistilBertConfig(
+            dim=32, n_layers=LAYERS, n_heads=2, hidden_dim=64, initializer_range=0.2, **common
+        )
         cls = transformers.DistilBertForSequenceClassification
     else:
-        config = transformers.RobertaConfig(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2,
-                                            intermediate_size=64, initializer_range=0.2, pad_token_id=1,
-                                            **{**common, "max_position_embeddings": 66})  # fmt: skip
+        config = transformers.RobertaConfig(
+            hidden_size=32,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=2,
+            intermediate_size=64,
+            initializer_range=0.2,
+            pad_token_id=1,
+            **{**common, "max_position_embeddings": 66},
+        )
         cls = transformers.RobertaForSequenceClassification
     config._attn_implementation = attn
     torch.manual_seed(seed)
@@ -207,8 +220,10 @@ def test_curve_flops_equal_forward_flops(threshold_quantile: float) -> None:
     """The curve's FLOPs at a threshold are what forward spends, padding trimming included."""
     model = tiny_encoder("bert")
     adaptive = attached(model, 2)
-    loader = [dict(make_batch(lengths, seed=i), labels=torch.zeros(len(lengths), dtype=torch.long))
-              for i, lengths in enumerate([[9, 2, 5, 14, 3, 7], [4, 4, 11], [13, 1, 6, 2]])]  # fmt: skip
+    loader = [
+        dict(make_batch(lengths, seed=i), labels=torch.zeros(len(lengths), dtype=torch.long))
+        for i, lengths in enumerate([[9, 2, 5, 14, 3, 7], [4, 4, 11], [13, 1, 6, 2]])
+    ]
     record = collect(adaptive, loader, progress=False)
     curve = sidenet.TradeoffCurve(record)
     threshold = threshold_between(record.confidence, threshold_quantile)
@@ -250,10 +265,12 @@ def test_features_modes() -> None:
         ({"input_ids": torch.full((1, 3), VOCAB)}, "vocabulary"),
         ({"input_ids": torch.ones(1, 65, dtype=torch.long)}, "positions"),
         ({"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 4)}, "shape"),
-        ({"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 0], [0, 0, 0]])},
-         "no real token"),
+        (
+            {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 0], [0, 0, 0]])},
+            "no real token",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_inputs_raise_clear_errors(batch: object, message: str) -> None:
     adaptive = attached(tiny_encoder("bert"), 2)
     with pytest.raises(ValueError, match=message):
@@ -310,8 +327,10 @@ def test_report_rescoring_equals_a_new_sweep() -> None:
     from sidenet.report import _rescored
 
     adaptive = attached(tiny_encoder("bert"), 2)
-    loader = [dict(make_batch(lengths, seed=i), labels=torch.tensor([i % CLASSES] * len(lengths)))
-              for i, lengths in enumerate([[9, 2, 5, 14, 3, 7], [4, 4, 11], [13, 1, 6, 2]])]  # fmt: skip
+    loader = [
+        dict(make_batch(lengths, seed=i), labels=torch.tensor([i % CLASSES] * len(lengths)))
+        for i, lengths in enumerate([[9, 2, 5, 14, 3, 7], [4, 4, 11], [13, 1, 6, 2]])
+    ]
     raw = collect(adaptive, loader, progress=False)
     assert raw.order_dependent_flops
     for kind in POLICIES:
@@ -341,7 +360,7 @@ def test_mainnet_logits_is_the_hf_forward(family: str) -> None:
 
 def test_encoder_whose_forward_differs_is_refused(tmp_path) -> None:
     class Doubled(transformers.BertForSequenceClassification):
-        def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        def forward(self, *args, **kwargs):
             out = super().forward(*args, **kwargs)
             out.logits = out.logits * 2
             return out

@@ -30,10 +30,13 @@ def test_timing_summary() -> None:
     assert summary["throughput_spread"] == [2.0, 8.0] and summary["repeats"] == 3
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"repeats": 0}, "repeat"),
-    ({"finish": {"missing": lambda: None}}, "missing"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"repeats": 0}, "repeat"),
+        ({"finish": {"missing": lambda: None}}, "missing"),
+    ],
+)
 def test_bad_arguments_raise(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         measure_throughput({"a": lambda b: None}, [[1]], **options)

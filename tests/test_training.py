@@ -198,8 +198,12 @@ def test_fit_and_cache_refuse_bad_labels(
 def test_train_sidenet_refuses_a_cache_with_misshapen_labels(tiny_model: AdaptiveModel) -> None:
     cache = make_cache()
     with pytest.raises(ValueError, match=r"labels of shape \(8, 1\)"):
-        train_sidenet(tiny_model.sidenet, FeatureCache(cache.features, cache.mainnet_logits, cache.labels[:, None]),
-                      progress=False)  # fmt: skip
+        train_sidenet(
+            tiny_model.sidenet,
+            FeatureCache(cache.features, cache.mainnet_logits, cache.labels[:, None]),
+            progress=False,
+        )
     with pytest.raises(ValueError, match="integer class indices"):
-        train_sidenet(tiny_model.sidenet, FeatureCache(cache.features, cache.mainnet_logits, cache.labels.float()),
-                      progress=False)  # fmt: skip
+        train_sidenet(
+            tiny_model.sidenet, FeatureCache(cache.features, cache.mainnet_logits, cache.labels.float()), progress=False
+        )

@@ -193,10 +193,27 @@ def reliability_diagram(
         table = reliability_bins(probs.max(axis=1), probs.argmax(axis=1) == labels, bins, "width")
         top, bottom = axes[0, column], axes[1, column]
         width = table.upper - table.lower
-        top.bar(table.lower, table.accuracy, width=width, align="edge", color="#4C72B0", alpha=0.8,
-                edgecolor="white", label="accuracy")  # fmt: skip
-        top.bar(table.lower, table.confidence - table.accuracy, bottom=table.accuracy, width=width, align="edge",
-                color="#DD8452", alpha=0.45, edgecolor="white", label="gap to confidence")  # fmt: skip
+        top.bar(
+            table.lower,
+            table.accuracy,
+            width=width,
+            align="edge",
+            color="#4C72B0",
+            alpha=0.8,
+            edgecolor="white",
+            label="accuracy",
+        )
+        top.bar(
+            table.lower,
+            table.confidence - table.accuracy,
+            bottom=table.accuracy,
+            width=width,
+            align="edge",
+            color="#DD8452",
+            alpha=0.45,
+            edgecolor="white",
+            label="gap to confidence",
+        )
         top.plot([0, 1], [0, 1], color="black", lw=0.8, ls="--")
         top.set_xlim(0, 1)
         top.set_ylim(0, 1)

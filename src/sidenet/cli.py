@@ -52,26 +52,44 @@ def _fit(settings: FitSettings, progress: bool = True) -> tuple[Path, dict]:
     loaders["train"] = prefix_loader(loaders["train"], settings.max_train_samples)
     loaders["val"] = prefix_loader(loaders["val"], settings.max_val_samples)
     try:
-        model = attach(mainnet, settings.tap, input_shape=task.input_shape, hidden=settings.hidden,
-                       pool_size=settings.pool, seed=settings.seed, split_options=settings.split_options,
-                       policy=settings.policy)  # fmt: skip
+        model = attach(
+            mainnet,
+            settings.tap,
+            input_shape=task.input_shape,
+            hidden=settings.hidden,
+            pool_size=settings.pool,
+            seed=settings.seed,
+            split_options=settings.split_options,
+            policy=settings.policy,
+        )
     except TypeError as exc:
         if not settings.split_options:
             raise
         # A splitter without those options rejects them as unexpected keyword arguments.
         raise ValueError(f"split options {settings.split_options} do not apply to this MainNet: {exc}") from exc
     started = time.perf_counter()
-    model.fit(loaders["train"], val_loader=loaders["val"], epochs=settings.epochs, distill_weight=settings.distill,
-              seed=settings.seed, progress=progress)  # fmt: skip
+    model.fit(
+        loaders["train"],
+        val_loader=loaders["val"],
+        epochs=settings.epochs,
+        distill_weight=settings.distill,
+        seed=settings.seed,
+        progress=progress,
+    )
     seconds = time.perf_counter() - started
     if settings.temperature_scaling:
         calibrate(model, loaders["val"], progress=progress)
     val_curve = sweep(model, loaders["val"], progress=progress)
     model.threshold = val_curve.threshold_for(max_accuracy_drop=settings.max_drop, confidence=settings.confidence)
     model.set_reference(val_curve.record.confidence)  # for the shift check on later traffic
-    choice = {"max_accuracy_drop": settings.max_drop, "confidence": settings.confidence, "chosen_on": "val",
-              "temperature": model.temperature, "policy": settings.policy,
-              **val_curve.at(model.threshold)}  # fmt: skip
+    choice = {
+        "max_accuracy_drop": settings.max_drop,
+        "confidence": settings.confidence,
+        "chosen_on": "val",
+        "temperature": model.temperature,
+        "policy": settings.policy,
+        **val_curve.at(model.threshold),
+    }
     metadata = {"task": task.name, "fit_seconds": seconds, "threshold_choice": choice}
     save_sidenet(model, settings.out, metadata=metadata)
     return settings.out, choice
@@ -140,11 +158,23 @@ def fit(
     try:
         tap = get_task(task).default_tap if tap is None else tap  # an empty --tap is refused, not defaulted
         settings = FitSettings(
-            task=task, tap=tap, out=out or DEFAULT_OUT / f"{task}-{tap}", data=data, hidden=hidden, pool=pool,
-            epochs=epochs, distill=distill, max_drop=max_drop, seed=seed, features=features, policy=policy,
-            temperature_scaling=temperature_scaling, confidence=confidence, max_train_samples=max_train_samples,
+            task=task,
+            tap=tap,
+            out=out or DEFAULT_OUT / f"{task}-{tap}",
+            data=data,
+            hidden=hidden,
+            pool=pool,
+            epochs=epochs,
+            distill=distill,
+            max_drop=max_drop,
+            seed=seed,
+            features=features,
+            policy=policy,
+            temperature_scaling=temperature_scaling,
+            confidence=confidence,
+            max_train_samples=max_train_samples,
             max_val_samples=max_val_samples,
-        )  # fmt: skip
+        )
         folder, choice = _fit(settings, progress=not quiet)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
@@ -161,7 +191,7 @@ def _saved_task(folder: Path) -> Task:
     return get_task(SideNetConfig.load(folder).metadata.get("task", "fmnist"))
 
 
-def _load(folder: Path, data: Path | None, progress: bool, task: Task | None = None):  # noqa: ANN202 - (model, task)
+def _load(folder: Path, data: Path | None, progress: bool, task: Task | None = None):
     task = task or _saved_task(folder)
     return load_sidenet(task.mainnet(data, progress=progress), folder), task
 
@@ -190,8 +220,9 @@ def sweep_command(
         _fail(str(exc))
     marks = {"saved threshold": model.threshold}
     typer.echo(curve.table(rows, marks=marks))
-    path = curve.plot(plot or sidenet / f"curve_{split}.png", marks=marks,
-                      title=f"{task.name}, tap {model.tap}, {split} data")  # fmt: skip
+    path = curve.plot(
+        plot or sidenet / f"curve_{split}.png", marks=marks, title=f"{task.name}, tap {model.tap}, {split} data"
+    )
     curve.save_json(path.with_suffix(".json"))
     typer.echo(f"Plot written to {path}")
 
@@ -232,9 +263,14 @@ def predict(
         _fail(str(exc))
     probabilities = torch.softmax(output.logits.float(), dim=1)
     for item, label, prob, exited, conf, flops in zip(
-        inputs, output.predictions.tolist(), probabilities.max(1).values.tolist(), output.exited.tolist(),
-        output.confidence.tolist(), output.flops.tolist(), strict=True,
-    ):  # fmt: skip
+        inputs,
+        output.predictions.tolist(),
+        probabilities.max(1).values.tolist(),
+        output.exited.tolist(),
+        output.confidence.tolist(),
+        output.flops.tolist(),
+        strict=True,
+    ):
         name = task.class_names[label] if task.class_names else str(label)
         where = f"SideNet (confidence {conf:.3f})" if exited else f"MainNet (SideNet confidence {conf:.3f})"
         typer.echo(f"{item}\t{name}\tp={prob:.3f}\tanswered by {where}\t{flops / 1e6:.2f} MFLOPs")

@@ -38,10 +38,22 @@ if TYPE_CHECKING:
     from sidenet.splits import MainNetSplit
 
 __all__ = [
-    "SideNetConfig", "mainnet_fingerprint", "file_sha256", "CONFIG_NAME", "WEIGHTS_NAME", "REFERENCE_NAME",
-    "FORMAT_VERSION", "REQUIRED_KEYS", "STRUCTURAL_FIELDS", "SAVED_FILES", "SETTINGS", "SETTING", "MEASURED", "SAVED",
+    "SideNetConfig",
+    "mainnet_fingerprint",
+    "file_sha256",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "REFERENCE_NAME",
+    "FORMAT_VERSION",
+    "REQUIRED_KEYS",
+    "STRUCTURAL_FIELDS",
+    "SAVED_FILES",
+    "SETTINGS",
+    "SETTING",
+    "MEASURED",
+    "SAVED",
     "config_for_parts",
-]  # fmt: skip
+]
 
 CONFIG_NAME = "sidenet_config.json"
 WEIGHTS_NAME = "sidenet.safetensors"
@@ -51,18 +63,37 @@ REFERENCE_NAME = "reference.safetensors"  # calibration confidences for the shif
 FORMAT_VERSION = 2
 
 _V1_KEYS = (
-    "tap", "split_options", "feature_shape", "num_classes", "hidden", "pool_size", "threshold", "temperature",
-    "policy", "mainnet_fingerprint", "mainnet_class", "format_version",
-)  # fmt: skip
+    "tap",
+    "split_options",
+    "feature_shape",
+    "num_classes",
+    "hidden",
+    "pool_size",
+    "threshold",
+    "temperature",
+    "policy",
+    "mainnet_fingerprint",
+    "mainnet_class",
+    "format_version",
+)
 REQUIRED_KEYS: dict[int, tuple[str, ...]] = {
     1: _V1_KEYS,
     2: (*_V1_KEYS, "input_shape", "input_dtype", "weights_sha256", "reference_sha256", "structure_sha256"),
 }
 # What ``structure_sha256`` covers: editing any of these by hand makes the folder fail to load.
 STRUCTURAL_FIELDS = (
-    "tap", "split_options", "feature_shape", "num_classes", "hidden", "pool_size", "mainnet_fingerprint",
-    "input_shape", "input_dtype", "weights_sha256", "reference_sha256",
-)  # fmt: skip
+    "tap",
+    "split_options",
+    "feature_shape",
+    "num_classes",
+    "hidden",
+    "pool_size",
+    "mainnet_fingerprint",
+    "input_shape",
+    "input_dtype",
+    "weights_sha256",
+    "reference_sha256",
+)
 
 
 # The files a save writes; anything else in the folder (the CLI's plots and reports) is the user's.
@@ -308,9 +339,12 @@ def config_for_parts(split: MainNetSplit, sidenet: SideNet, config: SideNetConfi
     :class:`~sidenet.AdaptiveModel` of these parts keeps. Raises ``ValueError`` when ``config``
     contradicts the parts: a model must never save a config its weights do not fit."""
     parts = {
-        "tap": split.tap, "feature_shape": list(sidenet.feature_shape), "num_classes": sidenet.num_classes,
-        "hidden": sidenet.hidden, "pool_size": sidenet.pool_size,
-    }  # fmt: skip
+        "tap": split.tap,
+        "feature_shape": list(sidenet.feature_shape),
+        "num_classes": sidenet.num_classes,
+        "hidden": sidenet.hidden,
+        "pool_size": sidenet.pool_size,
+    }
     if config is None:
         config = SideNetConfig(tap=split.tap)
     else:

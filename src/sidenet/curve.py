@@ -167,8 +167,12 @@ class TradeoffCurve:
         """
         if sum(x is not None for x in (max_accuracy_drop, compute_budget, max_disagreement)) != 1:
             raise ValueError("give exactly one of max_accuracy_drop, compute_budget and max_disagreement")
-        given = {"max_accuracy_drop": max_accuracy_drop, "compute_budget": compute_budget,
-                 "max_disagreement": max_disagreement, "confidence": confidence}  # fmt: skip
+        given = {
+            "max_accuracy_drop": max_accuracy_drop,
+            "compute_budget": compute_budget,
+            "max_disagreement": max_disagreement,
+            "confidence": confidence,
+        }
         given = {name: None if value is None else _as_number(name, value) for name, value in given.items()}
         max_accuracy_drop, compute_budget = given["max_accuracy_drop"], given["compute_budget"]
         max_disagreement, confidence = given["max_disagreement"], given["confidence"]
@@ -300,14 +304,26 @@ class TradeoffCurve:
         ax.plot(self.relative_compute, 100 * self.accuracy, lw=1.6, label="SideNet + MainNet (threshold sweep)")
         ax.scatter([1.0], [100 * self.mainnet_accuracy], color="black", zorder=3, label="MainNet alone")
         oracle = self.oracle()
-        ax.scatter([oracle["relative_compute"]], [100 * oracle["accuracy"]], marker="*", s=140, color="#8172B2",
-                   zorder=4, label="oracle (exit iff SideNet = MainNet)")  # fmt: skip
+        ax.scatter(
+            [oracle["relative_compute"]],
+            [100 * oracle["accuracy"]],
+            marker="*",
+            s=140,
+            color="#8172B2",
+            zorder=4,
+            label="oracle (exit iff SideNet = MainNet)",
+        )
         ax.axhline(100 * self.mainnet_accuracy, color="black", lw=0.6, ls=":")
         for name, threshold in (marks or {}).items():
             point = self.at(threshold)
             ax.scatter([point["relative_compute"]], [100 * point["accuracy"]], zorder=4, marker="D")
-            ax.annotate(f"{name}\nexit {point['exit_rate']:.0%}", (point["relative_compute"], 100 * point["accuracy"]),
-                        textcoords="offset points", xytext=(8, -18), fontsize=8)  # fmt: skip
+            ax.annotate(
+                f"{name}\nexit {point['exit_rate']:.0%}",
+                (point["relative_compute"], 100 * point["accuracy"]),
+                textcoords="offset points",
+                xytext=(8, -18),
+                fontsize=8,
+            )
         low = min(100 * self.accuracy.min(), 100 * self.mainnet_accuracy - 5)
         ax.set_ylim(
             max(low, 100 * self.sidenet_accuracy - 1), 100 * max(self.accuracy.max(), self.mainnet_accuracy) + 0.5

@@ -47,9 +47,17 @@ __all__ = [
 ]
 
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 # Mean and standard deviation of the training images' pixels in [0, 1].
 FASHION_MNIST_MEAN = 0.2860
@@ -103,7 +111,7 @@ def _download_with_torchvision(root: Path) -> Path | None:
 
         FashionMNIST(str(root), train=True, download=True)
         FashionMNIST(str(root), train=False, download=True)
-    except Exception:  # noqa: BLE001 - any failure means "not available"; the caller explains
+    except Exception:
         return None
     folder = root / "FashionMNIST" / "raw"
     return folder if _has_files(folder) else None
@@ -223,7 +231,7 @@ def _sst2_from_datasets(split: str) -> TextDataset | None:
         from datasets import load_dataset  # the Hugging Face library, not this module
 
         data = load_dataset("glue", "sst2", split="validation" if split == "dev" else split)
-    except Exception:  # noqa: BLE001 - not installed or no internet; the caller explains
+    except Exception:
         return None
     return TextDataset(data["sentence"], data["label"])
 

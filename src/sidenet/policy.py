@@ -28,9 +28,14 @@ import torch
 from sidenet.errors import FrozenExitPolicyError
 
 __all__ = [
-    "ExitPolicy", "NEVER_EXIT", "POLICIES", "validate_threshold", "validate_temperature", "validate_policy",
+    "ExitPolicy",
+    "NEVER_EXIT",
+    "POLICIES",
+    "validate_threshold",
+    "validate_temperature",
+    "validate_policy",
     "format_threshold",
-]  # fmt: skip
+]
 
 # The documented "never exit" threshold: no confidence reaches it, so the MainNet answers everything.
 NEVER_EXIT = math.inf

@@ -132,8 +132,17 @@ def collect(model: AdaptiveModel, loader: Iterable, progress: bool = True) -> Sw
     classes (see :func:`sidenet.training.validate_labels`), and when the loader yields no batches.
     """
     rule = model.policy  # one rule for the whole pass, whatever another thread installs meanwhile
-    columns = ("confidence", "side_predictions", "main_predictions", "labels", "trunk_side_flops", "rest_flops",
-               "mainnet_flops", "side_logits", "main_logits")  # fmt: skip
+    columns = (
+        "confidence",
+        "side_predictions",
+        "main_predictions",
+        "labels",
+        "trunk_side_flops",
+        "rest_flops",
+        "mainnet_flops",
+        "side_logits",
+        "main_logits",
+    )
     parts: dict[str, list[np.ndarray]] = {name: [] for name in columns}
     order_dependent = False
     for batch in trunk_batches(model, loader, progress, desc="Sweeping thresholds"):

@@ -162,7 +162,7 @@ def _throughput(
     """Samples per second of the MainNet alone and of the model under ``policy`` at each threshold."""
     batches = input_batches(loader, settings.timing_samples, batch_size=model.split.batch_size)
 
-    def runner(threshold: float, mode: str = "adaptive"):  # noqa: ANN202 - a runner
+    def runner(threshold: float, mode: str = "adaptive"):
         rule = replace(policy, threshold=threshold)
 
         def run(x: Any) -> torch.Tensor:
@@ -206,8 +206,10 @@ def build_report(
 
     # 2. Every policy at the fitted temperature: curves, thresholds chosen on calibration, outcome on evaluation.
     loaders = (calibration_loader, evaluation_loader)
-    policies = {kind: _policy_report(rule, model, (raw_cal, raw_eval), loaders, settings, progress)
-                for kind, rule in rules.items()}  # fmt: skip
+    policies = {
+        kind: _policy_report(rule, model, (raw_cal, raw_eval), loaders, settings, progress)
+        for kind, rule in rules.items()
+    }
 
     # 3. The recommended policy is chosen on the calibration data alone; the rest is about it.
     best = min(policies.values(), key=lambda policy: policy.best_compute_calibration)
@@ -222,7 +224,7 @@ def build_report(
     shift = ShiftChecks(
         calibration_vs_evaluation=confidence_shift(
             best.calibration_curve.record.confidence, record.confidence, guaranteed
-        ),  # fmt: skip
+        ),
         evaluation_half_vs_half=confidence_shift(first, second, guaranteed),
     )
     adaptive = calibration_metrics(adaptive_log_probs(record, guaranteed, temperature), record.labels, bins)

@@ -130,8 +130,14 @@ class CalibrationReport:
     fitted_on: str = "calibration split"
 
     def to_dict(self) -> dict[str, Any]:
-        metrics = ("sidenet_before", "sidenet_after", "mainnet", "sidenet_before_calibration_split",
-                   "sidenet_after_calibration_split", "adaptive_at_guaranteed")  # fmt: skip
+        metrics = (
+            "sidenet_before",
+            "sidenet_after",
+            "mainnet",
+            "sidenet_before_calibration_split",
+            "sidenet_after_calibration_split",
+            "adaptive_at_guaranteed",
+        )
         return {
             "temperature": self.temperature,
             "fitted_on": self.fitted_on,
@@ -147,8 +153,10 @@ class ShiftChecks:
     evaluation_half_vs_half: ShiftReport  # two random halves of the evaluation data
 
     def items(self) -> list[tuple[str, ShiftReport]]:
-        return [("calibration_vs_evaluation", self.calibration_vs_evaluation),
-                ("evaluation_half_vs_half", self.evaluation_half_vs_half)]  # fmt: skip
+        return [
+            ("calibration_vs_evaluation", self.calibration_vs_evaluation),
+            ("evaluation_half_vs_half", self.evaluation_half_vs_half),
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         return {name: check.to_dict() for name, check in self.items()}

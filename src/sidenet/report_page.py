@@ -34,20 +34,37 @@ def plot_policies(report: TradeoffReport, path: Path, title: str) -> Path:
     best = report.recommended.kind
     fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=120)
     for kind, curve in report.curves.items():
-        ax.plot(curve.relative_compute, 100 * curve.accuracy, lw=1.8 if kind == best else 1.1,
-                color=COLORS.get(kind), label=f"{kind}" + (" (recommended)" if kind == best else ""))  # fmt: skip
+        ax.plot(
+            curve.relative_compute,
+            100 * curve.accuracy,
+            lw=1.8 if kind == best else 1.1,
+            color=COLORS.get(kind),
+            label=f"{kind}" + (" (recommended)" if kind == best else ""),
+        )
     curve = report.curves[best]
     ax.scatter([1.0], [100 * curve.mainnet_accuracy], color="black", zorder=4, label="MainNet alone")
     ax.axhline(100 * curve.mainnet_accuracy, color="black", lw=0.6, ls=":")
     oracle = curve.oracle()
-    ax.scatter([oracle["relative_compute"]], [100 * oracle["accuracy"]], marker="*", s=160, color="#8172B2",
-               zorder=5, label="oracle (exit iff SideNet = MainNet)")  # fmt: skip
+    ax.scatter(
+        [oracle["relative_compute"]],
+        [100 * oracle["accuracy"]],
+        marker="*",
+        s=160,
+        color="#8172B2",
+        zorder=5,
+        label="oracle (exit iff SideNet = MainNet)",
+    )
     for i, (name, threshold) in enumerate(report.marks.items()):
         point = curve.at(threshold)
         ax.scatter([point["relative_compute"]], [100 * point["accuracy"]], marker="D", zorder=6, color=f"C{i + 3}")
-        ax.annotate(f"{name}\nexit {point['exit_rate']:.0%}, compute {point['relative_compute']:.0%}",
-                    (point["relative_compute"], 100 * point["accuracy"]), textcoords="offset points",
-                    xytext=(10, -24 - 22 * i), fontsize=7, arrowprops={"arrowstyle": "-", "lw": 0.5})  # fmt: skip
+        ax.annotate(
+            f"{name}\nexit {point['exit_rate']:.0%}, compute {point['relative_compute']:.0%}",
+            (point["relative_compute"], 100 * point["accuracy"]),
+            textcoords="offset points",
+            xytext=(10, -24 - 22 * i),
+            fontsize=7,
+            arrowprops={"arrowstyle": "-", "lw": 0.5},
+        )
     low = min(100 * curve.mainnet_accuracy - 4, 100 * curve.accuracy[curve.relative_compute < 1.05].min())
     top = max(max(c.accuracy.max() for c in report.curves.values()), curve.mainnet_accuracy)
     ax.set_ylim(max(low, 100 * min(c.sidenet_accuracy for c in report.curves.values()) - 1), 100 * top + 0.5)
@@ -67,8 +84,15 @@ def _plot_per_class(rows: list[ClassRow], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(rows) + 2), 3.4), dpi=110)
     ax.bar(x - 0.2, [100 * r.exit_rate for r in rows], 0.4, label="exit rate", color="#4C72B0")
     ax.bar(x + 0.2, [100 * r.adaptive_accuracy for r in rows], 0.4, label="adaptive accuracy", color="#55A868")
-    ax.scatter(x + 0.2, [100 * r.mainnet_accuracy for r in rows], color="black", marker="_", s=200, zorder=3,
-               label="MainNet accuracy")  # fmt: skip
+    ax.scatter(
+        x + 0.2,
+        [100 * r.mainnet_accuracy for r in rows],
+        color="black",
+        marker="_",
+        s=200,
+        zorder=3,
+        label="MainNet accuracy",
+    )
     ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("%")
     ax.set_ylim(0, 105)
@@ -85,33 +109,67 @@ def _tables(report: TradeoffReport) -> dict[str, tuple[list[str], list[list[str]
         "MainNet": calibration.mainnet,
         "adaptive (guaranteed threshold)": calibration.adaptive_at_guaranteed,
     }
-    metric_rows = [[name, _pct(m.ece), _pct(m.ece_mass), _pct(m.mce), f"{m.brier:.4f}", f"{m.nll:.4f}",
-                    _pct(m.accuracy)] for name, m in metrics.items()]  # fmt: skip
+    metric_rows = [
+        [name, _pct(m.ece), _pct(m.ece_mass), _pct(m.mce), f"{m.brier:.4f}", f"{m.nll:.4f}", _pct(m.accuracy)]
+        for name, m in metrics.items()
+    ]
     policy_rows = []
     for kind, policy in report.policies.items():
         guaranteed, empirical = policy.guaranteed, policy.empirical
-        policy_rows.append([kind, f"{policy.best_compute_calibration:.3f}", f"{policy.best_compute_evaluation:.3f}",
-                            format_threshold(guaranteed.threshold),
-                            f"{100 * guaranteed.evaluation['accuracy_drop']:+.2f}",
-                            f"{guaranteed.evaluation['relative_compute']:.3f}", f"{guaranteed.oracle_fraction:.2f}",
-                            format_threshold(empirical.threshold),
-                            f"{100 * empirical.evaluation['accuracy_drop']:+.2f}",
-                            f"{empirical.evaluation['relative_compute']:.3f}"])  # fmt: skip
+        policy_rows.append(
+            [
+                kind,
+                f"{policy.best_compute_calibration:.3f}",
+                f"{policy.best_compute_evaluation:.3f}",
+                format_threshold(guaranteed.threshold),
+                f"{100 * guaranteed.evaluation['accuracy_drop']:+.2f}",
+                f"{guaranteed.evaluation['relative_compute']:.3f}",
+                f"{guaranteed.oracle_fraction:.2f}",
+                format_threshold(empirical.threshold),
+                f"{100 * empirical.evaluation['accuracy_drop']:+.2f}",
+                f"{empirical.evaluation['relative_compute']:.3f}",
+            ]
+        )
     threshold_rows = []
     for row in report.thresholds:
         point = row.point
         speed = "not measured" if row.throughput is None else f"{row.throughput:,.0f} ({row.speedup:.2f}x)"
-        threshold_rows.append([format_threshold(row.threshold), _pct(point["accuracy"]),
-                               f"{100 * point['accuracy_drop']:+.2f}", _pct(point["exit_rate"]),
-                               f"{point['mean_flops'] / 1e6:.2f}", f"{point['relative_compute']:.3f}", speed,
-                               ", ".join(row.marks)])  # fmt: skip
-    class_rows = [[r.name, str(r.samples), _pct(r.exit_rate), _pct(r.adaptive_accuracy), _pct(r.mainnet_accuracy),
-                   _pct(r.sidenet_accuracy)] for r in report.per_class]  # fmt: skip
+        threshold_rows.append(
+            [
+                format_threshold(row.threshold),
+                _pct(point["accuracy"]),
+                f"{100 * point['accuracy_drop']:+.2f}",
+                _pct(point["exit_rate"]),
+                f"{point['mean_flops'] / 1e6:.2f}",
+                f"{point['relative_compute']:.3f}",
+                speed,
+                ", ".join(row.marks),
+            ]
+        )
+    class_rows = [
+        [
+            r.name,
+            str(r.samples),
+            _pct(r.exit_rate),
+            _pct(r.adaptive_accuracy),
+            _pct(r.mainnet_accuracy),
+            _pct(r.sidenet_accuracy),
+        ]
+        for r in report.per_class
+    ]
     shift_rows = []
     for name, check in report.shift.items():
         verdict = "too few samples" if math.isnan(check.p_value) else ("SHIFT" if check.shifted else "no shift")
-        shift_rows.append([name.replace("_", " "), verdict, f"{check.statistic:.3f}", f"{check.p_value:.2g}",
-                           _pct(check.reference_exit_rate), _pct(check.observed_exit_rate)])  # fmt: skip
+        shift_rows.append(
+            [
+                name.replace("_", " "),
+                verdict,
+                f"{check.statistic:.3f}",
+                f"{check.p_value:.2g}",
+                _pct(check.reference_exit_rate),
+                _pct(check.observed_exit_rate),
+            ]
+        )
     return {
         "calibration": (["model", "ECE (width)", "ECE (mass)", "MCE", "Brier", "NLL", "accuracy"], metric_rows),
         "policies": (
@@ -128,7 +186,7 @@ def _tables(report: TradeoffReport) -> dict[str, tuple[list[str], list[list[str]
                 "compute",
             ],
             policy_rows,
-        ),  # fmt: skip
+        ),
         "thresholds": (
             [
                 "threshold",
@@ -141,12 +199,12 @@ def _tables(report: TradeoffReport) -> dict[str, tuple[list[str], list[list[str]
                 "point",
             ],
             threshold_rows,
-        ),  # fmt: skip
+        ),
         "per_class": (["class", "samples", "exit rate", "adaptive acc.", "MainNet acc.", "SideNet acc."], class_rows),
         "shift": (
             ["comparison", "verdict", "KS statistic", "p-value", "exit rate (reference)", "exit rate (new)"],
             shift_rows,
-        ),  # fmt: skip
+        ),
     }
 
 
@@ -226,8 +284,10 @@ def write_report(report: TradeoffReport, out: str | Path, title: str) -> tuple[P
     headline = _headline(report)
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=float) + "\n")
 
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]  # fmt: skip
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+    ]
     for line in headline:
         warn = " warn" if line.startswith("WARNING") else ""
         parts.append(f"<p class='note{warn}'>{html.escape(line)}</p>")

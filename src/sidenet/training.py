@@ -22,9 +22,15 @@ if TYPE_CHECKING:
     from sidenet.routing import AdaptiveModel
 
 __all__ = [
-    "FeatureCache", "TrunkBatch", "cache_features", "train_sidenet", "fit_sidenet", "validate_labels",
-    "trunk_batches", "trunk_states",
-]  # fmt: skip
+    "FeatureCache",
+    "TrunkBatch",
+    "cache_features",
+    "train_sidenet",
+    "fit_sidenet",
+    "validate_labels",
+    "trunk_batches",
+    "trunk_states",
+]
 
 
 @dataclass
@@ -194,8 +200,13 @@ def train_sidenet(
         for start in range(0, len(cache), batch_size):
             index = order[start : start + batch_size]
             logits = sidenet.classify(cache.features[index].to(device))
-            loss = _loss(logits, cache.labels[index].to(device), cache.mainnet_logits[index].to(device),
-                         distill_weight, distill_temperature)  # fmt: skip
+            loss = _loss(
+                logits,
+                cache.labels[index].to(device),
+                cache.mainnet_logits[index].to(device),
+                distill_weight,
+                distill_temperature,
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -80,18 +80,28 @@ def split_torchvision_resnet(model: nn.Module, tap: str) -> StagedSplit:
     ``stem`` (conv1, bn1, relu, maxpool), ``layer1`` ... ``layer4``, or a block such as ``layer2.1``."""
     stages, aliases = _block_stages(model, ["layer1", "layer2", "layer3", "layer4"])
     return StagedSplit(
-        model, [("stem", partial(_torchvision_stem, model)), *stages], partial(_torchvision_head, model), tap,
-        aliases, num_classes=_classifier_classes(model.fc), in_channels=model.conv1.in_channels,
-    )  # fmt: skip
+        model,
+        [("stem", partial(_torchvision_stem, model)), *stages],
+        partial(_torchvision_head, model),
+        tap,
+        aliases,
+        num_classes=_classifier_classes(model.fc),
+        in_channels=model.conv1.in_channels,
+    )
 
 
 def split_cifar_resnet(model: nn.Module, tap: str) -> StagedSplit:
     """Split a CIFAR ResNet at ``stem`` (conv1, bn1, relu), ``layer1`` ... ``layer3`` or a block."""
     stages, aliases = _block_stages(model, ["layer1", "layer2", "layer3"])
     return StagedSplit(
-        model, [("stem", partial(_cifar_stem, model)), *stages], partial(_cifar_head, model), tap, aliases,
-        num_classes=_classifier_classes(model.linear), in_channels=model.conv1.in_channels,
-    )  # fmt: skip
+        model,
+        [("stem", partial(_cifar_stem, model)), *stages],
+        partial(_cifar_head, model),
+        tap,
+        aliases,
+        num_classes=_classifier_classes(model.linear),
+        in_channels=model.conv1.in_channels,
+    )
 
 
 def _sequential_cut(tap: object) -> int | None:
