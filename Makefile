@@ -56,6 +56,7 @@ demo: $(STAMP) data
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 test: $(STAMP) data browser lint
 	$(BIN)/python -m pytest -q

@@ -56,11 +56,16 @@ def plot_compression(results: Path, workload: str) -> Path | None:
     for i, (label, alone, side) in enumerate(pairs):
         points = [(1.0 / v["speedup"][batch], 100 * v["accuracy"]) for v in (alone, side)]
         colour = f"C{i}"
-        ax.scatter(*points[0], s=55, color=colour, marker="o", zorder=3,
-                   label=f"{label}: {alone['speedup'][batch]:.2f}× → {side['speedup'][batch]:.2f}×")  # fmt: skip
+        ax.scatter(
+            *points[0],
+            s=55,
+            color=colour,
+            marker="o",
+            zorder=3,
+            label=f"{label}: {alone['speedup'][batch]:.2f}× → {side['speedup'][batch]:.2f}×",
+        )
         ax.scatter(*points[1], s=110, color=colour, marker="*", zorder=3)
-        ax.annotate("", xy=points[1], xytext=points[0],
-                    arrowprops={"arrowstyle": "->", "color": colour, "alpha": 0.6})  # fmt: skip
+        ax.annotate("", xy=points[1], xytext=points[0], arrowprops={"arrowstyle": "->", "color": colour, "alpha": 0.6})
     ax.set_xlabel(f"measured time per sample relative to the MainNet ({batch.replace('batch', 'batch ')})")
     ax.set_ylabel("accuracy (%)")
     ax.set_xlim(left=0)

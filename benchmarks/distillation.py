@@ -40,7 +40,7 @@ from benchmarks.harness import (
 from benchmarks.model_edits import KEEP_LAYERS, make_student, train_with_teacher
 from sidenet import attach, sweep
 from sidenet.calibration import calibrate
-from sidenet.data import TextCollator, make_loader, prefix_loader, split_loader, sst2_splits
+from sidenet.data import TextCollator, make_loader, prefix_loader, split_loader, sst2_datasets
 from sidenet.tasks import get_task
 from sidenet.text_pretrain import evaluate_text_accuracy
 
@@ -48,8 +48,14 @@ RULE = RULES["sst2"]
 NAME = "distillation"
 # --quick: 0.02 epoch of distillation, the student's SideNet on 2,000 phrases for 3 epochs, the first 300
 # dev sentences, one repeat.
-QUICK = {"distil_epochs": 0.02, "max_train_samples": 2000, "dev_limit": 300, "epochs": 3, "repeats": 1,
-         "batch1_samples": 32}  # fmt: skip
+QUICK = {
+    "distil_epochs": 0.02,
+    "max_train_samples": 2000,
+    "dev_limit": 300,
+    "epochs": 3,
+    "repeats": 1,
+    "batch1_samples": 32,
+}
 
 
 def distil(
@@ -57,7 +63,7 @@ def distil(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A 3-layer student of ``teacher`` (layers 1, 3, 5), trained against it on SST-2 train."""
     student = make_student(teacher)
-    train = sst2_splits(data_dir)["train"]
+    train = sst2_datasets(data_dir)["train"]
     meta = train_with_teacher(student, teacher, train, collate, epochs, lr, seed, "Distilling a 3-layer student")
     return student, {"keep_layers": list(KEEP_LAYERS), **meta}
 
@@ -94,7 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         meta = json.loads((folder / "student_meta.json").read_text())
     else:
         student, meta = distil(mainnet, collate, args.sst2_data, args.distil_epochs, 1e-4, seed=0)
-        dev = make_loader(sst2_splits(args.sst2_data)["test"], 64, collate_fn=collate)
+        dev = make_loader(sst2_datasets(args.sst2_data)["test"], 64, collate_fn=collate)
         meta["dev_accuracy"] = evaluate_text_accuracy(student, dev)
         student.save_pretrained(folder)
         (folder / "student_meta.json").write_text(json.dumps(meta, indent=2))

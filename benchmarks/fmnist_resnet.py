@@ -28,7 +28,7 @@ from benchmarks.harness import (
     run_and_write,
     targets,
 )
-from sidenet.data import fashion_mnist_splits, make_loader
+from sidenet.data import fashion_mnist_datasets, make_loader
 from sidenet.pretrain import PretrainRecipe, pretrain_fmnist_resnet
 from sidenet.timing import latency_percentiles, measure_throughput
 
@@ -38,8 +38,14 @@ MAX_DROP = 0.005
 TARGETS = {"flops_fraction": ("<=", 0.45), "speedup_batch64": (">=", 1.8)}
 NAME = "fmnist_resnet"
 # --quick: one tap and pooling, SideNets on 5,000 images for 5 epochs, one timing repeat.
-QUICK = {"taps": ["layer1.0"], "pools": [7], "train_limit": 5000, "sidenet_epochs": 5, "repeats": 1,
-         "batch1_images": 50}  # fmt: skip
+QUICK = {
+    "taps": ["layer1.0"],
+    "pools": [7],
+    "train_limit": 5000,
+    "sidenet_epochs": 5,
+    "repeats": 1,
+    "batch1_images": 50,
+}
 
 
 def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -59,7 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """SideNets at every (tap, pool), the least-compute one timed against the MainNet; the result."""
     torch.manual_seed(0)
     mainnet, meta = pretrain_fmnist_resnet(PretrainRecipe(), data_dir=args.fmnist_data)
-    splits = fashion_mnist_splits(args.fmnist_data)
+    splits = fashion_mnist_datasets(args.fmnist_data)
     if args.train_limit:
         images, labels = splits["train"].tensors
         splits["train"] = TensorDataset(images[: args.train_limit], labels[: args.train_limit])
@@ -87,9 +93,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         rows.append(row)
         v, te = row["val"], row["test"]
-        print(f"{tap:>9} pool {pool}: val compute {v['relative_compute']:.3f} | test acc {te['accuracy']:.4f} "
-              f"(drop {100 * row['test']['accuracy_drop']:+.2f} pt) exit {row['test']['exit_rate']:.3f} "
-              f"compute {row['test']['relative_compute']:.3f}")  # fmt: skip
+        print(
+            f"{tap:>9} pool {pool}: val compute {v['relative_compute']:.3f} | test acc {te['accuracy']:.4f} "
+            f"(drop {100 * row['test']['accuracy_drop']:+.2f} pt) exit {row['test']['exit_rate']:.3f} "
+            f"compute {row['test']['relative_compute']:.3f}"
+        )
 
     # The tap is chosen on validation too: the least validation compute at its chosen threshold.
     best = min(rows, key=lambda r: r["val"]["relative_compute"])
@@ -133,8 +141,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t64 = timing["batch64"]
     zero_exit_overhead = 1.0 - t64["never_exit"]["throughput"] / t64["mainnet"]["throughput"]
     marks = {f"tap {best['tap']}, pool {best['pool']}": model.threshold}
-    plot = curve.plot(args.results_dir / "fmnist_resnet_curve.png", marks=marks,
-                      title="Fashion-MNIST test, ResNet-20 MainNet")  # fmt: skip
+    plot = curve.plot(
+        args.results_dir / "fmnist_resnet_curve.png", marks=marks, title="Fashion-MNIST test, ResNet-20 MainNet"
+    )
     values = {"flops_fraction": point["relative_compute"], "speedup_batch64": speedup["batch64"]}
     result = {
         "workload": "fmnist_resnet",
@@ -143,14 +152,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mainnet_description": f"CIFAR-style ResNet-{meta['recipe']['depth']} on 1x28x28, trained by "
         f"`sidenet pretrain` ({meta['recipe']['epochs']} epochs on 55,000 training images)",
         "test_size": len(images),
-        "choice": {"split": "5,000 images held out of the training file", "max_accuracy_drop": MAX_DROP,
-                   "rule": "least validation compute among (tap, pool) candidates"},  # fmt: skip
+        "choice": {
+            "split": "5,000 images held out of the training file",
+            "max_accuracy_drop": MAX_DROP,
+            "rule": "least validation compute among (tap, pool) candidates",
+        },
         "tap": best["tap"],
         "pool": best["pool"],
         "threshold": model.threshold,
-        "mainnet": {"accuracy": curve.mainnet_accuracy, "flops": curve.mainnet_flops,
-                    "throughput": {b: timing[b]["mainnet"]["throughput"] for b in timing},
-                    "latency_batch1": latency["mainnet"]},  # fmt: skip
+        "mainnet": {
+            "accuracy": curve.mainnet_accuracy,
+            "flops": curve.mainnet_flops,
+            "throughput": {b: timing[b]["mainnet"]["throughput"] for b in timing},
+            "latency_batch1": latency["mainnet"],
+        },
         "adaptive": {
             "accuracy": point["accuracy"],
             "accuracy_drop": point["accuracy_drop"],
@@ -169,7 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "targets": targets(TARGETS, values),
         "taps": rows,
         "plot": link(plot, args.results_dir),
-    }  # fmt: skip
+    }
     return result
 
 

@@ -24,6 +24,7 @@ import torch
 
 from sidenet import AdaptiveModel, AdaptiveOutput, load_sidenet
 from sidenet.data import iter_batches, make_loader
+from sidenet.timing import input_batches as timed_inputs
 from sidenet.timing import measure_throughput
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,10 +149,16 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=False).stdout.strip()  # fmt: skip
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                capture_output=True, text=True, check=False).stdout.splitlines()  # fmt: skip
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.splitlines()
         # Results written by earlier benchmarks of the same run are outputs, not code changes.
         dirty = [line for line in status if not line[3:].startswith(("benchmarks/results/", "BENCHMARKS.md"))]
         if commit and dirty:
@@ -191,8 +198,9 @@ def targets(spec: dict[str, tuple[str, float]], values: dict[str, float]) -> dic
 def at_threshold(model: AdaptiveModel, threshold: float) -> AdaptiveModel:
     """``model``'s split and SideNet (shared, not copied) at another threshold, same temperature and
     policy: for timing a fixed operating point without changing ``model``."""
-    return AdaptiveModel(model.split, model.sidenet, threshold=threshold, temperature=model.temperature,
-                         policy=model.policy_kind).eval()  # fmt: skip
+    return AdaptiveModel(
+        model.split, model.sidenet, threshold=threshold, temperature=model.temperature, policy=model.policy_kind
+    ).eval()
 
 
 def summarise(outputs: list[AdaptiveOutput], labels: torch.Tensor) -> dict[str, float]:
@@ -214,14 +222,8 @@ def routed_outcome(model: AdaptiveModel, dataset: Any, collate: Any, batch: int,
 
 def input_batches(model: AdaptiveModel, dataset: Any, collate: Any, batch: int, samples: int) -> list[Any]:
     """The inputs of the first batches of ``dataset`` (labels dropped) holding at least ``samples``
-    samples, for timing."""
-    out, count = [], 0
-    for inputs, _ in iter_batches(make_loader(dataset, batch, collate_fn=collate)):
-        out.append(inputs)
-        count += model.split.batch_size(inputs)
-        if count >= samples:
-            break
-    return out
+    samples, for timing (:func:`sidenet.timing.input_batches` over a loader of ``batch``)."""
+    return timed_inputs(make_loader(dataset, batch, collate_fn=collate), samples, model.split.batch_size)
 
 
 def compare_variants(

@@ -122,5 +122,12 @@ def train_with_teacher(
     recipe = TextRecipe(epochs=epochs, batch_size=32, lr=lr, warmup=0.1, weight_decay=0.01, seed=seed)
     loss = distillation_loss(teacher, temperature, weight)
     done = train_text_classifier(student, train, collate, recipe, loss_fn=loss, decay_every_parameter=True, desc=desc)
-    return {"steps": done["steps"], "epochs": epochs, "lr": lr, "temperature": temperature, "kd_weight": weight,
-            "train_seconds": done["train_seconds"], "train_loss": done["train_loss"]}  # fmt: skip
+    return {
+        "steps": done["steps"],
+        "epochs": epochs,
+        "lr": lr,
+        "temperature": temperature,
+        "kd_weight": weight,
+        "train_seconds": done["train_seconds"],
+        "train_loss": done["train_loss"],
+    }

@@ -74,7 +74,7 @@ def fmnist_section(r: dict[str, Any]) -> list[str]:
         + "; ".join(
             f"{k.replace('_', ' ')} {'met' if v['met'] else 'NOT met'} ({v['value']:.3f} vs {v['target']})"
             for k, v in t.items()
-        ),  # fmt: skip
+        ),
         "",
         "### Every candidate (threshold chosen on validation, reported on test)",
         "",
@@ -226,7 +226,7 @@ def render(results: Path = RESULTS) -> str:
             "compressed version alone, ★ the same with its SideNet; left is faster, up is more accurate.",
             "",
         ]
-        lines += [f"![compression, {w}]({link(path, results)})" for w, path in figures]  # fmt: skip
+        lines += [f"![compression, {w}]({link(path, results)})" for w, path in figures]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -50,7 +50,7 @@ from benchmarks.harness import (
 from benchmarks.model_edits import prune_channels
 from sidenet import CallableSplit, MainNetSplit, attach, split_mainnet, sweep
 from sidenet.calibration import calibrate
-from sidenet.data import fashion_mnist_splits, prefix_loader
+from sidenet.data import fashion_mnist_datasets, prefix_loader
 from sidenet.models.cifar_resnet import CifarResNet
 from sidenet.pretrain import augment, evaluate_accuracy
 from sidenet.tasks import get_task
@@ -58,8 +58,14 @@ from sidenet.tasks import get_task
 RULE = RULES["fmnist"]
 NAME = "resnet_compression"
 # --quick: 50% sparsity only, 0.05 epoch of fine-tuning, SideNets on 2,000 images for 3 epochs, one repeat.
-QUICK = {"sparsities": [0.5], "finetune_epochs": 0.05, "max_train_samples": 2000, "epochs": 3, "repeats": 1,
-         "batch1_samples": 50}  # fmt: skip
+QUICK = {
+    "sparsities": [0.5],
+    "finetune_epochs": 0.05,
+    "max_train_samples": 2000,
+    "epochs": 3,
+    "repeats": 1,
+    "batch1_samples": 50,
+}
 
 
 class _Trunk(nn.Module):
@@ -117,7 +123,7 @@ def fine_tune(model: nn.Module, epochs: float, seed: int = 0) -> tuple[nn.Module
 
     Not :func:`sidenet.pretrain.pretrain_fmnist_resnet`, which trains a new MainNet from scratch with a
     one-cycle schedule; this continues from a pruned one."""
-    images, labels = fashion_mnist_splits()["train"].tensors
+    images, labels = fashion_mnist_datasets()["train"].tensors
     steps = max(1, math.ceil(epochs * len(images) / 128))
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -157,7 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     task = get_task("fmnist")
     mainnet = task.mainnet().eval()
     loaders = task.loaders()
-    test_images, test_labels = fashion_mnist_splits()["test"].tensors
+    test_images, test_labels = fashion_mnist_datasets()["test"].tensors
     main_side = fitted_sidenet(mainnet, args.results_dir, "fmnist")
     variants: dict[str, Any] = {"MainNet": (main_side, "main"), "MainNet + SideNet": (main_side, "adaptive")}
     models, prune_meta = {"MainNet": main_side}, {}
@@ -178,10 +184,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         variants[f"{name} + SideNet"] = (side, "adaptive")
         print(f"{name}: {prune_meta[name]}")
     if args.int8:
-        images = fashion_mnist_splits()["val"].tensors[0]
+        images = fashion_mnist_datasets()["val"].tensors[0]
         trunk, rest = quantise_parts(mainnet, images[:2000])
-        split = CallableSplit(trunk=trunk, rest=rest, mainnet=nn.ModuleList([trunk, rest]), num_classes=10,
-                              tap="layer1.0 (int8)")  # fmt: skip
+        split = CallableSplit(
+            trunk=trunk, rest=rest, mainnet=nn.ModuleList([trunk, rest]), num_classes=10, tap="layer1.0 (int8)"
+        )
         int8_side = attach(split, "layer1.0", input_shape=(1, 28, 28), hidden=256, pool_size=7, seed=0)
         int8_side.count_flops_with(split_mainnet(mainnet, "layer1.0"))
         int8_side.fit(prefix_loader(loaders["train"], args.max_train_samples), epochs=args.epochs, progress=False)

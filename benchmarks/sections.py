@@ -127,8 +127,10 @@ def calibration_section(results: dict[str, Any]) -> list[str]:
     ]
     for name, run in runs.items():
         m = run["machine"]
-        lines.append(f"- {CALIBRATION_TITLES[name]}: `" + "`; `".join(run["commands"]) + f"` — {m['date']}, commit "
-                     f"{m['commit'] or 'n/a'}; [report]({run['report_markdown']})")  # fmt: skip
+        lines.append(
+            f"- {CALIBRATION_TITLES[name]}: `" + "`; `".join(run["commands"]) + f"` — {m['date']}, commit "
+            f"{m['commit'] or 'n/a'}; [report]({run['report_markdown']})"
+        )
     lines += [
         "",
         "The SideNet's temperature is fitted on the calibration split (Guo et al. 2017); ECE uses 15 "
@@ -190,7 +192,7 @@ def calibration_section(results: dict[str, Any]) -> list[str]:
                 "; with two classes the three rules order samples alike, so their curves coincide."
                 if len(best) == 3 and len(run["report"]["per_class"]) == 2
                 else "."
-            )  # fmt: skip
+            )
         )
     return [*lines, ""]
 

@@ -102,9 +102,12 @@ def run_workload(name: str, spec: dict[str, Any], args: argparse.Namespace) -> d
         # sample wait for rest_batch others, a latency no batch-1 user would choose.
         pooled = {"per_sample_pooled": router.submit} if batch > 1 else {}
         result = measure_throughput(
-            {**chosen, **pooled}, batches, repeats=repeats, batch_size=size,
+            {**chosen, **pooled},
+            batches,
+            repeats=repeats,
+            batch_size=size,
             finish={"per_sample_pooled": router.flush} if pooled else None,
-        )  # fmt: skip
+        )
         timing[f"batch{batch}"] = {k: v.to_dict() for k, v in result.items()}
         print(f"{name} batch {batch}: " + ", ".join(f"{k} {v.throughput:,.1f}/s" for k, v in result.items()))
     # At batch 1 the batch is one sample: batch-level exit is per-sample routing.

@@ -36,7 +36,7 @@ from benchmarks.harness import (
 )
 from sidenet import NEVER_EXIT, AdaptiveModel, FeatureCache, SideNet, TradeoffCurve, split_mainnet, train_sidenet
 from sidenet.curve import collect
-from sidenet.data import TextCollator, TextDataset, make_loader, sst2_splits
+from sidenet.data import TextCollator, TextDataset, make_loader, sst2_datasets
 from sidenet.splits.transformers import FEATURES
 from sidenet.text_pretrain import TextRecipe, finetune_text_mainnet
 from sidenet.timing import measure_throughput
@@ -50,8 +50,16 @@ MAX_DROP = 0.005
 TARGETS = {"accuracy_drop": ("<=", 0.01), "flops_fraction": ("<=", 0.65), "speedup_batch32": (">=", 1.4)}
 NAME = "sst2_minilm"
 # --quick: tap 3 with mean features, SideNets on 2,000 phrases for 5 epochs, the first 300 dev sentences.
-QUICK = {"taps": [3], "features": ["mean"], "train_limit": 2000, "sidenet_epochs": 5, "repeats": 1,
-         "batch1_repeats": 1, "batch1_sentences": 64, "dev_limit": 300}  # fmt: skip
+QUICK = {
+    "taps": [3],
+    "features": ["mean"],
+    "train_limit": 2000,
+    "sidenet_epochs": 5,
+    "repeats": 1,
+    "batch1_repeats": 1,
+    "batch1_sentences": 64,
+    "dev_limit": 300,
+}
 
 
 def inputs_only(batch: dict) -> dict:
@@ -128,8 +136,13 @@ def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sidenet-epochs", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats at batch 32")
     parser.add_argument("--no-timing", action="store_true", help="skip the wall-clock part")
-    parser.add_argument("--features", nargs="+", choices=FEATURES, default=list(FEATURES),
-                        help="SideNet inputs tried (chosen on the held-out train split)")  # fmt: skip
+    parser.add_argument(
+        "--features",
+        nargs="+",
+        choices=FEATURES,
+        default=list(FEATURES),
+        help="SideNet inputs tried (chosen on the held-out train split)",
+    )
     parser.add_argument("--batch1-repeats", type=int, default=3, help="interleaved timing repeats at batch 1")
     parser.add_argument("--batch1-sentences", type=int, default=None, help="dev sentences timed at batch 1 (all)")
     parser.add_argument("--dev-limit", type=int, default=None, help="the first dev sentences only")
@@ -144,7 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     mainnet, tokenizer, meta = finetune_text_mainnet(recipe, data_dir=args.sst2_data)
     mainnet.eval()
     collate = TextCollator(tokenizer, recipe.max_length)
-    splits = sst2_splits(args.sst2_data)
+    splits = sst2_datasets(args.sst2_data)
     if args.train_limit:
         splits["train"] = splits["train"].subset(range(min(args.train_limit, len(splits["train"]))))
     dev = splits["test"]
@@ -238,8 +251,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f", FLOPs {x['flops_fraction']:.3f} | train-split choice on dev: drop {100 * v['accuracy_drop']:+.2f}"
                 f" pt, FLOPs {v['flops_fraction']:.3f}"
             )
-    print(f"chosen (disagreement rule): folds {folds}, dev drop {100 * crossfit['accuracy_drop']:+.2f} pt, "
-          f"FLOPs {crossfit['flops_fraction']:.3f}")  # fmt: skip
+    print(
+        f"chosen (disagreement rule): folds {folds}, dev drop {100 * crossfit['accuracy_drop']:+.2f} pt, "
+        f"FLOPs {crossfit['flops_fraction']:.3f}"
+    )
 
     timing: dict[str, Any] = {}
     if not args.no_timing:

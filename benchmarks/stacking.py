@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "met": bool(
                 sp["int8 + SideNet"] / sp["int8 MainNet"] >= 1.3
                 and int8_main_acc - variants["int8 + SideNet"]["accuracy"] <= 0.01
-            ),  # fmt: skip
+            ),
         },
         "timing": timing,
     }

@@ -47,7 +47,7 @@ from benchmarks.harness import (
 from benchmarks.model_edits import prune_feed_forward, train_with_teacher
 from sidenet import attach, sweep
 from sidenet.calibration import calibrate
-from sidenet.data import make_loader, prefix_loader, split_loader, sst2_splits
+from sidenet.data import make_loader, prefix_loader, split_loader, sst2_datasets
 from sidenet.tasks import get_task
 from sidenet.text_pretrain import evaluate_text_accuracy
 
@@ -55,8 +55,15 @@ RULE = RULES["sst2"]
 NAME = "text_pruning"
 # --quick: 50% sparsity only, 0.02 epoch of fine-tuning, SideNets on 2,000 phrases for 3 epochs, the
 # first 300 dev sentences, one repeat.
-QUICK = {"sparsities": [0.5], "finetune_epochs": 0.02, "max_train_samples": 2000, "dev_limit": 300, "epochs": 3,
-         "repeats": 1, "batch1_samples": 32}  # fmt: skip
+QUICK = {
+    "sparsities": [0.5],
+    "finetune_epochs": 0.02,
+    "max_train_samples": 2000,
+    "dev_limit": 300,
+    "epochs": 3,
+    "repeats": 1,
+    "batch1_samples": 32,
+}
 
 
 def pruned_mainnet(
@@ -69,7 +76,7 @@ def pruned_mainnet(
 
         model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
         return model, json.loads((folder / "pruned_meta.json").read_text())
-    splits = sst2_splits(data)
+    splits = sst2_datasets(data)
     dev = make_loader(splits["test"], 64, collate_fn=collate)
     model = prune_feed_forward(mainnet, sparsity)
     meta: dict[str, Any] = {"sparsity": sparsity, "dev_accuracy_before_finetuning": evaluate_text_accuracy(model, dev)}
@@ -109,8 +116,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models, pruned_meta = {"MainNet": main_side}, {}
     variants: dict[str, Any] = {"MainNet": (main_side, "main"), "MainNet + SideNet": (main_side, "adaptive")}
     for sparsity in args.sparsities:
-        pruned, meta = pruned_mainnet(mainnet, sparsity, collate, args.sst2_data, args.finetune_epochs, args.retrain,
-                                      sidenet_dir(args.results_dir))  # fmt: skip
+        pruned, meta = pruned_mainnet(
+            mainnet,
+            sparsity,
+            collate,
+            args.sst2_data,
+            args.finetune_epochs,
+            args.retrain,
+            sidenet_dir(args.results_dir),
+        )
         side = attach(pruned, 3, split_options=main_side.split.options(), hidden=main_side.sidenet.hidden, seed=0)
         started = time.perf_counter()
         side.fit(prefix_loader(loaders["train"], args.max_train_samples), epochs=args.epochs, progress=False)

@@ -24,6 +24,7 @@ __all__ = [
     "ClassCountMismatchError",
     "FrozenExitPolicyError",
     "DataNotFoundError",
+    "ShippedWeightsError",
 ]
 
 
@@ -66,3 +67,7 @@ class FrozenExitPolicyError(SidenetError, FrozenInstanceError):
 class DataNotFoundError(SidenetError, FileNotFoundError):
     """A dataset was found neither where the user named nor in the places sidenet looks, nor could it be
     downloaded; the message lists those places and how to get the data."""
+
+
+class ShippedWeightsError(SidenetError):
+    """The demo MainNet's weights that ship with the package are missing or do not match their hash."""

