@@ -168,7 +168,6 @@ def test_simple_curve_by_hand() -> None:
     assert curve.threshold_for(compute_budget=0.5) == 0.0  # exiting down to 0.9 is as accurate but dearer
     assert curve.threshold_for(compute_budget=10 / 95) == 0.0
     assert [curve.index_of(t) for t in curve.thresholds] == list(range(len(curve)))
-    assert curve._index_of(curve.thresholds[1]) == 1  # the old private name, until report.py moves over
 
 
 @pytest.mark.parametrize(

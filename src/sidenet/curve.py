@@ -126,9 +126,6 @@ class TradeoffCurve:
         exits = int((self.record.confidence.astype(np.float32) >= np.float32(threshold)).sum())
         return int(np.searchsorted(self.exits, exits))
 
-    # The old private name, which sidenet.report still calls; to go once it calls index_of.
-    _index_of = index_of
-
     def threshold_for(
         self,
         *,
