@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "splits": CORE,
     "models": CORE,
     "config": CORE,
+    "outputs": CORE,
     "routing": CORE,
     "checkpoint": CORE,
     "attach": CORE,
@@ -51,8 +52,12 @@ LAYERS: dict[str, int] = {
     "tasks": DEMO,
     "cli": DEMO,
     "cli_options": DEMO,
+    "cli_serve": DEMO,
     "__main__": DEMO,
+    "audit": ANALYSIS,
     "serving": SERVING,
+    "compiled": SERVING,
+    "integrations": SERVING,
 }
 LAYER_NAMES = {CORE: "core", ANALYSIS: "analysis", DEMO: "demo", SERVING: "serving"}
 MAX_LINES = 400

@@ -54,21 +54,28 @@ class TrafficMonitor:
         """Zero the counts of samples seen and exited and forget their confidences (not the reference)."""
         with self._lock:
             self.samples_seen = 0
-            self.samples_exited = 0
+            self._exited: torch.Tensor | int = 0  # a device tensor once a batch is recorded
             self._recent: deque[torch.Tensor] = deque()
             self._recent_count = 0
 
     def record(self, exited: torch.Tensor, confidence: torch.Tensor) -> None:
         """Count a routed batch (its exit mask) and keep its confidences for :meth:`shift_check`.
 
-        The device work (the sum, the copy to the CPU) happens outside the lock; inside it, only the
-        read-modify-writes that threads sharing the model would otherwise interleave and lose.
+        Reads no device value: the exit count is summed where the mask lives and the confidences are
+        kept there (a copy, so that a caller editing its output does not edit the window); both are
+        read when asked for (:attr:`samples_exited`, :attr:`recent`). On a GPU, reading them here would
+        be a host wait per batch on the routed path. Inside the lock, only the read-modify-writes that
+        threads sharing the model would otherwise interleave and lose.
         """
-        seen, exits = len(exited), int(exited.sum())
-        scores = confidence.detach().to("cpu", torch.float64)
+        seen = len(exited)
+        exits = exited.sum()
+        scores = confidence.detach().clone()
         with self._lock:
             self.samples_seen += seen
-            self.samples_exited += exits
+            total = self._exited
+            if isinstance(total, torch.Tensor) and total.device != exits.device:
+                total = total.to(exits.device)  # the model moved: one copy, then on the new device
+            self._exited = total + exits
             self._recent.append(scores)
             self._recent_count += len(scores)
             # Drop whole old batches once the rest still fills the window.
@@ -77,11 +84,18 @@ class TrafficMonitor:
 
     # -- reading ---------------------------------------------------------------------------------
     @property
+    def samples_exited(self) -> int:
+        """Of :attr:`samples_seen`, those that exited (read from the device on asking)."""
+        with self._lock:
+            total = self._exited
+        return int(total)
+
+    @property
     def exit_rate(self) -> float:
         """Fraction of the samples recorded since :meth:`reset` that exited (NaN before any)."""
         with self._lock:  # a consistent pair of counts
-            seen, exited = self.samples_seen, self.samples_exited
-        return exited / seen if seen else float("nan")
+            seen, exited = self.samples_seen, self._exited
+        return int(exited) / seen if seen else float("nan")
 
     @property
     def recent(self) -> torch.Tensor:
@@ -90,7 +104,8 @@ class TrafficMonitor:
             recent = list(self._recent)
         if not recent:
             return torch.empty(0, dtype=torch.float64)
-        return torch.cat(recent)[-self.window :]
+        kept = [scores.to("cpu", torch.float64) for scores in recent]
+        return torch.cat(kept)[-self.window :]
 
     def set_reference(self, confidence: Any) -> None:
         """Remember the SideNet confidences (under the deployed exit rule) of the data the threshold was

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -20,6 +20,7 @@ from sidenet.errors import ClassCountMismatchError
 from sidenet.flops import FlopLedger, FlopProfile
 from sidenet.head import SideNet
 from sidenet.monitor import TrafficMonitor
+from sidenet.outputs import AdaptiveOutput, FrontPass
 from sidenet.policy import ExitPolicy
 from sidenet.splits import MainNetSplit
 
@@ -39,51 +40,6 @@ class _FromConfig(enum.Enum):
 FROM_CONFIG = _FromConfig.FROM_CONFIG
 
 
-@dataclass
-class AdaptiveOutput:
-    """What the adaptive model returns for a batch.
-
-    Attributes:
-        logits: (N, C) the SideNet's logits for samples that exited, the MainNet's for the others.
-        exited: (N,) True where the SideNet answered.
-        confidence: (N,) the SideNet's confidence (NaN in ``main`` mode, where it is not run).
-        flops: (N,) FLOPs actually spent on each sample (measured per part, see ``sidenet.flops``).
-    """
-
-    logits: torch.Tensor
-    exited: torch.Tensor
-    confidence: torch.Tensor
-    flops: torch.Tensor
-
-    @property
-    def predictions(self) -> torch.Tensor:
-        return self.logits.argmax(dim=-1)
-
-
-@dataclass
-class FrontPass:
-    """Trunk and SideNet run on a batch (see :meth:`AdaptiveModel.front_pass`).
-
-    Attributes:
-        state: the MainNet's state at the tap, for the rest of the MainNet.
-        side_logits: (N, C) the SideNet's logits.
-        confidence: (N,) the exit policy's score.
-        exited: (N,) True where the SideNet answers.
-        profile: FLOPs per sample of trunk, SideNet and rest for this batch's inputs.
-    """
-
-    state: Any
-    side_logits: torch.Tensor
-    confidence: torch.Tensor
-    exited: torch.Tensor
-    profile: FlopProfile
-
-    def front_flops(self) -> torch.Tensor:
-        """(N,) FLOPs spent on each sample so far: trunk and SideNet."""
-        cost = float(self.profile.trunk + self.profile.side)
-        return torch.full((len(self.exited),), cost, device=self.side_logits.device)
-
-
 class AdaptiveModel(nn.Module):
     """A MainNet with a SideNet attached at a tap, answering early for confident samples.
 
@@ -93,7 +49,11 @@ class AdaptiveModel(nn.Module):
         threshold: exit when the SideNet's confidence is at least this (0..1, or :data:`sidenet.NEVER_EXIT`).
         temperature: divides the SideNet's logits before the softmax of the exit rule.
         policy: the exit rule's score, ``max_softmax`` (the paper's), ``entropy`` or ``margin``.
-        check_inputs: validate every batch (shape, emptiness, NaN/inf); costs one pass over the input.
+        check_inputs: validate every batch: its structure (type, shape, emptiness, device, dtype) and,
+            where :attr:`check_values` says, its values (NaN/inf; token ids, masks).
+        check_values: read the input's values in those checks: ``None`` (default) only for inputs on
+            the CPU, where reading them costs no host wait; ``True`` everywhere (on a GPU, one more host
+            wait per batch); ``False`` never.
         stats_window: how many of the latest adaptive-mode confidences to keep for :meth:`shift_check`.
         config: the settings the model was attached or loaded with (see :attr:`config`); threshold,
             temperature and policy default to its exit rule (``FROM_CONFIG``), or without one to
@@ -117,6 +77,7 @@ class AdaptiveModel(nn.Module):
         temperature: float | _FromConfig = FROM_CONFIG,
         policy: str | _FromConfig = FROM_CONFIG,
         check_inputs: bool = True,
+        check_values: bool | None = None,
         stats_window: int = 4096,
         config: SideNetConfig | None = None,
     ) -> None:
@@ -137,6 +98,7 @@ class AdaptiveModel(nn.Module):
         chosen = {name: value for name, value in given.items() if value is not FROM_CONFIG}
         self.policy = replace(self._config.exit_rule(), **chosen)
         self.check_inputs = check_inputs
+        self.check_values = check_values
         self.flop_ledger = FlopLedger(split, sidenet)
         self.monitor = TrafficMonitor(stats_window)
         self.history_: list[dict[str, float]] = []
@@ -296,7 +258,7 @@ class AdaptiveModel(nn.Module):
         if mode == "adaptive":
             self.monitor.record(front.exited, front.confidence)
         state, side_logits, exited, n = front.state, front.side_logits, front.exited, len(front.exited)
-        remaining = (~exited).nonzero().squeeze(1)
+        remaining, sizes = self.continuing(front)
         # Skip the gather when nobody or everybody continues: at zero exits the routed model must
         # cost what the MainNet costs (plus the SideNet), not an extra copy of the state.
         rest_cost = 0.0
@@ -308,19 +270,48 @@ class AdaptiveModel(nn.Module):
             rest_cost = self.rest_flops(state, None, front.profile)
         else:
             with torch.no_grad():
-                selected = self.split.select(state, remaining)
+                selected = self.split.select_sized(state, remaining, sizes)
                 rest_logits = self.split.rest(selected)
-            rest_cost = self.rest_flops(state, remaining, front.profile, selected)
+            # Charged on the selected state (its own size), which reads no device value.
+            rest_cost = self.rest_flops(selected, None, front.profile)
             dtype = torch.promote_types(side_logits.dtype, rest_logits.dtype)
             logits = side_logits.to(dtype).index_copy(0, remaining, rest_logits.to(dtype))
         flops = front.front_flops()
         flops += (~exited).to(flops.dtype) * rest_cost
         return AdaptiveOutput(logits, exited, front.confidence, flops)
 
+    def continuing(self, front: FrontPass) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """The samples of a front pass that continue to the rest of the MainNet: their indices in the
+        batch (ascending) and the sizes :meth:`MainNetSplit.select_sized` needs (text: the kept length).
+
+        The routed path's one host wait: the count of continuing samples (and those sizes) is read
+        from the device in one transfer. The indices come from a stable sort of the exit mask queued
+        before that read, so that finding them reads nothing more (``nonzero`` would be a second wait).
+        """
+        keep = ~front.exited
+        order = torch.argsort(front.exited.to(torch.uint8), stable=True)  # continuing first, ascending
+        counts = keep.sum().reshape(1)
+        extra = self.split.selection_sizes(front.state, keep)
+        if extra is not None:
+            counts = torch.cat([counts, extra.reshape(-1).to(counts.dtype)])
+        read = counts.tolist()  # the one host wait of a routed batch
+        return order[: read[0]], tuple(read[1:])
+
+    def check_input(self, x: Any) -> None:
+        """The input checks of :attr:`check_inputs` and :attr:`check_values` (see the class docstring)."""
+        if not self.check_inputs:
+            return
+        values = self.check_values
+        if values is None:
+            values = self.split.input_device(x).type == "cpu"
+        if values:
+            self.split.validate_input(x)
+        else:
+            self.split.check_structure(x)
+
     def _mainnet_alone(self, x: Any) -> AdaptiveOutput:
         """``mode="main"``: the MainNet as before attaching; no SideNet, no confidence (NaN)."""
-        if self.check_inputs:
-            self.split.validate_input(x)
+        self.check_input(x)
         self.split.ensure_eval()
         profile = self.flop_profile(x)
         with torch.no_grad():
@@ -347,8 +338,7 @@ class AdaptiveModel(nn.Module):
         """
         if mode not in ("adaptive", "side", "batch"):
             raise ValueError(f"front_pass mode must be 'adaptive', 'side' or 'batch', got {mode!r}")
-        if self.check_inputs:
-            self.split.validate_input(x)
+        self.check_input(x)
         self.split.ensure_eval()
         rule = self.policy  # read once: another thread may install a new rule meanwhile
         profile = self.flop_profile(x)

@@ -111,11 +111,11 @@ class PooledRouter:
         if self.rest_batch is None:
             self.rest_batch = len(front.exited)
         output = AdaptiveOutput(front.side_logits, front.exited, front.confidence, front.front_flops())
-        remaining = (~front.exited).nonzero().squeeze(1)
+        remaining, sizes = model.continuing(front)  # the batch's one host wait
         self._open[batch_id] = _OpenBatch(output, front.profile, len(remaining))
         if len(remaining):
             everyone = len(remaining) == len(front.exited)
-            state = front.state if everyone else model.split.select(front.state, remaining)
+            state = front.state if everyone else model.split.select_sized(front.state, remaining, sizes)
             self._pool.append(_Waiting(batch_id, remaining, state))
             self._pooled += len(remaining)
         while self._pooled >= self.rest_batch:
@@ -152,8 +152,10 @@ class PooledRouter:
             else:
                 front = torch.arange(count, device=head.positions.device)
                 back = torch.arange(count, len(head), device=head.positions.device)
-                taken.append(_Waiting(head.batch_id, head.positions[:count], split.select(head.state, front)))
-                self._pool[0] = _Waiting(head.batch_id, head.positions[count:], split.select(head.state, back))
+                # No sizes: both parts keep the group's size (text: its length), so cutting reads nothing.
+                first, later = head.positions[:count], head.positions[count:]
+                taken.append(_Waiting(head.batch_id, first, split.select_sized(head.state, front, ())))
+                self._pool[0] = _Waiting(head.batch_id, later, split.select_sized(head.state, back, ()))
             count -= len(taken[-1])
         return taken
 

@@ -83,13 +83,32 @@ class MainNetSplit(nn.Module):
         """The state restricted to the samples ``index``."""
         return select_samples(state, index)
 
+    def selection_sizes(self, state: State, keep: torch.Tensor) -> torch.Tensor | None:
+        """Sizes that :meth:`select` would read from the device to keep the samples ``keep`` (an (N,)
+        boolean mask), computed on the device as a 1-D integer tensor; ``None`` (the default) when
+        selecting reads nothing. The adaptive model reads them together with the count of continuing
+        samples, in the one host wait of a routed batch, and passes them to :meth:`select_sized`."""
+        return None
+
+    def select_sized(self, state: State, index: torch.Tensor, sizes: Sequence[int]) -> State:
+        """:meth:`select` with the :meth:`selection_sizes` already read (no host wait); empty ``sizes``
+        keep the state's own sizes (text: its padded length). The default has no sizes to use."""
+        return self.select(state, index)
+
     def concat(self, states: Sequence[State]) -> State:
         """One state holding the samples of ``states`` in order (the inverse of :meth:`select`), for
         running the rest once on samples that continued from several batches."""
         return concat_samples(states)
 
     def validate_input(self, x: Any) -> None:
-        """Raise ``ValueError`` for inputs the MainNet cannot take; subclasses add shape checks."""
+        """Raise ``ValueError`` for inputs the MainNet cannot take: :meth:`check_structure`, then
+        :meth:`check_values`. Subclasses extend those two, not this."""
+        self.check_structure(x)
+        self.check_values(x)
+
+    def check_structure(self, x: Any) -> None:
+        """The checks that read no tensor value (type, shape, emptiness, device, dtype): free of host
+        waits, so the adaptive model runs them on every batch wherever the input lives."""
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"expected a tensor input, got {type(x).__name__}")
         if x.ndim == 0 or x.shape[0] == 0:
@@ -113,8 +132,18 @@ class MainNetSplit(nn.Module):
                     f"input dtype {x.dtype} does not match the MainNet's {reference.dtype}; "
                     f"convert with x.to({reference.dtype})"
                 )
+
+    def check_values(self, x: Any) -> None:
+        """The checks that read the input's values (NaN/inf here; token ids and masks for text). On an
+        accelerator each is a host wait, so the adaptive model runs them only for CPU inputs unless
+        asked (``AdaptiveModel.check_values``)."""
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise ValueError("input contains NaN or infinite values")
+
+    def input_device(self, x: Any) -> torch.device:
+        """The device of an input batch (of its first tensor)."""
+        leaves = [t for t in tree_leaves(x) if isinstance(t, torch.Tensor)]
+        return leaves[0].device if leaves else torch.device("cpu")
 
     def batch_size(self, x: Any) -> int:
         """Number of samples in an input batch."""
@@ -287,8 +316,8 @@ class StagedSplit(MainNetSplit):
             state = stage(state)
         return self._head(state)
 
-    def validate_input(self, x: Any) -> None:
-        super().validate_input(x)
+    def check_structure(self, x: Any) -> None:
+        super().check_structure(x)
         if self.in_channels is not None:
             if x.ndim != 4:
                 raise ValueError(

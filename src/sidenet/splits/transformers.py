@@ -156,7 +156,7 @@ class TextEncoderSplit(MainNetSplit):
         self._layers = (list(layers[:cut]), list(layers[cut:]))
 
     # -- input ------------------------------------------------------------------------------------
-    def validate_input(self, x: Any) -> None:
+    def check_structure(self, x: Any) -> None:
         if not isinstance(x, Mapping) or "input_ids" not in x:
             raise ValueError(
                 f"expected a dict (or tokenizer BatchEncoding) with input_ids and attention_mask, got "
@@ -177,12 +177,16 @@ class TextEncoderSplit(MainNetSplit):
                 f"sequences of {ids.shape[1]} tokens exceed the model's {config.max_position_embeddings} "
                 "positions; tokenize with truncation=True"
             )
-        if int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size:
-            raise ValueError(f"input_ids must lie in [0, {config.vocab_size - 1}] (the model's vocabulary)")
         for key in ("attention_mask", "token_type_ids"):
             value = x.get(key)
             if value is not None and (not isinstance(value, torch.Tensor) or value.shape != ids.shape):
                 raise ValueError(f"{key} must be a tensor of the shape of input_ids {tuple(ids.shape)}")
+
+    def check_values(self, x: Any) -> None:
+        """Token ids inside the vocabulary; a mask of 0 and 1 with a real token in every sample."""
+        ids, config = x["input_ids"], self.mainnet.config
+        if int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, {config.vocab_size - 1}] (the model's vocabulary)")
         mask = x.get("attention_mask")
         if mask is not None:
             if not bool(((mask == 0) | (mask == 1)).all()):
@@ -219,7 +223,19 @@ class TextEncoderSplit(MainNetSplit):
         """The mask the layers take, built as the model builds it for its attention implementation."""
         from transformers.masking_utils import create_bidirectional_mask
 
-        return create_bidirectional_mask(config=self.mainnet.config, inputs_embeds=hidden, attention_mask=mask)
+        return create_bidirectional_mask(
+            config=self.mainnet.config,
+            inputs_embeds=hidden,
+            attention_mask=mask,
+            allow_is_bidirectional_skip=self.allows_mask_skip(mask),
+        )
+
+    def allows_mask_skip(self, mask: torch.Tensor) -> bool:
+        """Whether ``transformers`` may drop the attention mask of a batch without padding, as the
+        model's own forward does. Finding that out reads the mask (``mask.all()``): free on the CPU,
+        where the skip is allowed (the answers then equal the model's own bit for bit), but a host
+        wait on an accelerator, where the mask is always built instead (equal within float rounding)."""
+        return mask.device.type == "cpu"
 
     def _layers_on(self, layers: list[nn.Module], hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         attention_mask = self._attention_mask(hidden, mask)
@@ -261,8 +277,26 @@ class TextEncoderSplit(MainNetSplit):
     def select(self, state: Mapping[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
         """The samples ``index``, with the padding cut down to the longest of them."""
         mask = state["mask"].index_select(0, index)
-        length = self._kept_length(mask)
-        return {"hidden": state["hidden"][:, :length].index_select(0, index), "mask": mask[:, :length]}
+        return self._cut(state, index, self._kept_length(mask))
+
+    def selection_sizes(self, state: Mapping[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+        """(1,) the length :meth:`select` keeps for the samples ``keep``, computed on the device: the
+        last column holding a real token of a kept sample (0 when none is kept)."""
+        columns = (state["mask"].bool() & keep.unsqueeze(1)).any(0)
+        positions = torch.arange(1, columns.numel() + 1, device=columns.device)
+        return (columns * positions).amax().reshape(1)
+
+    def select_sized(
+        self, state: Mapping[str, torch.Tensor], index: torch.Tensor, sizes: Sequence[int]
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`select` with the kept length given (``sizes[0]``, from :meth:`selection_sizes`)."""
+        length = int(sizes[0]) if sizes and sizes[0] > 0 else int(state["mask"].shape[1])
+        return self._cut(state, index, length)
+
+    @staticmethod
+    def _cut(state: Mapping[str, torch.Tensor], index: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
+        mask = state["mask"][:, :length].index_select(0, index)
+        return {"hidden": state["hidden"][:, :length].index_select(0, index), "mask": mask}
 
     def concat(self, states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Samples of several states in one, padded (masked out) to the longest state's length:

@@ -144,8 +144,8 @@ class SequentialSplit(MainNetSplit):
     def rest(self, state: torch.Tensor) -> torch.Tensor:
         return self._halves[1](state)
 
-    def validate_input(self, x: torch.Tensor) -> None:
-        super().validate_input(x)
+    def check_structure(self, x: torch.Tensor) -> None:
+        super().check_structure(x)
         if self.in_channels is not None and (x.ndim != 4 or x.shape[1] != self.in_channels):
             raise ValueError(f"expected an image batch of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         if self.in_features is not None and x.shape[-1] != self.in_features:

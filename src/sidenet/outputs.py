@@ -1,0 +1,58 @@
+"""What routing returns: :class:`AdaptiveOutput` for a classified batch and :class:`FrontPass` for the
+trunk and SideNet run on one (see :class:`sidenet.AdaptiveModel`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sidenet.flops import FlopProfile
+
+__all__ = ["AdaptiveOutput", "FrontPass"]
+
+
+@dataclass
+class AdaptiveOutput:
+    """What the adaptive model returns for a batch.
+
+    Attributes:
+        logits: (N, C) the SideNet's logits for samples that exited, the MainNet's for the others.
+        exited: (N,) True where the SideNet answered.
+        confidence: (N,) the SideNet's confidence (NaN in ``main`` mode, where it is not run).
+        flops: (N,) FLOPs actually spent on each sample (measured per part, see ``sidenet.flops``).
+    """
+
+    logits: torch.Tensor
+    exited: torch.Tensor
+    confidence: torch.Tensor
+    flops: torch.Tensor
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        return self.logits.argmax(dim=-1)
+
+
+@dataclass
+class FrontPass:
+    """Trunk and SideNet run on a batch (see :meth:`AdaptiveModel.front_pass`).
+
+    Attributes:
+        state: the MainNet's state at the tap, for the rest of the MainNet.
+        side_logits: (N, C) the SideNet's logits.
+        confidence: (N,) the exit policy's score.
+        exited: (N,) True where the SideNet answers.
+        profile: FLOPs per sample of trunk, SideNet and rest for this batch's inputs.
+    """
+
+    state: Any
+    side_logits: torch.Tensor
+    confidence: torch.Tensor
+    exited: torch.Tensor
+    profile: FlopProfile
+
+    def front_flops(self) -> torch.Tensor:
+        """(N,) FLOPs spent on each sample so far: trunk and SideNet."""
+        cost = float(self.profile.trunk + self.profile.side)
+        return torch.full((len(self.exited),), cost, device=self.side_logits.device)
