@@ -57,6 +57,7 @@ LAYERS: dict[str, int] = {
     "audit": ANALYSIS,
     "serving": SERVING,
     "compiled": SERVING,
+    "cuda_graphs": SERVING,
     "integrations": SERVING,
 }
 LAYER_NAMES = {CORE: "core", ANALYSIS: "analysis", DEMO: "demo", SERVING: "serving"}

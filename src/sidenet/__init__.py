@@ -8,6 +8,7 @@ This module's ``__all__`` is the public API; each name is defined once, in the s
 
 from sidenet.attach import attach
 from sidenet.checkpoint import load_sidenet, save_sidenet
+from sidenet.compiled import CompiledAdaptiveModel, compile_for_serving
 from sidenet.config import SideNetConfig, mainnet_fingerprint
 from sidenet.curve import TradeoffCurve, sweep
 from sidenet.errors import (
@@ -54,6 +55,9 @@ __all__ = [
     "count_flops",
     "profile_flops",
     "TrafficMonitor",
+    # serving with compiled or captured stages (sidenet.compiled)
+    "compile_for_serving",
+    "CompiledAdaptiveModel",
     # splitting MainNets (sidenet.splits)
     "MainNetSplit",
     "CallableSplit",

@@ -16,6 +16,7 @@ from torch import nn
 # Saving, loading and the errors moved to sidenet.checkpoint and sidenet.errors; still importable from
 # here, where they lived (the CLI imports them here).
 from sidenet.checkpoint import load_sidenet as load_sidenet
+from sidenet.checkpoint import mainnet_placement
 from sidenet.checkpoint import save_sidenet as save_sidenet
 from sidenet.config import SETTINGS, SideNetConfig
 from sidenet.errors import CheckpointError as CheckpointError
@@ -29,7 +30,6 @@ from sidenet.splits.probe import (
     checked_input_shape,
     example_from_shape,
     feature_shape,
-    placement,
     to_placement,
 )
 
@@ -79,7 +79,8 @@ def attach(
             ``margin``), ``split_options`` (text encoders: ``{"features": "mean"}``), ``metadata``.
 
     The example input is built (or moved) onto the MainNet's device and floating dtype, and the SideNet
-    is created there too, so float16, bfloat16 and CUDA MainNets work as they are. Once, on that example,
+    is created there too, so float16, bfloat16 and CUDA MainNets work as they are (a MainNet on the 'meta'
+    device, without weights, is refused with :class:`~sidenet.errors.SidenetError`). Once, on that example,
     ``rest(trunk(x))`` is compared with the model's own forward: a model whose ``forward`` does more
     than its modules (a subclass that rescales its input) raises :class:`SplitMismatchError`; a ready
     :class:`MainNetSplit` (e.g. a :class:`CallableSplit`) is trusted as given. The example's sample
@@ -93,7 +94,7 @@ def attach(
     """
     config = _attach_config(tap, config, settings)
     split = split_mainnet(mainnet, config.tap, **config.split_options).eval()
-    device, dtype = placement(split)
+    device, dtype = mainnet_placement(split, "attach")
     if example_input is not None:
         example_input = to_placement(example_input, device, dtype)
     elif input_shape is not None:

@@ -34,13 +34,30 @@ from sidenet.config import (
     file_sha256,
     mainnet_fingerprint,
 )
-from sidenet.errors import CheckpointError, MainNetMismatchError
+from sidenet.errors import CheckpointError, MainNetMismatchError, SidenetError
 from sidenet.head import SideNet
 from sidenet.routing import AdaptiveModel
 from sidenet.splits import MainNetSplit, split_mainnet
 from sidenet.splits.probe import check_split, example_from_shape, feature_shape, placement, to_placement
 
-__all__ = ["save_sidenet", "load_sidenet", "replace_folder"]
+__all__ = ["save_sidenet", "load_sidenet", "replace_folder", "mainnet_placement"]
+
+
+# -- where the MainNet lives ---------------------------------------------------------------------------
+def mainnet_placement(split: MainNetSplit, action: str) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of the MainNet (see :func:`sidenet.splits.probe.placement`), where
+    example inputs and the SideNet go; :class:`~sidenet.errors.SidenetError` for a MainNet on the 'meta'
+    device, named by ``action`` (``"attach"``, ``"load_sidenet"``). Such a MainNet has shapes but no
+    weights (``torch.device("meta")``, ``init_empty_weights``): nothing can be checked, measured or
+    trained on it, and a SideNet built there would hold no weights either."""
+    module = split.mainnet if split.mainnet is not None else split
+    if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+        raise SidenetError(
+            f"{action}() needs a MainNet with real weights, but {type(module).__name__} has tensors on the "
+            "'meta' device (shapes without values). Materialise it first, e.g. mainnet.to_empty(device='cpu') "
+            "and then mainnet.load_state_dict(weights), or load it with its weights."
+        )
+    return placement(split)
 
 
 # -- save ----------------------------------------------------------------------------------------------
@@ -162,9 +179,17 @@ def _read_config(folder: Path) -> tuple[SideNetConfig, dict[str, torch.Tensor], 
 
 
 def _check_mainnet(
-    mainnet: nn.Module | MainNetSplit, split: MainNetSplit, config: SideNetConfig, folder: Path, check_fingerprint: bool
+    mainnet: nn.Module | MainNetSplit,
+    split: MainNetSplit,
+    config: SideNetConfig,
+    folder: Path,
+    check_fingerprint: bool,
+    saved_dtype: torch.dtype | None = None,
 ) -> None:
-    """Refuse a split or MainNet other than the one the SideNet in ``folder`` was saved with."""
+    """Refuse a split or MainNet other than the one the SideNet in ``folder`` was saved with.
+    ``saved_dtype``, the dtype of the saved SideNet's weights (that of the MainNet it was saved on),
+    only words the refusal of a MainNet cast to another dtype."""
+    device, dtype = mainnet_placement(split, "load_sidenet")
     if str(split.tap) != str(config.tap):
         raise CheckpointError(
             f"the SideNet in {folder} was trained at tap {config.tap!r}, the split given is at {split.tap!r}"
@@ -178,12 +203,20 @@ def _check_mainnet(
     if check_fingerprint and config.mainnet_fingerprint and base is not None:
         found = mainnet_fingerprint(base)
         if found != config.mainnet_fingerprint:
+            # The fingerprint covers dtypes and values, so a cast MainNet (trained in float32, served in
+            # bfloat16) is another MainNet to it; say so, and how to load onto the cast one anyway.
+            cast = (
+                f" The SideNet was saved with a {str(saved_dtype).removeprefix('torch.')} MainNet and this one is "
+                f"{str(dtype).removeprefix('torch.')}: a cast changes the fingerprint. If it is the same MainNet "
+                "cast, load with check_fingerprint=False (the SideNet is cast likewise)."
+                if saved_dtype is not None and saved_dtype != dtype
+                else ""
+            )
             raise MainNetMismatchError(
                 f"the SideNet in {folder} was trained on a different MainNet "
                 f"({config.mainnet_class}, fingerprint {config.mainnet_fingerprint[:12]}…) than the one given "
-                f"({type(base).__name__}, fingerprint {found[:12]}…)"
+                f"({type(base).__name__}, fingerprint {found[:12]}…).{cast}"
             )
-    device, dtype = placement(split)
     example = _load_example(split, config, device, dtype)
     if example is None:
         return
@@ -220,7 +253,8 @@ def load_sidenet(
     if not isinstance(history, list):
         raise CheckpointError(f"{folder / CONFIG_NAME}: metadata['history'] must be a list, got {history!r}")
     split = split_mainnet(mainnet, config.tap, **config.split_options).eval()
-    _check_mainnet(mainnet, split, config, folder, check_fingerprint)
+    saved_dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
+    _check_mainnet(mainnet, split, config, folder, check_fingerprint, saved_dtype)
     try:
         sidenet = SideNet(config.feature_shape, config.num_classes, config.hidden, config.pool_size)
         sidenet.load_state_dict(tensors)

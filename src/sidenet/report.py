@@ -35,6 +35,7 @@ from sidenet.report_data import (
 from sidenet.routing import AdaptiveModel
 from sidenet.shift import confidence_shift
 from sidenet.timing import input_batches, measure_throughput
+from sidenet.training import to_mainnet
 
 __all__ = [
     "ReportSettings",
@@ -159,8 +160,10 @@ def _table_thresholds(curve: TradeoffCurve, marks: dict[str, float], rows: int) 
 def _throughput(
     model: AdaptiveModel, policy: ExitPolicy, loader: Iterable, thresholds: list[float], settings: ReportSettings
 ) -> ThroughputReport:
-    """Samples per second of the MainNet alone and of the model under ``policy`` at each threshold."""
-    batches = input_batches(loader, settings.timing_samples, batch_size=model.split.batch_size)
+    """Samples per second of the MainNet alone and of the model under ``policy`` at each threshold, on
+    batches moved to the MainNet's device and dtype before timing (as the sweeps move them)."""
+    loaded = input_batches(loader, settings.timing_samples, batch_size=model.split.batch_size)
+    batches = [to_mainnet(model.split, batch) for batch in loaded]
 
     def runner(threshold: float, mode: str = "adaptive"):
         rule = replace(policy, threshold=threshold)
@@ -172,7 +175,12 @@ def _throughput(
         return run
 
     runners = {"mainnet": runner(NEVER_EXIT, "main"), **{f"{t!r}": runner(t) for t in thresholds}}
-    timings = measure_throughput(runners, batches, repeats=settings.repeats, batch_size=model.split.batch_size)
+    # On an accelerator a pass has ended only when its queued work has: wait for it inside the timing.
+    device = next(model.sidenet.parameters()).device
+    finish = {} if device.type == "cpu" else dict.fromkeys(runners, lambda: torch.accelerator.synchronize(device))
+    timings = measure_throughput(
+        runners, batches, repeats=settings.repeats, batch_size=model.split.batch_size, finish=finish
+    )
     return ThroughputReport(
         samples=sum(model.split.batch_size(batch) for batch in batches),
         batches=len(batches),

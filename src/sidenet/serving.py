@@ -73,6 +73,9 @@ class PooledRouter:
         max_wait: run the rest on whatever waits once the oldest waiting sample has seen this many
             later batches submitted; bounds the extra latency. 0 finishes every batch in its own call
             (per-batch routing, as :meth:`AdaptiveModel.forward`).
+        stages: what runs the two stages: ``None`` (the model itself, eagerly) or a
+            :class:`~sidenet.compiled.CompiledAdaptiveModel` (its ``front_pass``, ``continuing`` and
+            ``rest``), as :meth:`CompiledAdaptiveModel.pooled_router` builds it.
 
     Use :meth:`submit` per incoming batch and :meth:`flush` when the stream pauses or ends, or
     :meth:`run` for a whole list of batches. Every batch is recorded in the model's traffic monitor
@@ -80,12 +83,15 @@ class PooledRouter:
     decided when a batch is submitted. One router serves one stream: it is not thread-safe.
     """
 
-    def __init__(self, model: AdaptiveModel, rest_batch: int | None = None, max_wait: int = 4) -> None:
+    def __init__(
+        self, model: AdaptiveModel, rest_batch: int | None = None, max_wait: int = 4, stages: Any = None
+    ) -> None:
         if rest_batch is not None and (isinstance(rest_batch, bool) or int(rest_batch) != rest_batch or rest_batch < 1):
             raise ValueError(f"rest_batch must be a positive integer or None, got {rest_batch!r}")
         if isinstance(max_wait, bool) or int(max_wait) != max_wait or max_wait < 0:
             raise ValueError(f"max_wait must be a non-negative integer, got {max_wait!r}")
         self.model = model
+        self.stages = stages
         self.rest_batch = None if rest_batch is None else int(rest_batch)
         self.max_wait = int(max_wait)
         self._submitted = 0
@@ -103,18 +109,19 @@ class PooledRouter:
         """Run trunk and SideNet on the batch ``x`` (numbered by submission order); returns every batch
         answered in full by this call, in submission order, this one included when none of its samples
         waits."""
-        model = self.model
-        front = model.front_pass(x, "adaptive")
+        model, stages = self.model, self.stages or self.model
+        front = stages.front_pass(x, "adaptive")
         model.monitor.record(front.exited, front.confidence)
         batch_id = self._submitted
         self._submitted += 1
         if self.rest_batch is None:
             self.rest_batch = len(front.exited)
         output = AdaptiveOutput(front.side_logits, front.exited, front.confidence, front.front_flops())
-        remaining, sizes = model.continuing(front)  # the batch's one host wait
+        remaining, sizes = stages.continuing(front)  # the batch's one host wait
         self._open[batch_id] = _OpenBatch(output, front.profile, len(remaining))
         if len(remaining):
-            everyone = len(remaining) == len(front.exited)
+            # A captured stage's state is overwritten by its next replay: keep a copy then.
+            everyone = len(remaining) == len(front.exited) and not getattr(stages, "reuses_outputs", False)
             state = front.state if everyone else model.split.select_sized(front.state, remaining, sizes)
             self._pool.append(_Waiting(batch_id, remaining, state))
             self._pooled += len(remaining)
@@ -165,7 +172,7 @@ class PooledRouter:
         taken = self._take(count)
         self._pooled -= count
         state = taken[0].state if len(taken) == 1 else model.split.concat([group.state for group in taken])
-        logits = model.split.rest(state)
+        logits = self.stages.rest(state) if self.stages is not None else model.split.rest(state)
         offset = 0
         for group in taken:
             batch = self._open[group.batch_id]

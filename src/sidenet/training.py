@@ -3,20 +3,26 @@ MainNet's logits; the SideNet then trains on that cache for many epochs in secon
 
 :func:`trunk_batches` is the one loop of a loader through the MainNet's trunk, with the labels checked:
 the feature cache here, the sweep (:func:`sidenet.record.collect`) and the calibration all run on it.
+It moves each batch to the MainNet's device and floating dtype (:func:`to_mainnet`), as training loops
+do: a loader of CPU float32 tensors feeds a CUDA or bfloat16 MainNet as it is.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from sidenet.head import SideNet
 from sidenet.loaders import batch_count, iter_batches, length_grouped
+from sidenet.splits import MainNetSplit
+from sidenet.splits.probe import to_placement
 
 if TYPE_CHECKING:
     from sidenet.routing import AdaptiveModel
@@ -30,6 +36,7 @@ __all__ = [
     "validate_labels",
     "trunk_batches",
     "trunk_states",
+    "to_mainnet",
 ]
 
 
@@ -73,25 +80,41 @@ def validate_labels(labels: Any, batch_size: int, num_classes: int) -> torch.Ten
     return tensor.long().cpu()
 
 
+def to_mainnet(split: MainNetSplit, inputs: Any) -> Any:
+    """A loader's input batch on the MainNet's device, its floating tensors in the MainNet's floating
+    dtype (integer tensors such as token ids keep theirs), as the routed model wants them.
+
+    The placement is that of the MainNet's first floating parameter, read on every call so that it
+    follows the MainNet through ``.to()``; a MainNet without one (a split of plain functions) gets the
+    inputs as they are. A no-op for inputs already there.
+    """
+    module = split.mainnet if isinstance(split.mainnet, nn.Module) else split
+    reference = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if reference is None:
+        return inputs
+    return to_placement(inputs, reference.device, reference.dtype)
+
+
 class TrunkBatch(NamedTuple):
     """One batch of a loader run through the trunk (see :func:`trunk_batches`)."""
 
-    inputs: Any  # as the loader gave them (the FLOPs of a batch depend on their size)
+    inputs: Any  # on the MainNet's device and dtype (the FLOPs of a batch depend on their size)
     state: Any  # the MainNet's state at the tap
     labels: torch.Tensor  # (N,) class indices, checked, on the CPU
 
 
 def trunk_batches(model: AdaptiveModel, loader: Iterable, progress: bool, desc: str) -> Iterator[TrunkBatch]:
-    """Each batch of ``loader`` through the model's trunk, in eval mode (inputs validated when the model
-    checks them, labels always: see :func:`validate_labels`), with a progress bar named ``desc``;
-    raises ``ValueError`` when the loader yields nothing. Call under ``torch.no_grad()``."""
+    """Each batch of ``loader`` through the model's trunk, in eval mode (inputs moved to the MainNet's
+    device and dtype by :func:`to_mainnet`, then validated when the model checks them; labels always: see
+    :func:`validate_labels`), with a progress bar named ``desc``; raises ``ValueError`` when the loader
+    yields nothing. Call under ``torch.no_grad()``."""
     model.eval()
     empty = True
-    for inputs, targets in tqdm(
+    for loaded, targets in tqdm(
         iter_batches(loader), desc=desc, total=batch_count(loader), disable=not progress, leave=False
     ):
-        if model.check_inputs:
-            model.split.validate_input(inputs)
+        inputs = to_mainnet(model.split, loaded)
+        model.check_input(inputs)  # structure always; values where reading them costs no host wait
         # Checked before the trunk runs, so that bad labels fail at the first batch, not in the loss.
         labels = validate_labels(targets, model.split.batch_size(inputs), model.sidenet.num_classes)
         empty = False
@@ -164,6 +187,11 @@ def train_sidenet(
     Loss: cross-entropy on the labels, mixed with ``distill_weight`` of distillation toward the
     MainNet's logits softened by ``distill_temperature``. Returns one record per epoch with the mean
     loss and the SideNet's accuracy on the cache (and on ``val_cache`` when given).
+
+    A SideNet in float16 or bfloat16 (that of a half-precision MainNet) trains a float32 copy of its
+    weights, as mixed-precision training keeps a float32 master copy: AdamW's steps would underflow in
+    float16 (its ``eps`` of 1e-8 is zero there) and be rounded away in bfloat16. The SideNet gets the
+    rounded weights after every epoch, and the accuracies are those of the SideNet in its own dtype.
     """
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"epochs and batch_size must be positive and lr > 0, got {epochs}, {batch_size}, {lr}")
@@ -186,20 +214,23 @@ def train_sidenet(
         raise ValueError(f"labels must be integer class indices, got dtype {cache.labels.dtype}")
     if int(cache.labels.max()) >= sidenet.num_classes or int(cache.labels.min()) < 0:
         raise ValueError(f"labels must lie in [0, {sidenet.num_classes - 1}]")
-    device = next(sidenet.parameters()).device
+    weight = next(sidenet.parameters())
+    device = weight.device
+    # The float32 master copy of a half-precision SideNet (float32 and float64 ones train as they are).
+    master = sidenet if weight.dtype == torch.promote_types(weight.dtype, torch.float32) else _float32_copy(sidenet)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(sidenet.mlp.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(master.mlp.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * -(-len(cache) // batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     history = []
     bar = tqdm(range(epochs), desc="Training SideNet", disable=not progress, leave=False)
     for epoch in bar:
-        sidenet.train()
+        master.train()
         order = torch.randperm(len(cache), generator=generator)
         total = 0.0
         for start in range(0, len(cache), batch_size):
             index = order[start : start + batch_size]
-            logits = sidenet.classify(cache.features[index].to(device))
+            logits = master.classify(cache.features[index].to(device))
             loss = _loss(
                 logits,
                 cache.labels[index].to(device),
@@ -212,6 +243,8 @@ def train_sidenet(
             optimizer.step()
             schedule.step()
             total += float(loss.detach()) * len(index)
+        if master is not sidenet:
+            _copy_weights(master, sidenet)
         record = {"epoch": epoch + 1, "loss": total / len(cache), "accuracy": _accuracy(sidenet, cache)}
         if val_cache is not None:
             record["val_accuracy"] = _accuracy(sidenet, val_cache)
@@ -219,6 +252,18 @@ def train_sidenet(
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
     sidenet.eval()
     return history
+
+
+def _float32_copy(sidenet: SideNet) -> SideNet:
+    """A float32 copy of ``sidenet`` on its device, to train in place of a half-precision SideNet."""
+    return copy.deepcopy(sidenet).float()
+
+
+@torch.no_grad()
+def _copy_weights(source: nn.Module, target: nn.Module) -> None:
+    """Copy ``source``'s parameters into ``target``'s, rounded to their dtype (same architecture)."""
+    for into, value in zip(target.parameters(), source.parameters(), strict=True):
+        into.copy_(value)
 
 
 def fit_sidenet(

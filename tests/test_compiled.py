@@ -1,0 +1,144 @@
+"""The compiled serving mode: the same answers as ``model(x)`` whatever runs the stages (eager with row
+and length buckets, ``torch.compile``, CUDA graphs where a GPU is present), one host wait per batch,
+pipelined streams and the pooled router over compiled stages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sidenet
+from helpers import IMAGE_SHAPE, build_tiny_mainnet, make_images, threshold_between
+from sidenet import compile_for_serving
+from test_host_waits import counting_reads
+
+
+def mixed_model() -> tuple[sidenet.AdaptiveModel, list[torch.Tensor]]:
+    model = sidenet.attach(build_tiny_mainnet(), "layer1", input_shape=IMAGE_SHAPE, hidden=16, pool_size=2, seed=0)
+    batches = [make_images(24, seed=seed) for seed in range(3)]
+    model.threshold = threshold_between(torch.cat([model(x, mode="side").confidence for x in batches]), 0.6)
+    return model, batches
+
+
+def assert_same_answers(served: sidenet.AdaptiveOutput, eager: sidenet.AdaptiveOutput, atol: float = 1e-5) -> None:
+    assert torch.equal(served.exited, eager.exited)
+    torch.testing.assert_close(served.confidence, eager.confidence, atol=atol, rtol=0)
+    torch.testing.assert_close(served.logits, eager.logits, atol=atol, rtol=0)
+    torch.testing.assert_close(served.flops, eager.flops)
+
+
+def test_eager_stages_with_row_buckets_answer_as_the_model() -> None:
+    model, batches = mixed_model()
+    served = compile_for_serving(model, batches[0], rest_buckets=(4, 8, 16), backend="eager")
+    assert served.stage_backends == {"front": "eager", "rest": "eager"}
+    for x in batches:
+        output = served(x)
+        assert 0 < int(output.exited.sum()) < len(x)
+        assert_same_answers(output, model(x))
+
+
+def test_stream_pipelines_and_records_every_batch() -> None:
+    model, batches = mixed_model()
+    served = compile_for_serving(model, batches[0], rest_buckets=(8, 32), backend="eager")
+    expected = [model(x) for x in batches]
+    model.reset_stats()
+    outputs = list(served.stream(batches))
+    assert len(outputs) == len(batches)
+    for output, reference in zip(outputs, expected, strict=True):
+        assert_same_answers(output, reference)
+    assert model.samples_seen == 3 * 24
+    assert model.samples_exited == sum(int(o.exited.sum()) for o in expected)
+
+
+def test_compiled_batch_reads_one_value() -> None:
+    model, batches = mixed_model()
+    model.check_values = False
+    served = compile_for_serving(model, batches[0], rest_buckets=(8, 16, 32), backend="eager")
+    with counting_reads() as reads:
+        served(batches[1])
+    assert reads == ["tolist"]
+
+
+def test_pooled_router_over_compiled_stages() -> None:
+    model, batches = mixed_model()
+    served = compile_for_serving(model, batches[0], rest_buckets=(8, 16, 32), backend="eager")
+    routed = served.pooled_router(rest_batch=16, max_wait=2).run(batches)
+    for answer, x in zip(routed, batches, strict=True):
+        assert_same_answers(answer.output, model(x))
+
+
+def test_new_threshold_is_served() -> None:
+    model, batches = mixed_model()
+    served = compile_for_serving(model, batches[0], backend="eager")
+    model.threshold = sidenet.NEVER_EXIT
+    output = served(batches[0])
+    assert not output.exited.any()
+    torch.testing.assert_close(output.logits, model(batches[0], mode="main").logits, atol=1e-5, rtol=0)
+
+
+def test_text_length_and_row_buckets_answer_as_the_model() -> None:
+    pytest.importorskip("transformers")
+    from test_text_split import attached, make_batch, tiny_encoder
+
+    model = attached(tiny_encoder("bert"), tap=2)
+    batches = [make_batch([7, 3, 12, 5, 12, 1, 9, 4], seed=seed) for seed in range(3)]
+    model.threshold = threshold_between(torch.cat([model(b, mode="side").confidence for b in batches]), 0.5)
+    served = compile_for_serving(model, batches[0], rest_buckets=(2, 4, 8), length_buckets=(4, 8, 16), backend="eager")
+    for batch in batches:
+        output, reference = served(batch), model(batch)
+        assert torch.equal(output.exited, reference.exited)
+        torch.testing.assert_close(output.logits, reference.logits, atol=1e-5, rtol=0)
+    # Padded to 16 tokens: FLOPs are those of the padded batch (what ran), never fewer than eager's.
+    assert bool((output.flops >= reference.flops).all())
+
+
+def test_inductor_on_cpu_keeps_the_faster_form_of_each_stage() -> None:
+    torch.manual_seed(0)
+    mainnet = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    model = sidenet.attach(mainnet, 2, input_shape=(16,), hidden=8, seed=0)
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    model.threshold = threshold_between(model(x, mode="side").confidence, 0.5)
+    served = compile_for_serving(model, x, backend="inductor")
+    assert set(served.stage_backends.values()) <= {"inductor", "eager"}
+    assert served.compile_seconds > 0
+    output, reference = served(x), model(x)
+    assert torch.equal(output.exited, reference.exited)
+    torch.testing.assert_close(output.logits, reference.logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"backend": "tensorrt"}, "backend must be one of"),
+        ({"backend": "cuda_graph"}, "needs the model and the example on a CUDA device"),
+        ({"batch_sizes": [0]}, "batch sizes must be positive"),
+    ],
+)
+def test_bad_options_are_named(options: dict, message: str) -> None:
+    model, batches = mixed_model()
+    with pytest.raises(ValueError, match=message):
+        compile_for_serving(model, batches[0], **options)
+
+
+def test_only_adaptive_models_are_served() -> None:
+    with pytest.raises(ValueError, match="takes a sidenet.AdaptiveModel"):
+        compile_for_serving(build_tiny_mainnet(), make_images(4))  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_answer_as_the_model(dtype: torch.dtype) -> None:
+    model, batches = mixed_model()
+    model = model.to("cuda", dtype)
+    batches = [x.to("cuda", dtype) for x in batches]
+    served = compile_for_serving(model, batches[0])
+    assert served.stage_backends == {"front": "cuda_graph", "rest": "cuda_graph"}
+    expected = [model(x) for x in batches]
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+    for output, reference in zip(served.stream(batches), expected, strict=True):
+        assert torch.equal(output.exited, reference.exited)
+        torch.testing.assert_close(output.logits.float(), reference.logits.float(), atol=tolerance, rtol=0)
+    routed = served.pooled_router(rest_batch=16).run(batches)
+    for answer, reference in zip(routed, expected, strict=True):
+        assert torch.equal(answer.output.exited, reference.exited)
