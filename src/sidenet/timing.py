@@ -13,7 +13,7 @@ import torch
 
 from sidenet.loaders import iter_batches
 
-__all__ = ["Timing", "input_batches", "measure_throughput", "latency_percentiles"]
+__all__ = ["Timing", "input_batches", "measure_throughput", "latency_percentiles", "synchronize"]
 
 
 @dataclass
@@ -66,6 +66,13 @@ def input_batches(loader: Iterable, samples: int | None = None, batch_size: Call
     return batches
 
 
+def synchronize() -> None:
+    """Wait for queued accelerator work (CUDA), so that a timed region ends when its work does, not
+    when its last kernel was launched; nothing on the CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 @torch.inference_mode()
 def measure_throughput(
     runners: dict[str, Callable[[Any], Any]],
@@ -76,7 +83,7 @@ def measure_throughput(
     finish: Mapping[str, Callable[[], Any]] | None = None,
 ) -> dict[str, Timing]:
     """Time one pass of each runner over ``batches``, interleaved, ``repeats`` times after ``warmup``
-    untimed passes; returns a :class:`Timing` per runner name.
+    untimed passes; returns a :class:`Timing` per runner name. Each pass ends with :func:`synchronize`.
 
     ``finish`` maps runner names to a call made at the end of each of their passes, inside the timed
     region: for runners that hold work back across batches (:meth:`sidenet.serving.PooledRouter.flush`).
@@ -93,6 +100,7 @@ def measure_throughput(
             run(batch)
         if name in finish:
             finish[name]()
+        synchronize()
 
     for _ in range(warmup):
         for name, run in runners.items():
@@ -115,6 +123,7 @@ def latency_percentiles(
     for item in inputs:
         started = time.perf_counter()
         run(item)
+        synchronize()
         times.append(time.perf_counter() - started)
     times.sort()
     return {f"p{p:g}": times[min(len(times) - 1, int(round(p / 100 * (len(times) - 1))))] for p in percentiles}
