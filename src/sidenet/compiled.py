@@ -178,8 +178,12 @@ class CompiledAdaptiveModel:
 
     # -- inputs ----------------------------------------------------------------------------------
     def _padded(self, x: Any) -> Any:
-        """A text batch padded (with masked-out zeros) to its length bucket; other inputs unchanged."""
-        if not self.length_buckets or not isinstance(x, Mapping):
+        """A text batch as a dict of its tensors in sorted key order (a captured graph copies inputs by
+        position), padded with masked-out zeros to its length bucket; other inputs unchanged."""
+        if not isinstance(x, Mapping):
+            return x
+        x = {key: x[key] for key in sorted(x) if isinstance(x[key], torch.Tensor) and key != "labels"}
+        if not self.length_buckets:
             return x
         length = int(x["input_ids"].shape[1])
         target = _bucket(length, self.length_buckets, max(length, self.length_buckets[-1]))
@@ -295,7 +299,10 @@ class CompiledAdaptiveModel:
         n = split.batch_size(example)
         for size in batch_sizes:
             index = torch.arange(size, device=split.input_device(example)) % n
-            batch = {k: v[index] for k, v in example.items()} if isinstance(example, Mapping) else example[index]
+            if isinstance(example, Mapping):
+                batch = {k: v[index] for k, v in example.items() if isinstance(v, torch.Tensor) and v.ndim}
+            else:
+                batch = example[index]
             front = self.front_pass(batch)
             self.finish(front)
             state = front.state
