@@ -260,9 +260,7 @@ class CompiledAdaptiveModel:
             rest_cost = model.rest_flops(selected, None, front.profile)
             dtype = torch.promote_types(logits.dtype, rest_logits.dtype)
             logits = logits.to(dtype).index_copy(0, remaining, rest_logits.to(dtype))
-        flops = front.front_flops()
-        flops += (~front.exited).to(flops.dtype) * rest_cost
-        return AdaptiveOutput(logits, front.exited, front.confidence, flops)
+        return AdaptiveOutput(logits, front.exited, front.confidence, front.flops_with_rest(rest_cost))
 
     @torch.no_grad()
     def __call__(self, x: Any) -> AdaptiveOutput:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from sidenet.flops import FlopProfile
@@ -51,6 +52,14 @@ class FrontPass:
     confidence: torch.Tensor
     exited: torch.Tensor
     profile: FlopProfile
+
+    def flops_with_rest(self, rest_cost: float) -> torch.Tensor:
+        """(N,) FLOPs spent on each sample once those that continue have run the rest at ``rest_cost``
+        per sample: one kernel, as this runs on every routed batch. The sum is rounded as a float32
+        addition of the two costs, as adding the rest to :meth:`front_flops` would round it."""
+        front = np.float32(self.profile.trunk + self.profile.side)
+        total = front + np.float32(rest_cost)
+        return torch.where(self.exited, float(front), float(total))
 
     def front_flops(self) -> torch.Tensor:
         """(N,) FLOPs spent on each sample so far: trunk and SideNet."""

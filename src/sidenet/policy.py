@@ -144,7 +144,9 @@ class ExitPolicy:
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Softmax of the logits after the temperature, in float32 or wider."""
-        return torch.softmax(logits.float() / self.temperature, dim=-1)
+        logits = logits.float()
+        # Dividing by 1 would be one more kernel on every routed batch, for nothing.
+        return torch.softmax(logits if self.temperature == 1.0 else logits / self.temperature, dim=-1)
 
     def confidence(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-sample score in [0, 1] under this rule."""

@@ -276,9 +276,7 @@ class AdaptiveModel(nn.Module):
             rest_cost = self.rest_flops(selected, None, front.profile)
             dtype = torch.promote_types(side_logits.dtype, rest_logits.dtype)
             logits = side_logits.to(dtype).index_copy(0, remaining, rest_logits.to(dtype))
-        flops = front.front_flops()
-        flops += (~exited).to(flops.dtype) * rest_cost
-        return AdaptiveOutput(logits, exited, front.confidence, flops)
+        return AdaptiveOutput(logits, exited, front.confidence, front.flops_with_rest(rest_cost))
 
     def continuing(self, front: FrontPass) -> tuple[torch.Tensor, tuple[int, ...]]:
         """The samples of a front pass that continue to the rest of the MainNet: their indices in the
