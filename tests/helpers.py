@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,3 +77,23 @@ def separable_dataset(n: int, seed: int = 0) -> TensorDataset:
         images[labels == k, :, 8 * row : 8 * row + 8, 8 * col : 8 * col + 8] += 2.0
     order = torch.randperm(n, generator=generator)
     return TensorDataset(images[order], labels[order])
+
+
+def tiny_bert(seed: int = 0, **config: Any) -> nn.Module:
+    """A random ``BertForSequenceClassification`` in eval mode: 2 layers, 16 wide, 3 labels, a
+    vocabulary of 50 and 16 positions unless ``config`` says otherwise (skips without transformers)."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    settings = {
+        "vocab_size": 50,
+        "hidden_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "num_labels": 3,
+        "max_position_embeddings": 16,
+        **config,
+    }
+    torch.manual_seed(seed)
+    return transformers.BertForSequenceClassification(transformers.BertConfig(**settings)).eval()

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import sidenet
-from helpers import IMAGE_SHAPE, NUM_CLASSES, build_tiny_mainnet, make_images
+from helpers import IMAGE_SHAPE, NUM_CLASSES, build_tiny_mainnet, make_images, tiny_bert
 from sidenet import AdaptiveModel, SweepRecord, TradeoffCurve
 from sidenet.serving import PooledRouter
 
@@ -484,16 +484,6 @@ def test_validate_input_raises_value_errors_only(split: sidenet.MainNetSplit, x:
 
 @pytest.mark.parametrize("x", [*WRONG_INPUTS, *WRONG_TEXT_INPUTS])
 def test_text_validate_input_raises_value_errors_only(x: object) -> None:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=3,
-        max_position_embeddings=16,
-    )
-    split = sidenet.split_mainnet(transformers.BertForSequenceClassification(config).eval(), 1)
+    split = sidenet.split_mainnet(tiny_bert(), 1)
     with pytest.raises(ValueError):
         split.validate_input(x)

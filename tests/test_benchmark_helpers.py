@@ -8,6 +8,7 @@ import pytest
 import torch
 from benchmarks.model_edits import prune_channels
 
+from helpers import tiny_bert
 from sidenet.models.cifar_resnet import cifar_resnet
 
 
@@ -43,11 +44,7 @@ def test_feed_forward_pruning_shrinks_bert_layers_and_round_trips(tmp_path) -> N
     transformers = pytest.importorskip("transformers")
     from benchmarks.model_edits import prune_feed_forward
 
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40, num_labels=2
-    )
-    model = transformers.BertForSequenceClassification(config).eval()
+    model = tiny_bert(intermediate_size=40, num_labels=2, max_position_embeddings=512)
     ids = torch.randint(0, 50, (3, 7))
     same = prune_feed_forward(model, 0.0)
     torch.testing.assert_close(same(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import sidenet
-from helpers import randomize_batchnorm, threshold_between
+from helpers import randomize_batchnorm, threshold_between, tiny_bert
 from sidenet import NEVER_EXIT, AdaptiveModel, MainNetMismatchError, TradeoffCurve, collect
 from sidenet.calibration import calibrate, calibration_metrics, sidenet_logits
 from sidenet.models.cifar_resnet import cifar_resnet
@@ -46,19 +46,15 @@ def vision_mainnet() -> nn.Module:
 
 
 def text_mainnet() -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
+    return tiny_bert(
         vocab_size=VOCAB,
         hidden_size=32,
         num_hidden_layers=LAYERS,
-        num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=32,
         num_labels=CLASSES,
         initializer_range=0.2,
     )
-    torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(config).eval()
 
 
 def vision_batches(seed: int, n: int = 4, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -16,7 +16,15 @@ import torchvision
 from torch import nn
 
 import sidenet
-from helpers import IMAGE_SHAPE, NUM_CLASSES, build_tiny_mainnet, make_images, randomize_batchnorm, threshold_between
+from helpers import (
+    IMAGE_SHAPE,
+    NUM_CLASSES,
+    build_tiny_mainnet,
+    make_images,
+    randomize_batchnorm,
+    threshold_between,
+    tiny_bert,
+)
 from sidenet import NEVER_EXIT, AdaptiveModel, CallableSplit, SideNet
 
 ATOL = 1e-5
@@ -27,21 +35,6 @@ def pickle_round_trip(model: AdaptiveModel) -> AdaptiveModel:
 
 
 COPIES = {"deepcopy": copy.deepcopy, "pickle": pickle_round_trip}
-
-
-def tiny_bert() -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=3,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(config).eval()
 
 
 def vision_case(name: str) -> tuple[AdaptiveModel, Any, Callable[[nn.Module], torch.Tensor]]:
@@ -58,7 +51,7 @@ def vision_case(name: str) -> tuple[AdaptiveModel, Any, Callable[[nn.Module], to
         net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
         model = sidenet.attach(net, 2, input_shape=(1, 8, 8), hidden=8)
         return model, torch.randn(3, 1, 8, 8), lambda m: m[3].bias
-    model = sidenet.attach(tiny_bert(), 1, hidden=8)
+    model = sidenet.attach(tiny_bert(num_hidden_layers=3), 1, hidden=8)
     ids = torch.randint(1, 50, (3, 6), generator=torch.Generator().manual_seed(0))
     return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, lambda m: m.classifier.bias
 
