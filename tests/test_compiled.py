@@ -142,3 +142,38 @@ def test_cuda_graphs_answer_as_the_model(dtype: torch.dtype) -> None:
     routed = served.pooled_router(rest_batch=16).run(batches)
     for answer, reference in zip(routed, expected, strict=True):
         assert torch.equal(answer.output.exited, reference.exited)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+def test_cuda_stream_waits_once_per_batch_on_an_event() -> None:
+    model, batches = mixed_model()
+    model = model.to("cuda")
+    batches = [x.to("cuda") for x in batches]
+    served = compile_for_serving(model, batches[0])
+    list(served.stream(batches))  # warm-up: every shape captured
+    waits: list[str] = []
+    allowed = {"tolist": torch.Tensor.tolist, "synchronize": torch.cuda.Event.synchronize}
+
+    def permitted(name: str):
+        def wait(self, *args, **kwargs):
+            waits.append(name)
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                return allowed[name](self, *args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("error")
+
+        return wait
+
+    torch.Tensor.tolist = permitted("tolist")  # type: ignore[method-assign]
+    torch.cuda.Event.synchronize = permitted("synchronize")  # type: ignore[method-assign]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outputs = list(served.stream(batches))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        torch.Tensor.tolist = allowed["tolist"]  # type: ignore[method-assign]
+        torch.cuda.Event.synchronize = allowed["synchronize"]  # type: ignore[method-assign]
+    assert len(outputs) == len(batches)
+    # One wait per batch, on the event after its count (tolist then reads pinned host memory).
+    assert waits == ["synchronize", "tolist"] * len(batches)
