@@ -1,6 +1,6 @@
 """Regenerate BENCHMARKS.md entirely from the JSON files of a results folder (and the compression
-figures beside them); the two workloads' sections are here, the others in benchmarks/sections.py and
-benchmarks/sections_stacking.py.
+figures beside them); the two workloads' sections are here, the others in benchmarks/sections.py,
+benchmarks/sections_stacking.py and benchmarks/sections_gpu.py (GPU serving; the CPU compiled rows).
 
 Run: ``python -m benchmarks report [--quick | --results-dir DIR]`` (``python -m benchmarks run`` calls it
 once, after its last step; ``python -m benchmarks.report`` also works).
@@ -15,6 +15,8 @@ from typing import Any
 from benchmarks.compression_plot import WORKLOADS, plot_compression
 from benchmarks.harness import RESULTS, link, markdown_path, pct, thr
 from benchmarks.sections import calibration_section, serving_section, summary_section
+from benchmarks.sections_gpu import fmnist_compiled_lines, gpu_section
+from benchmarks.sections_serve import serve_section
 from benchmarks.sections_stacking import (
     distillation_section,
     resnet_compression_section,
@@ -76,6 +78,7 @@ def fmnist_section(r: dict[str, Any]) -> list[str]:
             for k, v in t.items()
         ),
         "",
+        *fmnist_compiled_lines(r),
         "### Every candidate (threshold chosen on validation, reported on test)",
         "",
         "| tap | pool | SideNet acc. | threshold | val exit | val compute | test acc. | drop (pt) | test exit "
@@ -201,6 +204,7 @@ SECTIONS = {
     "text_pruning": text_pruning_section,
     "distillation": distillation_section,
     "resnet_compression": resnet_compression_section,
+    "serve": serve_section,
 }
 
 
@@ -218,6 +222,7 @@ def render(results: Path = RESULTS) -> str:
         path = results / f"{name}.json"
         if path.is_file():
             lines += section(json.loads(path.read_text()))
+    lines += gpu_section(results)  # present without gpu.json too: it says the GPU is not measured yet
     figures = [(w, results / spec[2]) for w, spec in WORKLOADS.items() if (results / spec[2]).is_file()]
     if figures:
         lines += ["## Compression side by side", ""]

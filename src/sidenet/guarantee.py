@@ -24,11 +24,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
-from scipy import stats
 
 __all__ = ["binomial_pvalue", "hoeffding_bentkus_pvalue", "mean_pvalue", "fixed_sequence", "upper_bound"]
+
+
+def _stats() -> Any:
+    """scipy.stats, imported when a guarantee is computed: ``import sidenet`` (routing, serving, the GPU
+    benchmark on an image without scipy) needs none of it."""
+    from scipy import stats
+
+    return stats
 
 
 def binomial_pvalue(successes: int, n: int, limit: float) -> float:
@@ -40,7 +48,7 @@ def binomial_pvalue(successes: int, n: int, limit: float) -> float:
         return 0.0  # no mean of 0/1 losses exceeds 1
     if limit <= 0.0:
         return 1.0
-    return float(stats.binom.cdf(successes, n, limit))
+    return float(_stats().binom.cdf(successes, n, limit))
 
 
 def hoeffding_bentkus_pvalue(mean: float, n: int, limit: float) -> float:
@@ -54,7 +62,7 @@ def hoeffding_bentkus_pvalue(mean: float, n: int, limit: float) -> float:
     # Kullback-Leibler divergence between Bernoulli(a) and Bernoulli(limit), with 0 log 0 = 0.
     kl = (a * math.log(a / limit) if a > 0 else 0.0) + ((1 - a) * math.log((1 - a) / (1 - limit)) if a < 1 else 0.0)
     hoeffding = math.exp(-n * kl)
-    bentkus = math.e * float(stats.binom.cdf(math.ceil(n * mean), n, limit))
+    bentkus = math.e * float(_stats().binom.cdf(math.ceil(n * mean), n, limit))
     return min(hoeffding, bentkus, 1.0)
 
 
@@ -94,4 +102,4 @@ def upper_bound(successes: int, n: int, delta: float) -> float:
         raise ValueError("n must be positive")
     if successes >= n:
         return 1.0
-    return float(stats.beta.ppf(1 - delta, successes + 1, n - successes))
+    return float(_stats().beta.ppf(1 - delta, successes + 1, n - successes))

@@ -1,0 +1,223 @@
+"""The GPU section of BENCHMARKS.md, rendered from ``gpu.json`` (written by ``benchmarks/gpu.py`` on a
+CUDA machine); until a CUDA run's JSON is there it says that the GPU figures are not measured yet."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# Issue 13's targets: bfloat16, exit share 0.8, the best served row over the best MainNet alone.
+TARGETS = {("resnet50", 64): 1.3, ("resnet50", 256): 1.5, ("bert_base", 128): 1.4, ("bert_base", 32): 1.1}
+EAGER_OVER_MINIMAL = 1.05  # sidenet eager at most 5% slower than the minimal eager router
+SERVED = ("sidenet_compiled", "sidenet_compiled_stream", "pooled_router")
+COLUMNS = ("minimal_router", "sidenet_eager", *SERVED, "ideal")
+HEADERS = ("minimal router", "sidenet eager", "compiled", "compiled, pipelined", "PooledRouter, compiled", "ideal")
+COMPILED = ("main_compile_default", "main_compile_reduce-overhead", "main_compile_max-autotune", "main_cuda_graph")
+METHOD = (
+    "Method: MainNets and SideNets have random weights, because the time of a routed batch depends on the "
+    "shapes and on the share of samples that exit, not on what the weights know; each exit share is set by a "
+    "threshold at that quantile of the SideNet's confidences on the timed batches (strictly between two of "
+    "them; the realised share is shown). The baseline is the best MainNet alone at the same batch and "
+    "precision: the fastest of eager, `torch.compile` (default, reduce-overhead, max-autotune) and one CUDA "
+    "graph. Milliseconds per batch, median of interleaved passes after warm-up, device-synchronised; in "
+    "brackets the speed-up over the best MainNet alone. Ideal: trunk + SideNet on every sample plus the rest "
+    "on a full batch times the continuing share, from stage times measured in the same run (each stage "
+    "captured as a CUDA graph on the GPU, as the serving mode replays them; eager on the CPU)."
+)
+RUN = (
+    "Planned: ResNet-50 at 224 (tap layer1, batches 64 and 256) and BERT-base (tap 3, SST-2 dev sentences, "
+    "batches 32 and 128), bfloat16 and float32, exit shares 0.5 and 0.8. On a CUDA machine (PyTorch, "
+    "torchvision and transformers; no project pins needed): `PYTHONPATH=src python3 benchmarks/gpu.py` "
+    "(a 270-second budget, compile times included, bfloat16 cases first; the JSON is rewritten after each "
+    "case), then `python -m benchmarks report`. Of the `torch.compile` modes, reduce-overhead is always "
+    "compiled, default only with 120 s of budget left and max-autotune (minutes to compile) with 300 s: "
+    "`--dtypes bfloat16 --default-min-s 0 --autotune-min-s 0 --budget-s 540 --merge` remeasures the "
+    "bfloat16 cases with every mode, keeping the other cases."
+)
+
+
+def _cell(row: dict[str, Any] | None) -> str:
+    return "–" if row is None else f"{row['ms']:.2f} ({row['speedup_vs_main_best']:.2f}×)"
+
+
+def _targets(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per issue-13 target that the rows can answer."""
+
+    def find(workload: str, batch: int, mode: str) -> dict[str, Any] | None:
+        found = [
+            r
+            for r in rows
+            if (r["workload"], r["batch"], r["dtype"], r["mode"]) == (workload, batch, "bfloat16", mode)
+            and r["target_exit_share"] == 0.8
+        ]
+        return found[0] if found else None
+
+    lines = []
+    for (workload, batch), bound in TARGETS.items():
+        served = [r for r in (find(workload, batch, m) for m in SERVED) if r is not None]
+        if not served:
+            continue
+        best = max(served, key=lambda r: r["speedup_vs_main_best"])
+        value = best["speedup_vs_main_best"]
+        lines.append(
+            f"- {workload}, batch {batch}, bf16, exit 0.8: {value:.2f}× over the best MainNet alone ({best['mode']}) "
+            f"vs ≥ {bound}: **{'met' if value >= bound else 'NOT met'}**"
+        )
+        eager, minimal = find(workload, batch, "sidenet_eager"), find(workload, batch, "minimal_router")
+        if eager and minimal:
+            ratio = eager["ms"] / minimal["ms"]
+            lines.append(
+                f"- {workload}, batch {batch}: sidenet eager at {ratio:.3f}× the minimal router's time vs ≤ "
+                f"{EAGER_OVER_MINIMAL}: **{'met' if ratio <= EAGER_OVER_MINIMAL else 'NOT met'}**"
+            )
+    return lines
+
+
+def _table(r: dict[str, Any], workload: str) -> list[str]:
+    """Per (batch, dtype, exit share): the MainNet rows, then the routed ones."""
+    rows = [row for row in r["rows"] if row["workload"] == workload]
+    lines = [
+        "| batch | dtype | exit share | MainNet eager | best MainNet alone | " + " | ".join(HEADERS) + " |",
+        "|---" * (5 + len(HEADERS)) + "|",
+    ]
+    cases = sorted({(row["batch"], row["dtype"]) for row in rows}, key=lambda c: (c[1] != "bfloat16", c[0]))
+    for batch, dtype in cases:
+        mine = [row for row in rows if (row["batch"], row["dtype"]) == (batch, dtype)]
+        by_mode = {row["mode"]: row for row in mine if row["exit_share"] is None}
+        best = by_mode["main_best"]
+        for target in sorted({row["target_exit_share"] for row in mine if row["target_exit_share"] is not None}):
+            routed = {row["mode"]: row for row in mine if row["target_exit_share"] == target}
+            share = next(iter(routed.values()))["exit_share"]
+            lines.append(
+                f"| {batch} | {dtype} | {share:.2f} | {by_mode['main_eager']['ms']:.2f} | {best['ms']:.2f} "
+                f"({best['best_of'].removeprefix('main_')}) | "
+                + " | ".join(_cell(routed.get(m)) for m in COLUMNS)
+                + " |"
+            )
+    return lines
+
+
+def _compile_times(r: dict[str, Any]) -> list[str]:
+    """Compile (or capture) seconds per case: each MainNet variant's first pass, the serving mode's own."""
+    lines = [
+        "| workload | batch | dtype | " + " | ".join(m.removeprefix("main_") for m in COMPILED) + " | serving mode |",
+        "|---" * (4 + len(COMPILED)) + "|",
+    ]
+    for case in r["cases"]:
+        seconds = case["compile_s"]
+        serving = [v for k, v in seconds.items() if k.startswith("sidenet_compiled@")]
+        cells = [f"{seconds[m]:.1f}" if m in seconds else "–" for m in COMPILED]
+        served = f"{max(serving):.1f}" if serving else "–"
+        lines.append(
+            f"| {case['workload']} | {case['batch']} | {case['dtype']} | " + " | ".join(cells) + f" | {served} |"
+        )
+    return lines
+
+
+def gpu_section(results: Path) -> list[str]:
+    """The GPU section from ``results/gpu.json``; "not measured yet" until a CUDA run wrote it."""
+    path = results / "gpu.json"
+    r = json.loads(path.read_text()) if path.is_file() else None
+    lines = ["## GPU serving: compiled and pipelined stages (issue 13)", ""]
+    measured = r is not None and r.get("device_type") == "cuda" and not r.get("quick")
+    if not measured:
+        where = "no `gpu.json` yet" if r is None else f"the JSON here is from a {r['device_type']} run"
+        lines += [f"**GPU figures: not measured yet** ({where}). {RUN}", ""]
+    lines += [METHOD, ""]
+    if r is None:
+        return lines
+    if not measured:
+        smoke = " (`--quick`: tiny models)" if r.get("quick") else ""
+        lines += [f"The tables below are from that {r['device_type']} run{smoke}, not GPU figures.", ""]
+    lines += [
+        f"Command: `{r['command']}` — {r['date']}, {r['device']}, torch {r['torch']}, torchvision "
+        f"{r['torchvision']}, transformers {r['transformers']}, commit {r['commit'] or 'n/a'}; "
+        f"{r['elapsed_s']:.0f} s{'' if r['complete'] else ' (incomplete: see what was not measured below)'}.",
+        f"Text: {r['text']['source']}"
+        + (f" ({r['text']['why']}; {r['text']['lengths']})" if r["text"].get("why") else "")
+        + (f", tokenised by {r['text']['tokenizer']}" if r["text"].get("tokenizer") else "")
+        + f"; compiled and graph-captured text rows pad to the lengths {r['length_buckets']}.",
+        "",
+    ]
+    for workload, description in r["workloads"].items():
+        if any(row["workload"] == workload for row in r["rows"]):
+            lines += [f"### {description}", "", *_table(r, workload), ""]
+    targets = _targets(r["rows"])
+    if targets:
+        lines += ["Targets (issue 13; served = the best of the three compiled rows):", "", *targets, ""]
+    if r["cases"]:
+        lines += ["Compile and capture seconds (first pass over the timed batches):", "", *_compile_times(r), ""]
+    skipped = [
+        f"{c['workload']} {c['batch']} {c['dtype']}: {m} ({why})" for c in r["cases"] for m, why in c["skipped"].items()
+    ]
+    skipped += [f"{s['workload']} {s['batch']} {s['dtype']}: {s['reason']}" for s in r["skipped"]]
+    if skipped:
+        lines += ["Not measured: " + "; ".join(skipped) + ".", ""]
+    return lines
+
+
+# -- the CPU row of the compiled serving mode (Fashion-MNIST section) --------------------------------
+
+LABELS = {
+    "mainnet": "MainNet alone, eager",
+    "mainnet_compiled": "MainNet alone, `torch.compile`",
+    "adaptive": "sidenet eager (per-sample routing)",
+    "minimal_router": "minimal eager router (reference: public split API only)",
+    "compiled_serving": "compiled serving mode, per batch",
+    "compiled_stream": "compiled serving mode, pipelined (`served.stream`)",
+}
+
+
+def fmnist_compiled_lines(r: dict[str, Any]) -> list[str]:
+    """The compiled serving mode at batch 64 on the CPU, for the Fashion-MNIST section (``fmnist_resnet.json``'s
+    ``compiled``); nothing for results written before it."""
+    c = r.get("compiled")
+    if c is None:
+        return []
+    t, over, ideal = c["timing"], c["speedup_over_best_mainnet"], r["speedup"]["ideal"]
+    stages = ", ".join(f"{k} {v}" for k, v in c["stage_backends"].items())
+    lines = [
+        "### Compiled serving mode on the CPU (batch 64, issue 13)",
+        "",
+        f"`compile_for_serving(model, batch)`, backend `{c['serving_backend']}` (stages kept: {stages}; "
+        f"{c['serving_compile_seconds']:.1f} s to compile), against the best MainNet alone on this CPU: eager or "
+        f"`torch.compile` (backend `{c['mainnet_backend']}`, {c['mainnet_compile_seconds']:.1f} s to compile). "
+        f"{c['images']:,} test images per pass; the median of {t['mainnet']['repeats']} interleaved pass(es).",
+        "",
+        "| batch 64 | img/s [spread] | over the best MainNet alone |",
+        "|---|---|---|",
+    ]
+    for key, label in LABELS.items():
+        best = " (best MainNet)" if key == c["best_mainnet"] else ""
+        spread = t[key]["throughput_spread"]
+        lines.append(
+            f"| {label}{best} | {t[key]['throughput']:,.0f} [{spread[0]:,.0f}–{spread[1]:,.0f}] | {over[key]:.2f}× |"
+        )
+    lines += [
+        "",
+        f"FLOPs ideal {ideal:.2f}×: the compiled mode ({LABELS[c['best_compiled']]}) reaches "
+        f"{c['fraction_of_ideal']:.0%} of it; sidenet eager takes {c['eager_time_over_minimal_router']:.3f}× the "
+        "minimal router's time.",
+    ]
+    if "trunk_time_fraction_batch64" in r:
+        # What bounds it: trunk + SideNet, which every image runs, may take more of the time than of the FLOPs.
+        trunk, exits = r["trunk_time_fraction_batch64"], r["adaptive"]["exit_rate"]
+        bound = 1 / (trunk + (1 - exits) * (1 - trunk))
+        best = over[c["best_compiled"]]
+        lines.append(
+            f"What bounds it: trunk + SideNet, run on every image, take {trunk:.0%} of the eager MainNet's time "
+            f"for {r['trunk_flops_fraction']:.0%} of its FLOPs, which caps the speed-up at {bound:.2f}× "
+            f"({bound / ideal:.0%} of the FLOPs ideal) even with the rest at full-batch cost; the compiled mode "
+            f"reaches {best / bound:.0%} of that cap."
+        )
+    lines += [
+        "",
+        "Targets (issue 13, CPU): "
+        + "; ".join(
+            f"{k.replace('_', ' ')} {'met' if v['met'] else 'NOT met'} ({v['value']:.3f} vs {v['target']})"
+            for k, v in c["targets"].items()
+        ),
+        "",
+    ]
+    return lines

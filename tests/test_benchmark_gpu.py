@@ -1,0 +1,153 @@
+"""The GPU benchmark (benchmarks/gpu.py) in its CPU ``--quick`` mode: the JSON's schema and invariants
+(speed-ups consistent with the times, the best MainNet the fastest MainNet row, exit shares near their
+targets), thresholds strictly between samples, the synthetic text fallback, the script entry point,
+and the BENCHMARKS.md section it feeds. No timing target is checked here."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from benchmarks import gpu
+from benchmarks.sections_gpu import gpu_section
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW_KEYS = {"workload", "batch", "dtype", "exit_share", "target_exit_share", "mode", "ms"}
+ROW_KEYS |= {"speedup_vs_main_eager", "speedup_vs_main_best"}
+ROUTED = {"minimal_router", "sidenet_eager", "sidenet_compiled", "sidenet_compiled_stream", "pooled_router", "ideal"}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("gpu") / "gpu.json"
+    result = gpu.run(gpu.options(["--quick", "--out", str(out)]))
+    written = json.loads(out.read_text())
+    assert written == json.loads(json.dumps(result))  # what was returned is what was written
+    return written
+
+
+def test_quick_run_writes_every_case_and_row(quick: dict[str, Any]) -> None:
+    assert quick["complete"] and quick["quick"] and quick["device_type"] == "cpu"
+    assert quick["torch"] == torch.__version__ and quick["device"]
+    assert quick["text"]["source"] in ("SST-2 dev sentences", "synthetic")
+    cases = {(c["workload"], c["batch"], c["dtype"]) for c in quick["cases"]}
+    assert cases == {(w, 8, d) for w in ("resnet", "bert") for d in ("bfloat16", "float32")}
+    for row in quick["rows"]:
+        assert set(row) >= ROW_KEYS, row
+        assert row["ms"] > 0 and math.isfinite(row["ms"])
+    modes = {row["mode"] for row in quick["rows"]}
+    assert {"main_eager", "main_compile_default", "main_best"} | ROUTED <= modes
+    for case in quick["cases"]:
+        # CUDA-only rows are skipped on the CPU, with the reason.
+        assert "CUDA" in case["skipped"]["main_cuda_graph"]
+        assert case["stage_basis"] == "eager" and set(case["stages_ms"]) == {"stage_front", "stage_rest"}
+
+
+def test_speedups_agree_with_times_and_best_is_the_fastest_mainnet(quick: dict[str, Any]) -> None:
+    for case in quick["cases"]:
+        key = (case["workload"], case["batch"], case["dtype"])
+        rows = [r for r in quick["rows"] if (r["workload"], r["batch"], r["dtype"]) == key]
+        main = {r["mode"]: r for r in rows if r["mode"] in gpu.MAIN_MODES}
+        best = next(r for r in rows if r["mode"] == "main_best")
+        assert best["ms"] == min(r["ms"] for r in main.values())
+        assert best["ms"] == main[best["best_of"]]["ms"]
+        for row in rows:
+            assert row["speedup_vs_main_eager"] == pytest.approx(main["main_eager"]["ms"] / row["ms"])
+            assert row["speedup_vs_main_best"] == pytest.approx(best["ms"] / row["ms"])
+            assert row["speedup_vs_main_best"] <= row["speedup_vs_main_eager"] + 1e-12
+            # MainNet rows carry no exit share; routed rows the realised one, near their target.
+            assert (row["exit_share"] is None) == (row["mode"] in main or row["mode"] == "main_best")
+            if row["exit_share"] is not None:
+                assert abs(row["exit_share"] - row["target_exit_share"]) <= 0.1
+
+
+def test_ideal_row_is_front_plus_continuing_share_of_rest(quick: dict[str, Any]) -> None:
+    for case in quick["cases"]:
+        stages = case["stages_ms"]
+        ideal = [
+            r
+            for r in quick["rows"]
+            if r["mode"] == "ideal" and (r["workload"], r["batch"], r["dtype"]) == (case["workload"], 8, case["dtype"])
+        ]
+        assert len(ideal) == 2
+        for row in ideal:
+            assert row["ms"] == pytest.approx(stages["stage_front"] + (1 - row["exit_share"]) * stages["stage_rest"])
+
+
+def test_threshold_lies_strictly_between_samples_at_the_share() -> None:
+    scores = torch.linspace(0.5, 0.99, 100)
+    for share in (0.5, 0.8, 0.05, 1.0):
+        t = gpu.threshold_for_share(scores, share)
+        assert not bool((scores == t).any())
+        assert int((scores >= t).sum()) == round(share * 100)
+    assert gpu.threshold_for_share(scores, 0.0) == math.inf
+    # ties: the nearest gap between distinct values is taken, the share moves to the nearest reachable one
+    tied = torch.tensor([0.6] * 6 + [0.7] * 4)
+    t = gpu.threshold_for_share(tied, 0.5)
+    assert 0.6 < t < 0.7 and int((tied >= t).sum()) == 4
+    # two adjacent float32 values leave no float32 strictly between them: another gap is used
+    a = torch.tensor(0.75, dtype=torch.float32)
+    b = torch.nextafter(a, torch.tensor(1.0))
+    close = torch.stack([torch.tensor(0.6), a, b, torch.tensor(0.9)])
+    t = gpu.threshold_for_share(close, 0.5)
+    assert int((close >= t).sum()) in (1, 3)
+
+
+def test_synthetic_text_follows_the_sst2_length_histogram(tmp_path: Path) -> None:
+    lengths = gpu.synthetic_lengths(872)
+    assert sorted(lengths) == sorted(k for k, n in gpu.SST2_DEV_TOKEN_LENGTHS.items() for _ in range(n))
+    batches = gpu.synthetic_text_batches(lengths[:20], 8)
+    assert len(batches) == 2  # the 4 left over do not fill a batch
+    for batch, chunk in zip(batches, (lengths[:8], lengths[8:16]), strict=True):
+        assert batch["input_ids"].shape == (8, max(chunk))
+        assert batch["attention_mask"].sum(1).tolist() == chunk
+        assert bool((batch["input_ids"][:, 0] == 101).all())
+    args = gpu.options(["--quick", "--sst2-data", str(tmp_path)])  # an empty folder: no dev.tsv
+    sentences, tokenizer, described = gpu.text_source(args)
+    assert sentences is None and tokenizer is None
+    assert described["source"] == "synthetic" and "not found" in described["why"]
+    padded = gpu.pad_text(batches[0], gpu.bucket_length(batches[0]["input_ids"].shape[1]))
+    assert padded["input_ids"].shape[1] in gpu.LENGTH_BUCKETS
+    assert torch.equal(padded["attention_mask"].sum(1), batches[0]["attention_mask"].sum(1))
+
+
+def test_runs_as_a_script_with_only_src_on_the_path() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu.py", "--help"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--quick" in done.stdout and "--budget-s" in done.stdout
+
+
+def test_section_says_not_measured_until_a_cuda_run(quick: dict[str, Any], tmp_path: Path) -> None:
+    assert any("not measured yet" in line for line in gpu_section(tmp_path))
+    (tmp_path / "gpu.json").write_text(json.dumps(quick))
+    text = "\n".join(gpu_section(tmp_path))
+    assert "not measured yet" in text and "| 8 | bfloat16 |" in text
+    # The same rows as if measured on CUDA at a target's batch: the section turns to figures and targets.
+    measured = {**quick, "device_type": "cuda", "quick": False}
+    measured["rows"] = [
+        {**r, "workload": r["workload"].replace("resnet", "resnet50"), "batch": 64} for r in quick["rows"]
+    ]
+    (tmp_path / "gpu.json").write_text(json.dumps(measured))
+    text = "\n".join(gpu_section(tmp_path))
+    assert "not measured yet" not in text
+    assert "resnet50, batch 64, bf16, exit 0.8:" in text and "minimal router's time" in text
+
+
+def test_merge_keeps_the_cases_not_measured_again(quick: dict[str, Any], tmp_path: Path) -> None:
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps(quick))
+    kept = gpu.merged_cases(path, {("bert", 8, "bfloat16"), ("bert", 8, "float32")})
+    assert kept is not None and {c["workload"] for c in kept["cases"]} == {"resnet"}
+    assert kept["rows"] and {r["workload"] for r in kept["rows"]} == {"resnet"}
+    assert kept["commands"] == [quick["command"]]
+    assert gpu.merged_cases(tmp_path / "absent.json", set()) is None
