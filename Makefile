@@ -12,7 +12,7 @@ PIP_TOOLS_VERSION := 7.6.2
 # The PyTorch releases this project is built and tested with (the lock is resolved under them).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint data browser lock bench bench-quick bench-fmnist bench-sst2 clean
+.PHONY: demo test lint data browser lock bench bench-quick bench-fmnist bench-sst2 gpu-inputs clean
 
 # The lock, then sidenet itself without dependencies (its build backend, setuptools, is in the lock).
 $(STAMP): pyproject.toml $(LOCK)
@@ -22,13 +22,13 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# Resolve pyproject.toml's ranges (extras dev and text, build dependencies too) to exact versions.
+# Resolve pyproject.toml's ranges (extras dev, text and serve, build dependencies too) to exact versions.
 lock:
 	rm -rf .lock-tools
 	$(PYTHON) -m venv .lock-tools
 	.lock-tools/bin/python -m pip install --quiet pip==$(PIP_VERSION) pip-tools==$(PIP_TOOLS_VERSION)
 	printf '%s\n' $(TORCH_PINS) > .lock-tools/torch-pins.txt
-	.lock-tools/bin/pip-compile --quiet --extra dev --extra text --strip-extras --all-build-deps --allow-unsafe \
+	.lock-tools/bin/pip-compile --quiet --extra dev --extra text --extra serve --strip-extras --all-build-deps --allow-unsafe \
 		--no-emit-index-url --no-emit-find-links --no-header -c .lock-tools/torch-pins.txt -o $(LOCK) pyproject.toml
 	sed -i -e 's|-c .lock-tools/torch-pins.txt|TORCH_PINS of the Makefile|' \
 		-e '1i # Every package of the environment at an exact version: written by `make lock` (pip-compile), installed by `make`.' $(LOCK)
@@ -78,3 +78,18 @@ bench-sst2: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .lock-tools build dist src/*.egg-info .pytest_cache .ruff_cache
+
+# What benchmarks/gpu_check.sh needs on the GPU machine, gathered into .gpu-inputs/ (carried there, never
+# committed): SST-2 dev (from SIDENET_SST2_DIR or ../shared/data/sst2), the MiniLM tokenizer, and the
+# pure-Python wheels of pytest at the lock's versions, and the two it needs before Python 3.11 (the device
+# image has no project environment).
+SST2_DIR ?= $(or $(SIDENET_SST2_DIR),../shared/data/sst2)
+gpu-inputs: $(STAMP)
+	rm -rf .gpu-inputs && mkdir -p .gpu-inputs/sst2 .gpu-inputs/tokenizer .gpu-inputs/wheels
+	cp $(SST2_DIR)/dev.tsv .gpu-inputs/sst2/
+	$(BIN)/python -c "from sidenet.text_pretrain import MINILM, load_tokenizer; load_tokenizer(MINILM).save_pretrained('.gpu-inputs/tokenizer')"
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: -d .gpu-inputs/wheels \
+		$$(grep -E '^(pytest|pluggy|iniconfig|packaging|pygments)==' $(LOCK))
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --platform any --python-version 3.10 \
+		--implementation py --abi none -d .gpu-inputs/wheels exceptiongroup tomli
+	du -sh .gpu-inputs

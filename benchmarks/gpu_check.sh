@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The one script a session with a GPU runs on the device machine (issue 13): the CUDA tests, then the
+# GPU benchmark, within one call of the device tool. Prepare its inputs here first:
+#
+#   make gpu-inputs            # .gpu-inputs/: SST-2 dev, the MiniLM tokenizer, pure-Python test wheels
+#   device run (carry [".gpu-inputs"]):  bash benchmarks/gpu_check.sh   (writes $OUT/gpu.json, $OUT/cuda-tests.txt)
+#
+# then copy $OUT/gpu.json to benchmarks/results/gpu.json and run `python -m benchmarks report`.
+# The device image has PyTorch, torchvision and transformers but not this project's environment: the
+# code runs from the source tree, pytest from the carried wheels (pure Python, importable as zips).
+# Test modules needing what the image lacks (scipy, for calibration) fail to collect and are reported.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/gpu-check}"
+mkdir -p "$OUT"
+INPUTS=.gpu-inputs
+WHEELS=$(find "$INPUTS/wheels" -name '*.whl' 2>/dev/null | tr '\n' ':')
+export PYTHONPATH="src:tests:${WHEELS}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+python3 -c "import torch, torchvision, transformers; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
+# The tests that need a CUDA device (each is skipped on CPU machines), at most 3 minutes.
+timeout 180 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors -k "cuda" \
+    tests/test_host_waits.py tests/test_compiled.py tests/test_precision.py tests/test_attach.py 2>&1 \
+    | tail -40 | tee "$OUT/cuda-tests.txt"
+# The benchmark, time-budgeted (it rewrites its JSON after every case, so a cut run still leaves results).
+TEXT_ARGS=()
+[ -f "$INPUTS/sst2/dev.tsv" ] && TEXT_ARGS+=(--sst2-data "$INPUTS/sst2")
+[ -f "$INPUTS/tokenizer/tokenizer.json" ] && TEXT_ARGS+=(--tokenizer "$INPUTS/tokenizer")
+timeout 330 python3 benchmarks/gpu.py "${TEXT_ARGS[@]}" --budget-s "${GPU_BUDGET_S:-270}" --out "$OUT/gpu.json" 2>&1 \
+    | tail -40 | tee "$OUT/gpu-benchmark.txt"
