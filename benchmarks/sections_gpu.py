@@ -33,7 +33,9 @@ RUN = (
     "case), then `python -m benchmarks report`. Of the `torch.compile` modes, reduce-overhead is always "
     "compiled, default only with 120 s of budget left and max-autotune (minutes to compile) with 300 s: "
     "`--dtypes bfloat16 --default-min-s 0 --autotune-min-s 0 --budget-s 540 --merge` remeasures the "
-    "bfloat16 cases with every mode, keeping the other cases."
+    "bfloat16 cases with every mode, keeping the other cases. With the device tool: `make gpu-inputs` "
+    "here, then `bash benchmarks/gpu_check.sh` there (carrying `.gpu-inputs`): the CUDA tests, then this "
+    "benchmark, in one call."
 )
 
 
