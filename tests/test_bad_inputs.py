@@ -487,3 +487,17 @@ def test_text_validate_input_raises_value_errors_only(x: object) -> None:
     split = sidenet.split_mainnet(tiny_bert(), 1)
     with pytest.raises(ValueError):
         split.validate_input(x)
+
+
+@pytest.mark.parametrize(
+    "x",
+    [torch.full((4, 3), 3e38), torch.full((2, 100_000), 60_000.0, dtype=torch.float16)],
+    ids=["float32 near its maximum", "float16 whose sum overflows float16"],
+)
+def test_large_finite_inputs_are_not_taken_for_infinite(x: torch.Tensor) -> None:
+    # The value check first sums the input; a sum that overflows must fall back to the exact check.
+    sidenet.CallableSplit(trunk=lambda s: s, rest=lambda s: s).check_values(x)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        sidenet.CallableSplit(trunk=lambda s: s, rest=lambda s: s).check_values(
+            x.index_fill(1, torch.tensor([1]), float("nan"))
+        )
