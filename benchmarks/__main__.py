@@ -14,6 +14,8 @@ module of this package with ``run(args) -> dict`` whose result the runner writes
 | text_pruning       | text_pruning.py               | calibration: SideNet sst2-3                         |
 | distillation       | distillation.py               | calibration: SideNet sst2-3                         |
 | resnet_compression | resnet_compression.py         | calibration: SideNet fmnist-layer1.0                |
+| serve              | serve.py                      | calibration: SideNets fmnist-layer1.0 and sst2-3    |
+| design             | sidenet_design.py             | – (SideNet hidden width, pooling, distillation)     |
 | (report)           | report.py                     | every JSON result present, once after the last step |
 
 MainNets are trained or fine-tuned by whichever step first needs them when they are not cached
@@ -60,6 +62,8 @@ STEPS: dict[str, Step] = {
     "text_pruning": Step("text_pruning", needs=("calibration",)),
     "distillation": Step("distillation", needs=("calibration",)),
     "resnet_compression": Step("resnet_compression", needs=("calibration",)),
+    "serve": Step("serve", needs=("calibration",)),
+    "design": Step("sidenet_design"),
 }
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from benchmarks.compression_plot import WORKLOADS, plot_compression
 from benchmarks.harness import RESULTS, link, markdown_path, pct, thr
 from benchmarks.sections import calibration_section, serving_section, summary_section
+from benchmarks.sections_design import design_section
 from benchmarks.sections_gpu import fmnist_compiled_lines, gpu_section
 from benchmarks.sections_serve import serve_section
 from benchmarks.sections_stacking import (
@@ -205,6 +206,7 @@ SECTIONS = {
     "distillation": distillation_section,
     "resnet_compression": resnet_compression_section,
     "serve": serve_section,
+    "sidenet_design": design_section,
 }
 
 

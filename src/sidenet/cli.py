@@ -17,6 +17,7 @@ import typer
 from sidenet.attach import attach, load_sidenet, save_sidenet
 from sidenet.calibration import calibrate
 from sidenet.cli_options import FitSettings, check_positive, check_range
+from sidenet.cli_serve import register as register_serve_commands
 from sidenet.config import SideNetConfig
 from sidenet.curve import TradeoffCurve, sweep
 from sidenet.loaders import prefix_loader, split_loader
@@ -374,6 +375,9 @@ def demo(
     summary = {"tap": tap, "threshold_choice": choice, "test": point, "mainnet_accuracy": curve.mainnet_accuracy}
     (out / "fmnist_demo.json").write_text(json.dumps(summary, indent=2))
     typer.echo(f"Plot written to {plot_path}; SideNet saved in {folder}")
+
+
+register_serve_commands(app)  # serve and classify (Ray Serve, Ray Data): sidenet/cli_serve.py
 
 
 def main() -> None:

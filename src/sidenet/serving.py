@@ -14,12 +14,15 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sidenet.flops import FlopProfile
 from sidenet.routing import AdaptiveModel, AdaptiveOutput
+
+if TYPE_CHECKING:
+    from sidenet.audit import LiveAudit
 
 __all__ = ["PooledRouter", "RoutedBatch"]
 
@@ -76,6 +79,8 @@ class PooledRouter:
         stages: what runs the two stages: ``None`` (the model itself, eagerly) or a
             :class:`~sidenet.compiled.CompiledAdaptiveModel` (its ``front_pass``, ``continuing`` and
             ``rest``), as :meth:`CompiledAdaptiveModel.pooled_router` builds it.
+        audit: a :class:`~sidenet.audit.LiveAudit` given every batch's front pass: a random share of the
+            samples also runs the rest of the MainNet, off the answer path, to bound live disagreement.
 
     Use :meth:`submit` per incoming batch and :meth:`flush` when the stream pauses or ends, or
     :meth:`run` for a whole list of batches. Every batch is recorded in the model's traffic monitor
@@ -84,7 +89,12 @@ class PooledRouter:
     """
 
     def __init__(
-        self, model: AdaptiveModel, rest_batch: int | None = None, max_wait: int = 4, stages: Any = None
+        self,
+        model: AdaptiveModel,
+        rest_batch: int | None = None,
+        max_wait: int = 4,
+        stages: Any = None,
+        audit: LiveAudit | None = None,
     ) -> None:
         if rest_batch is not None and (isinstance(rest_batch, bool) or int(rest_batch) != rest_batch or rest_batch < 1):
             raise ValueError(f"rest_batch must be a positive integer or None, got {rest_batch!r}")
@@ -92,6 +102,7 @@ class PooledRouter:
             raise ValueError(f"max_wait must be a non-negative integer, got {max_wait!r}")
         self.model = model
         self.stages = stages
+        self.audit = audit
         self.rest_batch = None if rest_batch is None else int(rest_batch)
         self.max_wait = int(max_wait)
         self._submitted = 0
@@ -111,6 +122,8 @@ class PooledRouter:
         waits."""
         model, stages = self.model, self.stages or self.model
         front = stages.front_pass(x, "adaptive")
+        if self.audit is not None:
+            self.audit.check(model, front)
         model.monitor.record(front.exited, front.confidence)
         batch_id = self._submitted
         self._submitted += 1

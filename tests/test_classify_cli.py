@@ -1,0 +1,195 @@
+"""``sidenet classify`` without Ray: a folder of images or a parquet file in, a parquet file out, with
+the same answers as the routed model; bad rows are reported in an ``error`` column, bad arguments
+refused before anything is loaded. Also the request parsing shared with the Serve deployment."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from helpers import IMAGE_SHAPE, build_tiny_mainnet, make_images, threshold_between
+
+pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed (pip install 'sidenet[serve]')")
+
+from sidenet import attach, save_sidenet  # noqa: E402 - after the skip
+from sidenet.cli import app  # noqa: E402
+from sidenet.integrations.inputs import BadInput, ImageInputs, TextInputs  # noqa: E402
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Any]:
+    """(SideNet folder, MainNet file, the routed model) for the tiny 1x16x16 MainNet."""
+    folder = tmp_path_factory.mktemp("classify")
+    mainnet = build_tiny_mainnet()
+    model = attach(mainnet, "layer1", input_shape=IMAGE_SHAPE, hidden=32, pool_size=2, seed=0)
+    pictures = torch.from_numpy(np.stack([pixels(i) for i in range(40)]).astype(np.float32) / 255)[:, None]
+    with torch.no_grad():
+        model.threshold = threshold_between(model.front_pass(pictures, "side").confidence, 0.5)
+    save_sidenet(model, folder / "sidenet")
+    torch.save(mainnet, folder / "mainnet.pt")
+    return folder / "sidenet", folder / "mainnet.pt", model.eval()
+
+
+def pixels(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(16, 16), dtype=np.uint8)
+
+
+def png(seed: int) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels(seed)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def expected_for(model: Any, seeds: list[int]) -> Any:
+    images = torch.from_numpy(np.stack([pixels(s) for s in seeds]).astype(np.float32) / 255)[:, None]
+    with torch.no_grad():
+        return model(images)
+
+
+def test_a_folder_of_images_is_classified_like_the_model(saved: Any, tmp_path: Path) -> None:
+    folder, mainnet, model = saved
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(40):
+        (images / f"img{i:02d}.png").write_bytes(png(i))
+    out = tmp_path / "out" / "labels.parquet"
+    argv = ["classify", "--input", str(images), "--output", str(out), "--sidenet", str(folder)]
+    result = runner.invoke(app, [*argv, "--mainnet", str(mainnet), "--batch-size", "16", "--model-batch", "8"])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out).to_pydict()
+    assert table["path"] == [str(images / f"img{i:02d}.png") for i in range(40)]
+    expected = expected_for(model, list(range(40)))
+    assert table["label"] == expected.predictions.tolist()
+    assert table["exited"] == expected.exited.tolist()
+    assert 0 < sum(table["exited"]) < 40
+    np.testing.assert_allclose(table["confidence"], expected.confidence.numpy(), atol=1e-5)
+    np.testing.assert_allclose(table["flops"], expected.flops.double().numpy())
+    assert set(table["error"]) == {""} and "image" not in table
+
+
+def test_a_parquet_file_with_bad_rows(saved: Any, tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    folder, mainnet, model = saved
+    cells = [png(0), b"not an image", png(1), b"", png(2)]
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [10, 11, 12, 13, 14], "picture": cells}), source)
+    out = tmp_path / "out.parquet"
+    argv = ["classify", "--input", str(source), "--output", str(out), "--sidenet", str(folder)]
+    result = runner.invoke(app, [*argv, "--mainnet", str(mainnet), "--column", "picture"])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out).to_pydict()
+    assert table["id"] == [10, 11, 12, 13, 14]
+    expected = expected_for(model, [0, 1, 2]).predictions.tolist()
+    assert [table["label"][i] for i in (0, 2, 4)] == expected
+    assert table["label"][1] == table["label"][3] == -1
+    assert "not a readable image" in table["error"][1] and "empty" in table["error"][3]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--output", "out.csv"], "must be a .parquet file"),
+        (["--task", "nope"], "unknown task"),
+        (["--model-batch", "0"], "must be >= 1"),
+        (["--mode", "fast"], "--mode must be adaptive or main"),
+    ],
+)
+def test_bad_arguments_are_refused_before_loading(saved: Any, tmp_path: Path, extra: list[str], message: str) -> None:
+    folder, _, _ = saved
+    argv = ["classify", "--input", str(tmp_path), "--output", str(tmp_path / "o.parquet"), "--sidenet", str(folder)]
+    result = runner.invoke(app, [*argv, *extra])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_a_missing_sidenet_is_refused(tmp_path: Path) -> None:
+    argv = ["classify", "--input", str(tmp_path), "--output", str(tmp_path / "o.parquet"), "--sidenet", str(tmp_path)]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2 and "no saved SideNet" in result.output
+
+
+def test_image_requests_are_parsed_or_refused_with_a_status() -> None:
+    inputs = ImageInputs((1, 16, 16), (0.5,), (0.25,))
+    sample = inputs.parse(png(3), "image/png")
+    torch.testing.assert_close(sample, (torch.from_numpy(pixels(3)).float()[None] / 255 - 0.5) / 0.25)
+    array = make_images(1)[0]
+    torch.testing.assert_close(inputs.parse(json.dumps({"array": array.tolist()}).encode(), "application/json"), array)
+    torch.testing.assert_close(inputs.from_cell(pixels(3)), sample)
+    for body, kind, status in [
+        (b"garbage", "image/jpeg", 400),
+        (b"{}", "application/json", 422),
+        (b"x", "text/csv", 415),
+        (json.dumps({"array": [[1.0, 2.0]]}).encode(), "application/json", 422),
+        (json.dumps({"array": "ab"}).encode(), "application/json", 422),
+    ]:
+        with pytest.raises(BadInput) as caught:
+            inputs.parse(body, kind)
+        assert caught.value.status == status
+
+
+def test_text_requests_are_parsed_or_refused_with_a_status() -> None:
+    inputs = TextInputs("all-MiniLM-L6-v2", max_chars=20)
+    assert inputs.parse(b'{"text": "a fine film"}', "application/json; charset=utf-8") == "a fine film"
+    assert inputs.parse(b"dull", "text/plain") == "dull"
+    assert inputs.from_cell(b"witty") == "witty"
+    for body, kind, status in [
+        (b'{"text": ""}', "application/json", 422),
+        (b'{"text": 3}', "application/json", 422),
+        (b'{"txt": "x"}', "application/json", 422),
+        (b'{"text": "' + b"x" * 30 + b'"}', "application/json", 413),
+        (b"\xff\xfe", "text/plain", 400),
+        (b"x", "image/png", 415),
+    ]:
+        with pytest.raises(BadInput) as caught:
+            inputs.parse(body, kind)
+        assert caught.value.status == status
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "give --sidenet FOLDER (and the flags) or --config FILE"),
+        (["--sidenet", "nowhere"], "no saved SideNet in nowhere"),
+        (["--config", "nowhere.yaml"], "no config file"),
+        (["--replicas", "0"], "--replicas and --max-batch-size must be >= 1"),
+    ],
+)
+def test_serve_refuses_bad_arguments_before_starting_ray(extra: list[str], message: str) -> None:
+    result = runner.invoke(app, ["serve", *extra])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_serve_refuses_bad_options_and_configs(saved: Any, tmp_path: Path) -> None:
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'sidenet[serve]')")
+    folder, mainnet, _ = saved
+    result = runner.invoke(app, ["serve", "--sidenet", str(folder), "--mainnet", str(mainnet), "--max-wait", "-1"])
+    assert result.exit_code == 2 and "max_wait must be >= 0" in result.output
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        "applications:\n  - import_path: sidenet.integrations.ray_serve:app_builder\n"
+        f"    args: {{sidenet: {folder}, mainnet: {mainnet}, max_batch: 3}}\n"
+    )
+    result = runner.invoke(app, ["serve", "--config", str(config)])
+    assert result.exit_code == 2 and "unknown args: ['max_batch']" in result.output
+
+
+def test_the_audit_tolerance_comes_from_the_threshold_choice(saved: Any, tmp_path: Path) -> None:
+    from sidenet.integrations import SidenetSource
+
+    folder, _, model = saved
+    assert SidenetSource(str(folder)).tolerance() == 0.01  # nothing recorded: the default
+    choices = [({"max_disagreement": 0.02, "disagreement": 0.015}, 0.02), ({"disagreement": 0.042}, 0.05)]
+    for choice, expected in choices:
+        save_sidenet(model, tmp_path / "s", metadata={"threshold_choice": choice})
+        assert SidenetSource(str(tmp_path / "s")).tolerance() == expected
