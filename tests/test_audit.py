@@ -5,6 +5,7 @@ changes no answer."""
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 
@@ -140,3 +141,33 @@ def test_text_batches_are_audited_like_images() -> None:
     audit = LiveAudit(share=1.0, tolerance=0.2)
     audit.check(model, model.front_pass(batch, "adaptive"))
     assert audit.audited == 40 and audit.disagreed == disagreements(model, batch)
+
+
+def test_logged_counts_are_summed_and_checked(tmp_path) -> None:
+    from sidenet.audit import audit_from_log
+
+    settings = {"share": 0.01, "tolerance": 0.05, "delta": 0.05}
+    records = [
+        {**settings, "samples_seen": 5_000, "audited": 50, "disagreed": 1},
+        {"requests": 7, "audit": {**settings, "samples_seen": 3_000, "audited": 30, "disagreed": 2}},
+    ]
+    as_list = tmp_path / "list.json"
+    as_list.write_text(json.dumps(records))
+    as_lines = tmp_path / "lines.jsonl"
+    as_lines.write_text("\n".join(json.dumps(r) for r in records))
+    for path in (as_list, as_lines):
+        audit = audit_from_log(path)
+        assert (audit.samples_seen, audit.audited, audit.disagreed) == (8_000, 80, 3)
+        assert audit.tolerance == 0.05 and audit.upper_bound() == pytest.approx(upper_bound(3, 80, 0.05))
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps([records[0], {**records[0], "tolerance": 0.01}]))
+    with pytest.raises(ValueError, match="different settings"):
+        audit_from_log(mixed)
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"requests": 3, "audit": None}))
+    with pytest.raises(ValueError, match="no audit counts"):
+        audit_from_log(empty)
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json")
+    with pytest.raises(ValueError, match="neither JSON nor JSON lines"):
+        audit_from_log(garbage)

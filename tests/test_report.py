@@ -94,7 +94,9 @@ def test_report_json_serialises_the_typed_report(built) -> None:
         "per_class",
         "thresholds",
         "timing",
+        "audit",
     ]
+    assert s["audit"] is None  # no logged traffic given
     best = report.recommended
     assert s["recommended"]["policy"] == best.kind and s["recommended"]["threshold"] == best.guaranteed.threshold
     assert s["recommended"]["evaluation"] == best.guaranteed.evaluation
@@ -229,3 +231,17 @@ def test_report_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert samples == {"calibration": 30, "evaluation": 30}
     bad = runner.invoke(cli.app, ["report", "--sidenet", str(out), "--split", "nope", "-q"])
     assert bad.exit_code == 2 and "splits are" in bad.output
+    # Logged traffic: two replicas' /metrics answers, summed; 9 of 400 audits disagree, tolerance 1%.
+    log = tmp_path / "metrics.jsonl"
+    replica = {"share": 0.02, "tolerance": 0.01, "delta": 0.05, "samples_seen": 10_000, "audited": 200}
+    lines = [{"requests": 10_000, "audit": {**replica, "disagreed": d}} for d in (4, 5)]
+    log.write_text("\n".join(json.dumps(line) for line in lines))
+    audited = runner.invoke(cli.app, ["report", "--sidenet", str(out), "--audit", str(log), *options])
+    assert audited.exit_code == 0, audited.output
+    assert "WARNING: the live audit" in audited.output
+    summary = json.loads((tmp_path / "rep" / "report.json").read_text())["audit"]
+    assert (summary["samples_seen"], summary["audited"], summary["disagreed"]) == (20_000, 400, 9)
+    assert summary["state"] == "flagged" and summary["upper_bound"] > 0.01
+    assert "Live audit of logged traffic" in (tmp_path / "rep" / "report.md").read_text()
+    missing = runner.invoke(cli.app, ["report", "--sidenet", str(out), "--audit", str(tmp_path / "none.json"), "-q"])
+    assert missing.exit_code != 0

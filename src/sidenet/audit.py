@@ -19,15 +19,17 @@ disagreements stays on the device and is read only when asked for.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from sidenet.guarantee import upper_bound
 
-__all__ = ["LiveAudit"]
+__all__ = ["LiveAudit", "audit_from_log"]
 
 
 class LiveAudit:
@@ -187,3 +189,45 @@ class LiveAudit:
         self.__dict__.update(state)
         self._lock = threading.Lock()
         self._generator = torch.Generator().manual_seed(self.seed + self._seen)
+
+
+def _audit_records(value: Any) -> list[dict[str, Any]]:
+    """The audit dicts in a logged value: a deployment's ``/metrics`` answer (its ``audit``), an audit's
+    :meth:`LiveAudit.to_dict`, or a list of either."""
+    if isinstance(value, list):
+        return [record for item in value for record in _audit_records(item)]
+    if isinstance(value, dict) and isinstance(value.get("audit"), dict):
+        return [value["audit"]]
+    if isinstance(value, dict) and {"samples_seen", "audited", "disagreed"} <= set(value):
+        return [value]
+    return []
+
+
+def audit_from_log(path: str | Path) -> LiveAudit:
+    """The audit of logged traffic: the counts of every record in ``path`` summed into one
+    :class:`LiveAudit` (its tolerance, delta and share those of the records, which must agree).
+
+    ``path`` holds JSON: one ``/metrics`` answer of the Ray Serve deployment, one
+    :meth:`LiveAudit.to_dict`, a list of those, or one of them per line (JSON lines). Give each
+    replica's latest snapshot once: the counts are running totals, so two snapshots of one replica
+    would count its audits twice.
+    """
+    text = Path(path).read_text()
+    try:
+        values = [json.loads(text)]
+    except json.JSONDecodeError:
+        try:
+            values = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: neither JSON nor JSON lines ({exc})") from exc
+    records = _audit_records(values)
+    if not records:
+        raise ValueError(f"{path}: no audit counts found (expected /metrics answers or LiveAudit.to_dict() records)")
+    settings = {(float(r["tolerance"]), float(r["delta"]), float(r["share"])) for r in records}
+    if len(settings) > 1:
+        raise ValueError(f"{path}: the records were audited under different settings {sorted(settings)}")
+    tolerance, delta, share = settings.pop()
+    audit = LiveAudit(share=share, tolerance=tolerance, delta=delta)
+    for record in records:
+        audit.add_counts(int(record["samples_seen"]), int(record["audited"]), int(record["disagreed"]))
+    return audit

@@ -301,11 +301,14 @@ def report(
     max_samples: Annotated[
         int | None, typer.Option(help="Use the first N samples of each data partition only (quick looks).", min=1)
     ] = None,
+    audit: Annotated[
+        Path | None, typer.Option(help="Logged live-audit counts to show: /metrics answers of the deployment.")
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Write an HTML page and a Markdown summary: curves of every exit policy with the MainNet and the
     oracle, calibration before and after temperature scaling, guaranteed thresholds, shift check,
-    per-class exits and measured throughput."""
+    per-class exits, measured throughput and, given logged traffic, its live audit."""
     from sidenet.report import ReportSettings, build_report
     from sidenet.report_page import write_report
 
@@ -329,7 +332,11 @@ def report(
         else:
             calibration_loader, evaluation_loader = loaders[calibration_split], loaders[split]
             where = f"{calibration_split}, evaluated on {split}"
+        from sidenet.audit import audit_from_log  # read first: a bad file fails before the long work
+
+        audited = None if audit is None else audit_from_log(audit).to_dict()
         built = build_report(model, calibration_loader, evaluation_loader, settings, task.class_names, not quiet)
+        built.audit = audited
         title = f"sidenet report: {task.name}, tap {model.tap} (thresholds from {where})"
         html_path, md_path = write_report(built, out or sidenet / "report", title)
     except (ValueError, FileNotFoundError) as exc:

@@ -236,6 +236,8 @@ class TradeoffReport:
     thresholds: list[ThresholdRow]
     timing: ThroughputReport | None
     raw_evaluation: SweepRecord
+    # The live audit of logged traffic (LiveAudit.to_dict()), when the report is given one.
+    audit: dict[str, Any] | None = None
 
     @property
     def temperature(self) -> float:
@@ -276,6 +278,7 @@ class TradeoffReport:
             "per_class": [row.to_dict() for row in self.per_class],
             "thresholds": [row.to_dict() for row in self.thresholds],
             "timing": None if self.timing is None else self.timing.to_dict(),
+            "audit": self.audit,
         }
 
     @property

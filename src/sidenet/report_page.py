@@ -205,7 +205,27 @@ def _tables(report: TradeoffReport) -> dict[str, tuple[list[str], list[list[str]
             ["comparison", "verdict", "KS statistic", "p-value", "exit rate (reference)", "exit rate (new)"],
             shift_rows,
         ),
+        "audit": _audit_table(report.audit),
     }
+
+
+def _audit_table(audit: dict | None) -> tuple[list[str], list[list[str]]]:
+    """The live audit's counts and bound (``LiveAudit.to_dict()``), one row; empty without an audit."""
+    header = ["state", "samples seen", "audited", "disagreed", "observed rate", "upper bound", "tolerance", "δ"]
+    if audit is None:
+        return header, []
+    observed = "–" if not audit["audited"] else _pct(audit["disagreed"] / audit["audited"])
+    row = [
+        f"{audit['state']} (bound meaningful after {audit['min_audits']} audits)",
+        f"{audit['samples_seen']:,}",
+        f"{audit['audited']:,}",
+        f"{audit['disagreed']:,}",
+        observed,
+        _pct(audit["upper_bound"]),
+        _pct(audit["tolerance"]),
+        f"{audit['delta']:g}",
+    ]
+    return header, [row]
 
 
 def _headline(report: TradeoffReport) -> list[str]:
@@ -227,6 +247,13 @@ def _headline(report: TradeoffReport) -> list[str]:
         f"SideNet ECE {_pct(calibration.sidenet_before.ece)} before and {_pct(calibration.sidenet_after.ece)} after "
         f"temperature scaling (MainNet {_pct(calibration.mainnet.ece)}).",
     ]
+    audit = report.audit
+    if audit is not None and audit["flagged"]:
+        lines.append(
+            f"WARNING: the live audit of logged traffic bounds the exits' disagreement with the MainNet at "
+            f"{_pct(audit['upper_bound'])} (at confidence {1 - audit['delta']:g}; {audit['disagreed']} of "
+            f"{audit['audited']} audited samples disagreed), above the tolerance of {_pct(audit['tolerance'])}."
+        )
     if shift.shifted:
         lines.append(
             f"WARNING: the SideNet's confidences on the evaluation data differ from the calibration data "
@@ -255,6 +282,7 @@ SECTIONS = [
     ("Per class (guaranteed threshold)", "per_class", "per_class"),
     ("Shift check (two-sample Kolmogorov-Smirnov on SideNet confidences)", None, "shift"),
 ]
+AUDIT_SECTION = ("Live audit of logged traffic (one-sided Clopper-Pearson bound on disagreement)", None, "audit")
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;padding:0 1em}
 table{border-collapse:collapse;margin:.6em 0 1.4em;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .6em;
 text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%}
@@ -292,7 +320,8 @@ def write_report(report: TradeoffReport, out: str | Path, title: str) -> tuple[P
         warn = " warn" if line.startswith("WARNING") else ""
         parts.append(f"<p class='note{warn}'>{html.escape(line)}</p>")
     md = [f"# {title}", "", *[f"> {line}\n" for line in headline]]
-    for heading, image, table in SECTIONS:
+    sections = [*SECTIONS, *([AUDIT_SECTION] if report.audit is not None else [])]
+    for heading, image, table in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         md += [f"## {heading}", ""]
         if image:
