@@ -26,8 +26,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Any]:
-    """(SideNet folder, MainNet file, the routed model) for the tiny 1x16x16 MainNet."""
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, Any]:
+    """(SideNet folder, the MainNet's function, the routed model) for the tiny 1x16x16 MainNet."""
     folder = tmp_path_factory.mktemp("classify")
     mainnet = build_tiny_mainnet()
     model = attach(mainnet, "layer1", input_shape=IMAGE_SHAPE, hidden=32, pool_size=2, seed=0)
@@ -35,8 +35,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Any]:
     with torch.no_grad():
         model.threshold = threshold_between(model.front_pass(pictures, "side").confidence, 0.5)
     save_sidenet(model, folder / "sidenet")
-    torch.save(mainnet, folder / "mainnet.pt")
-    return folder / "sidenet", folder / "mainnet.pt", model.eval()
+    return folder / "sidenet", "helpers:build_tiny_mainnet", model.eval()
 
 
 def pixels(seed: int) -> np.ndarray:
@@ -65,7 +64,7 @@ def test_a_folder_of_images_is_classified_like_the_model(saved: Any, tmp_path: P
         (images / f"img{i:02d}.png").write_bytes(png(i))
     out = tmp_path / "out" / "labels.parquet"
     argv = ["classify", "--input", str(images), "--output", str(out), "--sidenet", str(folder)]
-    result = runner.invoke(app, [*argv, "--mainnet", str(mainnet), "--batch-size", "16", "--model-batch", "8"])
+    result = runner.invoke(app, [*argv, "--mainnet", mainnet, "--batch-size", "16", "--model-batch", "8"])
     assert result.exit_code == 0, result.output
     table = pq.read_table(out).to_pydict()
     assert table["path"] == [str(images / f"img{i:02d}.png") for i in range(40)]
@@ -87,7 +86,7 @@ def test_a_parquet_file_with_bad_rows(saved: Any, tmp_path: Path) -> None:
     pq.write_table(pa.table({"id": [10, 11, 12, 13, 14], "picture": cells}), source)
     out = tmp_path / "out.parquet"
     argv = ["classify", "--input", str(source), "--output", str(out), "--sidenet", str(folder)]
-    result = runner.invoke(app, [*argv, "--mainnet", str(mainnet), "--column", "picture"])
+    result = runner.invoke(app, [*argv, "--mainnet", mainnet, "--column", "picture"])
     assert result.exit_code == 0, result.output
     table = pq.read_table(out).to_pydict()
     assert table["id"] == [10, 11, 12, 13, 14]
@@ -173,7 +172,7 @@ def test_serve_refuses_bad_arguments_before_starting_ray(extra: list[str], messa
 def test_serve_refuses_bad_options_and_configs(saved: Any, tmp_path: Path) -> None:
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'sidenet[serve]')")
     folder, mainnet, _ = saved
-    result = runner.invoke(app, ["serve", "--sidenet", str(folder), "--mainnet", str(mainnet), "--max-wait", "-1"])
+    result = runner.invoke(app, ["serve", "--sidenet", str(folder), "--mainnet", mainnet, "--max-wait", "-1"])
     assert result.exit_code == 2 and "max_wait must be >= 0" in result.output
     config = tmp_path / "serve.yaml"
     config.write_text(
@@ -193,3 +192,27 @@ def test_the_audit_tolerance_comes_from_the_threshold_choice(saved: Any, tmp_pat
     for choice, expected in choices:
         save_sidenet(model, tmp_path / "s", metadata={"threshold_choice": choice})
         assert SidenetSource(str(tmp_path / "s")).tolerance() == expected
+
+
+def test_a_mainnet_built_by_a_function_with_safetensors_weights(saved: Any, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder, factory, model = saved
+    weights = tmp_path / "mainnet.safetensors"
+    save_file({k: v.contiguous() for k, v in model.split.mainnet.state_dict().items()}, weights)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(12):
+        (images / f"img{i:02d}.png").write_bytes(png(i))
+    out = tmp_path / "labels.parquet"
+    argv = ["classify", "--input", str(images), "--output", str(out), "--sidenet", str(folder), "--mainnet", factory]
+    result = runner.invoke(app, [*argv, "--mainnet-weights", str(weights)])
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(out).to_pydict()["label"] == expected_for(model, list(range(12))).predictions.tolist()
+    for bad, message in (
+        (["--mainnet", "build_tiny_mainnet"], "MODULE:FUNCTION"),
+        (["--mainnet-weights", str(weights)], "needs --mainnet"),
+    ):
+        base = ["classify", "--input", str(images), "--output", str(out), "--sidenet", str(folder)]
+        result = runner.invoke(app, [*base, *bad])
+        assert result.exit_code == 2 and message in result.output

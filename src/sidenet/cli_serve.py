@@ -19,8 +19,10 @@ SidenetOption = Annotated[
 ]
 TaskOption = Annotated[str | None, typer.Option(help="Built-in task of the MainNet (default: the SideNet's).")]
 MainnetOption = Annotated[
-    Path | None, typer.Option("--mainnet", help="An image MainNet saved whole with torch.save (instead of --task).")
+    str | None,
+    typer.Option(help="An image MainNet built by a function, MODULE:FUNCTION (instead of --task)."),
 ]
+WeightsOption = Annotated[Path | None, typer.Option(help="The --mainnet's weights: a safetensors state dict.")]
 ThresholdOption = Annotated[float | None, typer.Option(help="Override the saved threshold.")]
 ModeOption = Annotated[str, typer.Option(help="adaptive (per-sample routing) or main (the MainNet alone).")]
 
@@ -30,7 +32,9 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _source(sidenet: Path, task: str | None, mainnet: Path | None, threshold: float | None) -> Any:
+def _source(
+    sidenet: Path, task: str | None, mainnet: str | None, threshold: float | None, weights: Path | None = None
+) -> Any:
     """The checked :class:`SidenetSource` (loads no MainNet)."""
     from sidenet.integrations.inputs import SidenetSource
     from sidenet.tasks import TASKS
@@ -41,11 +45,13 @@ def _source(sidenet: Path, task: str | None, mainnet: Path | None, threshold: fl
         _fail("give --task or --mainnet, not both")
     if task is not None and task not in TASKS:
         _fail(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
-    if mainnet is not None and not mainnet.is_file():
-        _fail(f"no MainNet file {mainnet}")
+    if mainnet is not None and ":" not in mainnet:
+        _fail(f"--mainnet names a function as MODULE:FUNCTION (e.g. torchvision.models:resnet50), got {mainnet!r}")
+    if weights is not None and (mainnet is None or not weights.is_file()):
+        _fail(f"--mainnet-weights needs --mainnet and an existing safetensors file, got {weights}")
     if threshold is not None and not 0 <= threshold <= 1:
         _fail(f"--threshold must lie in [0, 1], got {threshold}")
-    return SidenetSource(str(sidenet), task, None if mainnet is None else str(mainnet), threshold)
+    return SidenetSource(str(sidenet), task, mainnet, threshold, None if weights is None else str(weights))
 
 
 def _ray_or_fail() -> Any:
@@ -69,6 +75,7 @@ def serve_command(
     ] = None,
     task: TaskOption = None,
     mainnet: MainnetOption = None,
+    mainnet_weights: WeightsOption = None,
     threshold: ThresholdOption = None,
     host: Annotated[str, typer.Option(help="Address the HTTP proxy listens on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
@@ -95,7 +102,7 @@ def serve_command(
         _fail("give --sidenet FOLDER (and the flags) or --config FILE")
     if config is not None and not config.is_file():
         _fail(f"no config file {config}")
-    source = None if sidenet is None else _source(sidenet, task, mainnet, threshold)
+    source = None if sidenet is None else _source(sidenet, task, mainnet, threshold, mainnet_weights)
     from sidenet.integrations.options import ServeOptions
 
     try:
@@ -166,6 +173,7 @@ def classify_command(
     sidenet: SidenetOption,
     task: TaskOption = None,
     mainnet: MainnetOption = None,
+    mainnet_weights: WeightsOption = None,
     threshold: ThresholdOption = None,
     column: Annotated[str | None, typer.Option(help="Input column of a parquet file (default image or text).")] = None,
     use_ray: Annotated[bool, typer.Option("--ray", help="Classify with Ray Data (an actor pool).")] = False,
@@ -187,7 +195,7 @@ def classify_command(
         _fail("--concurrency, --batch-size and --model-batch must be >= 1")
     if mode not in ("adaptive", "main"):
         _fail(f"--mode must be adaptive or main, got {mode!r}")
-    source = _source(sidenet, task, mainnet, threshold)
+    source = _source(sidenet, task, mainnet, threshold, mainnet_weights)
     options: dict[str, Any] = {"model_batch": model_batch, "mode": mode}
     started = time.perf_counter()
     ours = False  # shut down only a Ray this command started (not the caller's)

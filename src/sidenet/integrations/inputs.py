@@ -218,13 +218,16 @@ class TextInputs:
 @dataclass(frozen=True)
 class SidenetSource:
     """A saved SideNet (``sidenet fit``'s folder) and its MainNet: a built-in task's (``task``; default the
-    one the SideNet was fitted on) or a module saved whole with ``torch.save`` (``mainnet``, images only).
-    ``threshold`` overrides the saved one."""
+    one the SideNet was fitted on) or one built by a function named ``MODULE:FUNCTION`` (``mainnet``,
+    e.g. ``torchvision.models:resnet50``; images only), with its weights loaded from ``mainnet_weights``
+    (a safetensors state dict) unless the function loads them itself. Nothing is unpickled: a pickled
+    module would run its file's code. ``threshold`` overrides the saved one."""
 
     sidenet: str
     task: str | None = None
     mainnet: str | None = None
     threshold: float | None = None
+    mainnet_weights: str | None = None
 
     def _config(self) -> Any:
         from sidenet.config import SideNetConfig
@@ -243,8 +246,7 @@ class SidenetSource:
         from sidenet.tasks import get_task
 
         if self.mainnet is not None:
-            # A whole pickled module: only load files you trust (torch.load runs their code).
-            mainnet = torch.load(self.mainnet, map_location="cpu", weights_only=False)
+            mainnet = build_mainnet(self.mainnet, self.mainnet_weights)
         else:
             mainnet = get_task(self.task_name()).mainnet(progress=False)
         model = load_sidenet(mainnet, Path(self.sidenet)).eval()
@@ -283,6 +285,28 @@ class SidenetSource:
         if not config.input_shape or len(config.input_shape) != 3:
             raise ValueError(f"the SideNet in {self.sidenet} records no (C, H, W) input shape: serve it from Python")
         return ImageInputs(tuple(config.input_shape), class_names=tuple(config.metadata.get("class_names", ())))
+
+
+def build_mainnet(factory: str, weights: str | None = None) -> torch.nn.Module:
+    """The module returned by the function ``factory`` (``MODULE:FUNCTION``, called without arguments),
+    with the state dict of the safetensors file ``weights`` loaded into it (strictly) when given."""
+    import importlib
+
+    module_name, _, function_name = factory.partition(":")
+    if not module_name or not function_name:
+        raise ValueError(f"--mainnet must name a function as MODULE:FUNCTION, got {factory!r}")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot find the MainNet function {factory!r}: {exc}") from exc
+    mainnet = function()
+    if not isinstance(mainnet, torch.nn.Module):
+        raise ValueError(f"{factory} returned a {type(mainnet).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        from safetensors.torch import load_file
+
+        mainnet.load_state_dict(load_file(weights))
+    return mainnet.eval()
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -341,8 +341,8 @@ def build_app(
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """Application builder for Serve config files (``import_path:
     sidenet.integrations.ray_serve:app_builder``). ``args``: ``sidenet`` (folder, required), ``task``,
-    ``mainnet``, ``threshold``, ``num_replicas``, ``num_cpus``, ``num_gpus`` and any field of
-    :class:`ServeOptions`."""
+    ``mainnet`` (``MODULE:FUNCTION``), ``mainnet_weights``, ``threshold``, ``num_replicas``, ``num_cpus``,
+    ``num_gpus`` and any field of :class:`ServeOptions`."""
     args = dict(args)
     unknown = (
         set(args)
@@ -351,6 +351,7 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
             "sidenet",
             "task",
             "mainnet",
+            "mainnet_weights",
             "threshold",
             "num_replicas",
             "num_cpus",
@@ -360,7 +361,11 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     if "sidenet" not in args or unknown:
         raise ValueError(f"app_builder needs args.sidenet (a SideNet folder); unknown args: {sorted(unknown)}")
     source = SidenetSource(
-        args.pop("sidenet"), args.pop("task", None), args.pop("mainnet", None), args.pop("threshold", None)
+        args.pop("sidenet"),
+        args.pop("task", None),
+        args.pop("mainnet", None),
+        args.pop("threshold", None),
+        args.pop("mainnet_weights", None),
     )
     placement = {key: args.pop(key) for key in ("num_replicas", "num_cpus", "num_gpus") if key in args}
     return build_app(source, source.inputs(), ServeOptions(**args), **placement)
