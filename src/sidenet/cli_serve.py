@@ -20,7 +20,7 @@ SidenetOption = Annotated[
 TaskOption = Annotated[str | None, typer.Option(help="Built-in task of the MainNet (default: the SideNet's).")]
 MainnetOption = Annotated[
     str | None,
-    typer.Option(help="An image MainNet built by a function, MODULE:FUNCTION (instead of --task)."),
+    typer.Option(help="An image MainNet built by a function, MODULE:FUNCTION or FILE.py:FUNCTION (not with --task)."),
 ]
 WeightsOption = Annotated[Path | None, typer.Option(help="The --mainnet's weights: a safetensors state dict.")]
 ThresholdOption = Annotated[float | None, typer.Option(help="Override the saved threshold.")]
@@ -46,7 +46,7 @@ def _source(
     if task is not None and task not in TASKS:
         _fail(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
     if mainnet is not None and ":" not in mainnet:
-        _fail(f"--mainnet names a function as MODULE:FUNCTION (e.g. torchvision.models:resnet50), got {mainnet!r}")
+        _fail(f"--mainnet names a function as MODULE:FUNCTION or FILE.py:FUNCTION, got {mainnet!r}")
     if weights is not None and (mainnet is None or not weights.is_file()):
         _fail(f"--mainnet-weights needs --mainnet and an existing safetensors file, got {weights}")
     if threshold is not None and not 0 <= threshold <= 1:

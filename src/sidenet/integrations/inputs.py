@@ -288,16 +288,31 @@ class SidenetSource:
 
 
 def build_mainnet(factory: str, weights: str | None = None) -> torch.nn.Module:
-    """The module returned by the function ``factory`` (``MODULE:FUNCTION``, called without arguments),
-    with the state dict of the safetensors file ``weights`` loaded into it (strictly) when given."""
+    """The module returned by the function ``factory``, called without arguments, with the state dict of
+    the safetensors file ``weights`` loaded into it (strictly) when given. ``factory`` is
+    ``MODULE:FUNCTION`` (an importable module, e.g. ``torchvision.models:resnet50``) or
+    ``FILE.py:FUNCTION`` (a Python file of one's own, imported from its path: Ray workers need no
+    import path set up for it)."""
+    import hashlib
     import importlib
+    import importlib.util
 
-    module_name, _, function_name = factory.partition(":")
+    module_name, _, function_name = factory.rpartition(":")
     if not module_name or not function_name:
-        raise ValueError(f"--mainnet must name a function as MODULE:FUNCTION, got {factory!r}")
+        raise ValueError(f"--mainnet must name a function as MODULE:FUNCTION or FILE.py:FUNCTION, got {factory!r}")
     try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as exc:
+        if module_name.endswith(".py"):
+            path = Path(module_name).resolve()
+            unique = f"sidenet_mainnet_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+            spec = importlib.util.spec_from_file_location(unique, path)
+            if spec is None or spec.loader is None or not path.is_file():
+                raise ImportError(f"no Python file {path}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+        function = getattr(module, function_name)
+    except (ImportError, AttributeError, OSError) as exc:
         raise ValueError(f"cannot find the MainNet function {factory!r}: {exc}") from exc
     mainnet = function()
     if not isinstance(mainnet, torch.nn.Module):
