@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -97,7 +98,10 @@ class SidenetDeployment:
         tolerance = options.tolerance
         if tolerance is None:
             tolerance = model.tolerance() if isinstance(model, SidenetSource) else 0.01
-        self.audit = LiveAudit(options.audit_share, tolerance) if options.audit_share > 0 else None
+        # Each replica draws its own audited samples: one seed for all would audit the same positions
+        # of every replica's stream.
+        seed = secrets.randbits(31)
+        self.audit = LiveAudit(options.audit_share, tolerance, seed=seed) if options.audit_share > 0 else None
         self.router = PooledRouter(
             self.model,
             rest_batch=options.rest_batch or options.max_batch_size,
