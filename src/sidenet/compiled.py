@@ -25,6 +25,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -34,7 +35,7 @@ from torch.utils._pytree import tree_leaves
 from sidenet.cuda_graphs import CudaGraphStage, capture_cuda_graph, shape_key
 from sidenet.outputs import AdaptiveOutput, FrontPass
 from sidenet.policy import ExitPolicy
-from sidenet.routing import AdaptiveModel
+from sidenet.routing import AdaptiveModel, continuing_first
 from sidenet.serving import PooledRouter
 
 __all__ = ["CompiledAdaptiveModel", "CudaGraphStage", "capture_cuda_graph", "compile_for_serving"]  # graphs re-exported
@@ -91,14 +92,13 @@ class _Stage:
         return self.fn(x)
 
 
+@dataclass
 class _CompiledFront(FrontPass):
     """A front pass whose continuing samples are already ordered and counted on the device."""
 
-    def __init__(self, front: FrontPass, order: torch.Tensor, counts: torch.Tensor, ready: Any) -> None:
-        super().__init__(front.state, front.side_logits, front.confidence, front.exited, front.profile)
-        self.order = order
-        self.counts = counts  # on the host (pinned on CUDA); valid once ``ready`` has completed
-        self.ready = ready
+    order: torch.Tensor
+    counts: torch.Tensor  # on the host (pinned on CUDA); valid once ``ready`` has completed
+    ready: Any
 
 
 class CompiledAdaptiveModel:
@@ -167,11 +167,7 @@ class CompiledAdaptiveModel:
             side_logits = sidenet(split.features(state))
             confidence = rule.confidence(side_logits)
             exited = rule.exits(confidence)
-            order = torch.argsort(exited.to(torch.uint8), stable=True)
-            counts = (~exited).sum().reshape(1)
-            extra = split.selection_sizes(state, ~exited)
-            if extra is not None:
-                counts = torch.cat([counts, extra.reshape(-1).to(counts.dtype)])
+            order, counts = continuing_first(split, state, exited)
             return state, side_logits, confidence, exited, order, counts
 
         return front
@@ -189,10 +185,7 @@ class CompiledAdaptiveModel:
         target = _bucket(length, self.length_buckets, max(length, self.length_buckets[-1]))
         if target == length:
             return x
-        return {
-            key: F.pad(value, (0, target - length)) if isinstance(value, torch.Tensor) and value.ndim == 2 else value
-            for key, value in x.items()
-        }
+        return {key: F.pad(value, (0, target - length)) if value.ndim == 2 else value for key, value in x.items()}
 
     # -- routing ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -216,13 +209,12 @@ class CompiledAdaptiveModel:
             ready = torch.cuda.Event()
             ready.record()
             counts = host
-        return _CompiledFront(FrontPass(state, side_logits, confidence, exited, profile), order, counts, ready)
+        return _CompiledFront(state, side_logits, confidence, exited, profile, order, counts, ready)
 
-    def continuing(self, front: FrontPass) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """The continuing samples of a front pass and the sizes to cut their state at (text: the kept
-        length, rounded up to its bucket): the one host wait, on an event recorded after the count."""
-        if not isinstance(front, _CompiledFront):
-            return self.model.continuing(front)
+    def continuing(self, front: _CompiledFront) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """The continuing samples of a front pass of :meth:`front_pass` and the sizes to cut their state
+        at (text: the kept length, rounded up to its bucket): the one host wait, on an event recorded
+        after the count."""
         if front.ready is not None:
             front.ready.synchronize()
         read = front.counts.tolist()
@@ -245,17 +237,16 @@ class CompiledAdaptiveModel:
             state = split.select_sized(state, index, ())
         return self._rest(state)[:rows].clone()
 
-    def finish(self, front: FrontPass) -> AdaptiveOutput:
-        """The answers of a batch whose front pass has run: the rest on its continuing samples."""
+    def finish(self, front: _CompiledFront) -> AdaptiveOutput:
+        """The answers of a batch whose :meth:`front_pass` has run: the rest on its continuing samples."""
         model = self.model
         remaining, sizes = self.continuing(front)
         n, count = len(front.exited), len(remaining)
         logits, rest_cost = front.side_logits, 0.0
         if count:
-            order = front.order if isinstance(front, _CompiledFront) else remaining
             # Rows of the batch itself pad the continuing ones up to the bucket; their answers are dropped.
-            rows = _bucket(count, self.rest_buckets, n) if isinstance(front, _CompiledFront) else count
-            selected = model.split.select_sized(front.state, order[:rows], sizes)
+            rows = _bucket(count, self.rest_buckets, n)
+            selected = model.split.select_sized(front.state, front.order[:rows], sizes)
             rest_logits = self.rest(selected, count)
             rest_cost = model.rest_flops(selected, None, front.profile)
             dtype = torch.promote_types(logits.dtype, rest_logits.dtype)
@@ -272,7 +263,7 @@ class CompiledAdaptiveModel:
     def stream(self, batches: Iterable[Any]) -> Iterator[AdaptiveOutput]:
         """Classify batches in order, each front queued before the previous batch's count is read, so
         that the host's wait overlaps the GPU's work on the next batch. Yields one output per batch."""
-        pending: FrontPass | None = None
+        pending: _CompiledFront | None = None
         for x in batches:
             with torch.no_grad():
                 front = self.front_pass(x)

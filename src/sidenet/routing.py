@@ -24,7 +24,7 @@ from sidenet.outputs import AdaptiveOutput, FrontPass
 from sidenet.policy import ExitPolicy
 from sidenet.splits import MainNetSplit
 
-__all__ = ["AdaptiveModel", "AdaptiveOutput", "FrontPass", "Mode"]
+__all__ = ["AdaptiveModel", "AdaptiveOutput", "FrontPass", "Mode", "continuing_first"]
 
 Mode = Literal["adaptive", "main", "side", "batch"]
 MODES = ("adaptive", "main", "side", "batch")
@@ -38,6 +38,20 @@ class _FromConfig(enum.Enum):
 
 
 FROM_CONFIG = _FromConfig.FROM_CONFIG
+
+
+def continuing_first(split: MainNetSplit, state: Any, exited: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """On the device, reading nothing: the batch's indices with the continuing samples first (in
+    ascending order, by a stable sort of the exit mask) and a 1-D integer tensor of their count followed
+    by the sizes :meth:`MainNetSplit.select_sized` needs for them (:meth:`MainNetSplit.selection_sizes`).
+    Reading that tensor is the one host wait of a routed batch."""
+    order = torch.argsort(exited.to(torch.uint8), stable=True)
+    keep = ~exited
+    counts = keep.sum().reshape(1)
+    extra = split.selection_sizes(state, keep)
+    if extra is not None:
+        counts = torch.cat([counts, extra.reshape(-1).to(counts.dtype)])
+    return order, counts
 
 
 class AdaptiveModel(nn.Module):
@@ -286,12 +300,7 @@ class AdaptiveModel(nn.Module):
         from the device in one transfer. The indices come from a stable sort of the exit mask queued
         before that read, so that finding them reads nothing more (``nonzero`` would be a second wait).
         """
-        keep = ~front.exited
-        order = torch.argsort(front.exited.to(torch.uint8), stable=True)  # continuing first, ascending
-        counts = keep.sum().reshape(1)
-        extra = self.split.selection_sizes(front.state, keep)
-        if extra is not None:
-            counts = torch.cat([counts, extra.reshape(-1).to(counts.dtype)])
+        order, counts = continuing_first(self.split, front.state, front.exited)
         read = counts.tolist()  # the one host wait of a routed batch
         return order[: read[0]], tuple(read[1:])
 
