@@ -66,10 +66,11 @@ try:
     import sidenet
     from sidenet import AdaptiveModel
     from sidenet.compiled import capture_cuda_graph, compile_for_serving
+    from sidenet.training import to_mainnet
 except ModuleNotFoundError as missing:  # a GPU image without one of sidenet's own dependencies
     raise SystemExit(
         f"benchmarks/gpu.py: {missing}. Run it as PYTHONPATH=src python3 benchmarks/gpu.py with sidenet's "
-        "dependencies installed (numpy, scipy, safetensors, tqdm besides torch, torchvision, transformers)"
+        "dependencies installed (numpy, safetensors, tqdm besides torch, torchvision, transformers)"
     ) from missing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,13 +229,6 @@ def bucketed(batches: list[Any], kind: str) -> list[Any]:
     if kind != "text":
         return batches
     return [pad_text(b, bucket_length(b["input_ids"].shape[1])) for b in batches]
-
-
-def to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """A batch on ``device``; floating tensors in ``dtype``, token ids and masks as they are."""
-    if isinstance(batch, dict):
-        return {k: v.to(device) for k, v in batch.items()}
-    return batch.to(device, dtype)
 
 
 # -- thresholds ------------------------------------------------------------------------------------
@@ -429,7 +423,7 @@ def build_case(workload: Workload, batch: int, dtype: torch.dtype, args: argpars
             if sentences is not None
             else synthetic_text_batches(synthetic_lengths(args.text_limit or 872), batch)
         )
-        batches = [to_device(b, device, dtype) for b in made]
+        batches = [to_mainnet(model.split, b) for b in made]  # token ids keep their dtype
     return Case(workload, batch, dtype, device, batches, model)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["BadInput", "ImageInputs", "TextInputs", "SidenetSource", "answers", "to_device"]
+__all__ = ["BadInput", "ImageInputs", "TextInputs", "SidenetSource", "answers"]
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp", "image/bmp", "image/gif")
 NPY_TYPE = "application/x-npy"
@@ -322,13 +322,6 @@ def build_mainnet(factory: str, weights: str | None = None) -> torch.nn.Module:
 
         mainnet.load_state_dict(load_file(weights))
     return mainnet.eval()
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """A collated batch (a tensor, or a dict of tensors for text) on ``device``."""
-    if isinstance(batch, dict):
-        return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-    return batch.to(device, non_blocking=True)
 
 
 def answers(output: Any, class_names: Sequence[str]) -> list[dict[str, Any]]:

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from sidenet.audit import LiveAudit
-from sidenet.integrations.inputs import BadInput, ImageInputs, SidenetSource, TextInputs, answers, to_device
+from sidenet.integrations.inputs import BadInput, ImageInputs, SidenetSource, TextInputs, answers
 from sidenet.serving import PooledRouter
+from sidenet.training import to_mainnet
 
 __all__ = ["RoutedClassifier", "classify_dataset", "classify_file", "read_table", "IMAGE_SUFFIXES"]
 
@@ -85,7 +86,6 @@ class RoutedClassifier:
         self.model = _build(model)
         if device is not None:
             self.model = self.model.to(device)
-        self.device = next(self.model.parameters()).device  # the SideNet follows the MainNet
         tolerance = model.tolerance() if isinstance(model, SidenetSource) else 0.01
         self.audit = LiveAudit(audit_share, tolerance) if audit_share > 0 else None
         self.router = PooledRouter(self.model, rest_batch=self.model_batch, max_wait=max_wait, audit=self.audit)
@@ -105,7 +105,7 @@ class RoutedClassifier:
         """The result columns for a sequence of cells, in their order."""
         samples, rows, errors = self._samples(cells)
         chunks = [samples[i : i + self.model_batch] for i in range(0, len(samples), self.model_batch)]
-        batches = [to_device(self.inputs.collate(chunk), self.device) for chunk in chunks]
+        batches = [to_mainnet(self.model.split, self.inputs.collate(chunk)) for chunk in chunks]
         if self.mode == "main":
             outputs = [self.model(batch, mode="main") for batch in batches]
         else:

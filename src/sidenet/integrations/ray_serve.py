@@ -45,9 +45,10 @@ except ImportError as exc:  # pragma: no cover - the optional extra is missing
     raise ImportError("sidenet's Ray Serve deployment needs Ray Serve: pip install 'sidenet[serve]'") from exc
 
 from sidenet.audit import LiveAudit
-from sidenet.integrations.inputs import BadInput, ImageInputs, SidenetSource, TextInputs, answers, to_device
+from sidenet.integrations.inputs import BadInput, ImageInputs, SidenetSource, TextInputs, answers
 from sidenet.integrations.options import ServeOptions
 from sidenet.serving import PooledRouter
+from sidenet.training import to_mainnet
 
 __all__ = ["ServeOptions", "SidenetDeployment", "build_app", "app_builder"]
 
@@ -94,7 +95,6 @@ class SidenetDeployment:
         self.model = _build_model(model)
         if options.device is not None:
             self.model = self.model.to(options.device)
-        self.device = next(self.model.parameters()).device  # the SideNet follows the MainNet
         tolerance = options.tolerance
         if tolerance is None:
             tolerance = model.tolerance() if isinstance(model, SidenetSource) else 0.01
@@ -210,7 +210,7 @@ class SidenetDeployment:
 
     def _submit(self, samples: list[Any], future: asyncio.Future) -> list[tuple[asyncio.Future, Any]]:
         """(model thread) Route one batch; returns the (future, output) of every batch it answered."""
-        batch = to_device(self.inputs.collate(samples), self.device)
+        batch = to_mainnet(self.model.split, self.inputs.collate(samples))
         if self.options.mode == "main":
             return [(future, self.model(batch, mode="main"))]
         batch_id = self._next_batch
