@@ -18,6 +18,7 @@ the columns ``label``, ``class_name``, ``confidence`` (NaN where the SideNet did
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,8 @@ class RoutedClassifier:
         if device is not None:
             self.model = self.model.to(device)
         tolerance = model.tolerance() if isinstance(model, SidenetSource) else 0.01
-        self.audit = LiveAudit(audit_share, tolerance) if audit_share > 0 else None
+        # Each actor draws its own audited rows (as each Serve replica does).
+        self.audit = LiveAudit(audit_share, tolerance, seed=secrets.randbits(31)) if audit_share > 0 else None
         self.router = PooledRouter(self.model, rest_batch=self.model_batch, max_wait=max_wait, audit=self.audit)
 
     def _samples(self, cells: Sequence[Any]) -> tuple[list[Any], list[int], list[str]]:
