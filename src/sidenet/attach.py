@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 # Saving, loading and the errors moved to sidenet.checkpoint and sidenet.errors; still importable from
 # here, where they lived (the CLI imports them here).
@@ -51,7 +52,7 @@ def _attach_config(tap: str | int | None, config: SideNetConfig | None, settings
 
 def attach(
     mainnet: nn.Module | MainNetSplit,
-    tap: str | int | None = None,
+    tap: str | int | Sequence[str | int] | None = None,
     *,
     config: SideNetConfig | None = None,
     input_shape: Any = None,
@@ -59,19 +60,21 @@ def attach(
     seed: int = 0,
     **settings: Any,
 ) -> AdaptiveModel:
-    """Cut ``mainnet`` at ``tap`` and attach a fresh SideNet there.
+    """Cut ``mainnet`` at ``tap`` and attach a fresh SideNet there; or, given a list of taps, attach a
+    cascade: one SideNet at each tap, tried in turn (see :meth:`AdaptiveModel.forward`).
 
     Args:
         mainnet: a pretrained model (or a ready :class:`MainNetSplit`); it is put in eval mode.
         tap: where to attach; an unknown tap raises an error listing the valid ones. May be left out
-            when ``config`` names it.
+            when ``config`` names it. A list of taps, each deeper than the one before, makes a cascade
+            (the settings apply to each of its SideNets; set their thresholds with ``model.thresholds``).
         config: the settings as a :class:`SideNetConfig` (e.g. another model's ``model.config``);
             ``tap`` and keyword settings given beside it replace its own. Its measured and saved
             fields (feature shape, checksums, ...) are measured again here.
         input_shape: the shape of one input sample, e.g. ``(3, 224, 224)``; or give ``example_input``
             (a batch) instead, or a config that records one. Used once to size the SideNet. Text
             MainNets need none.
-        seed: seeds the SideNet's initialisation.
+        seed: seeds the SideNet's initialisation (SideNet ``k`` of a cascade: ``seed + k``).
         **settings: any of :data:`sidenet.config.SETTINGS`, the fields of :class:`SideNetConfig` a
             user chooses: ``num_classes`` (needed only when the MainNet's class count cannot be read
             from it), ``hidden`` and ``pool_size`` (SideNet size, see :class:`SideNet`), ``threshold``,
@@ -91,7 +94,52 @@ def attach(
         model = sidenet.attach(torchvision.models.resnet18(weights="DEFAULT"), "layer1", input_shape=(3, 224, 224))
         model.fit(train_loader)
         curve = sidenet.sweep(model, val_loader)
+
+        cascade = sidenet.attach(resnet, ["layer1", "layer2"], input_shape=(3, 224, 224))
     """
+    taps = list(tap) if isinstance(tap, (list, tuple)) else [tap]
+    if not taps:
+        raise ValueError("attach() needs at least one tap")
+    if len(taps) > 1 and isinstance(mainnet, MainNetSplit):
+        raise ValueError("a cascade is attached to a MainNet, not to a ready MainNetSplit (which has one tap)")
+    parts = []
+    example_input_given = example_input
+    for k, one in enumerate(taps):
+        split, sidenet, settings_k, example = _attach_one(
+            mainnet, one, config, input_shape, example_input_given, seed + k, settings
+        )
+        if parts:  # the segment between the previous tap and this one must reproduce this trunk
+            previous, _, _, previous_example = parts[-1]
+            with torch.no_grad():
+                reached = previous.advance(previous.trunk(previous_example), split)
+                expected = split.trunk(example)
+            _check_same_state(reached, expected, previous.tap, split.tap)
+        parts.append((split, sidenet, settings_k, example))
+    splits, sidenets, configs = ([part[i] for part in parts] for i in range(3))
+    if len(parts) == 1:
+        return AdaptiveModel(splits[0], sidenets[0], config=configs[0])
+    return AdaptiveModel(splits, sidenets, config=configs)
+
+
+def _check_same_state(reached: Any, expected: Any, before: Any, tap: Any) -> None:
+    """``SplitMismatchError`` unless running the segment from tap ``before`` to ``tap`` gave the trunk's state."""
+    for got, want in zip(tree_leaves(reached), tree_leaves(expected), strict=True):
+        if isinstance(want, torch.Tensor) and not torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-4):
+            raise SplitMismatchError(
+                f"the MainNet's segment from tap {before!r} to tap {tap!r} does not reproduce its state at {tap!r}"
+            )
+
+
+def _attach_one(
+    mainnet: nn.Module | MainNetSplit,
+    tap: str | int | None,
+    config: SideNetConfig | None,
+    input_shape: Any,
+    example_input: Any,
+    seed: int,
+    settings: Mapping[str, Any],
+) -> tuple[MainNetSplit, SideNet, SideNetConfig, Any]:
+    """The split at ``tap``, a fresh SideNet there, its config and the one-sample example it was sized on."""
     config = _attach_config(tap, config, settings)
     split = split_mainnet(mainnet, config.tap, **config.split_options).eval()
     device, dtype = mainnet_placement(split, "attach")
@@ -128,4 +176,4 @@ def attach(
         input_shape=list(example.shape[1:]) if tensor else None,
         input_dtype=str(example.dtype).removeprefix("torch.") if tensor else None,
     )
-    return AdaptiveModel(split, sidenet, config=config)
+    return split, sidenet, config, example

@@ -11,7 +11,6 @@ and the feature shape at the tap.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -26,9 +25,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sidenet.config import (
+    CASCADE_FOLDER,
+    CASCADE_NAME,
     CONFIG_NAME,
     REFERENCE_NAME,
-    SAVED_FILES,
     WEIGHTS_NAME,
     SideNetConfig,
     file_sha256,
@@ -37,6 +37,7 @@ from sidenet.config import (
 from sidenet.errors import CheckpointError, MainNetMismatchError, SidenetError
 from sidenet.head import SideNet
 from sidenet.routing import AdaptiveModel
+from sidenet.saved_folder import replace_folder
 from sidenet.splits import MainNetSplit, split_mainnet
 from sidenet.splits.probe import check_split, example_from_shape, feature_shape, placement, to_placement
 
@@ -101,34 +102,67 @@ def save_sidenet(model: AdaptiveModel, folder: str | Path, metadata: dict[str, A
     if target == Path.cwd() or target in Path.cwd().parents:
         raise ValueError(f"cannot save a SideNet to {folder}: it holds the working directory; give a subfolder")
     mainnet = model.split.mainnet
-    tensors = {name: t.detach().cpu().contiguous() for name, t in model.sidenet.state_dict().items()}
     target.parent.mkdir(parents=True, exist_ok=True)
     # mkdir, not mkdtemp: the folder gets the usual permissions (mkdtemp's are owner-only).
     staging = target.with_name(f".{target.name}.saving-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
-        save_file(tensors, str(staging / WEIGHTS_NAME))
-        reference_sha256 = None
-        if model.reference_confidence is not None:
-            reference = staging / REFERENCE_NAME
-            save_file({"confidence": model.reference_confidence.detach().cpu().contiguous()}, str(reference))
-            reference_sha256 = file_sha256(reference.read_bytes())
-        config = replace(
-            config,
-            mainnet_fingerprint=mainnet_fingerprint(mainnet) if mainnet is not None else "",
-            weights_sha256=file_sha256((staging / WEIGHTS_NAME).read_bytes()),
-            reference_sha256=reference_sha256,
-            metadata=merged,
-        )
-        try:
-            replace(config, structure_sha256=config.structure_digest()).save(staging)
-        except TypeError as exc:  # a split option or tap that JSON cannot store
-            raise ValueError(f"cannot store the SideNet's config as JSON: {exc}") from exc
+        reference = model.reference_confidence
+        first = _write_part(staging, config, model.sidenet, reference, mainnet, merged)
+        if model.num_taps > 1:
+            _write_cascade(staging, model, first, mainnet)
         replace_folder(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def _write_part(
+    folder: Path,
+    config: SideNetConfig,
+    sidenet: SideNet,
+    reference: torch.Tensor | None,
+    mainnet: nn.Module | None,
+    metadata: dict[str, Any],
+) -> SideNetConfig:
+    """Write one SideNet's weights, reference confidences (when given) and config into ``folder``;
+    returns the config as written (with its checksums)."""
+    tensors = {name: t.detach().cpu().contiguous() for name, t in sidenet.state_dict().items()}
+    save_file(tensors, str(folder / WEIGHTS_NAME))
+    reference_sha256 = None
+    if reference is not None:
+        path = folder / REFERENCE_NAME
+        save_file({"confidence": reference.detach().cpu().contiguous()}, str(path))
+        reference_sha256 = file_sha256(path.read_bytes())
+    config = replace(
+        config,
+        mainnet_fingerprint=mainnet_fingerprint(mainnet) if mainnet is not None else "",
+        weights_sha256=file_sha256((folder / WEIGHTS_NAME).read_bytes()),
+        reference_sha256=reference_sha256,
+        metadata=metadata,
+    )
+    config = replace(config, structure_sha256=None)
+    try:
+        config = replace(config, structure_sha256=config.structure_digest())
+        config.save(folder)
+    except TypeError as exc:  # a split option or tap that JSON cannot store
+        raise ValueError(f"cannot store the SideNet's config as JSON: {exc}") from exc
+    return config
+
+
+def _write_cascade(staging: Path, model: AdaptiveModel, first: SideNetConfig, mainnet: nn.Module | None) -> None:
+    """The later SideNets of a cascade, each saved as one SideNet in ``cascade/tap-K``, and
+    ``cascade.json`` listing them with the checksums of their configs and of the first SideNet."""
+    stages = []
+    for k in range(1, model.num_taps):
+        name = f"{CASCADE_FOLDER}/tap-{k}"
+        part = staging / name
+        part.mkdir(parents=True)
+        _write_part(part, model.configs[k], model.sidenets[k], None, mainnet, {})
+        stages.append({"folder": name, "config_sha256": file_sha256((part / CONFIG_NAME).read_bytes())})
+    listing = {"format_version": 1, "first_weights_sha256": first.weights_sha256, "stages": stages}
+    (staging / CASCADE_NAME).write_text(json.dumps(listing, indent=2, sort_keys=True))
 
 
 # -- load ----------------------------------------------------------------------------------------------
@@ -248,23 +282,23 @@ def load_sidenet(
         SplitMismatchError: the MainNet's forward does something its splitter does not reproduce.
     """
     folder = Path(folder)
-    config, tensors, reference = _read_config(folder)
+    split, sidenet, config, reference = _load_part(mainnet, folder, check_fingerprint)
     history = config.metadata.get("history", [])
     if not isinstance(history, list):
         raise CheckpointError(f"{folder / CONFIG_NAME}: metadata['history'] must be a list, got {history!r}")
-    split = split_mainnet(mainnet, config.tap, **config.split_options).eval()
-    saved_dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
-    _check_mainnet(mainnet, split, config, folder, check_fingerprint, saved_dtype)
-    try:
-        sidenet = SideNet(config.feature_shape, config.num_classes, config.hidden, config.pool_size)
-        sidenet.load_state_dict(tensors)
-    except (RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"{folder / WEIGHTS_NAME} does not match its config: {exc}") from exc
-    device, dtype = placement(split)
-    sidenet = sidenet.to(device=device, dtype=dtype)
     # The history lives on the model (fit replaces it), the rest of the metadata in its config.
     metadata = {key: value for key, value in config.metadata.items() if key != "history"}
-    model = AdaptiveModel(split, sidenet, config=replace(config, metadata=metadata))
+    parts = [(split, sidenet, replace(config, metadata=metadata))]
+    for part in _cascade_folders(folder, config):
+        if isinstance(mainnet, MainNetSplit):
+            raise CheckpointError(f"{folder} holds a cascade of SideNets: load it onto the MainNet, not onto a split")
+        later_split, later_sidenet, later_config, _ = _load_part(mainnet, part, check_fingerprint)
+        parts.append((later_split, later_sidenet, later_config))
+    splits, sidenets, configs = ([part[i] for part in parts] for i in range(3))
+    if len(parts) == 1:
+        model = AdaptiveModel(splits[0], sidenets[0], config=configs[0])
+    else:
+        model = AdaptiveModel(splits, sidenets, config=configs)
     if reference is not None:
         try:
             model.set_reference(reference["confidence"])
@@ -275,51 +309,46 @@ def load_sidenet(
     return model
 
 
-# -- the saved folder: replaced whole, so that a failing save leaves the old one as it was -----------
-def _link_or_copy(source: str, target: str) -> None:
-    # A hard link costs nothing and leaves the original untouched; copy where links are not allowed.
+def _load_part(
+    mainnet: nn.Module | MainNetSplit, folder: Path, check_fingerprint: bool
+) -> tuple[MainNetSplit, SideNet, SideNetConfig, dict[str, torch.Tensor] | None]:
+    """One saved SideNet of ``folder``, checked against ``mainnet``: its split, the SideNet on the
+    MainNet's device and dtype, its config and its reference confidences (None when not saved)."""
+    config, tensors, reference = _read_config(folder)
+    split = split_mainnet(mainnet, config.tap, **config.split_options).eval()
+    saved_dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
+    _check_mainnet(mainnet, split, config, folder, check_fingerprint, saved_dtype)
     try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+        sidenet = SideNet(config.feature_shape, config.num_classes, config.hidden, config.pool_size)
+        sidenet.load_state_dict(tensors)
+    except (RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{folder / WEIGHTS_NAME} does not match its config: {exc}") from exc
+    device, dtype = placement(split)
+    return split, sidenet.to(device=device, dtype=dtype), config, reference
 
 
-def _carry_user_files(folder: Path, staging: Path) -> None:
-    """Link or copy into ``staging`` whatever the user keeps in ``folder`` beside the SideNet (the
-    CLI's plots and reports), so that swapping the folders loses none of it."""
-    if not folder.is_dir():
-        return
-    for entry in folder.iterdir():
-        if entry.name in SAVED_FILES:
-            continue
-        target = staging / entry.name
-        if entry.is_symlink():
-            os.symlink(os.readlink(entry), target)
-        elif entry.is_dir():
-            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(str(entry), str(target))
-
-
-def _swap_in(staging: Path, folder: Path) -> None:
-    """Put the complete ``staging`` folder at ``folder`` with renames: the old folder moves aside, the
-    new one moves in (the old one comes back if that fails), then the old one is deleted. A crash
-    in between leaves the old folder beside it as ``.<name>.old-*``."""
-    if not folder.exists():
-        os.replace(staging, folder)
-        return
-    old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(folder, old)
+def _cascade_folders(folder: Path, first: SideNetConfig) -> list[Path]:
+    """The folders of a saved cascade's later SideNets, from ``cascade.json`` (none for one SideNet),
+    checked against the checksums it records."""
+    listing_path = folder / CASCADE_NAME
+    if not listing_path.is_file():
+        return []
     try:
-        os.replace(staging, folder)
-    except BaseException:
-        os.replace(old, folder)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def replace_folder(staging: Path, folder: Path) -> None:
-    """Make the complete saved folder ``staging`` the SideNet folder ``folder``, keeping the user's own
-    files from the old ``folder`` (see :func:`_swap_in` for what a crash leaves)."""
-    _carry_user_files(folder, staging)
-    _swap_in(staging, folder)
+        listing = json.loads(listing_path.read_text())
+        stages = listing["stages"]
+        recorded = listing["first_weights_sha256"]
+        named = [(str(stage["folder"]), str(stage["config_sha256"])) for stage in stages]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{listing_path} is corrupt: {exc}") from exc
+    if recorded != first.weights_sha256:
+        raise CheckpointError(f"{listing_path} belongs to another save than the SideNet in {folder}")
+    folders = []
+    for name, digest in named:
+        part = (folder / name).resolve()
+        if folder.resolve() not in part.parents:
+            raise CheckpointError(f"{listing_path} names a folder outside {folder}: {name!r}")
+        config_path = part / CONFIG_NAME
+        if not config_path.is_file() or file_sha256(config_path.read_bytes()) != digest:
+            raise CheckpointError(f"{config_path} is missing or was changed after saving (checksum mismatch)")
+        folders.append(part)
+    return folders

@@ -96,8 +96,11 @@ STRUCTURAL_FIELDS = (
 )
 
 
+CASCADE_NAME = "cascade.json"  # a cascade's later SideNets: their folders and checksums
+CASCADE_FOLDER = "cascade"  # where those folders are
+
 # The files a save writes; anything else in the folder (the CLI's plots and reports) is the user's.
-SAVED_FILES = (CONFIG_NAME, WEIGHTS_NAME, REFERENCE_NAME)
+SAVED_FILES = (CONFIG_NAME, WEIGHTS_NAME, REFERENCE_NAME, CASCADE_NAME, CASCADE_FOLDER)
 
 
 def mainnet_fingerprint(mainnet: nn.Module) -> str:

@@ -12,7 +12,7 @@ size; the adaptive model, the sweep and the pooled router charge every sample fr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -75,23 +75,31 @@ def profile_flops(split: Any, sidenet: torch.nn.Module, example: Any) -> FlopPro
 
 
 class FlopLedger(nn.Module):
-    """FLOPs per sample of a split MainNet and its SideNet, measured once per input size and kept.
+    """FLOPs per sample of a split MainNet and its SideNets, measured once per input size and kept.
 
     Args:
-        split: the MainNet cut at the tap.
-        sidenet: the SideNet reading the tap.
+        split: the MainNet cut at the (first) tap, or the splits of a cascade in tap order.
+        sidenet: the SideNet reading that tap, or a cascade's SideNets.
 
-    FLOPs are counted on ``split`` itself, or on a float twin of the MainNet given to
+    The parts of a cascade: the trunk (input to the first tap), the SideNet there, then per later tap
+    ``k`` its *step* (the MainNet's segment from tap ``k - 1`` to tap ``k``, then SideNet ``k``), and the
+    rest of the MainNet after the last tap. :meth:`profile` measures the first three for one SideNet
+    (its ``rest`` is the whole MainNet after the first tap), :meth:`step` and :meth:`rest` the others.
+
+    FLOPs are counted on the splits themselves, or on a float twin of the MainNet given to
     :meth:`count_with` (FlopCounterMode counts no int8 kernel). A module only so that the model's
-    ``.to()`` moves the twin with the MainNet it stands for; the split and the SideNet are the model's
+    ``.to()`` moves the twin with the MainNet it stands for; the splits and the SideNets are the model's
     own submodules, held here unregistered so that they appear once in the model's state dict.
     """
 
-    def __init__(self, split: MainNetSplit, sidenet: nn.Module) -> None:
+    def __init__(self, split: MainNetSplit | Sequence[MainNetSplit], sidenet: nn.Module | Sequence[nn.Module]) -> None:
         super().__init__()
-        self._parts = (split, sidenet)
-        self.twin: MainNetSplit | None = None
-        # input flop_key -> profile; rest_flop_key -> FLOPs per sample of the rest (text: per length)
+        splits = tuple(split) if isinstance(split, (list, tuple)) else (split,)
+        sidenets = tuple(sidenet) if isinstance(sidenet, (list, tuple)) else (sidenet,)
+        self._parts = (splits, sidenets)
+        self.twin: MainNetSplit | None = None  # the twin of the first split (see count_with)
+        self._twins: tuple[MainNetSplit, ...] = ()
+        # input flop_key -> profile; (part, profile, rest_flop_key) -> FLOPs per sample of a later part
         self._profiles: dict[tuple, FlopProfile] = {}
         self._rest: dict[tuple, int] = {}
 
@@ -103,43 +111,69 @@ class FlopLedger(nn.Module):
     def count_with(self, mainnet: nn.Module | MainNetSplit | None) -> None:
         """Count on ``mainnet``, a float model of the same architecture and shapes as the MainNet (or a
         split of it), from now on; ``None`` goes back to the MainNet. Forgets every measured profile."""
-        split = self._parts[0]
-        twin = None if mainnet is None else split_mainnet(mainnet, split.tap, **split.options())
-        if twin is not None:
-            twin.eval().requires_grad_(False)  # frozen like the MainNet it stands for
-        self.twin = twin
+        splits = self._parts[0]
+        twins: tuple[MainNetSplit, ...] = ()
+        if mainnet is not None:
+            base = mainnet.mainnet if isinstance(mainnet, MainNetSplit) and len(splits) > 1 else mainnet
+            twins = tuple(split_mainnet(base, part.tap, **part.options()) for part in splits)
+            for twin in twins:
+                twin.eval().requires_grad_(False)  # frozen like the MainNet it stands for
+        self._twins = twins
+        self.twin = twins[0] if twins else None
         self._profiles.clear()
         self._rest.clear()
 
-    def _counted(self) -> MainNetSplit:
+    def _counted(self, part: int = 0) -> MainNetSplit:
         # Counting runs the split: it must not train it (batch-norm statistics).
-        return (self.twin or self._parts[0]).ensure_eval()
+        return (self._twins[part] if self._twins else self._parts[0][part]).ensure_eval()
 
     def profile(self, x: Any) -> FlopProfile:
-        """FLOPs per sample of trunk, SideNet and rest for inputs like ``x`` (measured once per
-        :meth:`MainNetSplit.flop_key`: the sample shape, or for text the padded length)."""
-        split, sidenet = self._parts
-        key = split.flop_key(x)
+        """FLOPs per sample of trunk, first SideNet and rest (all of the MainNet after the first tap)
+        for inputs like ``x`` (measured once per :meth:`MainNetSplit.flop_key`: the sample shape, or for
+        text the padded length)."""
+        splits, sidenets = self._parts
+        key = splits[0].flop_key(x)
         if key not in self._profiles:
-            self._profiles[key] = profile_flops(self._counted(), sidenet, split.example(x))
+            self._profiles[key] = profile_flops(self._counted(), sidenets[0], splits[0].example(x))
         return self._profiles[key]
 
-    def rest(self, state: Any, index: torch.Tensor | None, profile: FlopProfile, selected: Any = None) -> float:
-        """FLOPs per sample of the rest run on ``select(state, index)`` (on ``state`` when ``index`` is None).
+    def rest(
+        self, state: Any, index: torch.Tensor | None, profile: FlopProfile, selected: Any = None, part: int = 0
+    ) -> float:
+        """FLOPs per sample of the rest of the MainNet after tap ``part`` (0: the first), run on
+        ``select(state, index)`` (on ``state`` when ``index`` is None), for inputs of ``profile``.
 
-        ``profile.rest`` unless the split says the rest's cost depends on the samples kept (text: the
-        rest runs at the longest remaining length); then it is measured once per
-        :meth:`MainNetSplit.rest_flop_key` and kept. ``selected``, when the caller has it, spares a
-        second ``select`` for the measurement.
+        After the first tap: ``profile.rest`` unless the split says the rest's cost depends on the
+        samples kept (text: the rest runs at the longest remaining length); then it is measured once per
+        :meth:`MainNetSplit.rest_flop_key` and kept. After a later tap: measured once per profile and
+        key. ``selected``, when the caller has it, spares a second ``select`` for the measurement.
         """
-        split = self._parts[0]
+        split = self._parts[0][part]
         key = split.rest_flop_key(state, index)
-        if key is None:
+        if key is None and part == 0:
             return float(profile.rest)
-        if key not in self._rest:
+        memo = ("rest", part, profile if key is None else None, key)
+        if memo not in self._rest:
             if index is None:
                 selected = state
             elif selected is None:
                 selected = split.select(state, index)
-            self._rest[key] = count_flops(self._counted().rest, split.example_state(selected))[0]
-        return float(self._rest[key])
+            self._rest[memo] = count_flops(self._counted(part).rest, split.example_state(selected))[0]
+        return float(self._rest[memo])
+
+    def step(self, part: int, state: Any, profile: FlopProfile) -> float:
+        """FLOPs per sample of a cascade's step to tap ``part`` (>= 1) on ``state``, the MainNet's state at
+        tap ``part - 1`` of the samples that continue: the segment between the two taps, then SideNet
+        ``part``. Measured once per input profile and :meth:`MainNetSplit.rest_flop_key` of ``state``."""
+        splits, sidenets = self._parts
+        if not 1 <= part < len(splits):
+            raise ValueError(f"a cascade of {len(splits)} SideNets has steps 1..{len(splits) - 1}, not {part}")
+        before = splits[part - 1]
+        key = before.rest_flop_key(state)
+        memo = ("step", part, profile if key is None else None, key)
+        if memo not in self._rest:
+            sample = before.example_state(state)
+            segment, later = count_flops(self._counted(part - 1).advance, sample, self._counted(part))
+            side, _ = count_flops(lambda s: sidenets[part](splits[part].features(s)), later)
+            self._rest[memo] = segment + side
+        return float(self._rest[memo])

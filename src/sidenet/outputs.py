@@ -21,14 +21,18 @@ class AdaptiveOutput:
     Attributes:
         logits: (N, C) the SideNet's logits for samples that exited, the MainNet's for the others.
         exited: (N,) True where the SideNet answered.
-        confidence: (N,) the SideNet's confidence (NaN in ``main`` mode, where it is not run).
+        confidence: (N,) the score of the last SideNet each sample reached (NaN in ``main`` mode, where
+            none runs).
         flops: (N,) FLOPs actually spent on each sample (measured per part, see ``sidenet.flops``).
+        exit_stage: (N,) int64, which SideNet answered (0 the first, ...), or the number of SideNets
+            where the MainNet answered; ``None`` where only ``exited`` is known.
     """
 
     logits: torch.Tensor
     exited: torch.Tensor
     confidence: torch.Tensor
     flops: torch.Tensor
+    exit_stage: torch.Tensor | None = None
 
     @property
     def predictions(self) -> torch.Tensor:

@@ -1,14 +1,17 @@
 """``AdaptiveModel``: MainNet trunk, SideNet, exit policy, and the rest of the MainNet run only on
 the samples that did not exit.
 
-Routing is this module's one job; the FLOPs bookkeeping lives in :class:`~sidenet.flops.FlopLedger`,
-the traffic statistics in :class:`~sidenet.monitor.TrafficMonitor`, training in :mod:`sidenet.training`.
+Long because :class:`AdaptiveModel` is the library's one model class: its settings (one exit rule per
+SideNet), the hand-overs to its monitor and FLOPs ledger, and the routing of one SideNet or a cascade
+through the same loop belong together. Routing is this module's one job; the FLOPs bookkeeping lives
+in :class:`~sidenet.flops.FlopLedger`, the traffic statistics in :class:`~sidenet.monitor.TrafficMonitor`,
+training in :mod:`sidenet.training`.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -54,6 +57,41 @@ def continuing_first(split: MainNetSplit, state: Any, exited: torch.Tensor) -> t
     return order, counts
 
 
+def _stages(value: Any, kind: type, name: str) -> tuple:
+    """``value`` as a tuple of one or more ``kind`` (one object, or a list or tuple of them)."""
+    items = tuple(value) if isinstance(value, (list, tuple, nn.ModuleList)) else (value,)
+    if not items or any(not isinstance(item, kind) for item in items):
+        got = ", ".join(type(item).__name__ for item in items) or "nothing"
+        raise ValueError(f"{name} must be a {kind.__name__} or a list of them (one per tap), got {got}")
+    return items
+
+
+def _stage_value(value: Any, k: int, count: int, name: str) -> Any:
+    """The ``k``-th SideNet's value of a setting given as one value for all or a sequence of ``count``."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"{name} needs one value per SideNet ({count}), got {len(value)}: {value!r}")
+        return value[k]
+    return value
+
+
+def _scatter(values: torch.Tensor, rows: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """``values`` with the rows ``rows`` replaced by ``new`` (all of them when ``rows`` is None), in
+    the wider dtype of the two: a new tensor, the caller's stay untouched."""
+    dtype = torch.promote_types(values.dtype, new.dtype)
+    if rows is None:
+        return new.to(dtype)
+    return values.to(dtype).index_copy(0, rows, new.to(dtype))
+
+
+def _charge(flops: torch.Tensor, rows: torch.Tensor | None, cost: float) -> torch.Tensor:
+    """``flops`` with ``cost`` added to the rows ``rows`` (all when None); float32 sums, rounded as
+    adding the costs one by one rounds them."""
+    if rows is None:
+        return flops + cost
+    return flops.index_add(0, rows, torch.full((len(rows),), cost, dtype=flops.dtype, device=flops.device))
+
+
 class AdaptiveModel(nn.Module):
     """A MainNet with a SideNet attached at a tap, answering early for confident samples.
 
@@ -85,83 +123,173 @@ class AdaptiveModel(nn.Module):
 
     def __init__(
         self,
-        split: MainNetSplit,
-        sidenet: SideNet,
-        threshold: float | _FromConfig = FROM_CONFIG,
-        temperature: float | _FromConfig = FROM_CONFIG,
-        policy: str | _FromConfig = FROM_CONFIG,
+        split: MainNetSplit | Sequence[MainNetSplit],
+        sidenet: SideNet | Sequence[SideNet],
+        threshold: float | Sequence[float] | _FromConfig = FROM_CONFIG,
+        temperature: float | Sequence[float] | _FromConfig = FROM_CONFIG,
+        policy: str | Sequence[str] | _FromConfig = FROM_CONFIG,
         check_inputs: bool = True,
         check_values: bool | None = None,
         stats_window: int = 4096,
-        config: SideNetConfig | None = None,
+        config: SideNetConfig | Sequence[SideNetConfig] | None = None,
     ) -> None:
         super().__init__()
-        if split.num_classes is not None and split.num_classes != sidenet.num_classes:
-            raise ClassCountMismatchError(
-                f"the SideNet predicts {sidenet.num_classes} classes but the MainNet predicts {split.num_classes}"
+        splits = _stages(split, MainNetSplit, "split")
+        sidenets = _stages(sidenet, SideNet, "sidenet")
+        if len(splits) != len(sidenets):
+            raise ValueError(
+                f"a cascade needs one SideNet per split: got {len(splits)} splits and {len(sidenets)} SideNets"
             )
-        self.split = split.eval()
-        # Frozen like peft's base model: no MainNet gradient is ever wanted, so optimisers and
-        # parameter counts see only the SideNet.
-        self.split.requires_grad_(False)
-        self.sidenet = sidenet
-        # The settings fixed at attach or load. Its exit-rule fields only seed the rule: from then on
-        # the rule (self.policy) is their one truth, and :attr:`config` reads them from it.
-        self._config = config_for_parts(split, sidenet, config)
+        configs = _stages(config, SideNetConfig, "config") if config is not None else (None,) * len(splits)
+        if len(configs) != len(splits):
+            raise ValueError(f"a cascade of {len(splits)} SideNets needs as many configs, got {len(configs)}")
+        for part, head in zip(splits, sidenets, strict=True):
+            if part.num_classes is not None and part.num_classes != head.num_classes:
+                raise ClassCountMismatchError(
+                    f"the SideNet at tap {part.tap!r} predicts {head.num_classes} classes but the MainNet "
+                    f"predicts {part.num_classes}"
+                )
+        for part in splits:
+            # Frozen like peft's base model: no MainNet gradient is ever wanted, so optimisers and
+            # parameter counts see only the SideNets.
+            part.eval().requires_grad_(False)
+        self.split = splits[0]
+        # The later taps' splits cut the same MainNet, registered once (under ``split``): held in a
+        # tuple so that the state dict and ``.parameters()`` see its weights once.
+        self._later_splits = splits[1:]
+        self.sidenet = sidenets[0]
+        # The later SideNets of a cascade; empty for one SideNet (whose state dict is as it always was).
+        self.later_sidenets = nn.ModuleList(sidenets[1:])
+        # The settings fixed at attach or load. Their exit-rule fields only seed the rules: from then on
+        # the rules (self.policies) are their one truth, and :attr:`configs` reads them from there.
+        self._configs = tuple(config_for_parts(*parts) for parts in zip(splits, sidenets, configs, strict=True))
         given = {"threshold": threshold, "temperature": temperature, "kind": policy}
-        chosen = {name: value for name, value in given.items() if value is not FROM_CONFIG}
-        self.policy = replace(self._config.exit_rule(), **chosen)
+        rules = []
+        for k, settings in enumerate(self._configs):
+            chosen = {name: _stage_value(value, k, len(splits), name) for name, value in given.items()}
+            chosen = {name: value for name, value in chosen.items() if value is not FROM_CONFIG}
+            rules.append(replace(settings.exit_rule(), **chosen))
+        self.policies = tuple(rules)
         self.check_inputs = check_inputs
         self.check_values = check_values
-        self.flop_ledger = FlopLedger(split, sidenet)
+        self.flop_ledger = FlopLedger(splits, sidenets)
         self.monitor = TrafficMonitor(stats_window)
         self.history_: list[dict[str, float]] = []
 
     # -- settings -------------------------------------------------------------------------------
     @property
     def config(self) -> SideNetConfig:
-        """The model's :class:`SideNetConfig`, as :func:`sidenet.save_sidenet` writes it (less the
-        checksums and fingerprint, computed on saving): the settings it was attached or loaded with and
-        the live exit rule. A new frozen object on every read; change the rule through the setters."""
-        return self._config.with_exit_rule(self.policy)
+        """The first SideNet's :class:`SideNetConfig` (see :attr:`configs` for a cascade's), as
+        :func:`sidenet.save_sidenet` writes it (less the checksums and fingerprint, computed on saving):
+        the settings it was attached or loaded with and its live exit rule. A new frozen object on every
+        read; change the rule through the setters."""
+        return self.configs[0]
+
+    @property
+    def configs(self) -> tuple[SideNetConfig, ...]:
+        """One :class:`SideNetConfig` per SideNet, in tap order, each with its live exit rule."""
+        return tuple(settings.with_exit_rule(rule) for settings, rule in zip(self._configs, self.policies, strict=True))
+
+    # -- the cascade -----------------------------------------------------------------------------
+    @property
+    def splits(self) -> tuple[MainNetSplit, ...]:
+        """The MainNet cut at each tap, in tap order: ``splits[0]`` is :attr:`split`."""
+        return (self.split, *self._later_splits)
+
+    @property
+    def sidenets(self) -> tuple[SideNet, ...]:
+        """The SideNets in tap order: ``sidenets[0]`` is :attr:`sidenet`."""
+        return (self.sidenet, *self.later_sidenets)
+
+    @property
+    def taps(self) -> tuple[str | int, ...]:
+        """The taps of the SideNets, in order (one for a single SideNet)."""
+        return tuple(part.tap for part in self.splits)
+
+    @property
+    def num_taps(self) -> int:
+        """How many SideNets the model has: 1, or the length of a cascade."""
+        return 1 + len(self._later_splits)
+
+    @property
+    def policies(self) -> tuple[ExitPolicy, ...]:
+        """The exit rule of each SideNet, in tap order, frozen; assign a new tuple to change them."""
+        return self._policies
+
+    @policies.setter
+    def policies(self, rules: Sequence[ExitPolicy]) -> None:
+        rules = tuple(rules)
+        if any(not isinstance(rule, ExitPolicy) for rule in rules):
+            kinds = ", ".join(type(rule).__name__ for rule in rules)
+            raise ValueError(f"exit policies must be sidenet.ExitPolicy objects, got {kinds}")
+        expected = self.num_taps if hasattr(self, "_policies") else len(rules)
+        if len(rules) != expected or not rules:
+            raise ValueError(f"the model has {expected} SideNet(s) and needs as many exit policies, got {len(rules)}")
+        self._policies = rules
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        """The threshold of each SideNet, in tap order. Assign a sequence (one per SideNet) or one
+        number for all of them."""
+        return tuple(rule.threshold for rule in self.policies)
+
+    @thresholds.setter
+    def thresholds(self, values: float | Sequence[float]) -> None:
+        count = self.num_taps
+        self.policies = tuple(
+            replace(rule, threshold=_stage_value(values, k, count, "threshold")) for k, rule in enumerate(self.policies)
+        )
 
     @property
     def policy(self) -> ExitPolicy:
-        """The exit rule, frozen; assign a new one (or use the setters below) to change it."""
-        return self._policy
+        """The first SideNet's exit rule, frozen; assign a new one (or use the setters below) to change
+        it. A cascade's other rules are in :attr:`policies`."""
+        return self.policies[0]
 
     @policy.setter
     def policy(self, rule: ExitPolicy) -> None:
         if not isinstance(rule, ExitPolicy):
             raise ValueError(f"the exit policy must be a sidenet.ExitPolicy, got {type(rule).__name__}")
-        self._policy = rule
+        self.policies = (rule, *self.policies[1:])
 
     # The setters install a new rule, not an edit of the old one: callers may hold the old one to
-    # restore it, and a thread routing a batch keeps the rule it started with.
+    # restore it, and a thread routing a batch keeps the rule it started with. On a cascade these
+    # one-SideNet settings would be ambiguous (the first SideNet's? all of them?), so they refuse and
+    # name the per-SideNet ones instead.
     @property
     def threshold(self) -> float:
-        return self.policy.threshold
+        return self._single("threshold").threshold
 
     @threshold.setter
     def threshold(self, value: float) -> None:
-        self.policy = replace(self.policy, threshold=value)
+        self.policy = replace(self._single("threshold"), threshold=value)
 
     @property
     def temperature(self) -> float:
-        return self.policy.temperature
+        return self._single("temperature").temperature
 
     @temperature.setter
     def temperature(self, value: float) -> None:
-        self.policy = replace(self.policy, temperature=value)
+        self.policy = replace(self._single("temperature"), temperature=value)
 
     @property
     def policy_kind(self) -> str:
         """Name of the exit rule (``max_softmax``, ``entropy`` or ``margin``)."""
-        return self.policy.kind
+        return self._single("policy_kind").kind
 
     @policy_kind.setter
     def policy_kind(self, value: str) -> None:
-        self.policy = replace(self.policy, kind=value)
+        self.policy = replace(self._single("policy_kind"), kind=value)
+
+    def _single(self, setting: str) -> ExitPolicy:
+        """The one exit rule of a single SideNet; ``ValueError`` on a cascade, which has one per SideNet."""
+        if self.num_taps > 1:
+            plural = "thresholds" if setting == "threshold" else "policies"
+            raise ValueError(
+                f"this model is a cascade of {self.num_taps} SideNets (taps {', '.join(map(str, self.taps))}), "
+                f"each with its own exit rule: use model.{plural} instead of model.{setting}"
+            )
+        return self.policy
 
     @property
     def tap(self) -> str | int:
@@ -256,52 +384,83 @@ class AdaptiveModel(nn.Module):
     def forward(self, x: Any, mode: Mode = "adaptive") -> AdaptiveOutput:
         """Classify a batch.
 
-        ``mode="main"`` runs the MainNet alone (as before attaching), ``"side"`` lets the SideNet
-        answer every sample, ``"adaptive"`` routes each sample by the exit policy (and counts it in
-        :attr:`monitor`). ``"batch"`` is the batch-level exit of other toolkits, for comparison: the
-        SideNet answers only when every sample of the batch is confident, otherwise the MainNet
-        answers them all.
+        ``mode="main"`` runs the MainNet alone (as before attaching), ``"side"`` lets the (first)
+        SideNet answer every sample, ``"adaptive"`` routes each sample by the exit policies (and counts
+        it in :attr:`monitor`): at each tap in turn, the samples whose score clears that SideNet's
+        threshold exit, the others go on to the next tap, and the rest of the MainNet answers those
+        that pass the last. ``"batch"`` is the batch-level exit of other toolkits, for comparison: a
+        SideNet answers only when every sample still in the batch is confident, otherwise they all go on.
 
-        The MainNet runs in eval mode and under ``torch.no_grad()``: gradients reach only the SideNet.
+        The MainNet runs in eval mode and under ``torch.no_grad()``: gradients reach only the SideNets.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "main":
             return self._mainnet_alone(x)
         front = self.front_pass(x, mode)
+        output = self.finish(front, mode)
         if mode == "adaptive":
-            self.monitor.record(front.exited, front.confidence)
-        state, side_logits, exited, n = front.state, front.side_logits, front.exited, len(front.exited)
-        remaining, sizes = self.continuing(front)
-        # Skip the gather when nobody or everybody continues: at zero exits the routed model must
-        # cost what the MainNet costs (plus the SideNet), not an extra copy of the state.
-        rest_cost = 0.0
-        if len(remaining) == 0:
-            logits = side_logits
-        elif len(remaining) == n:
+            self.monitor.record(output.exited, front.confidence)
+        return output
+
+    def finish(self, front: FrontPass, mode: Mode = "adaptive") -> AdaptiveOutput:
+        """The answers of a batch whose :meth:`front_pass` has run: each later SideNet of a cascade on the
+        samples that continue past the one before it, then the rest of the MainNet on the samples that
+        continue past the last. One SideNet is the cascade of length one: the rest runs on the samples
+        that continue past it.
+
+        Each tap reads one value from the device, the count of samples going on (see
+        :meth:`continuing`); the samples are gathered (text: their padding cut) only when some, not all,
+        go on, so that at zero exits the routed model costs what the MainNet costs (plus the SideNets).
+        """
+        splits, count = self.splits, self.num_taps
+        rules = self.policies  # read once: another thread may install new rules meanwhile
+        logits, confidence, flops = front.side_logits, front.confidence, front.front_flops()
+        stage = torch.where(front.exited, 0, count)
+        # ``state`` holds the samples ``rows`` of the batch (None: all of them, in order) at tap ``k - 1``.
+        state, exited, rows = front.state, front.exited, None
+        for k in range(1, count + 1):
+            remaining, sizes = self._continuing(splits[k - 1], state, exited)
+            if len(remaining) == 0:
+                break
+            if len(remaining) < len(exited):
+                state = splits[k - 1].select_sized(state, remaining, sizes)
+                rows = remaining if rows is None else rows.index_select(0, remaining)
+            if k == count:  # past the last SideNet: the rest of the MainNet answers
+                with torch.no_grad():
+                    answers = splits[-1].rest(state)
+                # Charged on the selected state (its own size), which reads no device value.
+                cost = self.flop_ledger.rest(state, None, front.profile, part=k - 1)
+                logits, flops = _scatter(logits, rows, answers), _charge(flops, rows, cost)
+                break
+            cost = self.flop_ledger.step(k, state, front.profile)
             with torch.no_grad():
-                logits = self.split.rest(state)
-            rest_cost = self.rest_flops(state, None, front.profile)
-        else:
-            with torch.no_grad():
-                selected = self.split.select_sized(state, remaining, sizes)
-                rest_logits = self.split.rest(selected)
-            # Charged on the selected state (its own size), which reads no device value.
-            rest_cost = self.rest_flops(selected, None, front.profile)
-            dtype = torch.promote_types(side_logits.dtype, rest_logits.dtype)
-            logits = side_logits.to(dtype).index_copy(0, remaining, rest_logits.to(dtype))
-        return AdaptiveOutput(logits, exited, front.confidence, front.flops_with_rest(rest_cost))
+                state = splits[k - 1].advance(state, splits[k])
+            answers = self.side_logits(state, k)
+            scores = rules[k].confidence(answers)
+            exited = rules[k].exits(scores)
+            if mode == "batch" and not bool(exited.all()):
+                exited = torch.zeros_like(exited)
+            logits, confidence = _scatter(logits, rows, answers), _scatter(confidence, rows, scores)
+            flops = _charge(flops, rows, cost)
+            stage = _scatter(stage, rows, torch.where(exited, k, count))
+        return AdaptiveOutput(logits, stage < count, confidence, flops, stage)
 
     def continuing(self, front: FrontPass) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """The samples of a front pass that continue to the rest of the MainNet: their indices in the
-        batch (ascending) and the sizes :meth:`MainNetSplit.select_sized` needs (text: the kept length).
+        """The samples of a front pass that continue past the first SideNet: their indices in the batch
+        (ascending) and the sizes :meth:`MainNetSplit.select_sized` needs (text: the kept length).
 
-        The routed path's one host wait: the count of continuing samples (and those sizes) is read
-        from the device in one transfer. The indices come from a stable sort of the exit mask queued
-        before that read, so that finding them reads nothing more (``nonzero`` would be a second wait).
+        A routed batch's one host wait per tap: the count of continuing samples (and those sizes) is
+        read from the device in one transfer. The indices come from a stable sort of the exit mask
+        queued before that read, so that finding them reads nothing more (``nonzero`` would be a second
+        wait).
         """
-        order, counts = continuing_first(self.split, front.state, front.exited)
-        read = counts.tolist()  # the one host wait of a routed batch
+        return self._continuing(self.split, front.state, front.exited)
+
+    @staticmethod
+    def _continuing(split: MainNetSplit, state: Any, exited: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        order, counts = continuing_first(split, state, exited)
+        read = counts.tolist()  # the one host wait of a routed batch at this tap
         return order[: read[0]], tuple(read[1:])
 
     def check_input(self, x: Any) -> None:
@@ -328,12 +487,13 @@ class AdaptiveModel(nn.Module):
         nan = torch.full((n,), float("nan"), device=logits.device)
         return AdaptiveOutput(logits, torch.zeros(n, dtype=torch.bool, device=logits.device), nan, flops)
 
-    def side_logits(self, state: Any) -> torch.Tensor:
-        """The SideNet's logits on a tap state. The features are taken without autograd (no graph
-        through the MainNet, even for inputs that require grad); the SideNet keeps its own graph."""
+    def side_logits(self, state: Any, part: int = 0) -> torch.Tensor:
+        """The logits of SideNet ``part`` (0: the first) on the state at its tap. The features are taken
+        without autograd (no graph through the MainNet, even for inputs that require grad); the SideNet
+        keeps its own graph."""
         with torch.no_grad():
-            features = self.split.features(state)
-        return self.sidenet(features)
+            features = self.splits[part].features(state)
+        return self.sidenets[part](features)
 
     def front_pass(self, x: Any, mode: Mode = "adaptive") -> FrontPass:
         """Trunk, SideNet and exit decision for a batch, without the rest of the MainNet.
@@ -347,7 +507,7 @@ class AdaptiveModel(nn.Module):
             raise ValueError(f"front_pass mode must be 'adaptive', 'side' or 'batch', got {mode!r}")
         self.check_input(x)
         self.split.ensure_eval()
-        rule = self.policy  # read once: another thread may install a new rule meanwhile
+        rule = self.policies[0]  # read once: another thread may install a new rule meanwhile
         profile = self.flop_profile(x)
         with torch.no_grad():
             state = self.split.trunk(x)

@@ -31,6 +31,7 @@ __all__ = [
     "FeatureCache",
     "TrunkBatch",
     "cache_features",
+    "cache_tap_features",
     "train_sidenet",
     "fit_sidenet",
     "validate_labels",
@@ -135,13 +136,30 @@ def trunk_states(
 def cache_features(
     model: AdaptiveModel, loader: Iterable, progress: bool = True, desc: str = "Caching tap features"
 ) -> FeatureCache:
-    """Run the frozen MainNet once over ``loader``; keep pooled tap features, MainNet logits, labels."""
-    features, logits, labels = [], [], []
+    """Run the frozen MainNet once over ``loader``; keep the first SideNet's pooled tap features, the
+    MainNet's logits and the labels (see :func:`cache_tap_features` for every tap of a cascade)."""
+    return cache_tap_features(model, loader, progress, desc)[0]
+
+
+@torch.no_grad()
+def cache_tap_features(
+    model: AdaptiveModel, loader: Iterable, progress: bool = True, desc: str = "Caching tap features"
+) -> list[FeatureCache]:
+    """Run the frozen MainNet once over ``loader`` and keep, for each SideNet in tap order, its pooled
+    features (the MainNet's logits and the labels are shared by all): one pass of the MainNet caches
+    every tap of a cascade, each segment run once on every sample."""
+    splits, sidenets = model.splits, model.sidenets
+    features: list[list[torch.Tensor]] = [[] for _ in splits]
+    logits, labels = [], []
     for state, targets in trunk_states(model, loader, progress, desc):
-        features.append(model.sidenet.pooled(model.split.features(state)).float().cpu())
-        logits.append(model.split.rest(state).float().cpu())
+        for k, split in enumerate(splits):
+            if k:
+                state = splits[k - 1].advance(state, split)
+            features[k].append(sidenets[k].pooled(split.features(state)).float().cpu())
+        logits.append(splits[-1].rest(state).float().cpu())
         labels.append(targets)
-    return FeatureCache(torch.cat(features), torch.cat(logits), torch.cat(labels))
+    shared_logits, shared_labels = torch.cat(logits), torch.cat(labels)
+    return [FeatureCache(torch.cat(columns), shared_logits, shared_labels) for columns in features]
 
 
 def _loss(
@@ -277,12 +295,16 @@ def fit_sidenet(
     """Cache features of ``loader`` (and ``val_loader``) through the frozen MainNet, then train the
     SideNet of ``model``; options are those of :func:`train_sidenet`."""
     # The cache's order does not matter (training shuffles it), so sentences go in length-sorted batches.
-    cache = cache_features(model, length_grouped(loader), progress=progress)
-    val_cache = (
-        cache_features(model, length_grouped(val_loader), progress=progress, desc="Caching validation features")
+    caches = cache_tap_features(model, length_grouped(loader), progress=progress)
+    val_caches: list[FeatureCache | None] = (
+        cache_tap_features(model, length_grouped(val_loader), progress=progress, desc="Caching validation features")
         if val_loader is not None
-        else None
+        else [None] * len(caches)
     )
-    history = train_sidenet(model.sidenet, cache, val_cache=val_cache, progress=progress, **options)
+    history: list[dict[str, float]] = []
+    for k, (sidenet, cache, val_cache) in enumerate(zip(model.sidenets, caches, val_caches, strict=True)):
+        records = train_sidenet(sidenet, cache, val_cache=val_cache, progress=progress, **options)
+        # A cascade's records name the tap of the SideNet they trained; one SideNet's stay as they were.
+        history += records if len(caches) == 1 else [{"tap": k, **record} for record in records]
     model.eval()
     return history

@@ -83,6 +83,31 @@ class MainNetSplit(nn.Module):
         """The state restricted to the samples ``index``."""
         return select_samples(state, index)
 
+    def advance(self, state: State, later: MainNetSplit) -> State:
+        """Run the MainNet from this split's tap to ``later``'s, a later tap of the same MainNet: the
+        segment between two SideNets of a cascade. ``later.trunk(x)`` equals
+        ``later_state = self.advance(self.trunk(x), later)``, and ``later.rest`` finishes it.
+
+        Splitters that know their MainNet's layers implement it (ResNets, ``nn.Sequential``, text
+        encoders); the default refuses with :class:`TapError`, as a split of plain callables cannot
+        run between two of its cuts."""
+        raise TapError(
+            f"{type(self).__name__} cannot run the MainNet between two taps, so it cannot hold a cascade of "
+            "SideNets; attach one SideNet, or use a splitter that knows the MainNet's layers"
+        )
+
+    def _check_later(self, later: MainNetSplit, position: int, later_position: int) -> None:
+        """``ValueError`` unless ``later`` cuts the same MainNet, with the same splitter, after this tap."""
+        if type(later) is not type(self) or later.mainnet is not self.mainnet:
+            raise ValueError(
+                f"a cascade's taps must cut one MainNet with one splitter: {type(self).__name__} at {self.tap!r} "
+                f"then {type(later).__name__} at {later.tap!r}"
+            )
+        if later_position <= position:
+            raise TapError(
+                f"a cascade's taps must go deeper one after another: {later.tap!r} does not follow {self.tap!r}"
+            )
+
     def selection_sizes(self, state: State, keep: torch.Tensor) -> torch.Tensor | None:
         """Sizes that :meth:`select` would read from the device to keep the samples ``keep`` (an (N,)
         boolean mask), computed on the device as a 1-D integer tensor; ``None`` (the default) when
@@ -313,6 +338,8 @@ class StagedSplit(MainNetSplit):
             )
         cut = names.index(resolved) + 1
         # Plain lists: the stages are already registered inside ``mainnet``.
+        self._stages = [fn for _, fn in stages]
+        self.depth = cut  # stages in the trunk: how deep the tap lies
         self._trunk_stages = [fn for _, fn in stages[:cut]]
         self._rest_stages = [fn for _, fn in stages[cut:]]
         self._head = head
@@ -327,6 +354,13 @@ class StagedSplit(MainNetSplit):
         for stage in self._rest_stages:
             state = stage(state)
         return self._head(state)
+
+    def advance(self, state: torch.Tensor, later: MainNetSplit) -> torch.Tensor:
+        """The stages after this tap up to ``later``'s (see :meth:`MainNetSplit.advance`)."""
+        self._check_later(later, self.depth, later.depth if isinstance(later, StagedSplit) else -1)
+        for stage in self._stages[self.depth : later.depth]:  # type: ignore[attr-defined]
+            state = stage(state)
+        return state
 
     def check_structure(self, x: Any) -> None:
         super().check_structure(x)

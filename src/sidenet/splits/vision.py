@@ -144,6 +144,11 @@ class SequentialSplit(MainNetSplit):
     def rest(self, state: torch.Tensor) -> torch.Tensor:
         return self._halves[1](state)
 
+    def advance(self, state: torch.Tensor, later: MainNetSplit) -> torch.Tensor:
+        """The modules after this tap up to ``later``'s (see :meth:`MainNetSplit.advance`)."""
+        self._check_later(later, int(self.tap), int(later.tap) if isinstance(later, SequentialSplit) else -1)
+        return self.mainnet[int(self.tap) : int(later.tap)](state)
+
     def check_structure(self, x: torch.Tensor) -> None:
         super().check_structure(x)
         if self.in_channels is not None and (x.ndim != 4 or x.shape[1] != self.in_channels):
