@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
 from sidenet.cuda_graphs import CudaGraphStage, capture_cuda_graph, shape_key
+from sidenet.errors import SidenetError
 from sidenet.outputs import AdaptiveOutput, FrontPass
 from sidenet.policy import ExitPolicy
 from sidenet.routing import AdaptiveModel, continuing_first
@@ -351,6 +352,11 @@ def compile_for_serving(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not isinstance(model, AdaptiveModel):
         raise ValueError(f"compile_for_serving takes a sidenet.AdaptiveModel, got {type(model).__name__}")
+    if model.num_taps > 1:
+        raise SidenetError(
+            f"compile_for_serving serves one SideNet; this model is a cascade of {model.num_taps} "
+            "(not compiled yet): serve it eagerly, model(x) or sidenet.PooledRouter(model)"
+        )
     model.check_input(example)
     cuda = model.split.input_device(example).type == "cuda"
     if backend == "auto":

@@ -102,6 +102,7 @@ class FlopLedger(nn.Module):
         # input flop_key -> profile; (part, profile, rest_flop_key) -> FLOPs per sample of a later part
         self._profiles: dict[tuple, FlopProfile] = {}
         self._rest: dict[tuple, int] = {}
+        self._steps: dict[tuple, tuple[int, int]] = {}
 
     @property
     def profiles(self) -> dict[tuple, FlopProfile]:
@@ -122,6 +123,7 @@ class FlopLedger(nn.Module):
         self.twin = twins[0] if twins else None
         self._profiles.clear()
         self._rest.clear()
+        self._steps.clear()
 
     def _counted(self, part: int = 0) -> MainNetSplit:
         # Counting runs the split: it must not train it (batch-norm statistics).
@@ -165,15 +167,20 @@ class FlopLedger(nn.Module):
         """FLOPs per sample of a cascade's step to tap ``part`` (>= 1) on ``state``, the MainNet's state at
         tap ``part - 1`` of the samples that continue: the segment between the two taps, then SideNet
         ``part``. Measured once per input profile and :meth:`MainNetSplit.rest_flop_key` of ``state``."""
+        segment, side = self.step_parts(part, state, profile)
+        return float(segment + side)
+
+    def step_parts(self, part: int, state: Any, profile: FlopProfile) -> tuple[int, int]:
+        """:meth:`step` as its two parts: ``(segment, SideNet)`` FLOPs per sample."""
         splits, sidenets = self._parts
         if not 1 <= part < len(splits):
             raise ValueError(f"a cascade of {len(splits)} SideNets has steps 1..{len(splits) - 1}, not {part}")
         before = splits[part - 1]
         key = before.rest_flop_key(state)
         memo = ("step", part, profile if key is None else None, key)
-        if memo not in self._rest:
+        if memo not in self._steps:
             sample = before.example_state(state)
             segment, later = count_flops(self._counted(part - 1).advance, sample, self._counted(part))
             side, _ = count_flops(lambda s: sidenets[part](splits[part].features(s)), later)
-            self._rest[memo] = segment + side
-        return float(self._rest[memo])
+            self._steps[memo] = (segment, side)
+        return self._steps[memo]

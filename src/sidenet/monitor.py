@@ -82,6 +82,16 @@ class TrafficMonitor:
             while self._recent and self._recent_count - len(self._recent[0]) >= self.window:
                 self._recent_count -= len(self._recent.popleft())
 
+    def count_exits(self, exited: torch.Tensor) -> None:
+        """Add the exits of samples already counted by :meth:`record` that exited later (at a later
+        SideNet of a cascade, answered by a :class:`~sidenet.serving.PooledRouter`); reads no device value."""
+        exits = exited.sum()
+        with self._lock:
+            total = self._exited
+            if isinstance(total, torch.Tensor) and total.device != exits.device:
+                total = total.to(exits.device)
+            self._exited = total + exits
+
     # -- reading ---------------------------------------------------------------------------------
     @property
     def samples_exited(self) -> int:

@@ -84,14 +84,6 @@ def _scatter(values: torch.Tensor, rows: torch.Tensor | None, new: torch.Tensor)
     return values.to(dtype).index_copy(0, rows, new.to(dtype))
 
 
-def _charge(flops: torch.Tensor, rows: torch.Tensor | None, cost: float) -> torch.Tensor:
-    """``flops`` with ``cost`` added to the rows ``rows`` (all when None); float32 sums, rounded as
-    adding the costs one by one rounds them."""
-    if rows is None:
-        return flops + cost
-    return flops.index_add(0, rows, torch.full((len(rows),), cost, dtype=flops.dtype, device=flops.device))
-
-
 class AdaptiveModel(nn.Module):
     """A MainNet with a SideNet attached at a tap, answering early for confident samples.
 
@@ -360,7 +352,7 @@ class AdaptiveModel(nn.Module):
         below ``alpha``: the threshold's promises, made on the reference data, may not hold on this
         traffic. Needs :meth:`set_reference` first.
         """
-        return self.monitor.shift_check(self.threshold, alpha, min_samples)
+        return self.monitor.shift_check(self.policies[0].threshold, alpha, min_samples)
 
     # -- FLOPs (kept by self.flop_ledger) --------------------------------------------------------
     def count_flops_with(self, mainnet: nn.Module | None) -> AdaptiveModel:
@@ -404,47 +396,70 @@ class AdaptiveModel(nn.Module):
         return output
 
     def finish(self, front: FrontPass, mode: Mode = "adaptive") -> AdaptiveOutput:
-        """The answers of a batch whose :meth:`front_pass` has run: each later SideNet of a cascade on the
-        samples that continue past the one before it, then the rest of the MainNet on the samples that
-        continue past the last. One SideNet is the cascade of length one: the rest runs on the samples
-        that continue past it.
+        """The answers of a batch whose :meth:`front_pass` has run: the samples that continue past the
+        first SideNet are gathered and go on through :meth:`continue_from` (the later SideNets of a
+        cascade, then the rest of the MainNet; for one SideNet, the rest).
 
         Each tap reads one value from the device, the count of samples going on (see
         :meth:`continuing`); the samples are gathered (text: their padding cut) only when some, not all,
         go on, so that at zero exits the routed model costs what the MainNet costs (plus the SideNets).
         """
-        splits, count = self.splits, self.num_taps
-        rules = self.policies  # read once: another thread may install new rules meanwhile
-        logits, confidence, flops = front.side_logits, front.confidence, front.front_flops()
-        stage = torch.where(front.exited, 0, count)
-        # ``state`` holds the samples ``rows`` of the batch (None: all of them, in order) at tap ``k - 1``.
-        state, exited, rows = front.state, front.exited, None
-        for k in range(1, count + 1):
-            remaining, sizes = self._continuing(splits[k - 1], state, exited)
-            if len(remaining) == 0:
-                break
-            if len(remaining) < len(exited):
-                state = splits[k - 1].select_sized(state, remaining, sizes)
-                rows = remaining if rows is None else rows.index_select(0, remaining)
-            if k == count:  # past the last SideNet: the rest of the MainNet answers
-                with torch.no_grad():
-                    answers = splits[-1].rest(state)
-                # Charged on the selected state (its own size), which reads no device value.
-                cost = self.flop_ledger.rest(state, None, front.profile, part=k - 1)
-                logits, flops = _scatter(logits, rows, answers), _charge(flops, rows, cost)
-                break
-            cost = self.flop_ledger.step(k, state, front.profile)
+        stage = torch.where(front.exited, 0, self.num_taps)
+        output = AdaptiveOutput(front.side_logits, front.exited, front.confidence, front.front_flops(), stage)
+        return self._go_on(output, front.state, front.profile, front.exited, 0, mode)
+
+    def continue_from(self, state: Any, profile: FlopProfile, mode: Mode = "adaptive", part: int = 1) -> AdaptiveOutput:
+        """Answers for samples that continue past SideNet ``part - 1``, from their MainNet ``state`` at its
+        tap: the later SideNets from ``part`` on, then the rest of the MainNet for those that pass them
+        all. ``profile`` is the FLOPs profile of their inputs (:meth:`flop_profile`); the ``flops`` of the
+        answer count only what is spent from that tap on, and ``confidence`` is NaN where no SideNet runs
+        (one SideNet: the rest of the MainNet answers everyone). :class:`~sidenet.serving.PooledRouter`
+        calls it on continuing samples pooled from several batches."""
+        count, splits = self.num_taps, self.splits
+        if part == count:  # past the last SideNet: the rest of the MainNet answers
             with torch.no_grad():
-                state = splits[k - 1].advance(state, splits[k])
-            answers = self.side_logits(state, k)
-            scores = rules[k].confidence(answers)
-            exited = rules[k].exits(scores)
-            if mode == "batch" and not bool(exited.all()):
-                exited = torch.zeros_like(exited)
-            logits, confidence = _scatter(logits, rows, answers), _scatter(confidence, rows, scores)
-            flops = _charge(flops, rows, cost)
-            stage = _scatter(stage, rows, torch.where(exited, k, count))
-        return AdaptiveOutput(logits, stage < count, confidence, flops, stage)
+                logits = splits[-1].rest(state)
+            # Charged on the state given (its own size), which reads no device value.
+            cost = self.flop_ledger.rest(state, None, profile, part=count - 1)
+            n, device = len(logits), logits.device
+            return AdaptiveOutput(
+                logits,
+                torch.zeros(n, dtype=torch.bool, device=device),
+                torch.full((n,), float("nan"), device=device),
+                torch.full((n,), cost, device=device),
+                torch.full((n,), count, dtype=torch.long, device=device),
+            )
+        cost = self.flop_ledger.step(part, state, profile)
+        with torch.no_grad():
+            state = splits[part - 1].advance(state, splits[part])
+        logits = self.side_logits(state, part)
+        rule = self.policies[part]
+        confidence = rule.confidence(logits)
+        exited = rule.exits(confidence)
+        if mode == "batch" and not bool(exited.all()):
+            exited = torch.zeros_like(exited)
+        flops = torch.full((len(exited),), cost, device=logits.device)
+        output = AdaptiveOutput(logits, exited, confidence, flops, torch.where(exited, part, count))
+        return self._go_on(output, state, profile, exited, part, mode)
+
+    def _go_on(
+        self, output: AdaptiveOutput, state: Any, profile: FlopProfile, exited: torch.Tensor, part: int, mode: Mode
+    ) -> AdaptiveOutput:
+        """``output`` (answers at SideNet ``part``) completed for the samples that do not exit there."""
+        remaining, sizes = self._continuing(self.splits[part], state, exited)
+        if len(remaining) == 0:
+            return output
+        rows = None if len(remaining) == len(exited) else remaining
+        if rows is not None:
+            state = self.splits[part].select_sized(state, remaining, sizes)
+        later = self.continue_from(state, profile, mode, part + 1)
+        stage = _scatter(output.exit_stage, rows, later.exit_stage)
+        confidence = output.confidence
+        if part + 1 < self.num_taps:  # a later SideNet ran: its score is the latest these samples got
+            confidence = _scatter(confidence, rows, later.confidence)
+        flops = output.flops + later.flops if rows is None else output.flops.index_add(0, rows, later.flops)
+        logits = _scatter(output.logits, rows, later.logits)
+        return AdaptiveOutput(logits, stage < self.num_taps, confidence, flops, stage)
 
     def continuing(self, front: FrontPass) -> tuple[torch.Tensor, tuple[int, ...]]:
         """The samples of a front pass that continue past the first SideNet: their indices in the batch

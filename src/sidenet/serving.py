@@ -65,6 +65,17 @@ class _Waiting:
         return len(self.positions)
 
 
+def _rest_answers(model: AdaptiveModel, state: Any, profile: FlopProfile, n: int, device: torch.device) -> tuple:
+    """Exit mask, confidence, FLOPs and exit stage of ``n`` samples the rest of the MainNet answered."""
+    cost = model.rest_flops(state, None, profile)
+    return (
+        torch.zeros(n, dtype=torch.bool, device=device),
+        torch.full((n,), float("nan"), device=device),
+        torch.full((n,), cost, device=device),
+        torch.full((n,), model.num_taps, dtype=torch.long, device=device),
+    )
+
+
 class PooledRouter:
     """Route a stream of batches sample by sample, running the rest of the MainNet on full batches of
     continuing samples gathered across input batches.
@@ -129,7 +140,8 @@ class PooledRouter:
         self._submitted += 1
         if self.rest_batch is None:
             self.rest_batch = len(front.exited)
-        output = AdaptiveOutput(front.side_logits, front.exited, front.confidence, front.front_flops())
+        stage = torch.where(front.exited, 0, model.num_taps)
+        output = AdaptiveOutput(front.side_logits, front.exited, front.confidence, front.front_flops(), stage)
         remaining, sizes = stages.continuing(front)  # the batch's one host wait
         self._open[batch_id] = _OpenBatch(output, front.profile, len(remaining))
         if len(remaining):
@@ -180,22 +192,32 @@ class PooledRouter:
         return taken
 
     def _finish(self, count: int) -> None:
-        """Run the rest of the MainNet on the oldest ``count`` waiting samples and file their answers."""
+        """Run the rest of the model on the oldest ``count`` waiting samples and file their answers: the
+        later SideNets of a cascade and the rest of the MainNet (one SideNet: the rest of the MainNet)."""
         model = self.model
         taken = self._take(count)
         self._pooled -= count
         state = taken[0].state if len(taken) == 1 else model.split.concat([group.state for group in taken])
-        logits = self.stages.rest(state) if self.stages is not None else model.split.rest(state)
+        profile = self._open[taken[0].batch_id].profile  # the pooled inputs share one size (concat checks)
+        if self.stages is not None:  # compiled stages: one SideNet, the rest of the MainNet on the pool
+            logits = self.stages.rest(state)
+            later = AdaptiveOutput(logits, *_rest_answers(model, state, profile, len(logits), logits.device))
+        else:
+            later = model.continue_from(state, profile)
+            if model.num_taps > 1:
+                model.monitor.count_exits(later.exited)  # their first-tap pass was recorded on submitting
         offset = 0
         for group in taken:
-            batch = self._open[group.batch_id]
-            output = batch.output
-            dtype = torch.promote_types(output.logits.dtype, logits.dtype)
-            output.logits = output.logits.to(dtype).index_copy(
-                0, group.positions, logits[offset : offset + len(group)].to(dtype)
-            )
-            output.flops[group.positions] += model.rest_flops(state, None, batch.profile)
-            batch.missing -= len(group)
+            output = self._open[group.batch_id].output
+            rows, part = group.positions, slice(offset, offset + len(group))
+            dtype = torch.promote_types(output.logits.dtype, later.logits.dtype)
+            output.logits = output.logits.to(dtype).index_copy(0, rows, later.logits[part].to(dtype))
+            output.flops = output.flops.index_add(0, rows, later.flops[part].to(output.flops.dtype))
+            output.exit_stage = output.exit_stage.index_copy(0, rows, later.exit_stage[part])
+            output.exited = output.exit_stage < model.num_taps
+            if model.num_taps > 1:  # a later SideNet's score is the latest these samples got
+                output.confidence = output.confidence.index_copy(0, rows, later.confidence[part])
+            self._open[group.batch_id].missing -= len(group)
             offset += len(group)
 
     def _answered(self) -> list[RoutedBatch]:
