@@ -109,7 +109,7 @@ def test_quick_defaults_yield_to_options_given(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.delenv("SIDENET_SST2_DIR", raising=False)
     args = fmnist_resnet.options(["--quick", "--repeats", "3"])
-    assert args.repeats == 3 and args.taps == ["layer1.0"]  # given option kept, other quick defaults applied
+    assert args.repeats == 3 and args.taps == ["stem", "layer1.0"]  # given option kept, other quick defaults applied
     assert args.results_dir == harness.QUICK_RESULTS
     assert args.sst2_data == harness.ROOT.parent / "shared" / "data" / "sst2"
     assert fmnist_resnet.options([]).results_dir == harness.RESULTS

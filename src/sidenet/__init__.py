@@ -7,6 +7,9 @@ This module's ``__all__`` is the public API; each name is defined once, in the s
 """
 
 from sidenet.attach import attach
+from sidenet.cascade_choice import CascadeChoice, choose_taps, threshold_path
+from sidenet.cascade_curve import CascadeCurve, CascadeRecord
+from sidenet.cascade_record import collect_cascade
 from sidenet.checkpoint import load_sidenet, save_sidenet
 from sidenet.compiled import CompiledAdaptiveModel, compile_for_serving
 from sidenet.config import SideNetConfig, mainnet_fingerprint
@@ -74,6 +77,13 @@ __all__ = [
     "collect",
     "TradeoffCurve",
     "sweep",
+    # cascades of SideNets (sidenet.cascade_record, sidenet.cascade_curve, sidenet.cascade_choice)
+    "CascadeRecord",
+    "collect_cascade",
+    "CascadeCurve",
+    "threshold_path",
+    "CascadeChoice",
+    "choose_taps",
     # errors (sidenet.errors)
     "SidenetError",
     "CheckpointError",

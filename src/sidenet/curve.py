@@ -333,6 +333,17 @@ class TradeoffCurve:
         return save_figure(fig, path)
 
 
-def sweep(model: AdaptiveModel, loader: Iterable, progress: bool = True) -> TradeoffCurve:
-    """One pass over ``loader``, then the trade-off at every distinct threshold."""
-    return TradeoffCurve(collect(model, loader, progress=progress))
+def sweep(model: AdaptiveModel, loader: Iterable, progress: bool = True) -> Any:
+    """One pass over ``loader``, then the trade-off: for one SideNet a :class:`TradeoffCurve` at every
+    distinct threshold; for a cascade a :class:`~sidenet.cascade_curve.CascadeCurve` along the default
+    one-knob path of threshold vectors (:func:`~sidenet.cascade_choice.threshold_path`), whose
+    ``threshold_for`` returns one threshold per SideNet (``model.thresholds = ...``)."""
+    if model.num_taps == 1:
+        return TradeoffCurve(collect(model, loader, progress=progress))
+    # Imported here: the cascade modules build on this one.
+    from sidenet.cascade_choice import threshold_path
+    from sidenet.cascade_curve import CascadeCurve
+    from sidenet.cascade_record import collect_cascade
+
+    record = collect_cascade(model, loader, progress=progress)
+    return CascadeCurve(record, threshold_path(record))

@@ -141,6 +141,8 @@ class AdaptiveModel(nn.Module):
                     f"the SideNet at tap {part.tap!r} predicts {head.num_classes} classes but the MainNet "
                     f"predicts {part.num_classes}"
                 )
+        for part, later in zip(splits[:-1], splits[1:], strict=True):
+            part.check_follows(later)  # a cascade that cannot run fails here, not at its first batch
         for part in splits:
             # Frozen like peft's base model: no MainNet gradient is ever wanted, so optimisers and
             # parameter counts see only the SideNets.
@@ -202,6 +204,25 @@ class AdaptiveModel(nn.Module):
     def num_taps(self) -> int:
         """How many SideNets the model has: 1, or the length of a cascade."""
         return 1 + len(self._later_splits)
+
+    def with_taps(self, taps: Sequence[str | int]) -> AdaptiveModel:
+        """A model of some of this model's SideNets (``taps``, a subsequence of :attr:`taps`; taps compare
+        as text), sharing its MainNet and those SideNets (not copies) with their exit rules: a chosen
+        sub-cascade (see :func:`sidenet.cascade_choice.choose_taps`), or one SideNet of a cascade."""
+        names = [str(tap) for tap in self.taps]
+        wanted = [str(tap) for tap in taps]
+        if not wanted or any(name not in names for name in wanted) or sorted(wanted, key=names.index) != wanted:
+            raise ValueError(f"taps must be some of this model's taps {list(self.taps)}, in order; got {list(taps)}")
+        if len(set(wanted)) != len(wanted):
+            raise ValueError(f"taps must not repeat, got {list(taps)}")
+        keep = [names.index(name) for name in wanted]
+        splits, sidenets, configs = ([values[k] for k in keep] for values in (self.splits, self.sidenets, self.configs))
+        model = AdaptiveModel(
+            splits, sidenets, config=configs, check_inputs=self.check_inputs, check_values=self.check_values
+        )
+        if self.flop_ledger.twin is not None:
+            model.count_flops_with(self.flop_ledger.twin.mainnet)
+        return model.train(self.training)
 
     @property
     def policies(self) -> tuple[ExitPolicy, ...]:

@@ -86,24 +86,36 @@ class MainNetSplit(nn.Module):
     def advance(self, state: State, later: MainNetSplit) -> State:
         """Run the MainNet from this split's tap to ``later``'s, a later tap of the same MainNet: the
         segment between two SideNets of a cascade. ``later.trunk(x)`` equals
-        ``later_state = self.advance(self.trunk(x), later)``, and ``later.rest`` finishes it.
+        ``self.advance(self.trunk(x), later)``, and ``later.rest`` finishes it.
 
         Splitters that know their MainNet's layers implement it (ResNets, ``nn.Sequential``, text
-        encoders); the default refuses with :class:`TapError`, as a split of plain callables cannot
-        run between two of its cuts."""
-        raise TapError(
-            f"{type(self).__name__} cannot run the MainNet between two taps, so it cannot hold a cascade of "
-            "SideNets; attach one SideNet, or use a splitter that knows the MainNet's layers"
-        )
+        encoders) and :meth:`tap_depth`; the default refuses with :class:`TapError` (see
+        :meth:`check_follows`), as a split of plain callables cannot run between two of its cuts."""
+        self.check_follows(later)
+        raise NotImplementedError
 
-    def _check_later(self, later: MainNetSplit, position: int, later_position: int) -> None:
-        """``ValueError`` unless ``later`` cuts the same MainNet, with the same splitter, after this tap."""
+    def tap_depth(self) -> int | None:
+        """How deep the tap lies, counted in the splitter's own units (stages, modules, layers), for
+        ordering a cascade's taps; ``None`` (the default) for a split that cannot run between taps."""
+        return None
+
+    def check_follows(self, later: MainNetSplit) -> None:
+        """Raise unless ``later`` can follow this split in a cascade: :class:`TapError` when this split
+        cannot run the MainNet between taps or ``later``'s tap is not deeper, ``ValueError`` when it cuts
+        another MainNet or with another splitter. Free: reads no tensor."""
+        depth = self.tap_depth()
+        if depth is None:
+            raise TapError(
+                f"{type(self).__name__} cannot run the MainNet between two taps, so it cannot hold a cascade of "
+                "SideNets; attach one SideNet, or use a splitter that knows the MainNet's layers"
+            )
         if type(later) is not type(self) or later.mainnet is not self.mainnet:
             raise ValueError(
                 f"a cascade's taps must cut one MainNet with one splitter: {type(self).__name__} at {self.tap!r} "
                 f"then {type(later).__name__} at {later.tap!r}"
             )
-        if later_position <= position:
+        later_depth = later.tap_depth()
+        if later_depth is None or later_depth <= depth:
             raise TapError(
                 f"a cascade's taps must go deeper one after another: {later.tap!r} does not follow {self.tap!r}"
             )
@@ -355,10 +367,14 @@ class StagedSplit(MainNetSplit):
             state = stage(state)
         return self._head(state)
 
+    def tap_depth(self) -> int:
+        """Stages in the trunk."""
+        return self.depth
+
     def advance(self, state: torch.Tensor, later: MainNetSplit) -> torch.Tensor:
         """The stages after this tap up to ``later``'s (see :meth:`MainNetSplit.advance`)."""
-        self._check_later(later, self.depth, later.depth if isinstance(later, StagedSplit) else -1)
-        for stage in self._stages[self.depth : later.depth]:  # type: ignore[attr-defined]
+        self.check_follows(later)
+        for stage in self._stages[self.depth : later.tap_depth()]:
             state = stage(state)
         return state
 

@@ -256,9 +256,13 @@ class TextEncoderSplit(MainNetSplit):
         hidden = self._layers_on(self._layers[1], state["hidden"], state["mask"])
         return self.layout.head(self.mainnet, hidden)
 
+    def tap_depth(self) -> int:
+        """Encoder layers in the trunk."""
+        return int(self.tap)
+
     def advance(self, state: Mapping[str, torch.Tensor], later: MainNetSplit) -> dict[str, torch.Tensor]:
         """Layers tap+1..``later.tap`` (see :meth:`MainNetSplit.advance`); the mask goes along as it is."""
-        self._check_later(later, int(self.tap), int(later.tap) if isinstance(later, TextEncoderSplit) else -1)
+        self.check_follows(later)
         layers = self._layers[1][: int(later.tap) - int(self.tap)]
         return {"hidden": self._layers_on(layers, state["hidden"], state["mask"]), "mask": state["mask"]}
 

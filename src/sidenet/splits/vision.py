@@ -146,8 +146,12 @@ class SequentialSplit(MainNetSplit):
 
     def advance(self, state: torch.Tensor, later: MainNetSplit) -> torch.Tensor:
         """The modules after this tap up to ``later``'s (see :meth:`MainNetSplit.advance`)."""
-        self._check_later(later, int(self.tap), int(later.tap) if isinstance(later, SequentialSplit) else -1)
+        self.check_follows(later)
         return self.mainnet[int(self.tap) : int(later.tap)](state)
+
+    def tap_depth(self) -> int:
+        """Modules in the trunk."""
+        return int(self.tap)
 
     def check_structure(self, x: torch.Tensor) -> None:
         super().check_structure(x)

@@ -1,0 +1,213 @@
+"""SideNet cascades against the single best tap (issue 14), as a section of the SST-2 and Fashion-MNIST
+steps (``sst2_minilm.py``, ``fmnist_resnet.py``), which train the candidate SideNets and hand them here.
+
+Per fold (SST-2: two-fold cross-fitting on dev, as the single-tap choice; Fashion-MNIST: validation to
+choose, test to report): one pass of the MainNet over the choosing part scores every candidate SideNet
+(``sidenet.collect_cascade``); ``sidenet.choose_taps`` keeps the subset of taps and the threshold vector
+(default one-knob family) with the least compute under the same rule as the single tap; the chosen
+cascade (``model.with_taps``) is then routed over the reporting part, batch by batch as served, and its
+answers, exits and FLOPs are what is reported (text FLOPs with the padding that routing really cuts).
+Beside it: the oracle of the cascade on the reporting part (a sample exits at the first SideNet that
+agrees with the MainNet), the other threshold families and the data-tuned search as evidence for the
+choice, and interleaved throughput of the MainNet, the single tap, the cascade per batch and the cascade
+with ``PooledRouter`` (continuing samples pooled across batches at the first tap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+import sidenet
+from sidenet.cascade_choice import FAMILIES, search_thresholds
+from sidenet.loaders import iter_batches
+from sidenet.serving import PooledRouter
+from sidenet.timing import measure_throughput
+
+
+@dataclass
+class Fold:
+    """One choice and its report: the loader the cascade is chosen on, the one it is reported on (with
+    labels), and the reporting part's input batches for timing."""
+
+    choose: Iterable
+    report: Iterable
+    batches: list[Any]
+
+
+def cascade_of(candidates: Sequence[sidenet.AdaptiveModel]) -> sidenet.AdaptiveModel:
+    """One cascade of the candidates' SideNets (one MainNet, taps in order), sharing them."""
+    return sidenet.AdaptiveModel(
+        [m.split for m in candidates], [m.sidenet for m in candidates], config=[m.config for m in candidates]
+    ).eval()
+
+
+@torch.no_grad()
+def routed(model: sidenet.AdaptiveModel, loader: Iterable) -> dict[str, Any]:
+    """Route every batch of ``loader`` as served (``model(x)``); answers, exits and FLOPs summed."""
+    correct = exits = samples = 0
+    flops = 0.0
+    stages = torch.zeros(model.num_taps + 1, dtype=torch.long)
+    for inputs, labels in iter_batches(loader):
+        out = model(sidenet.training.to_mainnet(model.split, inputs))
+        correct += int((out.predictions.cpu() == labels).sum())
+        exits += int(out.exited.sum())
+        samples += len(labels)
+        flops += float(out.flops.double().sum())
+        stages += torch.bincount(out.exit_stage.cpu(), minlength=model.num_taps + 1)
+    return {"correct": correct, "exits": exits, "samples": samples, "flops": flops, "stages": stages.tolist()}
+
+
+def _fraction(point: dict[str, Any]) -> float:
+    return float(point["relative_compute"])
+
+
+def fold_report(full: sidenet.AdaptiveModel, fold: Fold, rule: dict[str, float]) -> dict[str, Any]:
+    """Choose the cascade on ``fold.choose`` under ``rule``; route it over ``fold.report``."""
+    choosing = sidenet.collect_cascade(full, fold.choose, progress=False)
+    choice = sidenet.choose_taps(choosing, **rule)
+    reporting = sidenet.collect_cascade(full, fold.report, progress=False)
+    mainnet_flops = float(reporting.mainnet_flops.sum())
+    mainnet_correct = int(reporting.main_correct.sum())
+    # Evidence for the family: each family's choice (taps and thresholds) on the choosing part, and
+    # what it gives on the reporting part; the data-tuned search over all taps beside them.
+    families = {}
+    for family in FAMILIES:
+        picked = sidenet.choose_taps(choosing, **rule, family=family)
+        families[family] = {"taps": list(picked.taps), "choosing": picked.point, "reporting": _on(reporting, picked)}
+    searched = search_thresholds(choosing, **rule)
+    families["search_all_taps"] = {
+        "taps": list(full.taps),
+        "thresholds": list(searched),
+        "choosing": sidenet.CascadeCurve(choosing, [searched]).at(searched),
+        "reporting": sidenet.CascadeCurve(reporting, [searched]).at(searched),
+    }
+    if choice.columns:
+        model = full.with_taps(choice.taps)
+        model.thresholds = choice.thresholds
+        outcome = routed(model, fold.report)
+    else:  # the MainNet alone is the choice: nothing to route
+        model = None
+        outcome = {"correct": mainnet_correct, "exits": 0, "samples": len(reporting), "flops": mainnet_flops}
+    everything = sidenet.CascadeCurve(reporting, sidenet.threshold_path(reporting))
+    chosen_oracle = (
+        sidenet.CascadeCurve(reporting.restrict(choice.columns), [choice.thresholds]).oracle()
+        if choice.columns
+        else {"relative_compute": 1.0}
+    )
+    return {
+        "model": model,
+        "taps": list(choice.taps),
+        "thresholds": list(choice.thresholds),
+        "choosing_point": choice.point,
+        "candidates": [
+            {"taps": list(c["taps"]), "relative_compute": None if c["point"] is None else _fraction(c["point"])}
+            for c in choice.candidates
+        ],
+        "families": families,
+        "outcome": outcome,
+        "mainnet_correct": mainnet_correct,
+        "mainnet_flops": mainnet_flops,
+        "record_point": sidenet.CascadeCurve(reporting.restrict(choice.columns), [choice.thresholds]).at(
+            choice.thresholds
+        )
+        if choice.columns
+        else None,
+        "oracle_all_taps": everything.oracle(),
+        "oracle_chosen_taps": chosen_oracle,
+    }
+
+
+def _on(record: sidenet.CascadeRecord, picked: sidenet.CascadeChoice) -> dict[str, Any] | None:
+    if not picked.columns:
+        return None
+    return sidenet.CascadeCurve(record.restrict(picked.columns), [picked.thresholds]).at(picked.thresholds)
+
+
+def cascade_section(
+    candidates: Sequence[sidenet.AdaptiveModel],
+    folds: Sequence[Fold],
+    rule: dict[str, float],
+    mainnet_run: Callable[[Any], Any],
+    singles: Sequence[sidenet.AdaptiveModel],
+    batch_name: str,
+    repeats: int,
+    size: Callable[[Any], int] = len,
+) -> dict[str, Any]:
+    """The cascade section of a step's JSON: chosen per fold, pooled over folds, timed.
+
+    ``candidates``: one fitted SideNet per candidate tap (same MainNet, tap order); ``singles``: per fold,
+    the step's single-tap choice at its threshold (timed beside the cascade on that fold's batches).
+    """
+    full = cascade_of(candidates)
+    reports = [fold_report(full, fold, rule) for fold in folds]
+    samples = sum(r["outcome"]["samples"] for r in reports)
+    accuracy = sum(r["outcome"]["correct"] for r in reports) / samples
+    mainnet_accuracy = sum(r["mainnet_correct"] for r in reports) / samples
+    flops_fraction = sum(r["outcome"]["flops"] for r in reports) / sum(r["mainnet_flops"] for r in reports)
+    weights = np.array([r["outcome"]["samples"] for r in reports], dtype=float) / samples
+    oracle = float(np.dot(weights, [r["oracle_all_taps"]["relative_compute"] for r in reports]))
+    oracle_chosen = float(np.dot(weights, [r["oracle_chosen_taps"]["relative_compute"] for r in reports]))
+    section: dict[str, Any] = {
+        "candidate_taps": [str(t) for t in full.taps],
+        "rule": rule,
+        "folds": [{k: v for k, v in r.items() if k != "model"} for r in reports],
+        "taps": [r["taps"] for r in reports] if len(reports) > 1 else reports[0]["taps"],
+        "thresholds": [r["thresholds"] for r in reports] if len(reports) > 1 else reports[0]["thresholds"],
+        "accuracy": accuracy,
+        "mainnet_accuracy": mainnet_accuracy,
+        "accuracy_drop": mainnet_accuracy - accuracy,
+        "exit_rate": sum(r["outcome"]["exits"] for r in reports) / samples,
+        "flops_fraction": flops_fraction,
+        "oracle_flops_fraction": oracle,
+        "oracle_chosen_taps_flops_fraction": oracle_chosen,
+        # The share of the oracle's saving (over all candidate taps) that the chosen vector achieves.
+        "share_of_oracle_saving": (1 - flops_fraction) / (1 - oracle) if oracle < 1 else float("nan"),
+    }
+    # Throughput: each fold's batches answered by that fold's choice, interleaved with the MainNet and the
+    # single tap; the pooled router keeps one pool per fold (as two deployments would).
+    items = [(i, batch) for i, fold in enumerate(folds) for batch in fold.batches]
+    chosen = [r["model"] for r in reports]
+    routers = [PooledRouter(m, rest_batch=None, max_wait=4) if m is not None else None for m in chosen]
+
+    def run_cascade(item: tuple[int, Any]) -> Any:
+        model = chosen[item[0]]
+        return model(item[1]).logits if model is not None else mainnet_run(item[1])
+
+    def run_pooled(item: tuple[int, Any]) -> Any:
+        router = routers[item[0]]
+        return router.submit(item[1]) if router is not None else mainnet_run(item[1])
+
+    def flush() -> None:
+        for router in routers:
+            if router is not None:
+                router.flush()
+
+    runners = {
+        "mainnet": lambda item: mainnet_run(item[1]),
+        "single_tap": lambda item: singles[item[0]](item[1]).logits,
+        "cascade": run_cascade,
+        "cascade_pooled": run_pooled,
+    }
+    timing = measure_throughput(
+        runners, items, repeats=repeats, batch_size=lambda item: size(item[1]), finish={"cascade_pooled": flush}
+    )
+    base = timing["mainnet"].throughput
+    section["timing"] = {batch_name: {k: v.to_dict() for k, v in timing.items()}}
+    section["speedup"] = {
+        batch_name: timing["cascade"].throughput / base,
+        f"{batch_name}_pooled": timing["cascade_pooled"].throughput / base,
+        f"{batch_name}_single_tap": timing["single_tap"].throughput / base,
+        "ideal": 1.0 / flops_fraction,
+    }
+    print(
+        f"cascade: taps {section['taps']}, drop {100 * section['accuracy_drop']:+.2f} pt, exit "
+        f"{section['exit_rate']:.3f}, FLOPs {flops_fraction:.3f} (oracle {oracle:.3f}); {batch_name} speed-up "
+        f"{section['speedup'][batch_name]:.2f}x, pooled {section['speedup'][f'{batch_name}_pooled']:.2f}x, "
+        f"single tap {section['speedup'][f'{batch_name}_single_tap']:.2f}x"
+    )
+    return section
