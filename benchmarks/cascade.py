@@ -137,14 +137,20 @@ def cascade_section(
     batch_name: str,
     repeats: int,
     size: Callable[[Any], int] = len,
+    deploy: Iterable | None = None,
 ) -> dict[str, Any]:
     """The cascade section of a step's JSON: chosen per fold, pooled over folds, timed.
 
     ``candidates``: one fitted SideNet per candidate tap (same MainNet, tap order); ``singles``: per fold,
-    the step's single-tap choice at its threshold (timed beside the cascade on that fold's batches).
+    the step's single-tap choice at its threshold (timed beside the cascade on that fold's batches);
+    ``deploy``: with several folds, the data the shipped choice is made on (all of them); its taps and
+    thresholds are the section's ``taps`` and ``thresholds``, the folds' own are under ``folds``.
     """
     full = cascade_of(candidates)
     reports = [fold_report(full, fold, rule) for fold in folds]
+    shipped = None
+    if deploy is not None:
+        shipped = sidenet.choose_taps(sidenet.collect_cascade(full, deploy, progress=False), **rule)
     samples = sum(r["outcome"]["samples"] for r in reports)
     accuracy = sum(r["outcome"]["correct"] for r in reports) / samples
     mainnet_accuracy = sum(r["mainnet_correct"] for r in reports) / samples
@@ -156,8 +162,8 @@ def cascade_section(
         "candidate_taps": [str(t) for t in full.taps],
         "rule": rule,
         "folds": [{k: v for k, v in r.items() if k != "model"} for r in reports],
-        "taps": [r["taps"] for r in reports] if len(reports) > 1 else reports[0]["taps"],
-        "thresholds": [r["thresholds"] for r in reports] if len(reports) > 1 else reports[0]["thresholds"],
+        "taps": list(shipped.taps) if shipped is not None else reports[0]["taps"],
+        "thresholds": list(shipped.thresholds) if shipped is not None else reports[0]["thresholds"],
         "accuracy": accuracy,
         "mainnet_accuracy": mainnet_accuracy,
         "accuracy_drop": mainnet_accuracy - accuracy,
