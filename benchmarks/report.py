@@ -15,6 +15,7 @@ from typing import Any
 from benchmarks.compression_plot import WORKLOADS, plot_compression
 from benchmarks.harness import RESULTS, link, markdown_path, pct, thr
 from benchmarks.sections import calibration_section, serving_section, summary_section
+from benchmarks.sections_cascade import cascade_lines
 from benchmarks.sections_design import design_section
 from benchmarks.sections_gpu import fmnist_compiled_lines, gpu_section
 from benchmarks.sections_serve import serve_section
@@ -95,6 +96,7 @@ def fmnist_section(r: dict[str, Any]) -> list[str]:
             f"{pct(te['exit_rate'])} | {pct(te['relative_compute'])} |"
         )
     lines += ["", f"![curve]({r['plot']})", ""]
+    lines += cascade_lines(r, "batch64", "test images")
     return lines
 
 
@@ -193,6 +195,7 @@ def sst2_section(r: dict[str, Any]) -> list[str]:
             f"{100 * v['accuracy_drop']:+.2f} | {pct(v['exit_rate'])} | {pct(v['flops_fraction'])} |"
         )
     lines += ["", f"![curve]({r['plot']})", ""]
+    lines += cascade_lines(r, "batch32", "dev sentences")
     return lines
 
 

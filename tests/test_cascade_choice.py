@@ -152,3 +152,16 @@ def test_clear_errors() -> None:
         search_thresholds(record, max_disagreement=2)
     with pytest.raises(ValueError, match="holdout is the fraction"):
         choose_taps(record, max_accuracy_drop=0.01, holdout=1.5)
+
+
+@pytest.mark.parametrize("limit", [{"max_disagreement": 0.02}, {"max_accuracy_drop": 0.01}])
+def test_auto_family_is_at_least_as_good_as_each_family_on_the_choosing_data(limit: dict) -> None:
+    record = make_record(n=800, k=3, seed=3, bias=(0.1, -0.1, 0.0))
+    auto = choose_taps(record, **limit)
+    assert auto.family in FAMILIES
+    for family in FAMILIES:
+        single = choose_taps(record, **limit, family=family)
+        assert auto.point["relative_compute"] <= single.point["relative_compute"] + 1e-12
+    # The chosen family's own path reproduces the chosen point.
+    again = choose_taps(record, **limit, family=auto.family)
+    assert again.columns == auto.columns and again.thresholds == auto.thresholds

@@ -284,7 +284,7 @@ def choose_taps(
     max_disagreement: float | None = None,
     compute_budget: float | None = None,
     confidence: float | None = None,
-    family: str = DEFAULT_FAMILY,
+    family: str = "auto",
     max_taps: int | None = None,
     holdout: float | None = None,
     method: str = "auto",
@@ -294,7 +294,9 @@ def choose_taps(
     """Choose which SideNets to keep and their thresholds, for the least compute under a drop or
     disagreement limit (or the best accuracy under a compute budget).
 
-    Each subset is scored by its ``family`` path's :meth:`CascadeCurve.threshold_for` point. ``method``:
+    Each subset is scored by its ``family`` path's :meth:`CascadeCurve.threshold_for` point; ``"auto"``
+    (the default) tries every family of :data:`FAMILIES` and keeps, per subset, the one whose point is
+    best on the choosing data (``CascadeChoice.family`` names the one chosen). ``method``:
     ``"exhaustive"`` (every subset of at most ``max_taps``), ``"greedy"`` (forward selection: add the
     SideNet that improves the point most, stop when none does) or ``"auto"`` (exhaustive for K <= 6).
     The empty subset, the MainNet alone, always competes (it pays for no SideNet).
@@ -307,8 +309,9 @@ def choose_taps(
     criterion = _criterion(max_accuracy_drop, max_disagreement, compute_budget)
     if method not in ("auto", "exhaustive", "greedy"):
         raise ValueError(f"method must be 'auto', 'exhaustive' or 'greedy', got {method!r}")
-    if family not in FAMILIES:
-        raise ValueError(f"unknown threshold family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if family != "auto" and family not in FAMILIES:
+        raise ValueError(f"unknown threshold family {family!r}; choose 'auto' or one of {', '.join(FAMILIES)}")
+    tried = FAMILIES if family == "auto" else (family,)
     if confidence is not None and holdout is None:
         raise ValueError(
             "confidence needs holdout=fraction: taps and path chosen on the data they are certified on void the "
@@ -328,19 +331,31 @@ def choose_taps(
     budget = "compute_budget" in criterion
     candidates: list[dict[str, Any]] = []
 
+    families: dict[tuple[int, ...], str] = {}
+
     def evaluate(columns: tuple[int, ...]) -> dict[str, Any] | None:
+        point = None
         if not columns:
-            point = _mainnet_point(select)
-            if budget and criterion["compute_budget"] < 1:
-                point = None
+            if not (budget and criterion["compute_budget"] < 1):
+                point = _mainnet_point(select)
         else:
             sub = select.restrict(columns)
-            curve = CascadeCurve(sub, threshold_path(sub, family, points))
-            try:
-                point = curve.at(curve.threshold_for(**criterion, confidence=confidence))
-            except ValueError:  # no point meets the compute budget
-                point = None
-        candidates.append({"columns": columns, "taps": tuple(record.taps[c] for c in columns), "point": point})
+            for name in tried:  # "auto": the family whose path gives this subset its best point here
+                curve = CascadeCurve(sub, threshold_path(sub, name, points))
+                try:
+                    found = curve.at(curve.threshold_for(**criterion, confidence=confidence))
+                except ValueError:  # no point meets the compute budget
+                    continue
+                if point is None or key(found) < key(point):
+                    point, families[columns] = found, name
+        candidates.append(
+            {
+                "columns": columns,
+                "taps": tuple(record.taps[c] for c in columns),
+                "family": families.get(columns),
+                "point": point,
+            }
+        )
         return point
 
     def key(point: dict[str, Any] | None) -> tuple[float, float]:
@@ -371,6 +386,7 @@ def choose_taps(
     if best is None:
         raise ValueError(f"no subset of SideNets meets {criterion} on {len(select)} samples")
     thresholds = tuple(best["thresholds"])
+    family = families.get(chosen, tried[0])
     if calibrate is not None and chosen:
         sub = select.restrict(chosen)
         path = threshold_path(sub, family, points)

@@ -1,0 +1,120 @@
+"""The cascade rows of the two workloads' sections of BENCHMARKS.md (issue 14; measured by
+``benchmarks/cascade.py`` inside the Fashion-MNIST and SST-2 steps), rendered from their ``cascade`` key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.harness import pct
+
+FAMILY_NOTES = {
+    "shared": "one threshold for every SideNet",
+    "equal_disagreement": "per SideNet, the lowest threshold whose exits disagree with the MainNet at most ε "
+    "(on all samples); one ε for all (default)",
+    "equal_disagreement_reached": "the same, counted on the samples that reach the SideNet",
+    "geometric": "a share q of the samples reaching each SideNet exits there (MSDNet-style)",
+    "search_all_taps": "coordinate descent over all candidate SideNets' thresholds, tuned on the choosing data",
+}
+
+
+def _taps(taps: list[Any]) -> str:
+    return " → ".join(f"`{t}`" for t in taps) if taps else "none (the MainNet)"
+
+
+def _thresholds(values: list[float]) -> str:
+    return ", ".join(f"{v:.4f}" for v in values)
+
+
+def _rule(rule: dict[str, float]) -> str:
+    if "max_accuracy_drop" in rule:
+        return f"at most {100 * rule['max_accuracy_drop']:g} points below the MainNet"
+    return f"at most {pct(rule['max_disagreement'])} of the samples exiting with another answer than the MainNet's"
+
+
+def cascade_lines(r: dict[str, Any], batch: str, samples: str) -> list[str]:
+    """The cascade subsection of a workload section; nothing when the step measured no cascade."""
+    c = r.get("cascade")
+    if not c:
+        return []
+    a, s, cs = r["adaptive"], r["speedup"], c["speedup"]
+    folds = c["folds"]
+    crossfit = len(folds) > 1
+    how = (
+        "two-fold cross-fitted on dev as the single tap (chosen on one half, routed on the other, pooled)"
+        if crossfit
+        else "chosen on validation, routed over the test set"
+    )
+    lines = [
+        "### Cascade of SideNets (auto-chosen taps)",
+        "",
+        f"Candidates: one SideNet at each of {', '.join(f'`{t}`' for t in c['candidate_taps'])}"
+        + (
+            f" (pooling grid per tap, the one of lower validation compute: "
+            f"{', '.join(f'`{t}` {p}' for t, p in c['candidate_pools'].items())})"
+            if "candidate_pools" in c
+            else ""
+        )
+        + ", all fitted in the step above. `sidenet.choose_taps` keeps the subset of taps and the threshold "
+        f"vector with the least compute, {_rule(c['rule'])} ({how}); every subset is tried (exhaustive for "
+        "at most 6 candidates), each along the default one-knob family of threshold vectors. The cascade is "
+        f"then routed batch by batch as served: accuracy, exits and FLOPs are those of its answers on the "
+        f"{samples} it did not choose on. Shipped choice: taps {_taps(c['taps'])} at thresholds "
+        f"{_thresholds(c['thresholds'])}" + (" (the same rule on all of dev)." if crossfit else "."),
+        "",
+        f"| model | taps | accuracy | drop (pt) | exit rate | FLOPs fraction | {batch} speed-up |",
+        "|---|---|---|---|---|---|---|",
+        f"| single best tap (above) | `{r['tap']}` | {pct(a['accuracy'])} | {100 * a['accuracy_drop']:+.2f} | "
+        f"{pct(a['exit_rate'])} | {a['flops_fraction']:.3f} | {s[batch]:.2f}× |",
+        f"| cascade, per-sample routing | {' / '.join(_taps(f['taps']) for f in folds)} | {pct(c['accuracy'])} | "
+        f"{100 * c['accuracy_drop']:+.2f} | {pct(c['exit_rate'])} | **{c['flops_fraction']:.3f}** | "
+        f"**{cs[batch]:.2f}×** |",
+        f"| cascade, `PooledRouter` | same | same | same | same | same | {cs[batch + '_pooled']:.2f}× |",
+        f"| oracle of the cascade (all candidates; exit at the first SideNet agreeing with the MainNet) | all | "
+        f"{pct(c['mainnet_accuracy'])} | 0 | — | {c['oracle_flops_fraction']:.3f} | — |",
+        "",
+        f"In the same timing run the single tap gave {cs[batch + '_single_tap']:.2f}× (its row above comes from "
+        f"the step's own timing run); the cascade's FLOPs ideal is {cs['ideal']:.2f}×. The chosen vector saves "
+        f"{pct(c['share_of_oracle_saving'])} of what the oracle of all candidate SideNets saves (oracle of the "
+        f"chosen taps alone: {c['oracle_chosen_taps_flops_fraction']:.3f} of the FLOPs).",
+        "",
+    ]
+    targets = c.get("targets", {})
+    if targets:
+        met = [
+            f"{k} {v['target']}: {v['value']:.3f} ({'met' if v['met'] else '**not met**'})" for k, v in targets.items()
+        ]
+        lines += ["Targets (issue 14): " + "; ".join(met) + ".", ""]
+    first = folds[0]
+    lines += [
+        "Choice evidence"
+        + (" (fold 1: chosen on the first half of dev, reported on the second)" if crossfit else "")
+        + ": the FLOPs fraction on the choosing data of the best vector of each subset of taps, and of each family "
+        "of threshold vectors (with its own best subset) on both parts.",
+        "",
+        "| taps | FLOPs fraction (choosing) |",
+        "|---|---|",
+    ]
+    ranked = sorted(first["candidates"], key=lambda x: (x["relative_compute"] is None, x["relative_compute"] or 0))
+    for cand in ranked[:8]:
+        value = "no point meets the rule" if cand["relative_compute"] is None else f"{cand['relative_compute']:.3f}"
+        lines.append(f"| {_taps(cand['taps'])} | {value} |")
+    if len(ranked) > 8:
+        lines.append(f"| … {len(ranked) - 8} more subsets | |")
+    lines += [
+        "",
+        "| family | taps | FLOPs (choosing) | FLOPs (reporting) | drop on reporting (pt) | what it is |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, fam in first["families"].items():
+        choosing, reporting = fam["choosing"], fam["reporting"]
+        lines.append(
+            f"| {name} | {_taps(fam['taps'])} | {choosing['relative_compute']:.3f} | "
+            + (
+                f"{reporting['relative_compute']:.3f} | {100 * reporting['accuracy_drop']:+.2f} |"
+                if reporting
+                else "— | — |"
+            )
+            + f" {FAMILY_NOTES.get(name, '')} |"
+        )
+    lines.append("")
+    return lines
