@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import sidenet
+from benchmarks.harness import targets
 from sidenet.cascade_choice import FAMILIES, search_thresholds
 from sidenet.loaders import iter_batches
 from sidenet.serving import PooledRouter
@@ -138,13 +139,16 @@ def cascade_section(
     repeats: int,
     size: Callable[[Any], int] = len,
     deploy: Iterable | None = None,
+    goals: dict[str, tuple[str, float]] | None = None,
 ) -> dict[str, Any]:
     """The cascade section of a step's JSON: chosen per fold, pooled over folds, timed.
 
     ``candidates``: one fitted SideNet per candidate tap (same MainNet, tap order); ``singles``: per fold,
     the step's single-tap choice at its threshold (timed beside the cascade on that fold's batches);
     ``deploy``: with several folds, the data the shipped choice is made on (all of them); its taps and
-    thresholds are the section's ``taps`` and ``thresholds``, the folds' own are under ``folds``.
+    thresholds are the section's ``taps`` and ``thresholds``, the folds' own are under ``folds``;
+    ``goals``: targets (as :func:`benchmarks.harness.targets` takes them) over the section's
+    ``accuracy_drop``, ``flops_fraction``, ``share_of_oracle_saving`` and ``speedup_<batch_name>``.
     """
     full = cascade_of(candidates)
     reports = [fold_report(full, fold, rule) for fold in folds]
@@ -210,6 +214,8 @@ def cascade_section(
         f"{batch_name}_single_tap": timing["single_tap"].throughput / base,
         "ideal": 1.0 / flops_fraction,
     }
+    values = {key: section[key] for key in ("accuracy_drop", "flops_fraction", "share_of_oracle_saving")}
+    section["targets"] = targets(goals or {}, {**values, f"speedup_{batch_name}": section["speedup"][batch_name]})
     print(
         f"cascade: taps {section['taps']}, drop {100 * section['accuracy_drop']:+.2f} pt, exit "
         f"{section['exit_rate']:.3f}, FLOPs {flops_fraction:.3f} (oracle {oracle:.3f}); {batch_name} speed-up "

@@ -242,14 +242,11 @@ def cascade_comparison(
     if len(candidates) < 2:
         return None
     fold = Fold(loaders["val"], make_loader(splits["test"], 64), batches64)
+    rule = {"max_accuracy_drop": MAX_DROP}
     section = cascade_section(
-        candidates, [fold], {"max_accuracy_drop": MAX_DROP}, mainnet, [single], "batch64", args.repeats
+        candidates, [fold], rule, mainnet, [single], "batch64", args.repeats, goals=TARGETS_CASCADE
     )
     section["candidate_pools"] = {tap: row["pool"] for tap, row in best_pool.items()}
-    section["targets"] = targets(
-        TARGETS_CASCADE,
-        {"flops_fraction": section["flops_fraction"], "share_of_oracle_saving": section["share_of_oracle_saving"]},
-    )
     return section
 
 

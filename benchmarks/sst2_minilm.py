@@ -320,26 +320,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dev_batches = [[inputs_only(b) for b in make_loader(dev.subset(h), 32, collate_fn=collate)] for h in halves]
         folds_c = [Fold(loaders[f"dev{i}"], loaders[f"dev{1 - i}"], dev_batches[1 - i]) for i in range(2)]
         singles = [at_threshold(models[tap], threshold) for tap, threshold in folds]
-        cascade = cascade_section(
-            [models[k] for k in sorted(models)],
-            folds_c,
-            rules["disagreement"],
-            lambda x: mainnet(**x).logits,
-            singles,
-            "batch32",
-            args.repeats,
-            size=lambda x: int(x["input_ids"].shape[0]),
-            deploy=make_loader(dev, 32, collate_fn=collate),
-        )
-        cascade["targets"] = targets(
-            TARGETS_CASCADE,
-            {
-                "accuracy_drop": cascade["accuracy_drop"],
-                "flops_fraction": cascade["flops_fraction"],
-                "speedup_batch32": cascade["speedup"]["batch32"],
-                "share_of_oracle_saving": cascade["share_of_oracle_saving"],
-            },
-        )
+        candidates, mainnet_run = [models[k] for k in sorted(models)], lambda x: mainnet(**x).logits
+        size, deploy = lambda x: int(x["input_ids"].shape[0]), make_loader(dev, 32, collate_fn=collate)
+        rule, batch = rules["disagreement"], "batch32"
+        cascade = cascade_section(candidates, folds_c, rule, mainnet_run, singles, batch, args.repeats, size, deploy)
+        cascade["targets"] = targets(TARGETS_CASCADE, {**cascade, "speedup_batch32": cascade["speedup"]["batch32"]})
 
     # What a user would deploy: the same rule applied to all of dev. The cross-fitted figures estimate how
     # this procedure does on sentences it did not see; they are not measured at this exact threshold.

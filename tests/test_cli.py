@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
 
-from sidenet import cli
+from sidenet import cli, cli_fit
 from sidenet.loaders import make_loader
 from sidenet.models.cifar_resnet import cifar_resnet
 from sidenet.tasks import TASKS, FashionMnistTask
@@ -125,9 +125,9 @@ def test_fit_chooses_the_threshold_on_a_prefix_of_validation(
     tiny_task: TinyTask, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     swept: list[int] = []
-    real_sweep = cli.sweep
+    real_sweep = cli_fit.sweep
     monkeypatch.setattr(
-        cli,
+        cli_fit,
         "sweep",
         lambda model, loader, **kw: (swept.append(len(loader.dataset)), real_sweep(model, loader, **kw))[1],
     )

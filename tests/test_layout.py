@@ -56,6 +56,7 @@ LAYERS: dict[str, int] = {
     "tasks": DEMO,
     "cli": DEMO,
     "cli_options": DEMO,
+    "cli_fit": DEMO,
     "cli_serve": DEMO,
     "__main__": DEMO,
     "audit": ANALYSIS,

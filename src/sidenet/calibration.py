@@ -14,6 +14,7 @@ by one scalar T > 0 fitted to minimise the NLL on a calibration split; it change
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -240,9 +241,18 @@ def sidenet_logits(model: Any, loader: Any, progress: bool = True) -> tuple[np.n
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
-def calibrate(model: Any, loader: Any, progress: bool = True) -> float:
+def calibrate(model: Any, loader: Any, progress: bool = True) -> float | tuple[float, ...]:
     """Temperature-scale the SideNet of an :class:`sidenet.AdaptiveModel` on ``loader`` (a calibration
     split with labels, not the test set): fits T on its raw logits, sets ``model.temperature`` and
-    returns T. The exit policy then reads softmax(logits / T); thresholds must be chosen after this."""
+    returns T. The exit policy then reads softmax(logits / T); thresholds must be chosen after this.
+
+    A cascade gets one temperature per SideNet, each fitted on its own logits (over all of ``loader``,
+    not only the samples that reach it), set in ``model.policies`` and returned as a tuple."""
+    if model.num_taps > 1:
+        fitted = tuple(float(calibrate(model.with_taps([tap]), loader, progress)) for tap in model.taps)
+        model.policies = tuple(
+            dataclasses.replace(rule, temperature=value) for rule, value in zip(model.policies, fitted, strict=True)
+        )
+        return fitted
     model.temperature = fit_temperature(*sidenet_logits(model, loader, progress=progress))
     return model.temperature

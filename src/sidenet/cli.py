@@ -7,18 +7,17 @@ in well under a second, not after the MainNet was trained or the SideNet fitted.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Annotated
 
 import torch
 import typer
 
-from sidenet.attach import attach, load_sidenet, save_sidenet
-from sidenet.calibration import calibrate
+from sidenet.attach import load_sidenet
+from sidenet.cli_fit import fit_and_save
 from sidenet.cli_options import FitSettings, check_positive, check_range
 from sidenet.cli_serve import register as register_serve_commands
-from sidenet.config import SideNetConfig
+from sidenet.config import CASCADE_NAME, SideNetConfig
 from sidenet.curve import TradeoffCurve, sweep
 from sidenet.loaders import prefix_loader, split_loader
 from sidenet.policy import POLICIES, format_threshold, validate_threshold
@@ -44,58 +43,6 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _fit(settings: FitSettings, progress: bool = True) -> tuple[Path, dict]:
-    """Train the SideNet ``settings`` describe, choose its threshold on ``val`` and save it; returns
-    the folder and the threshold choice (also saved in the SideNet's metadata)."""
-    task = get_task(settings.task)
-    mainnet = task.mainnet(settings.data, progress=progress)
-    loaders = task.loaders(settings.data)
-    loaders["train"] = prefix_loader(loaders["train"], settings.max_train_samples)
-    loaders["val"] = prefix_loader(loaders["val"], settings.max_val_samples)
-    try:
-        model = attach(
-            mainnet,
-            settings.tap,
-            input_shape=task.input_shape,
-            hidden=settings.hidden,
-            pool_size=settings.pool,
-            seed=settings.seed,
-            split_options=settings.split_options,
-            policy=settings.policy,
-        )
-    except TypeError as exc:
-        if not settings.split_options:
-            raise
-        # A splitter without those options rejects them as unexpected keyword arguments.
-        raise ValueError(f"split options {settings.split_options} do not apply to this MainNet: {exc}") from exc
-    started = time.perf_counter()
-    model.fit(
-        loaders["train"],
-        val_loader=loaders["val"],
-        epochs=settings.epochs,
-        distill_weight=settings.distill,
-        seed=settings.seed,
-        progress=progress,
-    )
-    seconds = time.perf_counter() - started
-    if settings.temperature_scaling:
-        calibrate(model, loaders["val"], progress=progress)
-    val_curve = sweep(model, loaders["val"], progress=progress)
-    model.threshold = val_curve.threshold_for(max_accuracy_drop=settings.max_drop, confidence=settings.confidence)
-    model.set_reference(val_curve.record.confidence)  # for the shift check on later traffic
-    choice = {
-        "max_accuracy_drop": settings.max_drop,
-        "confidence": settings.confidence,
-        "chosen_on": "val",
-        "temperature": model.temperature,
-        "policy": settings.policy,
-        **val_curve.at(model.threshold),
-    }
-    metadata = {"task": task.name, "fit_seconds": seconds, "threshold_choice": choice}
-    save_sidenet(model, settings.out, metadata=metadata)
-    return settings.out, choice
-
-
 @app.command()
 def pretrain(
     task: TaskOption = "fmnist",
@@ -118,6 +65,14 @@ def pretrain(
 def fit(
     task: TaskOption = "fmnist",
     tap: Annotated[str | None, typer.Option(help="Where to attach the SideNet (default: the task's).")] = None,
+    taps: Annotated[
+        str | None,
+        typer.Option(
+            help="A cascade instead: 'auto' (every tap the MainNet's splitter offers) or candidate taps, "
+            "comma-separated; a SideNet is fitted at each and the taps and thresholds with the least "
+            "validation compute within --max-drop are kept."
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Folder to save the SideNet in.")] = None,
     data: DataOption = None,
     hidden: Annotated[int, typer.Option(help="Hidden width of the SideNet.")] = FitSettings.hidden,
@@ -157,11 +112,15 @@ def fit(
 ) -> None:
     """Train a SideNet at a tap of the frozen MainNet; choose its threshold on the validation data."""
     try:
+        if taps is not None and tap is not None:
+            raise ValueError("give --tap (one SideNet) or --taps (a cascade), not both")
         tap = get_task(task).default_tap if tap is None else tap  # an empty --tap is refused, not defaulted
+        cascade = None if taps is None else tuple(part.strip() for part in taps.split(","))
         settings = FitSettings(
             task=task,
             tap=tap,
-            out=out or DEFAULT_OUT / f"{task}-{tap}",
+            taps=cascade,
+            out=out or DEFAULT_OUT / (f"{task}-{tap}" if cascade is None else f"{task}-cascade"),
             data=data,
             hidden=hidden,
             pool=pool,
@@ -176,9 +135,17 @@ def fit(
             max_train_samples=max_train_samples,
             max_val_samples=max_val_samples,
         )
-        folder, choice = _fit(settings, progress=not quiet)
+        folder, choice = fit_and_save(settings, progress=not quiet)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
+    if "taps" in choice:
+        typer.echo(
+            f"Cascade saved to {folder}: taps {', '.join(choice['taps'])} of {', '.join(choice['candidate_taps'])}, "
+            f"thresholds {', '.join(format_threshold(t) for t in choice['thresholds'])} (validation: exit rate "
+            f"{choice['exit_rate']:.3f}, accuracy drop {100 * choice['accuracy_drop']:.2f} points, compute "
+            f"{choice['relative_compute']:.3f} of the MainNet)"
+        )
+        return
     typer.echo(
         f"SideNet saved to {folder}; policy {choice['policy']}, temperature {choice['temperature']:.3f}, "
         f"threshold {format_threshold(choice['threshold'])} (validation: exit rate "
@@ -219,11 +186,11 @@ def sweep_command(
         curve = sweep(model, loaders[split], progress=not quiet)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
-    marks = {"saved threshold": model.threshold}
+    # A cascade's curve runs along a path of threshold vectors: its marks are vectors too.
+    marks = {"saved threshold": model.threshold if model.num_taps == 1 else model.thresholds}
     typer.echo(curve.table(rows, marks=marks))
-    path = curve.plot(
-        plot or sidenet / f"curve_{split}.png", marks=marks, title=f"{task.name}, tap {model.tap}, {split} data"
-    )
+    where = f"tap {model.tap}" if model.num_taps == 1 else f"taps {' -> '.join(map(str, model.taps))}"
+    path = curve.plot(plot or sidenet / f"curve_{split}.png", marks=marks, title=f"{task.name}, {where}, {split} data")
     curve.save_json(path.with_suffix(".json"))
     typer.echo(f"Plot written to {path}")
 
@@ -256,24 +223,27 @@ def predict(
     try:
         model, task = _load(sidenet, data, progress=False)
         if threshold is not None:
-            model.threshold = threshold
+            model.thresholds = threshold  # a cascade: the same threshold for every SideNet
         batch = task.read_inputs(inputs)
         with torch.no_grad():
             output = model(batch)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     probabilities = torch.softmax(output.logits.float(), dim=1)
-    for item, label, prob, exited, conf, flops in zip(
+    for item, label, prob, stage, conf, flops in zip(
         inputs,
         output.predictions.tolist(),
         probabilities.max(1).values.tolist(),
-        output.exited.tolist(),
+        output.exit_stage.tolist(),
         output.confidence.tolist(),
         output.flops.tolist(),
         strict=True,
     ):
         name = task.class_names[label] if task.class_names else str(label)
-        where = f"SideNet (confidence {conf:.3f})" if exited else f"MainNet (SideNet confidence {conf:.3f})"
+        side = "SideNet" if model.num_taps == 1 else f"SideNet at tap {model.taps[min(stage, model.num_taps - 1)]}"
+        where = (
+            f"{side} (confidence {conf:.3f})" if stage < model.num_taps else f"MainNet ({side} confidence {conf:.3f})"
+        )
         typer.echo(f"{item}\t{name}\tp={prob:.3f}\tanswered by {where}\t{flops / 1e6:.2f} MFLOPs")
 
 
@@ -317,6 +287,11 @@ def report(
         check_range("--confidence", confidence, 0.0, 1.0, open_interval=True)
         check_positive(bins=bins)
         task = _saved_task(sidenet)
+        if (sidenet / CASCADE_NAME).is_file():
+            raise ValueError(
+                f"{sidenet} holds a cascade of SideNets; `sidenet report` covers one SideNet so far. See the "
+                f"cascade's trade-off with `sidenet sweep --sidenet {sidenet}`"
+            )
         for name in (calibration_split, split):
             task.check_split(name)
         model, task = _load(sidenet, data, not quiet, task)
@@ -364,7 +339,7 @@ def demo(
         settings = FitSettings(
             task="fmnist", tap=tap, out=out / f"fmnist-{tap}", data=data, pool=pool, max_drop=max_drop
         )
-        folder, choice = _fit(settings, progress)
+        folder, choice = fit_and_save(settings, progress)
         model, task = _load(folder, data, progress)
         curve: TradeoffCurve = sweep(model, task.loaders(data)["test"], progress=progress)
     except (ValueError, FileNotFoundError) as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sidenet.policy import validate_policy
 from sidenet.splits import TapError
@@ -56,6 +57,8 @@ class FitSettings:
     confidence: float | None = None
     max_train_samples: int | None = None
     max_val_samples: int | None = None
+    # A cascade: ("auto",) for every tap the splitter offers, or the candidate taps; None: one SideNet at tap.
+    taps: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         task = get_task(self.task)
@@ -70,8 +73,19 @@ class FitSettings:
             validate_policy(self.policy)
         except ValueError as exc:
             raise ValueError(f"--policy: {exc}") from exc
+        if self.taps is not None:
+            if not self.taps or any(not tap.strip() for tap in self.taps):
+                raise ValueError("--taps takes 'auto' or a comma-separated list of taps, e.g. --taps 1,3,5")
+            if "auto" in self.taps and len(self.taps) > 1:
+                raise ValueError("--taps auto stands alone: it takes every tap the MainNet's splitter offers")
+            if len(set(self.taps)) != len(self.taps):
+                raise ValueError(f"--taps names a tap twice: {','.join(self.taps)}")
+        for tap in (self.tap,) if self.taps is None or self.taps == ("auto",) else self.taps:
+            self._check_tap(task, tap)
+
+    def _check_tap(self, task: Any, tap: str) -> None:
         try:
-            task.check_tap(self.tap, self.split_options)
+            task.check_tap(tap, self.split_options)
         except TapError:
             raise  # names the tap and lists the valid ones
         except ValueError as exc:

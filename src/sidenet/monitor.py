@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TrafficMonitor"]
+__all__ = ["TrafficMonitor", "TrafficStatistics"]
 
 
 class TrafficMonitor:
@@ -135,3 +135,72 @@ class TrafficMonitor:
         if self.reference is None:
             raise ValueError("no reference confidences: call set_reference(curve.record.confidence) first")
         return confidence_shift(self.reference.numpy(), self.recent.numpy(), threshold, alpha, min_samples)
+
+
+class TrafficStatistics:
+    """The traffic statistics of a routed model, kept by its ``monitor`` (a :class:`TrafficMonitor`):
+    the :class:`~sidenet.AdaptiveModel` methods and properties that hand over to it. The shift check
+    compares the first SideNet's scores, the ones every sample gets, at its threshold."""
+
+    monitor: TrafficMonitor
+    policies: tuple[Any, ...]
+
+    @property
+    def samples_seen(self) -> int:
+        """Samples routed in adaptive mode (here and by a :class:`~sidenet.serving.PooledRouter`)."""
+        return self.monitor.samples_seen
+
+    @property
+    def samples_exited(self) -> int:
+        """Of :attr:`samples_seen`, those that exited at the SideNet."""
+        return self.monitor.samples_exited
+
+    @property
+    def observed_exit_rate(self) -> float:
+        """Fraction of the samples seen in adaptive mode since :meth:`reset_stats` that exited."""
+        return self.monitor.exit_rate
+
+    @property
+    def stats_window(self) -> int:
+        """How many of the latest confidences :attr:`recent_confidence` keeps."""
+        return self.monitor.window
+
+    @stats_window.setter
+    def stats_window(self, value: int) -> None:
+        self.monitor.window = value
+
+    @property
+    def recent_confidence(self) -> torch.Tensor:
+        """The latest (at most ``stats_window``) confidences seen in adaptive mode."""
+        return self.monitor.recent
+
+    @property
+    def reference_confidence(self) -> torch.Tensor | None:
+        """Confidences of the data the threshold was chosen on (see :meth:`set_reference`); saved with
+        the SideNet. Assign ``None`` to forget them."""
+        return self.monitor.reference
+
+    @reference_confidence.setter
+    def reference_confidence(self, value: Any) -> None:
+        if value is None:
+            self.monitor.reference = None
+        else:
+            self.monitor.set_reference(value)
+
+    def reset_stats(self) -> None:
+        """Zero the counts of samples seen and exited in adaptive mode and forget their confidences."""
+        self.monitor.reset()
+
+    def set_reference(self, confidence: Any) -> None:
+        """Remember the SideNet confidences (under this policy) of the data the threshold was chosen on,
+        e.g. ``curve.record.confidence``; :meth:`shift_check` compares new traffic with them."""
+        self.monitor.set_reference(confidence)
+
+    def shift_check(self, alpha: float = 0.01, min_samples: int = 100) -> Any:
+        """Compare the confidences of recent traffic with the reference (two-sample Kolmogorov-Smirnov).
+
+        Returns a :class:`sidenet.shift.ShiftReport`; ``report.shifted`` is True when the p-value is
+        below ``alpha``: the threshold's promises, made on the reference data, may not hold on this
+        traffic. Needs :meth:`set_reference` first.
+        """
+        return self.monitor.shift_check(self.policies[0].threshold, alpha, min_samples)

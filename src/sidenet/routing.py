@@ -1,11 +1,12 @@
 """``AdaptiveModel``: MainNet trunk, SideNet, exit policy, and the rest of the MainNet run only on
 the samples that did not exit.
 
-Long because :class:`AdaptiveModel` is the library's one model class: its settings (one exit rule per
-SideNet), the hand-overs to its monitor and FLOPs ledger, and the routing of one SideNet or a cascade
-through the same loop belong together. Routing is this module's one job; the FLOPs bookkeeping lives
-in :class:`~sidenet.flops.FlopLedger`, the traffic statistics in :class:`~sidenet.monitor.TrafficMonitor`,
-training in :mod:`sidenet.training`.
+Long because :class:`AdaptiveModel` is the library's one model class: its settings (the taps, one exit
+rule per SideNet, sub-cascades), the hand-overs to its FLOPs ledger and the routing of one SideNet or a
+cascade through the same recursion belong together. Routing is this module's one job; the FLOPs
+bookkeeping lives in :class:`~sidenet.flops.FlopLedger`, the traffic statistics in
+:class:`~sidenet.monitor.TrafficMonitor` (the model's hand-overs to it in
+:class:`~sidenet.monitor.TrafficStatistics`), training in :mod:`sidenet.training`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from sidenet.config import SideNetConfig, config_for_parts
 from sidenet.errors import ClassCountMismatchError
 from sidenet.flops import FlopLedger, FlopProfile
 from sidenet.head import SideNet
-from sidenet.monitor import TrafficMonitor
+from sidenet.monitor import TrafficMonitor, TrafficStatistics
 from sidenet.outputs import AdaptiveOutput, FrontPass
 from sidenet.policy import ExitPolicy
 from sidenet.splits import MainNetSplit
@@ -84,13 +85,16 @@ def _scatter(values: torch.Tensor, rows: torch.Tensor | None, new: torch.Tensor)
     return values.to(dtype).index_copy(0, rows, new.to(dtype))
 
 
-class AdaptiveModel(nn.Module):
-    """A MainNet with a SideNet attached at a tap, answering early for confident samples.
+class AdaptiveModel(TrafficStatistics, nn.Module):
+    """A MainNet with a SideNet attached at a tap (or a cascade of SideNets at several taps), answering
+    early for confident samples.
 
     Args:
-        split: the MainNet cut at the tap (see :func:`sidenet.split_mainnet`).
-        sidenet: the classifier reading the tap features.
-        threshold: exit when the SideNet's confidence is at least this (0..1, or :data:`sidenet.NEVER_EXIT`).
+        split: the MainNet cut at the tap (see :func:`sidenet.split_mainnet`); for a cascade, a list of
+            splits of one MainNet, each tap deeper than the one before (see :meth:`MainNetSplit.check_follows`).
+        sidenet: the classifier reading the tap features; for a cascade, one per split.
+        threshold: exit when the SideNet's confidence is at least this (0..1, or :data:`sidenet.NEVER_EXIT`);
+            for a cascade one value for all SideNets or one per SideNet (so too ``temperature``, ``policy``).
         temperature: divides the SideNet's logits before the softmax of the exit rule.
         policy: the exit rule's score, ``max_softmax`` (the paper's), ``entropy`` or ``margin``.
         check_inputs: validate every batch: its structure (type, shape, emptiness, device, dtype) and,
@@ -99,15 +103,21 @@ class AdaptiveModel(nn.Module):
             the CPU, where reading them costs no host wait; ``True`` everywhere (on a GPU, one more host
             wait per batch); ``False`` never.
         stats_window: how many of the latest adaptive-mode confidences to keep for :meth:`shift_check`.
-        config: the settings the model was attached or loaded with (see :attr:`config`); threshold,
-            temperature and policy default to its exit rule (``FROM_CONFIG``), or without one to
-            0.9, 1.0 and ``max_softmax``. ``None``: the rest is read from ``split`` and ``sidenet``.
+        config: the settings the model was attached or loaded with (see :attr:`config`; a cascade: one
+            per SideNet, :attr:`configs`); threshold, temperature and policy default to its exit rule
+            (``FROM_CONFIG``), or without one to 0.9, 1.0 and ``max_softmax``. ``None``: the rest is read
+            from ``split`` and ``sidenet``.
 
     The MainNet is frozen: its parameters stop requiring gradients (as peft freezes its base model),
     it runs in eval mode and without autograd even after a user's ``mainnet.train()``; call :meth:`fit`
     to train the SideNet. One model may serve several threads: the traffic statistics are locked.
 
-    Parts: the exit rule (:attr:`policy`, a frozen :class:`ExitPolicy`), the FLOPs bookkeeping
+    One SideNet is the cascade of length one: :attr:`splits`, :attr:`sidenets` and :attr:`policies` hold
+    one item, and routing runs the same loop (:meth:`finish`). The one-SideNet settings
+    (:attr:`threshold`, :attr:`temperature`, :attr:`policy_kind`) refuse on a longer cascade; use
+    :attr:`thresholds` and :attr:`policies` there.
+
+    Parts: the exit rules (:attr:`policies`, frozen :class:`ExitPolicy` objects), the FLOPs bookkeeping
     (:attr:`flop_ledger`, a :class:`~sidenet.flops.FlopLedger`) and the traffic statistics
     (:attr:`monitor`, a :class:`~sidenet.monitor.TrafficMonitor`); the model's own methods of the
     same names hand over to them.
@@ -313,67 +323,6 @@ class AdaptiveModel(nn.Module):
         super().train(mode)
         self.split.eval()
         return self
-
-    # -- traffic statistics (kept by self.monitor) -----------------------------------------------
-    @property
-    def samples_seen(self) -> int:
-        """Samples routed in adaptive mode (here and by a :class:`~sidenet.serving.PooledRouter`)."""
-        return self.monitor.samples_seen
-
-    @property
-    def samples_exited(self) -> int:
-        """Of :attr:`samples_seen`, those that exited at the SideNet."""
-        return self.monitor.samples_exited
-
-    @property
-    def observed_exit_rate(self) -> float:
-        """Fraction of the samples seen in adaptive mode since :meth:`reset_stats` that exited."""
-        return self.monitor.exit_rate
-
-    @property
-    def stats_window(self) -> int:
-        """How many of the latest confidences :attr:`recent_confidence` keeps."""
-        return self.monitor.window
-
-    @stats_window.setter
-    def stats_window(self, value: int) -> None:
-        self.monitor.window = value
-
-    @property
-    def recent_confidence(self) -> torch.Tensor:
-        """The latest (at most ``stats_window``) confidences seen in adaptive mode."""
-        return self.monitor.recent
-
-    @property
-    def reference_confidence(self) -> torch.Tensor | None:
-        """Confidences of the data the threshold was chosen on (see :meth:`set_reference`); saved with
-        the SideNet. Assign ``None`` to forget them."""
-        return self.monitor.reference
-
-    @reference_confidence.setter
-    def reference_confidence(self, value: Any) -> None:
-        if value is None:
-            self.monitor.reference = None
-        else:
-            self.monitor.set_reference(value)
-
-    def reset_stats(self) -> None:
-        """Zero the counts of samples seen and exited in adaptive mode and forget their confidences."""
-        self.monitor.reset()
-
-    def set_reference(self, confidence: Any) -> None:
-        """Remember the SideNet confidences (under this policy) of the data the threshold was chosen on,
-        e.g. ``curve.record.confidence``; :meth:`shift_check` compares new traffic with them."""
-        self.monitor.set_reference(confidence)
-
-    def shift_check(self, alpha: float = 0.01, min_samples: int = 100) -> Any:
-        """Compare the confidences of recent traffic with the reference (two-sample Kolmogorov-Smirnov).
-
-        Returns a :class:`sidenet.shift.ShiftReport`; ``report.shifted`` is True when the p-value is
-        below ``alpha``: the threshold's promises, made on the reference data, may not hold on this
-        traffic. Needs :meth:`set_reference` first.
-        """
-        return self.monitor.shift_check(self.policies[0].threshold, alpha, min_samples)
 
     # -- FLOPs (kept by self.flop_ledger) --------------------------------------------------------
     def count_flops_with(self, mainnet: nn.Module | None) -> AdaptiveModel:

@@ -251,7 +251,7 @@ class SidenetSource:
             mainnet = get_task(self.task_name()).mainnet(progress=False)
         model = load_sidenet(mainnet, Path(self.sidenet)).eval()
         if self.threshold is not None:
-            model.threshold = self.threshold
+            model.thresholds = self.threshold  # a cascade: the same threshold for every SideNet
         return model
 
     def tolerance(self, default: float = 0.01) -> float:

@@ -263,7 +263,9 @@ class SidenetDeployment:
             "status": "ok",
             "mode": self.options.mode,
             "inputs": self.inputs.kind,
-            "threshold": float(self.model.threshold),
+            "threshold": float(self.model.thresholds[0]),
+            "thresholds": [float(value) for value in self.model.thresholds],
+            "taps": [str(tap) for tap in self.model.taps],
             "pending": self.router.pending,
         }
 

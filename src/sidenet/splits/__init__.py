@@ -42,6 +42,7 @@ __all__ = [
     "select_samples",
     "register_splitter",
     "split_mainnet",
+    "candidate_taps",
     "SPLITTERS",
 ]
 # name -> (does this splitter handle the model?, build the split at a tap)
@@ -84,3 +85,20 @@ def split_mainnet(mainnet: nn.Module | MainNetSplit, tap: str | int, **options: 
         f"no splitter knows {type(mainnet).__name__}; registered: {', '.join(SPLITTERS)}. "
         "Wrap it with sidenet.CallableSplit(trunk=..., rest=..., mainnet=model) instead."
     )
+
+
+def candidate_taps(split: MainNetSplit) -> list[str | int]:
+    """The taps a cascade can use on ``split``'s MainNet, one per depth, shallowest first: the taps its
+    splitter lists (``valid_taps``), less aliases of the same depth (``layer1`` is ``layer1.2`` of a
+    ResNet-20; the first name listed is kept). Raises :class:`TapError` for a split that cannot hold a
+    cascade (see :meth:`MainNetSplit.check_follows`) or lists no taps."""
+    listed = getattr(split, "valid_taps", None)
+    if split.tap_depth() is None or not listed:
+        raise TapError(f"{type(split).__name__} lists no taps a cascade can use; give the taps yourself")
+    options = split.options()
+    by_depth: dict[int, str | int] = {}
+    for tap in listed:
+        depth = split_mainnet(split.mainnet, tap, **options).tap_depth()
+        if depth is not None:
+            by_depth.setdefault(depth, tap)
+    return [by_depth[depth] for depth in sorted(by_depth)]

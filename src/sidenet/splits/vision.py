@@ -130,6 +130,7 @@ class SequentialSplit(MainNetSplit):
                 f"integers 1..{len(model) - 1} (the trunk is the first `tap` modules; no floats or booleans)"
             )
         super().__init__(model, cut, _classifier_classes(model))
+        self.valid_taps = list(range(1, len(model)))
         # A tuple, not attributes: the halves share modules already registered under ``mainnet``.
         self._halves = (model[:cut], model[cut:])
         # A reshaping module ahead of the first layer (nn.Flatten) hides the input shape: no check then.
