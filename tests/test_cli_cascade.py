@@ -1,5 +1,5 @@
 """``sidenet fit --taps``: a cascade fitted, chosen on validation and saved by the CLI, then read back by
-``sweep`` and ``predict``; ``report`` refuses it with a pointer; bad ``--taps`` fail before any work."""
+``sweep`` and ``predict``; ``report`` reads it (tests/test_report_cascade.py); bad ``--taps`` fail before any work."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from PIL import Image
 from tests.test_cli import TinyTask, tiny_task  # noqa: F401 (the fixture)
 from typer.testing import CliRunner
 
-from sidenet import attach, cli, load_sidenet, save_sidenet
+from sidenet import cli, load_sidenet
 from sidenet.models.cifar_resnet import cifar_resnet
 from sidenet.splits import TapError, candidate_taps, split_mainnet
 
@@ -67,14 +67,6 @@ def test_fit_taps_auto_saves_the_chosen_cascade(tiny_task: TinyTask, tmp_path: P
     result = runner.invoke(cli.app, ["predict", "--sidenet", str(out), "--threshold", "0", str(image)])
     assert result.exit_code == 0, result.output
     assert "answered by SideNet" in result.output
-
-
-def test_report_refuses_a_cascade_and_says_what_to_run(tiny_task: TinyTask, tmp_path: Path) -> None:  # noqa: F811
-    out = tmp_path / "cascade"
-    model = attach(tiny_task.mainnet(), ["stem", "layer2"], input_shape=(1, 28, 28))
-    save_sidenet(model, out, metadata={"task": "tiny"})
-    result = runner.invoke(cli.app, ["report", "--sidenet", str(out), "-q"])
-    assert result.exit_code == 2 and "sidenet sweep" in result.output, result.output
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,8 @@ LAYERS: dict[str, int] = {
     "report": ANALYSIS,
     "report_page": ANALYSIS,
     "report_data": ANALYSIS,
+    "report_cascade": ANALYSIS,
+    "report_cascade_page": ANALYSIS,
     "datasets": DEMO,
     "data": DEMO,
     "pretrain": DEMO,

@@ -249,7 +249,7 @@ def predict(
 
 @app.command()
 def report(
-    sidenet: Annotated[Path, typer.Option("--sidenet", help="Folder of a saved SideNet.")] = DEFAULT_OUT
+    sidenet: Annotated[Path, typer.Option("--sidenet", help="Folder of a saved SideNet or cascade.")] = DEFAULT_OUT
     / "fmnist-layer1.0",
     out: Annotated[Path | None, typer.Option(help="Folder for report.html, report.md and the plots.")] = None,
     calibration_split: Annotated[
@@ -278,7 +278,9 @@ def report(
 ) -> None:
     """Write an HTML page and a Markdown summary: curves of every exit policy with the MainNet and the
     oracle, calibration before and after temperature scaling, guaranteed thresholds, shift check,
-    per-class exits, measured throughput and, given logged traffic, its live audit."""
+    per-class exits, measured throughput and, given logged traffic, its live audit. A cascade's report:
+    each SideNet's FLOPs and calibration, the trade-off along a path of threshold vectors with the saved
+    ones and the oracle, thresholds with and without a guarantee, the shift check and throughput."""
     from sidenet.report import ReportSettings, build_report
     from sidenet.report_page import write_report
 
@@ -287,10 +289,11 @@ def report(
         check_range("--confidence", confidence, 0.0, 1.0, open_interval=True)
         check_positive(bins=bins)
         task = _saved_task(sidenet)
-        if (sidenet / CASCADE_NAME).is_file():
+        cascade = (sidenet / CASCADE_NAME).is_file()
+        if cascade and audit is not None:
             raise ValueError(
-                f"{sidenet} holds a cascade of SideNets; `sidenet report` covers one SideNet so far. See the "
-                f"cascade's trade-off with `sidenet sweep --sidenet {sidenet}`"
+                f"{sidenet} holds a cascade of SideNets; --audit covers one SideNet so far (the live audit "
+                "checks the exits of a single SideNet): run the report without --audit"
             )
         for name in (calibration_split, split):
             task.check_split(name)
@@ -307,13 +310,21 @@ def report(
         else:
             calibration_loader, evaluation_loader = loaders[calibration_split], loaders[split]
             where = f"{calibration_split}, evaluated on {split}"
-        from sidenet.audit import audit_from_log  # read first: a bad file fails before the long work
+        report_folder = out or sidenet / "report"
+        if cascade:
+            from sidenet.report_cascade_page import cascade_report_files
 
-        audited = None if audit is None else audit_from_log(audit).to_dict()
-        built = build_report(model, calibration_loader, evaluation_loader, settings, task.class_names, not quiet)
-        built.audit = audited
-        title = f"sidenet report: {task.name}, tap {model.tap} (thresholds from {where})"
-        html_path, md_path = write_report(built, out or sidenet / "report", title)
+            title = f"sidenet report: {task.name}, taps {' -> '.join(map(str, model.taps))} (thresholds from {where})"
+            pair = (calibration_loader, evaluation_loader)
+            html_path, md_path = cascade_report_files(model, pair, settings, report_folder, title, not quiet)
+        else:
+            from sidenet.audit import audit_from_log  # read first: a bad file fails before the long work
+
+            audited = None if audit is None else audit_from_log(audit).to_dict()
+            built = build_report(model, calibration_loader, evaluation_loader, settings, task.class_names, not quiet)
+            built.audit = audited
+            title = f"sidenet report: {task.name}, tap {model.tap} (thresholds from {where})"
+            html_path, md_path = write_report(built, report_folder, title)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     for line in md_path.read_text().splitlines():

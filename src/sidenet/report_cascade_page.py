@@ -1,0 +1,248 @@
+"""Write a :class:`sidenet.report_cascade.CascadeReport` as a self-contained HTML page (plots embedded as
+base64 PNG), a Markdown summary beside its PNG files, and ``report.json``; with the page pieces of
+:mod:`sidenet.report_page` (tables, style, number formats). Also the ``sidenet report`` run of a
+cascade folder, :func:`cascade_report_files`."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from sidenet.calibration import reliability_diagram
+from sidenet.policy import format_threshold
+from sidenet.report_cascade import CascadeReport, build_cascade_report
+from sidenet.report_data import ReportSettings
+from sidenet.report_page import CSS, _html_table, _md_table, _pct
+from sidenet.routing import AdaptiveModel
+
+__all__ = ["write_cascade_report", "cascade_report_files"]
+
+Table = tuple[list[str], list[list[str]]]
+
+
+def _vector(thresholds: Iterable[float]) -> str:
+    return " / ".join(format_threshold(t) for t in thresholds)
+
+
+def _rates(point: dict[str, Any]) -> str:
+    return " / ".join(_pct(rate) for rate in point["exit_rates"])
+
+
+def _mflops(flops: float, mainnet: float) -> str:
+    return f"{flops / 1e6:.3f} ({flops / mainnet:.1%})"
+
+
+def _cascade_table(report: CascadeReport) -> Table:
+    mainnet = report.evaluation_curve.mainnet_flops
+    rows = [
+        [
+            s.tap,
+            str(s.hidden),
+            f"{s.parameters:,}",
+            _mflops(s.segment_flops, mainnet),
+            _mflops(s.side_flops, mainnet),
+            s.policy,
+            format_threshold(s.threshold),
+            f"{s.temperature:.3f}",
+        ]
+        for s in report.sidenets
+    ]
+    rows.append(["rest of the MainNet", "", "", _mflops(report.rest_flops, mainnet), "", "", "", ""])
+    header = ["tap", "hidden", "parameters", "MainNet segment to it, MFLOPs", "SideNet, MFLOPs", "exit rule"]
+    return [*header, "saved threshold", "saved temperature"], rows
+
+
+def _sidenet_table(report: CascadeReport) -> Table:
+    rows = [
+        [
+            s.tap,
+            _pct(s.accuracy),
+            _pct(s.agreement),
+            _pct(s.ece_raw.ece),
+            f"{_pct(s.ece_saved.ece)} (T {s.temperature:.3f})",
+            f"{_pct(s.ece_fitted.ece)} (T {s.fitted_temperature:.3f})",
+        ]
+        for s in report.sidenets
+    ]
+    header = ["tap", "accuracy", "agrees with MainNet", "ECE, T = 1", "ECE, saved T", "ECE, T fitted on calibration"]
+    return header, rows
+
+
+def _tradeoff_table(report: CascadeReport) -> Table:
+    rows = []
+    for point, marks in report.table:
+        rows.append(
+            [
+                _vector(point["thresholds"]),
+                _pct(point["accuracy"]),
+                f"{100 * point['accuracy_drop']:+.2f}",
+                _pct(point["disagreement"]),
+                _pct(point["exit_rate"]),
+                _rates(point),
+                f"{point['mean_flops'] / 1e6:.3f}",
+                f"{point['relative_compute']:.3f}",
+                ", ".join([*marks, *(["MainNet answers all"] if all(map(math.isinf, point["thresholds"])) else [])]),
+            ]
+        )
+    oracle = report.oracle
+    rows.append(["oracle", _pct(oracle["accuracy"]), f"{100 * oracle['accuracy_drop']:+.2f}", "0.00%"])
+    rows[-1] += [_pct(oracle["exit_rate"]), _rates(oracle), f"{oracle['mean_flops'] / 1e6:.3f}"]
+    rows[-1] += [f"{oracle['relative_compute']:.3f}", "exit at the first SideNet that agrees with the MainNet"]
+    header = ["thresholds", "accuracy", "drop (pt)", "disagreement", "exit rate", "exits per SideNet", "MFLOPs"]
+    return [*header, "compute", "point"], rows
+
+
+def _points_table(report: CascadeReport) -> Table:
+    rows = []
+    for name, point in report.points.items():
+        there, here = point.calibration, point.evaluation
+        speed = "not measured"
+        if report.timing is not None:
+            speed = f"{report.timing.points[name].throughput:,.0f} ({report.timing.speedup(name):.2f}x)"
+        rows.append(
+            [
+                name,
+                _vector(point.thresholds),
+                point.how,
+                f"{100 * there['accuracy_drop']:+.2f}",
+                f"{there['relative_compute']:.3f}",
+                f"{100 * here['accuracy_drop']:+.2f}",
+                _pct(here["exit_rate"]),
+                _rates(here),
+                f"{here['relative_compute']:.3f}",
+                "n/a" if math.isnan(point.oracle_fraction) else f"{point.oracle_fraction:.2f}",
+                speed,
+            ]
+        )
+    header = ["point", "thresholds", "chosen", "drop (pt), calibration", "compute, calibration", "drop (pt)"]
+    header += ["exit rate", "exits per SideNet", "compute", "oracle fraction", "samples/s (speed-up)"]
+    return header, rows
+
+
+def _shift_table(report: CascadeReport) -> Table:
+    rows = []
+    for name, check in report.shift.items():
+        verdict = "too few samples" if math.isnan(check.p_value) else ("SHIFT" if check.shifted else "no shift")
+        rows.append(
+            [
+                name.replace("_", " "),
+                verdict,
+                f"{check.statistic:.3f}",
+                f"{check.p_value:.2g}",
+                _pct(check.reference_exit_rate),
+                _pct(check.observed_exit_rate),
+            ]
+        )
+    header = ["comparison", "verdict", "KS statistic", "p-value", "first exit rate (reference)"]
+    return [*header, "first exit rate (new)"], rows
+
+
+def _headline(report: CascadeReport) -> list[str]:
+    curve, settings = report.evaluation_curve, report.settings
+    saved, guaranteed = report.points["saved"], report.points["guaranteed"]
+    point, oracle = saved.evaluation, report.oracle
+    fraction = "n/a" if math.isnan(saved.oracle_fraction) else f"{saved.oracle_fraction:.0%}"
+    lines = [
+        f"Cascade of {len(report.taps)} SideNets at taps {' -> '.join(report.taps)}; thresholds "
+        f"{_vector(saved.thresholds)} as saved, scored at the saved temperatures.",
+        f"On {curve.num_samples} evaluation samples at the saved thresholds: accuracy {_pct(point['accuracy'])} vs "
+        f"MainNet {_pct(curve.mainnet_accuracy)} ({100 * point['accuracy_drop']:+.2f} pt), exit rate "
+        f"{_pct(point['exit_rate'])} ({_rates(point)} per SideNet), compute {_pct(point['relative_compute'])} of the "
+        f"MainNet; the oracle needs {_pct(oracle['relative_compute'])}, so these thresholds save {fraction} of what "
+        "the oracle saves.",
+        f"Guaranteed thresholds {_vector(guaranteed.thresholds)} (accuracy drop above "
+        f"{100 * settings.max_accuracy_drop:g} points with probability at most {100 * (1 - settings.confidence):g}%, "
+        f"exchangeable data assumed): drop {100 * guaranteed.evaluation['accuracy_drop']:+.2f} pt, compute "
+        f"{_pct(guaranteed.evaluation['relative_compute'])} on the evaluation data.",
+        "SideNet ECE at the saved temperatures: "
+        + ", ".join(f"tap {s.tap}: {_pct(s.ece_saved.ece)}" for s in report.sidenets)
+        + " (temperatures refitted on the calibration data are shown beside them; the saved model is unchanged).",
+    ]
+    if report.timing is not None:
+        lines.append(
+            f"Measured throughput at the saved thresholds: {report.timing.speedup('saved'):.2f}x the MainNet's "
+            f"({report.timing.samples} samples in batches of the loader's size)."
+        )
+    shift = report.shift.calibration_vs_evaluation
+    if shift.shifted:
+        lines.append(
+            f"WARNING: the first SideNet's scores on the evaluation data differ from the calibration data (KS p = "
+            f"{shift.p_value:.2g}): the guarantee does not cover this data."
+        )
+    return lines
+
+
+def write_cascade_report(report: CascadeReport, out: str | Path, title: str) -> tuple[Path, Path]:
+    """Write ``report.html`` (self-contained), ``report.md``, the PNGs and ``report.json`` into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    taps = " -> ".join(report.taps)
+    # One mark per distinct vector (the saved and the empirical one often coincide), named by all its points.
+    same: dict[tuple[float, ...], list[str]] = {}
+    for name, point in report.points.items():
+        same.setdefault(tuple(point.thresholds), []).append(name)
+    marks = {", ".join(names): vector for vector, names in same.items()}
+    panels = {
+        f"tap {s.tap}, T = {s.temperature:.2f}": (logits / s.temperature, report.labels)
+        for s, logits in zip(report.sidenets, report.side_logits, strict=True)
+    }
+    images = {
+        "curve": report.evaluation_curve.plot(out / "curve.png", marks=marks, title=f"Evaluation data, taps {taps}"),
+        "reliability": reliability_diagram(
+            out / "reliability.png",
+            {**panels, "MainNet": (report.main_logits, report.labels)},
+            bins=report.settings.bins,
+            title="Reliability on the evaluation data (saved temperatures)",
+        ),
+    }
+    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    path_note = f"path: family {report.family} ({report.family_source}), built on the calibration data"
+    sections: list[tuple[str, str | None, Table]] = [
+        ("The cascade (FLOPs per sample on the evaluation data)", None, _cascade_table(report)),
+        ("SideNets on the evaluation data (every sample, exit or not)", "reliability", _sidenet_table(report)),
+        (f"Compute-accuracy trade-off on the evaluation data ({path_note})", "curve", _tradeoff_table(report)),
+        ("Chosen thresholds, reported on the evaluation data", None, _points_table(report)),
+        ("Shift check (two-sample Kolmogorov-Smirnov on the first SideNet's scores)", None, _shift_table(report)),
+    ]
+    headline = _headline(report)
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+    ]
+    for line in headline:
+        warn = " warn" if line.startswith("WARNING") else ""
+        parts.append(f"<p class='note{warn}'>{html.escape(line)}</p>")
+    md = [f"# {title}", "", *[f"> {line}\n" for line in headline]]
+    for heading, image, table in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        md += [f"## {heading}", ""]
+        if image:
+            data = base64.b64encode(images[image].read_bytes()).decode()
+            parts.append(f"<img alt='{image}' src='data:image/png;base64,{data}'>")
+            md += [f"![{image}]({images[image].name})", ""]
+        parts.append(_html_table(*table))
+        md += [_md_table(*table), ""]
+    parts.append("</body></html>")
+    html_path, md_path = out / "report.html", out / "report.md"
+    html_path.write_text("\n".join(parts), encoding="utf-8")
+    md_path.write_text("\n".join(md), encoding="utf-8")
+    return html_path, md_path
+
+
+def cascade_report_files(
+    model: AdaptiveModel,
+    loaders: tuple[Iterable, Iterable],
+    settings: ReportSettings,
+    out: Path,
+    title: str,
+    progress: bool = True,
+) -> tuple[Path, Path]:
+    """``sidenet report`` of a cascade: build the report on the (calibration, evaluation) ``loaders`` and
+    write it into ``out``; returns the HTML and Markdown paths."""
+    report = build_cascade_report(model, *loaders, settings, progress=progress)
+    return write_cascade_report(report, out, title)
