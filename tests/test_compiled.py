@@ -22,7 +22,7 @@ def mixed_model() -> tuple[sidenet.AdaptiveModel, list[torch.Tensor]]:
 
 
 def assert_same_answers(served: sidenet.AdaptiveOutput, eager: sidenet.AdaptiveOutput, atol: float = 1e-5) -> None:
-    assert torch.equal(served.exited, eager.exited)
+    assert torch.equal(served.exited, eager.exited) and torch.equal(served.exit_stage, eager.exit_stage)
     torch.testing.assert_close(served.confidence, eager.confidence, atol=atol, rtol=0)
     torch.testing.assert_close(served.logits, eager.logits, atol=atol, rtol=0)
     torch.testing.assert_close(served.flops, eager.flops)

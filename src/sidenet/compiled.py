@@ -252,7 +252,8 @@ class CompiledAdaptiveModel:
             rest_cost = model.rest_flops(selected, None, front.profile)
             dtype = torch.promote_types(logits.dtype, rest_logits.dtype)
             logits = logits.to(dtype).index_copy(0, remaining, rest_logits.to(dtype))
-        return AdaptiveOutput(logits, front.exited, front.confidence, front.flops_with_rest(rest_cost))
+        stage = torch.where(front.exited, 0, 1)  # one SideNet: 0 where it answered, 1 for the MainNet
+        return AdaptiveOutput(logits, front.exited, front.confidence, front.flops_with_rest(rest_cost), stage)
 
     @torch.no_grad()
     def __call__(self, x: Any) -> AdaptiveOutput:
