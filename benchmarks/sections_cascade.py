@@ -56,7 +56,8 @@ def cascade_lines(r: dict[str, Any], batch: str, samples: str) -> list[str]:
         )
         + ", all fitted in the step above. `sidenet.choose_taps` keeps the subset of taps and the threshold "
         f"vector with the least compute, {_rule(c['rule'])} ({how}); every subset is tried (exhaustive for "
-        "at most 6 candidates), each along the default one-knob family of threshold vectors. The cascade is "
+        "at most 6 candidates), each along every one-knob family of threshold vectors listed below, keeping the "
+        'family that does best on the choosing data (`family="auto"`, the default). The cascade is '
         f"then routed batch by batch as served: accuracy, exits and FLOPs are those of its answers on the "
         f"{samples} it did not choose on. Shipped choice: taps {_taps(c['taps'])} at thresholds "
         f"{_thresholds(c['thresholds'])}" + (" (the same rule on all of dev)." if crossfit else "."),
@@ -78,6 +79,7 @@ def cascade_lines(r: dict[str, Any], batch: str, samples: str) -> list[str]:
         f"chosen taps alone: {c['oracle_chosen_taps_flops_fraction']:.3f} of the FLOPs).",
         "",
     ]
+    lines += _gap_lines(c, folds)
     targets = c.get("targets", {})
     if targets:
         met = [
@@ -118,3 +120,54 @@ def cascade_lines(r: dict[str, Any], batch: str, samples: str) -> list[str]:
         )
     lines.append("")
     return lines
+
+
+def _pooled_rates(folds: list[dict[str, Any]], key: str) -> list[float]:
+    """Exits per SideNet of ``key`` (a point of each fold over all candidate taps, or the chosen taps'
+    record point mapped onto the candidates), pooled over folds by their sample counts."""
+    total = sum(f["outcome"]["samples"] for f in folds)
+    pooled: dict[str, float] = {}
+    for f in folds:
+        weight = f["outcome"]["samples"] / total
+        point = f[key]
+        taps = f["taps"] if key == "record_point" else [c for c in f["candidates"][-1]["taps"]]
+        for tap, rate in zip(taps, point["exit_rates"], strict=True):
+            pooled[str(tap)] = pooled.get(str(tap), 0.0) + weight * rate
+    return [pooled.get(str(tap), 0.0) for tap in folds[0]["candidates"][-1]["taps"]]
+
+
+def _gap_lines(c: dict[str, Any], folds: list[dict[str, Any]]) -> list[str]:
+    """Where the chosen thresholds' exits fall short of the oracle's, per SideNet (on the reporting data)."""
+    if any(f["record_point"] is None for f in folds):
+        return []
+    taps = folds[0]["candidates"][-1]["taps"]  # the last subset tried by exhaustive search: all candidates
+    if len(taps) != len(c["candidate_taps"]):
+        return []
+    chosen, oracle = _pooled_rates(folds, "record_point"), _pooled_rates(folds, "oracle_all_taps")
+    share = " | ".join(f"`{t}` {pct(a)} (oracle {pct(b)})" for t, a, b in zip(taps, chosen, oracle, strict=True))
+    disagreement = sum(f["record_point"]["disagreement"] * f["outcome"]["samples"] for f in folds) / sum(
+        f["outcome"]["samples"] for f in folds
+    )
+    text = f"Exits per SideNet on the reporting data, chosen thresholds against the oracle: {share}."
+    if c["share_of_oracle_saving"] < 0.8:  # what stands in the way of the oracle's saving
+        text += (
+            " What stands in the way: the oracle answers most samples at the first SideNet, whose answer agrees "
+            "with the MainNet's there; the chosen thresholds must keep the samples whose early answer disagrees "
+            f"within {_rule(c['rule'])} on the choosing data, and the early SideNets' scores do not separate "
+            "agreeing from disagreeing samples well enough to exit as many there, so more samples pay for deeper "
+            f"taps. Disagreement of the chosen thresholds on the reporting data: {pct(disagreement)}."
+        )
+    return [text, ""]
+
+
+def cascade_sentence(r: dict[str, Any], batch: str) -> str:
+    """One sentence for the opening summary: the auto-chosen cascade against the single tap."""
+    c = r.get("cascade")
+    if not c:
+        return ""
+    return (
+        f" A cascade of SideNets at auto-chosen taps ({len(c['taps'])} of {len(c['candidate_taps'])} candidates) "
+        f"spends {pct(c['flops_fraction'])} of the MainNet's FLOPs at a drop of {100 * c['accuracy_drop']:+.2f} "
+        f"points: {c['speedup'][batch]:.2f}× at {batch.replace('batch', 'batch ')} against "
+        f"{c['speedup'][batch + '_single_tap']:.2f}× for the single tap in the same run."
+    )
