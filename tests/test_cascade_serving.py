@@ -90,3 +90,17 @@ def test_calibrate_fits_one_temperature_per_sidenet() -> None:
     assert tuple(rule.temperature for rule in model.policies) == temperatures
     for tap, value in zip(model.taps, temperatures, strict=True):
         assert calibrate(model.with_taps([tap]), [(x, labels)], progress=False) == pytest.approx(value)
+
+
+@torch.no_grad()
+def test_live_audit_counts_exits_at_later_sidenets_of_a_cascade() -> None:
+    from sidenet.audit import LiveAudit
+
+    model, x = cascade("resnet")
+    model.thresholds = (sidenet.NEVER_EXIT, 0.0, 0.0)  # everyone exits at the second SideNet
+    audit = LiveAudit(share=1.0, tolerance=0.05)
+    PooledRouter(model, rest_batch=8, audit=audit).run(batches_of(x, 8))
+    second = model.sidenets[1](model.splits[1].features(model.splits[1].trunk(x))).argmax(1)
+    main = model.split.mainnet(x).argmax(1)
+    assert audit.audited == len(x)
+    assert audit.disagreed == int((second != main).sum()) > 0

@@ -77,7 +77,7 @@ class LiveAudit:
     def check(self, model: Any, front: Any) -> None:
         """Audit a random share of the batch whose front pass is ``front`` (a :class:`sidenet.FrontPass`
         of ``model``): run the rest of the MainNet on the drawn samples and count those that exited with
-        another answer than the MainNet's. Changes no answer."""
+        another answer than the MainNet's (at any SideNet of a cascade). Changes no answer."""
         n = len(front.exited)
         with self._lock:
             drawn = (torch.rand(n, generator=self._generator) < self.share).nonzero().squeeze(1)
@@ -89,9 +89,18 @@ class LiveAudit:
         index = drawn.to(device, non_blocking=True)
         # No sizes given: text keeps its padded length (padding is masked out) rather than reading the
         # kept length from the device.
-        main = model.split.rest(model.split.select_sized(front.state, index, ())).argmax(dim=-1)
-        side = front.side_logits.index_select(0, index).argmax(dim=-1)
-        wrong = ((main != side) & front.exited.index_select(0, index)).sum()
+        selected = model.split.select_sized(front.state, index, ())
+        main = model.split.rest(selected).argmax(dim=-1)
+        answer = front.side_logits.index_select(0, index).argmax(dim=-1)
+        exited = front.exited.index_select(0, index)
+        if model.num_taps > 1:
+            # A cascade's answer for the drawn samples: the first SideNet's where it exited, else that of the
+            # later SideNets (the MainNet's where none exits). Run here on the few drawn samples, off the
+            # answer path; it reads one value per later tap, on the batches that have a drawn sample only.
+            later = model.continue_from(selected, front.profile)
+            answer = torch.where(exited, answer, later.logits.argmax(dim=-1))
+            exited = exited | later.exited
+        wrong = ((main != answer) & exited).sum()
         with self._lock:
             self._seen += n
             self._audited += len(drawn)
