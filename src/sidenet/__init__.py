@@ -8,8 +8,8 @@ This module's ``__all__`` is the public API; each name is defined once, in the s
 
 from sidenet.attach import attach
 from sidenet.cascade_choice import CascadeChoice, choose_taps, threshold_path
-from sidenet.cascade_curve import CascadeCurve, CascadeRecord
-from sidenet.cascade_record import collect_cascade
+from sidenet.cascade_curve import CascadeCurve
+from sidenet.cascade_record import CascadeRecord, collect_cascade
 from sidenet.checkpoint import load_sidenet, save_sidenet
 from sidenet.compiled import CompiledAdaptiveModel, compile_for_serving
 from sidenet.config import SideNetConfig, mainnet_fingerprint

@@ -4,19 +4,160 @@ threshold and tap choices read without running a network again (see :func:`colle
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from sidenet.cascade_curve import CascadeRecord
+from sidenet.policy import ExitPolicy
 from sidenet.training import trunk_batches
 
 if TYPE_CHECKING:
     from sidenet.routing import AdaptiveModel
 
-__all__ = ["collect_cascade"]
+__all__ = ["CascadeRecord", "collect_cascade"]
+
+
+@dataclass
+class CascadeRecord:
+    """Per-sample results of one MainNet pass with K SideNets (in tap order): everything the outcome of
+    a threshold vector depends on. Every SideNet is scored on every sample, exit or not.
+
+    Attributes:
+        confidence: (N, K) each SideNet's exit score under its own exit rule.
+        side_predictions: (N, K) each SideNet's class.
+        main_predictions: (N,) the MainNet's class.
+        labels: (N,) or None (then accuracies are NaN; disagreement with the MainNet still works).
+        segment_flops: (N, K + 1) FLOPs of MainNet segment j on the sample: j = 0 input -> tap 0,
+            j = k tap k-1 -> tap k, j = K last tap -> logits. A row sums to the MainNet's FLOPs.
+        side_flops: (N, K) FLOPs of SideNet k on the sample.
+        taps: the K tap names (default 0..K-1); exit_rules: K exit rules or None.
+    """
+
+    confidence: np.ndarray
+    side_predictions: np.ndarray
+    main_predictions: np.ndarray
+    labels: np.ndarray | None
+    segment_flops: np.ndarray
+    side_flops: np.ndarray
+    taps: tuple[str | int, ...] | None = None
+    exit_rules: tuple[ExitPolicy | None, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self.confidence = np.asarray(self.confidence, dtype=np.float64)
+        if self.confidence.ndim != 2 or self.confidence.shape[1] == 0:
+            raise ValueError(f"confidence must be (N, K) with K >= 1 SideNets, got shape {self.confidence.shape}")
+        n, k = self.confidence.shape
+        expected = {
+            "side_predictions": (n, k),
+            "main_predictions": (n,),
+            "segment_flops": (n, k + 1),
+            "side_flops": (n, k),
+        }
+        if self.labels is not None:
+            expected["labels"] = (n,)
+        for name, shape in expected.items():
+            value = np.asarray(getattr(self, name))
+            if value.shape != shape:
+                raise ValueError(
+                    f"{name} must have shape {shape} for N={n} samples and K={k} SideNets, got {value.shape}"
+                )
+            dtype = np.float64 if name.endswith("flops") else np.int64
+            setattr(self, name, value.astype(dtype))
+        if not np.all(np.isfinite(self.confidence)) or np.any((self.confidence < 0) | (self.confidence > 1)):
+            raise ValueError("confidence must hold exit scores in [0, 1] (no NaN)")
+        for name in ("segment_flops", "side_flops"):
+            value = getattr(self, name)
+            if not np.all(np.isfinite(value)) or np.any(value < 0):
+                raise ValueError(f"{name} must be finite and >= 0")
+        self.taps = tuple(range(k)) if self.taps is None else tuple(self.taps)
+        self.exit_rules = (None,) * k if self.exit_rules is None else tuple(self.exit_rules)
+        for name in ("taps", "exit_rules"):
+            if len(getattr(self, name)) != k:
+                raise ValueError(f"{name} must name the K={k} SideNets, got {len(getattr(self, name))}")
+
+    def __len__(self) -> int:
+        return len(self.confidence)
+
+    @property
+    def num_taps(self) -> int:
+        return self.confidence.shape[1]
+
+    @property
+    def mainnet_flops(self) -> np.ndarray:
+        """(N,) the MainNet's FLOPs alone (no SideNet)."""
+        return self.segment_flops.sum(axis=1)
+
+    @property
+    def agree(self) -> np.ndarray:
+        """(N, K) whether SideNet k answers as the MainNet does."""
+        return self.side_predictions == self.main_predictions[:, None]
+
+    @property
+    def side_correct(self) -> np.ndarray | None:
+        """(N, K) whether SideNet k is right; None without labels."""
+        return None if self.labels is None else self.side_predictions == self.labels[:, None]
+
+    @property
+    def main_correct(self) -> np.ndarray | None:
+        """(N,) whether the MainNet is right; None without labels."""
+        return None if self.labels is None else self.main_predictions == self.labels
+
+    def stage_costs(self) -> np.ndarray:
+        """(N, K + 1): column k < K is :meth:`exit_cost` (k), column K is :attr:`main_cost`."""
+        exits = np.cumsum(self.segment_flops[:, :-1] + self.side_flops, axis=1)
+        return np.concatenate([exits, exits[:, -1:] + self.segment_flops[:, -1:]], axis=1)
+
+    def exit_cost(self, k: int) -> np.ndarray:
+        """(N,) FLOPs of a sample that exits at SideNet k: MainNet segments 0..k and SideNets 0..k."""
+        if not 0 <= k < self.num_taps:
+            raise ValueError(f"SideNet index must lie in [0, {self.num_taps - 1}], got {k}")
+        return self.segment_flops[:, : k + 1].sum(axis=1) + self.side_flops[:, : k + 1].sum(axis=1)
+
+    @property
+    def main_cost(self) -> np.ndarray:
+        """(N,) FLOPs of a sample that exits nowhere: the whole MainNet and every SideNet."""
+        return self.segment_flops.sum(axis=1) + self.side_flops.sum(axis=1)
+
+    def subset(self, index: Any) -> CascadeRecord:
+        """The record of the samples ``index`` (an integer array or a boolean mask)."""
+        index = np.asarray(index)
+        return CascadeRecord(
+            confidence=self.confidence[index],
+            side_predictions=self.side_predictions[index],
+            main_predictions=self.main_predictions[index],
+            labels=None if self.labels is None else self.labels[index],
+            segment_flops=self.segment_flops[index],
+            side_flops=self.side_flops[index],
+            taps=self.taps,
+            exit_rules=self.exit_rules,
+        )
+
+    def restrict(self, columns: Sequence[int]) -> CascadeRecord:
+        """The record of the sub-cascade made of the SideNets ``columns`` (sorted distinct indices).
+
+        The MainNet is the same, cut at fewer taps: each segment of the sub-cascade is the sum of the
+        original segments between its taps, so segment rows still add up to the MainNet's FLOPs.
+        """
+        cols = [int(c) for c in columns]
+        k = self.num_taps
+        if not cols or cols != sorted(set(cols)) or cols[0] < 0 or cols[-1] >= k:
+            raise ValueError(f"columns must be sorted distinct SideNet indices in [0, {k - 1}], got {list(columns)}")
+        # Segment j of the sub-cascade runs from just after its tap j-1 to its tap j (summed, not
+        # differenced from a cumulative sum, so that keeping every tap changes no bit).
+        segments = np.add.reduceat(self.segment_flops, [0, *(c + 1 for c in cols)], axis=1)
+        return CascadeRecord(
+            confidence=self.confidence[:, cols],
+            side_predictions=self.side_predictions[:, cols],
+            main_predictions=self.main_predictions,
+            labels=self.labels,
+            segment_flops=segments,
+            side_flops=self.side_flops[:, cols],
+            taps=tuple(self.taps[c] for c in cols),
+            exit_rules=tuple(self.exit_rules[c] for c in cols),
+        )
 
 
 @torch.no_grad()
