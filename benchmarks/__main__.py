@@ -16,6 +16,7 @@ module of this package with ``run(args) -> dict`` whose result the runner writes
 | resnet_compression | resnet_compression.py         | calibration: SideNet fmnist-layer1.0                |
 | serve              | serve.py                      | calibration: SideNets fmnist-layer1.0 and sst2-3    |
 | design             | sidenet_design.py             | – (SideNet hidden width, pooling, distillation)     |
+| cascade_training   | cascade_training.py           | – (what a cascade's later SideNets train on)        |
 | (report)           | report.py                     | every JSON result present, once after the last step |
 
 MainNets are trained or fine-tuned by whichever step first needs them when they are not cached
@@ -64,6 +65,7 @@ STEPS: dict[str, Step] = {
     "resnet_compression": Step("resnet_compression", needs=("calibration",)),
     "serve": Step("serve", needs=("calibration",)),
     "design": Step("sidenet_design"),
+    "cascade_training": Step("cascade_training"),
 }
 
 

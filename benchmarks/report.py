@@ -16,6 +16,7 @@ from benchmarks.compression_plot import WORKLOADS, plot_compression
 from benchmarks.harness import RESULTS, link, markdown_path, pct, thr
 from benchmarks.sections import calibration_section, serving_section, summary_section
 from benchmarks.sections_cascade import cascade_lines
+from benchmarks.sections_cascade_training import cascade_training_section
 from benchmarks.sections_design import design_section
 from benchmarks.sections_gpu import fmnist_compiled_lines, gpu_section
 from benchmarks.sections_serve import serve_section
@@ -210,6 +211,7 @@ SECTIONS = {
     "resnet_compression": resnet_compression_section,
     "serve": serve_section,
     "sidenet_design": design_section,
+    "cascade_training": cascade_training_section,
 }
 
 
