@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
+import sidenet
 from benchmarks.harness import pct
 
 TITLES = {"fmnist": "Fashion-MNIST, ResNet-20", "sst2": "SST-2, all-MiniLM-L6-v2"}
@@ -92,6 +94,24 @@ def _task(name: str, t: dict[str, Any], settings: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _defaults_since(then: dict[str, Any]) -> str:
+    """The library's defaults now, where they differ from those the study compared against."""
+    now = {
+        "hidden": inspect.signature(sidenet.SideNet).parameters["hidden"].default,
+        "pool_size": inspect.signature(sidenet.SideNet).parameters["pool_size"].default,
+        "distill_weight": inspect.signature(sidenet.train_sidenet).parameters["distill_weight"].default,
+    }
+    changed = {k: v for k, v in now.items() if then.get(k) != v}
+    if not changed:
+        return ""
+    names = {"hidden": "hidden", "pool_size": "pooling grid", "distill_weight": "distillation weight"}
+    return (
+        " (changed since, after this study: "
+        + ", ".join(f"{names[k]} {v:g}" for k, v in changed.items())
+        + ")"
+    )
+
+
 def design_section(r: dict[str, Any]) -> list[str]:
     """SideNet design study: every configuration per task, the best at equal cost, the winner vs the default."""
     m, d, st = r["machine"], r["defaults"], r["settings"]
@@ -102,8 +122,10 @@ def design_section(r: dict[str, Any]) -> list[str]:
         f"commit {m['commit'] or 'n/a'}; {r['seconds'] / 60:.1f} min."
         + (" **Quick run: a smoke check only.**" if r.get("quick") else ""),
         "",
-        f"Today's defaults: hidden {d['hidden']}, pooling grid {d['pool_size']}x{d['pool_size']}, distillation "
-        f"weight {d['distill_weight']:g}, {d['epochs']} epochs. One pass of the MainNet caches the tap features; "
+        f"The defaults when the study ran: hidden {d['hidden']}, pooling grid {d['pool_size']}x{d['pool_size']}, "
+        f"distillation weight {d['distill_weight']:g}, {d['epochs']} epochs"
+        + _defaults_since(d)
+        + ". One pass of the MainNet caches the tap features; "
         "each configuration's SideNet trains on the cache, and its trade-off curve is built from the cache with "
         "the FLOPs `sidenet.sweep` counts (no timing). Stage 1 runs the grid at seed 0 (SideNets up to "
         f"{pct(st['max_share'])} of the MainNet's FLOPs), stage 2 the distillation weights at the default's and "

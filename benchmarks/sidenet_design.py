@@ -67,7 +67,7 @@ QUICK = {
     "fmnist_epochs": 3,
     "sst2_epochs": 3,
     "hidden": [64, 256],
-    "pools": [1, 4],
+    "pools": [1, 7],
     "distill": [0.0, 1.0],
     "seeds": 1,
     "top": 1,

@@ -21,7 +21,7 @@ from helpers import IMAGE_SHAPE, build_tiny_mainnet, make_images
 from sidenet.data import make_loader
 
 TAP = "layer1"
-POOLS = (1, 2, 4)  # 4 is the library's default grid, so that the default configuration can run
+POOLS = (1, 2, 7)  # 7 is the library's default grid, so that the default configuration can run
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +101,11 @@ def test_study_result_schema_and_invariants(tiny: tuple) -> None:
     # Stage 1: every grid SideNet and the default at seed 0; stage 2: each distillation weight at the
     # default's size; stage 3: the default and the best other configuration at seed 1.
     assert {design.key_of(r) for r in rows if r["stage"] == 1} == {
-        *((p, h, 0.0) for p in POOLS for h in args.hidden),
+        *((p, h, design.DEFAULTS["distill_weight"]) for p in POOLS for h in args.hidden),
         default,
     }
-    assert {(4, design.DEFAULTS["hidden"], w) for w in args.distill} <= {design.key_of(r) for r in rows}
+    pool, hidden = design.DEFAULTS["pool_size"], design.DEFAULTS["hidden"]
+    assert {(pool, hidden, w) for w in args.distill} <= {design.key_of(r) for r in rows}
     seed0 = [design.key_of(c) for c in design.aggregate([r for r in rows if r["seed"] == 0], "test")]
     best = next(k for k in seed0 if k != default)  # the best other configuration after stages 1 and 2
     assert sorted(design.key_of(r) for r in rows if r["seed"] == 1) == sorted([default, best])
@@ -123,7 +124,7 @@ def test_study_result_schema_and_invariants(tiny: tuple) -> None:
     for p in POOLS:  # a wider hidden layer or a finer grid costs more
         assert shares[p, 4] < shares[p, 8]
     for h in args.hidden:
-        assert shares[1, h] < shares[2, h] < shares[4, h]
+        assert shares[1, h] < shares[2, h] < shares[7, h]
     fractions = [c["val_flops_fraction"] for c in configs]
     assert fractions == sorted(fractions)
     assert summary["default"]["seeds"] == 2 and summary["winner"]["seeds"] == 2

@@ -120,7 +120,7 @@ def case(request: pytest.FixtureRequest) -> Case:
 def reference(case: Case) -> AdaptiveModel:
     """The float32 model, its SideNet fitted for a few steps: what the half-precision models must match."""
     model = case.attach(case.mainnet())
-    model.fit(case.batches(0), epochs=3, lr=5e-3, batch_size=16, progress=False)
+    model.fit(case.batches(0), epochs=3, lr=5e-3, batch_size=16, distill_weight=0.0, progress=False)  # random MainNet
     return model
 
 
@@ -160,7 +160,7 @@ def test_fit_on_a_float32_loader(case: Case, reference: AdaptiveModel, dtype: to
     trains a float32 master copy of the perceptron (float16 AdamW steps would underflow), then keeps the
     SideNet in the MainNet's dtype. The losses follow the float32 model's fit."""
     model = case.attach(case.mainnet().to(dtype))
-    model.fit(case.batches(0), epochs=3, lr=5e-3, batch_size=16, progress=False)
+    model.fit(case.batches(0), epochs=3, lr=5e-3, batch_size=16, distill_weight=0.0, progress=False)
     assert {p.dtype for p in model.sidenet.parameters()} == {dtype}
     assert all(torch.isfinite(p.float()).all() for p in model.sidenet.parameters())
     got = [epoch["loss"] for epoch in model.history_]

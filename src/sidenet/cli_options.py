@@ -46,9 +46,9 @@ class FitSettings:
     out: Path
     data: Path | None = None
     hidden: int = 256
-    pool: int = 4
+    pool: int = 7
     epochs: int = 30
-    distill: float = 0.0
+    distill: float = 0.5
     max_drop: float = 0.005
     seed: int = 0
     features: str | None = None

@@ -224,7 +224,7 @@ class SideNetConfig:
     num_classes: int | None = _setting()
     split_options: dict[str, Any] = _setting(factory=dict)
     hidden: int = _setting(256)
-    pool_size: int = _setting(4)
+    pool_size: int = _setting(7)
     threshold: float = _setting(0.9)
     temperature: float = _setting(1.0)
     policy: str = _setting("max_softmax")

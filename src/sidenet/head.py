@@ -19,10 +19,11 @@ class SideNet(nn.Module):
             for vectors (used as they are).
         num_classes: number of classes; must equal the MainNet's.
         hidden: width of the hidden layer.
-        pool_size: side of the pooling grid for convolutional maps (capped at the map's size).
+        pool_size: side of the pooling grid for convolutional maps (capped at the map's size); 7 by
+            default, the grid that won on validation in ``benchmarks/sidenet_design.py`` (4 before).
     """
 
-    def __init__(self, feature_shape: Sequence[int], num_classes: int, hidden: int = 256, pool_size: int = 4) -> None:
+    def __init__(self, feature_shape: Sequence[int], num_classes: int, hidden: int = 256, pool_size: int = 7) -> None:
         super().__init__()
         feature_shape = tuple(int(d) for d in feature_shape)
         if len(feature_shape) not in (1, 3) or min(feature_shape) < 1:
