@@ -105,11 +105,7 @@ def _defaults_since(then: dict[str, Any]) -> str:
     if not changed:
         return ""
     names = {"hidden": "hidden", "pool_size": "pooling grid", "distill_weight": "distillation weight"}
-    return (
-        " (changed since, after this study: "
-        + ", ".join(f"{names[k]} {v:g}" for k, v in changed.items())
-        + ")"
-    )
+    return " (changed since, after this study: " + ", ".join(f"{names[k]} {v:g}" for k, v in changed.items()) + ")"
 
 
 def design_section(r: dict[str, Any]) -> list[str]:
