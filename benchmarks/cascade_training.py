@@ -1,7 +1,13 @@
 """Training a cascade's later SideNets on the samples that reach them (issue 14, item 3): ``fit(reach=...)``
 with ``"all"`` (every SideNet on every training sample), ``"weighted"`` (each sample weighted by the
 chance that it reaches the tap under the earlier SideNets) and ``"hard"`` (only the samples the earlier
-SideNets would not exit, each exiting ``--exit-share`` of what reaches it); see ``sidenet.training``.
+SideNets would not exit, each exiting ``--exit-share`` of what reaches it); see ``sidenet.training``. One
+more variant, ``"ztw"`` (Zero Time Waste, Wołczyk et al. 2021, cascade connections without their ensemble;
+issue 14, item 1), is no ``reach`` of ``fit``: SideNet k >= 1 reads its tap's pooled features followed by
+the detached logits of SideNets 0..k-1 (its own variant's, in tap order), trained as ``"all"``; its first
+linear layer's k*C extra inputs cost 2*k*C*hidden FLOPs per sample, added to its ``side_flops``. A chosen
+cascade that skips an earlier SideNet still runs it for the samples that reach a later one (its logits are
+read there), so the ztw figures charge each kept SideNet with the skipped ones before it.
 
 Fashion-MNIST (the shipped ResNet-20; candidate taps stem, layer1.0, layer1 with pooling 7x7 and
 layer2.0 with 4x4, as the fmnist step's cascade; chosen on the 5,000 validation images, reported on the
@@ -20,12 +26,13 @@ trained once and shared (``reach`` leaves it alone), the later ones are trained 
 SST-2 at most 1% disagreement with it). Reported per variant: the chosen taps and thresholds, the
 validation point the choice is made at, a two-fold cross-fitted figure on validation (choice on one half,
 reported on the other), the held-out figures (FLOPs fraction including the SideNets, drop, exit rate)
-and the cascade's oracle; each SideNet's FLOPs share (equal across variants: same SideNets). No timing.
+and the cascade's oracle; each SideNet's FLOPs share (equal across the ``reach`` variants: same SideNets;
+ztw's later ones pay for their extra inputs). No timing.
 
 Run: ``python -m benchmarks.cascade_training [--quick]``; writes ``cascade_training.json``. Long because
 it holds the whole comparison in one step module, as the other steps hold theirs: caching, records from
-the cache and their check, training the variants, the choices and their summary (BENCHMARKS.md's section:
-benchmarks/sections_cascade_training.py).
+the cache and their check, training the variants (ztw's inputs and costs included), the choices and
+their summary (BENCHMARKS.md's section: benchmarks/sections_cascade_training.py).
 """
 
 from __future__ import annotations
@@ -50,6 +57,8 @@ from sidenet.loaders import length_grouped
 from sidenet.pretrain import PretrainRecipe, pretrain_fmnist_resnet
 from sidenet.text_pretrain import TextRecipe, finetune_text_mainnet
 from sidenet.training import REACH, cache_tap_features, reach_weights
+
+VARIANTS = (*REACH, "ztw")  # the reaches of ``fit`` and the Zero-Time-Waste cascade connections
 
 NAME = "cascade_training"
 FMNIST_TAPS = {"stem": 7, "layer1.0": 7, "layer1": 7, "layer2.0": 4}  # tap -> pooling grid
@@ -143,14 +152,25 @@ def check_scored(work: Workload, heads: Sequence[SideNet]) -> dict[str, float]:
     return {"max_confidence_difference": difference, "prediction_mismatch": mismatch}
 
 
-def outcome(record: CascadeRecord, choice: sidenet.CascadeChoice) -> dict[str, float]:
-    """What ``choice`` (taps and thresholds) gives on ``record``, with the totals for pooling."""
+def with_skipped(record: CascadeRecord, columns: Sequence[int]) -> CascadeRecord:
+    """``record`` restricted to ``columns``, each kept SideNet also paying for the skipped SideNets since
+    the previous kept one: a ztw SideNet reads all the earlier SideNets' logits, so a sample that reaches
+    it needs them all, and the ones before the previous kept SideNet were paid for there."""
+    starts = [0, *(c + 1 for c in columns[:-1])]
+    side = np.stack([record.side_flops[:, s : c + 1].sum(1) for s, c in zip(starts, columns, strict=True)], 1)
+    return dataclasses.replace(record.restrict(columns), side_flops=side)
+
+
+def outcome(record: CascadeRecord, choice: sidenet.CascadeChoice, charge: bool = False) -> dict[str, float]:
+    """What ``choice`` (taps and thresholds) gives on ``record``, with the totals for pooling; with
+    ``charge``, the skipped SideNets that kept ones read are paid for (``with_skipped``)."""
     n = len(record)
     main = float(record.main_correct.mean())
     if not choice.columns:  # the MainNet alone
         point = {"accuracy": main, "exit_rate": 0.0, "mean_flops": float(record.mainnet_flops.mean())}
     else:
-        point = sidenet.CascadeCurve(record.restrict(choice.columns), [choice.thresholds]).at(choice.thresholds)
+        restrict = with_skipped if charge else CascadeRecord.restrict
+        point = sidenet.CascadeCurve(restrict(record, choice.columns), [choice.thresholds]).at(choice.thresholds)
     return {
         "samples": n,
         "correct": point["accuracy"] * n,
@@ -161,10 +181,13 @@ def outcome(record: CascadeRecord, choice: sidenet.CascadeChoice) -> dict[str, f
     }
 
 
-def pooled(folds: Sequence[tuple[CascadeRecord, CascadeRecord]], rule: dict[str, float]) -> dict[str, Any]:
-    """Each fold's cascade chosen on its first record and reported on its second, pooled by sample count."""
+def pooled(
+    folds: Sequence[tuple[CascadeRecord, CascadeRecord]], rule: dict[str, float], charge: bool = False
+) -> dict[str, Any]:
+    """Each fold's cascade chosen on its first record and reported on its second, pooled by sample count
+    (``charge``: as ``outcome``)."""
     choices = [sidenet.choose_taps(choose, **rule) for choose, _ in folds]
-    parts = [outcome(report, c) for (_, report), c in zip(folds, choices, strict=True)]
+    parts = [outcome(report, c, charge) for (_, report), c in zip(folds, choices, strict=True)]
     total = {key: sum(p[key] for p in parts) for key in parts[0]}
     accuracy = total["correct"] / total["samples"]
     return {
@@ -182,18 +205,23 @@ def halves(record: CascadeRecord, seed: int = 0) -> list[CascadeRecord]:
     return [record.subset(np.sort(h.numpy())) for h in order]
 
 
-def evaluate(work: Workload, heads: Sequence[SideNet]) -> dict[str, Any]:
-    """The cascade of ``heads``: chosen on validation; the validation and held-out figures."""
+def evaluate(work: Workload, heads: Sequence[SideNet], charge: bool = False) -> dict[str, Any]:
+    """The cascade of ``heads``: chosen on validation; the validation and held-out figures (``charge``:
+    the skipped SideNets that kept ones read are paid for, as ``outcome``)."""
     val = scored(work.parts["val"], heads, work.cascade)
     choice = sidenet.choose_taps(val, **work.rule)
-    point = choice.point
+    point = dict(choice.point)
+    chosen_fraction = point["relative_compute"]
+    if charge:  # the choice is made on the record's costs; the figure is what the chosen cascade costs
+        paid = outcome(val, choice, charge=True)
+        point["relative_compute"] = paid["flops"] / paid["mainnet_flops"]
     a, b = halves(val)
     if work.held_out == "test":
         reporting = [scored(work.parts["test"], heads, work.cascade)]
-        held = pooled([(val, reporting[0])], work.rule)
+        held = pooled([(val, reporting[0])], work.rule, charge)
     else:
         dev = [scored(work.parts[f"dev{i}"], heads, work.cascade) for i in range(2)]
-        held = pooled([(dev[0], dev[1]), (dev[1], dev[0])], work.rule)
+        held = pooled([(dev[0], dev[1]), (dev[1], dev[0])], work.rule, charge)
         reporting = dev
     oracle = [sidenet.CascadeCurve(r, [(sidenet.NEVER_EXIT,) * r.num_taps]).oracle() for r in reporting]
     n = np.array([len(r) for r in reporting], dtype=float)
@@ -211,16 +239,59 @@ def evaluate(work: Workload, heads: Sequence[SideNet]) -> dict[str, Any]:
             "thresholds": list(choice.thresholds),
             "family": choice.family,
             "flops_fraction": point["relative_compute"],
+            "flops_fraction_without_skipped": chosen_fraction,
             "accuracy_drop": point["accuracy_drop"],
             "disagreement": point["disagreement"],
             "exit_rate": point["exit_rate"],
         },
-        "val_crossfit": pooled([(a, b), (b, a)], work.rule),
+        "val_crossfit": pooled([(a, b), (b, a)], work.rule, charge),
         "held_out": {
             **held,
             "oracle_flops_fraction": float(np.dot(n, [o["relative_compute"] for o in oracle]) / n.sum()),
         },
     }
+
+
+@torch.no_grad()
+def logits_of(head: SideNet, features: torch.Tensor) -> torch.Tensor:
+    """``head``'s float32 logits on pooled ``features``, detached (evaluation mode)."""
+    head.eval()
+    return head.classify(features).float()
+
+
+def with_logits(cache: FeatureCache, logits: Sequence[torch.Tensor]) -> FeatureCache:
+    """``cache`` whose features are followed by ``logits`` (the earlier SideNets', in tap order)."""
+    return dataclasses.replace(cache, features=torch.cat([cache.features.float(), *logits], 1))
+
+
+def train_ztw(work: Workload, fresh: Sequence[SideNet], seed: int, options: dict[str, Any]) -> list[SideNet]:
+    """The ztw variant's SideNets: the trained first one (shared), then each later SideNet k a new
+    perceptron of the same hidden width over the pooled features and the k earlier SideNets' logits,
+    trained in tap order as ``"all"`` (seeded as ``attach`` seeds SideNet k)."""
+    heads = [fresh[0]]
+    logits = [logits_of(fresh[0], work.train[0].features)]
+    for k in range(1, len(fresh)):
+        cache = with_logits(work.train[k], logits)
+        torch.manual_seed(1000 * seed + k)
+        head = SideNet((cache.features.shape[1],), fresh[k].num_classes, hidden=fresh[k].hidden)
+        sidenet.train_sidenet(head, cache, **options)
+        heads.append(head)
+        logits.append(logits_of(head, cache.features))
+    return heads
+
+
+def ztw_part(part: Part, heads: Sequence[SideNet]) -> Part:
+    """``part`` as the ztw SideNets read it (each tap's features followed by the earlier SideNets' logits)
+    and pay for it (SideNet k's first layer has k*C more inputs: 2*k*C*hidden more FLOPs per sample)."""
+    features: list[FeatureCache] = []
+    logits: list[torch.Tensor] = []
+    for head, cache in zip(heads, part.features, strict=True):
+        features.append(with_logits(cache, logits) if logits else cache)
+        logits.append(logits_of(head, features[-1].features))
+    side = part.record.side_flops.copy()
+    for k, head in enumerate(heads):
+        side[:, k] += 2 * k * head.num_classes * head.hidden
+    return Part(dataclasses.replace(part.record, side_flops=side), features, part.loader)
 
 
 def train_variants(work: Workload, seed: int, reaches: Sequence[str], exit_share: float) -> list[dict[str, Any]]:
@@ -233,19 +304,24 @@ def train_variants(work: Workload, seed: int, reaches: Sequence[str], exit_share
     rows = []
     for reach in reaches:
         started = time.perf_counter()
-        heads = [fresh[0]] + [copy.deepcopy(h) for h in fresh[1:]]
-        shares: list[float | None] = [None]
-        for k in range(1, len(heads)):
-            weights = None
-            if reach != "all":
-                weights = reach_weights(list(zip(heads[:k], work.train[:k], strict=True)), reach, exit_share)
-            shares.append(None if weights is None else float(weights.mean() ** 2 / weights.square().mean()))
-            sidenet.train_sidenet(heads[k], work.train[k], sample_weight=weights, **options)
+        shares: list[float | None] = [None] * len(fresh)
+        scoring = work
+        if reach == "ztw":
+            heads = train_ztw(work, fresh, seed, options)
+            scoring = dataclasses.replace(work, parts={k: ztw_part(p, heads) for k, p in work.parts.items()})
+        else:
+            heads = [fresh[0]] + [copy.deepcopy(h) for h in fresh[1:]]
+            for k in range(1, len(heads)):
+                weights = None
+                if reach != "all":
+                    weights = reach_weights(list(zip(heads[:k], work.train[:k], strict=True)), reach, exit_share)
+                    shares[k] = float(weights.mean() ** 2 / weights.square().mean())
+                sidenet.train_sidenet(heads[k], work.train[k], sample_weight=weights, **options)
         seconds = first_seconds + time.perf_counter() - started
         row = {"seed": seed, "reach": reach, "train_seconds": seconds, "effective_share": shares}
-        if seed == 0 and reach == reaches[0]:
+        if seed == 0 and reach == reaches[0] and reach != "ztw":  # collect_cascade cannot run ztw's SideNets
             row["cache_check"] = check_scored(work, heads)
-        row.update(evaluate(work, heads))
+        row.update(evaluate(scoring, heads, charge=reach == "ztw"))
         v, h = row["val"], row["held_out"]
         print(
             f"{work.name} seed {seed} {reach:>8}: val taps {v['taps']} FLOPs {v['flops_fraction']:.4f} "
@@ -259,7 +335,8 @@ def train_variants(work: Workload, seed: int, reaches: Sequence[str], exit_share
 
 
 def summarise(rows: list[dict[str, Any]], reaches: Sequence[str]) -> dict[str, Any]:
-    """Per variant, the figures averaged over seeds; the variant with the least mean validation FLOPs."""
+    """Per variant, the figures averaged over seeds; the ``reach`` with the least mean validation FLOPs
+    (ztw is no ``reach``: it is compared with ``"all"``, the default, on its own)."""
     by_reach = {}
     for reach in reaches:
         runs = [r for r in rows if r["reach"] == reach]
@@ -277,9 +354,18 @@ def summarise(rows: list[dict[str, Any]], reaches: Sequence[str]) -> dict[str, A
             "held_out_accuracy_drop": mean("held_out", "accuracy_drop"),
             "held_out_exit_rate": mean("held_out", "exit_rate"),
             "held_out_oracle_flops_fraction": mean("held_out", "oracle_flops_fraction"),
+            "held_out_flops_fraction_spread": float(np.ptp([r["held_out"]["flops_fraction"] for r in runs])),
         }
-    winner = min(by_reach, key=lambda r: by_reach[r]["val_flops_fraction"])
-    return {"by_reach": by_reach, "winner_on_val": winner}
+    reaches_run = [r for r in by_reach if r in REACH]
+    winner = min(reaches_run, key=lambda r: by_reach[r]["val_flops_fraction"]) if reaches_run else None
+    summary: dict[str, Any] = {"by_reach": by_reach, "winner_on_val": winner}
+    if "ztw" in by_reach and "all" in by_reach:
+        ztw, all_ = by_reach["ztw"], by_reach["all"]
+        summary["ztw_minus_all"] = {
+            key: ztw[key] - all_[key]
+            for key in ("val_flops_fraction", "val_crossfit_flops_fraction", "held_out_flops_fraction")
+        }
+    return summary
 
 
 def image_workload(
@@ -368,7 +454,7 @@ def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """This step's options from ``argv`` (the command line when None)."""
     parser = benchmark_parser(__doc__)
     parser.add_argument("--tasks", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
-    parser.add_argument("--reaches", nargs="+", choices=REACH, default=list(REACH))
+    parser.add_argument("--reaches", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--exit-share", type=float, default=0.5, help="the hard variant's exit share per SideNet")
     parser.add_argument("--fmnist-data", default=None, help="folder of the Fashion-MNIST files")
     parser.add_argument("--fmnist-taps", nargs="+", choices=list(FMNIST_TAPS), default=list(FMNIST_TAPS))
@@ -408,6 +494,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "epochs": work.epochs,
                 "mainnet_flops": float(record.mainnet_flops.mean()),
                 "sidenet_flops_share": {str(t): float(s) for t, s in zip(work.cascade.taps, shares, strict=True)},
+                "ztw_extra_flops_share": {
+                    str(t): 2 * k * h.num_classes * h.hidden / float(record.mainnet_flops.mean())
+                    for k, (t, h) in enumerate(zip(work.cascade.taps, work.cascade.sidenets, strict=True))
+                },
                 "cache_seconds": cached,
                 "seconds": time.perf_counter() - begun,
                 "rows": rows,

@@ -18,6 +18,7 @@ VARIANTS = {
     "all": "all (every sample)",
     "weighted": "weighted (chance of reaching the tap)",
     "hard": "hard (samples the earlier SideNets pass on)",
+    "ztw": "ztw: all, reading the earlier SideNets' logits too",
 }
 
 
@@ -34,6 +35,11 @@ def _shares(rows: list[dict[str, Any]]) -> str:
     return " / ".join(f"{v:.2f}" for v in values)
 
 
+def _spread(s: dict[str, Any]) -> str:
+    """The held-out FLOPs fraction's spread between seeds (results before it was recorded have none)."""
+    return f" [{s['held_out_flops_fraction_spread']:.4f}]" if "held_out_flops_fraction_spread" in s else ""
+
+
 def _task(name: str, t: dict[str, Any], settings: dict[str, Any]) -> list[str]:
     sizes, held = t["sizes"], t["held_out"]
     shares = ", ".join(f"`{tap}` {pct(s)}" for tap, s in t["sidenet_flops_share"].items())
@@ -44,13 +50,20 @@ def _task(name: str, t: dict[str, Any], settings: dict[str, Any]) -> list[str]:
         f"Candidate taps {', '.join(f'`{x}`' for x in t['taps'])}{pools}; SideNets trained for {t['epochs']} epochs on "
         f"{sizes['train']:,} training samples; cascade chosen by `choose_taps` on {sizes['val']:,} validation samples, "
         f"{_rule(t['rule'])}; held out: {sizes[held]:,} {HELD_OUT[held]}. Each SideNet's FLOPs share of the "
-        f"MainNet (the same in every variant): {shares}. Caching {t['cache_seconds']:.0f} s, task "
-        f"{t['seconds'] / 60:.1f} min.",
+        f"MainNet (the same in every `reach` variant): {shares}."
+        + (
+            " ztw's extra inputs add "
+            + ", ".join(f"`{tap}` {100 * s:.2g}%" for tap, s in t["ztw_extra_flops_share"].items())
+            + "."
+            if "ztw_extra_flops_share" in t
+            else ""
+        )
+        + f" Caching {t['cache_seconds']:.0f} s, task {t['seconds'] / 60:.1f} min.",
         "",
         "| SideNets after the first trained on | seeds | val FLOPs fraction at the choice [seed spread] | "
         "val cross-fitted FLOPs / drop (pt) | "
-        f"{held} FLOPs fraction | {held} drop (pt) | {held} exit rate | {held} oracle | effective share of the "
-        "cache (later SideNets) |",
+        f"{held} FLOPs fraction [seed spread] | {held} drop (pt) | {held} exit rate | {held} oracle | "
+        "effective share of the cache (later SideNets) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     summary = t["summary"]
@@ -62,9 +75,23 @@ def _task(name: str, t: dict[str, Any], settings: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {VARIANTS.get(reach, reach)} | {s['seeds']} | {value} [{s['val_flops_fraction_spread']:.4f}] | "
             f"{s['val_crossfit_flops_fraction']:.4f} / {100 * s['val_crossfit_accuracy_drop']:+.2f} | "
-            f"{s['held_out_flops_fraction']:.4f} | {100 * s['held_out_accuracy_drop']:+.2f} | "
+            f"{s['held_out_flops_fraction']:.4f}{_spread(s)} | {100 * s['held_out_accuracy_drop']:+.2f} | "
             f"{pct(s['held_out_exit_rate'])} | {s['held_out_oracle_flops_fraction']:.4f} | {_shares(rows)} |"
         )
+    if "ztw_minus_all" in summary:
+        d = summary["ztw_minus_all"]
+        spreads = [summary["by_reach"][v]["val_flops_fraction_spread"] for v in ("all", "ztw")]
+        within = abs(d["val_flops_fraction"]) <= max(spreads)  # a gap the seeds alone could make
+        lines += [
+            "",
+            f"ztw minus all (FLOPs fraction, mean over seeds): validation {d['val_flops_fraction']:+.4f}, "
+            f"cross-fitted validation {d['val_crossfit_flops_fraction']:+.4f}, {held} "
+            f"{d['held_out_flops_fraction']:+.4f}: ztw "
+            + ("measures better" if d["val_flops_fraction"] < 0 else "does not measure better")
+            + " on validation"
+            + (" (within the seed spread: " if within else " (beyond the seed spread: ")
+            + f"all {spreads[0]:.4f}, ztw {spreads[1]:.4f}).",
+        ]
     lines += [
         "",
         "Per run: the taps chosen on validation (and per held-out fold), and each SideNet's validation accuracy.",
@@ -96,7 +123,11 @@ def cascade_training_section(r: dict[str, Any]) -> list[str]:
         "Each variant trains the same SideNets from the same initialisation (per seed); the first SideNet is "
         "the same in all. `weighted`: each training sample weighted by prod over earlier SideNets of (1 - their "
         "max softmax), mean 1; `hard`: only the samples left when each earlier SideNet exits its "
-        f"{pct(st['exit_share'])} most confident. Variants are compared on the validation FLOPs fraction at the "
+        f"{pct(st['exit_share'])} most confident. `ztw` (Zero Time Waste, Wołczyk et al. 2021, issue 14 item 1; "
+        "cascade connections, no ensemble): each later SideNet reads its tap's pooled features and the detached "
+        "logits of the earlier ztw SideNets, trained on every sample as `all`; its figures pay for the extra "
+        "inputs and for any skipped earlier SideNet a kept one reads. It is no `reach` of `fit`: the verdict is "
+        "on the reaches. Variants are compared on the validation FLOPs fraction at the "
         "cascade `choose_taps` picks there (the figure a default would be chosen on; the FLOPs include the "
         "SideNets); the cross-fitted validation and held-out columns are checks, not the choice.",
         "",
