@@ -15,9 +15,9 @@ continuous importance weights of cascade survivors in CalexNet, Aperstein and Ap
 (MSDNet's budgeted rule), as a Viola-Jones cascade trains each stage on what earlier stages pass on.
 BoostNet (Yu et al., arXiv:2211.16726) trains later exits on earlier residuals instead: not done here.
 Measured (benchmarks/cascade_training.py, 2 seeds, same SideNets; mean FLOPs fraction with the SideNets at
-the cascade ``choose_taps`` picks on validation): Fashion-MNIST all 0.153, hard 0.154, weighted 0.168 (test
-0.150, 0.152, 0.165); SST-2 all 0.293, hard 0.308, weighted 0.313 (dev cross-fitted 0.481, 0.517, 0.512).
-The weights keep 4-50% of the cache for the later SideNets, whose accuracy falls: ``"all"`` stays the default.
+the cascade ``choose_taps`` picks on validation): Fashion-MNIST all 0.130, hard 0.145, weighted 0.152 (test
+0.127, 0.142, 0.152); SST-2 all 0.259, hard 0.281, weighted 0.281 (dev cross-fitted 0.451, 0.451, 0.442).
+The weights keep 3-50% of the cache for the later SideNets, whose accuracy falls: ``"all"`` stays the default.
 """
 
 from __future__ import annotations
