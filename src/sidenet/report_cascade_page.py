@@ -17,7 +17,7 @@ from sidenet.calibration import reliability_diagram
 from sidenet.policy import format_threshold
 from sidenet.report_cascade import CascadeReport, build_cascade_report
 from sidenet.report_data import ReportSettings
-from sidenet.report_page import CSS, _html_table, _md_table, _pct
+from sidenet.report_page import CSS, html_table, md_table, pct, shift_rows
 from sidenet.routing import AdaptiveModel
 
 __all__ = ["write_cascade_report", "cascade_report_files"]
@@ -30,7 +30,7 @@ def _vector(thresholds: Iterable[float]) -> str:
 
 
 def _rates(point: dict[str, Any]) -> str:
-    return " / ".join(_pct(rate) for rate in point["exit_rates"])
+    return " / ".join(pct(rate) for rate in point["exit_rates"])
 
 
 def _mflops(flops: float, mainnet: float) -> str:
@@ -61,11 +61,11 @@ def _sidenet_table(report: CascadeReport) -> Table:
     rows = [
         [
             s.tap,
-            _pct(s.accuracy),
-            _pct(s.agreement),
-            _pct(s.ece_raw.ece),
-            f"{_pct(s.ece_saved.ece)} (T {s.temperature:.3f})",
-            f"{_pct(s.ece_fitted.ece)} (T {s.fitted_temperature:.3f})",
+            pct(s.accuracy),
+            pct(s.agreement),
+            pct(s.ece_raw.ece),
+            f"{pct(s.ece_saved.ece)} (T {s.temperature:.3f})",
+            f"{pct(s.ece_fitted.ece)} (T {s.fitted_temperature:.3f})",
         ]
         for s in report.sidenets
     ]
@@ -79,10 +79,10 @@ def _tradeoff_table(report: CascadeReport) -> Table:
         rows.append(
             [
                 _vector(point["thresholds"]),
-                _pct(point["accuracy"]),
+                pct(point["accuracy"]),
                 f"{100 * point['accuracy_drop']:+.2f}",
-                _pct(point["disagreement"]),
-                _pct(point["exit_rate"]),
+                pct(point["disagreement"]),
+                pct(point["exit_rate"]),
                 _rates(point),
                 f"{point['mean_flops'] / 1e6:.3f}",
                 f"{point['relative_compute']:.3f}",
@@ -90,8 +90,8 @@ def _tradeoff_table(report: CascadeReport) -> Table:
             ]
         )
     oracle = report.oracle
-    rows.append(["oracle", _pct(oracle["accuracy"]), f"{100 * oracle['accuracy_drop']:+.2f}", "0.00%"])
-    rows[-1] += [_pct(oracle["exit_rate"]), _rates(oracle), f"{oracle['mean_flops'] / 1e6:.3f}"]
+    rows.append(["oracle", pct(oracle["accuracy"]), f"{100 * oracle['accuracy_drop']:+.2f}", "0.00%"])
+    rows[-1] += [pct(oracle["exit_rate"]), _rates(oracle), f"{oracle['mean_flops'] / 1e6:.3f}"]
     rows[-1] += [f"{oracle['relative_compute']:.3f}", "exit at the first SideNet that agrees with the MainNet"]
     header = ["thresholds", "accuracy", "drop (pt)", "disagreement", "exit rate", "exits per SideNet", "MFLOPs"]
     return [*header, "compute", "point"], rows
@@ -112,7 +112,7 @@ def _points_table(report: CascadeReport) -> Table:
                 f"{100 * there['accuracy_drop']:+.2f}",
                 f"{there['relative_compute']:.3f}",
                 f"{100 * here['accuracy_drop']:+.2f}",
-                _pct(here["exit_rate"]),
+                pct(here["exit_rate"]),
                 _rates(here),
                 f"{here['relative_compute']:.3f}",
                 "n/a" if math.isnan(point.oracle_fraction) else f"{point.oracle_fraction:.2f}",
@@ -125,21 +125,8 @@ def _points_table(report: CascadeReport) -> Table:
 
 
 def _shift_table(report: CascadeReport) -> Table:
-    rows = []
-    for name, check in report.shift.items():
-        verdict = "too few samples" if math.isnan(check.p_value) else ("SHIFT" if check.shifted else "no shift")
-        rows.append(
-            [
-                name.replace("_", " "),
-                verdict,
-                f"{check.statistic:.3f}",
-                f"{check.p_value:.2g}",
-                _pct(check.reference_exit_rate),
-                _pct(check.observed_exit_rate),
-            ]
-        )
     header = ["comparison", "verdict", "KS statistic", "p-value", "first exit rate (reference)"]
-    return [*header, "first exit rate (new)"], rows
+    return [*header, "first exit rate (new)"], shift_rows(report.shift)
 
 
 def _headline(report: CascadeReport) -> list[str]:
@@ -150,17 +137,17 @@ def _headline(report: CascadeReport) -> list[str]:
     lines = [
         f"Cascade of {len(report.taps)} SideNets at taps {' -> '.join(report.taps)}; thresholds "
         f"{_vector(saved.thresholds)} as saved, scored at the saved temperatures.",
-        f"On {curve.num_samples} evaluation samples at the saved thresholds: accuracy {_pct(point['accuracy'])} vs "
-        f"MainNet {_pct(curve.mainnet_accuracy)} ({100 * point['accuracy_drop']:+.2f} pt), exit rate "
-        f"{_pct(point['exit_rate'])} ({_rates(point)} per SideNet), compute {_pct(point['relative_compute'])} of the "
-        f"MainNet; the oracle needs {_pct(oracle['relative_compute'])}, so these thresholds save {fraction} of what "
+        f"On {curve.num_samples} evaluation samples at the saved thresholds: accuracy {pct(point['accuracy'])} vs "
+        f"MainNet {pct(curve.mainnet_accuracy)} ({100 * point['accuracy_drop']:+.2f} pt), exit rate "
+        f"{pct(point['exit_rate'])} ({_rates(point)} per SideNet), compute {pct(point['relative_compute'])} of the "
+        f"MainNet; the oracle needs {pct(oracle['relative_compute'])}, so these thresholds save {fraction} of what "
         "the oracle saves.",
         f"Guaranteed thresholds {_vector(guaranteed.thresholds)} (accuracy drop above "
         f"{100 * settings.max_accuracy_drop:g} points with probability at most {100 * (1 - settings.confidence):g}%, "
         f"exchangeable data assumed): drop {100 * guaranteed.evaluation['accuracy_drop']:+.2f} pt, compute "
-        f"{_pct(guaranteed.evaluation['relative_compute'])} on the evaluation data.",
+        f"{pct(guaranteed.evaluation['relative_compute'])} on the evaluation data.",
         "SideNet ECE at the saved temperatures: "
-        + ", ".join(f"tap {s.tap}: {_pct(s.ece_saved.ece)}" for s in report.sidenets)
+        + ", ".join(f"tap {s.tap}: {pct(s.ece_saved.ece)}" for s in report.sidenets)
         + " (temperatures refitted on the calibration data are shown beside them; the saved model is unchanged).",
     ]
     if report.timing is not None:
@@ -225,8 +212,8 @@ def write_cascade_report(report: CascadeReport, out: str | Path, title: str) -> 
             data = base64.b64encode(images[image].read_bytes()).decode()
             parts.append(f"<img alt='{image}' src='data:image/png;base64,{data}'>")
             md += [f"![{image}]({images[image].name})", ""]
-        parts.append(_html_table(*table))
-        md += [_md_table(*table), ""]
+        parts.append(html_table(*table))
+        md += [md_table(*table), ""]
     parts.append("</body></html>")
     html_path, md_path = out / "report.html", out / "report.md"
     html_path.write_text("\n".join(parts), encoding="utf-8")

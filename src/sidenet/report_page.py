@@ -9,6 +9,7 @@ import html
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,7 @@ __all__ = ["write_report", "plot_policies"]
 COLORS = {"max_softmax": "#4C72B0", "entropy": "#55A868", "margin": "#C44E52"}
 
 
-def _pct(x: float) -> str:
+def pct(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
 
 
@@ -110,7 +111,7 @@ def _tables(report: TradeoffReport) -> dict[str, tuple[list[str], list[list[str]
         "adaptive (guaranteed threshold)": calibration.adaptive_at_guaranteed,
     }
     metric_rows = [
-        [name, _pct(m.ece), _pct(m.ece_mass), _pct(m.mce), f"{m.brier:.4f}", f"{m.nll:.4f}", _pct(m.accuracy)]
+        [name, pct(m.ece), pct(m.ece_mass), pct(m.mce), f"{m.brier:.4f}", f"{m.nll:.4f}", pct(m.accuracy)]
         for name, m in metrics.items()
     ]
     policy_rows = []
@@ -137,9 +138,9 @@ def _tables(report: TradeoffReport) -> dict[str, tuple[list[str], list[list[str]
         threshold_rows.append(
             [
                 format_threshold(row.threshold),
-                _pct(point["accuracy"]),
+                pct(point["accuracy"]),
                 f"{100 * point['accuracy_drop']:+.2f}",
-                _pct(point["exit_rate"]),
+                pct(point["exit_rate"]),
                 f"{point['mean_flops'] / 1e6:.2f}",
                 f"{point['relative_compute']:.3f}",
                 speed,
@@ -150,26 +151,13 @@ def _tables(report: TradeoffReport) -> dict[str, tuple[list[str], list[list[str]
         [
             r.name,
             str(r.samples),
-            _pct(r.exit_rate),
-            _pct(r.adaptive_accuracy),
-            _pct(r.mainnet_accuracy),
-            _pct(r.sidenet_accuracy),
+            pct(r.exit_rate),
+            pct(r.adaptive_accuracy),
+            pct(r.mainnet_accuracy),
+            pct(r.sidenet_accuracy),
         ]
         for r in report.per_class
     ]
-    shift_rows = []
-    for name, check in report.shift.items():
-        verdict = "too few samples" if math.isnan(check.p_value) else ("SHIFT" if check.shifted else "no shift")
-        shift_rows.append(
-            [
-                name.replace("_", " "),
-                verdict,
-                f"{check.statistic:.3f}",
-                f"{check.p_value:.2g}",
-                _pct(check.reference_exit_rate),
-                _pct(check.observed_exit_rate),
-            ]
-        )
     return {
         "calibration": (["model", "ECE (width)", "ECE (mass)", "MCE", "Brier", "NLL", "accuracy"], metric_rows),
         "policies": (
@@ -203,7 +191,7 @@ def _tables(report: TradeoffReport) -> dict[str, tuple[list[str], list[list[str]
         "per_class": (["class", "samples", "exit rate", "adaptive acc.", "MainNet acc.", "SideNet acc."], class_rows),
         "shift": (
             ["comparison", "verdict", "KS statistic", "p-value", "exit rate (reference)", "exit rate (new)"],
-            shift_rows,
+            shift_rows(report.shift),
         ),
         "audit": _audit_table(report.audit),
     }
@@ -214,15 +202,15 @@ def _audit_table(audit: dict | None) -> tuple[list[str], list[list[str]]]:
     header = ["state", "samples seen", "audited", "disagreed", "observed rate", "upper bound", "tolerance", "δ"]
     if audit is None:
         return header, []
-    observed = "–" if not audit["audited"] else _pct(audit["disagreed"] / audit["audited"])
+    observed = "–" if not audit["audited"] else pct(audit["disagreed"] / audit["audited"])
     row = [
         f"{audit['state']} (bound meaningful after {audit['min_audits']} audits)",
         f"{audit['samples_seen']:,}",
         f"{audit['audited']:,}",
         f"{audit['disagreed']:,}",
         observed,
-        _pct(audit["upper_bound"]),
-        _pct(audit["tolerance"]),
+        pct(audit["upper_bound"]),
+        pct(audit["tolerance"]),
         f"{audit['delta']:g}",
     ]
     return header, [row]
@@ -239,37 +227,56 @@ def _headline(report: TradeoffReport) -> list[str]:
         f"{format_threshold(chosen.threshold)}, chosen on {best.calibration_curve.num_samples} calibration samples "
         f"so that the accuracy drop exceeds {100 * settings.max_accuracy_drop:g} points with probability at most "
         f"{100 * (1 - settings.confidence):g}% (exchangeable data assumed).",
-        f"On {curve.num_samples} evaluation samples: accuracy {_pct(point['accuracy'])} vs MainNet "
-        f"{_pct(curve.mainnet_accuracy)} ({100 * point['accuracy_drop']:+.2f} pt), exit rate "
-        f"{_pct(point['exit_rate'])}, compute {_pct(point['relative_compute'])} of the MainNet; the oracle needs "
-        f"{_pct(best.oracle['relative_compute'])}, so this threshold saves {chosen.oracle_fraction:.0%} "
+        f"On {curve.num_samples} evaluation samples: accuracy {pct(point['accuracy'])} vs MainNet "
+        f"{pct(curve.mainnet_accuracy)} ({100 * point['accuracy_drop']:+.2f} pt), exit rate "
+        f"{pct(point['exit_rate'])}, compute {pct(point['relative_compute'])} of the MainNet; the oracle needs "
+        f"{pct(best.oracle['relative_compute'])}, so this threshold saves {chosen.oracle_fraction:.0%} "
         "of what the oracle saves.",
-        f"SideNet ECE {_pct(calibration.sidenet_before.ece)} before and {_pct(calibration.sidenet_after.ece)} after "
-        f"temperature scaling (MainNet {_pct(calibration.mainnet.ece)}).",
+        f"SideNet ECE {pct(calibration.sidenet_before.ece)} before and {pct(calibration.sidenet_after.ece)} after "
+        f"temperature scaling (MainNet {pct(calibration.mainnet.ece)}).",
     ]
     audit = report.audit
     if audit is not None and audit["flagged"]:
         lines.append(
             f"WARNING: the live audit of logged traffic bounds the exits' disagreement with the MainNet at "
-            f"{_pct(audit['upper_bound'])} (at confidence {1 - audit['delta']:g}; {audit['disagreed']} of "
-            f"{audit['audited']} audited samples disagreed), above the tolerance of {_pct(audit['tolerance'])}."
+            f"{pct(audit['upper_bound'])} (at confidence {1 - audit['delta']:g}; {audit['disagreed']} of "
+            f"{audit['audited']} audited samples disagreed), above the tolerance of {pct(audit['tolerance'])}."
         )
     if shift.shifted:
         lines.append(
             f"WARNING: the SideNet's confidences on the evaluation data differ from the calibration data "
-            f"(KS p = {shift.p_value:.2g}; exit rate {_pct(shift.observed_exit_rate)} vs "
-            f"{_pct(shift.reference_exit_rate)}): the guarantee does not cover this data."
+            f"(KS p = {shift.p_value:.2g}; exit rate {pct(shift.observed_exit_rate)} vs "
+            f"{pct(shift.reference_exit_rate)}): the guarantee does not cover this data."
         )
     return lines
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
+def shift_rows(shift: dict[str, Any]) -> list[list[str]]:
+    """The rows of a shift-check table (one per comparison of :class:`~sidenet.report_data.ShiftChecks`):
+    verdict, KS statistic, p-value and the exit rates of the reference and the new data."""
+    rows = []
+    for name, check in shift.items():
+        verdict = "too few samples" if math.isnan(check.p_value) else ("SHIFT" if check.shifted else "no shift")
+        rows.append(
+            [
+                name.replace("_", " "),
+                verdict,
+                f"{check.statistic:.3f}",
+                f"{check.p_value:.2g}",
+                pct(check.reference_exit_rate),
+                pct(check.observed_exit_rate),
+            ]
+        )
+    return rows
+
+
+def html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
+def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -328,8 +335,8 @@ def write_report(report: TradeoffReport, out: str | Path, title: str) -> tuple[P
             data = base64.b64encode(images[image].read_bytes()).decode()
             parts.append(f"<img alt='{image}' src='data:image/png;base64,{data}'>")
             md += [f"![{image}]({images[image].name})", ""]
-        parts.append(_html_table(*tables[table]))
-        md += [_md_table(*tables[table]), ""]
+        parts.append(html_table(*tables[table]))
+        md += [md_table(*tables[table]), ""]
     parts.append("</body></html>")
     html_path, md_path = out / "report.html", out / "report.md"
     html_path.write_text("\n".join(parts), encoding="utf-8")
