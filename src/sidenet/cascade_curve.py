@@ -17,7 +17,7 @@ import numpy as np
 
 from sidenet.cascade_record import CascadeRecord
 from sidenet.curve import _as_number
-from sidenet.guarantee import binomial_pvalue, fixed_sequence, hoeffding_bentkus_pvalue
+from sidenet.guarantee import binomial_pvalue, certified_cheapest, fixed_sequence
 from sidenet.plotting import pyplot, save_figure
 from sidenet.policy import NEVER_EXIT, format_threshold, validate_threshold
 
@@ -208,19 +208,12 @@ class CascadeCurve:
             eligible = np.flatnonzero(self.relative_compute <= compute_budget + 1e-12)
         else:
             low, high = float(self._costs.min()), float(self._costs.max())
-            span = max(high - low, 1e-300)
-            limit = (compute_budget * self.mainnet_flops - low) / span
             # One SideNet, constant costs: a sample costs low (exits) or high (continues): exact binomial.
             two_valued = self.num_taps == 1 and np.ptp(self._costs[:, 0]) == 0 and np.ptp(self._costs[:, 1]) == 0
-            pvalues = []
-            for i in range(len(self) - 1, -1, -1):
-                if two_valued:
-                    continuing = self.num_samples - round(self.exit_rate[i] * self.num_samples)
-                    pvalues.append(binomial_pvalue(int(continuing), self.num_samples, limit))
-                else:
-                    scaled = min(max((self.mean_flops[i] - low) / span, 0.0), 1.0)
-                    pvalues.append(hoeffding_bentkus_pvalue(scaled, self.num_samples, limit))
-            count = fixed_sequence(pvalues, 1.0 - confidence)
+            n = self.num_samples
+            continuing = n - np.rint(self.exit_rate * n).astype(np.int64) if two_valued else None
+            limit = compute_budget * self.mainnet_flops
+            count = certified_cheapest(self.mean_flops, low, high, limit, n, 1.0 - confidence, continuing)
             eligible = np.arange(len(self) - count, len(self))
         if len(eligible) == 0:
             how = "" if confidence is None else f" with confidence {confidence}"

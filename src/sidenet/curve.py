@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sidenet.guarantee import binomial_pvalue, fixed_sequence, hoeffding_bentkus_pvalue
+from sidenet.guarantee import binomial_pvalue, certified_cheapest, fixed_sequence
 from sidenet.plotting import pyplot, save_figure
 from sidenet.policy import NEVER_EXIT, format_threshold, validate_threshold
 
@@ -207,17 +207,13 @@ class TradeoffCurve:
             record = self.record
             low = float(record.trunk_side_flops.min())
             high = float((record.trunk_side_flops + record.rest_flops).max())
-            limit = (compute_budget * self.mainnet_flops - low) / max(high - low, 1e-300)
             two_valued = np.ptp(record.trunk_side_flops) == 0 and np.ptp(record.rest_flops) == 0
-            # From the cheapest point (every sample exits) to the dearest: compute falls with exits.
-            pvalues = []
-            for k in range(len(self) - 1, -1, -1):
-                if two_valued:  # every sample costs low or high: its scaled cost is 0/1 (it continues)
-                    pvalues.append(binomial_pvalue(int(self.num_samples - self.exits[k]), self.num_samples, limit))
-                else:
-                    scaled = min(max((self.mean_flops[k] - low) / max(high - low, 1e-300), 0.0), 1.0)
-                    pvalues.append(hoeffding_bentkus_pvalue(scaled, self.num_samples, limit))
-            count = fixed_sequence(pvalues, 1.0 - confidence)
+            # Every sample costs low or high when costs are constant: the ones that continue pay high.
+            continuing = self.num_samples - self.exits if two_valued else None
+            limit = compute_budget * self.mainnet_flops
+            count = certified_cheapest(
+                self.mean_flops, low, high, limit, self.num_samples, 1.0 - confidence, continuing
+            )
             eligible = np.arange(len(self) - count, len(self))
         if len(eligible) == 0:
             how = "" if confidence is None else f" with confidence {confidence}"

@@ -28,7 +28,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["binomial_pvalue", "hoeffding_bentkus_pvalue", "mean_pvalue", "fixed_sequence", "upper_bound"]
+__all__ = [
+    "binomial_pvalue",
+    "hoeffding_bentkus_pvalue",
+    "mean_pvalue",
+    "fixed_sequence",
+    "upper_bound",
+    "certified_cheapest",
+]
 
 
 def _stats() -> Any:
@@ -103,3 +110,33 @@ def upper_bound(successes: int, n: int, delta: float) -> float:
     if successes >= n:
         return 1.0
     return float(_stats().beta.ppf(1 - delta, successes + 1, n - successes))
+
+
+def certified_cheapest(
+    mean_costs: np.ndarray,
+    low: float,
+    high: float,
+    limit: float,
+    n: int,
+    delta: float,
+    continuing: np.ndarray | None = None,
+) -> int:
+    """How many of a curve's points, tested from the last (the cheapest) towards the first with
+    fixed-sequence testing at level ``delta``, are certified to keep the mean cost per sample at most
+    ``limit``, a sample's cost lying in [``low``, ``high``] (as seen on the ``n`` calibration samples).
+
+    ``mean_costs[i]`` is point i's mean cost on them. ``continuing``, when every sample costs either
+    ``low`` or ``high``, is per point the count paying ``high``: the scaled cost is then a 0/1 loss and
+    the exact binomial test applies; otherwise Hoeffding-Bentkus on the scaled mean."""
+    span = max(high - low, 1e-300)
+    scaled_limit = (limit - low) / span
+
+    def pvalues() -> Iterable[float]:
+        for i in range(len(mean_costs) - 1, -1, -1):
+            if continuing is not None:
+                yield binomial_pvalue(int(continuing[i]), n, scaled_limit)
+            else:
+                scaled = min(max((float(mean_costs[i]) - low) / span, 0.0), 1.0)
+                yield hoeffding_bentkus_pvalue(scaled, n, scaled_limit)
+
+    return fixed_sequence(pvalues(), delta)
