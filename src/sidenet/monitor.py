@@ -72,10 +72,7 @@ class TrafficMonitor:
         scores = confidence.detach().clone()
         with self._lock:
             self.samples_seen += seen
-            total = self._exited
-            if isinstance(total, torch.Tensor) and total.device != exits.device:
-                total = total.to(exits.device)  # the model moved: one copy, then on the new device
-            self._exited = total + exits
+            self._add_exits(exits)
             self._recent.append(scores)
             self._recent_count += len(scores)
             # Drop whole old batches once the rest still fills the window.
@@ -85,12 +82,15 @@ class TrafficMonitor:
     def count_exits(self, exited: torch.Tensor) -> None:
         """Add the exits of samples already counted by :meth:`record` that exited later (at a later
         SideNet of a cascade, answered by a :class:`~sidenet.serving.PooledRouter`); reads no device value."""
-        exits = exited.sum()
         with self._lock:
-            total = self._exited
-            if isinstance(total, torch.Tensor) and total.device != exits.device:
-                total = total.to(exits.device)
-            self._exited = total + exits
+            self._add_exits(exited.sum())
+
+    def _add_exits(self, exits: torch.Tensor) -> None:
+        """Add a device count of exits to the running total, where it lives (hold the lock)."""
+        total = self._exited
+        if isinstance(total, torch.Tensor) and total.device != exits.device:
+            total = total.to(exits.device)  # the model moved: one copy, then on the new device
+        self._exited = total + exits
 
     # -- reading ---------------------------------------------------------------------------------
     @property

@@ -388,17 +388,7 @@ class AdaptiveModel(TrafficStatistics, nn.Module):
         count, splits = self.num_taps, self.splits
         if part == count:  # past the last SideNet: the rest of the MainNet answers
             with torch.no_grad():
-                logits = splits[-1].rest(state)
-            # Charged on the state given (its own size), which reads no device value.
-            cost = self.flop_ledger.rest(state, None, profile, part=count - 1)
-            n, device = len(logits), logits.device
-            return AdaptiveOutput(
-                logits,
-                torch.zeros(n, dtype=torch.bool, device=device),
-                torch.full((n,), float("nan"), device=device),
-                torch.full((n,), cost, device=device),
-                torch.full((n,), count, dtype=torch.long, device=device),
-            )
+                return self.mainnet_answers(splits[-1].rest(state), state, profile)
         cost = self.flop_ledger.step(part, state, profile)
         with torch.no_grad():
             state = splits[part - 1].advance(state, splits[part])
@@ -411,6 +401,20 @@ class AdaptiveModel(TrafficStatistics, nn.Module):
         flops = torch.full((len(exited),), cost, device=logits.device)
         output = AdaptiveOutput(logits, exited, confidence, flops, torch.where(exited, part, count))
         return self._go_on(output, state, profile, exited, part, mode)
+
+    def mainnet_answers(self, logits: torch.Tensor, state: Any, profile: FlopProfile) -> AdaptiveOutput:
+        """The answers of samples that the rest of the MainNet answered after the last tap, given its
+        ``logits`` on their ``state``: no exit, no SideNet score (NaN), the rest's FLOPs per sample
+        (charged on the state's own size, which reads no device value), exit stage :attr:`num_taps`."""
+        cost = self.flop_ledger.rest(state, None, profile, part=self.num_taps - 1)
+        n, device = len(logits), logits.device
+        return AdaptiveOutput(
+            logits,
+            torch.zeros(n, dtype=torch.bool, device=device),
+            torch.full((n,), float("nan"), device=device),
+            torch.full((n,), cost, device=device),
+            torch.full((n,), self.num_taps, dtype=torch.long, device=device),
+        )
 
     def _go_on(
         self, output: AdaptiveOutput, state: Any, profile: FlopProfile, exited: torch.Tensor, part: int, mode: Mode

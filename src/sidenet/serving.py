@@ -65,17 +65,6 @@ class _Waiting:
         return len(self.positions)
 
 
-def _rest_answers(model: AdaptiveModel, state: Any, profile: FlopProfile, n: int, device: torch.device) -> tuple:
-    """Exit mask, confidence, FLOPs and exit stage of ``n`` samples the rest of the MainNet answered."""
-    cost = model.rest_flops(state, None, profile)
-    return (
-        torch.zeros(n, dtype=torch.bool, device=device),
-        torch.full((n,), float("nan"), device=device),
-        torch.full((n,), cost, device=device),
-        torch.full((n,), model.num_taps, dtype=torch.long, device=device),
-    )
-
-
 class PooledRouter:
     """Route a stream of batches sample by sample, running the rest of the MainNet on full batches of
     continuing samples gathered across input batches.
@@ -200,8 +189,7 @@ class PooledRouter:
         state = taken[0].state if len(taken) == 1 else model.split.concat([group.state for group in taken])
         profile = self._open[taken[0].batch_id].profile  # the pooled inputs share one size (concat checks)
         if self.stages is not None:  # compiled stages: one SideNet, the rest of the MainNet on the pool
-            logits = self.stages.rest(state)
-            later = AdaptiveOutput(logits, *_rest_answers(model, state, profile, len(logits), logits.device))
+            later = model.mainnet_answers(self.stages.rest(state), state, profile)
         else:
             later = model.continue_from(state, profile)
             if model.num_taps > 1:
