@@ -50,7 +50,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import sidenet
-from benchmarks.harness import RULES, benchmark_parser, command, machine, parse_options, run_and_write
+from benchmarks.harness import RULES, benchmark_parser, command, machine, parse_options, run_and_write, torch_threads
 from sidenet import AdaptiveModel, CascadeRecord, FeatureCache, SideNet
 from sidenet.data import TextCollator, fashion_mnist_datasets, make_loader, sst2_datasets
 from sidenet.loaders import length_grouped
@@ -471,11 +471,9 @@ def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every task's variants at every seed; the result."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     tasks = {}
-    try:
+    with torch_threads(args.threads):
         for name in args.tasks:
             begun = time.perf_counter()
             torch.manual_seed(0)
@@ -504,8 +502,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "summary": summarise(rows, args.reaches),
             }
             del work
-    finally:
-        torch.set_num_threads(threads)
     winners = {name: t["summary"]["winner_on_val"] for name, t in tasks.items()}
     return {
         "workload": NAME,

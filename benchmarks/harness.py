@@ -16,7 +16,8 @@ import math
 import os
 import platform
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,18 @@ def targets(spec: dict[str, tuple[str, float]], values: dict[str, float]) -> dic
 
 
 # -- measuring -------------------------------------------------------------------------------------
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch threads, then give back the caller's count (studies without
+    timing run their tiny perceptrons on fewer threads than the machine has)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def at_threshold(model: AdaptiveModel, threshold: float) -> AdaptiveModel:

@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import sidenet
-from benchmarks.harness import RULES, benchmark_parser, command, machine, parse_options, run_and_write
+from benchmarks.harness import RULES, benchmark_parser, command, machine, parse_options, run_and_write, torch_threads
 from sidenet import AdaptiveModel, FeatureCache, SideNet, SweepRecord, TradeoffCurve
 from sidenet.data import TextCollator, TextDataset, fashion_mnist_datasets, make_loader, sst2_datasets
 from sidenet.loaders import length_grouped
@@ -477,11 +477,9 @@ def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every task's study; the result."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     tasks = {}
-    try:
+    with torch_threads(args.threads):
         for name in args.tasks:
             begun = time.perf_counter()
             work = WORKLOADS[name](args)
@@ -499,8 +497,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 **result,
             }
             del work
-    finally:
-        torch.set_num_threads(threads)
     return {
         "workload": NAME,
         "command": command(NAME, args),
