@@ -73,12 +73,11 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def post(port: int, body: bytes, content_type: str | None, path: str = "/", timeout: float = 30.0) -> tuple[int, Any]:
-    """POST on loopback; (status, decoded JSON body)."""
+def _request(port: int, method: str, path: str, timeout: float, body: bytes | None = None, headers=None) -> tuple:
+    """One HTTP request on loopback; (status, decoded JSON body, or the body as text when it is not JSON)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        headers = {} if content_type is None else {"Content-Type": content_type}
-        connection.request("POST", path, body=body, headers=headers)
+        connection.request(method, path, body=body, headers=headers or {})
         response = connection.getresponse()
         payload = response.read()
         try:
@@ -87,17 +86,14 @@ def post(port: int, body: bytes, content_type: str | None, path: str = "/", time
             return response.status, payload.decode(errors="replace")
     finally:
         connection.close()
+
+
+def post(port: int, body: bytes, content_type: str | None, path: str = "/", timeout: float = 30.0) -> tuple[int, Any]:
+    """POST on loopback; (status, decoded JSON body)."""
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    return _request(port, "POST", path, timeout, body, headers)
 
 
 def get(port: int, path: str, timeout: float = 10.0) -> tuple[int, Any]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        payload = response.read()
-        try:
-            return response.status, json.loads(payload)
-        except json.JSONDecodeError:
-            return response.status, payload.decode(errors="replace")
-    finally:
-        connection.close()
+    """GET on loopback; (status, decoded JSON body)."""
+    return _request(port, "GET", path, timeout)
