@@ -5,8 +5,6 @@ cascade folder, :func:`cascade_report_files`."""
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
 from collections.abc import Iterable
@@ -17,7 +15,7 @@ from sidenet.calibration import reliability_diagram
 from sidenet.policy import format_threshold
 from sidenet.report_cascade import CascadeReport, build_cascade_report
 from sidenet.report_data import ReportSettings
-from sidenet.report_page import CSS, html_table, md_table, pct, shift_rows
+from sidenet.report_page import pct, shift_rows, write_pages
 from sidenet.routing import AdaptiveModel
 
 __all__ = ["write_cascade_report", "cascade_report_files"]
@@ -196,29 +194,7 @@ def write_cascade_report(report: CascadeReport, out: str | Path, title: str) -> 
         ("Chosen thresholds, reported on the evaluation data", None, _points_table(report)),
         ("Shift check (two-sample Kolmogorov-Smirnov on the first SideNet's scores)", None, _shift_table(report)),
     ]
-    headline = _headline(report)
-    parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-    ]
-    for line in headline:
-        warn = " warn" if line.startswith("WARNING") else ""
-        parts.append(f"<p class='note{warn}'>{html.escape(line)}</p>")
-    md = [f"# {title}", "", *[f"> {line}\n" for line in headline]]
-    for heading, image, table in sections:
-        parts.append(f"<h2>{html.escape(heading)}</h2>")
-        md += [f"## {heading}", ""]
-        if image:
-            data = base64.b64encode(images[image].read_bytes()).decode()
-            parts.append(f"<img alt='{image}' src='data:image/png;base64,{data}'>")
-            md += [f"![{image}]({images[image].name})", ""]
-        parts.append(html_table(*table))
-        md += [md_table(*table), ""]
-    parts.append("</body></html>")
-    html_path, md_path = out / "report.html", out / "report.md"
-    html_path.write_text("\n".join(parts), encoding="utf-8")
-    md_path.write_text("\n".join(md), encoding="utf-8")
-    return html_path, md_path
+    return write_pages(out, title, _headline(report), sections, images)
 
 
 def cascade_report_files(

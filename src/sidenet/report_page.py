@@ -319,6 +319,21 @@ def write_report(report: TradeoffReport, out: str | Path, title: str) -> tuple[P
     headline = _headline(report)
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=float) + "\n")
 
+    sections = [*SECTIONS, *([AUDIT_SECTION] if report.audit is not None else [])]
+    chosen = [(heading, image, tables[table]) for heading, image, table in sections]
+    return write_pages(out, title, headline, chosen, images)
+
+
+def write_pages(
+    out: Path,
+    title: str,
+    headline: list[str],
+    sections: list[tuple[str, str | None, tuple[list[str], list[list[str]]]]],
+    images: dict[str, Path],
+) -> tuple[Path, Path]:
+    """Write ``report.html`` (self-contained: the images embedded) and ``report.md`` into ``out``: the
+    ``headline`` notes (a line starting with WARNING is marked), then per section its heading, its image
+    (a key of ``images``, or None) and its table (header, rows). Returns the two paths."""
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
@@ -327,7 +342,6 @@ def write_report(report: TradeoffReport, out: str | Path, title: str) -> tuple[P
         warn = " warn" if line.startswith("WARNING") else ""
         parts.append(f"<p class='note{warn}'>{html.escape(line)}</p>")
     md = [f"# {title}", "", *[f"> {line}\n" for line in headline]]
-    sections = [*SECTIONS, *([AUDIT_SECTION] if report.audit is not None else [])]
     for heading, image, table in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         md += [f"## {heading}", ""]
@@ -335,8 +349,8 @@ def write_report(report: TradeoffReport, out: str | Path, title: str) -> tuple[P
             data = base64.b64encode(images[image].read_bytes()).decode()
             parts.append(f"<img alt='{image}' src='data:image/png;base64,{data}'>")
             md += [f"![{image}]({images[image].name})", ""]
-        parts.append(html_table(*tables[table]))
-        md += [md_table(*tables[table]), ""]
+        parts.append(html_table(*table))
+        md += [md_table(*table), ""]
     parts.append("</body></html>")
     html_path, md_path = out / "report.html", out / "report.md"
     html_path.write_text("\n".join(parts), encoding="utf-8")
