@@ -94,12 +94,9 @@ def fold_report(full: sidenet.AdaptiveModel, fold: Fold, rule: dict[str, float])
     else:  # the MainNet alone is the choice: nothing to route
         model = None
         outcome = {"correct": mainnet_correct, "exits": 0, "samples": len(reporting), "flops": mainnet_flops}
-    everything = sidenet.CascadeCurve(reporting, sidenet.threshold_path(reporting))
-    chosen_oracle = (
-        sidenet.CascadeCurve(reporting.restrict(choice.columns), [choice.thresholds]).oracle()
-        if choice.columns
-        else {"relative_compute": 1.0}
-    )
+    # The oracle reads no thresholds: a path of the never-exit vector alone is enough to build the curve.
+    everything = sidenet.CascadeCurve(reporting, [(sidenet.NEVER_EXIT,) * reporting.num_taps])
+    chosen = sidenet.CascadeCurve(reporting.restrict(choice.columns), [choice.thresholds]) if choice.columns else None
     return {
         "model": model,
         "taps": list(choice.taps),
@@ -113,13 +110,9 @@ def fold_report(full: sidenet.AdaptiveModel, fold: Fold, rule: dict[str, float])
         "outcome": outcome,
         "mainnet_correct": mainnet_correct,
         "mainnet_flops": mainnet_flops,
-        "record_point": sidenet.CascadeCurve(reporting.restrict(choice.columns), [choice.thresholds]).at(
-            choice.thresholds
-        )
-        if choice.columns
-        else None,
+        "record_point": None if chosen is None else chosen.at(choice.thresholds),
         "oracle_all_taps": everything.oracle(),
-        "oracle_chosen_taps": chosen_oracle,
+        "oracle_chosen_taps": {"relative_compute": 1.0} if chosen is None else chosen.oracle(),
     }
 
 
