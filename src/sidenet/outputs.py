@@ -65,6 +65,13 @@ class FrontPass:
         total = front + np.float32(rest_cost)
         return torch.where(self.exited, float(front), float(total))
 
+    def answers(self, num_taps: int) -> AdaptiveOutput:
+        """The batch's answers as far as the front pass goes: the first SideNet's where it exited (exit
+        stage 0), its logits for now elsewhere (stage ``num_taps``, to be completed by the rest of the
+        model), the FLOPs spent so far."""
+        stage = torch.where(self.exited, 0, num_taps)
+        return AdaptiveOutput(self.side_logits, self.exited, self.confidence, self.front_flops(), stage)
+
     def front_flops(self) -> torch.Tensor:
         """(N,) FLOPs spent on each sample so far: trunk and SideNet."""
         cost = float(self.profile.trunk + self.profile.side)

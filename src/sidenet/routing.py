@@ -374,9 +374,7 @@ class AdaptiveModel(TrafficStatistics, nn.Module):
         :meth:`continuing`); the samples are gathered (text: their padding cut) only when some, not all,
         go on, so that at zero exits the routed model costs what the MainNet costs (plus the SideNets).
         """
-        stage = torch.where(front.exited, 0, self.num_taps)
-        output = AdaptiveOutput(front.side_logits, front.exited, front.confidence, front.front_flops(), stage)
-        return self._go_on(output, front.state, front.profile, front.exited, 0, mode)
+        return self._go_on(front.answers(self.num_taps), front.state, front.profile, front.exited, 0, mode)
 
     def continue_from(self, state: Any, profile: FlopProfile, mode: Mode = "adaptive", part: int = 1) -> AdaptiveOutput:
         """Answers for samples that continue past SideNet ``part - 1``, from their MainNet ``state`` at its

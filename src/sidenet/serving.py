@@ -129,8 +129,7 @@ class PooledRouter:
         self._submitted += 1
         if self.rest_batch is None:
             self.rest_batch = len(front.exited)
-        stage = torch.where(front.exited, 0, model.num_taps)
-        output = AdaptiveOutput(front.side_logits, front.exited, front.confidence, front.front_flops(), stage)
+        output = front.answers(model.num_taps)
         remaining, sizes = stages.continuing(front)  # the batch's one host wait
         self._open[batch_id] = _OpenBatch(output, front.profile, len(remaining))
         if len(remaining):
