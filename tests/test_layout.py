@@ -64,6 +64,7 @@ LAYERS: dict[str, int] = {
     "audit": ANALYSIS,
     "serving": SERVING,
     "compiled": SERVING,
+    "compiled_stages": SERVING,
     "cuda_graphs": SERVING,
     "integrations": SERVING,
 }

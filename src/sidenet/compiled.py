@@ -1,5 +1,5 @@
-"""A compiled serving mode: the adaptive model's two stages compiled or captured at fixed shapes, with
-the routed batch's one host wait hidden behind queued work.
+"""A compiled serving mode: the adaptive model's stages compiled or captured at fixed shapes, with
+the routed batch's first host wait hidden behind queued work.
 
 At serving speeds on a GPU, an eager adaptive model loses its saving to the host: every kernel is a
 launch, and the one read it must make (how many samples continue) drains the queue of launched work,
@@ -8,11 +8,14 @@ so the GPU idles while the host gathers the continuing samples and launches the 
 - **front** (trunk, SideNet, exit score, exit mask, the order that puts continuing samples first, and
   their count) is one stage, captured as a CUDA graph per served batch shape (``cuda_graph``) or
   compiled by ``torch.compile`` (``inductor``);
-- **rest** runs at a few row counts (``rest_buckets``): the continuing rows are padded up to the next
-  bucket with rows of the same batch (whose answers are dropped) and their answers scattered back;
-  text is padded to length buckets (``length_buckets``), its attention mask keeping padding inert;
+- a cascade's **steps** (``step-1``, ...: the segment to the next tap, its SideNet, score, mask, order
+  and count) and the **rest** run at a few row counts (``rest_buckets``): the continuing rows are padded
+  up to the next bucket with rows of the same batch (marked as padding, so never counted; their answers
+  are dropped) and their answers scattered back; text is padded to length buckets
+  (``length_buckets``), its attention mask keeping padding inert;
 - :meth:`CompiledAdaptiveModel.stream` queues the front of batch t+1 before reading batch t's count,
   which on a GPU arrives through pinned memory and an event, so the read waits for work already done.
+  A cascade's later taps each read their count when reached, as eager routing does.
 
 A new shape (batch size, bucket, rule) is captured or compiled when first seen. On the CPU the same
 stages are compiled with ``torch.compile`` and each is kept only where it measures faster than eager
@@ -22,18 +25,16 @@ within float rounding; see the README for what that means for exits near the thr
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
-from sidenet.cuda_graphs import CudaGraphStage, capture_cuda_graph, shape_key
-from sidenet.errors import SidenetError
+from sidenet.compiled_stages import Stage, bucket_for, bucketed_sizes, padded_text
+from sidenet.cuda_graphs import CudaGraphStage, capture_cuda_graph
 from sidenet.outputs import AdaptiveOutput, FrontPass
 from sidenet.policy import ExitPolicy
 from sidenet.routing import AdaptiveModel, continuing_first
@@ -46,51 +47,8 @@ BACKENDS = ("auto", "eager", "inductor", "cuda_graph")
 DEFAULT_LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
 
 
-def _bucket(value: int, buckets: Sequence[int] | None, ceiling: int) -> int:
-    """The smallest bucket that holds ``value`` and is at most ``ceiling`` (``value`` itself without
-    buckets, ``ceiling`` when no bucket fits)."""
-    fitting = [b for b in buckets or () if value <= b <= ceiling]
-    return min(fitting) if fitting else (ceiling if buckets else value)
-
-
-def _median_seconds(fn: Callable[[], Any], repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-class _Stage:
-    """One stage run eagerly, compiled by ``torch.compile``, or replayed from CUDA graphs captured per
-    input shape (in ``copies`` alternating copies: see :meth:`CompiledAdaptiveModel.stream`)."""
-
-    def __init__(self, fn: Callable[[Any], Any], backend: str, copies: int = 1) -> None:
-        self.fn = fn
-        self.backend = backend
-        self.copies = copies
-        self._turn = 0
-        self._graphs: dict[tuple, CudaGraphStage] = {}
-        self._compiled = torch.compile(fn) if backend == "inductor" else None
-        self.capture_seconds = 0.0
-
-    def set_backend(self, backend: str) -> None:
-        self.backend = backend
-
-    def __call__(self, x: Any) -> Any:
-        if self.backend == "cuda_graph":
-            self._turn = (self._turn + 1) % self.copies
-            key = (self._turn, shape_key(x))
-            if key not in self._graphs:
-                start = time.perf_counter()
-                self._graphs[key] = CudaGraphStage(self.fn, x)
-                self.capture_seconds += time.perf_counter() - start
-            return self._graphs[key](x)
-        if self.backend == "inductor" and self._compiled is not None:
-            return self._compiled(x)
-        return self.fn(x)
+def _rows(state: Any) -> int:
+    return int(tree_leaves(state)[0].shape[0])
 
 
 @dataclass
@@ -107,12 +65,13 @@ class CompiledAdaptiveModel:
     docstring); build it with :func:`compile_for_serving`. Adaptive routing only.
 
     Attributes:
-        model: the adaptive model; its exit rule, input checks, monitor and FLOPs ledger are used as
-            they are (a new threshold makes new front graphs or a recompilation).
+        model: the adaptive model (one SideNet or a cascade); its exit rules, input checks, monitor and
+            FLOPs ledger are used as they are (a new threshold makes new graphs or a recompilation).
         backend: ``eager``, ``inductor`` or ``cuda_graph``, resolved from the one asked for.
         stage_backends: what each stage runs on, e.g. ``{"front": "inductor", "rest": "eager"}`` on a
-            CPU where compiling the rest did not measure faster.
-        rest_buckets: row counts the rest runs at (``None``: the count of continuing samples itself).
+            CPU where compiling the rest did not measure faster; a cascade adds ``step-1``, ... (the
+            segment to each later tap with its SideNet).
+        rest_buckets: row counts the later stages run at (``None``: the count of continuing samples).
         length_buckets: lengths text batches are padded to (``None``: their own).
         compile_seconds: wall time of the warm-up (compiling, capturing, first runs) and of captures
             of shapes first seen later.
@@ -130,37 +89,43 @@ class CompiledAdaptiveModel:
         self.backend = backend
         self.rest_buckets = None if rest_buckets is None else tuple(sorted({int(b) for b in rest_buckets}))
         self.length_buckets = None if length_buckets is None else tuple(sorted({int(b) for b in length_buckets}))
-        self._fronts: dict[ExitPolicy, _Stage] = {}
-        # The front runs in two alternating copies: stream() reads batch t after queueing batch t+1.
-        self._front_copies = 2
-        self._rest = _Stage(model.split.rest, backend)
+        # Stages per (name, exit rule): the rule is part of the compiled or captured computation.
+        self._stages: dict[tuple[str, ExitPolicy | None], Stage] = {}
+        self._kept: dict[str, str] = {}  # the backend kept per stage name at warm-up (CPU)
         self._warmup_seconds = 0.0
 
     # -- settings and reports --------------------------------------------------------------------
     @property
     def stage_backends(self) -> dict[str, str]:
-        front = self._front_stage(self.model.policy)
-        return {"front": front.backend, "rest": self._rest.backend}
+        policies = self.model.policies
+        names = ["front", *(f"step-{part}" for part in range(1, len(policies)))]
+        backends = {name: self._stage(name, rule).backend for name, rule in zip(names, policies, strict=True)}
+        return {**backends, "rest": self._stage("rest", None).backend}
 
     @property
     def compile_seconds(self) -> float:
-        captures = sum(stage.capture_seconds for stage in (*self._fronts.values(), self._rest))
-        return self._warmup_seconds + captures
+        return self._warmup_seconds + sum(stage.capture_seconds for stage in self._stages.values())
 
     @property
     def reuses_outputs(self) -> bool:
         """True where stage outputs are static tensors that the next replay overwrites (CUDA graphs)."""
         return self.backend == "cuda_graph"
 
-    def _front_stage(self, rule: ExitPolicy) -> _Stage:
-        # One stage per exit rule: the rule is part of the compiled or captured computation.
-        if rule not in self._fronts:
-            backend = next(iter(self._fronts.values())).backend if self._fronts else self.backend
-            self._fronts[rule] = _Stage(self._front_fn(rule), backend, self._front_copies)
-        return self._fronts[rule]
+    def _stage(self, name: str, rule: ExitPolicy | None) -> Stage:
+        """The stage ``front``, ``step-K`` or ``rest`` for exit rule ``rule``, built when first asked for."""
+        key = (name, rule)
+        if key not in self._stages:
+            if name == "rest":
+                fn = self.model.splits[-1].rest
+            else:
+                fn = self._front_fn(rule) if name == "front" else self._step_fn(int(name[5:]), rule)
+            # The front runs in two alternating copies: stream() reads batch t after queueing batch t+1.
+            copies = 2 if name == "front" else 1
+            self._stages[key] = Stage(fn, self._kept.get(name, self.backend), copies)
+        return self._stages[key]
 
     def _front_fn(self, rule: ExitPolicy) -> Callable[[Any], tuple]:
-        split, sidenet = self.model.split, self.model.sidenet
+        split, sidenet = self.model.splits[0], self.model.sidenets[0]
 
         def front(x: Any) -> tuple:
             """Trunk, SideNet, exit score and mask, continuing samples first, and their count."""
@@ -173,20 +138,21 @@ class CompiledAdaptiveModel:
 
         return front
 
-    # -- inputs ----------------------------------------------------------------------------------
-    def _padded(self, x: Any) -> Any:
-        """A text batch as a dict of its tensors in sorted key order (a captured graph copies inputs by
-        position), padded with masked-out zeros to its length bucket; other inputs unchanged."""
-        if not isinstance(x, Mapping):
-            return x
-        x = {key: x[key] for key in sorted(x) if isinstance(x[key], torch.Tensor) and key != "labels"}
-        if not self.length_buckets:
-            return x
-        length = int(x["input_ids"].shape[1])
-        target = _bucket(length, self.length_buckets, max(length, self.length_buckets[-1]))
-        if target == length:
-            return x
-        return {key: F.pad(value, (0, target - length)) if value.ndim == 2 else value for key, value in x.items()}
+    def _step_fn(self, part: int, rule: ExitPolicy) -> Callable[[Any], tuple]:
+        before, split, sidenet = self.model.splits[part - 1], self.model.splits[part], self.model.sidenets[part]
+
+        def step(inputs: tuple[Any, torch.Tensor]) -> tuple:
+            """A cascade's step to tap ``part`` on a state whose rows ``valid`` are samples (the others
+            pad it to its bucket and count as exited, so that they sort last and are not counted)."""
+            state, valid = inputs
+            state = before.advance(state, split)
+            side_logits = sidenet(split.features(state))
+            confidence = rule.confidence(side_logits)
+            exited = rule.exits(confidence)
+            order, counts = continuing_first(split, state, exited | ~valid)
+            return state, side_logits, confidence, exited, order, counts
+
+        return step
 
     # -- routing ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -198,9 +164,10 @@ class CompiledAdaptiveModel:
         model = self.model
         model.check_input(x)
         model.split.ensure_eval()
-        x = self._padded(x)
+        x = padded_text(x, self.length_buckets)
         profile = model.flop_profile(x)
-        state, side_logits, confidence, exited, order, counts = self._front_stage(model.policy)(x)
+        rule = model.policies[0]  # read once: another thread may install a new rule meanwhile
+        state, side_logits, confidence, exited, order, counts = self._stage("front", rule)(x)
         if self.reuses_outputs:  # handed on past the next replay
             side_logits, confidence, exited, order = (t.clone() for t in (side_logits, confidence, exited, order))
         ready = None
@@ -219,63 +186,105 @@ class CompiledAdaptiveModel:
         if front.ready is not None:
             front.ready.synchronize()
         read = front.counts.tolist()
-        sizes = tuple(read[1:])
-        if sizes and self.length_buckets:
-            length = int(tree_leaves(front.state)[0].shape[1])
-            sizes = (_bucket(sizes[0], self.length_buckets, length), *sizes[1:])
-        return front.order[: read[0]], sizes
+        return front.order[: read[0]], bucketed_sizes(read[1:], front.state, self.length_buckets)
 
     @torch.no_grad()
     def rest(self, state: Any, rows: int | None = None) -> torch.Tensor:
-        """Logits of the rest of the MainNet on the first ``rows`` samples of ``state`` (all by
-        default), run at the next row bucket with the state's own rows (repeated) as padding."""
-        split = self.model.split
-        n = int(tree_leaves(state)[0].shape[0])
+        """Logits of the rest of the MainNet (after the last tap) on the first ``rows`` samples of
+        ``state`` (all by default), run at the next row bucket with the state's own rows as padding."""
+        n = _rows(state)
         rows = n if rows is None else rows
-        target = _bucket(rows, self.rest_buckets, max(n, rows))
-        if target != n:
-            index = torch.arange(target, device=tree_leaves(state)[0].device) % n
-            state = split.select_sized(state, index, ())
-        return self._rest(state)[:rows].clone()
+        state = self._at_bucket(state, rows, self.model.splits[-1])
+        return self._stage("rest", None)(state)[:rows].clone()
+
+    def _at_bucket(self, state: Any, rows: int, split: Any) -> Any:
+        """``state`` (whose first ``rows`` rows are samples) cut or padded with its own rows to the
+        smallest row bucket that holds ``rows``."""
+        n = _rows(state)
+        target = bucket_for(rows, self.rest_buckets, max(n, rows))
+        if target == n:
+            return state
+        return split.select_sized(state, torch.arange(target, device=tree_leaves(state)[0].device) % n, ())
+
+    @torch.no_grad()
+    def continue_from(
+        self, state: Any, profile: Any, mode: str = "adaptive", part: int = 1, rows: int | None = None
+    ) -> AdaptiveOutput:
+        """Answers for the first ``rows`` samples of ``state`` (all by default), which continue past
+        SideNet ``part - 1`` (see :meth:`AdaptiveModel.continue_from`): the later SideNets' steps and the
+        rest of the MainNet, each at a row bucket, with one host wait per later tap reached."""
+        if mode != "adaptive":
+            raise ValueError(f"the compiled serving mode routes adaptively only, got mode={mode!r}")
+        model = self.model
+        rows = _rows(state) if rows is None else rows
+        if part == model.num_taps:  # past the last SideNet
+            return model.mainnet_answers(self.rest(state, rows), state, profile)
+        state = self._at_bucket(state, rows, model.splits[part - 1])
+        cost = model.flop_ledger.step(part, state, profile)
+        valid = torch.arange(_rows(state), device=tree_leaves(state)[0].device) < rows
+        later, logits, confidence, exited, order, counts = self._stage(f"step-{part}", model.policies[part])(
+            (state, valid)
+        )
+        logits, confidence, exited = logits[:rows].clone(), confidence[:rows].clone(), exited[:rows].clone()
+        flops = torch.full((rows,), cost, device=logits.device)
+        output = AdaptiveOutput(logits, exited, confidence, flops, torch.where(exited, part, model.num_taps))
+        read = counts.tolist()  # this tap's one host wait
+        order = order.clone() if self.reuses_outputs else order
+        sizes = bucketed_sizes(read[1:], later, self.length_buckets)
+        return self._go_on(output, later, order, read[0], sizes, profile, part)
+
+    def _go_on(
+        self, output: AdaptiveOutput, state: Any, order: torch.Tensor, count: int, sizes: tuple, profile: Any, part: int
+    ) -> AdaptiveOutput:
+        """``output`` (answers at SideNet ``part``) completed for the ``count`` samples that go on, the
+        first of ``order`` (the state's rows, those that go on first): gathered from ``state`` (unless
+        all go on) up to their row bucket, the rows after them in ``order`` padding it."""
+        model = self.model
+        if count == 0:
+            return output
+        rescored = part + 1 < model.num_taps  # a later SideNet ran: its score is the latest they got
+        if count == len(output.exited):  # all go on, as they are (eager routing cuts nothing either)
+            later = self.continue_from(state, profile, part=part + 1, rows=count)
+            return output.completed(None, later, model.num_taps, rescored)
+        bucket = bucket_for(count, self.rest_buckets, _rows(state))
+        selected = model.splits[part].select_sized(state, order[:bucket], sizes)
+        later = self.continue_from(selected, profile, part=part + 1, rows=count)
+        return output.completed(order[:count], later, model.num_taps, rescored)
 
     def finish(self, front: _CompiledFront) -> AdaptiveOutput:
-        """The answers of a batch whose :meth:`front_pass` has run: the rest on its continuing samples."""
-        model = self.model
+        """The answers of a batch whose :meth:`front_pass` has run: the later stages on its continuing
+        samples."""
         remaining, sizes = self.continuing(front)
-        n, count = len(front.exited), len(remaining)
-        logits, rest_cost = front.side_logits, 0.0
-        if count:
-            # Rows of the batch itself pad the continuing ones up to the bucket; their answers are dropped.
-            rows = _bucket(count, self.rest_buckets, n)
-            selected = model.split.select_sized(front.state, front.order[:rows], sizes)
-            rest_logits = self.rest(selected, count)
-            rest_cost = model.rest_flops(selected, None, front.profile)
-            dtype = torch.promote_types(logits.dtype, rest_logits.dtype)
-            logits = logits.to(dtype).index_copy(0, remaining, rest_logits.to(dtype))
-        stage = torch.where(front.exited, 0, 1)  # one SideNet: 0 where it answered, 1 for the MainNet
-        return AdaptiveOutput(logits, front.exited, front.confidence, front.flops_with_rest(rest_cost), stage)
+        output = front.answers(self.model.num_taps)
+        return self._go_on(output, front.state, front.order, len(remaining), sizes, front.profile, 0)
 
     @torch.no_grad()
     def __call__(self, x: Any) -> AdaptiveOutput:
         """Classify a batch, as ``model(x)`` does (recorded in the model's monitor)."""
         front = self.front_pass(x)
-        self.model.monitor.record(front.exited, front.confidence)
-        return self.finish(front)
+        output = self.finish(front)
+        self.model.monitor.record(output.exited, front.confidence)
+        return output
 
     def stream(self, batches: Iterable[Any]) -> Iterator[AdaptiveOutput]:
         """Classify batches in order, each front queued before the previous batch's count is read, so
-        that the host's wait overlaps the GPU's work on the next batch. Yields one output per batch."""
+        that the host's wait overlaps the GPU's work on the next batch (a cascade's later taps wait as
+        :meth:`__call__` does). Yields one output per batch."""
         pending: _CompiledFront | None = None
         for x in batches:
             with torch.no_grad():
                 front = self.front_pass(x)
-                self.model.monitor.record(front.exited, front.confidence)
                 if pending is not None:
-                    yield self.finish(pending)
+                    yield self._finish_recorded(pending)
             pending = front
         if pending is not None:
             with torch.no_grad():
-                yield self.finish(pending)
+                yield self._finish_recorded(pending)
+
+    def _finish_recorded(self, front: _CompiledFront) -> AdaptiveOutput:
+        output = self.finish(front)
+        self.model.monitor.record(output.exited, front.confidence)
+        return output
 
     def pooled_router(self, rest_batch: int | None = None, max_wait: int = 4) -> PooledRouter:
         """A :class:`~sidenet.serving.PooledRouter` over this model's compiled stages."""
@@ -283,40 +292,59 @@ class CompiledAdaptiveModel:
 
     # -- warm-up ---------------------------------------------------------------------------------
     def warm_up(self, example: Any, batch_sizes: Sequence[int]) -> None:
-        """Compile or capture the stages for every batch size and rest bucket up to it; on the CPU,
+        """Compile or capture the stages for every batch size and row bucket up to it; on the CPU,
         keep each compiled stage only where it measures faster than eager."""
         start = time.perf_counter()
-        split = self.model.split
-        n = split.batch_size(example)
+        model = self.model
+        n = model.split.batch_size(example)
         for size in batch_sizes:
-            index = torch.arange(size, device=split.input_device(example)) % n
+            index = torch.arange(size, device=model.split.input_device(example)) % n
             if isinstance(example, Mapping):
                 batch = {k: v[index] for k, v in example.items() if isinstance(v, torch.Tensor) and v.ndim}
             else:
                 batch = example[index]
-            front = self.front_pass(batch)
-            self.finish(front)
-            state = front.state
-            for rows in sorted({_bucket(r, self.rest_buckets, size) for r in (self.rest_buckets or (size,))}):
+            self.finish(self.front_pass(batch))
+            states = self._tap_states(padded_text(batch, self.length_buckets))
+            for rows in sorted({bucket_for(r, self.rest_buckets, size) for r in (self.rest_buckets or (size,))}):
                 if rows <= size:
-                    self.rest(split.select_sized(state, torch.arange(rows, device=index.device), ()))
+                    for part, state in enumerate(states, start=1):
+                        first = model.splits[part - 1].select_sized(state, torch.arange(rows, device=index.device), ())
+                        self._run_stage(part, first)
         if self.backend == "inductor":
-            self._keep_faster(example)
+            self._keep_faster(padded_text(example, self.length_buckets))
         self._warmup_seconds += time.perf_counter() - start
 
-    def _keep_faster(self, example: Any) -> None:
-        """On the CPU, fall back to eager for a stage whose compiled form is not faster."""
-        x = self._padded(example)
-        stage = self._front_stage(self.model.policy)
-        state = stage.fn(x)[0]
-        for name, runner, argument in (("front", stage, x), ("rest", self._rest, state)):
-            compiled = _median_seconds(lambda r=runner, a=argument: r(a))
-            eager = _median_seconds(lambda r=runner, a=argument: r.fn(a))
-            if eager <= compiled:
-                runner.set_backend("eager")
-                if name == "front":
-                    for other in self._fronts.values():
-                        other.set_backend("eager")
+    @torch.no_grad()
+    def _tap_states(self, x: Any) -> list[Any]:
+        """The MainNet's state at each tap for the whole batch ``x`` (eager)."""
+        splits = self.model.splits
+        states = [splits[0].trunk(x)]
+        for before, split in zip(splits, splits[1:], strict=False):
+            states.append(before.advance(states[-1], split))
+        return states
+
+    @torch.no_grad()
+    def _run_stage(self, part: int, state: Any) -> Any:
+        """Stage ``part`` (a step to tap ``part``, or the rest after the last tap) on every row of ``state``."""
+        model = self.model
+        if part == model.num_taps:
+            return self._stage("rest", None)(state)
+        valid = torch.ones(_rows(state), dtype=torch.bool, device=tree_leaves(state)[0].device)
+        return self._stage(f"step-{part}", model.policies[part])((state, valid))
+
+    def _keep_faster(self, x: Any) -> None:
+        """On the CPU, fall back to eager for each stage whose compiled form is not faster (kept per
+        stage name, so that the stages of a new exit rule are built on the backend kept)."""
+        model = self.model
+        states = self._tap_states(x)
+        self._kept["front"] = self._stage("front", model.policies[0]).keep_if_faster(x)
+        for part, state in enumerate(states, start=1):
+            name = "rest" if part == model.num_taps else f"step-{part}"
+            stage = self._stage(name, None if name == "rest" else model.policies[part])
+            valid = torch.ones(_rows(state), dtype=torch.bool, device=tree_leaves(state)[0].device)
+            self._kept[name] = stage.keep_if_faster(state if name == "rest" else (state, valid))
+        for (name, _), stage in self._stages.items():
+            stage.backend = self._kept.get(name, stage.backend)
 
 
 def compile_for_serving(
@@ -353,11 +381,6 @@ def compile_for_serving(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not isinstance(model, AdaptiveModel):
         raise ValueError(f"compile_for_serving takes a sidenet.AdaptiveModel, got {type(model).__name__}")
-    if model.num_taps > 1:
-        raise SidenetError(
-            f"compile_for_serving serves one SideNet; this model is a cascade of {model.num_taps} "
-            "(not compiled yet): serve it eagerly, model(x) or sidenet.PooledRouter(model)"
-        )
     model.check_input(example)
     cuda = model.split.input_device(example).type == "cuda"
     if backend == "auto":

@@ -38,6 +38,28 @@ class AdaptiveOutput:
     def predictions(self) -> torch.Tensor:
         return self.logits.argmax(dim=-1)
 
+    def completed(
+        self, rows: torch.Tensor | None, later: AdaptiveOutput, num_taps: int, rescored: bool
+    ) -> AdaptiveOutput:
+        """These answers with the samples ``rows`` (all of them where ``None``) answered by ``later``,
+        what the rest of the model (later SideNets, the rest of the MainNet) gave them: their logits and
+        exit stage replaced, their FLOPs added, and their score replaced where ``rescored`` (a later
+        SideNet ran). A new output; a model of ``num_taps`` SideNets."""
+        stage = _scatter(self.exit_stage, rows, later.exit_stage)
+        confidence = _scatter(self.confidence, rows, later.confidence) if rescored else self.confidence
+        flops = self.flops + later.flops if rows is None else self.flops.index_add(0, rows, later.flops)
+        logits = _scatter(self.logits, rows, later.logits)
+        return AdaptiveOutput(logits, stage < num_taps, confidence, flops, stage)
+
+
+def _scatter(values: torch.Tensor, rows: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """``values`` with the rows ``rows`` replaced by ``new`` (all of them when ``rows`` is None), in
+    the wider dtype of the two: a new tensor, the caller's stay untouched."""
+    dtype = torch.promote_types(values.dtype, new.dtype)
+    if rows is None:
+        return new.to(dtype)
+    return values.to(dtype).index_copy(0, rows, new.to(dtype))
+
 
 @dataclass
 class FrontPass:

@@ -76,15 +76,6 @@ def _stage_value(value: Any, k: int, count: int, name: str) -> Any:
     return value
 
 
-def _scatter(values: torch.Tensor, rows: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-    """``values`` with the rows ``rows`` replaced by ``new`` (all of them when ``rows`` is None), in
-    the wider dtype of the two: a new tensor, the caller's stay untouched."""
-    dtype = torch.promote_types(values.dtype, new.dtype)
-    if rows is None:
-        return new.to(dtype)
-    return values.to(dtype).index_copy(0, rows, new.to(dtype))
-
-
 class AdaptiveModel(TrafficStatistics, nn.Module):
     """A MainNet with a SideNet attached at a tap (or a cascade of SideNets at several taps), answering
     early for confident samples.
@@ -425,13 +416,8 @@ class AdaptiveModel(TrafficStatistics, nn.Module):
         if rows is not None:
             state = self.splits[part].select_sized(state, remaining, sizes)
         later = self.continue_from(state, profile, mode, part + 1)
-        stage = _scatter(output.exit_stage, rows, later.exit_stage)
-        confidence = output.confidence
-        if part + 1 < self.num_taps:  # a later SideNet ran: its score is the latest these samples got
-            confidence = _scatter(confidence, rows, later.confidence)
-        flops = output.flops + later.flops if rows is None else output.flops.index_add(0, rows, later.flops)
-        logits = _scatter(output.logits, rows, later.logits)
-        return AdaptiveOutput(logits, stage < self.num_taps, confidence, flops, stage)
+        # Where a later SideNet ran, its score is the latest these samples got.
+        return output.completed(rows, later, self.num_taps, rescored=part + 1 < self.num_taps)
 
     def continuing(self, front: FrontPass) -> tuple[torch.Tensor, tuple[int, ...]]:
         """The samples of a front pass that continue past the first SideNet: their indices in the batch

@@ -78,7 +78,7 @@ class PooledRouter:
             (per-batch routing, as :meth:`AdaptiveModel.forward`).
         stages: what runs the two stages: ``None`` (the model itself, eagerly) or a
             :class:`~sidenet.compiled.CompiledAdaptiveModel` (its ``front_pass``, ``continuing`` and
-            ``rest``), as :meth:`CompiledAdaptiveModel.pooled_router` builds it.
+            ``continue_from``), as :meth:`CompiledAdaptiveModel.pooled_router` builds it.
         audit: a :class:`~sidenet.audit.LiveAudit` given every batch's front pass: a random share of the
             samples also runs the rest of the MainNet, off the answer path, to bound live disagreement.
 
@@ -187,12 +187,9 @@ class PooledRouter:
         self._pooled -= count
         state = taken[0].state if len(taken) == 1 else model.split.concat([group.state for group in taken])
         profile = self._open[taken[0].batch_id].profile  # the pooled inputs share one size (concat checks)
-        if self.stages is not None:  # compiled stages: one SideNet, the rest of the MainNet on the pool
-            later = model.mainnet_answers(self.stages.rest(state), state, profile)
-        else:
-            later = model.continue_from(state, profile)
-            if model.num_taps > 1:
-                model.monitor.count_exits(later.exited)  # their first-tap pass was recorded on submitting
+        later = (self.stages or model).continue_from(state, profile)
+        if model.num_taps > 1:
+            model.monitor.count_exits(later.exited)  # their first-tap pass was recorded on submitting
         offset = 0
         for group in taken:
             output = self._open[group.batch_id].output

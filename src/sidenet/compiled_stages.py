@@ -1,0 +1,102 @@
+"""The pieces the compiled serving mode (:mod:`sidenet.compiled`) builds its stages from: a
+:class:`Stage` that runs one function eagerly, compiled by ``torch.compile`` or replayed from CUDA
+graphs captured per input shape; the bucket a row count or a length is padded to; and the short timing
+that decides, on the CPU, whether a compiled stage is kept."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves
+
+from sidenet.cuda_graphs import CudaGraphStage, shape_key
+
+__all__ = ["Stage", "bucket_for", "bucketed_sizes", "median_seconds", "padded_text"]
+
+
+def bucket_for(value: int, buckets: Sequence[int] | None, ceiling: int) -> int:
+    """The smallest bucket that holds ``value`` and is at most ``ceiling`` (``value`` itself without
+    buckets, ``ceiling`` when no bucket fits)."""
+    fitting = [b for b in buckets or () if value <= b <= ceiling]
+    return min(fitting) if fitting else (ceiling if buckets else value)
+
+
+def padded_text(x: Any, length_buckets: Sequence[int] | None) -> Any:
+    """A text batch as a dict of its tensors in sorted key order (a captured graph copies inputs by
+    position), padded with masked-out zeros to its length bucket; other inputs unchanged."""
+    if not isinstance(x, Mapping):
+        return x
+    x = {key: x[key] for key in sorted(x) if isinstance(x[key], torch.Tensor) and key != "labels"}
+    if not length_buckets:
+        return x
+    length = int(x["input_ids"].shape[1])
+    target = bucket_for(length, length_buckets, max(length, max(length_buckets)))
+    if target == length:
+        return x
+    return {key: F.pad(value, (0, target - length)) if value.ndim == 2 else value for key, value in x.items()}
+
+
+def bucketed_sizes(read: Sequence[int], state: Any, length_buckets: Sequence[int] | None) -> tuple[int, ...]:
+    """The selection sizes read with a count of continuing samples (see
+    :meth:`~sidenet.splits.MainNetSplit.selection_sizes`), text's kept length rounded up to its bucket
+    (at most the state's own length)."""
+    sizes = tuple(read)
+    if sizes and length_buckets:
+        length = int(tree_leaves(state)[0].shape[1])
+        sizes = (bucket_for(sizes[0], length_buckets, length), *sizes[1:])
+    return sizes
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int = 3) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` after one untimed call (a warm-up check, not a
+    benchmark: see :func:`sidenet.timing.measure_throughput` for those)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class Stage:
+    """One stage (a function of one argument: a tensor or a nesting of tensors) run eagerly, compiled by
+    ``torch.compile``, or replayed from CUDA graphs captured per input shape, in ``copies`` alternating
+    copies so that the outputs of one call survive the next (see
+    :meth:`~sidenet.compiled.CompiledAdaptiveModel.stream`)."""
+
+    def __init__(self, fn: Callable[[Any], Any], backend: str, copies: int = 1) -> None:
+        self.fn = fn
+        self.backend = backend
+        self.copies = copies
+        self._turn = 0
+        self._graphs: dict[tuple, CudaGraphStage] = {}
+        self._compiled = torch.compile(fn) if backend == "inductor" else None
+        self.capture_seconds = 0.0
+
+    def __call__(self, x: Any) -> Any:
+        if self.backend == "cuda_graph":
+            self._turn = (self._turn + 1) % self.copies
+            key = (self._turn, shape_key(x))
+            if key not in self._graphs:
+                start = time.perf_counter()
+                self._graphs[key] = CudaGraphStage(self.fn, x)
+                self.capture_seconds += time.perf_counter() - start
+            return self._graphs[key](x)
+        if self.backend == "inductor" and self._compiled is not None:
+            return self._compiled(x)
+        return self.fn(x)
+
+    def keep_if_faster(self, x: Any) -> str:
+        """On the CPU: fall back to eager unless the compiled form measures faster on ``x``; returns the
+        backend kept."""
+        if self.backend == "inductor":
+            compiled = median_seconds(lambda: self(x))
+            if median_seconds(lambda: self.fn(x)) <= compiled:
+                self.backend = "eager"
+        return self.backend

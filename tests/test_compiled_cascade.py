@@ -1,0 +1,120 @@
+"""The compiled serving mode on cascades: every later tap a stage of its own (the segment to it and its
+SideNet) run at row buckets, the padding rows never counted; the same answers as ``model(x)`` for a
+CIFAR ResNet, an ``nn.Sequential`` and a tiny BERT, streamed and pooled too; one host wait per tap
+reached; ``torch.compile`` on the CPU; CUDA graphs where a GPU is present."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import sidenet
+from sidenet import compile_for_serving
+from test_cascade import KINDS, cascade, set_mixed_thresholds
+from test_cascade_serving import batches_of
+from test_compiled import assert_same_answers
+from test_host_waits import counting_reads
+
+ROW_BUCKETS = (2, 4, 8, 16, 32)
+
+
+def mixed_cascade(kind: str) -> tuple[sidenet.AdaptiveModel, Any]:
+    model, x = cascade(kind)
+    set_mixed_thresholds(model, x)
+    return model, x
+
+
+def check_answers(kind: str, got: sidenet.AdaptiveOutput, want: sidenet.AdaptiveOutput) -> None:
+    if kind == "text":  # text: padded to a bucket length, so FLOPs are those of the padded rows
+        assert torch.equal(got.exit_stage, want.exit_stage) and torch.equal(got.exited, want.exited)
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.confidence, want.confidence, atol=1e-5, rtol=0)
+    else:
+        assert_same_answers(got, want)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("buckets", [None, ROW_BUCKETS], ids=["exact-rows", "row-buckets"])
+def test_compiled_cascade_answers_as_the_model(kind: str, buckets: tuple[int, ...] | None) -> None:
+    model, x = mixed_cascade(kind)
+    lengths = (4, 8, 16) if kind == "text" and buckets else None
+    served = compile_for_serving(model, x, rest_buckets=buckets, length_buckets=lengths, backend="eager")
+    steps = {f"step-{part}": "eager" for part in range(1, model.num_taps)}
+    assert served.stage_backends == {"front": "eager", **steps, "rest": "eager"}
+    reference = model(x)
+    assert len(set(reference.exit_stage.tolist())) == model.num_taps + 1  # every stage answers some
+    check_answers(kind, served(x), reference)
+    for batch in batches_of(x, 7):  # smaller batches: other buckets, other counts per tap
+        check_answers(kind, served(batch), model(batch))
+
+
+@pytest.mark.parametrize("kind", ["resnet", "text"])
+def test_stream_and_pooled_router_serve_a_compiled_cascade(kind: str) -> None:
+    model, x = mixed_cascade(kind)
+    batches = batches_of(x, 8)
+    served = compile_for_serving(model, batches[0], rest_buckets=ROW_BUCKETS, backend="eager")
+    expected = [model(batch) for batch in batches]
+    model.reset_stats()
+    for got, want in zip(served.stream(batches), expected, strict=True):
+        check_answers(kind, got, want)
+    exits = sum(int(want.exited.sum()) for want in expected)
+    assert model.samples_seen == len(torch.cat([w.exited for w in expected])) and model.samples_exited == exits
+    model.reset_stats()
+    routed = served.pooled_router(rest_batch=6, max_wait=1).run(batches)
+    for answer, want in zip(routed, expected, strict=True):
+        assert torch.equal(answer.output.exit_stage, want.exit_stage)
+        torch.testing.assert_close(answer.output.logits, want.logits, atol=1e-5, rtol=0)
+    assert model.samples_exited == exits  # later exits counted once their pooled pass has run
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_cascade_reads_one_value_per_tap_reached(kind: str) -> None:
+    model, x = mixed_cascade(kind)
+    model.check_values = False
+    for split in model.splits:  # as on an accelerator: the attention mask is built, not skipped after reading it
+        split.allows_mask_skip = lambda mask: False  # type: ignore[method-assign]
+    served = compile_for_serving(model, x, rest_buckets=ROW_BUCKETS, backend="eager")
+    mixed = list(model.thresholds)
+    for thresholds, reached in [(mixed, model.num_taps), ([0.0] * model.num_taps, 1), ([*mixed[:1], 0.0, 0.0], 2)]:
+        model.thresholds = thresholds[: model.num_taps]
+        served(x)  # warm-up: FLOPs are measured once per input size
+        with counting_reads() as reads:
+            served(x)
+        assert reads == ["tolist"] * reached
+
+
+def test_new_thresholds_of_a_cascade_are_served() -> None:
+    model, x = mixed_cascade("resnet")
+    served = compile_for_serving(model, x, rest_buckets=ROW_BUCKETS, backend="eager")
+    model.thresholds = [sidenet.NEVER_EXIT, 0.0, sidenet.NEVER_EXIT]
+    output = served(x)
+    assert torch.equal(output.exit_stage, torch.ones(len(x), dtype=torch.long))
+    assert_same_answers(output, model(x))
+
+
+def test_inductor_on_cpu_compiles_each_step_of_a_cascade() -> None:
+    model, x = mixed_cascade("sequential")
+    served = compile_for_serving(model, x, backend="inductor")
+    assert set(served.stage_backends) == {"front", "step-1", "rest"}
+    assert set(served.stage_backends.values()) <= {"inductor", "eager"}
+    output, reference = served(x), model(x)
+    assert torch.equal(output.exit_stage, reference.exit_stage)
+    torch.testing.assert_close(output.logits, reference.logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_serve_a_cascade(dtype: torch.dtype) -> None:
+    model, x = mixed_cascade("resnet")
+    model = model.to("cuda", dtype)
+    batches = [batch.to("cuda", dtype) for batch in batches_of(x, 8)]
+    served = compile_for_serving(model, batches[0])
+    assert set(served.stage_backends.values()) == {"cuda_graph"}
+    expected = [model(batch) for batch in batches]
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+    for got, want in zip(served.stream(batches), expected, strict=True):
+        if dtype == torch.float32:  # bf16: exits may differ for scores within rounding of a threshold
+            assert torch.equal(got.exit_stage, want.exit_stage)
+            torch.testing.assert_close(got.logits.float(), want.logits.float(), atol=tolerance, rtol=0)
