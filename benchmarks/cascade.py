@@ -10,11 +10,13 @@ answers, exits and FLOPs are what is reported (text FLOPs with the padding that 
 Beside it: the oracle of the cascade on the reporting part (a sample exits at the first SideNet that
 agrees with the MainNet), the other threshold families and the data-tuned search as evidence for the
 choice, and interleaved throughput of the MainNet, the single tap, the cascade per batch and the cascade
-with ``PooledRouter`` (continuing samples pooled across batches at the first tap).
+with ``PooledRouter`` (continuing samples pooled across batches at the first tap) and, where asked, in the
+compiled serving mode beside the compiled MainNet.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +27,7 @@ import torch
 import sidenet
 from benchmarks.harness import targets
 from sidenet.cascade_choice import FAMILIES, search_thresholds
+from sidenet.compiled import compile_for_serving
 from sidenet.loaders import iter_batches
 from sidenet.serving import PooledRouter
 from sidenet.timing import measure_throughput
@@ -122,6 +125,37 @@ def _on(record: sidenet.CascadeRecord, picked: sidenet.CascadeChoice) -> dict[st
     return sidenet.CascadeCurve(record.restrict(picked.columns), [picked.thresholds]).at(picked.thresholds)
 
 
+def compiled_runners(
+    runners: dict[str, Callable[[Any], Any]],
+    chosen: Sequence[sidenet.AdaptiveModel | None],
+    folds: Sequence[Fold],
+    mainnet_run: Callable[[Any], Any],
+    backend: str,
+    mainnet_compiled: Callable[[Any], Any] | None,
+) -> dict[str, Any]:
+    """Add the compiled serving mode of each fold's choice (and the compiled MainNet) to ``runners``;
+    returns what was compiled: the backend kept per stage and the compile seconds, per fold."""
+    started = time.perf_counter()
+    served = [
+        compile_for_serving(m, fold.batches[0], backend=backend) if m is not None else None
+        for m, fold in zip(chosen, folds, strict=True)
+    ]
+    seconds = time.perf_counter() - started
+
+    def run_compiled(item: tuple[int, Any]) -> Any:
+        model = served[item[0]]
+        return model(item[1]).logits if model is not None else mainnet_run(item[1])
+
+    runners["cascade_compiled"] = run_compiled
+    if mainnet_compiled is not None:
+        runners["mainnet_compiled"] = lambda item: mainnet_compiled(item[1])
+    return {
+        "backend": backend,
+        "stage_backends": [dict(m.stage_backends) if m is not None else None for m in served],
+        "compile_seconds": seconds,
+    }
+
+
 def cascade_section(
     candidates: Sequence[sidenet.AdaptiveModel],
     folds: Sequence[Fold],
@@ -133,6 +167,8 @@ def cascade_section(
     size: Callable[[Any], int] = len,
     deploy: Iterable | None = None,
     goals: dict[str, tuple[str, float]] | None = None,
+    serving_backend: str | None = None,
+    mainnet_compiled: Callable[[Any], Any] | None = None,
 ) -> dict[str, Any]:
     """The cascade section of a step's JSON: chosen per fold, pooled over folds, timed.
 
@@ -141,7 +177,10 @@ def cascade_section(
     ``deploy``: with several folds, the data the shipped choice is made on (all of them); its taps and
     thresholds are the section's ``taps`` and ``thresholds``, the folds' own are under ``folds``;
     ``goals``: targets (as :func:`benchmarks.harness.targets` takes them) over the section's
-    ``accuracy_drop``, ``flops_fraction``, ``share_of_oracle_saving`` and ``speedup_<batch_name>``.
+    ``accuracy_drop``, ``flops_fraction``, ``share_of_oracle_saving`` and ``speedup_<batch_name>``;
+    ``serving_backend``: also time each fold's choice in the compiled serving mode
+    (``compile_for_serving`` with that backend), beside ``mainnet_compiled`` (the MainNet compiled alone,
+    when given: the best MainNet alone is the faster of it and the eager MainNet).
     """
     full = cascade_of(candidates)
     reports = [fold_report(full, fold, rule) for fold in folds]
@@ -196,6 +235,8 @@ def cascade_section(
         "cascade": run_cascade,
         "cascade_pooled": run_pooled,
     }
+    if serving_backend is not None:
+        section["compiled"] = compiled_runners(runners, chosen, folds, mainnet_run, serving_backend, mainnet_compiled)
     timing = measure_throughput(
         runners, items, repeats=repeats, batch_size=lambda item: size(item[1]), finish={"cascade_pooled": flush}
     )
@@ -207,6 +248,13 @@ def cascade_section(
         f"{batch_name}_single_tap": timing["single_tap"].throughput / base,
         "ideal": 1.0 / flops_fraction,
     }
+    if serving_backend is not None:
+        best = max((k for k in ("mainnet", "mainnet_compiled") if k in timing), key=lambda k: timing[k].throughput)
+        section["compiled"]["best_mainnet"] = best
+        section["speedup"][f"{batch_name}_compiled"] = timing["cascade_compiled"].throughput / base
+        section["speedup"][f"{batch_name}_compiled_over_best_mainnet"] = (
+            timing["cascade_compiled"].throughput / timing[best].throughput
+        )
     values = {key: section[key] for key in ("accuracy_drop", "flops_fraction", "share_of_oracle_saving")}
     section["targets"] = targets(goals or {}, {**values, f"speedup_{batch_name}": section["speedup"][batch_name]})
     print(

@@ -31,6 +31,20 @@ def _rule(rule: dict[str, float]) -> str:
     return f"at most {pct(rule['max_disagreement'])} of the samples exiting with another answer than the MainNet's"
 
 
+def _compiled_rows(c: dict[str, Any], batch: str) -> list[str]:
+    """The cascade's row in the compiled serving mode, where the step timed it."""
+    compiled, cs = c.get("compiled"), c["speedup"]
+    if not compiled:
+        return []
+    stages = "; ".join(", ".join(f"{k} {v}" for k, v in kept.items()) for kept in compiled["stage_backends"] if kept)
+    best = "the eager MainNet" if compiled["best_mainnet"] == "mainnet" else "the `torch.compile`d MainNet"
+    return [
+        f"| cascade, compiled serving mode (`compile_for_serving`, backend {compiled['backend']}: {stages}) | same | "
+        f"same | same | same | same | {cs[batch + '_compiled']:.2f}× ({cs[batch + '_compiled_over_best_mainnet']:.2f}× "
+        f"over the best MainNet alone, {best}) |"
+    ]
+
+
 def cascade_lines(r: dict[str, Any], batch: str, samples: str) -> list[str]:
     """The cascade subsection of a workload section; nothing when the step measured no cascade."""
     c = r.get("cascade")
@@ -70,6 +84,7 @@ def cascade_lines(r: dict[str, Any], batch: str, samples: str) -> list[str]:
         f"{100 * c['accuracy_drop']:+.2f} | {pct(c['exit_rate'])} | **{c['flops_fraction']:.3f}** | "
         f"**{cs[batch]:.2f}×** |",
         f"| cascade, `PooledRouter` | same | same | same | same | same | {cs[batch + '_pooled']:.2f}× |",
+        *_compiled_rows(c, batch),
         f"| oracle of the cascade (all candidates; exit at the first SideNet agreeing with the MainNet) | all | "
         f"{pct(c['mainnet_accuracy'])} | 0 | — | {c['oracle_flops_fraction']:.3f} | — |",
         "",

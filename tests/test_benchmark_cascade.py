@@ -1,7 +1,8 @@
 """The cascade section of the two workload steps (benchmarks/cascade.py) on a tiny MainNet: its JSON has
 the keys the issue names (``taps``, ``thresholds``, ``accuracy``, ``accuracy_drop``, ``exit_rate``,
-``flops_fraction``, ``speedup.batchN``) with consistent values, a fold's routed answers agree with its
-record, and BENCHMARKS.md's rendering (benchmarks/sections_cascade.py) reads it."""
+``flops_fraction``, ``speedup.batchN``, and the compiled serving mode's rows) with consistent values, a
+fold's routed answers agree with its record, and BENCHMARKS.md's rendering (benchmarks/sections_cascade.py)
+reads it."""
 
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def section() -> dict:
         "batch16",
         1,
         deploy=make_loader(TensorDataset(images[64:], labels[64:]), 16),
+        serving_backend="eager",
+        mainnet_compiled=mainnet,  # the timing, not the compiler, is under test here
     )
     return json.loads(json.dumps(result, default=float))  # as the step writes it
 
@@ -58,6 +61,12 @@ def test_section_has_the_issue_keys_with_consistent_values(section: dict) -> Non
     for key in ("taps", "thresholds", "accuracy", "accuracy_drop", "exit_rate", "flops_fraction"):
         assert key in section
     assert "batch16" in section["speedup"] and section["speedup"]["batch16"] > 0
+    # The compiled serving mode is timed beside the MainNet, each fold's choice compiled.
+    assert section["speedup"]["batch16_compiled"] > 0 and section["compiled"]["best_mainnet"] in (
+        "mainnet",
+        "mainnet_compiled",
+    )
+    assert len(section["compiled"]["stage_backends"]) == len(section["folds"])
     assert len(section["taps"]) == len(section["thresholds"])
     assert set(map(str, section["taps"])) <= set(TAPS)
     assert section["accuracy_drop"] == pytest.approx(section["mainnet_accuracy"] - section["accuracy"])
@@ -85,6 +94,7 @@ def test_benchmarks_md_renders_the_section(section: dict) -> None:
     }
     text = "\n".join(cascade_lines(workload, "batch16", "images"))
     assert "Cascade of SideNets" in text and "oracle of the cascade" in text and "Choice evidence" in text
+    assert "compiled serving mode" in text and "over the best MainNet alone" in text
     assert not any(math.isnan(v) for v in section["speedup"].values())
     assert "a cascade of sidenets" in cascade_sentence(workload, "batch16").lower()
     assert cascade_lines({"tap": "x"}, "batch16", "images") == []
