@@ -107,6 +107,30 @@ def test_inductor_on_cpu_keeps_the_faster_form_of_each_stage() -> None:
     torch.testing.assert_close(output.logits, reference.logits, atol=1e-5, rtol=1e-5)
 
 
+def test_new_thresholds_are_an_input_not_a_recompilation() -> None:
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    mainnet = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    model = sidenet.attach(mainnet, 2, input_shape=(16,), hidden=8, seed=0)
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    scores = model(x, mode="side").confidence
+    model.threshold = threshold_between(scores, 0.5)
+    served = compile_for_serving(model, x, backend="inductor")
+    for stage in served._stages.values():  # keep both stages compiled whatever the warm-up timing said
+        stage.backend = "inductor"
+    served(x)
+    graphs = counters["stats"]["unique_graphs"]
+    # More values than dynamo's recompile limit (8): a threshold baked into the graph would fall back to eager.
+    for quantile in (0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95):
+        model.threshold = threshold_between(scores, quantile)
+        output, reference = served(x), model(x)
+        assert torch.equal(output.exited, reference.exited) and 0 < int(output.exited.sum()) < len(x)
+        torch.testing.assert_close(output.logits, reference.logits, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert len(served._stages) == 2  # one front and one rest: the threshold is an input
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

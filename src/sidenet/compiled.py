@@ -17,7 +17,8 @@ so the GPU idles while the host gathers the continuing samples and launches the 
   which on a GPU arrives through pinned memory and an event, so the read waits for work already done.
   A cascade's later taps each read their count when reached, as eager routing does.
 
-A new shape (batch size, bucket, rule) is captured or compiled when first seen. On the CPU the same
+A new shape (batch size, bucket) or a new score (kind, temperature) is captured or compiled when first
+seen; thresholds are an input of the stages, so a new threshold is served without either. On the CPU the same
 stages are compiled with ``torch.compile`` and each is kept only where it measures faster than eager
 at warm-up (:attr:`CompiledAdaptiveModel.stage_backends` says which). Answers equal ``model(x)``
 within float rounding; see the README for what that means for exits near the threshold.
@@ -26,18 +27,18 @@ within float rounding; see the README for what that means for exits near the thr
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 from torch.utils._pytree import tree_leaves
 
-from sidenet.compiled_stages import Stage, bucket_for, bucketed_sizes, padded_text
+from sidenet.compiled_stages import Stage, bucket_for, bucketed_sizes, front_fn, padded_text, step_fn
 from sidenet.cuda_graphs import CudaGraphStage, capture_cuda_graph
 from sidenet.outputs import AdaptiveOutput, FrontPass
-from sidenet.policy import ExitPolicy
-from sidenet.routing import AdaptiveModel, continuing_first
+from sidenet.policy import NEVER_EXIT, ExitPolicy
+from sidenet.routing import AdaptiveModel
 from sidenet.serving import PooledRouter
 
 __all__ = ["CompiledAdaptiveModel", "CudaGraphStage", "capture_cuda_graph", "compile_for_serving"]  # graphs re-exported
@@ -66,7 +67,8 @@ class CompiledAdaptiveModel:
 
     Attributes:
         model: the adaptive model (one SideNet or a cascade); its exit rules, input checks, monitor and
-            FLOPs ledger are used as they are (a new threshold makes new graphs or a recompilation).
+            FLOPs ledger are used as they are (a new score kind or temperature makes new graphs or a
+            recompilation; a new threshold is an input).
         backend: ``eager``, ``inductor`` or ``cuda_graph``, resolved from the one asked for.
         stage_backends: what each stage runs on, e.g. ``{"front": "inductor", "rest": "eager"}`` on a
             CPU where compiling the rest did not measure faster; a cascade adds ``step-1``, ... (the
@@ -89,9 +91,11 @@ class CompiledAdaptiveModel:
         self.backend = backend
         self.rest_buckets = None if rest_buckets is None else tuple(sorted({int(b) for b in rest_buckets}))
         self.length_buckets = None if length_buckets is None else tuple(sorted({int(b) for b in length_buckets}))
-        # Stages per (name, exit rule): the rule is part of the compiled or captured computation.
+        # Stages per (name, exit rule without its threshold): the score is part of the compiled or captured
+        # computation, the threshold an input (a 0-d float32 tensor on the device, kept per value).
         self._stages: dict[tuple[str, ExitPolicy | None], Stage] = {}
         self._kept: dict[str, str] = {}  # the backend kept per stage name at warm-up (CPU)
+        self._thresholds: dict[tuple[float, torch.device], torch.Tensor] = {}
         self._warmup_seconds = 0.0
 
     # -- settings and reports --------------------------------------------------------------------
@@ -112,47 +116,32 @@ class CompiledAdaptiveModel:
         return self.backend == "cuda_graph"
 
     def _stage(self, name: str, rule: ExitPolicy | None) -> Stage:
-        """The stage ``front``, ``step-K`` or ``rest`` for exit rule ``rule``, built when first asked for."""
+        """The stage ``front``, ``step-K`` or ``rest`` for exit rule ``rule``'s score, built when first asked
+        for (its inputs end with the threshold: see :meth:`_threshold`)."""
+        if rule is not None:
+            rule = replace(rule, threshold=NEVER_EXIT)
         key = (name, rule)
         if key not in self._stages:
             if name == "rest":
                 fn = self.model.splits[-1].rest
             else:
-                fn = self._front_fn(rule) if name == "front" else self._step_fn(int(name[5:]), rule)
+                parts = self.model.splits, self.model.sidenets
+                fn = front_fn(*parts, rule) if name == "front" else step_fn(*parts, rule, int(name[5:]))
             # The front runs in two alternating copies: stream() reads batch t after queueing batch t+1.
             copies = 2 if name == "front" else 1
             self._stages[key] = Stage(fn, self._kept.get(name, self.backend), copies)
         return self._stages[key]
 
-    def _front_fn(self, rule: ExitPolicy) -> Callable[[Any], tuple]:
-        split, sidenet = self.model.splits[0], self.model.sidenets[0]
-
-        def front(x: Any) -> tuple:
-            """Trunk, SideNet, exit score and mask, continuing samples first, and their count."""
-            state = split.trunk(x)
-            side_logits = sidenet(split.features(state))
-            confidence = rule.confidence(side_logits)
-            exited = rule.exits(confidence)
-            order, counts = continuing_first(split, state, exited)
-            return state, side_logits, confidence, exited, order, counts
-
-        return front
-
-    def _step_fn(self, part: int, rule: ExitPolicy) -> Callable[[Any], tuple]:
-        before, split, sidenet = self.model.splits[part - 1], self.model.splits[part], self.model.sidenets[part]
-
-        def step(inputs: tuple[Any, torch.Tensor]) -> tuple:
-            """A cascade's step to tap ``part`` on a state whose rows ``valid`` are samples (the others
-            pad it to its bucket and count as exited, so that they sort last and are not counted)."""
-            state, valid = inputs
-            state = before.advance(state, split)
-            side_logits = sidenet(split.features(state))
-            confidence = rule.confidence(side_logits)
-            exited = rule.exits(confidence)
-            order, counts = continuing_first(split, state, exited | ~valid)
-            return state, side_logits, confidence, exited, order, counts
-
-        return step
+    def _threshold(self, rule: ExitPolicy, device: torch.device) -> torch.Tensor:
+        """``rule``'s threshold as the 0-d float32 tensor the stages compare scores with (as
+        :meth:`ExitPolicy.exits` compares the float32 scores with a Python float), made once per value:
+        ``torch.full`` on the device, no copy from the host."""
+        key = (rule.threshold, device)
+        if key not in self._thresholds:
+            if len(self._thresholds) >= 64:  # a sweep over many values: keep the cache small
+                self._thresholds.clear()
+            self._thresholds[key] = torch.full((), rule.threshold, dtype=torch.float32, device=device)
+        return self._thresholds[key]
 
     # -- routing ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -167,7 +156,8 @@ class CompiledAdaptiveModel:
         x = padded_text(x, self.length_buckets)
         profile = model.flop_profile(x)
         rule = model.policies[0]  # read once: another thread may install a new rule meanwhile
-        state, side_logits, confidence, exited, order, counts = self._stage("front", rule)(x)
+        threshold = self._threshold(rule, model.split.input_device(x))
+        state, side_logits, confidence, exited, order, counts = self._stage("front", rule)((x, threshold))
         if self.reuses_outputs:  # handed on past the next replay
             side_logits, confidence, exited, order = (t.clone() for t in (side_logits, confidence, exited, order))
         ready = None
@@ -222,9 +212,8 @@ class CompiledAdaptiveModel:
         state = self._at_bucket(state, rows, model.splits[part - 1])
         cost = model.flop_ledger.step(part, state, profile)
         valid = torch.arange(_rows(state), device=tree_leaves(state)[0].device) < rows
-        later, logits, confidence, exited, order, counts = self._stage(f"step-{part}", model.policies[part])(
-            (state, valid)
-        )
+        stage, inputs = self._step(part, state, valid)
+        later, logits, confidence, exited, order, counts = stage(inputs)
         logits, confidence, exited = logits[:rows].clone(), confidence[:rows].clone(), exited[:rows].clone()
         flops = torch.full((rows,), cost, device=logits.device)
         output = AdaptiveOutput(logits, exited, confidence, flops, torch.where(exited, part, model.num_taps))
@@ -329,20 +318,29 @@ class CompiledAdaptiveModel:
         model = self.model
         if part == model.num_taps:
             return self._stage("rest", None)(state)
-        valid = torch.ones(_rows(state), dtype=torch.bool, device=tree_leaves(state)[0].device)
-        return self._stage(f"step-{part}", model.policies[part])((state, valid))
+        stage, inputs = self._step(part, state)
+        return stage(inputs)
+
+    def _step(self, part: int, state: Any, valid: torch.Tensor | None = None) -> tuple[Stage, tuple]:
+        """The stage of step ``part`` and its inputs for ``state``, whose rows ``valid`` are samples (all
+        by default)."""
+        rule = self.model.policies[part]
+        if valid is None:
+            valid = torch.ones(_rows(state), dtype=torch.bool, device=tree_leaves(state)[0].device)
+        return self._stage(f"step-{part}", rule), (state, valid, self._threshold(rule, valid.device))
 
     def _keep_faster(self, x: Any) -> None:
         """On the CPU, fall back to eager for each stage whose compiled form is not faster (kept per
         stage name, so that the stages of a new exit rule are built on the backend kept)."""
         model = self.model
         states = self._tap_states(x)
-        self._kept["front"] = self._stage("front", model.policies[0]).keep_if_faster(x)
-        for part, state in enumerate(states, start=1):
-            name = "rest" if part == model.num_taps else f"step-{part}"
-            stage = self._stage(name, None if name == "rest" else model.policies[part])
-            valid = torch.ones(_rows(state), dtype=torch.bool, device=tree_leaves(state)[0].device)
-            self._kept[name] = stage.keep_if_faster(state if name == "rest" else (state, valid))
+        rule = model.policies[0]
+        front_inputs = (x, self._threshold(rule, model.split.input_device(x)))
+        self._kept["front"] = self._stage("front", rule).keep_if_faster(front_inputs)
+        for part in range(1, model.num_taps):
+            stage, inputs = self._step(part, states[part - 1])
+            self._kept[f"step-{part}"] = stage.keep_if_faster(inputs)
+        self._kept["rest"] = self._stage("rest", None).keep_if_faster(states[-1])
         for (name, _), stage in self._stages.items():
             stage.backend = self._kept.get(name, stage.backend)
 

@@ -1,7 +1,7 @@
-"""The pieces the compiled serving mode (:mod:`sidenet.compiled`) builds its stages from: a
-:class:`Stage` that runs one function eagerly, compiled by ``torch.compile`` or replayed from CUDA
-graphs captured per input shape; the bucket a row count or a length is padded to; and the short timing
-that decides, on the CPU, whether a compiled stage is kept."""
+"""The pieces the compiled serving mode (:mod:`sidenet.compiled`) builds its stages from: the stage
+functions (the front, a cascade's steps), a :class:`Stage` that runs one eagerly, compiled by
+``torch.compile`` or replayed from CUDA graphs captured per input shape; the bucket a row count or a
+length is padded to; and the short timing that decides, on the CPU, whether a compiled stage is kept."""
 
 from __future__ import annotations
 
@@ -15,8 +15,51 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
 from sidenet.cuda_graphs import CudaGraphStage, shape_key
+from sidenet.head import SideNet
+from sidenet.policy import ExitPolicy
+from sidenet.routing import continuing_first
+from sidenet.splits import MainNetSplit
 
-__all__ = ["Stage", "bucket_for", "bucketed_sizes", "median_seconds", "padded_text"]
+__all__ = ["Stage", "bucket_for", "bucketed_sizes", "front_fn", "median_seconds", "padded_text", "step_fn"]
+
+
+def front_fn(splits: Sequence[MainNetSplit], sidenets: Sequence[SideNet], rule: ExitPolicy) -> Callable[[Any], tuple]:
+    """The front stage of a model of ``splits`` and ``sidenets`` under ``rule``'s score: on ``(x,
+    threshold)``, trunk, first SideNet, exit score and mask, continuing samples first and their count
+    (as :meth:`AdaptiveModel.front_pass` and :func:`continuing_first`, the threshold a 0-d tensor)."""
+    split, sidenet = splits[0], sidenets[0]
+
+    def front(inputs: tuple[Any, torch.Tensor]) -> tuple:
+        x, threshold = inputs
+        state = split.trunk(x)
+        side_logits = sidenet(split.features(state))
+        confidence = rule.confidence(side_logits)
+        exited = confidence >= threshold  # rule.exits, the threshold an input
+        order, counts = continuing_first(split, state, exited)
+        return state, side_logits, confidence, exited, order, counts
+
+    return front
+
+
+def step_fn(
+    splits: Sequence[MainNetSplit], sidenets: Sequence[SideNet], rule: ExitPolicy, part: int
+) -> Callable[[Any], tuple]:
+    """A cascade's step to tap ``part`` under ``rule``'s score: on ``(state, valid, threshold)``, the
+    segment from tap ``part - 1``, SideNet ``part``, exit score and mask, continuing samples first and
+    their count. Rows not ``valid`` pad the state to its bucket: they count as exited, so that they sort
+    last and are not counted."""
+    before, split, sidenet = splits[part - 1], splits[part], sidenets[part]
+
+    def step(inputs: tuple[Any, torch.Tensor, torch.Tensor]) -> tuple:
+        state, valid, threshold = inputs
+        state = before.advance(state, split)
+        side_logits = sidenet(split.features(state))
+        confidence = rule.confidence(side_logits)
+        exited = confidence >= threshold  # rule.exits, the threshold an input
+        order, counts = continuing_first(split, state, exited | ~valid)
+        return state, side_logits, confidence, exited, order, counts
+
+    return step
 
 
 def bucket_for(value: int, buckets: Sequence[int] | None, ceiling: int) -> int:
