@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, torchvision, transformers; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 # The tests that need a CUDA device (each is skipped on CPU machines), at most 3 minutes.
 timeout 180 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors -k "cuda" \
-    tests/test_host_waits.py tests/test_compiled.py tests/test_precision.py tests/test_attach.py 2>&1 \
+    tests/test_host_waits.py tests/test_compiled.py tests/test_compiled_cascade.py tests/test_precision.py tests/test_attach.py 2>&1 \
     | tail -40 | tee "$OUT/cuda-tests.txt"
 # The benchmark, time-budgeted (it rewrites its JSON after every case, so a cut run still leaves results).
 TEXT_ARGS=()

@@ -12,12 +12,17 @@ import torch
 
 import sidenet
 from sidenet import compile_for_serving
-from test_cascade import KINDS, cascade, set_mixed_thresholds
-from test_cascade_serving import batches_of
+from test_cascade import KINDS, cascade, chunk, set_mixed_thresholds
 from test_compiled import assert_same_answers
 from test_host_waits import counting_reads
 
 ROW_BUCKETS = (2, 4, 8, 16, 32)
+
+
+def batches_of(x: Any, size: int) -> list[Any]:
+    # Not test_cascade_serving's: that module needs scipy, which the GPU image lacks (benchmarks/gpu_check.sh).
+    n = len(x["input_ids"]) if isinstance(x, dict) else len(x)
+    return [chunk(x, torch.arange(start, min(start + size, n))) for start in range(0, n, size)]
 
 
 def mixed_cascade(kind: str) -> tuple[sidenet.AdaptiveModel, Any]:
