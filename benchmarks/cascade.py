@@ -16,7 +16,6 @@ compiled serving mode beside the compiled MainNet.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,9 +24,9 @@ import numpy as np
 import torch
 
 import sidenet
+from benchmarks.compiled_rows import served_runner
 from benchmarks.harness import targets
 from sidenet.cascade_choice import FAMILIES, search_thresholds
-from sidenet.compiled import compile_for_serving
 from sidenet.loaders import iter_batches
 from sidenet.serving import PooledRouter
 from sidenet.timing import measure_throughput
@@ -125,37 +124,6 @@ def _on(record: sidenet.CascadeRecord, picked: sidenet.CascadeChoice) -> dict[st
     return sidenet.CascadeCurve(record.restrict(picked.columns), [picked.thresholds]).at(picked.thresholds)
 
 
-def compiled_runners(
-    runners: dict[str, Callable[[Any], Any]],
-    chosen: Sequence[sidenet.AdaptiveModel | None],
-    folds: Sequence[Fold],
-    mainnet_run: Callable[[Any], Any],
-    backend: str,
-    mainnet_compiled: Callable[[Any], Any] | None,
-) -> dict[str, Any]:
-    """Add the compiled serving mode of each fold's choice (and the compiled MainNet) to ``runners``;
-    returns what was compiled: the backend kept per stage and the compile seconds, per fold."""
-    started = time.perf_counter()
-    served = [
-        compile_for_serving(m, fold.batches[0], backend=backend) if m is not None else None
-        for m, fold in zip(chosen, folds, strict=True)
-    ]
-    seconds = time.perf_counter() - started
-
-    def run_compiled(item: tuple[int, Any]) -> Any:
-        model = served[item[0]]
-        return model(item[1]).logits if model is not None else mainnet_run(item[1])
-
-    runners["cascade_compiled"] = run_compiled
-    if mainnet_compiled is not None:
-        runners["mainnet_compiled"] = lambda item: mainnet_compiled(item[1])
-    return {
-        "backend": backend,
-        "stage_backends": [dict(m.stage_backends) if m is not None else None for m in served],
-        "compile_seconds": seconds,
-    }
-
-
 def cascade_section(
     candidates: Sequence[sidenet.AdaptiveModel],
     folds: Sequence[Fold],
@@ -236,7 +204,12 @@ def cascade_section(
         "cascade_pooled": run_pooled,
     }
     if serving_backend is not None:
-        section["compiled"] = compiled_runners(runners, chosen, folds, mainnet_run, serving_backend, mainnet_compiled)
+        examples = {i: fold.batches[0] for i, fold in enumerate(folds)}
+        runners["cascade_compiled"], section["compiled"] = served_runner(
+            dict(enumerate(chosen)), examples, serving_backend, mainnet_run
+        )
+        if mainnet_compiled is not None:
+            runners["mainnet_compiled"] = lambda item: mainnet_compiled(item[1])
     timing = measure_throughput(
         runners, items, repeats=repeats, batch_size=lambda item: size(item[1]), finish={"cascade_pooled": flush}
     )
@@ -252,9 +225,8 @@ def cascade_section(
         best = max((k for k in ("mainnet", "mainnet_compiled") if k in timing), key=lambda k: timing[k].throughput)
         section["compiled"]["best_mainnet"] = best
         section["speedup"][f"{batch_name}_compiled"] = timing["cascade_compiled"].throughput / base
-        section["speedup"][f"{batch_name}_compiled_over_best_mainnet"] = (
-            timing["cascade_compiled"].throughput / timing[best].throughput
-        )
+        over_best = timing["cascade_compiled"].throughput / timing[best].throughput
+        section["speedup"][f"{batch_name}_compiled_over_best_mainnet"] = over_best
     values = {key: section[key] for key in ("accuracy_drop", "flops_fraction", "share_of_oracle_saving")}
     section["targets"] = targets(goals or {}, {**values, f"speedup_{batch_name}": section["speedup"][batch_name]})
     print(

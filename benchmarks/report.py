@@ -18,7 +18,7 @@ from benchmarks.sections import calibration_section, serving_section, summary_se
 from benchmarks.sections_cascade import cascade_lines
 from benchmarks.sections_cascade_training import cascade_training_section
 from benchmarks.sections_design import design_section
-from benchmarks.sections_gpu import fmnist_compiled_lines, gpu_section
+from benchmarks.sections_gpu import fmnist_compiled_lines, gpu_section, sst2_compiled_lines
 from benchmarks.sections_serve import serve_section
 from benchmarks.sections_stacking import (
     distillation_section,
@@ -180,8 +180,8 @@ def sst2_section(r: dict[str, Any]) -> list[str]:
             f"{100 * v['accuracy_drop']:+.2f} pt on dev. On a half of 436 sentences the accuracy rule counts the "
             "SideNet's chance wins where the MainNet errs; the disagreement bound does not.",
         ]
+    lines += ["", *sst2_compiled_lines(r)]
     lines += [
-        "",
         "### Every tap (dev, cross-fitted; and the train-split choice on dev)",
         "",
         "| tap | SideNet dev acc. | cross-fit acc. | drop (pt) | exit | FLOPs fraction | train-split choice: "

@@ -171,6 +171,41 @@ LABELS = {
 }
 
 
+def sst2_compiled_lines(r: dict[str, Any]) -> list[str]:
+    """The compiled serving mode at batch 32 on the CPU, for the SST-2 section (``sst2_minilm.json``'s
+    ``compiled``); nothing for results written before it."""
+    c = r.get("compiled")
+    if not c:
+        return []
+    t, over = r["timing"]["batch32"], c["speedup_over_best_mainnet"]
+    stages = "; ".join(", ".join(f"{k} {v}" for k, v in kept.items()) for kept in c["stage_backends"])
+    labels = {
+        "mainnet": "MainNet eager",
+        "mainnet_compiled": "MainNet `torch.compile`",
+        "adaptive": "sidenet eager",
+        "compiled_serving": "compiled serving mode, per batch",
+    }
+    lines = [
+        "### Compiled serving mode on the CPU (batch 32, issue 13)",
+        "",
+        f"`compile_for_serving` of each half's routed model, backend `{c['backend']}` (stages kept per half: "
+        f"{stages}; {c['serving_compile_seconds']:.1f} s to compile both), in the batch-32 timing run above, beside "
+        f"the MainNet compiled alone (`torch.compile`, backend `{c['mainnet_backend']}`; first call "
+        f"{c['mainnet_first_call_seconds']:.1f} s). Batches keep their own padded lengths (no length buckets on "
+        "the CPU), so the compiled graphs see many shapes.",
+        "",
+        "| batch 32 | sentences/s [spread] | over the best MainNet alone |",
+        "|---|---|---|",
+    ]
+    for key, label in labels.items():
+        best = " (best MainNet)" if key == c["best_mainnet"] else ""
+        spread = t[key]["throughput_spread"]
+        lines.append(
+            f"| {label}{best} | {t[key]['throughput']:,.1f} [{spread[0]:,.1f}–{spread[1]:,.1f}] | {over[key]:.2f}× |"
+        )
+    return [*lines, ""]
+
+
 def fmnist_compiled_lines(r: dict[str, Any]) -> list[str]:
     """The compiled serving mode at batch 64 on the CPU, for the Fashion-MNIST section (``fmnist_resnet.json``'s
     ``compiled``); nothing for results written before it."""

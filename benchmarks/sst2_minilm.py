@@ -9,6 +9,10 @@ reported once, by a choice that never saw it). The choice bounds the share of se
 another answer than the MainNet's (``threshold_for(max_disagreement=...)``); the accuracy rule
 (``max_accuracy_drop``) is reported beside it, as it transfers worse from a half of 436 sentences.
 
+Long because the parts of one experiment share its data, MainNet and SideNets: per-tap SideNets, the
+two-fold cross-fitting under two rules, the timing at two batch sizes (with the compiled serving mode's
+rows), the cascade section and the deployed choice.
+
 Run: ``python -m benchmarks.sst2_minilm [--quick]`` (or every step: ``python -m benchmarks run``).
 Needs no other step (the MainNet is fine-tuned first if not cached, about 12 minutes on 2 cores).
 Writes ``sst2_minilm.json`` and its curve into the results folder.
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 
 from benchmarks.cascade import Fold, cascade_section
+from benchmarks.compiled_rows import compiled_text_mainnet, over_best_mainnet, served_runner
 from benchmarks.harness import (
     at_threshold,
     benchmark_parser,
@@ -68,6 +73,8 @@ QUICK = {
     "batch1_repeats": 1,
     "batch1_sentences": 64,
     "dev_limit": 300,
+    "compile_backend": "eager",
+    "serving_backend": "eager",
 }
 
 
@@ -156,6 +163,12 @@ def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch1-sentences", type=int, default=None, help="dev sentences timed at batch 1 (all)")
     parser.add_argument("--dev-limit", type=int, default=None, help="the first dev sentences only")
     parser.add_argument("--train-limit", type=int, default=None, help="train SideNets on this many phrases")
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend of the MainNet (quick: eager, Dynamo only)"
+    )
+    parser.add_argument(
+        "--serving-backend", default="auto", help="compile_for_serving backend, 'none' to skip (quick: eager)"
+    )
     return parse_options(parser, argv, QUICK)
 
 
@@ -266,6 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     timing: dict[str, Any] = {}
+    compiled: dict[str, Any] | None = None
     if not args.no_timing:
         # Half i is answered by the model chosen on the other half, as in the cross-fitted report.
         routed = {0: (models[folds[1][0]], folds[1][1]), 1: (models[folds[0][0]], folds[0][1])}
@@ -297,11 +311,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 per_half = args.batch1_sentences // 2
                 batches = [item for i in range(2) for item in [b for b in batches if b[0] == i][:per_half]]
             chosen = {**runners, **extra} if name == "batch32" else runners
+            if name == "batch32" and args.serving_backend != "none":
+                fixed = {i: at_threshold(m, t) for i, (m, t) in routed.items()}
+                examples = {i: next(b for half, b in batches if half == i) for i in fixed}
+                serving, compiled = served_runner(fixed, examples, args.serving_backend, run_mainnet)
+                main_compiled, compiled["mainnet_first_call_seconds"] = compiled_text_mainnet(
+                    mainnet, batches[0][1], args.compile_backend
+                )
+                compiled["mainnet_backend"] = args.compile_backend
+                chosen = {**chosen, "mainnet_compiled": main_compiled, "compiled_serving": serving}
             result = measure_throughput(chosen, batches, repeats=repeats, batch_size=size)
             timing[name] = {k: v.to_dict() for k, v in result.items()}
             print(f"{name}: " + ", ".join(f"{k} {v.throughput:,.1f} sentences/s" for k, v in result.items()))
     speedup = {b: timing[b]["adaptive"]["throughput"] / timing[b]["mainnet"]["throughput"] for b in timing}
     speedup["ideal"] = 1.0 / crossfit["flops_fraction"]
+    if compiled is not None:  # over the best MainNet alone on this CPU: eager or torch.compile'd
+        compiled.update(
+            over_best_mainnet(timing["batch32"], ("mainnet", "mainnet_compiled", "adaptive", "compiled_serving"))
+        )
     floor = pooled([dev_curves[1][folds[0][0]], dev_curves[0][folds[1][0]]], [0.0, 0.0])  # every sentence exits
     if "batch32" in timing:
         t32 = timing["batch32"]
@@ -385,6 +412,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "sidenet_cache_seconds": cache_seconds,
         "plot": link(plot, args.results_dir),
         "cascade": cascade,
+        "compiled": compiled,
     }
     return result
 

@@ -123,3 +123,31 @@ def test_cuda_graphs_serve_a_cascade(dtype: torch.dtype) -> None:
         if dtype == torch.float32:  # bf16: exits may differ for scores within rounding of a threshold
             assert torch.equal(got.exit_stage, want.exit_stage)
             torch.testing.assert_close(got.logits.float(), want.logits.float(), atol=tolerance, rtol=0)
+
+
+def test_each_stage_compiles_into_its_own_cache() -> None:
+    """Dynamo caches graphs per code object and recompiles at most 8 times: stages built from one closure
+    (a cascade's steps) share a cache unless each has its own code (``own_code``)."""
+    from torch._dynamo.utils import counters
+
+    from sidenet.compiled_stages import own_code
+
+    def closure_over(layer: torch.nn.Module):
+        def step(x: torch.Tensor) -> torch.Tensor:
+            return layer(x).relu()
+
+        return step
+
+    layers = [torch.nn.Linear(4, 4) for _ in range(10)]
+    x = torch.randn(2, 4)
+    counters.clear()
+    for layer in layers:  # the same code object for all: one cache, guarded on each module
+        torch.compile(closure_over(layer), backend="eager")(x)
+    shared = counters["stats"]["unique_graphs"]
+    counters.clear()
+    for k, layer in enumerate(layers):
+        compiled = torch.compile(own_code(closure_over(layer), f"stage_{k}"), backend="eager")
+        torch.testing.assert_close(compiled(x), layer(x).relu())
+        compiled(x)  # the same shape again: no recompilation
+    assert shared < len(layers)  # the recompile limit cut it short: the later modules ran eagerly
+    assert counters["stats"]["unique_graphs"] == len(layers)

@@ -129,7 +129,7 @@ class CompiledAdaptiveModel:
                 fn = front_fn(*parts, rule) if name == "front" else step_fn(*parts, rule, int(name[5:]))
             # The front runs in two alternating copies: stream() reads batch t after queueing batch t+1.
             copies = 2 if name == "front" else 1
-            self._stages[key] = Stage(fn, self._kept.get(name, self.backend), copies)
+            self._stages[key] = Stage(fn, self._kept.get(name, self.backend), copies, name)
         return self._stages[key]
 
     def _threshold(self, rule: ExitPolicy, device: torch.device) -> torch.Tensor:
@@ -357,12 +357,14 @@ def compile_for_serving(
     """Serve ``model`` with compiled or captured stages; returns a callable with ``model(x)``'s answers.
 
     Args:
-        model: the adaptive model (its threshold and policy are read on every call).
+        model: the adaptive model, one SideNet or a cascade (its thresholds and exit rules are read on
+            every call).
         example: an input batch like the served ones (its device picks the backend; its batch size is
             served when ``batch_sizes`` is not given).
         batch_sizes: the batch sizes to compile or capture ahead (others are, when first seen).
-        rest_buckets: the row counts the rest runs at. Default on CUDA: powers of two up to the largest
-            batch size, and that size; on the CPU none (the exact count: padding would cost compute).
+        rest_buckets: the row counts the rest (and a cascade's steps) run at. Default on CUDA: powers
+            of two up to the largest batch size, and that size; on the CPU none (the exact count:
+            padding would cost compute).
         length_buckets: the lengths text batches are padded to. Default on CUDA:
             ``DEFAULT_LENGTH_BUCKETS``; on the CPU none.
         backend: ``auto`` (``cuda_graph`` on CUDA, ``inductor`` on the CPU), ``eager`` (the buckets

@@ -5,8 +5,10 @@ length is padded to; and the short timing that decides, on the CPU, whether a co
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -62,6 +64,24 @@ def step_fn(
     return step
 
 
+_STAGES = itertools.count()
+
+
+def own_code(fn: Callable[[Any], Any], name: str) -> Callable[[Any], Any]:
+    """``fn`` called through a function whose code object is its own, named ``name``.
+
+    Dynamo keeps compiled graphs, and counts recompilations against its limit (8), per code object. The
+    stages built from one source (each later tap's step is the same closure over other modules; two served
+    models' fronts; ``split.rest`` of several splits) would share one cache, and each module or shape one
+    of them sees would be a recompilation: a cascade of four taps passed the limit and ran partly eager."""
+
+    def call(x: Any) -> Any:
+        return fn(x)
+
+    code = call.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, call.__globals__, name, None, call.__closure__)
+
+
 def bucket_for(value: int, buckets: Sequence[int] | None, ceiling: int) -> int:
     """The smallest bucket that holds ``value`` and is at most ``ceiling`` (``value`` itself without
     buckets, ``ceiling`` when no bucket fits)."""
@@ -113,13 +133,15 @@ class Stage:
     copies so that the outputs of one call survive the next (see
     :meth:`~sidenet.compiled.CompiledAdaptiveModel.stream`)."""
 
-    def __init__(self, fn: Callable[[Any], Any], backend: str, copies: int = 1) -> None:
+    def __init__(self, fn: Callable[[Any], Any], backend: str, copies: int = 1, name: str = "stage") -> None:
         self.fn = fn
         self.backend = backend
         self.copies = copies
         self._turn = 0
         self._graphs: dict[tuple, CudaGraphStage] = {}
-        self._compiled = torch.compile(fn) if backend == "inductor" else None
+        self._compiled = (
+            torch.compile(own_code(fn, f"sidenet_{name}_{next(_STAGES)}")) if backend == "inductor" else None
+        )
         self.capture_seconds = 0.0
 
     def __call__(self, x: Any) -> Any:
