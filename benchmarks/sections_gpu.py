@@ -171,6 +171,20 @@ LABELS = {
 }
 
 
+def _throughput_rows(
+    timing: dict[str, Any], over: dict[str, float], labels: dict[str, str], best: str, number: str
+) -> list[str]:
+    """One table row per runner of ``labels``: throughput [spread] (formatted with ``number``) and the
+    speed-up over the best MainNet alone, that one marked."""
+    rows = []
+    for key, label in labels.items():
+        mark = " (best MainNet)" if key == best else ""
+        low, high = timing[key]["throughput_spread"]
+        value = timing[key]["throughput"]
+        rows.append(f"| {label}{mark} | {value:{number}} [{low:{number}}–{high:{number}}] | {over[key]:.2f}× |")
+    return rows
+
+
 def sst2_compiled_lines(r: dict[str, Any]) -> list[str]:
     """The compiled serving mode at batch 32 on the CPU, for the SST-2 section (``sst2_minilm.json``'s
     ``compiled``); nothing for results written before it."""
@@ -189,7 +203,7 @@ def sst2_compiled_lines(r: dict[str, Any]) -> list[str]:
         "### Compiled serving mode on the CPU (batch 32, issue 13)",
         "",
         f"`compile_for_serving` of each half's routed model, backend `{c['backend']}` (stages kept per half: "
-        f"{stages}; {c['serving_compile_seconds']:.1f} s to compile both), in the batch-32 timing run above, beside "
+        f"{stages}; {c['compile_seconds']:.1f} s to compile both), in the batch-32 timing run above, beside "
         f"the MainNet compiled alone (`torch.compile`, backend `{c['mainnet_backend']}`; first call "
         f"{c['mainnet_first_call_seconds']:.1f} s). Batches keep their own padded lengths (no length buckets on "
         "the CPU), so the compiled graphs see many shapes.",
@@ -197,13 +211,7 @@ def sst2_compiled_lines(r: dict[str, Any]) -> list[str]:
         "| batch 32 | sentences/s [spread] | over the best MainNet alone |",
         "|---|---|---|",
     ]
-    for key, label in labels.items():
-        best = " (best MainNet)" if key == c["best_mainnet"] else ""
-        spread = t[key]["throughput_spread"]
-        lines.append(
-            f"| {label}{best} | {t[key]['throughput']:,.1f} [{spread[0]:,.1f}–{spread[1]:,.1f}] | {over[key]:.2f}× |"
-        )
-    return [*lines, ""]
+    return [*lines, *_throughput_rows(t, over, labels, c["best_mainnet"], ",.1f"), ""]
 
 
 def fmnist_compiled_lines(r: dict[str, Any]) -> list[str]:
@@ -225,12 +233,7 @@ def fmnist_compiled_lines(r: dict[str, Any]) -> list[str]:
         "| batch 64 | img/s [spread] | over the best MainNet alone |",
         "|---|---|---|",
     ]
-    for key, label in LABELS.items():
-        best = " (best MainNet)" if key == c["best_mainnet"] else ""
-        spread = t[key]["throughput_spread"]
-        lines.append(
-            f"| {label}{best} | {t[key]['throughput']:,.0f} [{spread[0]:,.0f}–{spread[1]:,.0f}] | {over[key]:.2f}× |"
-        )
+    lines += _throughput_rows(t, over, LABELS, c["best_mainnet"], ",.0f")
     lines += [
         "",
         f"FLOPs ideal {ideal:.2f}×: the compiled mode ({LABELS[c['best_compiled']]}) reaches "

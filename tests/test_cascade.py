@@ -85,6 +85,14 @@ def set_mixed_thresholds(model: AdaptiveModel, x: Any, quantile: float = 0.6) ->
     model.thresholds = thresholds
 
 
+def read_as_on_an_accelerator(model: AdaptiveModel) -> None:
+    """Make ``model`` read device values as it would on an accelerator: no input value checks, and the
+    attention mask built, not skipped after reading it."""
+    model.check_values = False
+    for split in model.splits:
+        split.allows_mask_skip = lambda mask: False  # type: ignore[method-assign]
+
+
 def chunk(x: Any, index: torch.Tensor) -> Any:
     """The samples ``index`` of a batch; for text, padded only to their longest sentence."""
     if isinstance(x, torch.Tensor):
@@ -240,9 +248,7 @@ def test_text_flops_at_never_exit_are_the_mainnet_and_every_sidenet() -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_routed_cascade_reads_one_value_per_tap_reached(kind: str) -> None:
     model, x = cascade(kind)
-    model.check_values = False
-    for split in model.splits:  # as on an accelerator: the attention mask is built, not skipped after reading it
-        split.allows_mask_skip = lambda mask: False  # type: ignore[method-assign]
+    read_as_on_an_accelerator(model)
     set_mixed_thresholds(model, x)
     mixed = list(model.thresholds)
     everyone_by_second = mixed[:1] + [0.0] * (model.num_taps - 1)

@@ -12,7 +12,7 @@ import torch
 
 import sidenet
 from sidenet import compile_for_serving
-from test_cascade import KINDS, cascade, chunk, set_mixed_thresholds
+from test_cascade import KINDS, cascade, chunk, read_as_on_an_accelerator, set_mixed_thresholds
 from test_compiled import assert_same_answers
 from test_host_waits import counting_reads
 
@@ -77,9 +77,7 @@ def test_stream_and_pooled_router_serve_a_compiled_cascade(kind: str) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_compiled_cascade_reads_one_value_per_tap_reached(kind: str) -> None:
     model, x = mixed_cascade(kind)
-    model.check_values = False
-    for split in model.splits:  # as on an accelerator: the attention mask is built, not skipped after reading it
-        split.allows_mask_skip = lambda mask: False  # type: ignore[method-assign]
+    read_as_on_an_accelerator(model)
     served = compile_for_serving(model, x, rest_buckets=ROW_BUCKETS, backend="eager")
     mixed = list(model.thresholds)
     for thresholds, reached in [(mixed, model.num_taps), ([0.0] * model.num_taps, 1), ([*mixed[:1], 0.0, 0.0], 2)]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from sidenet.flops import FlopProfile
@@ -78,14 +77,6 @@ class FrontPass:
     confidence: torch.Tensor
     exited: torch.Tensor
     profile: FlopProfile
-
-    def flops_with_rest(self, rest_cost: float) -> torch.Tensor:
-        """(N,) FLOPs spent on each sample once those that continue have run the rest at ``rest_cost``
-        per sample: one kernel, as this runs on every routed batch. The sum is rounded as a float32
-        addition of the two costs, as adding the rest to :meth:`front_flops` would round it."""
-        front = np.float32(self.profile.trunk + self.profile.side)
-        total = front + np.float32(rest_cost)
-        return torch.where(self.exited, float(front), float(total))
 
     def answers(self, num_taps: int) -> AdaptiveOutput:
         """The batch's answers as far as the front pass goes: the first SideNet's where it exited (exit
