@@ -174,6 +174,8 @@ def test_serve_refuses_bad_options_and_configs(saved: Any, tmp_path: Path) -> No
     folder, mainnet, _ = saved
     result = runner.invoke(app, ["serve", "--sidenet", str(folder), "--mainnet", mainnet, "--max-wait", "-1"])
     assert result.exit_code == 2 and "max_wait must be >= 0" in result.output
+    result = runner.invoke(app, ["serve", "--sidenet", str(folder), "--mainnet", mainnet, "--compile", "tensorrt"])
+    assert result.exit_code == 2 and "compile_backend must be one of" in result.output
     config = tmp_path / "serve.yaml"
     config.write_text(
         "applications:\n  - import_path: sidenet.integrations.ray_serve:app_builder\n"

@@ -71,6 +71,26 @@ def assert_answers_equal_model(answers: list, model: Any, images: torch.Tensor) 
     assert 0 < sum(a["exited"] for a in answers) < len(answers)  # both paths were taken
 
 
+def test_a_compiled_replica_answers_as_the_model(served: Any) -> None:
+    """A second app whose replica routes through compile_for_serving's stages (the eager backend: the
+    buckets and stage plumbing without the compiler's minutes) answers as the model does."""
+    from ray import serve
+
+    from sidenet.integrations import ImageInputs
+    from sidenet.integrations.ray_serve import ServeOptions, build_app
+
+    port, model, images = served
+    options = ServeOptions(max_batch_size=8, max_wait=2, audit_share=0.0, torch_threads=1, compile_backend="eager")
+    serve.run(build_app(model, ImageInputs((1, 16, 16)), options, num_cpus=0.5), name="compiled", route_prefix="/c")
+    try:
+        status, health = get(port, "/c/health")
+        assert status == 200 and health["compiled"] == {"front": "eager", "rest": "eager"}
+        answers = [post(port, npy_bytes(image.numpy()), "application/x-npy", path="/c")[1] for image in images[:48]]
+        assert_answers_equal_model(answers, model, images[:48])
+    finally:
+        serve.delete("compiled")
+
+
 def test_concurrent_http_answers_equal_the_model(served: Any) -> None:
     port, model, images = served
     answers, failures = classify_all(port, images)

@@ -88,6 +88,14 @@ def serve_command(
     flush_ms: Annotated[float, typer.Option(help="Finish waiting samples after this long without a batch.")] = 20.0,
     audit_share: Annotated[float, typer.Option(help="Share of samples audited against the MainNet.")] = 0.01,
     mode: ModeOption = "adaptive",
+    compile_backend: Annotated[
+        str | None,
+        typer.Option(
+            "--compile",
+            help="Route through compiled stages (sidenet.compile_for_serving): auto (CUDA graphs on a GPU, "
+            "torch.compile on the CPU), eager, inductor or cuda_graph. Default: eager routing.",
+        ),
+    ] = None,
     address: Annotated[str | None, typer.Option(help="A running Ray cluster (default: start one here).")] = None,
     config: Annotated[
         Path | None,
@@ -114,6 +122,7 @@ def serve_command(
             flush_after_s=flush_ms / 1000,
             audit_share=audit_share,
             device="cuda" if gpus > 0 else None,
+            compile_backend=compile_backend,
         )
     except ValueError as exc:
         _fail(str(exc))

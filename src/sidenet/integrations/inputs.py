@@ -150,6 +150,10 @@ class ImageInputs:
         """Samples to one batch."""
         return torch.stack(list(samples))
 
+    def neutral_sample(self) -> torch.Tensor:
+        """A sample of the input shape (zeros: the normalised mean), for compiling ahead of traffic."""
+        return torch.zeros(self.shape)
+
 
 @dataclass(frozen=True)
 class TextInputs:
@@ -207,6 +211,10 @@ class TextInputs:
             collator = TextCollator(load_tokenizer(self.checkpoint), self.max_length)
             object.__setattr__(self, "_collator", collator)
         return collator.encode(list(samples))
+
+    def neutral_sample(self) -> str:
+        """A one-word sentence, for compiling ahead of traffic."""
+        return "fine"
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "_collator"}

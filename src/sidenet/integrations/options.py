@@ -8,6 +8,9 @@ from dataclasses import dataclass
 __all__ = ["ServeOptions"]
 
 
+COMPILE_BACKENDS = (None, "auto", "eager", "inductor", "cuda_graph")
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     """How a replica batches, routes and audits.
@@ -25,6 +28,10 @@ class ServeOptions:
         torch_threads: torch's intra-op threads in the replica (None: Ray's setting, one per CPU).
         device: where the replica runs the model (e.g. ``"cuda"`` with ``num_gpus=1``; None: where it was
             loaded, the CPU for a :class:`SidenetSource`); batches are moved there.
+        compile_backend: route through :func:`sidenet.compile_for_serving` with this backend (``auto``:
+            CUDA graphs on a GPU, ``torch.compile`` on the CPU; ``eager``, ``inductor``, ``cuda_graph``),
+            compiled when the replica starts, on a batch of ``max_batch_size`` neutral samples (other batch
+            sizes when first seen); None (default): eager routing.
     """
 
     max_batch_size: int = 32
@@ -38,6 +45,7 @@ class ServeOptions:
     max_request_bytes: int = 1 << 20
     torch_threads: int | None = None
     device: str | None = None
+    compile_backend: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("adaptive", "main"):
@@ -46,5 +54,7 @@ class ServeOptions:
             raise ValueError("max_batch_size must be >= 1 and the waits >= 0")
         if self.max_wait < 0:
             raise ValueError(f"max_wait must be >= 0, got {self.max_wait}")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(f"compile_backend must be one of {COMPILE_BACKENDS}, got {self.compile_backend!r}")
         if not 0 <= self.audit_share <= 1:
             raise ValueError(f"audit_share must lie in [0, 1], got {self.audit_share}")

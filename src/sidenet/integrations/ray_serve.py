@@ -45,6 +45,7 @@ except ImportError as exc:  # pragma: no cover - the optional extra is missing
     raise ImportError("sidenet's Ray Serve deployment needs Ray Serve: pip install 'sidenet[serve]'") from exc
 
 from sidenet.audit import LiveAudit
+from sidenet.compiled import compile_for_serving
 from sidenet.integrations.inputs import BadInput, ImageInputs, SidenetSource, TextInputs, answers
 from sidenet.integrations.options import ServeOptions
 from sidenet.serving import PooledRouter
@@ -102,10 +103,18 @@ class SidenetDeployment:
         # of every replica's stream.
         seed = secrets.randbits(31)
         self.audit = LiveAudit(options.audit_share, tolerance, seed=seed) if options.audit_share > 0 else None
+        self.compiled = None
+        if options.compile_backend is not None and options.mode == "adaptive":
+            neutral = [inputs.neutral_sample()] * options.max_batch_size
+            example = to_mainnet(self.model.split, inputs.collate(neutral))
+            self.compiled = compile_for_serving(
+                self.model, example, batch_sizes=[options.max_batch_size], backend=options.compile_backend
+            )
         self.router = PooledRouter(
             self.model,
             rest_batch=options.rest_batch or options.max_batch_size,
             max_wait=options.max_wait,
+            stages=self.compiled,
             audit=self.audit,
         )
         self._classify.set_max_batch_size(options.max_batch_size)
@@ -267,6 +276,7 @@ class SidenetDeployment:
             "thresholds": [float(value) for value in self.model.thresholds],
             "taps": [str(tap) for tap in self.model.taps],
             "pending": self.router.pending,
+            "compiled": None if self.compiled is None else self.compiled.stage_backends,
         }
 
     def _shift(self) -> dict[str, Any]:
