@@ -77,6 +77,25 @@ def test_a_folder_of_images_is_classified_like_the_model(saved: Any, tmp_path: P
     assert set(table["error"]) == {""} and "image" not in table
 
 
+def test_compiled_classification_writes_what_eager_routing_writes(saved: Any, tmp_path: Path) -> None:
+    folder, mainnet, model = saved
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(40):
+        (images / f"img{i:02d}.png").write_bytes(png(i))
+    argv = ["classify", "--input", str(images), "--sidenet", str(folder), "--mainnet", mainnet, "--model-batch", "8"]
+    tables = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile", "eager"])):
+        out = tmp_path / f"{name}.parquet"
+        result = runner.invoke(app, [*argv, "--output", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        tables[name] = pq.read_table(out).to_pydict()
+    assert tables["compiled"]["label"] == tables["eager"]["label"]
+    assert tables["compiled"]["exited"] == tables["eager"]["exited"] and 0 < sum(tables["eager"]["exited"]) < 40
+    np.testing.assert_allclose(tables["compiled"]["confidence"], tables["eager"]["confidence"], atol=1e-6)
+    np.testing.assert_allclose(tables["compiled"]["flops"], tables["eager"]["flops"])
+
+
 def test_a_parquet_file_with_bad_rows(saved: Any, tmp_path: Path) -> None:
     import pyarrow as pa
 
@@ -103,6 +122,7 @@ def test_a_parquet_file_with_bad_rows(saved: Any, tmp_path: Path) -> None:
         (["--task", "nope"], "unknown task"),
         (["--model-batch", "0"], "must be >= 1"),
         (["--mode", "fast"], "--mode must be adaptive or main"),
+        (["--compile", "tensorrt"], "--compile must be one of auto, eager, inductor, cuda_graph"),
     ],
 )
 def test_bad_arguments_are_refused_before_loading(saved: Any, tmp_path: Path, extra: list[str], message: str) -> None:

@@ -25,6 +25,14 @@ MainnetOption = Annotated[
 WeightsOption = Annotated[Path | None, typer.Option(help="The --mainnet's weights: a safetensors state dict.")]
 ThresholdOption = Annotated[float | None, typer.Option(help="Override the saved threshold.")]
 ModeOption = Annotated[str, typer.Option(help="adaptive (per-sample routing) or main (the MainNet alone).")]
+CompileOption = Annotated[
+    str | None,
+    typer.Option(
+        "--compile",
+        help="Route through compiled stages (sidenet.compile_for_serving): auto (CUDA graphs on a GPU, "
+        "torch.compile on the CPU), eager, inductor or cuda_graph. Default: eager routing.",
+    ),
+]
 
 
 def _fail(message: str) -> None:
@@ -88,14 +96,7 @@ def serve_command(
     flush_ms: Annotated[float, typer.Option(help="Finish waiting samples after this long without a batch.")] = 20.0,
     audit_share: Annotated[float, typer.Option(help="Share of samples audited against the MainNet.")] = 0.01,
     mode: ModeOption = "adaptive",
-    compile_backend: Annotated[
-        str | None,
-        typer.Option(
-            "--compile",
-            help="Route through compiled stages (sidenet.compile_for_serving): auto (CUDA graphs on a GPU, "
-            "torch.compile on the CPU), eager, inductor or cuda_graph. Default: eager routing.",
-        ),
-    ] = None,
+    compile_backend: CompileOption = None,
     address: Annotated[str | None, typer.Option(help="A running Ray cluster (default: start one here).")] = None,
     config: Annotated[
         Path | None,
@@ -190,6 +191,7 @@ def classify_command(
     batch_size: Annotated[int, typer.Option(help="Rows per batch handed to a model's router.")] = 1024,
     model_batch: Annotated[int, typer.Option(help="Samples per model batch.")] = 64,
     mode: ModeOption = "adaptive",
+    compile_backend: CompileOption = None,
     address: Annotated[str | None, typer.Option(help="With --ray: a running Ray cluster.")] = None,
 ) -> None:
     """Label a folder of images or a parquet file into a parquet file (label, class_name, confidence,
@@ -204,8 +206,12 @@ def classify_command(
         _fail("--concurrency, --batch-size and --model-batch must be >= 1")
     if mode not in ("adaptive", "main"):
         _fail(f"--mode must be adaptive or main, got {mode!r}")
+    from sidenet.integrations.options import COMPILE_BACKENDS
+
+    if compile_backend not in COMPILE_BACKENDS:
+        _fail(f"--compile must be one of {', '.join(b for b in COMPILE_BACKENDS if b)}, got {compile_backend!r}")
     source = _source(sidenet, task, mainnet, threshold, mainnet_weights)
-    options: dict[str, Any] = {"model_batch": model_batch, "mode": mode}
+    options: dict[str, Any] = {"model_batch": model_batch, "mode": mode, "compile_backend": compile_backend}
     started = time.perf_counter()
     ours = False  # shut down only a Ray this command started (not the caller's)
     if use_ray:

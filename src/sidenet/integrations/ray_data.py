@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 from sidenet.audit import LiveAudit
+from sidenet.compiled import compile_for_serving
 from sidenet.integrations.inputs import BadInput, ImageInputs, SidenetSource, TextInputs, answers
+from sidenet.integrations.options import COMPILE_BACKENDS
 from sidenet.serving import PooledRouter
 from sidenet.training import to_mainnet
 
@@ -59,6 +61,9 @@ class RoutedClassifier:
         keep_input: keep the input column in the output (dropped by default: it is the bulk of the data).
         audit_share: share of samples audited against the MainNet (see :class:`sidenet.audit.LiveAudit`).
         device: where the actor runs the model (e.g. ``"cuda"`` with ``num_gpus=1``; None: where it was loaded).
+        compile_backend: route through :func:`sidenet.compile_for_serving` with this backend (``auto``,
+            ``eager``, ``inductor``, ``cuda_graph``), compiled when the actor starts on a model batch of
+            neutral samples; None (default): eager routing.
     """
 
     def __init__(
@@ -72,6 +77,7 @@ class RoutedClassifier:
         keep_input: bool = False,
         audit_share: float = 0.0,
         device: str | None = None,
+        compile_backend: str | None = None,
     ) -> None:
         if inputs is None:
             if not isinstance(model, SidenetSource):
@@ -79,6 +85,8 @@ class RoutedClassifier:
             inputs = model.inputs()
         if mode not in ("adaptive", "main"):
             raise ValueError(f"mode must be 'adaptive' or 'main', got {mode!r}")
+        if compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(f"compile_backend must be one of {COMPILE_BACKENDS}, got {compile_backend!r}")
         self.inputs = inputs
         self.column = column or ("text" if inputs.kind == "text" else "image")
         self.model_batch = int(model_batch)
@@ -90,7 +98,15 @@ class RoutedClassifier:
         tolerance = model.tolerance() if isinstance(model, SidenetSource) else 0.01
         # Each actor draws its own audited rows (as each Serve replica does).
         self.audit = LiveAudit(audit_share, tolerance, seed=secrets.randbits(31)) if audit_share > 0 else None
-        self.router = PooledRouter(self.model, rest_batch=self.model_batch, max_wait=max_wait, audit=self.audit)
+        self.compiled = None
+        if compile_backend is not None and mode == "adaptive":
+            example = to_mainnet(self.model.split, inputs.collate([inputs.neutral_sample()] * self.model_batch))
+            self.compiled = compile_for_serving(
+                self.model, example, batch_sizes=[self.model_batch], backend=compile_backend
+            )
+        self.router = PooledRouter(
+            self.model, rest_batch=self.model_batch, max_wait=max_wait, stages=self.compiled, audit=self.audit
+        )
 
     def _samples(self, cells: Sequence[Any]) -> tuple[list[Any], list[int], list[str]]:
         samples, rows, errors = [], [], [""] * len(cells)
@@ -155,7 +171,7 @@ def classify_dataset(
     (lazy) dataset with the result columns. ``num_cpus`` per actor defaults to an equal share of the
     cluster's CPUs less one, which is left to the tasks that read the data (actors holding every CPU
     would starve them). ``options``: :class:`RoutedClassifier`'s ``max_wait``, ``mode``, ``keep_input``,
-    ``audit_share``, ``device``."""
+    ``audit_share``, ``device``, ``compile_backend``."""
     import ray
     import ray.data
 
