@@ -85,7 +85,11 @@ def test_sweep_of_a_cascade_agrees_with_routing_at_its_points(kind: str) -> None
 def test_calibrate_fits_one_temperature_per_sidenet() -> None:
     model, x = cascade("resnet")
     labels = torch.arange(len(x)) % model.sidenet.num_classes
+    passes: list[int] = []
+    hook = model.split.mainnet.conv1.register_forward_hook(lambda module, args, out: passes.append(len(out)))
     temperatures = calibrate(model, [(x, labels)], progress=False)
+    hook.remove()
+    assert passes == [len(x)]  # the MainNet's first layer ran once for every SideNet's logits
     assert isinstance(temperatures, tuple) and len(temperatures) == model.num_taps
     assert tuple(rule.temperature for rule in model.policies) == temperatures
     for tap, value in zip(model.taps, temperatures, strict=True):
