@@ -1,5 +1,5 @@
 """``sidenet report`` on a saved cascade: the files, the key figures of ``report.json`` consistent with
-each other and with the cascade's own curve, the saved model unchanged, ``--audit`` refused."""
+each other and with the cascade's own curve, the saved model unchanged, the live audit of logged traffic."""
 
 from __future__ import annotations
 
@@ -123,9 +123,17 @@ def test_cascade_report_measures_throughput_on_halves(tiny_task: TinyTask, casca
     assert "samples/s (speed-up)" in (out / "report.md").read_text()
 
 
-def test_cascade_report_refuses_audit(cascade_folder: Path, tmp_path: Path) -> None:
-    log = tmp_path / "metrics.json"
-    log.write_text("{}")
-    result = runner.invoke(cli.app, ["report", "--sidenet", str(cascade_folder), "--audit", str(log), "-q"])
-    assert result.exit_code == 2 and "--audit covers one SideNet" in result.output, result.output
-    assert not (cascade_folder / "report").exists()
+def test_cascade_report_shows_the_live_audit(cascade_folder: Path, tmp_path: Path) -> None:
+    # Two replicas' /metrics answers: 9 of 400 audited samples disagree, above a 1% tolerance.
+    replica = {"share": 0.02, "tolerance": 0.01, "delta": 0.05, "samples_seen": 10_000, "audited": 200}
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("\n".join(json.dumps({"audit": {**replica, "disagreed": d}}) for d in (4, 5)))
+    report, out = _report(cascade_folder, "--audit", str(log), "--no-timing")
+    audit = report["audit"]
+    assert (audit["samples_seen"], audit["audited"], audit["disagreed"]) == (20_000, 400, 9) and audit["flagged"]
+    page = (out / "report.md").read_text()
+    assert "WARNING: the live audit" in page and "Live audit of logged traffic" in page
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    result = runner.invoke(cli.app, ["report", "--sidenet", str(cascade_folder), "--audit", str(bad), "-q"])
+    assert result.exit_code == 2 and "no audit counts found" in result.output, result.output

@@ -280,7 +280,8 @@ def report(
     oracle, calibration before and after temperature scaling, guaranteed thresholds, shift check,
     per-class exits, measured throughput and, given logged traffic, its live audit. A cascade's report:
     each SideNet's FLOPs and calibration, the trade-off along a path of threshold vectors with the saved
-    ones and the oracle, thresholds with and without a guarantee, the shift check and throughput."""
+    ones and the oracle, thresholds with and without a guarantee, the shift check, throughput and the
+    live audit (which runs the whole cascade on its drawn samples)."""
     from sidenet.report import ReportSettings, build_report
     from sidenet.report_page import write_report
 
@@ -290,11 +291,9 @@ def report(
         check_positive(bins=bins)
         task = _saved_task(sidenet)
         cascade = (sidenet / CASCADE_NAME).is_file()
-        if cascade and audit is not None:
-            raise ValueError(
-                f"{sidenet} holds a cascade of SideNets; --audit covers one SideNet so far (the live audit "
-                "checks the exits of a single SideNet): run the report without --audit"
-            )
+        from sidenet.audit import audit_from_log  # read first: a bad file fails before the long work
+
+        audited = None if audit is None else audit_from_log(audit).to_dict()
         for name in (calibration_split, split):
             task.check_split(name)
         model, task = _load(sidenet, data, not quiet, task)
@@ -316,11 +315,10 @@ def report(
 
             title = f"sidenet report: {task.name}, taps {' -> '.join(map(str, model.taps))} (thresholds from {where})"
             pair = (calibration_loader, evaluation_loader)
-            html_path, md_path = cascade_report_files(model, pair, settings, report_folder, title, not quiet)
+            html_path, md_path = cascade_report_files(
+                model, pair, settings, report_folder, title, not quiet, audit=audited
+            )
         else:
-            from sidenet.audit import audit_from_log  # read first: a bad file fails before the long work
-
-            audited = None if audit is None else audit_from_log(audit).to_dict()
             built = build_report(model, calibration_loader, evaluation_loader, settings, task.class_names, not quiet)
             built.audit = audited
             title = f"sidenet report: {task.name}, tap {model.tap} (thresholds from {where})"

@@ -137,6 +137,7 @@ class CascadeReport:
     main_logits: np.ndarray  # evaluation data, for the reliability diagram
     side_logits: list[np.ndarray]  # raw, per SideNet
     labels: np.ndarray
+    audit: dict[str, Any] | None = None  # the live audit of logged traffic (LiveAudit.to_dict()), if given
 
     @property
     def oracle(self) -> Point:
@@ -167,6 +168,7 @@ class CascadeReport:
                 "evaluation_curve": curve.to_dict(),
                 "shift": self.shift.to_dict(),
                 "timing": None if self.timing is None else self.timing.to_dict(),
+                "audit": self.audit,
             }
         )
 

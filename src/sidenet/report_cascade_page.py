@@ -15,7 +15,7 @@ from sidenet.calibration import reliability_diagram
 from sidenet.policy import format_threshold
 from sidenet.report_cascade import CascadeReport, build_cascade_report
 from sidenet.report_data import ReportSettings
-from sidenet.report_page import pct, shift_rows, write_pages
+from sidenet.report_page import AUDIT_SECTION, audit_table, audit_warning, pct, shift_rows, write_pages
 from sidenet.routing import AdaptiveModel
 
 __all__ = ["write_cascade_report", "cascade_report_files"]
@@ -153,6 +153,7 @@ def _headline(report: CascadeReport) -> list[str]:
             f"Measured throughput at the saved thresholds: {report.timing.speedup('saved'):.2f}x the MainNet's "
             f"({report.timing.samples} samples in batches of the loader's size)."
         )
+    lines += audit_warning(report.audit)
     shift = report.shift.calibration_vs_evaluation
     if shift.shifted:
         lines.append(
@@ -194,6 +195,8 @@ def write_cascade_report(report: CascadeReport, out: str | Path, title: str) -> 
         ("Chosen thresholds, reported on the evaluation data", None, _points_table(report)),
         ("Shift check (two-sample Kolmogorov-Smirnov on the first SideNet's scores)", None, _shift_table(report)),
     ]
+    if report.audit is not None:  # the live audit runs the whole cascade on its drawn samples
+        sections.append((AUDIT_SECTION[0], None, audit_table(report.audit)))
     return write_pages(out, title, _headline(report), sections, images)
 
 
@@ -204,8 +207,11 @@ def cascade_report_files(
     out: Path,
     title: str,
     progress: bool = True,
+    audit: dict | None = None,
 ) -> tuple[Path, Path]:
     """``sidenet report`` of a cascade: build the report on the (calibration, evaluation) ``loaders`` and
-    write it into ``out``; returns the HTML and Markdown paths."""
+    write it into ``out``, with ``audit`` (the live audit of logged traffic, ``LiveAudit.to_dict()``) when
+    given; returns the HTML and Markdown paths."""
     report = build_cascade_report(model, *loaders, settings, progress=progress)
+    report.audit = audit
     return write_cascade_report(report, out, title)

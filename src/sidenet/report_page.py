@@ -193,11 +193,22 @@ def _tables(report: TradeoffReport) -> dict[str, tuple[list[str], list[list[str]
             ["comparison", "verdict", "KS statistic", "p-value", "exit rate (reference)", "exit rate (new)"],
             shift_rows(report.shift),
         ),
-        "audit": _audit_table(report.audit),
+        "audit": audit_table(report.audit),
     }
 
 
-def _audit_table(audit: dict | None) -> tuple[list[str], list[list[str]]]:
+def audit_warning(audit: dict | None) -> list[str]:
+    """The headline warning of a flagged live audit (``LiveAudit.to_dict()``); nothing otherwise."""
+    if audit is None or not audit["flagged"]:
+        return []
+    return [
+        f"WARNING: the live audit of logged traffic bounds the exits' disagreement with the MainNet at "
+        f"{pct(audit['upper_bound'])} (at confidence {1 - audit['delta']:g}; {audit['disagreed']} of "
+        f"{audit['audited']} audited samples disagreed), above the tolerance of {pct(audit['tolerance'])}."
+    ]
+
+
+def audit_table(audit: dict | None) -> tuple[list[str], list[list[str]]]:
     """The live audit's counts and bound (``LiveAudit.to_dict()``), one row; empty without an audit."""
     header = ["state", "samples seen", "audited", "disagreed", "observed rate", "upper bound", "tolerance", "δ"]
     if audit is None:
@@ -235,13 +246,7 @@ def _headline(report: TradeoffReport) -> list[str]:
         f"SideNet ECE {pct(calibration.sidenet_before.ece)} before and {pct(calibration.sidenet_after.ece)} after "
         f"temperature scaling (MainNet {pct(calibration.mainnet.ece)}).",
     ]
-    audit = report.audit
-    if audit is not None and audit["flagged"]:
-        lines.append(
-            f"WARNING: the live audit of logged traffic bounds the exits' disagreement with the MainNet at "
-            f"{pct(audit['upper_bound'])} (at confidence {1 - audit['delta']:g}; {audit['disagreed']} of "
-            f"{audit['audited']} audited samples disagreed), above the tolerance of {pct(audit['tolerance'])}."
-        )
+    lines += audit_warning(report.audit)
     if shift.shifted:
         lines.append(
             f"WARNING: the SideNet's confidences on the evaluation data differ from the calibration data "
