@@ -149,3 +149,55 @@ def test_each_stage_compiles_into_its_own_cache() -> None:
         compiled(x)  # the same shape again: no recompilation
     assert shared < len(layers)  # the recompile limit cut it short: the later modules ran eagerly
     assert counters["stats"]["unique_graphs"] == len(layers)
+
+
+def static_outputs_call(self: Any, x: Any) -> Any:
+    """Stands in for a CUDA graph's replay on the CPU: the outputs are written into buffers kept per
+    stage, copy and input shape (a captured graph's static outputs) and those buffers returned, so that
+    the next call at that shape overwrites what an earlier call returned."""
+    from torch.utils._pytree import tree_leaves, tree_map
+
+    from sidenet.cuda_graphs import shape_key
+
+    self._turn = (self._turn + 1) % self.copies
+    key = (self._turn, shape_key(x))
+    out = self.fn(x)
+    buffers = self.__dict__.setdefault("static_outputs", {})
+    if key not in buffers:
+        buffers[key] = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
+    else:
+        for static, fresh in zip(tree_leaves(buffers[key]), tree_leaves(out), strict=True):
+            static.copy_(fresh)
+    return buffers[key]
+
+
+@pytest.mark.parametrize("kind", ["resnet", "text"])
+@pytest.mark.parametrize(("taps", "answers_all"), [(1, None), (3, None), (3, 0), (3, 1)])
+def test_static_stage_outputs_are_copied_before_the_next_replay(
+    kind: str, taps: int, answers_all: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What CUDA graphs demand, checked on the CPU: every stage output that outlives the next replay of
+    its stage (answers handed back, pipelined fronts, pooled states, a cascade's later steps) is copied
+    first. The answers are compared after all batches ran, so an alias of a static buffer would show."""
+    from sidenet.compiled import CompiledAdaptiveModel
+    from sidenet.compiled_stages import Stage
+
+    model, x = mixed_cascade(kind)
+    model = model.with_taps(model.taps[:taps])
+    batches = batches_of(x, 8)
+    if answers_all is not None:  # whole batches exit at one SideNet: their answers are that stage's outputs
+        model.thresholds = [sidenet.NEVER_EXIT] * answers_all + [0.0] * (model.num_taps - answers_all)
+    expected = [model(batch) for batch in batches]
+    monkeypatch.setattr(Stage, "__call__", static_outputs_call)
+    monkeypatch.setattr(CompiledAdaptiveModel, "reuses_outputs", property(lambda self: True))
+    served = compile_for_serving(model, batches[0], rest_buckets=ROW_BUCKETS, backend="eager")
+    for got, want in zip(served.stream(batches), expected, strict=True):
+        check_answers(kind, got, want)
+    for got, want in zip([served(batch) for batch in batches], expected, strict=True):
+        check_answers(kind, got, want)
+    # Continuing samples wait over three submissions (rest batch 20 of batches of 8): their pooled states
+    # must not be the front's buffers, which the third submission overwrites.
+    routed = served.pooled_router(rest_batch=20, max_wait=3).run(batches)
+    for answer, want in zip(routed, expected, strict=True):
+        assert torch.equal(answer.output.exit_stage, want.exit_stage)
+        torch.testing.assert_close(answer.output.logits, want.logits, atol=1e-5, rtol=0)
