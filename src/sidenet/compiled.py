@@ -231,18 +231,20 @@ class CompiledAdaptiveModel:
         model = self.model
         if count == 0:
             return output
-        rescored = part + 1 < model.num_taps  # a later SideNet ran: its score is the latest they got
-        if count == len(output.exited):  # all go on, as they are (eager routing cuts nothing either)
-            later = self.continue_from(state, profile, part=part + 1, rows=count)
-            return output.completed(None, later, model.num_taps, rescored)
-        bucket = bucket_for(count, self.rest_buckets, _rows(state))
-        selected = model.splits[part].select_sized(state, order[:bucket], sizes)
-        later = self.continue_from(selected, profile, part=part + 1, rows=count)
-        return output.completed(order[:count], later, model.num_taps, rescored)
+        # All go on: their state as it is (eager routing cuts nothing either); else gathered up to the bucket.
+        rows = None if count == len(output.exited) else order[:count]
+        if rows is not None:
+            bucket = bucket_for(count, self.rest_buckets, _rows(state))
+            state = model.splits[part].select_sized(state, order[:bucket], sizes)
+        if part + 1 == model.num_taps:  # past the last SideNet: the rest of the MainNet answers
+            cost = model.flop_ledger.rest(state, None, profile, part=part)
+            return output.answered_by_rest(rows, self.rest(state, count), cost)
+        later = self.continue_from(state, profile, part=part + 1, rows=count)
+        # A later SideNet ran: its score is the latest these samples got.
+        return output.completed(rows, later, model.num_taps, rescored=True)
 
     def finish(self, front: _CompiledFront) -> AdaptiveOutput:
-        """The answers of a batch whose :meth:`front_pass` has run: the later stages on its continuing
-        samples."""
+        """The answers of a batch whose :meth:`front_pass` has run (the later stages on its continuing samples)."""
         remaining, sizes = self.continuing(front)
         output = front.answers(self.model.num_taps)
         return self._go_on(output, front.state, front.order, len(remaining), sizes, front.profile, 0)
@@ -322,8 +324,7 @@ class CompiledAdaptiveModel:
         return stage(inputs)
 
     def _step(self, part: int, state: Any, valid: torch.Tensor | None = None) -> tuple[Stage, tuple]:
-        """The stage of step ``part`` and its inputs for ``state``, whose rows ``valid`` are samples (all
-        by default)."""
+        """The stage of step ``part`` and its inputs for ``state``, whose rows ``valid`` (default all) are samples."""
         rule = self.model.policies[part]
         if valid is None:
             valid = torch.ones(_rows(state), dtype=torch.bool, device=tree_leaves(state)[0].device)

@@ -415,6 +415,10 @@ class AdaptiveModel(TrafficStatistics, nn.Module):
         rows = None if len(remaining) == len(exited) else remaining
         if rows is not None:
             state = self.splits[part].select_sized(state, remaining, sizes)
+        if part + 1 == self.num_taps:  # past the last SideNet: the rest of the MainNet answers
+            with torch.no_grad():
+                logits = self.splits[-1].rest(state)
+            return output.answered_by_rest(rows, logits, self.flop_ledger.rest(state, None, profile, part=part))
         later = self.continue_from(state, profile, mode, part + 1)
         # Where a later SideNet ran, its score is the latest these samples got.
         return output.completed(rows, later, self.num_taps, rescored=part + 1 < self.num_taps)
