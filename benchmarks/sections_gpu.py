@@ -228,7 +228,8 @@ def fmnist_compiled_lines(r: dict[str, Any]) -> list[str]:
         f"`compile_for_serving(model, batch)`, backend `{c['serving_backend']}` (stages kept: {stages}; "
         f"{c['serving_compile_seconds']:.1f} s to compile), against the best MainNet alone on this CPU: eager or "
         f"`torch.compile` (backend `{c['mainnet_backend']}`, {c['mainnet_compile_seconds']:.1f} s to compile). "
-        f"{c['images']:,} test images per pass; the median of {t['mainnet']['repeats']} interleaved pass(es).",
+        f"{c['images']:,} test images per pass; the median of {t['mainnet']['repeats']} interleaved pass(es). "
+        "Compile times depend on inductor's on-disk cache: a run on a machine where it is cold takes longer.",
         "",
         "| batch 64 | img/s [spread] | over the best MainNet alone |",
         "|---|---|---|",
