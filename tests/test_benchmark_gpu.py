@@ -127,6 +127,32 @@ def test_runs_as_a_script_with_only_src_on_the_path() -> None:
     assert "--quick" in done.stdout and "--budget-s" in done.stdout
 
 
+# What the GPU image lacks (it has torch, torchvision, transformers; benchmarks/gpu_check.sh carries pytest).
+ABSENT_ON_THE_GPU_IMAGE = ("scipy", "matplotlib", "typer", "ray", "yaml", "pyarrow", "rich", "hypothesis")
+BLOCKER = """
+import importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {absent!r}:
+            raise ImportError("absent on the GPU image: " + name)
+sys.meta_path.insert(0, Absent())
+for module in {modules!r}:
+    __import__(module)
+"""
+
+
+def test_the_cuda_test_modules_import_without_what_the_gpu_image_lacks() -> None:
+    """benchmarks/gpu_check.sh runs these modules' CUDA tests on an image without the project's environment: a
+    module that fails to import there loses its CUDA tests."""
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    modules = sorted({Path(word).stem for word in script.split() if word.startswith("tests/test_")})
+    assert {"test_compiled", "test_compiled_cascade", "test_host_waits", "test_precision"} <= set(modules)
+    code = BLOCKER.format(absent=ABSENT_ON_THE_GPU_IMAGE, modules=modules)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), str(ROOT)])}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_section_says_not_measured_until_a_cuda_run(quick: dict[str, Any], tmp_path: Path) -> None:
     assert any("not measured yet" in line for line in gpu_section(tmp_path))
     (tmp_path / "gpu.json").write_text(json.dumps(quick))

@@ -22,7 +22,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from scipy import optimize
 
 from sidenet.loaders import length_grouped
 from sidenet.plotting import pyplot, save_figure
@@ -166,6 +165,8 @@ def fit_temperature(logits: Any, labels: Any, bounds: tuple[float, float] = (0.0
 
     def nll(log_t: float) -> float:
         return float(torch.nn.functional.cross_entropy(logits_t / math.exp(log_t), labels_t))
+
+    from scipy import optimize  # here, not at import: serving and the GPU image's tests need no scipy
 
     low, high = math.log(bounds[0]), math.log(bounds[1])
     result = optimize.minimize_scalar(nll, bounds=(low, high), method="bounded", options={"xatol": 1e-4})

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 __all__ = ["ShiftReport", "confidence_shift"]
 
@@ -81,6 +80,8 @@ def confidence_shift(
     if observed.size < min_samples:
         statistic, p_value = float("nan"), float("nan")
     else:
+        from scipy import stats  # here, not at import: serving and the GPU image's tests need no scipy
+
         result = stats.ks_2samp(reference, observed)
         statistic, p_value = float(result.statistic), float(result.pvalue)
     return ShiftReport(
