@@ -234,26 +234,30 @@ def reliability_diagram(
 def sidenet_logits(model: Any, loader: Any, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Raw SideNet logits (before any temperature) and labels of ``loader``, from trunk and SideNet only;
     sentences go in length-sorted batches (logits do not depend on the batching, FLOPs would)."""
-    logits, labels = every_sidenet_logits(model, loader, progress, taps=1)
+    logits, _, labels = every_sidenet_logits(model, loader, progress, taps=1)
     return logits[0], labels
 
 
+@torch.no_grad()
 def every_sidenet_logits(
-    model: Any, loader: Any, progress: bool = True, taps: int | None = None
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """:func:`sidenet_logits` of each of the first ``taps`` SideNets of a cascade (all by default) and the
-    labels, in one pass: the trunk runs once, each segment between taps once on every sample."""
+    model: Any, loader: Any, progress: bool = True, taps: int | None = None, mainnet: bool = False
+) -> tuple[list[np.ndarray], np.ndarray | None, np.ndarray]:
+    """:func:`sidenet_logits` of each of the first ``taps`` SideNets of a cascade (all by default), the
+    MainNet's logits where ``mainnet`` asks for them (else None), and the labels, in one pass: the trunk
+    runs once, each segment between taps once on every sample (and the rest once, for the MainNet's)."""
     splits, sidenets = model.splits[:taps], model.sidenets[:taps]
     columns: list[list[torch.Tensor]] = [[] for _ in splits]
-    labels = []
-    with torch.no_grad():
-        for state, targets in trunk_states(model, length_grouped(loader), progress, "SideNet logits"):
-            for k, (split, head) in enumerate(zip(splits, sidenets, strict=True)):
-                if k:
-                    state = splits[k - 1].advance(state, split)
-                columns[k].append(head(split.features(state)).float().cpu())
-            labels.append(targets)
-    return [torch.cat(column).numpy() for column in columns], torch.cat(labels).numpy()
+    main, labels = [], []
+    for state, targets in trunk_states(model, length_grouped(loader), progress, "SideNet logits"):
+        for k, (split, head) in enumerate(zip(splits, sidenets, strict=True)):
+            if k:
+                state = splits[k - 1].advance(state, split)
+            columns[k].append(head(split.features(state)).float().cpu())
+        if mainnet:
+            main.append(splits[-1].rest(state).float().cpu())
+        labels.append(targets)
+    main_logits = torch.cat(main).numpy() if mainnet else None
+    return [torch.cat(column).numpy() for column in columns], main_logits, torch.cat(labels).numpy()
 
 
 def calibrate(model: Any, loader: Any, progress: bool = True) -> float | tuple[float, ...]:
@@ -264,7 +268,7 @@ def calibrate(model: Any, loader: Any, progress: bool = True) -> float | tuple[f
     A cascade gets one temperature per SideNet, each fitted on its own logits (over all of ``loader``,
     not only the samples that reach it), set in ``model.policies`` and returned as a tuple."""
     if model.num_taps > 1:
-        logits, labels = every_sidenet_logits(model, loader, progress)
+        logits, _, labels = every_sidenet_logits(model, loader, progress)
         fitted = tuple(float(fit_temperature(column, labels)) for column in logits)
         model.policies = tuple(
             dataclasses.replace(rule, temperature=value) for rule, value in zip(model.policies, fitted, strict=True)

@@ -21,16 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from sidenet.calibration import CalibrationMetrics, calibration_metrics, fit_temperature
+from sidenet.calibration import CalibrationMetrics, calibration_metrics, every_sidenet_logits, fit_temperature
 from sidenet.cascade_choice import DEFAULT_FAMILY, FAMILIES, threshold_path
 from sidenet.cascade_curve import CascadeCurve, CascadeRecord, Thresholds
 from sidenet.cascade_record import collect_cascade
-from sidenet.loaders import length_grouped
 from sidenet.report_data import ReportSettings, ShiftChecks
 from sidenet.routing import AdaptiveModel
 from sidenet.shift import confidence_shift
 from sidenet.timing import Timing, input_batches, measure_throughput
-from sidenet.training import to_mainnet, trunk_batches
+from sidenet.training import to_mainnet
 
 __all__ = ["CascadeReport", "SideNetSummary", "CascadePoint", "CascadeThroughput", "build_cascade_report"]
 
@@ -173,26 +172,6 @@ class CascadeReport:
         )
 
 
-@torch.no_grad()
-def cascade_logits(
-    model: AdaptiveModel, loader: Iterable, progress: bool = True
-) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """Raw logits (before any temperature) of every SideNet and of the MainNet, and the labels, from one
-    MainNet pass: ``(side logits per SideNet, main logits, labels)``. Sentences go in length-sorted
-    batches (logits do not depend on the batching; the sample order is not the loader's)."""
-    side: list[list[torch.Tensor]] = [[] for _ in model.taps]
-    main, labels = [], []
-    for batch in trunk_batches(model, length_grouped(loader), progress, desc="Cascade logits"):
-        state = batch.state
-        for k in range(model.num_taps):
-            if k:
-                state = model.splits[k - 1].advance(state, model.splits[k])
-            side[k].append(model.side_logits(state, k).float().cpu())
-        main.append(model.splits[-1].rest(state).float().cpu())
-        labels.append(batch.labels)
-    return [torch.cat(parts).numpy() for parts in side], torch.cat(main).numpy(), torch.cat(labels).numpy()
-
-
 def saved_family(model: AdaptiveModel) -> tuple[str, str]:
     """The threshold family of the saved choice (``sidenet fit --taps``), or the default; and which."""
     choice = model.config.metadata.get("threshold_choice")
@@ -317,8 +296,8 @@ def build_cascade_report(
     cal_record = collect_cascade(model, calibration_loader, progress=progress)
     eval_record = collect_cascade(model, evaluation_loader, progress=progress)
     # Per-SideNet calibration reads raw logits: one more MainNet pass per data partition.
-    cal_logits, _, cal_labels = cascade_logits(model, calibration_loader, progress)
-    eval_logits, main_logits, eval_labels = cascade_logits(model, evaluation_loader, progress)
+    cal_logits, _, cal_labels = every_sidenet_logits(model, calibration_loader, progress)
+    eval_logits, main_logits, eval_labels = every_sidenet_logits(model, evaluation_loader, progress, mainnet=True)
 
     # The trade-off along a path built on the calibration data, evaluated on data it never saw.
     family, source = saved_family(model)
