@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["BadInput", "ImageInputs", "TextInputs", "SidenetSource", "answers"]
+__all__ = ["BadInput", "ImageInputs", "TextInputs", "SidenetSource", "answers", "compiled_on_neutral"]
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp", "image/bmp", "image/gif")
 NPY_TYPE = "application/x-npy"
@@ -349,3 +349,16 @@ def answers(output: Any, class_names: Sequence[str]) -> list[dict[str, Any]]:
         }
         for label, score, gone, cost in zip(labels, confidence, exited, flops, strict=True)
     ]
+
+
+def compiled_on_neutral(model: Any, inputs: ImageInputs | TextInputs, batch_size: int, backend: str | None) -> Any:
+    """``model`` served by :func:`sidenet.compile_for_serving` with ``backend``, compiled ahead of traffic
+    on a batch of ``batch_size`` neutral samples of ``inputs`` (other batch sizes when first seen); None
+    where ``backend`` is None (eager routing)."""
+    if backend is None:
+        return None
+    from sidenet.compiled import compile_for_serving
+    from sidenet.training import to_mainnet
+
+    example = to_mainnet(model.split, inputs.collate([inputs.neutral_sample()] * batch_size))
+    return compile_for_serving(model, example, batch_sizes=[batch_size], backend=backend)

@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from sidenet.audit import LiveAudit
-from sidenet.compiled import compile_for_serving
-from sidenet.integrations.inputs import BadInput, ImageInputs, SidenetSource, TextInputs, answers
+from sidenet.integrations.inputs import BadInput, ImageInputs, SidenetSource, TextInputs, answers, compiled_on_neutral
 from sidenet.integrations.options import COMPILE_BACKENDS
 from sidenet.serving import PooledRouter
 from sidenet.training import to_mainnet
@@ -98,12 +97,8 @@ class RoutedClassifier:
         tolerance = model.tolerance() if isinstance(model, SidenetSource) else 0.01
         # Each actor draws its own audited rows (as each Serve replica does).
         self.audit = LiveAudit(audit_share, tolerance, seed=secrets.randbits(31)) if audit_share > 0 else None
-        self.compiled = None
-        if compile_backend is not None and mode == "adaptive":
-            example = to_mainnet(self.model.split, inputs.collate([inputs.neutral_sample()] * self.model_batch))
-            self.compiled = compile_for_serving(
-                self.model, example, batch_sizes=[self.model_batch], backend=compile_backend
-            )
+        backend = compile_backend if mode == "adaptive" else None
+        self.compiled = compiled_on_neutral(self.model, inputs, self.model_batch, backend)
         self.router = PooledRouter(
             self.model, rest_batch=self.model_batch, max_wait=max_wait, stages=self.compiled, audit=self.audit
         )

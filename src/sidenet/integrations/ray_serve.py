@@ -45,8 +45,7 @@ except ImportError as exc:  # pragma: no cover - the optional extra is missing
     raise ImportError("sidenet's Ray Serve deployment needs Ray Serve: pip install 'sidenet[serve]'") from exc
 
 from sidenet.audit import LiveAudit
-from sidenet.compiled import compile_for_serving
-from sidenet.integrations.inputs import BadInput, ImageInputs, SidenetSource, TextInputs, answers
+from sidenet.integrations.inputs import BadInput, ImageInputs, SidenetSource, TextInputs, answers, compiled_on_neutral
 from sidenet.integrations.options import ServeOptions
 from sidenet.serving import PooledRouter
 from sidenet.training import to_mainnet
@@ -103,13 +102,8 @@ class SidenetDeployment:
         # of every replica's stream.
         seed = secrets.randbits(31)
         self.audit = LiveAudit(options.audit_share, tolerance, seed=seed) if options.audit_share > 0 else None
-        self.compiled = None
-        if options.compile_backend is not None and options.mode == "adaptive":
-            neutral = [inputs.neutral_sample()] * options.max_batch_size
-            example = to_mainnet(self.model.split, inputs.collate(neutral))
-            self.compiled = compile_for_serving(
-                self.model, example, batch_sizes=[options.max_batch_size], backend=options.compile_backend
-            )
+        backend = options.compile_backend if options.mode == "adaptive" else None
+        self.compiled = compiled_on_neutral(self.model, inputs, options.max_batch_size, backend)
         self.router = PooledRouter(
             self.model,
             rest_batch=options.rest_batch or options.max_batch_size,
