@@ -22,6 +22,7 @@ from torch.utils.data import TensorDataset
 
 import sidenet
 from benchmarks.cascade import Fold, cascade_section
+from benchmarks.compiled_rows import over_best_mainnet
 from benchmarks.harness import (
     at_threshold,
     benchmark_parser,
@@ -308,8 +309,8 @@ def compiled_comparison(
     result = measure_throughput(runners, [batches], repeats=args.repeats, batch_size=lambda bs: sum(map(len, bs)))
     timing = {k: v.to_dict() for k, v in result.items()}
     print("compiled, batch 64: " + ", ".join(f"{k} {v.throughput:,.0f} img/s" for k, v in result.items()))
-    best_mainnet = max(("mainnet", "mainnet_compiled"), key=lambda k: timing[k]["throughput"])
-    over_best = {k: v["throughput"] / timing[best_mainnet]["throughput"] for k, v in timing.items()}
+    best = over_best_mainnet(timing)
+    over_best = best["speedup_over_best_mainnet"]
     return {
         "batch": 64,
         "images": len(images),
@@ -318,9 +319,8 @@ def compiled_comparison(
         "stage_backends": dict(served.stage_backends),
         "mainnet_compile_seconds": mainnet_compile_seconds,
         "serving_compile_seconds": float(served.compile_seconds),
-        "best_mainnet": best_mainnet,
+        **best,
         "best_compiled": max(("compiled_serving", "compiled_stream"), key=over_best.__getitem__),
-        "speedup_over_best_mainnet": over_best,
         "eager_time_over_minimal_router": timing["minimal_router"]["throughput"] / timing["adaptive"]["throughput"],
         "timing": timing,
     }
