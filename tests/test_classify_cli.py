@@ -50,6 +50,14 @@ def png(seed: int) -> bytes:
     return buffer.getvalue()
 
 
+def image_folder(folder: Path, count: int) -> Path:
+    """``count`` PNGs (``img00.png``, ...) of :func:`png` in ``folder``."""
+    folder.mkdir()
+    for i in range(count):
+        (folder / f"img{i:02d}.png").write_bytes(png(i))
+    return folder
+
+
 def expected_for(model: Any, seeds: list[int]) -> Any:
     images = torch.from_numpy(np.stack([pixels(s) for s in seeds]).astype(np.float32) / 255)[:, None]
     with torch.no_grad():
@@ -58,10 +66,7 @@ def expected_for(model: Any, seeds: list[int]) -> Any:
 
 def test_a_folder_of_images_is_classified_like_the_model(saved: Any, tmp_path: Path) -> None:
     folder, mainnet, model = saved
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(40):
-        (images / f"img{i:02d}.png").write_bytes(png(i))
+    images = image_folder(tmp_path / "images", 40)
     out = tmp_path / "out" / "labels.parquet"
     argv = ["classify", "--input", str(images), "--output", str(out), "--sidenet", str(folder)]
     result = runner.invoke(app, [*argv, "--mainnet", mainnet, "--batch-size", "16", "--model-batch", "8"])
@@ -79,10 +84,7 @@ def test_a_folder_of_images_is_classified_like_the_model(saved: Any, tmp_path: P
 
 def test_compiled_classification_writes_what_eager_routing_writes(saved: Any, tmp_path: Path) -> None:
     folder, mainnet, model = saved
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(40):
-        (images / f"img{i:02d}.png").write_bytes(png(i))
+    images = image_folder(tmp_path / "images", 40)
     argv = ["classify", "--input", str(images), "--sidenet", str(folder), "--mainnet", mainnet, "--model-batch", "8"]
     tables = {}
     for name, extra in (("eager", []), ("compiled", ["--compile", "eager"])):
