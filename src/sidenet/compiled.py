@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_leaves
 from sidenet.compiled_stages import Stage, bucket_for, bucketed_sizes, front_fn, padded_text, step_fn
 from sidenet.cuda_graphs import CudaGraphStage, capture_cuda_graph
 from sidenet.outputs import AdaptiveOutput, FrontPass
-from sidenet.policy import NEVER_EXIT, ExitPolicy
+from sidenet.policy import ExitPolicy
 from sidenet.routing import AdaptiveModel
 from sidenet.serving import PooledRouter
 
@@ -91,9 +91,9 @@ class CompiledAdaptiveModel:
         self.backend = backend
         self.rest_buckets = None if rest_buckets is None else tuple(sorted({int(b) for b in rest_buckets}))
         self.length_buckets = None if length_buckets is None else tuple(sorted({int(b) for b in length_buckets}))
-        # Stages per (name, exit rule without its threshold): the score is part of the compiled or captured
+        # Stages per (name, the rule's score: kind and temperature): the score is part of the compiled or captured
         # computation, the threshold an input (a 0-d float32 tensor on the device, kept per value).
-        self._stages: dict[tuple[str, ExitPolicy | None], Stage] = {}
+        self._stages: dict[tuple[str, tuple[str, float] | None], Stage] = {}
         self._kept: dict[str, str] = {}  # the backend kept per stage name at warm-up (CPU)
         self._thresholds: dict[tuple[float, torch.device], torch.Tensor] = {}
         self._warmup_seconds = 0.0
@@ -118,9 +118,7 @@ class CompiledAdaptiveModel:
     def _stage(self, name: str, rule: ExitPolicy | None) -> Stage:
         """The stage ``front``, ``step-K`` or ``rest`` for exit rule ``rule``'s score, built when first asked
         for (its inputs end with the threshold: see :meth:`_threshold`)."""
-        if rule is not None:
-            rule = replace(rule, threshold=NEVER_EXIT)
-        key = (name, rule)
+        key = (name, None if rule is None else (rule.kind, rule.temperature))  # the score, not the threshold
         if key not in self._stages:
             if name == "rest":
                 fn = self.model.splits[-1].rest
