@@ -12,7 +12,7 @@ PIP_TOOLS_VERSION := 7.6.2
 # The PyTorch releases this project is built and tested with (the lock is resolved under them).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint data browser lock bench bench-quick bench-fmnist bench-sst2 gpu-inputs clean
+.PHONY: demo test lint data browser lock bench bench-quick bench-fmnist bench-sst2 gpu-inputs gpu-rehearsal clean
 
 # The lock, then sidenet itself without dependencies (its build backend, setuptools, is in the lock).
 $(STAMP): pyproject.toml $(LOCK)
@@ -77,7 +77,7 @@ bench-sst2: $(STAMP)
 	$(BIN)/python -m benchmarks.sst2_minilm
 
 clean:
-	rm -rf $(VENV) .lock-tools build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(GPU_IMAGE_VENV) .lock-tools build dist src/*.egg-info .pytest_cache .ruff_cache
 
 # What benchmarks/gpu_check.sh needs on the GPU machine, gathered into .gpu-inputs/ (carried there, never
 # committed): SST-2 dev (from SIDENET_SST2_DIR or ../shared/data/sst2), the MiniLM tokenizer, and the
@@ -93,3 +93,14 @@ gpu-inputs: $(STAMP)
 	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --platform any --python-version 3.10 \
 		--implementation py --abi none -d .gpu-inputs/wheels exceptiongroup tomli
 	du -sh .gpu-inputs
+
+# benchmarks/gpu_check.sh rehearsed on this CPU before device time is spent on it: a venv of the device
+# image's PyTorch, torchvision and transformers releases and the packages the tests need that the image
+# also has (its versions: the device tool's KINDS.md), none of this project's lock; pytest comes from
+# .gpu-inputs' wheels, as on the device. The image's Python is 3.12; this one is whatever python3 is here.
+GPU_IMAGE_VENV := .venv-gpu-image
+GPU_IMAGE_PINS := torch==2.11.0 torchvision==0.26.0 transformers==5.17.0 numpy scipy hypothesis
+gpu-rehearsal: gpu-inputs
+	test -x $(GPU_IMAGE_VENV)/bin/python || $(PYTHON) -m venv $(GPU_IMAGE_VENV)
+	$(GPU_IMAGE_VENV)/bin/python -m pip install --quiet $(GPU_IMAGE_PINS)
+	PATH="$(CURDIR)/$(GPU_IMAGE_VENV)/bin:$$PATH" OUT=/tmp/gpu-rehearsal bash benchmarks/gpu_check.sh --rehearse

@@ -6,26 +6,42 @@
 #   device run (carry [".gpu-inputs"]):  bash benchmarks/gpu_check.sh   (writes $OUT/gpu.json, $OUT/cuda-tests.txt)
 #
 # then copy $OUT/gpu.json to benchmarks/results/gpu.json and run `python -m benchmarks report`.
+#
+# `bash benchmarks/gpu_check.sh --rehearse` (what `make gpu-rehearsal` runs, in a venv of the device
+# image's torch, torchvision and transformers releases) runs the same steps on a CPU before device time
+# is spent: every test of the modules below (their CUDA tests skip) and the benchmark's --quick run.
 # The device image has PyTorch, torchvision and transformers but not this project's environment: the
 # code runs from the source tree, pytest from the carried wheels (pure Python, importable as zips).
 # The test modules below import without what the image lacks (scipy, matplotlib, ...; checked by
 # tests/test_benchmark_gpu.py); a module that still fails to collect is reported and the others run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+REHEARSE=0
+[ "${1:-}" = "--rehearse" ] && REHEARSE=1
 OUT="${OUT:-/tmp/gpu-check}"
 mkdir -p "$OUT"
+TESTS=(
+    tests/test_host_waits.py tests/test_compiled.py tests/test_compiled_cascade.py tests/test_precision.py tests/test_attach.py
+)
 INPUTS=.gpu-inputs
 WHEELS=$(find "$INPUTS/wheels" -name '*.whl' 2>/dev/null | tr '\n' ':')
 export PYTHONPATH="src:tests:${WHEELS}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+else
+    echo "no nvidia-smi: a CPU rehearsal" | tee "$OUT/device.txt"
+fi
 python3 -c "import torch, torchvision, transformers; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
-# The tests that need a CUDA device (each is skipped on CPU machines), at most 3 minutes.
-timeout 180 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors -k "cuda" \
-    tests/test_host_waits.py tests/test_compiled.py tests/test_compiled_cascade.py tests/test_precision.py tests/test_attach.py 2>&1 \
+# The tests that need a CUDA device (each is skipped on CPU machines), at most 3 minutes; a rehearsal
+# runs all of these modules' tests instead (on the CPU, in the image's library releases).
+SELECT=(-k cuda)
+[ "$REHEARSE" = 1 ] && SELECT=()
+timeout 180 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors "${SELECT[@]}" "${TESTS[@]}" 2>&1 \
     | tail -40 | tee "$OUT/cuda-tests.txt"
 # The benchmark, time-budgeted (it rewrites its JSON after every case, so a cut run still leaves results).
-TEXT_ARGS=()
-[ -f "$INPUTS/sst2/dev.tsv" ] && TEXT_ARGS+=(--sst2-data "$INPUTS/sst2")
-[ -f "$INPUTS/tokenizer/tokenizer.json" ] && TEXT_ARGS+=(--tokenizer "$INPUTS/tokenizer")
-timeout 330 python3 benchmarks/gpu.py "${TEXT_ARGS[@]}" --budget-s "${GPU_BUDGET_S:-270}" --out "$OUT/gpu.json" 2>&1 \
+BENCH_ARGS=()
+[ "$REHEARSE" = 1 ] && BENCH_ARGS+=(--quick --text-limit 64)
+[ -f "$INPUTS/sst2/dev.tsv" ] && BENCH_ARGS+=(--sst2-data "$INPUTS/sst2")
+[ -f "$INPUTS/tokenizer/tokenizer.json" ] && BENCH_ARGS+=(--tokenizer "$INPUTS/tokenizer")
+timeout 330 python3 benchmarks/gpu.py "${BENCH_ARGS[@]}" --budget-s "${GPU_BUDGET_S:-270}" --out "$OUT/gpu.json" 2>&1 \
     | tail -40 | tee "$OUT/gpu-benchmark.txt"

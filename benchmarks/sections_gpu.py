@@ -35,7 +35,9 @@ RUN = (
     "`--dtypes bfloat16 --default-min-s 0 --autotune-min-s 0 --budget-s 540 --merge` remeasures the "
     "bfloat16 cases with every mode, keeping the other cases. With the device tool: `make gpu-inputs` "
     "here, then `bash benchmarks/gpu_check.sh` there (carrying `.gpu-inputs`): the CUDA tests, then this "
-    "benchmark, in one call."
+    "benchmark, in one call. `make gpu-rehearsal` runs that script on a CPU first, in a venv of the device "
+    "image's torch 2.11, torchvision 0.26 and transformers 5.17 (every test of its modules, the benchmark's "
+    "`--quick` run): what those releases break shows there, not in device time."
 )
 
 

@@ -127,7 +127,8 @@ def test_runs_as_a_script_with_only_src_on_the_path() -> None:
     assert "--quick" in done.stdout and "--budget-s" in done.stdout
 
 
-# What the GPU image lacks (it has torch, torchvision, transformers; benchmarks/gpu_check.sh carries pytest).
+# What the GPU image may lack: the device tool's list of 2026-11-17 has some of these (scipy, matplotlib, typer,
+# hypothesis), an image may change, and the CUDA tests need none of them (benchmarks/gpu_check.sh carries pytest).
 ABSENT_ON_THE_GPU_IMAGE = ("scipy", "matplotlib", "typer", "ray", "yaml", "pyarrow", "rich", "hypothesis")
 BLOCKER = """
 import importlib.abc, sys
