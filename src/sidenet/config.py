@@ -290,7 +290,10 @@ class SideNetConfig:
         if "format_version" in data and not _RULES["format_version"][0](version):
             raise CheckpointError(f"{source}: 'format_version' must be a positive integer, got {version!r}")
         if version > FORMAT_VERSION:
-            raise CheckpointError(f"{source} was written by a newer sidenet (format {version}); upgrade sidenet")
+            raise CheckpointError(
+                f"{source} was written by a newer sidenet ('format_version' {version}, this one reads up to "
+                f"{FORMAT_VERSION}); upgrade sidenet"
+            )
         missing = [key for key in REQUIRED_KEYS[version] if key not in data]
         if missing:
             raise CheckpointError(f"{source} lacks the keys {missing} (format {version} needs all of them)")
