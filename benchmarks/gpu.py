@@ -22,10 +22,13 @@ confidences on the timed batches, strictly between two of them, for exit shares 
 Rows per (workload, batch, dtype): the MainNet eager, compiled by each ``torch.compile`` mode, in one
 CUDA graph, and the best of those (``main_best``); per exit share: a minimal eager router written here
 with the public split API (trunk, SideNet, max-softmax, gather, rest, scatter), sidenet eager
-(``AdaptiveModel``), the compiled serving mode (``sidenet.compiled.compile_for_serving``) per batch and
-pipelined over the stream (``served.stream``), ``PooledRouter`` in that mode, and the ideal: the front
-(trunk + SideNet + score) on every sample plus the rest on a full batch times the continuing share, from
-stage times measured in the same run (CUDA-graph-captured stages on CUDA, eager ones on the CPU).
+(``AdaptiveModel``), the compiled serving mode (``sidenet.compiled.compile_for_serving``, its default
+backend: ``torch.compile``'s kernels captured in CUDA graphs on CUDA) per batch and pipelined over the
+stream (``served.stream``), ``PooledRouter`` in that mode, on CUDA the serving mode with its eager kernels
+captured (``sidenet_cuda_graph``: what fused kernels add), and the ideal: the served front (trunk +
+SideNet + score) on every sample plus the served rest on a full batch times the continuing share, from
+stage times measured in the same run. One served model times both exit shares (the threshold is an input
+of its stages): its stages compile once per case.
 Milliseconds per batch: the median of interleaved repeated passes over the batches after warm-up passes,
 CUDA-synchronised around each pass. Text MainNets compiled or captured take their batches padded to the
 length buckets :data:`LENGTH_BUCKETS` (at most four shapes to compile); eager ones take them as padded.
@@ -66,6 +69,7 @@ try:
     import sidenet
     from sidenet import AdaptiveModel
     from sidenet.compiled import capture_cuda_graph, compile_for_serving
+    from sidenet.compiled_stages import padded_text
     from sidenet.training import to_mainnet
 except ModuleNotFoundError as missing:  # a GPU image without one of sidenet's own dependencies
     raise SystemExit(
@@ -83,6 +87,8 @@ EXIT_SHARES = (0.5, 0.8)
 MAX_LENGTH = 64
 LENGTH_BUCKETS = (16, 32, 48, 64)
 MAIN_MODES = ("main_eager", *(f"main_compile_{m}" for m in COMPILE_MODES), "main_cuda_graph")
+ROUTED_MODES = ("minimal_router", "sidenet_eager", "sidenet_cuda_graph", "sidenet_compiled")
+ROUTED_MODES += ("sidenet_compiled_stream", "pooled_router")
 # Token counts ([CLS] and [SEP] included) of the 872 SST-2 dev sentences under the all-MiniLM-L6-v2
 # tokenizer, truncated at 64 (measured 2026-11-27): length -> sentences. The synthetic fallback draws
 # its sentences' lengths from this histogram.
@@ -289,12 +295,6 @@ def minimal_router(model: AdaptiveModel) -> Callable[[Any], torch.Tensor]:
     return route
 
 
-def front_stage(model: AdaptiveModel) -> Callable[[Any], torch.Tensor]:
-    """Trunk, SideNet and exit score on every sample: the work routing does on the whole batch."""
-    split, head, temperature = model.split, model.sidenet, model.temperature
-    return lambda x: torch.softmax(head(split.features(split.trunk(x))).float() / temperature, dim=-1).amax(dim=-1)
-
-
 def per_shape(make: Callable[[Any], Callable[[Any], Any]], key: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """A callable that builds (``make(x)``) one runner per input shape ``key(x)`` on first sight."""
     built: dict[Any, Callable[[Any], Any]] = {}
@@ -311,11 +311,6 @@ def per_shape(make: Callable[[Any], Callable[[Any], Any]], key: Callable[[Any], 
 def shape_key(x: Any) -> tuple:
     """What a graph is captured per: the input's shape (text: of its token ids)."""
     return tuple(x["input_ids"].shape) if isinstance(x, dict) else tuple(x.shape)
-
-
-def state_key(state: Any) -> tuple:
-    """The shape of a tap state (text: of its hidden states)."""
-    return tuple(state["hidden"].shape) if isinstance(state, dict) else tuple(state.shape)
 
 
 def loop(fn: Callable[[Any], Any], batches: list[Any]) -> Callable[[], None]:
@@ -482,52 +477,72 @@ def mainnet_passes(case: Case, args: argparse.Namespace, clock: Clock, report: d
     return passes
 
 
-@torch.no_grad()
-def stage_passes(case: Case) -> tuple[dict[str, Callable], str]:
-    """Passes of the front (trunk + SideNet + score) on every batch and of the rest on every batch's
-    full tap state, for the ideal; CUDA-graph-captured on CUDA (bucketed text), eager elsewhere."""
-    model, kind = case.model, case.workload.kind
-    front, rest = front_stage(model), model.split.rest
-    if case.device.type == "cuda":
-        inputs = bucketed(case.batches, kind)
-        states = [model.split.trunk(x) for x in inputs]
-        front_run = per_shape(lambda x: capture_cuda_graph(front, x), shape_key)
-        rest_run = per_shape(lambda s: capture_cuda_graph(rest, s), state_key)
-        return {"stage_front": loop(front_run, inputs), "stage_rest": loop(rest_run, states)}, "cuda_graph"
-    states = [model.split.trunk(x) for x in case.batches]
-    return {"stage_front": loop(front, case.batches), "stage_rest": loop(rest, states)}, "eager"
-
-
-def routed_passes(
-    case: Case, share: float, threshold: float, args: argparse.Namespace, report: dict
-) -> dict[str, Callable]:
-    """Passes of the routed variants at ``threshold`` (named ``<mode>@<share>``)."""
+def eager_passes(case: Case, tag: str, threshold: float) -> dict[str, Callable]:
+    """The eager routers at ``threshold`` (named ``<mode>@<share>``): the minimal one and sidenet's."""
     routed = at_threshold(case.model, threshold)
-    tag = f"@{share:g}"
-    passes = {
+    return {
         f"minimal_router{tag}": loop(minimal_router(routed), case.batches),
         f"sidenet_eager{tag}": loop(routed, case.batches),
     }
-    try:
-        # Text pads to the buckets the compiled MainNet rows use: the same shapes on both sides.
-        buckets = LENGTH_BUCKETS if case.workload.kind == "text" else None
-        served = compile_for_serving(
-            routed, case.batches[0], batch_sizes=[case.batch], length_buckets=buckets, backend=args.serving_backend
-        )
-        batches = case.batches
-        passes[f"sidenet_compiled{tag}"] = loop(served, batches)
-        passes[f"sidenet_compiled_stream{tag}"] = lambda: [None for _ in served.stream(batches)]
-        router = served.pooled_router(max_wait=args.max_wait)
-        passes[f"pooled_router{tag}"] = lambda: router.run(batches)
-        report["compile_s"][f"sidenet_compiled{tag}"] = float(served.compile_seconds)
-        report["serving_backends"][tag[1:]] = dict(served.stage_backends)
-        report["compile_s"][f"sidenet_compiled_first_pass{tag}"] = first_pass(
-            passes[f"sidenet_compiled{tag}"], case.device
-        )
-    except Exception as exc:
-        for name in ("sidenet_compiled", "sidenet_compiled_stream", "pooled_router"):
-            passes.pop(f"{name}{tag}", None)
-            report["skipped"][f"{name}{tag}"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+
+
+def at(model: AdaptiveModel, threshold: float, run: Callable[[], Any]) -> Callable[[], None]:
+    """``run`` with ``model``'s threshold set first: one served model times every exit share, its stages
+    compiled once (a threshold is an input of the compiled stages, not a recompilation)."""
+
+    def one_pass() -> None:
+        model.threshold = threshold
+        run()
+
+    return one_pass
+
+
+def serving_variants(case: Case, args: argparse.Namespace) -> dict[str, str]:
+    """The served rows and their ``compile_for_serving`` backends: the one asked for (``auto``: compiled
+    kernels in CUDA graphs on CUDA) and, on CUDA, the eager kernels captured alone (what fusion adds)."""
+    variants = {"sidenet_compiled": args.serving_backend}
+    if case.device.type == "cuda" and args.serving_backend in ("auto", "inductor_cuda_graph"):
+        variants["sidenet_cuda_graph"] = "cuda_graph"
+    return variants
+
+
+@torch.no_grad()
+def served_passes(
+    case: Case, thresholds: dict[str, float], args: argparse.Namespace, report: dict
+) -> dict[str, Callable]:
+    """Passes of the compiled serving mode at every exit share (named ``<mode>@<share>``), and of its
+    stages for the ideal: the served front on every batch and the served rest on every batch's full
+    tap state (``stage_front``, ``stage_rest``)."""
+    base = at_threshold(case.model, next(iter(thresholds.values())))
+    batches, passes = case.batches, {}
+    # Text pads to the buckets the compiled MainNet rows use: the same shapes on both sides.
+    buckets = LENGTH_BUCKETS if case.workload.kind == "text" else None
+    for name, backend in serving_variants(case, args).items():
+        try:
+            served = compile_for_serving(
+                base, batches[0], batch_sizes=[case.batch], length_buckets=buckets, backend=backend
+            )
+            report["compile_s"][name] = float(served.compile_seconds)
+            report["serving_backends"][name] = dict(served.stage_backends)
+            for tag, threshold in thresholds.items():
+                passes[f"{name}{tag}"] = at(base, threshold, loop(served, batches))
+                if name != "sidenet_compiled":
+                    continue
+                router = served.pooled_router(max_wait=args.max_wait)
+                passes[f"sidenet_compiled_stream{tag}"] = at(base, threshold, lambda s=served: list(s.stream(batches)))
+                passes[f"pooled_router{tag}"] = at(base, threshold, lambda r=router: r.run(batches))
+            report["compile_s"][f"{name}_first_pass"] = first_pass(passes[f"{name}{tag}"], case.device)
+            if name == "sidenet_compiled":
+                inputs = [padded_text(x, buckets) for x in batches]
+                states = [base.split.trunk(x) for x in inputs]
+                passes["stage_front"] = loop(served.front_pass, batches)
+                passes["stage_rest"] = loop(served.rest, states)
+                report["stage_basis"] = ", ".join(sorted(set(served.stage_backends.values())))
+        except Exception as exc:
+            for mode in (name, "sidenet_compiled_stream", "pooled_router") if name == "sidenet_compiled" else (name,):
+                for tag in thresholds:
+                    passes.pop(f"{mode}{tag}", None)
+                    report["skipped"][f"{mode}{tag}"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
     return passes
 
 
@@ -544,17 +559,16 @@ def run_case(case: Case, args: argparse.Namespace, clock: Clock) -> tuple[list[d
         "thresholds": {},
     }
     passes = mainnet_passes(case, args, clock, report)
-    stages, basis = stage_passes(case)
-    report["stage_basis"] = basis
     scores = confidences(case)
     shares: dict[str, tuple[float, float]] = {}
+    thresholds: dict[str, float] = {}
     for share in args.exit_shares:
         threshold = threshold_for_share(scores, share)
         realised = int((scores >= threshold).sum()) / len(scores)
-        shares[f"@{share:g}"] = (share, realised)
+        shares[f"@{share:g}"], thresholds[f"@{share:g}"] = (share, realised), threshold
         report["thresholds"][f"{share:g}"] = {"threshold": threshold, "realised_exit_share": realised}
-        passes.update(routed_passes(case, share, threshold, args, report))
-    passes.update(stages)
+        passes.update(eager_passes(case, f"@{share:g}", threshold))
+    passes.update(served_passes(case, thresholds, args, report))
     # A runner that fails in its first pass is dropped, with the reason, rather than ending the run.
     for name, run in list(passes.items()):
         try:
@@ -580,7 +594,7 @@ def make_rows(
     rows.append({"mode": "main_best", "exit_share": None, "target_exit_share": None, "ms": main[best_name]})
     rows[-1]["best_of"] = best_name
     for tag, (target, realised) in shares.items():
-        for name in ("minimal_router", "sidenet_eager", "sidenet_compiled", "sidenet_compiled_stream", "pooled_router"):
+        for name in ROUTED_MODES:
             if f"{name}{tag}" in ms:
                 rows.append(
                     {"mode": name, "exit_share": realised, "target_exit_share": target, "ms": ms[f"{name}{tag}"]}
@@ -590,7 +604,7 @@ def make_rows(
         if len(stages) == 2:
             ideal = stages["stage_front"] + (1 - realised) * stages["stage_rest"]
             rows.append({"mode": "ideal", "exit_share": realised, "target_exit_share": target, "ms": ideal})
-            rows[-1]["basis"] = f"{report['stage_basis']} stages"
+            rows[-1]["basis"] = f"the served stages ({report.get('stage_basis', '?')})"
     for row in rows:
         if row["mode"] in main:
             row["ms_spread"] = spread[row["mode"]]

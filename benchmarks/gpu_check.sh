@@ -21,7 +21,8 @@ REHEARSE=0
 OUT="${OUT:-/tmp/gpu-check}"
 mkdir -p "$OUT"
 TESTS=(
-    tests/test_host_waits.py tests/test_compiled.py tests/test_compiled_cascade.py tests/test_precision.py tests/test_attach.py
+    tests/test_host_waits.py tests/test_compiled.py tests/test_compiled_graphs.py tests/test_compiled_cascade.py
+    tests/test_precision.py tests/test_attach.py
 )
 INPUTS=.gpu-inputs
 WHEELS=$(find "$INPUTS/wheels" -name '*.whl' 2>/dev/null | tr '\n' ':')

@@ -124,7 +124,7 @@ def test_a_parquet_file_with_bad_rows(saved: Any, tmp_path: Path) -> None:
         (["--task", "nope"], "unknown task"),
         (["--model-batch", "0"], "must be >= 1"),
         (["--mode", "fast"], "--mode must be adaptive or main"),
-        (["--compile", "tensorrt"], "--compile must be one of auto, eager, inductor, cuda_graph"),
+        (["--compile", "tensorrt"], "--compile must be one of auto, eager, inductor, cuda_graph, inductor_cuda_graph"),
     ],
 )
 def test_bad_arguments_are_refused_before_loading(saved: Any, tmp_path: Path, extra: list[str], message: str) -> None:

@@ -113,7 +113,7 @@ def test_cuda_graphs_serve_a_cascade(dtype: torch.dtype) -> None:
     model, x = mixed_cascade("resnet")
     model = model.to("cuda", dtype)
     batches = [batch.to("cuda", dtype) for batch in batches_of(x, 8)]
-    served = compile_for_serving(model, batches[0])
+    served = compile_for_serving(model, batches[0], backend="cuda_graph")
     assert set(served.stage_backends.values()) == {"cuda_graph"}
     expected = [model(batch) for batch in batches]
     tolerance = 1e-5 if dtype == torch.float32 else 5e-2

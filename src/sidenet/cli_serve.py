@@ -29,8 +29,9 @@ CompileOption = Annotated[
     str | None,
     typer.Option(
         "--compile",
-        help="Route through compiled stages (sidenet.compile_for_serving): auto (CUDA graphs on a GPU, "
-        "torch.compile on the CPU), eager, inductor or cuda_graph. Default: eager routing.",
+        help="Route through compiled stages (sidenet.compile_for_serving): auto (torch.compile's kernels in "
+        "CUDA graphs on a GPU, torch.compile on the CPU), eager, inductor, cuda_graph or inductor_cuda_graph. "
+        "Default: eager routing.",
     ),
 ]
 

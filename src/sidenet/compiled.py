@@ -6,8 +6,10 @@ launch, and the one read it must make (how many samples continue) drains the que
 so the GPU idles while the host gathers the continuing samples and launches the rest. Here:
 
 - **front** (trunk, SideNet, exit score, exit mask, the order that puts continuing samples first, and
-  their count) is one stage, captured as a CUDA graph per served batch shape (``cuda_graph``) or
-  compiled by ``torch.compile`` (``inductor``);
+  their count) is one stage, compiled by ``torch.compile`` and its kernels captured as a CUDA graph per
+  served batch shape (``inductor_cuda_graph``, the default on CUDA: fused kernels with no launch cost,
+  as ``torch.compile(mode="reduce-overhead")`` gives a whole MainNet), its eager kernels captured
+  (``cuda_graph``; also where compiled ones fail to capture), or compiled only (``inductor``, the CPU's);
 - a cascade's **steps** (``step-1``, ...: the segment to the next tap, its SideNet, score, mask, order
   and count) and the **rest** run at a few row counts (``rest_buckets``): the continuing rows are padded
   up to the next bucket with rows of the same batch (marked as padding, so never counted; their answers
@@ -17,11 +19,10 @@ so the GPU idles while the host gathers the continuing samples and launches the 
   which on a GPU arrives through pinned memory and an event, so the read waits for work already done.
   A cascade's later taps each read their count when reached, as eager routing does.
 
-A new shape (batch size, bucket) or a new score (kind, temperature) is captured or compiled when first
-seen; thresholds are an input of the stages, so a new threshold is served without either. On the CPU the same
-stages are compiled with ``torch.compile`` and each is kept only where it measures faster than eager
-at warm-up (:attr:`CompiledAdaptiveModel.stage_backends` says which). Answers equal ``model(x)``
-within float rounding; see the README for what that means for exits near the threshold.
+A new shape (batch size, bucket) or score (kind, temperature) is captured or compiled when first seen;
+a threshold is an input of the stages. On the CPU each compiled stage is kept only where it measures
+faster than eager at warm-up (:attr:`CompiledAdaptiveModel.stage_backends` says which). Answers equal
+``model(x)`` within float rounding (the README says what that means for exits near the threshold).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any, Literal
 import torch
 from torch.utils._pytree import tree_leaves
 
-from sidenet.compiled_stages import Stage, bucket_for, bucketed_sizes, front_fn, padded_text, step_fn
+from sidenet.compiled_stages import GRAPH_BACKENDS, Stage, bucket_for, bucketed_sizes, front_fn, padded_text, step_fn
 from sidenet.cuda_graphs import CudaGraphStage, capture_cuda_graph
 from sidenet.outputs import AdaptiveOutput, FrontPass
 from sidenet.policy import ExitPolicy
@@ -43,8 +44,8 @@ from sidenet.serving import PooledRouter
 
 __all__ = ["CompiledAdaptiveModel", "CudaGraphStage", "capture_cuda_graph", "compile_for_serving"]  # graphs re-exported
 
-Backend = Literal["auto", "eager", "inductor", "cuda_graph"]
-BACKENDS = ("auto", "eager", "inductor", "cuda_graph")
+Backend = Literal["auto", "eager", "inductor", "cuda_graph", "inductor_cuda_graph"]
+BACKENDS = ("auto", "eager", "inductor", "cuda_graph", "inductor_cuda_graph")
 DEFAULT_LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
 
 
@@ -69,10 +70,12 @@ class CompiledAdaptiveModel:
         model: the adaptive model (one SideNet or a cascade); its exit rules, input checks, monitor and
             FLOPs ledger are used as they are (a new score kind or temperature makes new graphs or a
             recompilation; a new threshold is an input).
-        backend: ``eager``, ``inductor`` or ``cuda_graph``, resolved from the one asked for.
+        backend: ``eager``, ``inductor``, ``cuda_graph`` or ``inductor_cuda_graph``, resolved from the
+            one asked for.
         stage_backends: what each stage runs on, e.g. ``{"front": "inductor", "rest": "eager"}`` on a
             CPU where compiling the rest did not measure faster; a cascade adds ``step-1``, ... (the
-            segment to each later tap with its SideNet).
+            segment to each later tap with its SideNet); ``cuda_graph`` for a stage whose compiled kernels
+            could not be captured (it warned and captured its eager kernels).
         rest_buckets: row counts the later stages run at (``None``: the count of continuing samples).
         length_buckets: lengths text batches are padded to (``None``: their own).
         compile_seconds: wall time of the warm-up (compiling, capturing, first runs) and of captures
@@ -91,8 +94,7 @@ class CompiledAdaptiveModel:
         self.backend = backend
         self.rest_buckets = None if rest_buckets is None else tuple(sorted({int(b) for b in rest_buckets}))
         self.length_buckets = None if length_buckets is None else tuple(sorted({int(b) for b in length_buckets}))
-        # Stages per (name, the rule's score: kind and temperature): the score is part of the compiled or captured
-        # computation, the threshold an input (a 0-d float32 tensor on the device, kept per value).
+        # Stages per (name, the rule's score: kind, temperature); the threshold is an input (see _threshold).
         self._stages: dict[tuple[str, tuple[str, float] | None], Stage] = {}
         self._kept: dict[str, str] = {}  # the backend kept per stage name at warm-up (CPU)
         self._thresholds: dict[tuple[float, torch.device], torch.Tensor] = {}
@@ -113,7 +115,7 @@ class CompiledAdaptiveModel:
     @property
     def reuses_outputs(self) -> bool:
         """True where stage outputs are static tensors that the next replay overwrites (CUDA graphs)."""
-        return self.backend == "cuda_graph"
+        return self.backend in GRAPH_BACKENDS
 
     def _stage(self, name: str, rule: ExitPolicy | None) -> Stage:
         """The stage ``front``, ``step-K`` or ``rest`` for exit rule ``rule``'s score, built when first asked
@@ -366,9 +368,9 @@ def compile_for_serving(
             padding would cost compute).
         length_buckets: the lengths text batches are padded to. Default on CUDA:
             ``DEFAULT_LENGTH_BUCKETS``; on the CPU none.
-        backend: ``auto`` (``cuda_graph`` on CUDA, ``inductor`` on the CPU), ``eager`` (the buckets
-            only), ``inductor`` (``torch.compile``; on the CPU kept per stage where it measures faster)
-            or ``cuda_graph``.
+        backend: ``auto`` (``inductor_cuda_graph`` on CUDA, ``inductor`` on the CPU), ``eager`` (the
+            buckets only), ``inductor`` (``torch.compile``; on the CPU kept per stage where it measures
+            faster), or, on CUDA, ``cuda_graph`` or ``inductor_cuda_graph`` (see the module docstring).
 
     Example::
 
@@ -383,9 +385,9 @@ def compile_for_serving(
     model.check_input(example)
     cuda = model.split.input_device(example).type == "cuda"
     if backend == "auto":
-        backend = "cuda_graph" if cuda else "inductor"
-    if backend == "cuda_graph" and not cuda:
-        raise ValueError("backend='cuda_graph' needs the model and the example on a CUDA device")
+        backend = "inductor_cuda_graph" if cuda else "inductor"
+    if backend in GRAPH_BACKENDS and not cuda:
+        raise ValueError(f"backend={backend!r} needs the model and the example on a CUDA device")
     sizes = sorted({int(b) for b in batch_sizes or [model.split.batch_size(example)]})
     if sizes[0] < 1:
         raise ValueError(f"batch sizes must be positive, got {batch_sizes}")

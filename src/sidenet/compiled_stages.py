@@ -9,6 +9,7 @@ import itertools
 import statistics
 import time
 import types
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -22,7 +23,8 @@ from sidenet.policy import ExitPolicy
 from sidenet.routing import continuing_first
 from sidenet.splits import MainNetSplit
 
-__all__ = ["Stage", "bucket_for", "bucketed_sizes", "front_fn", "median_seconds", "padded_text", "step_fn"]
+__all__ = ["GRAPH_BACKENDS", "Stage", "bucket_for", "bucketed_sizes", "front_fn", "median_seconds"]
+__all__ += ["padded_text", "step_fn"]
 
 
 def front_fn(splits: Sequence[MainNetSplit], sidenets: Sequence[SideNet], rule: ExitPolicy) -> Callable[[Any], tuple]:
@@ -65,6 +67,10 @@ def step_fn(
 
 
 _STAGES = itertools.count()
+# The backends whose stages replay CUDA graphs: their outputs are static tensors that the next replay
+# overwrites. ``inductor_cuda_graph`` captures the kernels ``torch.compile`` generated (what its
+# ``reduce-overhead`` mode does for a whole model), ``cuda_graph`` the eager ones.
+GRAPH_BACKENDS = ("cuda_graph", "inductor_cuda_graph")
 
 
 def own_code(fn: Callable[[Any], Any], name: str) -> Callable[[Any], Any]:
@@ -129,33 +135,49 @@ def median_seconds(fn: Callable[[], Any], repeats: int = 3) -> float:
 
 class Stage:
     """One stage (a function of one argument: a tensor or a nesting of tensors) run eagerly, compiled by
-    ``torch.compile``, or replayed from CUDA graphs captured per input shape, in ``copies`` alternating
-    copies so that the outputs of one call survive the next (see
-    :meth:`~sidenet.compiled.CompiledAdaptiveModel.stream`)."""
+    ``torch.compile``, or replayed from CUDA graphs captured per input shape (of the eager kernels, or of
+    the compiled ones), in ``copies`` alternating copies so that the outputs of one call survive the
+    next (see :meth:`~sidenet.compiled.CompiledAdaptiveModel.stream`)."""
 
     def __init__(self, fn: Callable[[Any], Any], backend: str, copies: int = 1, name: str = "stage") -> None:
         self.fn = fn
         self.backend = backend
         self.copies = copies
+        self.name = name
         self._turn = 0
         self._graphs: dict[tuple, CudaGraphStage] = {}
-        self._compiled = (
-            torch.compile(own_code(fn, f"sidenet_{name}_{next(_STAGES)}")) if backend == "inductor" else None
-        )
+        compiles = backend in ("inductor", "inductor_cuda_graph")
+        self._compiled = torch.compile(own_code(fn, f"sidenet_{name}_{next(_STAGES)}")) if compiles else None
         self.capture_seconds = 0.0
 
     def __call__(self, x: Any) -> Any:
-        if self.backend == "cuda_graph":
+        if self.backend in GRAPH_BACKENDS:
             self._turn = (self._turn + 1) % self.copies
             key = (self._turn, shape_key(x))
             if key not in self._graphs:
                 start = time.perf_counter()
-                self._graphs[key] = CudaGraphStage(self.fn, x)
+                self._graphs[key] = self._capture(x)
                 self.capture_seconds += time.perf_counter() - start
             return self._graphs[key](x)
         if self.backend == "inductor" and self._compiled is not None:
             return self._compiled(x)
         return self.fn(x)
+
+    def _capture(self, x: Any) -> CudaGraphStage:
+        """A CUDA graph of this stage at ``x``'s shapes: of the compiled kernels where the backend says so
+        and they can be captured (compiled during the capture's warm-up runs), else of the eager ones."""
+        if self.backend == "inductor_cuda_graph" and self._compiled is not None:
+            try:
+                return CudaGraphStage(self._compiled, x)
+            except Exception as exc:  # e.g. a compiled op that synchronises: the eager kernels still capture
+                warnings.warn(
+                    f"sidenet: the compiled kernels of stage {self.name!r} could not be captured in a CUDA graph "
+                    f"({type(exc).__name__}: {str(exc)[:200]}); it captures its eager kernels from now on",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self.backend = "cuda_graph"
+        return CudaGraphStage(self.fn, x)
 
     def keep_if_faster(self, x: Any) -> str:
         """On the CPU: fall back to eager unless the compiled form measures faster on ``x``; returns the

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 __all__ = ["ServeOptions"]
 
 
-COMPILE_BACKENDS = (None, "auto", "eager", "inductor", "cuda_graph")
+COMPILE_BACKENDS = (None, "auto", "eager", "inductor", "cuda_graph", "inductor_cuda_graph")
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,8 @@ class ServeOptions:
         device: where the replica runs the model (e.g. ``"cuda"`` with ``num_gpus=1``; None: where it was
             loaded, the CPU for a :class:`SidenetSource`); batches are moved there.
         compile_backend: route through :func:`sidenet.compile_for_serving` with this backend (``auto``:
-            CUDA graphs on a GPU, ``torch.compile`` on the CPU; ``eager``, ``inductor``, ``cuda_graph``),
+            compiled kernels in CUDA graphs on a GPU, ``torch.compile`` on the CPU; ``eager``,
+            ``inductor``, ``cuda_graph``, ``inductor_cuda_graph``),
             compiled when the replica starts, on a batch of ``max_batch_size`` neutral samples (other batch
             sizes when first seen); None (default): eager routing.
     """

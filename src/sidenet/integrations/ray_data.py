@@ -61,8 +61,8 @@ class RoutedClassifier:
         audit_share: share of samples audited against the MainNet (see :class:`sidenet.audit.LiveAudit`).
         device: where the actor runs the model (e.g. ``"cuda"`` with ``num_gpus=1``; None: where it was loaded).
         compile_backend: route through :func:`sidenet.compile_for_serving` with this backend (``auto``,
-            ``eager``, ``inductor``, ``cuda_graph``), compiled when the actor starts on a model batch of
-            neutral samples; None (default): eager routing.
+            ``eager``, ``inductor``, ``cuda_graph``, ``inductor_cuda_graph``), compiled when the actor
+            starts on a model batch of neutral samples; None (default): eager routing.
     """
 
     def __init__(
