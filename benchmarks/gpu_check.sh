@@ -9,7 +9,8 @@
 #
 # `bash benchmarks/gpu_check.sh --rehearse` (what `make gpu-rehearsal` runs, in a venv of the device
 # image's torch, torchvision and transformers releases) runs the same steps on a CPU before device time
-# is spent: every test of the modules below (their CUDA tests skip) and the benchmark's --quick run.
+# is spent: every test of the modules below (their CUDA tests skip) and the benchmark's --quick run with
+# its serving stages compiled by inductor.
 # The device image has PyTorch, torchvision and transformers but not this project's environment: the
 # code runs from the source tree, pytest from the carried wheels (pure Python, importable as zips).
 # The test modules below import without what the image lacks (scipy, matplotlib, ...; checked by
@@ -41,7 +42,7 @@ timeout 180 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-er
     | tail -40 | tee "$OUT/cuda-tests.txt"
 # The benchmark, time-budgeted (it rewrites its JSON after every case, so a cut run still leaves results).
 BENCH_ARGS=()
-[ "$REHEARSE" = 1 ] && BENCH_ARGS+=(--quick --text-limit 64)
+[ "$REHEARSE" = 1 ] && BENCH_ARGS+=(--quick --text-limit 64 --serving-backend auto)
 [ -f "$INPUTS/sst2/dev.tsv" ] && BENCH_ARGS+=(--sst2-data "$INPUTS/sst2")
 [ -f "$INPUTS/tokenizer/tokenizer.json" ] && BENCH_ARGS+=(--tokenizer "$INPUTS/tokenizer")
 timeout 330 python3 benchmarks/gpu.py "${BENCH_ARGS[@]}" --budget-s "${GPU_BUDGET_S:-270}" --out "$OUT/gpu.json" 2>&1 \

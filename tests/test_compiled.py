@@ -201,3 +201,24 @@ def test_cuda_stream_waits_once_per_batch_on_an_event() -> None:
     assert len(outputs) == len(batches)
     # One wait per batch, on the event after its count (tolist then reads pinned host memory).
     assert waits == ["synchronize", "tolist"] * len(batches)
+
+
+def test_each_stage_compiles_once_at_warm_up() -> None:
+    """The rest runs at many row counts: marked dynamic in its rows it compiles once, not once for the first
+    count and again when Dynamo sees a second; and the CPU's faster-form timing runs without grad, as the
+    stages serve (Dynamo guards on grad mode: timed with grad, each stage compiled twice)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    mainnet = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    model = sidenet.attach(mainnet, 2, input_shape=(16,), hidden=8, seed=0)
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    model.threshold = threshold_between(model(x, mode="side").confidence, 0.5)
+    graphs = counters["stats"]["unique_graphs"]
+    served = compile_for_serving(model, x, backend="inductor")
+    assert counters["stats"]["unique_graphs"] - graphs == 2  # the front and the rest
+    for stage in served._stages.values():
+        stage.backend = "inductor"
+    for rows in (5, 9, 17):  # other counts of continuing samples: the same rest graph
+        served.rest(served.model.split.trunk(x[:rows]))
+    assert counters["stats"]["unique_graphs"] - graphs == 2

@@ -70,16 +70,14 @@ class CompiledAdaptiveModel:
         model: the adaptive model (one SideNet or a cascade); its exit rules, input checks, monitor and
             FLOPs ledger are used as they are (a new score kind or temperature makes new graphs or a
             recompilation; a new threshold is an input).
-        backend: ``eager``, ``inductor``, ``cuda_graph`` or ``inductor_cuda_graph``, resolved from the
-            one asked for.
+        backend: ``eager``, ``inductor``, ``cuda_graph`` or ``inductor_cuda_graph`` (``auto`` resolved).
         stage_backends: what each stage runs on, e.g. ``{"front": "inductor", "rest": "eager"}`` on a
             CPU where compiling the rest did not measure faster; a cascade adds ``step-1``, ... (the
             segment to each later tap with its SideNet); ``cuda_graph`` for a stage whose compiled kernels
             could not be captured (it warned and captured its eager kernels).
         rest_buckets: row counts the later stages run at (``None``: the count of continuing samples).
         length_buckets: lengths text batches are padded to (``None``: their own).
-        compile_seconds: wall time of the warm-up (compiling, capturing, first runs) and of captures
-            of shapes first seen later.
+        compile_seconds: wall time of the warm-up (compiling, capturing, first runs) and later captures.
     """
 
     # Output tensors of a captured stage are overwritten by its next replay: outputs handed on are copies.
@@ -127,9 +125,10 @@ class CompiledAdaptiveModel:
             else:
                 parts = self.model.splits, self.model.sidenets
                 fn = front_fn(*parts, rule) if name == "front" else step_fn(*parts, rule, int(name[5:]))
-            # The front runs in two alternating copies: stream() reads batch t after queueing batch t+1.
-            copies = 2 if name == "front" else 1
-            self._stages[key] = Stage(fn, self._kept.get(name, self.backend), copies, name)
+            # The front runs in two alternating copies (stream() reads batch t after queueing t+1) at the
+            # served batch sizes; the others at many row counts (compiled dynamic in them).
+            front = name == "front"
+            self._stages[key] = Stage(fn, self._kept.get(name, self.backend), 2 if front else 1, name, not front)
         return self._stages[key]
 
     def _threshold(self, rule: ExitPolicy, device: torch.device) -> torch.Tensor:
@@ -330,6 +329,7 @@ class CompiledAdaptiveModel:
             valid = torch.ones(_rows(state), dtype=torch.bool, device=tree_leaves(state)[0].device)
         return self._stage(f"step-{part}", rule), (state, valid, self._threshold(rule, valid.device))
 
+    @torch.no_grad()  # as served: Dynamo guards on grad mode (timed with grad, each stage would recompile)
     def _keep_faster(self, x: Any) -> None:
         """On the CPU, fall back to eager for each stage whose compiled form is not faster (kept per
         stage name, so that the stages of a new exit rule are built on the backend kept)."""
@@ -364,8 +364,8 @@ def compile_for_serving(
             served when ``batch_sizes`` is not given).
         batch_sizes: the batch sizes to compile or capture ahead (others are, when first seen).
         rest_buckets: the row counts the rest (and a cascade's steps) run at. Default on CUDA: powers
-            of two up to the largest batch size, and that size; on the CPU none (the exact count:
-            padding would cost compute).
+            of two from 2 (not 1: a compiled stage specialises on one row) up to the largest batch
+            size, and that size; on the CPU none (the exact count).
         length_buckets: the lengths text batches are padded to. Default on CUDA:
             ``DEFAULT_LENGTH_BUCKETS``; on the CPU none.
         backend: ``auto`` (``inductor_cuda_graph`` on CUDA, ``inductor`` on the CPU), ``eager`` (the
@@ -392,7 +392,7 @@ def compile_for_serving(
     if sizes[0] < 1:
         raise ValueError(f"batch sizes must be positive, got {batch_sizes}")
     if rest_buckets is None and cuda:
-        rest_buckets = sorted({2**k for k in range(sizes[-1].bit_length()) if 2**k <= sizes[-1]} | set(sizes))
+        rest_buckets = sorted({2**k for k in range(1, sizes[-1].bit_length()) if 2**k <= sizes[-1]} | set(sizes))
     if length_buckets is None and cuda and isinstance(example, Mapping):
         length_buckets = DEFAULT_LENGTH_BUCKETS
     served = CompiledAdaptiveModel(model, backend, rest_buckets, length_buckets)

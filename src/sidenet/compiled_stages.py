@@ -5,6 +5,7 @@ length is padded to; and the short timing that decides, on the CPU, whether a co
 
 from __future__ import annotations
 
+import functools
 import itertools
 import statistics
 import time
@@ -133,21 +134,43 @@ def median_seconds(fn: Callable[[], Any], repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+def _rows_dynamic(compiled: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``compiled`` with the first dimension of its inputs marked dynamic before each call.
+
+    A stage that runs at several row counts (the rest, a cascade's steps) is then compiled once for all of
+    them, not first for the count it met first and again once Dynamo sees a second (its automatic dynamic
+    shapes): on a GPU each compilation of a ResNet-50's rest costs tens of seconds of a server's start.
+    One row stays static (Dynamo specialises sizes 0 and 1): the default row buckets start at two."""
+
+    @functools.wraps(compiled)
+    def call(x: Any) -> Any:
+        for leaf in tree_leaves(x):
+            if isinstance(leaf, torch.Tensor) and leaf.ndim and leaf.shape[0] > 1:
+                torch._dynamo.mark_dynamic(leaf, 0)
+        return compiled(x)
+
+    return call
+
+
 class Stage:
     """One stage (a function of one argument: a tensor or a nesting of tensors) run eagerly, compiled by
     ``torch.compile``, or replayed from CUDA graphs captured per input shape (of the eager kernels, or of
     the compiled ones), in ``copies`` alternating copies so that the outputs of one call survive the
     next (see :meth:`~sidenet.compiled.CompiledAdaptiveModel.stream`)."""
 
-    def __init__(self, fn: Callable[[Any], Any], backend: str, copies: int = 1, name: str = "stage") -> None:
+    def __init__(
+        self, fn: Callable[[Any], Any], backend: str, copies: int = 1, name: str = "stage", dynamic_rows: bool = False
+    ) -> None:
         self.fn = fn
         self.backend = backend
         self.copies = copies
         self.name = name
         self._turn = 0
         self._graphs: dict[tuple, CudaGraphStage] = {}
-        compiles = backend in ("inductor", "inductor_cuda_graph")
-        self._compiled = torch.compile(own_code(fn, f"sidenet_{name}_{next(_STAGES)}")) if compiles else None
+        self._compiled: Callable[[Any], Any] | None = None
+        if backend in ("inductor", "inductor_cuda_graph"):
+            compiled = torch.compile(own_code(fn, f"sidenet_{name}_{next(_STAGES)}"))
+            self._compiled = _rows_dynamic(compiled) if dynamic_rows else compiled
         self.capture_seconds = 0.0
 
     def __call__(self, x: Any) -> Any:
