@@ -6,6 +6,7 @@ present) under ``torch.cuda.set_sync_debug_mode("error")`` with only that one re
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -168,3 +169,52 @@ def test_cuda_routed_batch_synchronises_once(dtype: torch.dtype) -> None:
     assert waits == [1]
     reference = model(x, mode="main")
     assert output.logits.shape == reference.logits.shape
+
+
+def operations_of(run: Callable[[], Any]) -> collections.Counter:
+    """The device operations (ATen calls that are not views) ``run`` dispatches: on a GPU each is a kernel
+    launch, which at serving batch sizes costs about as much as the kernel."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counting(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: collections.Counter = collections.Counter()
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if not func.is_view:
+                self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Counting() as counting:
+        run()
+    return counting.ops
+
+
+def test_the_flops_and_exit_stage_bookkeeping_launches_nothing_until_read() -> None:
+    """A server that reads only the answers pays no kernel for the per-sample FLOPs and exit stages: the
+    routed batch issues the MainNet's and the SideNet's operations and the routing's own few (score, mask,
+    order, count, gather, scatter, exit statistics), and the bookkeeping runs when first read, with the
+    values the eager computation gave."""
+    model, x = mixed_image_model()
+    split, sidenet_head = model.split, model.sidenet
+    alone = sum(operations_of(lambda: split.rest(split.trunk(x))).values())
+    side = sum(operations_of(lambda: sidenet_head(split.features(split.trunk(x)))).values()) - sum(
+        operations_of(lambda: split.trunk(x)).values()
+    )
+    outputs: list[sidenet.AdaptiveOutput] = []
+    routed = operations_of(lambda: outputs.append(model(x)))
+    output = outputs[0]
+    assert 0 < int(output.exited.sum()) < len(x)
+    # The MainNet's operations (the rest on the continuing samples only), the SideNet's, and routing's 13:
+    # score 2, mask 1, order and count 4, gather 1, scatter 2 (a dtype promotion among them), exit
+    # statistics 3. Six more while the FLOPs and exit stages were computed on every batch.
+    assert sum(routed.values()) <= alone + side + 13, routed
+    assert not {"full", "where"} & set(routed), routed
+    read = operations_of(lambda: (output.flops, output.exit_stage))
+    assert read["where"] >= 2  # computed now, once
+    assert operations_of(lambda: (output.flops, output.exit_stage)) == collections.Counter()
+    profile = model.flop_profile(x)
+    expected = torch.where(output.exited, profile.trunk + profile.side, profile.trunk + profile.side + profile.rest)
+    torch.testing.assert_close(output.flops, expected.to(output.flops.dtype))
+    assert torch.equal(output.exit_stage, (~output.exited).long())

@@ -3,6 +3,7 @@ trunk and SideNet run on one (see :class:`sidenet.AdaptiveModel`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,9 @@ from sidenet.flops import FlopProfile
 __all__ = ["AdaptiveOutput", "FrontPass"]
 
 
-@dataclass
+Lazy = torch.Tensor | Callable[[], torch.Tensor]
+
+
 class AdaptiveOutput:
     """What the adaptive model returns for a batch.
 
@@ -25,13 +28,49 @@ class AdaptiveOutput:
         flops: (N,) FLOPs actually spent on each sample (measured per part, see ``sidenet.flops``).
         exit_stage: (N,) int64, which SideNet answered (0 the first, ...), or the number of SideNets
             where the MainNet answered; ``None`` where only ``exited`` is known.
+
+    ``flops`` and ``exit_stage`` may be given as functions that compute them: routing passes them so, and
+    they are computed on first reading. On a GPU at serving batch sizes every kernel launch counts, and a
+    server that reads only the answers launches none for this bookkeeping.
     """
 
-    logits: torch.Tensor
-    exited: torch.Tensor
-    confidence: torch.Tensor
-    flops: torch.Tensor
-    exit_stage: torch.Tensor | None = None
+    def __init__(
+        self,
+        logits: torch.Tensor,
+        exited: torch.Tensor,
+        confidence: torch.Tensor,
+        flops: Lazy,
+        exit_stage: Lazy | None = None,
+    ) -> None:
+        self.logits = logits
+        self.exited = exited
+        self.confidence = confidence
+        self._flops = flops
+        self._exit_stage = exit_stage
+
+    @property
+    def flops(self) -> torch.Tensor:
+        if not isinstance(self._flops, torch.Tensor):
+            self._flops = self._flops()
+        return self._flops
+
+    @flops.setter
+    def flops(self, value: Lazy) -> None:
+        self._flops = value
+
+    @property
+    def exit_stage(self) -> torch.Tensor | None:
+        if self._exit_stage is not None and not isinstance(self._exit_stage, torch.Tensor):
+            self._exit_stage = self._exit_stage()
+        return self._exit_stage
+
+    @exit_stage.setter
+    def exit_stage(self, value: Lazy | None) -> None:
+        self._exit_stage = value
+
+    def __repr__(self) -> str:  # shapes only: reading values would wait for the device
+        n, classes = self.logits.shape[0], self.logits.shape[-1]
+        return f"AdaptiveOutput({n} samples, {classes} classes, {self.logits.dtype}, on {self.logits.device})"
 
     @property
     def predictions(self) -> torch.Tensor:
@@ -54,10 +93,16 @@ class AdaptiveOutput:
         """These answers (at the last SideNet) with the samples that did not exit, ``rows`` (all of them
         where ``None``), answered by the rest of the MainNet: its ``logits``, its ``cost`` FLOPs per sample
         added. Their exit stage (the number of SideNets), exit flag and last score stay as they are. What
-        :meth:`completed` gives for the rest's answers, in three operations instead of about ten (this
-        runs on every routed batch)."""
-        flops = torch.where(self.exited, self.flops, self.flops + cost)
-        return AdaptiveOutput(_scatter(self.logits, rows, logits), self.exited, self.confidence, flops, self.exit_stage)
+        :meth:`completed` gives for the rest's answers, in one operation (the scatter of the logits; the
+        FLOPs are computed when read): this runs on every routed batch."""
+        spent = self._flops  # computed when the new output's FLOPs are read, not now
+
+        def flops() -> torch.Tensor:
+            before = spent if isinstance(spent, torch.Tensor) else spent()
+            return torch.where(self.exited, before, before + cost)
+
+        logits = _scatter(self.logits, rows, logits)
+        return AdaptiveOutput(logits, self.exited, self.confidence, flops, self._exit_stage)
 
 
 def _scatter(values: torch.Tensor, rows: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
@@ -90,9 +135,11 @@ class FrontPass:
     def answers(self, num_taps: int) -> AdaptiveOutput:
         """The batch's answers as far as the front pass goes: the first SideNet's where it exited (exit
         stage 0), its logits for now elsewhere (stage ``num_taps``, to be completed by the rest of the
-        model), the FLOPs spent so far."""
-        stage = torch.where(self.exited, 0, num_taps)
-        return AdaptiveOutput(self.side_logits, self.exited, self.confidence, self.front_flops(), stage)
+        model), the FLOPs spent so far (both computed when read)."""
+        exited = self.exited
+        return AdaptiveOutput(
+            self.side_logits, exited, self.confidence, self.front_flops, lambda: torch.where(exited, 0, num_taps)
+        )
 
     def front_flops(self) -> torch.Tensor:
         """(N,) FLOPs spent on each sample so far: trunk and SideNet."""
