@@ -70,6 +70,7 @@ try:
     from sidenet import AdaptiveModel
     from sidenet.compiled import capture_cuda_graph, compile_for_serving
     from sidenet.compiled_stages import padded_text
+    from sidenet.timing import count_operations
     from sidenet.training import to_mainnet
 except ModuleNotFoundError as missing:  # a GPU image without one of sidenet's own dependencies
     raise SystemExit(
@@ -576,8 +577,12 @@ def run_case(case: Case, args: argparse.Namespace, clock: Clock) -> tuple[list[d
         except Exception as exc:
             del passes[name]
             report["skipped"][name] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
-    seconds = time_passes(passes, args.repeats, args.warmup, case.device)
     count = len(case.batches)
+    # Operations per batch of the eager runners (after their first pass: no FLOPs measuring in it): on a
+    # GPU each is a launch, the machine-independent side of sidenet eager against the minimal router.
+    eager = [name for name in passes if name == "main_eager" or name.startswith(("minimal_router@", "sidenet_eager@"))]
+    report["operations_per_batch"] = {name: sum(count_operations(passes[name]).values()) / count for name in eager}
+    seconds = time_passes(passes, args.repeats, args.warmup, case.device)
     ms = {name: 1000 * statistics.median(s) / count for name, s in seconds.items()}
     spread = {name: [1000 * min(s) / count, 1000 * max(s) / count] for name, s in seconds.items()}
     report["stages_ms"] = {k: ms.pop(k) for k in ("stage_front", "stage_rest") if k in ms}

@@ -161,13 +161,31 @@ def test_section_says_not_measured_until_a_cuda_run(quick: dict[str, Any], tmp_p
     assert "not measured yet" in text and "| 8 | bfloat16 |" in text
     # The same rows as if measured on CUDA at a target's batch: the section turns to figures and targets.
     measured = {**quick, "device_type": "cuda", "quick": False}
-    measured["rows"] = [
-        {**r, "workload": r["workload"].replace("resnet", "resnet50"), "batch": 64} for r in quick["rows"]
-    ]
+    for key in ("rows", "cases"):
+        measured[key] = [
+            {**item, "workload": item["workload"].replace("resnet", "resnet50"), "batch": 64} for item in quick[key]
+        ]
     (tmp_path / "gpu.json").write_text(json.dumps(measured))
     text = "\n".join(gpu_section(tmp_path))
     assert "not measured yet" not in text
     assert "resnet50, batch 64, bf16, exit 0.8:" in text and "minimal router's time" in text
+    assert "operations per batch:" in text
+
+
+def test_operations_per_batch_of_the_eager_runners(quick: dict[str, Any]) -> None:
+    for case in quick["cases"]:
+        counted = case["operations_per_batch"]
+        assert set(counted) == {
+            "main_eager",
+            "minimal_router@0.5",
+            "minimal_router@0.8",
+            "sidenet_eager@0.5",
+            "sidenet_eager@0.8",
+        }
+        # Routing adds the SideNet and its own few operations to what the MainNet issues; fewer rows
+        # continue at exit share 0.8 than at 0.5, not fewer operations.
+        assert all(value > counted["main_eager"] / 2 for value in counted.values()), counted
+        assert counted["sidenet_eager@0.8"] <= counted["minimal_router@0.8"] * 1.25, counted
 
 
 def test_merge_keeps_the_cases_not_measured_again(quick: dict[str, Any], tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import torch
 import sidenet
 from helpers import IMAGE_SHAPE, build_tiny_mainnet, make_images, threshold_between
 from sidenet.serving import PooledRouter
+from sidenet.timing import count_operations
 
 # Every way Python code reads a tensor's value onto the host (``len`` and shapes read no value).
 READERS = ("item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__int__", "__float__", "__index__")
@@ -171,26 +172,6 @@ def test_cuda_routed_batch_synchronises_once(dtype: torch.dtype) -> None:
     assert output.logits.shape == reference.logits.shape
 
 
-def operations_of(run: Callable[[], Any]) -> collections.Counter:
-    """The device operations (ATen calls that are not views) ``run`` dispatches: on a GPU each is a kernel
-    launch, which at serving batch sizes costs about as much as the kernel."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Counting(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: collections.Counter = collections.Counter()
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            if not func.is_view:
-                self.ops[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
-
-    with torch.no_grad(), Counting() as counting:
-        run()
-    return counting.ops
-
-
 def test_the_flops_and_exit_stage_bookkeeping_launches_nothing_until_read() -> None:
     """A server that reads only the answers pays no kernel for the per-sample FLOPs and exit stages: the
     routed batch issues the MainNet's and the SideNet's operations and the routing's own few (score, mask,
@@ -198,12 +179,12 @@ def test_the_flops_and_exit_stage_bookkeeping_launches_nothing_until_read() -> N
     values the eager computation gave."""
     model, x = mixed_image_model()
     split, sidenet_head = model.split, model.sidenet
-    alone = sum(operations_of(lambda: split.rest(split.trunk(x))).values())
-    side = sum(operations_of(lambda: sidenet_head(split.features(split.trunk(x)))).values()) - sum(
-        operations_of(lambda: split.trunk(x)).values()
+    alone = sum(count_operations(lambda: split.rest(split.trunk(x))).values())
+    side = sum(count_operations(lambda: sidenet_head(split.features(split.trunk(x)))).values()) - sum(
+        count_operations(lambda: split.trunk(x)).values()
     )
     outputs: list[sidenet.AdaptiveOutput] = []
-    routed = operations_of(lambda: outputs.append(model(x)))
+    routed = count_operations(lambda: outputs.append(model(x)))
     output = outputs[0]
     assert 0 < int(output.exited.sum()) < len(x)
     # The MainNet's operations (the rest on the continuing samples only), the SideNet's, and routing's 13:
@@ -211,9 +192,9 @@ def test_the_flops_and_exit_stage_bookkeeping_launches_nothing_until_read() -> N
     # statistics 3. Six more while the FLOPs and exit stages were computed on every batch.
     assert sum(routed.values()) <= alone + side + 13, routed
     assert not {"full", "where"} & set(routed), routed
-    read = operations_of(lambda: (output.flops, output.exit_stage))
+    read = count_operations(lambda: (output.flops, output.exit_stage))
     assert read["where"] >= 2  # computed now, once
-    assert operations_of(lambda: (output.flops, output.exit_stage)) == collections.Counter()
+    assert count_operations(lambda: (output.flops, output.exit_stage)) == collections.Counter()
     profile = model.flop_profile(x)
     expected = torch.where(output.exited, profile.trunk + profile.side, profile.trunk + profile.side + profile.rest)
     torch.testing.assert_close(output.flops, expected.to(output.flops.dtype))

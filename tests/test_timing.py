@@ -58,3 +58,12 @@ def test_input_batches_keep_whole_batches_up_to_the_sample_count() -> None:
     assert len(batches) == 3 and all(set(batch) == {"input_ids", "labels"} for batch in batches)
     with pytest.raises(ValueError, match="at least 1"):
         input_batches(loader, 0)
+
+
+def test_count_operations_counts_dispatched_operations_but_not_views() -> None:
+    from sidenet.timing import count_operations
+
+    x = torch.arange(6.0)
+    counted = count_operations(lambda: (x.view(2, 3) * 2).sum(dim=1).t())
+    assert counted == {"mul": 1, "sum": 1}
+    assert count_operations(lambda: None) == {}

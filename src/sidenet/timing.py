@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -13,7 +14,7 @@ import torch
 
 from sidenet.loaders import iter_batches
 
-__all__ = ["Timing", "input_batches", "measure_throughput", "latency_percentiles", "synchronize"]
+__all__ = ["Timing", "count_operations", "input_batches", "measure_throughput", "latency_percentiles", "synchronize"]
 
 
 @dataclass
@@ -127,3 +128,27 @@ def latency_percentiles(
         times.append(time.perf_counter() - started)
     times.sort()
     return {f"p{p:g}": times[min(len(times) - 1, int(round(p / 100 * (len(times) - 1))))] for p in percentiles}
+
+
+def count_operations(run: Callable[[], Any]) -> collections.Counter[str]:
+    """The tensor operations ``run()`` dispatches (ATen calls, views excluded), by name, under
+    ``torch.no_grad``.
+
+    On a GPU each is a kernel launch, and at serving batch sizes in bfloat16 a launch costs about what
+    the kernel does, so an eager routed batch's time follows its count: a machine-independent figure
+    beside the wall clock (for example sidenet's eager routing against a minimal router)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counting(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.operations: collections.Counter[str] = collections.Counter()
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if not func.is_view:
+                self.operations[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Counting() as counting:
+        run()
+    return counting.operations
