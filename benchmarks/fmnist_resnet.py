@@ -36,7 +36,7 @@ from benchmarks.harness import (
 from sidenet.compiled import compile_for_serving
 from sidenet.data import fashion_mnist_datasets, make_loader
 from sidenet.pretrain import PretrainRecipe, pretrain_fmnist_resnet
-from sidenet.timing import latency_percentiles, measure_throughput
+from sidenet.timing import count_operations, latency_percentiles, measure_throughput
 
 TAPS = ("stem", "layer1.0", "layer1", "layer2.0")
 POOLS = (4, 7)
@@ -309,6 +309,11 @@ def compiled_comparison(
     result = measure_throughput(runners, [batches], repeats=args.repeats, batch_size=lambda bs: sum(map(len, bs)))
     timing = {k: v.to_dict() for k, v in result.items()}
     print("compiled, batch 64: " + ", ".join(f"{k} {v.throughput:,.0f} img/s" for k, v in result.items()))
+    # The eager runners' tensor operations per batch (after the timing: FLOPs are measured on first sight).
+    operations = {
+        name: sum(count_operations(lambda f=per_batch[name]: [f(b) for b in batches]).values()) / len(batches)
+        for name in ("mainnet", "adaptive", "minimal_router")
+    }
     best = over_best_mainnet(timing)
     over_best = best["speedup_over_best_mainnet"]
     return {
@@ -322,6 +327,7 @@ def compiled_comparison(
         **best,
         "best_compiled": max(("compiled_serving", "compiled_stream"), key=over_best.__getitem__),
         "eager_time_over_minimal_router": timing["minimal_router"]["throughput"] / timing["adaptive"]["throughput"],
+        "operations_per_batch": operations,
         "timing": timing,
     }
 

@@ -227,6 +227,16 @@ def sst2_compiled_lines(r: dict[str, Any]) -> list[str]:
     return [*lines, *_throughput_rows(t, over, labels, c["best_mainnet"], ",.1f"), ""]
 
 
+def _operations(counted: dict[str, float] | None) -> str:
+    """Tensor operations per batch of the eager runners, for a sentence (nothing for older results)."""
+    if not counted:
+        return ""
+    return (
+        f" (tensor operations per batch, `sidenet.timing.count_operations`: sidenet eager {counted['adaptive']:.0f}, "
+        f"the minimal router {counted['minimal_router']:.0f}, the MainNet alone {counted['mainnet']:.0f})"
+    )
+
+
 def fmnist_compiled_lines(r: dict[str, Any]) -> list[str]:
     """The compiled serving mode at batch 64 on the CPU, for the Fashion-MNIST section (``fmnist_resnet.json``'s
     ``compiled``); nothing for results written before it."""
@@ -252,7 +262,7 @@ def fmnist_compiled_lines(r: dict[str, Any]) -> list[str]:
         "",
         f"FLOPs ideal {ideal:.2f}×: the compiled mode ({LABELS[c['best_compiled']]}) reaches "
         f"{c['fraction_of_ideal']:.0%} of it; sidenet eager takes {c['eager_time_over_minimal_router']:.3f}× the "
-        "minimal router's time.",
+        "minimal router's time" + _operations(c.get("operations_per_batch")) + ".",
     ]
     if "trunk_time_fraction_batch64" in r:
         # What bounds it: trunk + SideNet, which every image runs, may take more of the time than of the FLOPs.
