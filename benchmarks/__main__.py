@@ -17,6 +17,7 @@ module of this package with ``run(args) -> dict`` whose result the runner writes
 | serve              | serve.py                      | calibration: SideNets fmnist-layer1.0 and sst2-3    |
 | design             | sidenet_design.py             | – (SideNet hidden width, pooling, distillation)     |
 | cascade_training   | cascade_training.py           | – (what a cascade's later SideNets train on)        |
+| gpu_operations     | gpu_operations.py             | – (operations per routed batch of the GPU workloads) |
 | (report)           | report.py                     | every JSON result present, once after the last step |
 
 MainNets are trained or fine-tuned by whichever step first needs them when they are not cached
@@ -66,6 +67,7 @@ STEPS: dict[str, Step] = {
     "serve": Step("serve", needs=("calibration",)),
     "design": Step("sidenet_design"),
     "cascade_training": Step("cascade_training"),
+    "gpu_operations": Step("gpu_operations"),
 }
 
 

@@ -141,7 +141,7 @@ def gpu_section(results: Path) -> list[str]:
         lines += [f"**GPU figures: not measured yet** ({where}). {RUN}", ""]
     lines += [METHOD, ""]
     if r is None:
-        return lines
+        return [*lines, *operations_lines(results)]
     if not measured:
         smoke = " (`--quick`: tiny models)" if r.get("quick") else ""
         lines += [f"The tables below are from that {r['device_type']} run{smoke}, not GPU figures.", ""]
@@ -169,7 +169,42 @@ def gpu_section(results: Path) -> list[str]:
     skipped += [f"{s['workload']} {s['batch']} {s['dtype']}: {s['reason']}" for s in r["skipped"]]
     if skipped:
         lines += ["Not measured: " + "; ".join(skipped) + ".", ""]
-    return lines
+    return [*lines, *operations_lines(results)]
+
+
+def operations_lines(results: Path) -> list[str]:
+    """Tensor operations per routed batch of the GPU workloads, counted on the CPU
+    (``gpu_operations.json``, written by ``benchmarks/gpu_operations.py``); nothing before it ran."""
+    path = results / "gpu_operations.json"
+    if not path.is_file():
+        return []
+    r = json.loads(path.read_text())
+    m = r["machine"]
+    lines = [
+        "### Tensor operations per routed batch (each a kernel launch on a GPU; counted on the CPU)",
+        "",
+        f"Command: `{r['command']}` — {m['date']}, torch {m['torch']}, commit {m['commit'] or 'n/a'}. The GPU "
+        "workloads above, random weights, sidenet's value checks off as on CUDA, averaged over the batches"
+        + (
+            f"; ResNet-50 at {r['image_size']}x{r['image_size']} (its operations do not depend on the image size)"
+            if r.get("image_size")
+            else ""
+        )
+        + ". Where eager routing is bound by launches, its time follows these counts.",
+        "",
+        "| workload | batch | dtype | exit share | MainNet alone | minimal router | sidenet eager (× minimal) "
+        "| sidenet issues more of | fewer of |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        more = ", ".join(f"{k} {v:g}" for k, v in row["more_than_minimal"].items()) or "–"
+        fewer = ", ".join(f"{k} {v:g}" for k, v in row["fewer_than_minimal"].items()) or "–"
+        lines.append(
+            f"| {row['workload']} | {row['batch']} | {row['dtype']} | {row['exit_share']:.2f} | {row['mainnet']:.0f} "
+            f"| {row['minimal_router']:.0f} | {row['sidenet_eager']:.0f} "
+            f"({row['sidenet_eager'] / row['minimal_router']:.3f}×) | {more} | {fewer} |"
+        )
+    return [*lines, ""]
 
 
 # -- the CPU row of the compiled serving mode (Fashion-MNIST section) --------------------------------

@@ -196,3 +196,23 @@ def test_merge_keeps_the_cases_not_measured_again(quick: dict[str, Any], tmp_pat
     assert kept["rows"] and {r["workload"] for r in kept["rows"]} == {"resnet"}
     assert kept["commands"] == [quick["command"]]
     assert gpu.merged_cases(tmp_path / "absent.json", set()) is None
+
+
+def test_operations_per_routed_batch_of_the_gpu_workloads(tmp_path: Path) -> None:
+    from benchmarks import gpu_operations
+    from benchmarks.sections_gpu import operations_lines
+
+    args = gpu_operations.options(["--quick", "--results-dir", str(tmp_path)])
+    result = gpu_operations.run(args)
+    keys = {(r["workload"], r["dtype"], r["target_exit_share"]) for r in result["rows"]}
+    assert keys == {(w, d, s) for w in ("resnet", "bert") for d in ("float32", "bfloat16") for s in (0.5, 0.8)}
+    for row in result["rows"]:
+        difference = sum(row["more_than_minimal"].values()) - sum(row["fewer_than_minimal"].values())
+        assert row["sidenet_eager"] - row["minimal_router"] == pytest.approx(difference)
+        assert row["mainnet"] > 0 and row["sidenet_eager"] > row["mainnet"] / 2
+        # The per-sample FLOPs and exit stages are computed when read: a routed batch issues neither.
+        assert not {"full", "where"} & set(row["more_than_minimal"]), row
+    (tmp_path / "gpu_operations.json").write_text(json.dumps(result))
+    text = "\n".join(operations_lines(tmp_path))
+    assert "| resnet | 8 | float32 |" in text and "Tensor operations per routed batch" in text
+    assert "not measured yet" in "\n".join(gpu_section(tmp_path))  # no gpu.json: still says so, counts below

@@ -66,4 +66,5 @@ def test_count_operations_counts_dispatched_operations_but_not_views() -> None:
     x = torch.arange(6.0)
     counted = count_operations(lambda: (x.view(2, 3) * 2).sum(dim=1).t())
     assert counted == {"mul": 1, "sum": 1}
+    assert count_operations(lambda: (x.sum().item(), torch.promote_types(x.dtype, torch.int64))) == {"sum": 1}
     assert count_operations(lambda: None) == {}

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from sidenet.loaders import iter_batches
 
@@ -131,8 +132,9 @@ def latency_percentiles(
 
 
 def count_operations(run: Callable[[], Any]) -> collections.Counter[str]:
-    """The tensor operations ``run()`` dispatches (ATen calls, views excluded), by name, under
-    ``torch.no_grad``.
+    """The tensor operations ``run()`` dispatches, by name, under ``torch.no_grad``: the ATen calls that
+    make tensors, views excluded (not those that only read metadata or a value, such as
+    ``promote_types`` or ``.item()``'s ``_local_scalar_dense``).
 
     On a GPU each is a kernel launch, and at serving batch sizes in bfloat16 a launch costs about what
     the kernel does, so an eager routed batch's time follows its count: a machine-independent figure
@@ -145,9 +147,10 @@ def count_operations(run: Callable[[], Any]) -> collections.Counter[str]:
             self.operations: collections.Counter[str] = collections.Counter()
 
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            if not func.is_view:
+            result = func(*args, **(kwargs or {}))
+            if not func.is_view and any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(result)):
                 self.operations[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
+            return result
 
     with torch.no_grad(), Counting() as counting:
         run()
