@@ -21,9 +21,10 @@ REHEARSE=0
 [ "${1:-}" = "--rehearse" ] && REHEARSE=1
 OUT="${OUT:-/tmp/gpu-check}"
 mkdir -p "$OUT"
+# The module whose CUDA tests compile with inductor (the slowest) last: a cut run keeps the others' results.
 TESTS=(
-    tests/test_host_waits.py tests/test_compiled.py tests/test_compiled_graphs.py tests/test_compiled_cascade.py
-    tests/test_precision.py tests/test_attach.py
+    tests/test_host_waits.py tests/test_compiled.py tests/test_compiled_cascade.py tests/test_precision.py
+    tests/test_attach.py tests/test_compiled_graphs.py
 )
 INPUTS=.gpu-inputs
 WHEELS=$(find "$INPUTS/wheels" -name '*.whl' 2>/dev/null | tr '\n' ':')
@@ -38,12 +39,12 @@ python3 -c "import torch, torchvision, transformers; print('torch', torch.__vers
 # runs all of these modules' tests instead (on the CPU, in the image's library releases).
 SELECT=(-k cuda)
 [ "$REHEARSE" = 1 ] && SELECT=()
-timeout 180 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors "${SELECT[@]}" "${TESTS[@]}" 2>&1 \
-    | tail -40 | tee "$OUT/cuda-tests.txt"
+timeout 180 python3 -m pytest -q -p no:cacheprovider --durations=12 --continue-on-collection-errors "${SELECT[@]}" "${TESTS[@]}" 2>&1 \
+    | tee "$OUT/cuda-tests.txt" | tail -60
 # The benchmark, time-budgeted (it rewrites its JSON after every case, so a cut run still leaves results).
 BENCH_ARGS=()
 [ "$REHEARSE" = 1 ] && BENCH_ARGS+=(--quick --text-limit 64 --serving-backend auto)
 [ -f "$INPUTS/sst2/dev.tsv" ] && BENCH_ARGS+=(--sst2-data "$INPUTS/sst2")
 [ -f "$INPUTS/tokenizer/tokenizer.json" ] && BENCH_ARGS+=(--tokenizer "$INPUTS/tokenizer")
 timeout 330 python3 benchmarks/gpu.py "${BENCH_ARGS[@]}" --budget-s "${GPU_BUDGET_S:-270}" --out "$OUT/gpu.json" 2>&1 \
-    | tail -40 | tee "$OUT/gpu-benchmark.txt"
+    | tee "$OUT/gpu-benchmark.txt" | tail -40

@@ -113,3 +113,20 @@ def test_cuda_default_captures_compiled_kernels_and_answers_as_the_model(dtype: 
         assert torch.equal(got.exited[clear], want.exited[clear])
         same = clear & got.exited.eq(want.exited)
         torch.testing.assert_close(got.logits[same].float(), want.logits[same].float(), atol=tolerance, rtol=0)
+
+
+def test_row_marks_stay_off_the_callers_tensors() -> None:
+    """The rest is compiled dynamic in its rows; when every sample continues its state holds the input's own
+    attention mask, and a mark on that tensor made the front (compiled at its batch size) refuse the next
+    batch ("marked as dynamic but your code specialized it")."""
+    from test_host_waits import mixed_text_model
+
+    model, x = mixed_text_model()
+    model.threshold = sidenet.NEVER_EXIT
+    served = compile_for_serving(model, x, backend="inductor")
+    for stage in served._stages.values():  # both compiled, whatever the warm-up timing kept
+        stage.backend = "inductor"
+    for _ in range(3):
+        output, reference = served(x), model(x)
+        torch.testing.assert_close(output.logits, reference.logits, atol=1e-5, rtol=1e-5)
+    assert not any(hasattr(t, "_dynamo_dynamic_indices") for t in x.values() if isinstance(t, torch.Tensor))

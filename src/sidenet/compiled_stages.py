@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from sidenet.cuda_graphs import CudaGraphStage, shape_key
 from sidenet.head import SideNet
@@ -140,14 +140,23 @@ def _rows_dynamic(compiled: Callable[[Any], Any]) -> Callable[[Any], Any]:
     A stage that runs at several row counts (the rest, a cascade's steps) is then compiled once for all of
     them, not first for the count it met first and again once Dynamo sees a second (its automatic dynamic
     shapes): on a GPU each compilation of a ResNet-50's rest costs tens of seconds of a server's start.
-    One row stays static (Dynamo specialises sizes 0 and 1): the default row buckets start at two."""
+    One row stays static (Dynamo specialises sizes 0 and 1): the default row buckets start at two.
+
+    The marks go on aliases (``detach``: the same storage, another tensor object), not on the caller's
+    tensors: a mark stays on its tensor, and a state can hold the input's own tensors (text's attention
+    mask when every sample continues), which the front stage, compiled at fixed batch sizes, must then
+    refuse as marked dynamic but specialised."""
+
+    def marked(leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor) or not leaf.ndim or leaf.shape[0] < 2:
+            return leaf
+        alias = leaf.detach()
+        torch._dynamo.mark_dynamic(alias, 0)
+        return alias
 
     @functools.wraps(compiled)
     def call(x: Any) -> Any:
-        for leaf in tree_leaves(x):
-            if isinstance(leaf, torch.Tensor) and leaf.ndim and leaf.shape[0] > 1:
-                torch._dynamo.mark_dynamic(leaf, 0)
-        return compiled(x)
+        return compiled(tree_map(marked, x))
 
     return call
 
