@@ -21,6 +21,12 @@ def mixed_model() -> tuple[sidenet.AdaptiveModel, list[torch.Tensor]]:
     return model, batches
 
 
+def cuda_mixed_model(dtype: torch.dtype) -> tuple[sidenet.AdaptiveModel, list[torch.Tensor]]:
+    """:func:`mixed_model` and its batches on the CUDA device in ``dtype``."""
+    model, batches = mixed_model()
+    return model.to("cuda", dtype), [x.to("cuda", dtype) for x in batches]
+
+
 def assert_same_answers(served: sidenet.AdaptiveOutput, eager: sidenet.AdaptiveOutput, atol: float = 1e-5) -> None:
     assert torch.equal(served.exited, eager.exited) and torch.equal(served.exit_stage, eager.exit_stage)
     torch.testing.assert_close(served.confidence, eager.confidence, atol=atol, rtol=0)
@@ -153,9 +159,7 @@ def test_only_adaptive_models_are_served() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graphs_answer_as_the_model(dtype: torch.dtype) -> None:
-    model, batches = mixed_model()
-    model = model.to("cuda", dtype)
-    batches = [x.to("cuda", dtype) for x in batches]
+    model, batches = cuda_mixed_model(dtype)
     served = compile_for_serving(model, batches[0], backend="cuda_graph")  # the eager kernels: exits identical
     assert served.stage_backends == {"front": "cuda_graph", "rest": "cuda_graph"}
     expected = [model(x) for x in batches]

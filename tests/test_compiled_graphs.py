@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 import sidenet
 from sidenet.compiled import CompiledAdaptiveModel, compile_for_serving
-from test_compiled import assert_same_answers, mixed_model
+from test_compiled import assert_same_answers, cuda_mixed_model, mixed_model
 
 COMPILED = "compiled by the stand-in torch.compile"
 
@@ -101,9 +101,7 @@ def test_graph_backends_need_cuda(backend: str) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_default_captures_compiled_kernels_and_answers_as_the_model(dtype: torch.dtype) -> None:
-    model, batches = mixed_model()
-    model = model.to("cuda", dtype)
-    batches = [x.to("cuda", dtype) for x in batches]
+    model, batches = cuda_mixed_model(dtype)
     served = compile_for_serving(model, batches[0], rest_buckets=(8, 24))
     assert served.stage_backends == {"front": "inductor_cuda_graph", "rest": "inductor_cuda_graph"}
     # Fused kernels round differently: exits may differ only for scores within rounding of the threshold.
