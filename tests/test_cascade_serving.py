@@ -27,7 +27,11 @@ def test_pooled_router_answers_a_cascade_as_routing_each_batch_does(kind: str) -
     model, x = cascade(kind)
     set_mixed_thresholds(model, x)
     batches = batches_of(x, 5)
+    model.reset_stats()
     direct = [model(batch) for batch in batches]
+    # Routed eagerly, the exits are counted on the host from the counts routing reads at each tap.
+    exits = sum(int((d.exit_stage < model.num_taps).sum()) for d in direct)
+    assert model.samples_exited == exits and model.samples_seen == sum(len(d.exited) for d in direct)
     model.reset_stats()
     pooled = PooledRouter(model, rest_batch=6, max_wait=2).run(batches)
     assert [routed.batch_id for routed in pooled] == list(range(len(batches)))

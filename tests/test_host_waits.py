@@ -184,13 +184,16 @@ def test_the_flops_and_exit_stage_bookkeeping_launches_nothing_until_read() -> N
         count_operations(lambda: split.trunk(x)).values()
     )
     outputs: list[sidenet.AdaptiveOutput] = []
+    model.reset_stats()
     routed = count_operations(lambda: outputs.append(model(x)))
     output = outputs[0]
     assert 0 < int(output.exited.sum()) < len(x)
-    # The MainNet's operations (the rest on the continuing samples only), the SideNet's, and routing's 12:
-    # score 2, mask 1, order and count 4, gather 1, scatter 1, exit statistics 3. Four more while the
-    # FLOPs and exit stages were computed on every batch.
-    assert sum(routed.values()) <= alone + side + 12, routed
+    assert model.monitor.samples_exited == int(output.exited.sum()) and model.monitor.samples_seen == len(x)
+    # The MainNet's operations (the rest on the continuing samples only), the SideNet's, and routing's 10:
+    # score 2, mask 1, order and count 4, gather 1, scatter 1, the confidence window's copy 1 (the exits
+    # are counted from the count routing reads anyway). Six more while the FLOPs and exit stages were
+    # computed on every batch and the exits summed on the device.
+    assert sum(routed.values()) <= alone + side + 10, routed
     assert not {"full", "where"} & set(routed), routed
     read = count_operations(lambda: (output.flops, output.exit_stage))
     assert read["where"] >= 2  # computed now, once

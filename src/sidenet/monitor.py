@@ -55,24 +55,30 @@ class TrafficMonitor:
         with self._lock:
             self.samples_seen = 0
             self._exited: torch.Tensor | int = 0  # a device tensor once a batch is recorded
+            self._exited_counted = 0  # exits the caller counted on the host (see record)
             self._recent: deque[torch.Tensor] = deque()
             self._recent_count = 0
 
-    def record(self, exited: torch.Tensor, confidence: torch.Tensor) -> None:
+    def record(self, exited: torch.Tensor, confidence: torch.Tensor, exits: int | None = None) -> None:
         """Count a routed batch (its exit mask) and keep its confidences for :meth:`shift_check`.
 
         Reads no device value: the exit count is summed where the mask lives and the confidences are
         kept there (a copy, so that a caller editing its output does not edit the window); both are
         read when asked for (:attr:`samples_exited`, :attr:`recent`). On a GPU, reading them here would
-        be a host wait per batch on the routed path. Inside the lock, only the read-modify-writes that
-        threads sharing the model would otherwise interleave and lose.
+        be a host wait per batch on the routed path. ``exits``, where the caller already counted them on
+        the host (routing reads how many samples continue), saves the device sum: two kernels a batch.
+        Inside the lock, only the read-modify-writes that threads sharing the model would otherwise
+        interleave and lose.
         """
         seen = len(exited)
-        exits = exited.sum()
+        summed = exited.sum() if exits is None else None
         scores = confidence.detach().clone()
         with self._lock:
             self.samples_seen += seen
-            self._add_exits(exits)
+            if summed is None:
+                self._exited_counted += int(exits or 0)
+            else:
+                self._add_exits(summed)
             self._recent.append(scores)
             self._recent_count += len(scores)
             # Drop whole old batches once the rest still fills the window.
@@ -97,15 +103,15 @@ class TrafficMonitor:
     def samples_exited(self) -> int:
         """Of :attr:`samples_seen`, those that exited (read from the device on asking)."""
         with self._lock:
-            total = self._exited
-        return int(total)
+            total, counted = self._exited, self._exited_counted
+        return int(total) + counted
 
     @property
     def exit_rate(self) -> float:
         """Fraction of the samples recorded since :meth:`reset` that exited (NaN before any)."""
         with self._lock:  # a consistent pair of counts
-            seen, exited = self.samples_seen, self._exited
-        return int(exited) / seen if seen else float("nan")
+            seen, exited, counted = self.samples_seen, self._exited, self._exited_counted
+        return (int(exited) + counted) / seen if seen else float("nan")
 
     @property
     def recent(self) -> torch.Tensor:

@@ -28,6 +28,8 @@ class AdaptiveOutput:
         flops: (N,) FLOPs actually spent on each sample (measured per part, see ``sidenet.flops``).
         exit_stage: (N,) int64, which SideNet answered (0 the first, ...), or the number of SideNets
             where the MainNet answered; ``None`` where only ``exited`` is known.
+        answered_by_rest_count: how many samples the rest of the MainNet answered, as routing counted them
+            on the host (it reads that count anyway); ``None`` where it was not counted.
 
     ``flops`` and ``exit_stage`` may be given as functions that compute them: routing passes them so, and
     they are computed on first reading. On a GPU at serving batch sizes every kernel launch counts, and a
@@ -47,6 +49,7 @@ class AdaptiveOutput:
         self.confidence = confidence
         self._flops = flops
         self._exit_stage = exit_stage
+        self.answered_by_rest_count: int | None = None
 
     @property
     def flops(self) -> torch.Tensor:

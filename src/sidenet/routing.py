@@ -353,7 +353,8 @@ class AdaptiveModel(TrafficStatistics, nn.Module):
         front = self.front_pass(x, mode)
         output = self.finish(front, mode)
         if mode == "adaptive":
-            self.monitor.record(output.exited, front.confidence)
+            rest = output.answered_by_rest_count  # counted on the host: the exits need no device sum
+            self.monitor.record(output.exited, front.confidence, None if rest is None else len(output.exited) - rest)
         return output
 
     def finish(self, front: FrontPass, mode: Mode = "adaptive") -> AdaptiveOutput:
@@ -411,6 +412,7 @@ class AdaptiveModel(TrafficStatistics, nn.Module):
         """``output`` (answers at SideNet ``part``) completed for the samples that do not exit there."""
         remaining, sizes = self._continuing(self.splits[part], state, exited)
         if len(remaining) == 0:
+            output.answered_by_rest_count = 0
             return output
         rows = None if len(remaining) == len(exited) else remaining
         if rows is not None:
@@ -418,10 +420,14 @@ class AdaptiveModel(TrafficStatistics, nn.Module):
         if part + 1 == self.num_taps:  # past the last SideNet: the rest of the MainNet answers
             with torch.no_grad():
                 logits = self.splits[-1].rest(state)
-            return output.answered_by_rest(rows, logits, self.flop_ledger.rest(state, None, profile, part=part))
+            done = output.answered_by_rest(rows, logits, self.flop_ledger.rest(state, None, profile, part=part))
+            done.answered_by_rest_count = len(remaining)
+            return done
         later = self.continue_from(state, profile, mode, part + 1)
         # Where a later SideNet ran, its score is the latest these samples got.
-        return output.completed(rows, later, self.num_taps, rescored=part + 1 < self.num_taps)
+        done = output.completed(rows, later, self.num_taps, rescored=part + 1 < self.num_taps)
+        done.answered_by_rest_count = later.answered_by_rest_count
+        return done
 
     def continuing(self, front: FrontPass) -> tuple[torch.Tensor, tuple[int, ...]]:
         """The samples of a front pass that continue past the first SideNet: their indices in the batch
