@@ -229,6 +229,7 @@ class CompiledAdaptiveModel:
         all go on) up to their row bucket, the rows after them in ``order`` padding it."""
         model = self.model
         if count == 0:
+            output.answered_by_rest_count = 0
             return output
         # All go on: their state as it is (eager routing cuts nothing either); else gathered up to the bucket.
         rows = None if count == len(output.exited) else order[:count]
@@ -251,10 +252,7 @@ class CompiledAdaptiveModel:
     @torch.no_grad()
     def __call__(self, x: Any) -> AdaptiveOutput:
         """Classify a batch, as ``model(x)`` does (recorded in the model's monitor)."""
-        front = self.front_pass(x)
-        output = self.finish(front)
-        self.model.monitor.record(output.exited, front.confidence)
-        return output
+        return self._finish_recorded(self.front_pass(x))
 
     def stream(self, batches: Iterable[Any]) -> Iterator[AdaptiveOutput]:
         """Classify batches in order, each front queued before the previous batch's count is read, so
@@ -273,7 +271,7 @@ class CompiledAdaptiveModel:
 
     def _finish_recorded(self, front: _CompiledFront) -> AdaptiveOutput:
         output = self.finish(front)
-        self.model.monitor.record(output.exited, front.confidence)
+        self.model.record_batch(output, front.confidence)
         return output
 
     def pooled_router(self, rest_batch: int | None = None, max_wait: int = 4) -> PooledRouter:

@@ -90,7 +90,9 @@ class AdaptiveOutput:
         confidence = _scatter(self.confidence, rows, later.confidence) if rescored else self.confidence
         flops = self.flops + later.flops if rows is None else self.flops.index_add(0, rows, later.flops)
         logits = _scatter(self.logits, rows, later.logits)
-        return AdaptiveOutput(logits, stage < num_taps, confidence, flops, stage)
+        done = AdaptiveOutput(logits, stage < num_taps, confidence, flops, stage)
+        done.answered_by_rest_count = later.answered_by_rest_count
+        return done
 
     def answered_by_rest(self, rows: torch.Tensor | None, logits: torch.Tensor, cost: float) -> AdaptiveOutput:
         """These answers (at the last SideNet) with the samples that did not exit, ``rows`` (all of them
@@ -104,8 +106,11 @@ class AdaptiveOutput:
             before = spent if isinstance(spent, torch.Tensor) else spent()
             return torch.where(self.exited, before, before + cost)
 
-        logits = _scatter(self.logits, rows, logits)
-        return AdaptiveOutput(logits, self.exited, self.confidence, flops, self._exit_stage)
+        done = AdaptiveOutput(
+            _scatter(self.logits, rows, logits), self.exited, self.confidence, flops, self._exit_stage
+        )
+        done.answered_by_rest_count = len(logits)
+        return done
 
 
 def _scatter(values: torch.Tensor, rows: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:

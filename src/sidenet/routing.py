@@ -353,9 +353,15 @@ class AdaptiveModel(TrafficStatistics, nn.Module):
         front = self.front_pass(x, mode)
         output = self.finish(front, mode)
         if mode == "adaptive":
-            rest = output.answered_by_rest_count  # counted on the host: the exits need no device sum
-            self.monitor.record(output.exited, front.confidence, None if rest is None else len(output.exited) - rest)
+            self.record_batch(output, front.confidence)
         return output
+
+    def record_batch(self, output: AdaptiveOutput, confidence: torch.Tensor) -> None:
+        """Count a routed batch's answers in :attr:`monitor`, with its first SideNet's ``confidence``: its
+        exits from the count of samples the rest answered where routing read it (no device sum), else
+        summed where they live."""
+        rest = output.answered_by_rest_count
+        self.monitor.record(output.exited, confidence, None if rest is None else len(output.exited) - rest)
 
     def finish(self, front: FrontPass, mode: Mode = "adaptive") -> AdaptiveOutput:
         """The answers of a batch whose :meth:`front_pass` has run: the samples that continue past the
@@ -420,14 +426,10 @@ class AdaptiveModel(TrafficStatistics, nn.Module):
         if part + 1 == self.num_taps:  # past the last SideNet: the rest of the MainNet answers
             with torch.no_grad():
                 logits = self.splits[-1].rest(state)
-            done = output.answered_by_rest(rows, logits, self.flop_ledger.rest(state, None, profile, part=part))
-            done.answered_by_rest_count = len(remaining)
-            return done
+            return output.answered_by_rest(rows, logits, self.flop_ledger.rest(state, None, profile, part=part))
         later = self.continue_from(state, profile, mode, part + 1)
         # Where a later SideNet ran, its score is the latest these samples got.
-        done = output.completed(rows, later, self.num_taps, rescored=part + 1 < self.num_taps)
-        done.answered_by_rest_count = later.answered_by_rest_count
-        return done
+        return output.completed(rows, later, self.num_taps, rescored=part + 1 < self.num_taps)
 
     def continuing(self, front: FrontPass) -> tuple[torch.Tensor, tuple[int, ...]]:
         """The samples of a front pass that continue past the first SideNet: their indices in the batch
