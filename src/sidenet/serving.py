@@ -124,13 +124,14 @@ class PooledRouter:
         front = stages.front_pass(x, "adaptive")
         if self.audit is not None:
             self.audit.check(model, front)
-        model.monitor.record(front.exited, front.confidence)
         batch_id = self._submitted
         self._submitted += 1
         if self.rest_batch is None:
             self.rest_batch = len(front.exited)
         output = front.answers(model.num_taps)
         remaining, sizes = stages.continuing(front)  # the batch's one host wait
+        # Its first SideNet's exits, counted from that read (a cascade's later ones: once they have run).
+        model.monitor.record(front.exited, front.confidence, len(front.exited) - len(remaining))
         self._open[batch_id] = _OpenBatch(output, front.profile, len(remaining))
         if len(remaining):
             # A captured stage's state is overwritten by its next replay: keep a copy then.
