@@ -75,10 +75,10 @@ class TrafficMonitor:
         scores = confidence.detach().clone()
         with self._lock:
             self.samples_seen += seen
-            if summed is None:
-                self._exited_counted += int(exits or 0)
-            else:
+            if summed is not None:
                 self._add_exits(summed)
+            else:
+                self._exited_counted += exits
             self._recent.append(scores)
             self._recent_count += len(scores)
             # Drop whole old batches once the rest still fills the window.

@@ -100,11 +100,9 @@ class AdaptiveOutput:
         added. Their exit stage (the number of SideNets), exit flag and last score stay as they are. What
         :meth:`completed` gives for the rest's answers, in one operation (the scatter of the logits; the
         FLOPs are computed when read): this runs on every routed batch."""
-        spent = self._flops  # computed when the new output's FLOPs are read, not now
 
-        def flops() -> torch.Tensor:
-            before = spent if isinstance(spent, torch.Tensor) else spent()
-            return torch.where(self.exited, before, before + cost)
+        def flops() -> torch.Tensor:  # when the new output's FLOPs are read (these answers' then too, once)
+            return torch.where(self.exited, self.flops, self.flops + cost)
 
         done = AdaptiveOutput(
             _scatter(self.logits, rows, logits), self.exited, self.confidence, flops, self._exit_stage
