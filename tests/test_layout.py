@@ -66,6 +66,7 @@ LAYERS: dict[str, int] = {
     "compiled": SERVING,
     "compiled_stages": SERVING,
     "cuda_graphs": SERVING,
+    "host_memory": SERVING,
     "integrations": SERVING,
 }
 LAYER_NAMES = {CORE: "core", ANALYSIS: "analysis", DEMO: "demo", SERVING: "serving"}

@@ -372,7 +372,16 @@ register_serve_commands(app)  # serve and classify (Ray Serve, Ray Data): sidene
 
 
 def main() -> None:
-    """Entry point of the ``sidenet`` script."""
+    """Entry point of the ``sidenet`` script: CPU memory freed by a batch is kept for the next one
+    (:mod:`sidenet.host_memory`; ``SIDENET_CPU_MEMORY=system`` keeps the C library's defaults), then
+    the command runs."""
+    from sidenet.host_memory import retain_unless_switched_off
+
+    try:
+        retain_unless_switched_off()
+    except ValueError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None
     app()
 
 

@@ -113,6 +113,7 @@ def serve_command(
     if config is not None and not config.is_file():
         _fail(f"no config file {config}")
     source = None if sidenet is None else _source(sidenet, task, mainnet, threshold, mainnet_weights)
+    from sidenet.host_memory import switched_on
     from sidenet.integrations.options import ServeOptions
 
     try:
@@ -125,6 +126,7 @@ def serve_command(
             audit_share=audit_share,
             device="cuda" if gpus > 0 else None,
             compile_backend=compile_backend,
+            retain_cpu_memory=switched_on(),  # in the replicas too: SIDENET_CPU_MEMORY=system turns it off
         )
     except ValueError as exc:
         _fail(str(exc))
@@ -212,7 +214,14 @@ def classify_command(
     if compile_backend not in COMPILE_BACKENDS:
         _fail(f"--compile must be one of {', '.join(b for b in COMPILE_BACKENDS if b)}, got {compile_backend!r}")
     source = _source(sidenet, task, mainnet, threshold, mainnet_weights)
-    options: dict[str, Any] = {"model_batch": model_batch, "mode": mode, "compile_backend": compile_backend}
+    from sidenet.host_memory import switched_on
+
+    options: dict[str, Any] = {
+        "model_batch": model_batch,
+        "mode": mode,
+        "compile_backend": compile_backend,
+        "retain_cpu_memory": switched_on(),  # in the Ray Data actors too: SIDENET_CPU_MEMORY=system turns it off
+    }
     started = time.perf_counter()
     ours = False  # shut down only a Ray this command started (not the caller's)
     if use_ray:

@@ -33,6 +33,8 @@ class ServeOptions:
             ``inductor``, ``cuda_graph``, ``inductor_cuda_graph``),
             compiled when the replica starts, on a batch of ``max_batch_size`` neutral samples (other batch
             sizes when first seen); None (default): eager routing.
+        retain_cpu_memory: on the CPU, keep the memory a batch frees for the next batch
+            (:func:`sidenet.host_memory.retain_freed_cpu_memory`, process-wide in the replica).
     """
 
     max_batch_size: int = 32
@@ -47,6 +49,7 @@ class ServeOptions:
     torch_threads: int | None = None
     device: str | None = None
     compile_backend: str | None = None
+    retain_cpu_memory: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("adaptive", "main"):

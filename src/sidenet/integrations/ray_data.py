@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from sidenet.audit import LiveAudit
+from sidenet.host_memory import retain_for_cpu_model
 from sidenet.integrations.inputs import BadInput, ImageInputs, SidenetSource, TextInputs, answers, compiled_on_neutral
 from sidenet.integrations.options import COMPILE_BACKENDS
 from sidenet.serving import PooledRouter
@@ -63,6 +64,8 @@ class RoutedClassifier:
         compile_backend: route through :func:`sidenet.compile_for_serving` with this backend (``auto``,
             ``eager``, ``inductor``, ``cuda_graph``, ``inductor_cuda_graph``), compiled when the actor
             starts on a model batch of neutral samples; None (default): eager routing.
+        retain_cpu_memory: on the CPU, keep the memory a batch frees for the next batch
+            (:func:`sidenet.host_memory.retain_freed_cpu_memory`, process-wide).
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class RoutedClassifier:
         audit_share: float = 0.0,
         device: str | None = None,
         compile_backend: str | None = None,
+        retain_cpu_memory: bool = True,
     ) -> None:
         if inputs is None:
             if not isinstance(model, SidenetSource):
@@ -94,6 +98,7 @@ class RoutedClassifier:
         self.model = _build(model)
         if device is not None:
             self.model = self.model.to(device)
+        self.cpu_memory = retain_for_cpu_model(self.model, retain_cpu_memory)
         tolerance = model.tolerance() if isinstance(model, SidenetSource) else 0.01
         # Each actor draws its own audited rows (as each Serve replica does).
         self.audit = LiveAudit(audit_share, tolerance, seed=secrets.randbits(31)) if audit_share > 0 else None
@@ -166,7 +171,7 @@ def classify_dataset(
     (lazy) dataset with the result columns. ``num_cpus`` per actor defaults to an equal share of the
     cluster's CPUs less one, which is left to the tasks that read the data (actors holding every CPU
     would starve them). ``options``: :class:`RoutedClassifier`'s ``max_wait``, ``mode``, ``keep_input``,
-    ``audit_share``, ``device``, ``compile_backend``."""
+    ``audit_share``, ``device``, ``compile_backend``, ``retain_cpu_memory``."""
     import ray
     import ray.data
 

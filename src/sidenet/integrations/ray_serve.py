@@ -45,6 +45,7 @@ except ImportError as exc:  # pragma: no cover - the optional extra is missing
     raise ImportError("sidenet's Ray Serve deployment needs Ray Serve: pip install 'sidenet[serve]'") from exc
 
 from sidenet.audit import LiveAudit
+from sidenet.host_memory import retain_for_cpu_model
 from sidenet.integrations.inputs import BadInput, ImageInputs, SidenetSource, TextInputs, answers, compiled_on_neutral
 from sidenet.integrations.options import ServeOptions
 from sidenet.serving import PooledRouter
@@ -95,6 +96,7 @@ class SidenetDeployment:
         self.model = _build_model(model)
         if options.device is not None:
             self.model = self.model.to(options.device)
+        self.cpu_memory = retain_for_cpu_model(self.model, options.retain_cpu_memory)
         tolerance = options.tolerance
         if tolerance is None:
             tolerance = model.tolerance() if isinstance(model, SidenetSource) else 0.01
