@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.harness import QUICK_RESULTS, RESULTS, default_sst2_dir, write_result
+from benchmarks.harness import QUICK_RESULTS, RESULTS, default_sst2_dir, retain_cpu_memory, write_result
 from benchmarks.report import write
 
 
@@ -81,6 +81,7 @@ def step_arguments(quick: bool, results: Path, sst2_data: Path) -> list[str]:
 def run_steps(names: Sequence[str], quick: bool, results: Path, sst2_data: Path) -> None:
     """Run the steps ``names`` in the order of :data:`STEPS`, writing each one's JSON into ``results``."""
     arguments = step_arguments(quick, results, sst2_data)
+    retain_cpu_memory()
     for name in [n for n in STEPS if n in names]:
         module = importlib.import_module(f"benchmarks.{STEPS[name].module}")
         args = module.options(arguments)

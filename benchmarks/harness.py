@@ -25,6 +25,7 @@ import torch
 
 from sidenet import AdaptiveModel, AdaptiveOutput, load_sidenet
 from sidenet.data import iter_batches, make_loader
+from sidenet.host_memory import cpu_memory_setting, retain_unless_switched_off
 from sidenet.timing import input_batches as timed_inputs
 from sidenet.timing import measure_throughput
 
@@ -128,9 +129,19 @@ def command(name: str, args: argparse.Namespace) -> str:
     return f"python -m benchmarks.{name}" + (" --quick" if args.quick else "")
 
 
+def retain_cpu_memory() -> None:
+    """Time with freed CPU memory kept for the next batch, as the ``sidenet`` command line serves
+    (:mod:`sidenet.host_memory`): glibc's default thresholds follow what the process happened to free
+    before, so without this a step's CPU times and their ratios depend on its history (see
+    BENCHMARKS.md, "CPU memory"). ``SIDENET_CPU_MEMORY=system`` measures the defaults instead."""
+    retain_unless_switched_off()
+
+
 def run_and_write(name: str, run: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Namespace) -> Path:
-    """Run one benchmark module and write its JSON (``python -m benchmarks.NAME``); BENCHMARKS.md is
-    left alone: ``python -m benchmarks report`` renders it from every result."""
+    """Run one benchmark module (with :func:`retain_cpu_memory`) and write its JSON (``python -m
+    benchmarks.NAME``); BENCHMARKS.md is left alone: ``python -m benchmarks report`` renders it from
+    every result."""
+    retain_cpu_memory()
     path = write_result(args.results_dir, name, run(args))
     print(f"wrote {path}; BENCHMARKS.md: python -m benchmarks report --results-dir {shown(args.results_dir)}")
     return path
@@ -173,6 +184,8 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "commit": commit,
+        # Whether freed CPU memory was kept for the next batch (retain_cpu_memory) or glibc's defaults ran.
+        "cpu_memory": "retained" if cpu_memory_setting().applied else "default",
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
 

@@ -3,6 +3,7 @@ thresholds give, the command a child gets, and the summary and BENCHMARKS.md sec
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -81,3 +82,17 @@ def test_the_section_shows_every_row_of_both_settings() -> None:
     assert "32 MiB" in text and "1024 MiB" in text
     assert "| MainNet eager | 30.00 | 900 | 15.50 | 0 | 1.94× |" in text
     assert "sidenet eager 1.07×" in text  # default: over the compiled MainNet, 15 / 14
+
+
+def test_benchmarks_md_says_which_results_were_timed_with_retained_memory(tmp_path: Path) -> None:
+    from benchmarks.report import memory_note
+
+    def write(name: str, machine: dict) -> None:
+        (tmp_path / f"{name}.json").write_text(json.dumps({"machine": {"cpu": "cpu", **machine}}))
+
+    write("old", {})
+    write("cpu_memory", {"cpu_memory": "default"})  # times both settings itself: not listed
+    assert memory_note(tmp_path) == []  # nothing retained yet: no note
+    write("new", {"cpu_memory": "retained"})
+    (note,) = memory_note(tmp_path)
+    assert "): new; with glibc's defaults, before it existed: old (" in note
