@@ -8,6 +8,7 @@ nesting of tuples, lists and dicts of tensors whose first dimension is the batch
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -175,9 +176,10 @@ class MainNetSplit(nn.Module):
         accelerator each is a host wait, so the adaptive model runs them only for CPU inputs unless
         asked (``AdaptiveModel.check_values``)."""
         # A finite float32 sum proves every value finite (NaN and inf propagate through a sum) and costs a
-        # tenth of isfinite(x).all(); only a sum that overflows or is NaN needs the exact check.
+        # tenth of isfinite(x).all(); only a sum that overflows or is NaN needs the exact check. The sum is
+        # read as a Python float (one read, no tensor operation on the 0-d result).
         if x.is_floating_point() and not (
-            bool(torch.isfinite(x.sum(dtype=torch.promote_types(x.dtype, torch.float32))))
+            math.isfinite(x.sum(dtype=torch.promote_types(x.dtype, torch.float32)).item())
             or bool(torch.isfinite(x).all())
         ):
             raise ValueError("input contains NaN or infinite values")
