@@ -20,7 +20,8 @@ quantile of its confidences on the timed batches that lets 80% exit, as ``benchm
 
 Per row: milliseconds per batch (median of interleaved passes after a warm-up pass) and the minor page
 faults per batch (``getrusage``, one more pass after the timing): a page the process gets afresh from
-the kernel is a fault, so this counts the memory a batch did not reuse.
+the kernel is a fault, so this counts the memory a batch did not reuse. Per child, what retaining costs:
+its peak resident memory and its resident memory at the end (after every row ran).
 
 Run: ``python -m benchmarks.cpu_memory [--quick]``; writes ``cpu_memory.json``.
 """
@@ -153,7 +154,18 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                 for runner in runners
             },
         }
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    result["final_rss_mib"] = resident_mib()
     return result
+
+
+def resident_mib() -> float | None:
+    """This process's resident memory now (Linux ``/proc/self/statm``), None where unknown."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * resource.getpagesize() / 2**20
 
 
 def child_command(args: argparse.Namespace, setting: str, out: Path) -> list[str]:
@@ -223,11 +235,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     flush=True,
                 )
             rounds.append(measured)
+    memory = {
+        setting: {
+            key: statistics.median(r[setting][key] for r in rounds) if rounds[0][setting].get(key) else None
+            for key in ("peak_rss_mib", "final_rss_mib")
+        }
+        for setting in SETTINGS
+    }
     return {
         "benchmark": NAME,
         "command": command(NAME, args),
         "machine": machine(),
         "settings": {setting: rounds[0][setting]["setting"] for setting in SETTINGS},
+        "memory_mib": memory,
         "repeats": args.repeats,
         "rounds": rounds,
         "workloads": summary(rounds),

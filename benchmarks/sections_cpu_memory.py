@@ -44,6 +44,18 @@ def cpu_memory_section(r: dict[str, Any]) -> list[str]:
         "their models, as a server has.",
         "",
     ]
+    memory = r.get("memory_mib")
+    if memory:
+        d, k = memory["system"], memory["retain"]
+        final = ""
+        if d.get("final_rss_mib") and k.get("final_rss_mib"):
+            final = f"; at its end {d['final_rss_mib']:,.0f} and {k['final_rss_mib']:,.0f} MiB"
+        lines += [
+            "What it costs (a child process, every workload below run in it; median over the rounds): peak "
+            f"resident memory {d['peak_rss_mib']:,.0f} MiB with the defaults, {k['peak_rss_mib']:,.0f} MiB "
+            f"retained{final}.",
+            "",
+        ]
     for name, w in r["workloads"].items():
         lines += [
             f"### {WORKLOADS.get(name, name)} (exit share {100 * w['exit_share']:.0f}%)",

@@ -75,6 +75,10 @@ def test_the_section_shows_every_row_of_both_settings() -> None:
             "retain": {"applied": True, "mmap_threshold": 32 << 20, "trim_threshold": 1 << 30, "reason": ""},
         },
         "repeats": 7,
+        "memory_mib": {
+            "system": {"peak_rss_mib": 1000.4, "final_rss_mib": 980.0},
+            "retain": {"peak_rss_mib": 1012.6, "final_rss_mib": 1013.0},
+        },
         "rounds": rounds(),
         "workloads": cpu_memory.summary(rounds()),
     }
@@ -82,6 +86,7 @@ def test_the_section_shows_every_row_of_both_settings() -> None:
     assert "32 MiB" in text and "1024 MiB" in text
     assert "| MainNet eager | 30.00 | 900 | 15.50 | 0 | 1.94× |" in text
     assert "sidenet eager 1.07×" in text  # default: over the compiled MainNet, 15 / 14
+    assert "peak resident memory 1,000 MiB with the defaults, 1,013 MiB retained; at its end 980 and 1,013 MiB" in text
 
 
 def test_benchmarks_md_says_which_results_were_timed_with_retained_memory(tmp_path: Path) -> None:
