@@ -20,6 +20,14 @@ def _mb(threshold: int | None) -> str:
     return "–" if threshold is None else f"{threshold / 2**20:g} MiB"
 
 
+def _spread(cell: dict[str, Any], key: str, spec: str) -> str:
+    """A setting's median over the rounds, with their range where the rounds differ."""
+    median = cell[f"{key}_per_batch"]
+    low, high = cell.get(f"{key}_range", (median, median))
+    text = format(median, spec)
+    return text if format(low, spec) == format(high, spec) else f"{text} [{low:{spec}}–{high:{spec}}]"
+
+
 def cpu_memory_section(r: dict[str, Any]) -> list[str]:
     m, retained = r["machine"], r["settings"]["retain"]
     lines = [
@@ -35,13 +43,15 @@ def cpu_memory_section(r: dict[str, Any]) -> list[str]:
         f"{_mb(retained['trim_threshold'])}, so that freed blocks are reused; the `sidenet` command line, "
         "Ray Serve replicas and Ray Data actors on the CPU call it (`SIDENET_CPU_MEMORY=system` or "
         "`retain_cpu_memory=False` turn it off). Each setting runs in processes of its own, alternating "
-        f"over {len(r['rounds'])} round(s) (the median shown); milliseconds per batch (median of "
+        f"over {len(r['rounds'])} round(s) (the median shown, the rounds' range in brackets); milliseconds "
+        "per batch (median of "
         f"{r['repeats']} interleaved passes), and minor page faults per batch. Untrained SideNets with "
         "their thresholds at the confidence quantile that lets 80% exit (the time depends on the shapes "
         "and the exit share, not on what the weights know). glibc's default thresholds follow the blocks a "
         "process has freed, so with the default a process may keep its memory by chance (one that has "
-        "freed a block of ~30 MiB, e.g. while loading a dataset); the children here have loaded only "
-        "their models, as a server has.",
+        "freed a block of ~30 MiB, e.g. while loading a dataset, or, as the ranges below show, sometimes "
+        "a child that did no more than the others); the children here have loaded only their models, as "
+        "a server has.",
         "",
     ]
     memory = r.get("memory_mib")
@@ -67,8 +77,8 @@ def cpu_memory_section(r: dict[str, Any]) -> list[str]:
         for runner, row in w["rows"].items():
             d, k = row["system"], row["retain"]
             lines.append(
-                f"| {LABELS.get(runner, runner)} | {d['ms_per_batch']:.2f} | {d['page_faults_per_batch']:,.0f} "
-                f"| {k['ms_per_batch']:.2f} | {k['page_faults_per_batch']:,.0f} | {row['retained_speedup']:.2f}× |"
+                f"| {LABELS.get(runner, runner)} | {_spread(d, 'ms', '.2f')} | {_spread(d, 'page_faults', ',.0f')} "
+                f"| {_spread(k, 'ms', '.2f')} | {_spread(k, 'page_faults', ',.0f')} | {row['retained_speedup']:.2f}× |"
             )
         within = w["within_setting"]
         parts = []

@@ -53,6 +53,7 @@ def test_the_summary_compares_settings_and_routes_within_each() -> None:
     found = cpu_memory.summary(rounds())["fmnist"]
     rows = found["rows"]
     assert rows["mainnet"]["retain"]["ms_per_batch"] == 15.5  # the median of the rounds' 15 and 16
+    assert rows["mainnet"]["retain"]["ms_range"] == [15.0, 16.0]
     assert rows["mainnet"]["system"]["page_faults_per_batch"] == 900.5
     assert rows["mainnet"]["retained_speedup"] == 30.0 / 15.5
     within = found["within_setting"]
@@ -84,7 +85,7 @@ def test_the_section_shows_every_row_of_both_settings() -> None:
     }
     text = "\n".join(cpu_memory_section(result))
     assert "32 MiB" in text and "1024 MiB" in text
-    assert "| MainNet eager | 30.00 | 900 | 15.50 | 0 | 1.94× |" in text
+    assert "| MainNet eager | 30.00 | 900 [900–901] | 15.50 [15.00–16.00] | 0 | 1.94× |" in text
     assert "sidenet eager 1.07×" in text  # default: over the compiled MainNet, 15 / 14
     assert "peak resident memory 1,000 MiB with the defaults, 1,013 MiB retained; at its end 980 and 1,013 MiB" in text
 
