@@ -118,3 +118,15 @@ def test_integrations_retain_only_for_a_cpu_model_that_wants_it() -> None:
     assert off == CpuMemorySetting(False, reason="retain_cpu_memory=False")
     elsewhere = retain_for_cpu_model(torch.nn.Linear(2, 2, device="meta"))
     assert not elsewhere.applied and "meta" in elsewhere.reason
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+def test_the_command_line_retains_memory_before_its_command_runs() -> None:
+    # The command replaced by one that reports the process's setting when it runs.
+    code = (
+        "import sidenet.cli as cli, sidenet.host_memory as memory\n"
+        "cli.app = lambda: print(memory.cpu_memory_setting().applied)\n"
+        "cli.main()\n"
+    )
+    assert run_python(code).stdout.split() == ["True"]
+    assert run_python(code, env={"SIDENET_CPU_MEMORY": "system"}).stdout.split() == ["False"]

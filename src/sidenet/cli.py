@@ -25,6 +25,10 @@ from sidenet.tasks import TASKS, Task, get_task
 
 app = typer.Typer(
     help="Adaptive compute for pretrained classifiers: attach a SideNet to your MainNet.",
+    epilog=(
+        "Every command keeps the CPU memory a batch frees for the next batch (sidenet.host_memory); "
+        "SIDENET_CPU_MEMORY=system keeps the C library's defaults."
+    ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
