@@ -240,3 +240,16 @@ def test_a_mainnet_built_by_a_function_with_safetensors_weights(saved: Any, tmp_
         base = ["classify", "--input", str(images), "--output", str(out), "--sidenet", str(folder)]
         result = runner.invoke(app, [*base, *bad])
         assert result.exit_code == 2 and message in result.output
+
+
+def test_actors_on_the_cpu_retain_freed_memory_unless_told_not_to(saved: Any) -> None:
+    from sidenet.integrations import SidenetSource
+    from sidenet.integrations.ray_data import RoutedClassifier
+
+    folder, factory, _ = saved
+    source = SidenetSource(str(folder), mainnet=factory)
+    kept = RoutedClassifier(source, model_batch=8).cpu_memory
+    assert kept.applied or "not glibc" in kept.reason
+    assert RoutedClassifier(source, model_batch=8, retain_cpu_memory=False).cpu_memory.reason == (
+        "retain_cpu_memory=False"
+    )
