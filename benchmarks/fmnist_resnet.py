@@ -50,6 +50,7 @@ TARGETS_CASCADE = {"flops_fraction": ("<=", 0.12), "share_of_oracle_saving": (">
 TARGETS_COMPILED = {"compiled_fraction_of_ideal": (">=", 0.7), "eager_time_over_minimal_router": ("<=", 1.05)}
 NAME = "fmnist_resnet"
 # --quick: two taps (a cascade of two at most), one pooling, SideNets on 5,000 images for 5 epochs, one repeat.
+POOL_MAX_WAIT = 16  # the compiled PooledRouter's bound on waiting, as the serving step's pooled routing
 QUICK = {
     "taps": ["stem", "layer1.0"],
     "pools": [7],
@@ -289,7 +290,8 @@ def compiled_comparison(
 ) -> dict[str, Any]:
     """Batch 64 on the CPU, in one interleaved session: the MainNet eager and ``torch.compile``d (the
     best of the two is the baseline), sidenet eager, the minimal eager router, and the compiled serving
-    mode (``compile_for_serving``) per batch and over the stream (``served.stream``)."""
+    mode (``compile_for_serving``) per batch, over the stream (``served.stream``) and through a
+    ``PooledRouter`` over its stages."""
     batches = list(images.split(64))
     started = time.perf_counter()
     with torch.inference_mode():  # the mode measure_throughput runs in: no recompilation there
@@ -306,6 +308,9 @@ def compiled_comparison(
     # Each runner takes the whole list (one "batch" per pass), so that the stream can pipeline it.
     runners = {name: (lambda bs, f=f: [f(b) for b in bs]) for name, f in per_batch.items()}
     runners["compiled_stream"] = lambda bs: [out.logits for out in served.stream(bs)]
+    # The rest on full batches of continuing images pooled across batches: what the bound below assumes.
+    pooled = served.pooled_router(rest_batch=64, max_wait=POOL_MAX_WAIT)
+    runners["compiled_pooled"] = lambda bs: [routed.output.logits for routed in pooled.run(bs)]
     result = measure_throughput(runners, [batches], repeats=args.repeats, batch_size=lambda bs: sum(map(len, bs)))
     timing = {k: v.to_dict() for k, v in result.items()}
     print("compiled, batch 64: " + ", ".join(f"{k} {v.throughput:,.0f} img/s" for k, v in result.items()))
@@ -325,7 +330,7 @@ def compiled_comparison(
         "mainnet_compile_seconds": mainnet_compile_seconds,
         "serving_compile_seconds": float(served.compile_seconds),
         **best,
-        "best_compiled": max(("compiled_serving", "compiled_stream"), key=over_best.__getitem__),
+        "best_compiled": max(("compiled_serving", "compiled_stream", "compiled_pooled"), key=over_best.__getitem__),
         "eager_time_over_minimal_router": timing["minimal_router"]["throughput"] / timing["adaptive"]["throughput"],
         "operations_per_batch": operations,
         "timing": timing,

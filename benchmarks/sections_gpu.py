@@ -216,16 +216,19 @@ LABELS = {
     "minimal_router": "minimal eager router (reference: public split API only)",
     "compiled_serving": "compiled serving mode, per batch",
     "compiled_stream": "compiled serving mode, pipelined (`served.stream`)",
+    "compiled_pooled": "compiled serving mode, `PooledRouter` (rest on 64 pooled rows, at most 16 batches waiting)",
 }
 
 
 def _throughput_rows(
     timing: dict[str, Any], over: dict[str, float], labels: dict[str, str], best: str, number: str
 ) -> list[str]:
-    """One table row per runner of ``labels``: throughput [spread] (formatted with ``number``) and the
-    speed-up over the best MainNet alone, that one marked."""
+    """One table row per runner of ``labels`` that was timed (older results lack later rows): throughput
+    [spread] (formatted with ``number``) and the speed-up over the best MainNet alone, that one marked."""
     rows = []
     for key, label in labels.items():
+        if key not in timing:
+            continue
         mark = " (best MainNet)" if key == best else ""
         low, high = timing[key]["throughput_spread"]
         value = timing[key]["throughput"]

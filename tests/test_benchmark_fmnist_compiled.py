@@ -1,0 +1,46 @@
+"""The Fashion-MNIST step's compiled serving rows (benchmarks/fmnist_resnet.py ``compiled_comparison``) on
+a tiny MainNet: every runner is timed, the pooled runner answers as the model does, and the section
+renders its rows (and older results, which lack the later rows)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from benchmarks import fmnist_resnet
+from benchmarks.sections_gpu import fmnist_compiled_lines
+
+import sidenet
+from helpers import IMAGE_SHAPE, build_tiny_mainnet, make_images, threshold_between
+
+RUNNERS = {
+    "mainnet",
+    "mainnet_compiled",
+    "adaptive",
+    "minimal_router",
+    "compiled_serving",
+    "compiled_stream",
+    "compiled_pooled",
+}
+
+
+def test_every_compiled_row_is_timed_and_rendered() -> None:
+    mainnet = build_tiny_mainnet()
+    model = sidenet.attach(mainnet, "layer1", input_shape=IMAGE_SHAPE, hidden=16, pool_size=2, seed=0)
+    images = make_images(192, seed=4)
+    model.threshold = threshold_between(model(images, mode="side").confidence, 0.5)
+    args = argparse.Namespace(serving_backend="eager", repeats=1, compile_backend="eager")
+    compiled = fmnist_resnet.compiled_comparison(model, mainnet, mainnet, images, args)
+    assert set(compiled["timing"]) == RUNNERS
+    assert compiled["best_compiled"] in {"compiled_serving", "compiled_stream", "compiled_pooled"}
+    # The pooled router over the compiled stages answers every image as the routed model does.
+    router = sidenet.compile_for_serving(model, images[:64], backend="eager").pooled_router(rest_batch=64, max_wait=16)
+    pooled = torch.cat([routed.output.logits for routed in router.run(list(images.split(64)))])
+    torch.testing.assert_close(pooled, model(images).logits)
+
+    compiled |= {"fraction_of_ideal": 0.5, "targets": {}}
+    result = {"compiled": compiled, "speedup": {"ideal": 4.0}}
+    text = "\n".join(fmnist_compiled_lines(result))
+    assert "| compiled serving mode, `PooledRouter` (rest on 64 pooled rows, at most 16 batches waiting) |" in text
+    older = {k: v for k, v in compiled["timing"].items() if k != "compiled_pooled"}
+    assert "PooledRouter" not in "\n".join(fmnist_compiled_lines({**result, "compiled": {**compiled, "timing": older}}))
