@@ -132,8 +132,9 @@ def command(name: str, args: argparse.Namespace) -> str:
 def retain_cpu_memory() -> None:
     """Time with freed CPU memory kept for the next batch, as the ``sidenet`` command line serves
     (:mod:`sidenet.host_memory`): glibc's default thresholds follow what the process happened to free
-    before, so without this a step's CPU times and their ratios depend on its history (see
-    BENCHMARKS.md, "CPU memory"). ``SIDENET_CPU_MEMORY=system`` measures the defaults instead."""
+    before, so without this a step's CPU times depend on its history, by up to 2.4× for the eager
+    Fashion-MNIST MainNet (BENCHMARKS.md, "CPU memory"). ``SIDENET_CPU_MEMORY=system`` measures the
+    defaults instead."""
     retain_unless_switched_off()
 
 

@@ -232,7 +232,7 @@ def memory_note(results: Path) -> list[str]:
     return [
         'CPU times with freed memory kept for the next batch (`sidenet.host_memory`, section "CPU memory"; '
         f"the runner sets it): {', '.join(retained)}; with glibc's defaults, before it existed: "
-        f"{', '.join(default) or 'none'} (their ratios moved more between runs).",
+        f"{', '.join(default) or 'none'}.",
     ]
 
 

@@ -101,4 +101,4 @@ def test_benchmarks_md_says_which_results_were_timed_with_retained_memory(tmp_pa
     assert memory_note(tmp_path) == []  # nothing retained yet: no note
     write("new", {"cpu_memory": "retained"})
     (note,) = memory_note(tmp_path)
-    assert "): new; with glibc's defaults, before it existed: old (" in note
+    assert note.endswith("): new; with glibc's defaults, before it existed: old.")
