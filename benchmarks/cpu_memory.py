@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import gpu
 from benchmarks.harness import ROOT, benchmark_parser, command, machine, parse_options, run_and_write
 
 NAME = "cpu_memory"
@@ -65,12 +66,12 @@ def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def at_exit_share(model: Any, batches: Sequence[Any], share: float = EXIT_SHARE) -> float:
-    """Set ``model``'s threshold so that ``share`` of the samples of ``batches`` exit (strictly between
-    two confidences, never on one); returns the share that does."""
+    """Set ``model``'s threshold so that about ``share`` of the samples of ``batches`` exit (the GPU
+    benchmark's :func:`benchmarks.gpu.threshold_for_share`: strictly between two confidences, in the
+    float32 the exit rule compares in); returns the share that does."""
     with torch.no_grad():
-        confidence = torch.cat([model(b, mode="side").confidence for b in batches]).double().sort().values
-    k = min(max(int(round((1 - share) * len(confidence))), 1), len(confidence) - 1)
-    model.threshold = float((confidence[k - 1] + confidence[k]) / 2)
+        confidence = torch.cat([model(b, mode="side").confidence for b in batches])
+    model.threshold = gpu.threshold_for_share(confidence, share)
     with torch.no_grad():
         return float(torch.cat([model(b).exited for b in batches]).float().mean())
 

@@ -26,7 +26,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -50,12 +50,7 @@ class CpuMemorySetting:
     reason: str = ""
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "applied": self.applied,
-            "mmap_threshold": self.mmap_threshold,
-            "trim_threshold": self.trim_threshold,
-            "reason": self.reason,
-        }
+        return asdict(self)
 
 
 _current = CpuMemorySetting(False, reason="the C library's defaults (not changed by sidenet)")
