@@ -48,18 +48,34 @@ def _cell(row: dict[str, Any] | None) -> str:
     return "–" if row is None else f"{row['ms']:.2f} ({row['speedup_vs_main_best']:.2f}×)"
 
 
-def _targets(rows: list[dict[str, Any]], cases: list[dict[str, Any]]) -> list[str]:
-    """One line per issue-13 target that the rows can answer."""
-    operations = {
-        (c["workload"], c["batch"]): c.get("operations_per_batch", {}) for c in cases if c["dtype"] == "bfloat16"
-    }
+def _spread(row: dict[str, Any]) -> str:
+    low, high = row.get("ms_spread") or (row["ms"], row["ms"])
+    return f"{row['ms']:.2f} [{low:.2f}–{high:.2f}] ms"
 
-    def find(workload: str, batch: int, mode: str) -> dict[str, Any] | None:
+
+def _bound(case: dict[str, Any] | None, best: dict[str, Any] | None, share: float) -> str:
+    """What caps a speed-up target: the served stages' own times against the best MainNet alone."""
+    if not case or not best or not {"stage_front", "stage_rest"} <= set(case.get("stages_ms", {})):
+        return ""
+    front, rest = case["stages_ms"]["stage_front"], case["stages_ms"]["stage_rest"]
+    ideal = best["ms"] / (front + (1 - share) * rest)
+    return (
+        f"; the ideal of these stages is {ideal:.2f}× (the served front, run on every sample, takes "
+        f"{front / best['ms']:.0%} of the best MainNet's time, and front + rest on a full batch "
+        f"{(front + rest) / best['ms']:.2f}× it)"
+    )
+
+
+def _targets(rows: list[dict[str, Any]], cases: list[dict[str, Any]]) -> list[str]:
+    """One line per issue-13 target that the rows can answer, with what bounds it."""
+    by_case = {(c["workload"], c["batch"]): c for c in cases if c["dtype"] == "bfloat16"}
+
+    def find(workload: str, batch: int, mode: str, share: float | None = 0.8) -> dict[str, Any] | None:
         found = [
             r
             for r in rows
             if (r["workload"], r["batch"], r["dtype"], r["mode"]) == (workload, batch, "bfloat16", mode)
-            and r["target_exit_share"] == 0.8
+            and r["target_exit_share"] == share
         ]
         return found[0] if found else None
 
@@ -70,22 +86,25 @@ def _targets(rows: list[dict[str, Any]], cases: list[dict[str, Any]]) -> list[st
             continue
         best = max(served, key=lambda r: r["speedup_vs_main_best"])
         value = best["speedup_vs_main_best"]
+        case = by_case.get((workload, batch))
         lines.append(
             f"- {workload}, batch {batch}, bf16, exit 0.8: {value:.2f}× over the best MainNet alone ({best['mode']}) "
             f"vs ≥ {bound}: **{'met' if value >= bound else 'NOT met'}**"
+            + _bound(case, find(workload, batch, "main_best", None), best["exit_share"])
         )
         eager, minimal = find(workload, batch, "sidenet_eager"), find(workload, batch, "minimal_router")
         if eager and minimal:
             ratio = eager["ms"] / minimal["ms"]
-            ops = operations.get((workload, batch), {})
+            ops = (case or {}).get("operations_per_batch", {})
             counted = (
-                f" (operations per batch: {ops['sidenet_eager@0.8']:.0f} against {ops['minimal_router@0.8']:.0f})"
+                f"; operations per batch: {ops['sidenet_eager@0.8']:.0f} against {ops['minimal_router@0.8']:.0f}"
                 if {"sidenet_eager@0.8", "minimal_router@0.8"} <= set(ops)
                 else ""
             )
             lines.append(
                 f"- {workload}, batch {batch}: sidenet eager at {ratio:.3f}× the minimal router's time vs ≤ "
-                f"{EAGER_OVER_MINIMAL}: **{'met' if ratio <= EAGER_OVER_MINIMAL else 'NOT met'}**{counted}"
+                f"{EAGER_OVER_MINIMAL}: **{'met' if ratio <= EAGER_OVER_MINIMAL else 'NOT met'}** (median [range] of "
+                f"the passes: {_spread(eager)} against {_spread(minimal)}{counted})"
             )
     return lines
 
@@ -145,6 +164,10 @@ def gpu_section(results: Path) -> list[str]:
     if not measured:
         smoke = " (`--quick`: tiny models)" if r.get("quick") else ""
         lines += [f"The tables below are from that {r['device_type']} run{smoke}, not GPU figures.", ""]
+    earlier = r.get("merged_commands", [])
+    if earlier:  # --merge: the cases of earlier runs kept; each run's command, in order
+        lines += ["Runs (the cases of earlier runs kept by `--merge`, the last one's details below):", ""]
+        lines += [f"{i}. `{c}`" for i, c in enumerate([*earlier, r["command"]], 1)] + [""]
     lines += [
         f"Command: `{r['command']}` — {r['date']}, {r['device']}, torch {r['torch']}, torchvision "
         f"{r['torchvision']}, transformers {r['transformers']}, commit {r['commit'] or 'n/a'}; "
