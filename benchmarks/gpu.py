@@ -90,6 +90,9 @@ LENGTH_BUCKETS = (16, 32, 48, 64)
 MAIN_MODES = ("main_eager", *(f"main_compile_{m}" for m in COMPILE_MODES), "main_cuda_graph")
 ROUTED_MODES = ("minimal_router", "sidenet_eager", "sidenet_cuda_graph", "sidenet_compiled")
 ROUTED_MODES += ("sidenet_compiled_stream", "pooled_router")
+# With --static-rest: the serving mode with its rest compiled per row bucket (rest_shapes="static").
+ROUTED_MODES += ("sidenet_compiled_static", "sidenet_compiled_static_stream", "pooled_router_static")
+STAGES = ("stage_front", "stage_rest", "stage_rest_static")
 # Token counts ([CLS] and [SEP] included) of the 872 SST-2 dev sentences under the all-MiniLM-L6-v2
 # tokenizer, truncated at 64 (measured 2026-11-27): length -> sentences. The synthetic fallback draws
 # its sentences' lengths from this histogram.
@@ -498,13 +501,28 @@ def at(model: AdaptiveModel, threshold: float, run: Callable[[], Any]) -> Callab
     return one_pass
 
 
-def serving_variants(case: Case, args: argparse.Namespace) -> dict[str, str]:
-    """The served rows and their ``compile_for_serving`` backends: the one asked for (``auto``: compiled
-    kernels in CUDA graphs on CUDA) and, on CUDA, the eager kernels captured alone (what fusion adds)."""
-    variants = {"sidenet_compiled": args.serving_backend}
+def serving_variants(case: Case, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The served rows and their ``compile_for_serving`` settings: the backend asked for (``auto``:
+    compiled kernels in CUDA graphs on CUDA); on CUDA the eager kernels captured alone (what fusion adds);
+    with ``--static-rest`` the rest compiled per row bucket (the CUDA default buckets, on any device)."""
+    variants: dict[str, dict[str, Any]] = {"sidenet_compiled": {"backend": args.serving_backend}}
     if case.device.type == "cuda" and args.serving_backend in ("auto", "inductor_cuda_graph"):
-        variants["sidenet_cuda_graph"] = "cuda_graph"
+        variants["sidenet_cuda_graph"] = {"backend": "cuda_graph"}
+    if args.static_rest:
+        buckets = sorted({2**k for k in range(1, case.batch.bit_length()) if 2**k <= case.batch} | {case.batch})
+        variants["sidenet_compiled_static"] = {
+            "backend": args.serving_backend,
+            "rest_shapes": "static",
+            "rest_buckets": buckets,
+        }
     return variants
+
+
+# Per fully timed variant: its pipelined row, its PooledRouter row and the stage timing its rest gives.
+FULL_VARIANTS = {
+    "sidenet_compiled": ("sidenet_compiled_stream", "pooled_router", "stage_rest"),
+    "sidenet_compiled_static": ("sidenet_compiled_static_stream", "pooled_router_static", "stage_rest_static"),
+}
 
 
 @torch.no_grad()
@@ -513,35 +531,34 @@ def served_passes(
 ) -> dict[str, Callable]:
     """Passes of the compiled serving mode at every exit share (named ``<mode>@<share>``), and of its
     stages for the ideal: the served front on every batch and the served rest on every batch's full
-    tap state (``stage_front``, ``stage_rest``)."""
+    tap state (``stage_front``, ``stage_rest``; ``stage_rest_static`` with ``--static-rest``)."""
     base = at_threshold(case.model, next(iter(thresholds.values())))
     batches, passes = case.batches, {}
     # Text pads to the buckets the compiled MainNet rows use: the same shapes on both sides.
     buckets = LENGTH_BUCKETS if case.workload.kind == "text" else None
-    for name, backend in serving_variants(case, args).items():
+    for name, settings in serving_variants(case, args).items():
+        stream, pooled, rest = FULL_VARIANTS.get(name, (None, None, None))
         try:
-            served = compile_for_serving(
-                base, batches[0], batch_sizes=[case.batch], length_buckets=buckets, backend=backend
-            )
+            served = compile_for_serving(base, batches[0], batch_sizes=[case.batch], length_buckets=buckets, **settings)
             report["compile_s"][name] = float(served.compile_seconds)
             report["serving_backends"][name] = dict(served.stage_backends)
             for tag, threshold in thresholds.items():
                 passes[f"{name}{tag}"] = at(base, threshold, loop(served, batches))
-                if name != "sidenet_compiled":
+                if stream is None:
                     continue
                 router = served.pooled_router(max_wait=args.max_wait)
-                passes[f"sidenet_compiled_stream{tag}"] = at(base, threshold, lambda s=served: list(s.stream(batches)))
-                passes[f"pooled_router{tag}"] = at(base, threshold, lambda r=router: r.run(batches))
+                passes[f"{stream}{tag}"] = at(base, threshold, lambda s=served: list(s.stream(batches)))
+                passes[f"{pooled}{tag}"] = at(base, threshold, lambda r=router: r.run(batches))
             first = f"{name}{next(iter(thresholds))}"
             report["compile_s"][f"{name}_first_pass"] = first_pass(passes[first], case.device)
+            if rest is not None:
+                states = [base.split.trunk(padded_text(x, buckets)) for x in batches]
+                passes[rest] = loop(served.rest, states)
             if name == "sidenet_compiled":
-                inputs = [padded_text(x, buckets) for x in batches]
-                states = [base.split.trunk(x) for x in inputs]
                 passes["stage_front"] = loop(served.front_pass, batches)
-                passes["stage_rest"] = loop(served.rest, states)
                 report["stage_basis"] = ", ".join(sorted(set(served.stage_backends.values())))
         except Exception as exc:
-            for mode in (name, "sidenet_compiled_stream", "pooled_router") if name == "sidenet_compiled" else (name,):
+            for mode in (name, stream, pooled) if stream else (name,):
                 for tag in thresholds:
                     passes.pop(f"{mode}{tag}", None)
                     report["skipped"][f"{mode}{tag}"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
@@ -586,7 +603,7 @@ def run_case(case: Case, args: argparse.Namespace, clock: Clock) -> tuple[list[d
     seconds = time_passes(passes, args.repeats, args.warmup, case.device)
     ms = {name: 1000 * statistics.median(s) / count for name, s in seconds.items()}
     spread = {name: [1000 * min(s) / count, 1000 * max(s) / count] for name, s in seconds.items()}
-    report["stages_ms"] = {k: ms.pop(k) for k in ("stage_front", "stage_rest") if k in ms}
+    report["stages_ms"] = {k: ms.pop(k) for k in STAGES if k in ms}
     return make_rows(case, ms, spread, shares, report), report
 
 
@@ -607,7 +624,7 @@ def make_rows(
                 )
                 rows[-1]["ms_spread"] = spread[f"{name}{tag}"]
         stages = report["stages_ms"]
-        if len(stages) == 2:
+        if {"stage_front", "stage_rest"} <= set(stages):
             ideal = stages["stage_front"] + (1 - realised) * stages["stage_rest"]
             rows.append({"mode": "ideal", "exit_share": realised, "target_exit_share": target, "ms": ideal})
             rows[-1]["basis"] = f"the served stages ({report.get('stage_basis', '?')})"
@@ -765,6 +782,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "compile_backend": args.compile_backend,
             "serving_backend": args.serving_backend,
             "max_wait": args.max_wait,
+            "static_rest": args.static_rest,
             "budget_s": args.budget_s,
         },
         "cases": [],
@@ -865,6 +883,11 @@ def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-samples", type=int, default=1024, help="images per pass (at least 3 batches)")
     parser.add_argument("--text-limit", type=int, default=None, help="the first sentences of SST-2 dev only")
     parser.add_argument("--max-wait", type=int, default=4, help="PooledRouter's max_wait")
+    parser.add_argument(
+        "--static-rest",
+        action="store_true",
+        help="also serve with rest_shapes='static' (the rest compiled per row bucket; a compilation each)",
+    )
     parser.add_argument("--budget-s", type=float, default=270.0, help="start no case that would end past this")
     parser.add_argument(
         "--case-min-s", type=float, default=15.0, help="budget a workload's first case needs (later: its longest)"

@@ -24,7 +24,7 @@ mkdir -p "$OUT"
 # The module whose CUDA tests compile with inductor (the slowest) last: a cut run keeps the others' results.
 TESTS=(
     tests/test_host_waits.py tests/test_compiled.py tests/test_compiled_cascade.py tests/test_precision.py
-    tests/test_attach.py tests/test_compiled_graphs.py
+    tests/test_attach.py tests/test_compiled_graphs.py tests/test_compiled_static_rest.py
 )
 INPUTS=.gpu-inputs
 WHEELS=$(find "$INPUTS/wheels" -name '*.whl' 2>/dev/null | tr '\n' ':')
@@ -48,6 +48,8 @@ BENCH_ARGS=()
 [ -f "$INPUTS/tokenizer/tokenizer.json" ] && BENCH_ARGS+=(--tokenizer "$INPUTS/tokenizer")
 # GPU_BENCH_ARGS adds arguments (e.g. "--compile-modes reduce-overhead default" to keep max-autotune's
 # minutes of compiling out of a one-shot run); the benchmark is killed a minute past its budget.
+# GPU_MERGE=1: start from the committed results and keep the cases this run does not measure (--merge).
+[ "${GPU_MERGE:-0}" = 1 ] && cp benchmarks/results/gpu.json "$OUT/gpu.json" && BENCH_ARGS+=(--merge)
 BUDGET="${GPU_BUDGET_S:-270}"
 read -r -a EXTRA <<<"${GPU_BENCH_ARGS:-}"
 timeout $((${BUDGET%.*} + 60)) python3 benchmarks/gpu.py "${BENCH_ARGS[@]}" "${EXTRA[@]}" --budget-s "$BUDGET" --out "$OUT/gpu.json" 2>&1 \

@@ -22,12 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"workload", "batch", "dtype", "exit_share", "target_exit_share", "mode", "ms"}
 ROW_KEYS |= {"speedup_vs_main_eager", "speedup_vs_main_best"}
 ROUTED = {"minimal_router", "sidenet_eager", "sidenet_compiled", "sidenet_compiled_stream", "pooled_router", "ideal"}
+ROUTED |= {"sidenet_compiled_static", "sidenet_compiled_static_stream", "pooled_router_static"}
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("gpu") / "gpu.json"
-    result = gpu.run(gpu.options(["--quick", "--out", str(out)]))
+    result = gpu.run(gpu.options(["--quick", "--static-rest", "--out", str(out)]))
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(result))  # what was returned is what was written
     return written
@@ -47,7 +48,9 @@ def test_quick_run_writes_every_case_and_row(quick: dict[str, Any]) -> None:
     for case in quick["cases"]:
         # CUDA-only rows are skipped on the CPU, with the reason.
         assert "CUDA" in case["skipped"]["main_cuda_graph"]
-        assert case["stage_basis"] == "eager" and set(case["stages_ms"]) == {"stage_front", "stage_rest"}
+        assert case["stage_basis"] == "eager" and set(case["stages_ms"]) == set(gpu.STAGES)
+        # --static-rest: the serving mode with the rest compiled per row bucket (eager here: the quick run's).
+        assert case["serving_backends"]["sidenet_compiled_static"] == {"front": "eager", "rest": "eager"}
 
 
 def test_speedups_agree_with_times_and_best_is_the_fastest_mainnet(quick: dict[str, Any]) -> None:
@@ -170,6 +173,8 @@ def test_section_says_not_measured_until_a_cuda_run(quick: dict[str, Any], tmp_p
     assert "not measured yet" not in text
     assert "resnet50, batch 64, bf16, exit 0.8:" in text and "minimal router's time" in text
     assert "operations per batch:" in text
+    # The quick run's --static-rest rows get their columns, and the split-cost note no longer asks for them.
+    assert "PooledRouter, rest per bucket" in text and "rest_shapes" in text and "not measured yet" not in text
 
 
 def test_operations_per_batch_of_the_eager_runners(quick: dict[str, Any]) -> None:

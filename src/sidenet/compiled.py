@@ -35,6 +35,7 @@ from typing import Any, Literal
 import torch
 from torch.utils._pytree import tree_leaves
 
+import sidenet.compiled_stages as stages
 from sidenet.compiled_stages import GRAPH_BACKENDS, Stage, bucket_for, bucketed_sizes, front_fn, padded_text, step_fn
 from sidenet.cuda_graphs import CudaGraphStage, capture_cuda_graph
 from sidenet.outputs import AdaptiveOutput, FrontPass
@@ -45,8 +46,6 @@ from sidenet.serving import PooledRouter
 __all__ = ["CompiledAdaptiveModel", "CudaGraphStage", "capture_cuda_graph", "compile_for_serving"]  # graphs re-exported
 
 Backend = Literal["auto", "eager", "inductor", "cuda_graph", "inductor_cuda_graph"]
-BACKENDS = ("auto", "eager", "inductor", "cuda_graph", "inductor_cuda_graph")
-DEFAULT_LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
 
 
 def _rows(state: Any) -> int:
@@ -77,6 +76,8 @@ class CompiledAdaptiveModel:
             could not be captured (it warned and captured its eager kernels).
         rest_buckets: row counts the later stages run at (``None``: the count of continuing samples).
         length_buckets: lengths text batches are padded to (``None``: their own).
+        rest_shapes: ``dynamic`` (the rest and steps compiled once for every row count) or ``static``
+            (once per row bucket).
         compile_seconds: wall time of the warm-up (compiling, capturing, first runs) and later captures.
     """
 
@@ -87,8 +88,10 @@ class CompiledAdaptiveModel:
         backend: str,
         rest_buckets: Sequence[int] | None = None,
         length_buckets: Sequence[int] | None = None,
+        rest_shapes: str = "dynamic",
     ) -> None:
         self.model = model.eval()
+        self.rest_shapes = rest_shapes
         self.backend = backend
         self.rest_buckets = None if rest_buckets is None else tuple(sorted({int(b) for b in rest_buckets}))
         self.length_buckets = None if length_buckets is None else tuple(sorted({int(b) for b in length_buckets}))
@@ -128,7 +131,8 @@ class CompiledAdaptiveModel:
             # The front runs in two alternating copies (stream() reads batch t after queueing t+1) at the
             # served batch sizes; the others at many row counts (compiled dynamic in them).
             front = name == "front"
-            self._stages[key] = Stage(fn, self._kept.get(name, self.backend), 2 if front else 1, name, not front)
+            rows = "fixed" if front else self.rest_shapes
+            self._stages[key] = Stage(fn, self._kept.get(name, self.backend), 2 if front else 1, name, rows)
         return self._stages[key]
 
     def _threshold(self, rule: ExitPolicy, device: torch.device) -> torch.Tensor:
@@ -331,8 +335,11 @@ class CompiledAdaptiveModel:
     def _keep_faster(self, x: Any) -> None:
         """On the CPU, fall back to eager for each stage whose compiled form is not faster (kept per
         stage name, so that the stages of a new exit rule are built on the backend kept)."""
-        model = self.model
-        states = self._tap_states(x)
+        model, n = self.model, self.model.split.batch_size(x)
+        # The later stages are timed at their largest row bucket: a shape they serve (with static rest
+        # shapes, one already compiled).
+        rows = max([b for b in self.rest_buckets or () if b <= n], default=n)
+        states = [self._at_bucket(s, rows, split) for s, split in zip(self._tap_states(x), model.splits, strict=True)]
         rule = model.policies[0]
         front_inputs = (x, self._threshold(rule, model.split.input_device(x)))
         self._kept["front"] = self._stage("front", rule).keep_if_faster(front_inputs)
@@ -352,6 +359,7 @@ def compile_for_serving(
     rest_buckets: Sequence[int] | None = None,
     length_buckets: Sequence[int] | None = None,
     backend: Backend = "auto",
+    rest_shapes: Literal["dynamic", "static"] = "dynamic",
 ) -> CompiledAdaptiveModel:
     """Serve ``model`` with compiled or captured stages; returns a callable with ``model(x)``'s answers.
 
@@ -369,6 +377,9 @@ def compile_for_serving(
         backend: ``auto`` (``inductor_cuda_graph`` on CUDA, ``inductor`` on the CPU), ``eager`` (the
             buckets only), ``inductor`` (``torch.compile``; on the CPU kept per stage where it measures
             faster), or, on CUDA, ``cuda_graph`` or ``inductor_cuda_graph`` (see the module docstring).
+        rest_shapes: ``dynamic``: the compiled rest (and steps) one graph for all row buckets; ``static``:
+            one per bucket (compiled each at warm-up), laid out channels-last where inductor prefers (it
+            does not for dynamic shapes). Needs ``rest_buckets``. BENCHMARKS.md "GPU serving" has its rows.
 
     Example::
 
@@ -376,23 +387,14 @@ def compile_for_serving(
         for output in served.stream(batches):
             ...
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not isinstance(model, AdaptiveModel):
         raise ValueError(f"compile_for_serving takes a sidenet.AdaptiveModel, got {type(model).__name__}")
     model.check_input(example)
     cuda = model.split.input_device(example).type == "cuda"
-    if backend == "auto":
-        backend = "inductor_cuda_graph" if cuda else "inductor"
-    if backend in GRAPH_BACKENDS and not cuda:
-        raise ValueError(f"backend={backend!r} needs the model and the example on a CUDA device")
     sizes = sorted({int(b) for b in batch_sizes or [model.split.batch_size(example)]})
-    if sizes[0] < 1:
-        raise ValueError(f"batch sizes must be positive, got {batch_sizes}")
-    if rest_buckets is None and cuda:
-        rest_buckets = sorted({2**k for k in range(1, sizes[-1].bit_length()) if 2**k <= sizes[-1]} | set(sizes))
-    if length_buckets is None and cuda and isinstance(example, Mapping):
-        length_buckets = DEFAULT_LENGTH_BUCKETS
-    served = CompiledAdaptiveModel(model, backend, rest_buckets, length_buckets)
+    backend, rest_buckets, length_buckets = stages.serving_settings(
+        cuda, isinstance(example, Mapping), sizes, backend, rest_buckets, length_buckets, rest_shapes
+    )
+    served = CompiledAdaptiveModel(model, backend, rest_buckets, length_buckets, rest_shapes)
     served.warm_up(example, sizes)
     return served

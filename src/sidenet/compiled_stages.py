@@ -24,8 +24,8 @@ from sidenet.policy import ExitPolicy
 from sidenet.routing import continuing_first
 from sidenet.splits import MainNetSplit
 
-__all__ = ["GRAPH_BACKENDS", "Stage", "bucket_for", "bucketed_sizes", "front_fn", "median_seconds"]
-__all__ += ["padded_text", "step_fn"]
+__all__ = ["GRAPH_BACKENDS", "ROW_SHAPES", "Stage", "bucket_for", "bucketed_sizes", "front_fn", "median_seconds"]
+__all__ += ["BACKENDS", "DEFAULT_LENGTH_BUCKETS", "padded_text", "serving_settings", "step_fn"]
 
 
 def front_fn(splits: Sequence[MainNetSplit], sidenets: Sequence[SideNet], rule: ExitPolicy) -> Callable[[Any], tuple]:
@@ -72,6 +72,42 @@ _STAGES = itertools.count()
 # overwrites. ``inductor_cuda_graph`` captures the kernels ``torch.compile`` generated (what its
 # ``reduce-overhead`` mode does for a whole model), ``cuda_graph`` the eager ones.
 GRAPH_BACKENDS = ("cuda_graph", "inductor_cuda_graph")
+ROW_SHAPES = ("fixed", "dynamic", "static")
+BACKENDS = ("auto", "eager", "inductor", *GRAPH_BACKENDS)
+DEFAULT_LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
+
+
+def serving_settings(
+    cuda: bool,
+    text: bool,
+    sizes: Sequence[int],
+    backend: str,
+    rest_buckets: Sequence[int] | None,
+    length_buckets: Sequence[int] | None,
+    rest_shapes: str,
+) -> tuple[str, Sequence[int] | None, Sequence[int] | None]:
+    """:func:`~sidenet.compiled.compile_for_serving`'s arguments checked and its defaults filled in for
+    served batch ``sizes`` (sorted) on CUDA or the CPU: the backend, the row buckets and length buckets."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "inductor_cuda_graph" if cuda else "inductor"
+    if backend in GRAPH_BACKENDS and not cuda:
+        raise ValueError(f"backend={backend!r} needs the model and the example on a CUDA device")
+    if sizes[0] < 1:
+        raise ValueError(f"batch sizes must be positive, got {list(sizes)}")
+    if rest_buckets is None and cuda:
+        rest_buckets = sorted({2**k for k in range(1, sizes[-1].bit_length()) if 2**k <= sizes[-1]} | set(sizes))
+    if length_buckets is None and cuda and text:
+        length_buckets = DEFAULT_LENGTH_BUCKETS
+    if rest_shapes not in ("dynamic", "static"):
+        raise ValueError(f"rest_shapes must be 'dynamic' or 'static', got {rest_shapes!r}")
+    if rest_shapes == "static" and not rest_buckets:
+        # Without buckets every count of continuing samples would be a compilation of its own.
+        raise ValueError(
+            "rest_shapes='static' compiles a graph per row bucket: give rest_buckets (none by default on the CPU)"
+        )
+    return backend, rest_buckets, length_buckets
 
 
 def own_code(fn: Callable[[Any], Any], name: str) -> Callable[[Any], Any]:
@@ -161,25 +197,57 @@ def _rows_dynamic(compiled: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return call
 
 
+def _per_shape(fn: Callable[[Any], Any], name: str) -> Callable[[Any], Any]:
+    """``fn`` compiled once per input shape, each shape its own static graph (``dynamic=False``, its own code
+    object: no shape counts against another's recompilation limit).
+
+    For a rest with convolutions on CUDA: inductor lays out a graph's convolutions channels-last only
+    where their shapes are static (it skips that for symbolic shapes, pytorch/pytorch#102670), so one
+    graph for all row counts runs them in the slower layout. The cost is one compilation per row bucket
+    at start-up."""
+    compiled: dict[tuple, Callable[[Any], Any]] = {}
+
+    @functools.wraps(fn)
+    def call(x: Any) -> Any:
+        key = shape_key(x)
+        if key not in compiled:
+            compiled[key] = torch.compile(own_code(fn, f"{name}_{len(compiled)}"), dynamic=False)
+        return compiled[key](x)
+
+    call.compiled_shapes = compiled  # type: ignore[attr-defined]  # for tests and reports
+    return call
+
+
 class Stage:
     """One stage (a function of one argument: a tensor or a nesting of tensors) run eagerly, compiled by
     ``torch.compile``, or replayed from CUDA graphs captured per input shape (of the eager kernels, or of
     the compiled ones), in ``copies`` alternating copies so that the outputs of one call survive the
-    next (see :meth:`~sidenet.compiled.CompiledAdaptiveModel.stream`)."""
+    next (see :meth:`~sidenet.compiled.CompiledAdaptiveModel.stream`).
+
+    ``rows`` says how a compiled stage treats its first dimension: ``fixed`` (the front: compiled at the
+    batch sizes it meets, Dynamo's default), ``dynamic`` (one graph for every row count) or ``static``
+    (one graph per row count, see :func:`_per_shape`)."""
 
     def __init__(
-        self, fn: Callable[[Any], Any], backend: str, copies: int = 1, name: str = "stage", dynamic_rows: bool = False
+        self, fn: Callable[[Any], Any], backend: str, copies: int = 1, name: str = "stage", rows: str = "fixed"
     ) -> None:
+        if rows not in ROW_SHAPES:
+            raise ValueError(f"rows must be one of {ROW_SHAPES}, got {rows!r}")
         self.fn = fn
         self.backend = backend
         self.copies = copies
         self.name = name
+        self.rows = rows
         self._turn = 0
         self._graphs: dict[tuple, CudaGraphStage] = {}
         self._compiled: Callable[[Any], Any] | None = None
         if backend in ("inductor", "inductor_cuda_graph"):
-            compiled = torch.compile(own_code(fn, f"sidenet_{name}_{next(_STAGES)}"))
-            self._compiled = _rows_dynamic(compiled) if dynamic_rows else compiled
+            code_name = f"sidenet_{name}_{next(_STAGES)}"
+            if rows == "static":
+                self._compiled = _per_shape(fn, code_name)
+            else:
+                compiled = torch.compile(own_code(fn, code_name))
+                self._compiled = _rows_dynamic(compiled) if rows == "dynamic" else compiled
         self.capture_seconds = 0.0
 
     def __call__(self, x: Any) -> Any:
