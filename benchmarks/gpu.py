@@ -722,10 +722,13 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
             versions[name] = __import__(name).__version__
         except ImportError:
             versions[name] = None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
-        ).stdout.strip()
+    try:  # SIDENET_COMMIT names the commit where the tree was copied without its current git state
+        commit = (
+            os.environ.get("SIDENET_COMMIT")
+            or subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+            ).stdout.strip()
+        )
     except OSError:
         commit = ""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
@@ -878,7 +881,8 @@ def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-modes", nargs="*", default=list(COMPILE_MODES), choices=list(COMPILE_MODES))
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the MainNet rows")
     parser.add_argument("--serving-backend", default="auto", help="backend of compile_for_serving")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed passes")
+    # 9, not 5: host-bound eager rows (BERT) spread by up to 50% between passes on the H100 machine (2026-11-28).
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved timed passes")
     parser.add_argument("--warmup", type=int, default=2, help="untimed passes after the first (compiling) one")
     parser.add_argument("--image-samples", type=int, default=1024, help="images per pass (at least 3 batches)")
     parser.add_argument("--text-limit", type=int, default=None, help="the first sentences of SST-2 dev only")

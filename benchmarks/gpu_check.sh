@@ -34,6 +34,7 @@ if command -v nvidia-smi >/dev/null; then
 else
     echo "no nvidia-smi: a CPU rehearsal" | tee "$OUT/device.txt"
 fi
+git log -1 --format='git HEAD there: %h %s' 2>/dev/null | tee -a "$OUT/device.txt"
 python3 -c "import torch, torchvision, transformers; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 # The tests that need a CUDA device (each is skipped on CPU machines), at most 3 minutes; a rehearsal
 # runs all of these modules' tests instead (on the CPU, in the image's library releases).

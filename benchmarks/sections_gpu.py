@@ -62,7 +62,8 @@ SPLIT_COST = (
 )
 SPLIT_COST_NEXT = (
     ' Its rows are not measured yet: on a CUDA machine, `GPU_MERGE=1 GPU_BUDGET_S=400 GPU_BENCH_ARGS="--workloads '
-    'resnet50 --dtypes bfloat16 --static-rest" bash benchmarks/gpu_check.sh` (a compilation per bucket: minutes).'
+    'resnet50 --dtypes bfloat16 --static-rest --compile-modes reduce-overhead default" bash benchmarks/gpu_check.sh` '
+    "(a compilation per bucket: minutes)."
 )
 
 
@@ -195,7 +196,8 @@ def gpu_section(results: Path) -> list[str]:
     lines += [
         f"Command: `{r['command']}` — {r['date']}, {r['device']}, torch {r['torch']}, torchvision "
         f"{r['torchvision']}, transformers {r['transformers']}, commit {r['commit'] or 'n/a'}; "
-        f"{r['elapsed_s']:.0f} s{'' if r['complete'] else ' (incomplete: see what was not measured below)'}.",
+        f"{r['elapsed_s']:.0f} s{'' if r['complete'] else ' (incomplete: see what was not measured below)'}; "
+        f"{r['settings']['repeats']} timed passes per row after {r['settings']['warmup']} warm-up passes.",
         f"Text: {r['text']['source']}"
         + (f" ({r['text']['why']}; {r['text']['lengths']})" if r["text"].get("why") else "")
         + (f", tokenised by {r['text']['tokenizer']}" if r["text"].get("tokenizer") else "")
