@@ -378,8 +378,8 @@ def compile_for_serving(
             buckets only), ``inductor`` (``torch.compile``; on the CPU kept per stage where it measures
             faster), or, on CUDA, ``cuda_graph`` or ``inductor_cuda_graph`` (see the module docstring).
         rest_shapes: ``dynamic``: the compiled rest (and steps) one graph for all row buckets; ``static``:
-            one per bucket (compiled each at warm-up), laid out channels-last where inductor prefers (it
-            does not for dynamic shapes). Needs ``rest_buckets``. BENCHMARKS.md "GPU serving" has its rows.
+            one per bucket (text: per row and length bucket), its convolutions laid out channels-last where
+            inductor prefers (not for dynamic shapes). Needs ``rest_buckets``. For convolutional MainNets.
 
     Example::
 
