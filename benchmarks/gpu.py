@@ -881,7 +881,7 @@ def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-modes", nargs="*", default=list(COMPILE_MODES), choices=list(COMPILE_MODES))
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the MainNet rows")
     parser.add_argument("--serving-backend", default="auto", help="backend of compile_for_serving")
-    # 9, not 5: host-bound eager rows (BERT) spread by up to 50% between passes on the H100 machine (2026-11-28).
+    # 9, not 5: host-bound eager rows (BERT) spread by up to 90% between passes on the H100 machine (2026-11-28).
     parser.add_argument("--repeats", type=int, default=9, help="interleaved timed passes")
     parser.add_argument("--warmup", type=int, default=2, help="untimed passes after the first (compiling) one")
     parser.add_argument("--image-samples", type=int, default=1024, help="images per pass (at least 3 batches)")
