@@ -25,17 +25,13 @@ State = Any
 
 def select_samples(state: State, index: torch.Tensor) -> State:
     """Keep the samples ``index`` (1-D long tensor) of every tensor in ``state`` (batch on dim 0), each in
-    its own memory format."""
+    its own memory format: ``index_select`` makes a channels-last tensor contiguous, indexing does not."""
     return tree_map(lambda t: _rows(t, index) if isinstance(t, torch.Tensor) else t, state)
 
 
 def _rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    # index_select returns a contiguous tensor; indexing keeps a channels-last one channels-last, so the
-    # rest of a MainNet converted to that format (the fast one for convolutions on a GPU) gets its
-    # continuing samples without a conversion back and forth.
-    if t.ndim == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return t[index]
-    return t.index_select(0, index)
+    channels_last = t.ndim == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return t[index] if channels_last else t.index_select(0, index)
 
 
 def concat_samples(states: Sequence[State]) -> State:
