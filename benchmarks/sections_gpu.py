@@ -67,6 +67,14 @@ SPLIT_COST_NEXT = (
 )
 
 
+def _modes_tried(modes: list[str]) -> str:
+    """Which ``torch.compile`` modes the best MainNet alone was chosen from, and which were not tried."""
+    untried = [m for m in ("reduce-overhead", "default", "max-autotune") if m not in modes]
+    if not untried:
+        return ""
+    return f"; `torch.compile` modes tried: {', '.join(modes) or 'none'} (**not tried: {', '.join(untried)}**)"
+
+
 def _cell(row: dict[str, Any] | None) -> str:
     return "–" if row is None else f"{row['ms']:.2f} ({row['speedup_vs_main_best']:.2f}×)"
 
@@ -197,7 +205,9 @@ def gpu_section(results: Path) -> list[str]:
         f"Command: `{r['command']}` — {r['date']}, {r['device']}, torch {r['torch']}, torchvision "
         f"{r['torchvision']}, transformers {r['transformers']}, commit {r['commit'] or 'n/a'}; "
         f"{r['elapsed_s']:.0f} s{'' if r['complete'] else ' (incomplete: see what was not measured below)'}; "
-        f"{r['settings']['repeats']} timed passes per row after {r['settings']['warmup']} warm-up passes.",
+        f"{r['settings']['repeats']} timed passes per row after {r['settings']['warmup']} warm-up passes"
+        + _modes_tried(r["settings"]["compile_modes"])
+        + ".",
         f"Text: {r['text']['source']}"
         + (f" ({r['text']['why']}; {r['text']['lengths']})" if r["text"].get("why") else "")
         + (f", tokenised by {r['text']['tokenizer']}" if r["text"].get("tokenizer") else "")

@@ -175,6 +175,7 @@ def test_section_says_not_measured_until_a_cuda_run(quick: dict[str, Any], tmp_p
     assert "operations per batch:" in text
     # The quick run's --static-rest rows get their columns, and the split-cost note no longer asks for them.
     assert "PooledRouter, rest per bucket" in text and "rest_shapes" in text and "not measured yet" not in text
+    assert "(**not tried: reduce-overhead, max-autotune**)" in text  # the quick run compiles with default only
 
 
 def test_operations_per_batch_of_the_eager_runners(quick: dict[str, Any]) -> None:
