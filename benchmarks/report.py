@@ -17,9 +17,10 @@ from benchmarks.harness import RESULTS, link, markdown_path, pct, thr
 from benchmarks.sections import calibration_section, serving_section, summary_section
 from benchmarks.sections_cascade import cascade_lines
 from benchmarks.sections_cascade_training import cascade_training_section
+from benchmarks.sections_compiled_cpu import fmnist_compiled_lines, sst2_compiled_lines
 from benchmarks.sections_cpu_memory import cpu_memory_section
 from benchmarks.sections_design import design_section
-from benchmarks.sections_gpu import fmnist_compiled_lines, gpu_section, sst2_compiled_lines
+from benchmarks.sections_gpu import gpu_section
 from benchmarks.sections_serve import serve_section
 from benchmarks.sections_stacking import (
     distillation_section,

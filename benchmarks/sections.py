@@ -10,6 +10,7 @@ from typing import Any
 
 from benchmarks.harness import pct, thr
 from benchmarks.sections_cascade import cascade_sentence
+from benchmarks.sections_gpu import gpu_summary
 
 
 def summary_section(results: Path) -> list[str]:
@@ -91,6 +92,7 @@ def summary_section(results: Path) -> list[str]:
             "on data like the traffic."
         )
         lines += [text, ""]
+    lines += gpu_summary(results)
     return lines if len(lines) > 2 else []
 
 

@@ -182,6 +182,42 @@ def _compile_times(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def gpu_summary(results: Path) -> list[str]:
+    """The GPU paragraph of BENCHMARKS.md's summary: each target case's best served speed-up over the best
+    MainNet alone, and what holds the convolutional case back; nothing until a CUDA run wrote ``gpu.json``."""
+    path = results / "gpu.json"
+    r = json.loads(path.read_text()) if path.is_file() else None
+    if r is None or r.get("device_type") != "cuda" or r.get("quick"):
+        return []
+    best = {}
+    for row in r["rows"]:
+        if row["dtype"] == "bfloat16" and row["target_exit_share"] == 0.8 and row["mode"] in (*SERVED, *STATIC):
+            key = (row["workload"], row["batch"])
+            if key not in best or row["speedup_vs_main_best"] > best[key]["speedup_vs_main_best"]:
+                best[key] = row
+    found = [f"{w} batch {b} **{best[w, b]['speedup_vs_main_best']:.2f}×**" for w, b in TARGETS if (w, b) in best]
+    if not found:
+        return []
+    text = (
+        f"**GPU ({r['device']}, random weights, bfloat16, 80% exit).** Over the best MainNet alone (the fastest "
+        f"of eager, `torch.compile` and a CUDA graph), the compiled serving mode: {', '.join(found)}. "
+    )
+    main_best = {
+        (row["workload"], row["batch"], row["dtype"]): row["ms"] for row in r["rows"] if row["mode"] == "main_best"
+    }
+    sums = []  # ResNet-50's served front + rest on a full batch, over the best MainNet alone (bfloat16)
+    for case in r["cases"]:
+        stages, key = case.get("stages_ms", {}), (case["workload"], case["batch"], case["dtype"])
+        if key[0] == "resnet50" and key[2] == "bfloat16" and {"stage_front", "stage_rest"} <= set(stages):
+            sums.append((stages["stage_front"] + stages["stage_rest"]) / main_best[key])
+    if sums:
+        text += (
+            f"Where it does not pay in full: ResNet-50's served stages together take {min(sums):.2f}–{max(sums):.2f}× "
+            "the compiled MainNet's time (see the GPU section for why and what is not yet measured)."
+        )
+    return [text, ""]
+
+
 def gpu_section(results: Path) -> list[str]:
     """The GPU section from ``results/gpu.json``; "not measured yet" until a CUDA run wrote it."""
     path = results / "gpu.json"
@@ -266,121 +302,3 @@ def operations_lines(results: Path) -> list[str]:
             f"({row['sidenet_eager'] / row['minimal_router']:.3f}×) | {more} | {fewer} |"
         )
     return [*lines, ""]
-
-
-# -- the CPU row of the compiled serving mode (Fashion-MNIST section) --------------------------------
-
-LABELS = {
-    "mainnet": "MainNet alone, eager",
-    "mainnet_compiled": "MainNet alone, `torch.compile`",
-    "adaptive": "sidenet eager (per-sample routing)",
-    "minimal_router": "minimal eager router (reference: public split API only)",
-    "compiled_serving": "compiled serving mode, per batch",
-    "compiled_stream": "compiled serving mode, pipelined (`served.stream`)",
-    "compiled_pooled": "compiled serving mode, `PooledRouter` (rest on 64 pooled rows, at most 16 batches waiting)",
-}
-
-
-def _throughput_rows(
-    timing: dict[str, Any], over: dict[str, float], labels: dict[str, str], best: str, number: str
-) -> list[str]:
-    """One table row per runner of ``labels`` that was timed (older results lack later rows): throughput
-    [spread] (formatted with ``number``) and the speed-up over the best MainNet alone, that one marked."""
-    rows = []
-    for key, label in labels.items():
-        if key not in timing:
-            continue
-        mark = " (best MainNet)" if key == best else ""
-        low, high = timing[key]["throughput_spread"]
-        value = timing[key]["throughput"]
-        rows.append(f"| {label}{mark} | {value:{number}} [{low:{number}}–{high:{number}}] | {over[key]:.2f}× |")
-    return rows
-
-
-def sst2_compiled_lines(r: dict[str, Any]) -> list[str]:
-    """The compiled serving mode at batch 32 on the CPU, for the SST-2 section (``sst2_minilm.json``'s
-    ``compiled``); nothing for results written before it."""
-    c = r.get("compiled")
-    if not c:
-        return []
-    t, over = r["timing"]["batch32"], c["speedup_over_best_mainnet"]
-    stages = "; ".join(", ".join(f"{k} {v}" for k, v in kept.items()) for kept in c["stage_backends"])
-    labels = {
-        "mainnet": "MainNet eager",
-        "mainnet_compiled": "MainNet `torch.compile`",
-        "adaptive": "sidenet eager",
-        "compiled_serving": "compiled serving mode, per batch",
-    }
-    lines = [
-        "### Compiled serving mode on the CPU (batch 32, issue 13)",
-        "",
-        f"`compile_for_serving` of each half's routed model, backend `{c['backend']}` (stages kept per half: "
-        f"{stages}; {c['compile_seconds']:.1f} s to compile both), in the batch-32 timing run above, beside "
-        f"the MainNet compiled alone (`torch.compile`, backend `{c['mainnet_backend']}`; first call "
-        f"{c['mainnet_first_call_seconds']:.1f} s). Batches keep their own padded lengths (no length buckets on "
-        "the CPU), so the compiled graphs see many shapes.",
-        "",
-        "| batch 32 | sentences/s [spread] | over the best MainNet alone |",
-        "|---|---|---|",
-    ]
-    return [*lines, *_throughput_rows(t, over, labels, c["best_mainnet"], ",.1f"), ""]
-
-
-def _operations(counted: dict[str, float] | None) -> str:
-    """Tensor operations per batch of the eager runners, for a sentence (nothing for older results)."""
-    if not counted:
-        return ""
-    return (
-        f" (tensor operations per batch, `sidenet.timing.count_operations`: sidenet eager {counted['adaptive']:.0f}, "
-        f"the minimal router {counted['minimal_router']:.0f}, the MainNet alone {counted['mainnet']:.0f})"
-    )
-
-
-def fmnist_compiled_lines(r: dict[str, Any]) -> list[str]:
-    """The compiled serving mode at batch 64 on the CPU, for the Fashion-MNIST section (``fmnist_resnet.json``'s
-    ``compiled``); nothing for results written before it."""
-    c = r.get("compiled")
-    if c is None:
-        return []
-    t, over, ideal = c["timing"], c["speedup_over_best_mainnet"], r["speedup"]["ideal"]
-    stages = ", ".join(f"{k} {v}" for k, v in c["stage_backends"].items())
-    lines = [
-        "### Compiled serving mode on the CPU (batch 64, issue 13)",
-        "",
-        f"`compile_for_serving(model, batch)`, backend `{c['serving_backend']}` (stages kept: {stages}; "
-        f"{c['serving_compile_seconds']:.1f} s to compile), against the best MainNet alone on this CPU: eager or "
-        f"`torch.compile` (backend `{c['mainnet_backend']}`, {c['mainnet_compile_seconds']:.1f} s to compile). "
-        f"{c['images']:,} test images per pass; the median of {t['mainnet']['repeats']} interleaved pass(es). "
-        "Compile times depend on inductor's on-disk cache: a run on a machine where it is cold takes longer.",
-        "",
-        "| batch 64 | img/s [spread] | over the best MainNet alone |",
-        "|---|---|---|",
-    ]
-    lines += _throughput_rows(t, over, LABELS, c["best_mainnet"], ",.0f")
-    lines += [
-        "",
-        f"FLOPs ideal {ideal:.2f}×: the compiled mode ({LABELS[c['best_compiled']]}) reaches "
-        f"{c['fraction_of_ideal']:.0%} of it; sidenet eager takes {c['eager_time_over_minimal_router']:.3f}× the "
-        "minimal router's time" + _operations(c.get("operations_per_batch")) + ".",
-    ]
-    if "trunk_time_fraction_batch64" in r:
-        # What bounds it: trunk + SideNet, which every image runs, may take more of the time than of the FLOPs.
-        trunk, exits = r["trunk_time_fraction_batch64"], r["adaptive"]["exit_rate"]
-        bound = 1 / (trunk + (1 - exits) * (1 - trunk))
-        best = over[c["best_compiled"]]
-        lines.append(
-            f"What bounds it: trunk + SideNet, run on every image, take {trunk:.0%} of the eager MainNet's time "
-            f"for {r['trunk_flops_fraction']:.0%} of its FLOPs, which caps the speed-up at {bound:.2f}× "
-            f"({bound / ideal:.0%} of the FLOPs ideal) even with the rest at full-batch cost; the compiled mode "
-            f"reaches {best / bound:.0%} of that cap."
-        )
-    lines += [
-        "",
-        "Targets (issue 13, CPU): "
-        + "; ".join(
-            f"{k.replace('_', ' ')} {'met' if v['met'] else 'NOT met'} ({v['value']:.3f} vs {v['target']})"
-            for k, v in c["targets"].items()
-        ),
-        "",
-    ]
-    return lines

@@ -8,7 +8,7 @@ import argparse
 
 import torch
 from benchmarks import fmnist_resnet
-from benchmarks.sections_gpu import fmnist_compiled_lines
+from benchmarks.sections_compiled_cpu import fmnist_compiled_lines
 
 import sidenet
 from helpers import IMAGE_SHAPE, build_tiny_mainnet, make_images, threshold_between

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from benchmarks import gpu
-from benchmarks.sections_gpu import gpu_section
+from benchmarks.sections_gpu import SERVED, STATIC, gpu_section, gpu_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"workload", "batch", "dtype", "exit_share", "target_exit_share", "mode", "ms"}
@@ -162,6 +162,7 @@ def test_section_says_not_measured_until_a_cuda_run(quick: dict[str, Any], tmp_p
     (tmp_path / "gpu.json").write_text(json.dumps(quick))
     text = "\n".join(gpu_section(tmp_path))
     assert "not measured yet" in text and "| 8 | bfloat16 |" in text
+    assert gpu_summary(tmp_path) == []  # the summary names GPU figures only
     # The same rows as if measured on CUDA at a target's batch: the section turns to figures and targets.
     measured = {**quick, "device_type": "cuda", "quick": False}
     for key in ("rows", "cases"):
@@ -176,6 +177,15 @@ def test_section_says_not_measured_until_a_cuda_run(quick: dict[str, Any], tmp_p
     # The quick run's --static-rest rows get their columns, and the split-cost note no longer asks for them.
     assert "PooledRouter, rest per bucket" in text and "rest_shapes" in text and "not measured yet" not in text
     assert "(**not tried: reduce-overhead, max-autotune**)" in text  # the quick run compiles with default only
+    summary = "\n".join(gpu_summary(tmp_path))
+    best = max(
+        r["speedup_vs_main_best"]
+        for r in measured["rows"]
+        if (r["workload"], r["dtype"], r["target_exit_share"]) == ("resnet50", "bfloat16", 0.8)
+        and r["mode"] in (*SERVED, *STATIC)
+    )
+    assert f"resnet50 batch 64 **{best:.2f}×**" in summary
+    assert "served stages together take" in summary
 
 
 def test_operations_per_batch_of_the_eager_runners(quick: dict[str, Any]) -> None:
