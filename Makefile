@@ -80,9 +80,10 @@ clean:
 	rm -rf $(VENV) $(GPU_IMAGE_VENV) .lock-tools build dist src/*.egg-info .pytest_cache .ruff_cache
 
 # What benchmarks/gpu_check.sh needs on the GPU machine, gathered into .gpu-inputs/ (carried there, never
-# committed): SST-2 dev (from SIDENET_SST2_DIR or ../shared/data/sst2), the MiniLM tokenizer, and the
+# committed): SST-2 dev (from SIDENET_SST2_DIR or ../shared/data/sst2), the MiniLM tokenizer, the
 # pure-Python wheels of pytest at the lock's versions, and the two it needs before Python 3.11 (the device
-# image has no project environment).
+# image has no project environment); and, where this machine has them, the fine-tuned MiniLM MainNet (cast to
+# bfloat16 to fit) and its SideNet of the SST-2 benchmarks (benchmarks/gpu_inputs.py).
 SST2_DIR ?= $(or $(SIDENET_SST2_DIR),../shared/data/sst2)
 gpu-inputs: $(STAMP)
 	rm -rf .gpu-inputs && mkdir -p .gpu-inputs/sst2 .gpu-inputs/tokenizer .gpu-inputs/wheels
@@ -92,6 +93,7 @@ gpu-inputs: $(STAMP)
 		$$(grep -E '^(pytest|pluggy|iniconfig|packaging|pygments)==' $(LOCK))
 	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --platform any --python-version 3.10 \
 		--implementation py --abi none -d .gpu-inputs/wheels exceptiongroup tomli
+	$(BIN)/python -m benchmarks.gpu_inputs --out .gpu-inputs
 	du -sh .gpu-inputs
 
 # benchmarks/gpu_check.sh rehearsed on this CPU before device time is spent on it: a venv of the device

@@ -47,6 +47,9 @@ BENCH_ARGS=()
 [ "$REHEARSE" = 1 ] && BENCH_ARGS+=(--quick --text-limit 64 --serving-backend auto)
 [ -f "$INPUTS/sst2/dev.tsv" ] && BENCH_ARGS+=(--sst2-data "$INPUTS/sst2")
 [ -f "$INPUTS/tokenizer/tokenizer.json" ] && BENCH_ARGS+=(--tokenizer "$INPUTS/tokenizer")
+# The fine-tuned MiniLM and its SideNet, where make gpu-inputs found them (benchmarks/gpu_inputs.py).
+[ -f "$INPUTS/minilm/config.json" ] && [ -f "$INPUTS/minilm-sidenet/sidenet_config.json" ] \
+    && BENCH_ARGS+=(--sst2-mainnet "$INPUTS/minilm" --sst2-sidenet "$INPUTS/minilm-sidenet")
 # GPU_BENCH_ARGS adds arguments (e.g. "--compile-modes reduce-overhead default" to keep max-autotune's
 # minutes of compiling out of a one-shot run); the benchmark is killed a minute past its budget.
 # GPU_MERGE=1: start from the committed results and keep the cases this run does not measure (--merge).
