@@ -69,7 +69,7 @@ try:
     import sidenet
     from sidenet import AdaptiveModel
     from sidenet.compiled import capture_cuda_graph, compile_for_serving
-    from sidenet.compiled_stages import padded_text
+    from sidenet.compiled_stages import default_row_buckets, padded_text
     from sidenet.timing import count_operations
     from sidenet.training import to_mainnet
 except ModuleNotFoundError as missing:  # a GPU image without one of sidenet's own dependencies
@@ -512,11 +512,10 @@ def serving_variants(case: Case, args: argparse.Namespace) -> dict[str, dict[str
     if case.device.type == "cuda" and args.serving_backend in ("auto", "inductor_cuda_graph"):
         variants["sidenet_cuda_graph"] = {"backend": "cuda_graph"}
     if args.static_rest:
-        buckets = sorted({2**k for k in range(1, case.batch.bit_length()) if 2**k <= case.batch} | {case.batch})
         variants["sidenet_compiled_static"] = {
             "backend": args.serving_backend,
             "rest_shapes": "static",
-            "rest_buckets": buckets,
+            "rest_buckets": default_row_buckets(case.batch),
         }
     return variants
 
@@ -539,6 +538,7 @@ def served_passes(
     batches, passes = case.batches, {}
     # Text pads to the buckets the compiled MainNet rows use: the same shapes on both sides.
     buckets = LENGTH_BUCKETS if case.workload.kind == "text" else None
+    states: list[Any] = []  # every batch's full tap state, for the stage timings of each variant's rest
     for name, settings in serving_variants(case, args).items():
         stream, pooled, rest = FULL_VARIANTS.get(name, (None, None, None))
         try:
@@ -555,7 +555,7 @@ def served_passes(
             first = f"{name}{next(iter(thresholds))}"
             report["compile_s"][f"{name}_first_pass"] = first_pass(passes[first], case.device)
             if rest is not None:
-                states = [base.split.trunk(padded_text(x, buckets)) for x in batches]
+                states = states or [base.split.trunk(padded_text(x, buckets)) for x in batches]
                 passes[rest] = loop(served.rest, states)
             if name == "sidenet_compiled":
                 passes["stage_front"] = loop(served.front_pass, batches)

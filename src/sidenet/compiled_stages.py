@@ -25,7 +25,7 @@ from sidenet.routing import continuing_first
 from sidenet.splits import MainNetSplit
 
 __all__ = ["GRAPH_BACKENDS", "ROW_SHAPES", "Stage", "bucket_for", "bucketed_sizes", "front_fn", "median_seconds"]
-__all__ += ["BACKENDS", "DEFAULT_LENGTH_BUCKETS", "padded_text", "serving_settings", "step_fn"]
+__all__ += ["BACKENDS", "DEFAULT_LENGTH_BUCKETS", "default_row_buckets", "padded_text", "serving_settings", "step_fn"]
 
 
 def front_fn(splits: Sequence[MainNetSplit], sidenets: Sequence[SideNet], rule: ExitPolicy) -> Callable[[Any], tuple]:
@@ -77,6 +77,12 @@ BACKENDS = ("auto", "eager", "inductor", *GRAPH_BACKENDS)
 DEFAULT_LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
 
 
+def default_row_buckets(largest: int) -> list[int]:
+    """The row buckets of the rest on CUDA by default: powers of two from 2 (not 1: a compiled stage
+    specialises on one row) up to ``largest``, and ``largest`` itself."""
+    return sorted({2**k for k in range(1, largest.bit_length()) if 2**k <= largest} | {largest})
+
+
 def serving_settings(
     cuda: bool,
     text: bool,
@@ -97,7 +103,7 @@ def serving_settings(
     if sizes[0] < 1:
         raise ValueError(f"batch sizes must be positive, got {list(sizes)}")
     if rest_buckets is None and cuda:
-        rest_buckets = sorted({2**k for k in range(1, sizes[-1].bit_length()) if 2**k <= sizes[-1]} | set(sizes))
+        rest_buckets = sorted(set(default_row_buckets(sizes[-1])) | set(sizes))
     if length_buckets is None and cuda and text:
         length_buckets = DEFAULT_LENGTH_BUCKETS
     if rest_shapes not in ("dynamic", "static"):
