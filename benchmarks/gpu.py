@@ -18,6 +18,11 @@ confidences on the timed batches, strictly between two of them, for exit shares 
   the JSON says which.
 - Optionally (``--sst2-mainnet DIR --sst2-sidenet DIR``) the fine-tuned MiniLM MainNet and its SideNet
   of the CPU benchmarks, on the real dev sentences.
+- With ``--channels-last``, each image workload again as ``<name>_cl``: the MainNet converted with
+  ``.to(memory_format=torch.channels_last)`` and its images channels-last, every row (the MainNet alone
+  too) in that layout, as GPU users serve convolutional networks. Inductor lays convolutions out
+  channels-last by itself only in graphs of static shapes; a channels-last MainNet keeps that layout in
+  the serving mode's rest, which is compiled dynamic in its rows (``tests/test_compiled_static_rest.py``).
 
 Rows per (workload, batch, dtype): the MainNet eager, compiled by each ``torch.compile`` mode, in one
 CUDA graph, and the best of those (``main_best``); per exit share: a minimal eager router written here
@@ -57,7 +62,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +132,7 @@ class Workload:
     description: str
     image_size: int = 224
     sidenet_dir: Path | None = None
+    channels_last: bool = False  # the MainNet and its images in torch.channels_last (--channels-last)
 
 
 def image_batches(batch: int, count: int, size: int, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -413,11 +419,15 @@ def build_case(workload: Workload, batch: int, dtype: torch.dtype, args: argpars
         with device:  # parameters initialised on the device: seconds faster for BERT-base than on the CPU
             mainnet = workload.build()
         mainnet = mainnet.eval().to(device=device, dtype=dtype)
+        if workload.channels_last:
+            mainnet = mainnet.to(memory_format=torch.channels_last)
         shape = {"input_shape": (3, workload.image_size, workload.image_size)} if workload.kind == "vision" else {}
         model = sidenet.attach(mainnet, workload.tap, **shape).eval()
     if workload.kind == "vision":
         count = max(3, args.image_samples // batch)
         batches = image_batches(batch, count, workload.image_size, device, dtype)
+        if workload.channels_last:
+            batches = [x.contiguous(memory_format=torch.channels_last) for x in batches]
     else:
         sentences, tokenizer, _ = text
         made = (
@@ -507,11 +517,12 @@ def at(model: AdaptiveModel, threshold: float, run: Callable[[], Any]) -> Callab
 def serving_variants(case: Case, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """The served rows and their ``compile_for_serving`` settings: the backend asked for (``auto``:
     compiled kernels in CUDA graphs on CUDA); on CUDA the eager kernels captured alone (what fusion adds);
-    with ``--static-rest`` the rest compiled per row bucket (the CUDA default buckets, on any device)."""
+    with ``--static-rest`` the rest compiled per row bucket (the CUDA default buckets, on any device), but
+    not for a channels-last workload: that is the other way to the layout the per-bucket graphs give."""
     variants: dict[str, dict[str, Any]] = {"sidenet_compiled": {"backend": args.serving_backend}}
     if case.device.type == "cuda" and args.serving_backend in ("auto", "inductor_cuda_graph"):
         variants["sidenet_cuda_graph"] = {"backend": "cuda_graph"}
-    if args.static_rest:
+    if args.static_rest and not case.workload.channels_last:
         variants["sidenet_compiled_static"] = {
             "backend": args.serving_backend,
             "rest_shapes": "static",
@@ -581,6 +592,9 @@ def run_case(case: Case, args: argparse.Namespace, clock: Clock) -> tuple[list[d
         "thresholds": {},
     }
     passes = mainnet_passes(case, args, clock, report)
+    if case.workload.kind == "vision":  # the layout the rest receives its rows in (routing keeps it)
+        state = case.model.split.trunk(case.batches[0])
+        report["tap_layout"] = "channels_last" if not state.is_contiguous() else "contiguous"
     scores = confidences(case)
     shares: dict[str, tuple[float, float]] = {}
     thresholds: dict[str, float] = {}
@@ -700,6 +714,12 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
                 "BERT-base (BertConfig defaults, 2 labels, random weights), tap 3",
             ),
         ]
+    if args.channels_last:
+        found += [
+            replace(w, name=f"{w.name}_cl", channels_last=True, description=f"{w.description}, channels-last")
+            for w in found
+            if w.kind == "vision"
+        ]
     if args.sst2_mainnet and args.sst2_sidenet:
         folder = args.sst2_mainnet
         found.append(
@@ -789,6 +809,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "serving_backend": args.serving_backend,
             "max_wait": args.max_wait,
             "static_rest": args.static_rest,
+            "channels_last": args.channels_last,
             "budget_s": args.budget_s,
         },
         "cases": [],
@@ -879,7 +900,9 @@ def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="the JSON written (default benchmarks/results/gpu.json)")
     parser.add_argument("--device", default=None, help="default cuda (the CPU only with --quick or when named)")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
-    parser.add_argument("--workloads", nargs="+", default=None, help="only these (resnet50, bert_base, minilm_sst2)")
+    parser.add_argument(
+        "--workloads", nargs="+", default=None, help="only these (resnet50, bert_base, minilm_sst2, resnet50_cl)"
+    )
     parser.add_argument("--exit-shares", nargs="+", type=float, default=list(EXIT_SHARES))
     parser.add_argument("--compile-modes", nargs="*", default=list(COMPILE_MODES), choices=list(COMPILE_MODES))
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the MainNet rows")
@@ -893,7 +916,13 @@ def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--static-rest",
         action="store_true",
-        help="also serve with rest_shapes='static' (the rest compiled per row bucket; a compilation each)",
+        help="also serve with rest_shapes='static' (the rest compiled per row bucket; a compilation each), "
+        "except the channels-last workloads",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="also run each image workload with its MainNet and images channels-last (as <name>_cl)",
     )
     parser.add_argument("--budget-s", type=float, default=270.0, help="start no case that would end past this")
     parser.add_argument(

@@ -115,3 +115,54 @@ def test_cuda_static_rest_captures_compiled_kernels_per_bucket(dtype: torch.dtyp
     assert served.stage_backends == {"front": "inductor_cuda_graph", "rest": "inductor_cuda_graph"}
     assert len(served._stage("rest", None)._compiled.compiled_shapes) == 2  # one graph per bucket
     assert_near_the_model(served, model, batches, dtype)
+
+
+@pytest.mark.skipif(OLD_TORCH, reason="before torch 2.14, CPU convolutions without mkldnn break inductor's layout")
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_a_channels_last_mainnet_keeps_its_rest_channels_last_in_one_graph_for_all_row_counts(
+    memory_format: torch.memory_format, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other way to the fast layout, without a compilation per bucket: inductor declines to choose
+    channels-last for symbolic shapes, but keeps the layout the eager model runs in, so a MainNet converted
+    with ``.to(memory_format=torch.channels_last)`` (and routed channels-last: ``tests/test_memory_format.py``)
+    runs the convolutions of its dynamic rest channels-last. Seen on the CPU with mkldnn off (the path a GPU's
+    graphs take), by recording the layout of every convolution the compiled rest calls. Row counts stay under
+    16: from 16 rows the CPU's convolution without mkldnn runs contiguous even in eager PyTorch (another
+    backend; cuDNN keeps channels-last at any batch), and the compiled graph follows eager."""
+    from torch._inductor.select_algorithm import extern_kernels
+
+    mainnet = build_tiny_mainnet().to(memory_format=memory_format)
+    model = sidenet.attach(mainnet, "layer1", input_shape=IMAGE_SHAPE, hidden=16, pool_size=2, seed=0)
+    with torch.no_grad():
+        state = model.split.trunk(make_images(16).contiguous(memory_format=memory_format))
+    stage = Stage(model.split.rest, "inductor", name="rest", rows="dynamic")
+    layouts: list[bool] = []
+    convolution = extern_kernels.convolution
+
+    def recorded(x: torch.Tensor, weight: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return convolution(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(extern_kernels, "convolution", recorded)
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+
+    with torch.backends.mkldnn.flags(enabled=False), inductor_config.patch(fx_graph_cache=False), torch.no_grad():
+        for count in (2, 4, 8):
+            got = stage(state[:count])
+            torch.testing.assert_close(got, model.split.rest(state[:count]), atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # one graph for the three row counts
+    assert layouts and set(layouts) == {memory_format == torch.channels_last}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_channels_last_mainnet_serves_with_a_dynamic_rest(dtype: torch.dtype) -> None:
+    model, batches = cuda_mixed_model(dtype)
+    model.split.mainnet.to(memory_format=torch.channels_last)
+    batches = [x.contiguous(memory_format=torch.channels_last) for x in batches]
+    served = compile_for_serving(model, batches[0], rest_buckets=(8, 24))
+    assert served.rest_shapes == "dynamic" and served.stage_backends["rest"] == "inductor_cuda_graph"
+    assert_near_the_model(served, model, batches, dtype)
