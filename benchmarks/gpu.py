@@ -517,12 +517,13 @@ def at(model: AdaptiveModel, threshold: float, run: Callable[[], Any]) -> Callab
 def serving_variants(case: Case, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """The served rows and their ``compile_for_serving`` settings: the backend asked for (``auto``:
     compiled kernels in CUDA graphs on CUDA); on CUDA the eager kernels captured alone (what fusion adds);
-    with ``--static-rest`` the rest compiled per row bucket (the CUDA default buckets, on any device), but
-    not for a channels-last workload: that is the other way to the layout the per-bucket graphs give."""
+    with ``--static-rest`` the rest of an image workload compiled per row bucket (the CUDA default buckets, on
+    any device): the remedy for the layout of convolutions, so not for text (a compilation per bucket and
+    length) nor for a channels-last workload (the other way to that layout)."""
     variants: dict[str, dict[str, Any]] = {"sidenet_compiled": {"backend": args.serving_backend}}
     if case.device.type == "cuda" and args.serving_backend in ("auto", "inductor_cuda_graph"):
         variants["sidenet_cuda_graph"] = {"backend": "cuda_graph"}
-    if args.static_rest and not case.workload.channels_last:
+    if args.static_rest and case.workload.kind == "vision" and not case.workload.channels_last:
         variants["sidenet_compiled_static"] = {
             "backend": args.serving_backend,
             "rest_shapes": "static",
@@ -916,8 +917,8 @@ def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--static-rest",
         action="store_true",
-        help="also serve with rest_shapes='static' (the rest compiled per row bucket; a compilation each), "
-        "except the channels-last workloads",
+        help="also serve the image workloads with rest_shapes='static' (the rest compiled per row bucket; a "
+        "compilation each), not their channels-last variants",
     )
     parser.add_argument(
         "--channels-last",

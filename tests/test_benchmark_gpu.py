@@ -52,11 +52,12 @@ def test_quick_run_writes_every_case_and_row(quick: dict[str, Any]) -> None:
     for case in quick["cases"]:
         # CUDA-only rows are skipped on the CPU, with the reason.
         assert "CUDA" in case["skipped"]["main_cuda_graph"]
-        stages = set(gpu.STAGES) - ({"stage_rest_static"} if case["workload"].endswith("_cl") else set())
+        static = case["workload"] == "resnet"
+        stages = set(gpu.STAGES) - (set() if static else {"stage_rest_static"})
         assert case["stage_basis"] == "eager" and set(case["stages_ms"]) == stages
-        # --static-rest: the serving mode with the rest compiled per row bucket (eager here: the quick run's),
-        # except on channels-last, the other way to the layout a per-bucket graph gets.
-        if case["workload"].endswith("_cl"):
+        # --static-rest: the image MainNet's rest compiled per row bucket (eager here: the quick run's); not
+        # for text nor channels-last, the other way to the layout a per-bucket graph gets.
+        if not static:
             assert "sidenet_compiled_static" not in case["serving_backends"]
         else:
             assert case["serving_backends"]["sidenet_compiled_static"] == {"front": "eager", "rest": "eager"}
@@ -178,6 +179,7 @@ def test_section_says_not_measured_until_a_cuda_run(quick: dict[str, Any], tmp_p
         measured[key] = [
             {**item, "workload": item["workload"].replace("resnet", "resnet50"), "batch": 64} for item in quick[key]
         ]
+    measured["workloads"] = {name.replace("resnet", "resnet50"): text for name, text in quick["workloads"].items()}
     (tmp_path / "gpu.json").write_text(json.dumps(measured))
     text = "\n".join(gpu_section(tmp_path))
     assert "not measured yet" not in text
@@ -195,6 +197,7 @@ def test_section_says_not_measured_until_a_cuda_run(quick: dict[str, Any], tmp_p
     layout = ", channels-last" if served["workload"] == "resnet50_cl" else ""
     assert f"resnet50, batch 64, bf16, exit 0.8: {main / served['ms']:.2f}× over the best MainNet alone" in text
     assert f"({served['mode']}{layout}; MainNet " in text
+    assert "tap layer1 (quick), channels-last\n" in text  # the channels-last workload's own table
     assert "Two ways around it" in text and "Not measured yet: the rest per bucket" not in text
     summary = "\n".join(gpu_summary(tmp_path))
     assert f"resnet50 batch 64 **{main / served['ms']:.2f}×**{layout}" in summary

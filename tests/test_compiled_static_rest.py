@@ -117,7 +117,6 @@ def test_cuda_static_rest_captures_compiled_kernels_per_bucket(dtype: torch.dtyp
     assert_near_the_model(served, model, batches, dtype)
 
 
-@pytest.mark.skipif(OLD_TORCH, reason="before torch 2.14, CPU convolutions without mkldnn break inductor's layout")
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
 def test_a_channels_last_mainnet_keeps_its_rest_channels_last_in_one_graph_for_all_row_counts(
     memory_format: torch.memory_format, monkeypatch: pytest.MonkeyPatch
