@@ -41,3 +41,22 @@ def test_a_channels_last_mainnet_routes_its_continuing_samples_channels_last() -
     assert formats == [True]  # the rest ran once, on the continuing samples, channels-last
     assert torch.equal(got.exited, want.exited) and 0 < int(got.exited.sum()) < len(x)
     torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+
+
+def test_a_channels_last_mainnet_served_compiled_answers_as_the_model() -> None:
+    """The compiled serving mode on a channels-last MainNet (padding the continuing rows to buckets, pipelined
+    over the stream): the answers of the eager model."""
+    from sidenet import compile_for_serving
+    from test_compiled import assert_same_answers, mixed_model
+
+    model, batches = mixed_model()
+    model.split.mainnet.to(memory_format=CHANNELS_LAST)
+    batches = [x.contiguous(memory_format=CHANNELS_LAST) for x in batches]
+    served = compile_for_serving(model, batches[0], rest_buckets=(8, 16, 24), backend="inductor")
+    for stage in served._stages.values():  # compiled, whatever the CPU's warm-up timing kept
+        stage.backend = "inductor"
+    outputs = [served(x) for x in batches] + list(served.stream(batches))
+    for got, x in zip(outputs, batches + batches, strict=True):
+        want = model(x)
+        assert 0 < int(want.exited.sum()) < len(x)
+        assert_same_answers(got, want, atol=1e-4)
