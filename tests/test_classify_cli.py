@@ -98,6 +98,34 @@ def test_compiled_classification_writes_what_eager_routing_writes(saved: Any, tm
     np.testing.assert_allclose(tables["compiled"]["flops"], tables["eager"]["flops"])
 
 
+def test_classification_in_bfloat16_answers_as_the_bfloat16_model(saved: Any, tmp_path: Path) -> None:
+    """``--dtype bfloat16`` runs the MainNet and its SideNet in bfloat16 (the batches cast to it): the answers
+    of the model cast so, within bfloat16's rounding (model batches of 8 here against one batch of 40 there),
+    and not the float32 model's confidences."""
+    import copy
+
+    folder, mainnet, model = saved
+    images = image_folder(tmp_path / "images", 40)
+    out = tmp_path / "bf16.parquet"
+    argv = ["classify", "--input", str(images), "--output", str(out), "--sidenet", str(folder), "--mainnet", mainnet]
+    result = runner.invoke(app, [*argv, "--model-batch", "8", "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out).to_pydict()
+    cast = copy.deepcopy(model).to(torch.bfloat16)
+    pictures = torch.from_numpy(np.stack([pixels(s) for s in range(40)]).astype(np.float32) / 255)[:, None]
+    with torch.no_grad():
+        want, full = cast(pictures.to(torch.bfloat16)), model(pictures)
+    confidence = torch.tensor(table["confidence"])
+    # This tiny model's confidences span 0.334-0.346; bfloat16 moves them by up to 3.3e-4 (measured).
+    torch.testing.assert_close(confidence, want.confidence.float(), atol=2e-3, rtol=0)
+    assert not torch.allclose(confidence, full.confidence, atol=1e-6, rtol=0)  # the float32 model's differ
+    clear = (want.confidence.float() - cast.threshold).abs() > 2e-3
+    assert torch.equal(torch.tensor(table["exited"])[clear], want.exited[clear]) and int(clear.sum()) >= 12
+    top2 = want.logits.float().topk(2, dim=1).values
+    sure = clear & (top2[:, 0] - top2[:, 1] > 0.05)  # the same exit, and no near tie between two classes
+    assert torch.equal(torch.tensor(table["label"])[sure], want.predictions[sure]) and int(sure.sum()) >= 10
+
+
 def test_a_parquet_file_with_bad_rows(saved: Any, tmp_path: Path) -> None:
     import pyarrow as pa
 
@@ -125,6 +153,10 @@ def test_a_parquet_file_with_bad_rows(saved: Any, tmp_path: Path) -> None:
         (["--model-batch", "0"], "must be >= 1"),
         (["--mode", "fast"], "--mode must be adaptive or main"),
         (["--compile", "tensorrt"], "--compile must be one of auto, eager, inductor, cuda_graph, inductor_cuda_graph"),
+        (["--dtype", "int8"], "dtype must be one of ('float32', 'bfloat16', 'float16')"),
+        (["--device", "nowhere"], "device 'nowhere' is not a torch device"),
+        (["--gpus", "1"], "--gpus places Ray actors: give --ray, or --device cuda"),
+        (["--gpus", "-1", "--ray"], "--gpus >= 0"),
     ],
 )
 def test_bad_arguments_are_refused_before_loading(saved: Any, tmp_path: Path, extra: list[str], message: str) -> None:
@@ -132,6 +164,14 @@ def test_bad_arguments_are_refused_before_loading(saved: Any, tmp_path: Path, ex
     argv = ["classify", "--input", str(tmp_path), "--output", str(tmp_path / "o.parquet"), "--sidenet", str(folder)]
     result = runner.invoke(app, [*argv, *extra])
     assert result.exit_code == 2 and message in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_a_cuda_device_is_refused_where_there_is_none(saved: Any, tmp_path: Path) -> None:
+    folder, _, _ = saved
+    argv = ["classify", "--input", str(tmp_path), "--output", str(tmp_path / "o.parquet"), "--sidenet", str(folder)]
+    result = runner.invoke(app, [*argv, "--device", "cuda"])
+    assert result.exit_code == 2 and "--device cuda: no CUDA device on this machine" in result.output
 
 
 def test_a_missing_sidenet_is_refused(tmp_path: Path) -> None:
@@ -198,6 +238,8 @@ def test_serve_refuses_bad_options_and_configs(saved: Any, tmp_path: Path) -> No
     assert result.exit_code == 2 and "max_wait must be >= 0" in result.output
     result = runner.invoke(app, ["serve", "--sidenet", str(folder), "--mainnet", mainnet, "--compile", "tensorrt"])
     assert result.exit_code == 2 and "compile_backend must be one of" in result.output
+    result = runner.invoke(app, ["serve", "--sidenet", str(folder), "--mainnet", mainnet, "--dtype", "half"])
+    assert result.exit_code == 2 and "dtype must be one of" in result.output
     config = tmp_path / "serve.yaml"
     config.write_text(
         "applications:\n  - import_path: sidenet.integrations.ray_serve:app_builder\n"
@@ -253,3 +295,23 @@ def test_actors_on_the_cpu_retain_freed_memory_unless_told_not_to(saved: Any) ->
     assert RoutedClassifier(source, model_batch=8, retain_cpu_memory=False).cpu_memory.reason == (
         "retain_cpu_memory=False"
     )
+
+
+def test_actors_and_replicas_place_their_model_where_told(saved: Any) -> None:
+    """``dtype`` casts the MainNet and its SideNet together; a bad device or dtype is refused before the
+    model is loaded (by ``RoutedClassifier`` and by ``ServeOptions``, which a Serve replica reads)."""
+    from sidenet.integrations import SidenetSource
+    from sidenet.integrations.options import ServeOptions, placed
+    from sidenet.integrations.ray_data import RoutedClassifier
+
+    folder, factory, model = saved
+    source = SidenetSource(str(folder), mainnet=factory)
+    cast = RoutedClassifier(source, model_batch=8, dtype="bfloat16").model
+    assert {p.dtype for p in cast.parameters() if p.is_floating_point()} == {torch.bfloat16}
+    assert {p.dtype for p in cast.sidenet.parameters()} == {torch.bfloat16}
+    assert placed(model, None, None) is model
+    for bad in ({"dtype": "int8"}, {"device": "nowhere"}):
+        with pytest.raises(ValueError, match="dtype must be one of|is not a torch device"):
+            RoutedClassifier(SidenetSource(str(folder / "absent"), mainnet=factory), **bad)
+        with pytest.raises(ValueError, match="dtype must be one of|is not a torch device"):
+            ServeOptions(**bad)

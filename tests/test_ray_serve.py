@@ -85,10 +85,40 @@ def test_a_compiled_replica_answers_as_the_model(served: Any) -> None:
     try:
         status, health = get(port, "/c/health")
         assert status == 200 and health["compiled"] == {"front": "eager", "rest": "eager"}
+        assert (health["device"], health["dtype"]) == ("cpu", "float32")
         answers = [post(port, npy_bytes(image.numpy()), "application/x-npy", path="/c")[1] for image in images[:48]]
         assert_answers_equal_model(answers, model, images[:48])
     finally:
         serve.delete("compiled")
+
+
+def test_a_bfloat16_replica_answers_as_the_bfloat16_model(served: Any) -> None:
+    """``ServeOptions(dtype="bfloat16")``: the replica casts its model (requests' batches follow it); its
+    answers are the cast model's within bfloat16's rounding, and /health says the dtype."""
+    import copy
+
+    from ray import serve
+
+    from sidenet.integrations import ImageInputs
+    from sidenet.integrations.ray_serve import ServeOptions, build_app
+
+    port, model, images = served
+    options = ServeOptions(max_batch_size=8, max_wait=2, audit_share=0.0, torch_threads=1, dtype="bfloat16")
+    serve.run(build_app(model, ImageInputs((1, 16, 16)), options, num_cpus=0.5), name="bf16", route_prefix="/b")
+    try:
+        status, health = get(port, "/b/health")
+        assert status == 200 and health["dtype"] == "bfloat16"
+        answers = [post(port, npy_bytes(image.numpy()), "application/x-npy", path="/b")[1] for image in images[:32]]
+    finally:
+        serve.delete("bf16")
+    cast = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.no_grad():
+        want = cast(images[:32].to(torch.bfloat16))
+    confidence = torch.tensor([a["confidence"] for a in answers])
+    torch.testing.assert_close(confidence, want.confidence.float(), atol=5e-3, rtol=0)
+    clear = (want.confidence.float() - cast.threshold).abs() > 5e-3  # the same exit outside rounding
+    assert int(clear.sum()) >= 8
+    assert torch.equal(torch.tensor([a["exited"] for a in answers])[clear], want.exited[clear])
 
 
 def test_concurrent_http_answers_equal_the_model(served: Any) -> None:

@@ -34,6 +34,13 @@ CompileOption = Annotated[
         "Default: eager routing.",
     ),
 ]
+DtypeOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Run the model in this floating dtype: float32, bfloat16 or float16 (bfloat16 on a GPU: its fast "
+        "path). Confidences and the exit rule stay float32. Default: as loaded (float32)."
+    ),
+]
 
 
 def _fail(message: str) -> None:
@@ -98,6 +105,7 @@ def serve_command(
     audit_share: Annotated[float, typer.Option(help="Share of samples audited against the MainNet.")] = 0.01,
     mode: ModeOption = "adaptive",
     compile_backend: CompileOption = None,
+    dtype: DtypeOption = None,
     address: Annotated[str | None, typer.Option(help="A running Ray cluster (default: start one here).")] = None,
     config: Annotated[
         Path | None,
@@ -125,6 +133,7 @@ def serve_command(
             flush_after_s=flush_ms / 1000,
             audit_share=audit_share,
             device="cuda" if gpus > 0 else None,
+            dtype=dtype,
             compile_backend=compile_backend,
             retain_cpu_memory=switched_on(),  # in the replicas too: SIDENET_CPU_MEMORY=system turns it off
         )
@@ -195,6 +204,12 @@ def classify_command(
     model_batch: Annotated[int, typer.Option(help="Samples per model batch.")] = 64,
     mode: ModeOption = "adaptive",
     compile_backend: CompileOption = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="Where the model runs (cpu, cuda, cuda:1; default: cuda with --gpus, else the CPU)."),
+    ] = None,
+    dtype: DtypeOption = None,
+    gpus: Annotated[float, typer.Option(help="With --ray: GPUs per actor.")] = 0.0,
     address: Annotated[str | None, typer.Option(help="With --ray: a running Ray cluster.")] = None,
 ) -> None:
     """Label a folder of images or a parquet file into a parquet file (label, class_name, confidence,
@@ -205,8 +220,21 @@ def classify_command(
         _fail(f"no input {input}")
     if output.suffix.lower() != ".parquet":
         _fail(f"--output must be a .parquet file, got {output}")
-    if min(concurrency, batch_size, model_batch) < 1:
-        _fail("--concurrency, --batch-size and --model-batch must be >= 1")
+    if min(concurrency, batch_size, model_batch) < 1 or gpus < 0:
+        _fail("--concurrency, --batch-size and --model-batch must be >= 1, --gpus >= 0")
+    if gpus > 0 and not use_ray:
+        _fail("--gpus places Ray actors: give --ray, or --device cuda to classify on a GPU here")
+    from sidenet.integrations.options import check_placement
+
+    device = device or ("cuda" if gpus > 0 else None)
+    try:
+        check_placement(device, dtype)
+    except ValueError as exc:
+        _fail(str(exc))
+    import torch
+
+    if not use_ray and device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        _fail(f"--device {device}: no CUDA device on this machine")
     if mode not in ("adaptive", "main"):
         _fail(f"--mode must be adaptive or main, got {mode!r}")
     from sidenet.integrations.options import COMPILE_BACKENDS
@@ -220,6 +248,8 @@ def classify_command(
         "model_batch": model_batch,
         "mode": mode,
         "compile_backend": compile_backend,
+        "device": device,
+        "dtype": dtype,
         "retain_cpu_memory": switched_on(),  # in the Ray Data actors too: SIDENET_CPU_MEMORY=system turns it off
     }
     started = time.perf_counter()
@@ -230,6 +260,7 @@ def classify_command(
         if ours:
             ray.init(address=address, include_dashboard=False)
         options["concurrency"] = concurrency
+        options["num_gpus"] = gpus
     try:
         rows = classify_file(input, output, source, column=column, use_ray=use_ray, batch_size=batch_size, **options)
     except (ValueError, KeyError) as exc:

@@ -1,14 +1,39 @@
 """How a Ray Serve replica of :mod:`sidenet.integrations.ray_serve` batches, routes and audits: a
-plain dataclass, importable (and checked) without Ray."""
+plain dataclass, importable (and checked) without Ray; and where a replica or actor places its model."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["ServeOptions"]
+import torch
+
+__all__ = ["ServeOptions", "DTYPES", "check_placement", "placed"]
 
 
 COMPILE_BACKENDS = (None, "auto", "eager", "inductor", "cuda_graph", "inductor_cuda_graph")
+# The floating dtypes a served model may run in (confidences and the exit rule stay float32 in any).
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_placement(device: str | None, dtype: str | None) -> None:
+    """Raise ``ValueError`` for a device string torch cannot parse or a dtype not in :data:`DTYPES`."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device {device!r} is not a torch device ({exc})") from None
+
+
+def placed(model: Any, device: str | None, dtype: str | None) -> Any:
+    """``model`` (an :class:`~sidenet.AdaptiveModel`) moved to ``device`` and cast to ``dtype``, the SideNet
+    with its MainNet; None keeps where and how it was loaded. Batches follow it (``to_mainnet``)."""
+    check_placement(device, dtype)
+    if device is None and dtype is None:
+        return model
+    return model.to(device=device, dtype=None if dtype is None else getattr(torch, dtype))
 
 
 @dataclass(frozen=True)
@@ -28,6 +53,9 @@ class ServeOptions:
         torch_threads: torch's intra-op threads in the replica (None: Ray's setting, one per CPU).
         device: where the replica runs the model (e.g. ``"cuda"`` with ``num_gpus=1``; None: where it was
             loaded, the CPU for a :class:`SidenetSource`); batches are moved there.
+        dtype: the floating dtype the replica runs the model in (``float32``, ``bfloat16``, ``float16``;
+            None: as loaded, float32 for a :class:`SidenetSource`); batches are cast to it, confidences and
+            the exit rule stay float32.
         compile_backend: route through :func:`sidenet.compile_for_serving` with this backend (``auto``:
             compiled kernels in CUDA graphs on a GPU, ``torch.compile`` on the CPU; ``eager``,
             ``inductor``, ``cuda_graph``, ``inductor_cuda_graph``),
@@ -48,6 +76,7 @@ class ServeOptions:
     max_request_bytes: int = 1 << 20
     torch_threads: int | None = None
     device: str | None = None
+    dtype: str | None = None
     compile_backend: str | None = None
     retain_cpu_memory: bool = True
 
@@ -60,5 +89,6 @@ class ServeOptions:
             raise ValueError(f"max_wait must be >= 0, got {self.max_wait}")
         if self.compile_backend not in COMPILE_BACKENDS:
             raise ValueError(f"compile_backend must be one of {COMPILE_BACKENDS}, got {self.compile_backend!r}")
+        check_placement(self.device, self.dtype)
         if not 0 <= self.audit_share <= 1:
             raise ValueError(f"audit_share must lie in [0, 1], got {self.audit_share}")

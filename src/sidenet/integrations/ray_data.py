@@ -29,7 +29,7 @@ import torch
 from sidenet.audit import LiveAudit
 from sidenet.host_memory import retain_for_cpu_model
 from sidenet.integrations.inputs import BadInput, ImageInputs, SidenetSource, TextInputs, answers, compiled_on_neutral
-from sidenet.integrations.options import COMPILE_BACKENDS
+from sidenet.integrations.options import COMPILE_BACKENDS, check_placement, placed
 from sidenet.serving import PooledRouter
 from sidenet.training import to_mainnet
 
@@ -61,6 +61,8 @@ class RoutedClassifier:
         keep_input: keep the input column in the output (dropped by default: it is the bulk of the data).
         audit_share: share of samples audited against the MainNet (see :class:`sidenet.audit.LiveAudit`).
         device: where the actor runs the model (e.g. ``"cuda"`` with ``num_gpus=1``; None: where it was loaded).
+        dtype: the floating dtype it runs the model in (``float32``, ``bfloat16``, ``float16``; None: as
+            loaded); batches are cast to it, confidences and the exit rule stay float32.
         compile_backend: route through :func:`sidenet.compile_for_serving` with this backend (``auto``,
             ``eager``, ``inductor``, ``cuda_graph``, ``inductor_cuda_graph``), compiled when the actor
             starts on a model batch of neutral samples; None (default): eager routing.
@@ -79,9 +81,11 @@ class RoutedClassifier:
         keep_input: bool = False,
         audit_share: float = 0.0,
         device: str | None = None,
+        dtype: str | None = None,
         compile_backend: str | None = None,
         retain_cpu_memory: bool = True,
     ) -> None:
+        check_placement(device, dtype)  # before anything is loaded
         if inputs is None:
             if not isinstance(model, SidenetSource):
                 raise ValueError("pass inputs= (ImageInputs or TextInputs) with a model that is not a SidenetSource")
@@ -95,9 +99,7 @@ class RoutedClassifier:
         self.model_batch = int(model_batch)
         self.mode = mode
         self.keep_input = keep_input
-        self.model = _build(model)
-        if device is not None:
-            self.model = self.model.to(device)
+        self.model = placed(_build(model), device, dtype)
         self.cpu_memory = retain_for_cpu_model(self.model, retain_cpu_memory)
         tolerance = model.tolerance() if isinstance(model, SidenetSource) else 0.01
         # Each actor draws its own audited rows (as each Serve replica does).
@@ -171,7 +173,7 @@ def classify_dataset(
     (lazy) dataset with the result columns. ``num_cpus`` per actor defaults to an equal share of the
     cluster's CPUs less one, which is left to the tasks that read the data (actors holding every CPU
     would starve them). ``options``: :class:`RoutedClassifier`'s ``max_wait``, ``mode``, ``keep_input``,
-    ``audit_share``, ``device``, ``compile_backend``, ``retain_cpu_memory``."""
+    ``audit_share``, ``device``, ``dtype``, ``compile_backend``, ``retain_cpu_memory``."""
     import ray
     import ray.data
 
