@@ -586,6 +586,7 @@ def run_case(case: Case, args: argparse.Namespace, clock: Clock) -> tuple[list[d
     report: dict[str, Any] = {
         **case.key(),
         "batches_timed": len(case.batches),
+        "passes": {"timed": args.repeats, "warmup": args.warmup},  # per case: merged runs may differ
         "samples_per_pass": sum(case.model.split.batch_size(x) for x in case.batches),
         "compile_s": {},
         "skipped": {},
@@ -875,8 +876,11 @@ def merged_cases(path: Path, measured: set[tuple]) -> dict[str, Any] | None:
     def other(item: dict[str, Any]) -> bool:
         return (item["workload"], item["batch"], item["dtype"]) not in measured
 
+    # Cases from before the JSON recorded their passes took the earlier run's settings (every run until
+    # then used the defaults of its day: 5 timed passes, 2 warm-up).
+    passes = {"timed": earlier["settings"]["repeats"], "warmup": earlier["settings"]["warmup"]}
     return {
-        "cases": [c for c in earlier["cases"] if other(c)],
+        "cases": [{**c, "passes": c.get("passes", passes)} for c in earlier["cases"] if other(c)],
         "rows": [r for r in earlier["rows"] if other(r)],
         "workloads": dict(earlier["workloads"]),
         "commands": [*earlier.get("merged_commands", []), earlier["command"]],

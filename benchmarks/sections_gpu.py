@@ -21,6 +21,7 @@ STATIC = {
     "sidenet_compiled_static_stream": "pipelined, rest per bucket",
     "pooled_router_static": "PooledRouter, rest per bucket",
 }
+COMPILE_MODES = ("reduce-overhead", "default", "max-autotune")
 COMPILED = ("main_compile_default", "main_compile_reduce-overhead", "main_compile_max-autotune", "main_cuda_graph")
 METHOD = (
     "Method: MainNets and SideNets have random weights, because the time of a routed batch depends on the "
@@ -81,12 +82,38 @@ MINILM_NEXT = (
 )
 
 
-def _modes_tried(modes: list[str]) -> str:
-    """Which ``torch.compile`` modes the best MainNet alone was chosen from, and which were not tried."""
-    untried = [m for m in ("reduce-overhead", "default", "max-autotune") if m not in modes]
-    if not untried:
+def _passes(r: dict[str, Any]) -> str:
+    """Timed and warm-up passes per row: each case's (merged runs may differ; ``--merge`` fills them in for
+    the earlier cases, a JSON of one run may lack them and then took its settings)."""
+    default = {"timed": r["settings"]["repeats"], "warmup": r["settings"]["warmup"]}
+    passes = [c.get("passes", default) for c in r["cases"]] or [default]
+
+    def span(key: str) -> str:
+        low, high = min(p[key] for p in passes), max(p[key] for p in passes)
+        return str(low) if low == high else f"{low}–{high}"
+
+    return f"{span('timed')} timed passes per row after {span('warmup')} warm-up passes"
+
+
+def _modes_tried(rows: list[dict[str, Any]]) -> str:
+    """Which ``torch.compile`` modes the best MainNet alone was chosen from, case by case (merged runs may
+    differ): the modes no case tried, and those only some cases tried."""
+    cases: dict[tuple, set[str]] = {}
+    for row in rows:
+        modes = cases.setdefault((row["workload"], row["batch"], row["dtype"]), set())
+        if row["mode"].startswith("main_compile_"):
+            modes.add(row["mode"].removeprefix("main_compile_"))
+    everywhere = [m for m in COMPILE_MODES if all(m in modes for modes in cases.values())]
+    parts = []
+    for mode in COMPILE_MODES:
+        where = [f"{w} {b} {d}" for (w, b, d), modes in cases.items() if mode in modes]
+        if mode not in everywhere:
+            parts.append(f"{mode} ({'in ' + ', '.join(where) + ' only' if where else 'in no case'})")
+    if not parts:
         return ""
-    return f"; `torch.compile` modes tried: {', '.join(modes) or 'none'} (**not tried: {', '.join(untried)}**)"
+    return (
+        f"; `torch.compile` modes tried: {', '.join(everywhere) or 'none'} in every case (**not: {'; '.join(parts)}**)"
+    )
 
 
 def _cell(row: dict[str, Any] | None) -> str:
@@ -303,8 +330,8 @@ def gpu_section(results: Path) -> list[str]:
         f"Command: `{r['command']}` — {r['date']}, {r['device']}, torch {r['torch']}, torchvision "
         f"{r['torchvision']}, transformers {r['transformers']}, commit {r['commit'] or 'n/a'}; "
         f"{r['elapsed_s']:.0f} s{'' if r['complete'] else ' (incomplete: see what was not measured below)'}; "
-        f"{r['settings']['repeats']} timed passes per row after {r['settings']['warmup']} warm-up passes"
-        + _modes_tried(r["settings"]["compile_modes"])
+        + _passes(r)
+        + _modes_tried(r["rows"])
         + ".",
         f"Text: {r['text']['source']}"
         + (f" ({r['text']['why']}; {r['text']['lengths']})" if r["text"].get("why") else "")

@@ -187,7 +187,11 @@ def test_section_says_not_measured_until_a_cuda_run(quick: dict[str, Any], tmp_p
     assert "operations per batch:" in text
     # The quick run's --static-rest rows get their columns, and the split-cost note no longer asks for them.
     assert "PooledRouter, rest per bucket" in text and "rest_shapes" in text and "not measured yet" not in text
-    assert "(**not tried: reduce-overhead, max-autotune**)" in text  # the quick run compiles with default only
+    # The quick run compiles with default only, in every case; passes are read per case.
+    assert (
+        "modes tried: default in every case (**not: reduce-overhead (in no case); max-autotune (in no case)**)" in text
+    )
+    assert "2 timed passes per row after 1 warm-up passes" in text
     # A target takes the fastest served row of either layout over the faster best MainNet alone of the two.
     bf16 = [r for r in measured["rows"] if r["dtype"] == "bfloat16" and r["workload"] in ("resnet50", "resnet50_cl")]
     main = min(r["ms"] for r in bf16 if r["mode"] == "main_best")
@@ -233,6 +237,13 @@ def test_merge_keeps_the_cases_not_measured_again(quick: dict[str, Any], tmp_pat
     assert kept is not None and {c["workload"] for c in kept["cases"]} == {"resnet", "resnet_cl"}
     assert kept["rows"] and {r["workload"] for r in kept["rows"]} == {"resnet", "resnet_cl"}
     assert kept["commands"] == [quick["command"]]
+    assert {c["passes"]["timed"] for c in kept["cases"]} == {quick["settings"]["repeats"]}
+    # A JSON from before cases recorded their passes: its cases take its own run's settings.
+    legacy = {**quick, "cases": [{k: v for k, v in c.items() if k != "passes"} for c in quick["cases"]]}
+    legacy["settings"] = {**quick["settings"], "repeats": 5}
+    path.write_text(json.dumps(legacy))
+    kept = gpu.merged_cases(path, set())
+    assert kept is not None and {c["passes"]["timed"] for c in kept["cases"]} == {5}
     assert gpu.merged_cases(tmp_path / "absent.json", set()) is None
 
 
@@ -254,3 +265,20 @@ def test_operations_per_routed_batch_of_the_gpu_workloads(tmp_path: Path) -> Non
     text = "\n".join(operations_lines(tmp_path))
     assert "| resnet | 8 | float32 |" in text and "Tensor operations per routed batch" in text
     assert "not measured yet" in "\n".join(gpu_section(tmp_path))  # no gpu.json: still says so, counts below
+
+
+def test_merged_runs_say_per_case_which_modes_and_passes_they_took() -> None:
+    from benchmarks.sections_gpu import _modes_tried, _passes
+
+    rows = [
+        {"workload": "resnet50", "batch": 64, "dtype": "bfloat16", "mode": "main_compile_reduce-overhead"},
+        {"workload": "resnet50", "batch": 64, "dtype": "bfloat16", "mode": "main_compile_max-autotune"},
+        {"workload": "bert_base", "batch": 32, "dtype": "bfloat16", "mode": "main_compile_reduce-overhead"},
+        {"workload": "bert_base", "batch": 32, "dtype": "bfloat16", "mode": "main_eager"},
+    ]
+    assert _modes_tried(rows) == (
+        "; `torch.compile` modes tried: reduce-overhead in every case (**not: default (in no case); "
+        "max-autotune (in resnet50 64 bfloat16 only)**)"
+    )
+    r = {"settings": {"repeats": 9, "warmup": 2}, "cases": [{"passes": {"timed": 5, "warmup": 2}}, {}]}
+    assert _passes(r) == "5–9 timed passes per row after 2 warm-up passes"  # the second case: the settings'
