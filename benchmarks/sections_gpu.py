@@ -68,7 +68,7 @@ SPLIT_COST = (
 # What the split-cost rows still lack, and the run that measures them.
 SPLIT_COST_MISSING = {"static": "the rest per bucket", "channels_last": "the channels-last MainNet"}
 SPLIT_COST_NEXT = (
-    ' on a CUDA machine, `GPU_MERGE=1 GPU_BUDGET_S=400 GPU_BENCH_ARGS="--workloads resnet50 resnet50_cl '
+    ' on a CUDA machine, `GPU_MERGE=1 GPU_BUDGET_S=360 GPU_BENCH_ARGS="--workloads resnet50 resnet50_cl '
     '--dtypes bfloat16 --static-rest --channels-last --compile-modes reduce-overhead default" '
     "bash benchmarks/gpu_check.sh` "
     "(a compilation per bucket: minutes)."
