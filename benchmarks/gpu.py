@@ -596,7 +596,13 @@ def run_case(case: Case, args: argparse.Namespace, clock: Clock) -> tuple[list[d
     passes = mainnet_passes(case, args, clock, report)
     if case.workload.kind == "vision":  # the layout the rest receives its rows in (routing keeps it)
         state = case.model.split.trunk(case.batches[0])
-        report["tap_layout"] = "channels_last" if not state.is_contiguous() else "contiguous"
+        report["tap_layout"] = (
+            "contiguous"
+            if state.is_contiguous()
+            else "channels_last"
+            if state.is_contiguous(memory_format=torch.channels_last)
+            else f"strides {tuple(state.stride())}"
+        )
     scores = confidences(case)
     shares: dict[str, tuple[float, float]] = {}
     thresholds: dict[str, float] = {}
