@@ -157,6 +157,7 @@ def test_a_parquet_file_with_bad_rows(saved: Any, tmp_path: Path) -> None:
         (["--device", "nowhere"], "device 'nowhere' is not a torch device"),
         (["--gpus", "1"], "--gpus places Ray actors: give --ray, or --device cuda"),
         (["--gpus", "-1", "--ray"], "--gpus >= 0"),
+        (["--device", "cuda", "--ray"], "--device cuda with --ray: give each actor a GPU with --gpus"),
     ],
 )
 def test_bad_arguments_are_refused_before_loading(saved: Any, tmp_path: Path, extra: list[str], message: str) -> None:

@@ -233,7 +233,10 @@ def classify_command(
         _fail(str(exc))
     import torch
 
-    if not use_ray and device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if use_ray and cuda and gpus == 0:
+        _fail(f"--device {device} with --ray: give each actor a GPU with --gpus (Ray places them)")
+    if not use_ray and cuda and not torch.cuda.is_available():
         _fail(f"--device {device}: no CUDA device on this machine")
     if mode not in ("adaptive", "main"):
         _fail(f"--mode must be adaptive or main, got {mode!r}")
