@@ -74,6 +74,23 @@ def test_pooled_router_over_compiled_stages() -> None:
         assert_same_answers(answer.output, model(x))
 
 
+def test_pooled_rests_run_at_row_buckets_only() -> None:
+    """A pooled rest runs on however many samples have gathered (a full rest batch, or fewer when one has
+    waited ``max_wait`` batches or at the end); padded to the next row bucket like a batch's own rest, it
+    meets only the shapes captured or compiled at warm-up. Unpadded, every new count would be a new CUDA
+    graph capture (with ``rest_shapes="static"`` a new compilation) while serving."""
+    model, batches = mixed_model()
+    served = compile_for_serving(model, batches[0], rest_buckets=(8, 16, 24), backend="eager")
+    stage = served._stage("rest", None)
+    rows, run = [], stage.fn
+    stage.fn = lambda state: rows.append(len(state)) or run(state)
+    for rest_batch, max_wait in ((16, 2), (24, 1), (None, 0)):
+        routed = served.pooled_router(rest_batch=rest_batch, max_wait=max_wait).run(batches)
+        for answer, x in zip(routed, batches, strict=True):
+            assert_same_answers(answer.output, model(x))
+    assert rows and set(rows) <= {8, 16, 24}, rows
+
+
 def test_new_threshold_is_served() -> None:
     model, batches = mixed_model()
     served = compile_for_serving(model, batches[0], backend="eager")

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils._pytree import tree_leaves
 
 import sidenet
 from sidenet import compile_for_serving
@@ -67,11 +68,16 @@ def test_stream_and_pooled_router_serve_a_compiled_cascade(kind: str) -> None:
     exits = sum(int(want.exited.sum()) for want in expected)
     assert model.samples_seen == len(torch.cat([w.exited for w in expected])) and model.samples_exited == exits
     model.reset_stats()
+    rows: list[int] = []  # the row counts the later stages run at: row buckets only, pooled or not
+    for name, stage in served._stages.items():
+        if name[0] != "front":
+            stage.fn = lambda x, run=stage.fn: rows.append(tree_leaves(x)[0].shape[0]) or run(x)
     routed = served.pooled_router(rest_batch=6, max_wait=1).run(batches)
     for answer, want in zip(routed, expected, strict=True):
         assert torch.equal(answer.output.exit_stage, want.exit_stage)
         torch.testing.assert_close(answer.output.logits, want.logits, atol=1e-5, rtol=0)
     assert model.samples_exited == exits  # later exits counted once their pooled pass has run
+    assert rows and set(rows) <= set(ROW_BUCKETS), rows
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -155,7 +161,7 @@ def static_outputs_call(self: Any, x: Any) -> Any:
     """Stands in for a CUDA graph's replay on the CPU: the outputs are written into buffers kept per
     stage, copy and input shape (a captured graph's static outputs) and those buffers returned, so that
     the next call at that shape overwrites what an earlier call returned."""
-    from torch.utils._pytree import tree_leaves, tree_map
+    from torch.utils._pytree import tree_map
 
     from sidenet.cuda_graphs import shape_key
 

@@ -191,10 +191,10 @@ class CompiledAdaptiveModel:
         return self._stage("rest", None)(state)[:rows].clone()
 
     def _at_bucket(self, state: Any, rows: int, split: Any) -> Any:
-        """``state`` (whose first ``rows`` rows are samples) cut or padded with its own rows to the
-        smallest row bucket that holds ``rows``."""
+        """``state`` (whose first ``rows`` rows are samples) cut or padded with its own rows to the smallest
+        row bucket that holds ``rows``, past its own rows too (a pooled rest); unbucketed past the largest."""
         n = _rows(state)
-        target = bucket_for(rows, self.rest_buckets, max(n, rows))
+        target = bucket_for(rows, self.rest_buckets, max(n, rows, *(self.rest_buckets or ())))
         if target == n:
             return state
         return split.select_sized(state, torch.arange(target, device=tree_leaves(state)[0].device) % n, ())
