@@ -91,6 +91,33 @@ def test_pooled_rests_run_at_row_buckets_only() -> None:
     assert rows and set(rows) <= {8, 16, 24}, rows
 
 
+def test_batches_of_other_sizes_are_padded_to_a_served_size() -> None:
+    """On CUDA (``pad_batches``; forced here on the CPU's eager stages) a batch of a size not warmed up is
+    padded with its own rows to the next warmed size, so it replays a graph captured ahead instead of being
+    captured (or recompiled) while served: the front meets warmed sizes only (larger batches their own),
+    padded rows never continue nor count, and the answers are the model's, per batch, pipelined and pooled."""
+    model, batches = mixed_model()
+    x = torch.cat(batches)
+    served = compile_for_serving(model, x[:16], batch_sizes=[8, 16], rest_buckets=(4, 8, 16), backend="eager")
+    assert not served.pad_batches  # the CPU's default: there padding costs compute
+    served.pad_batches = True
+    stage = served._stage("front", model.policies[0])
+    sizes, run = [], stage.fn
+    stage.fn = lambda inputs: sizes.append(len(inputs[0])) or run(inputs)
+    odd = [x[:3], x[3:8], x[8:19], x[19:35], x[35:59]]  # 3, 5, 11, 16 and 24 samples
+    expected = [model(batch) for batch in odd]
+    seen = model.samples_seen
+    for batch, want in zip(odd, expected, strict=True):
+        assert_same_answers(served(batch), want)
+    assert model.samples_seen - seen == sum(len(batch) for batch in odd)  # padding is not traffic
+    for got, want in zip(served.stream(odd), expected, strict=True):
+        assert_same_answers(got, want)
+    for answer, want in zip(served.pooled_router(rest_batch=8, max_wait=1).run(odd), expected, strict=True):
+        assert_same_answers(answer.output, want)
+    assert set(sizes) == {8, 16, 24}  # 3 and 5 ran at 8, 11 at 16; 24 is larger than any warmed size
+    assert 0 < sum(int(w.exited.sum()) for w in expected) < len(x[:59])
+
+
 def test_new_threshold_is_served() -> None:
     model, batches = mixed_model()
     served = compile_for_serving(model, batches[0], backend="eager")

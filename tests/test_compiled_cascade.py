@@ -56,6 +56,29 @@ def test_compiled_cascade_answers_as_the_model(kind: str, buckets: tuple[int, ..
         check_answers(kind, served(batch), model(batch))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_cascade_serves_batches_padded_to_a_served_size(kind: str) -> None:
+    """``pad_batches`` (CUDA's default; forced on the CPU's eager stages): batches of 5 and 3 samples run at
+    the warmed size 8, their padding rows never reach a later step, the answers are the model's."""
+    model, x = mixed_cascade(kind)
+    lengths = (4, 8, 16) if kind == "text" else None
+    served = compile_for_serving(
+        model,
+        chunk(x, torch.arange(8)),
+        batch_sizes=[8],
+        rest_buckets=ROW_BUCKETS,
+        length_buckets=lengths,
+        backend="eager",
+    )
+    served.pad_batches = True
+    stage = served._stage("front", model.policies[0])
+    rows, run = [], stage.fn
+    stage.fn = lambda inputs: rows.append(tree_leaves(inputs[0])[0].shape[0]) or run(inputs)
+    for batch in (chunk(x, torch.arange(5)), chunk(x, torch.arange(5, 8)), chunk(x, torch.arange(8, 16))):
+        check_answers(kind, served(batch), model(batch))
+    assert rows == [8, 8, 8]
+
+
 @pytest.mark.parametrize("kind", ["resnet", "text"])
 def test_stream_and_pooled_router_serve_a_compiled_cascade(kind: str) -> None:
     model, x = mixed_cascade(kind)

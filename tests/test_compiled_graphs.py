@@ -91,6 +91,26 @@ def test_a_stage_whose_compiled_kernels_cannot_be_captured_captures_its_eager_on
         assert_same_answers(served(x), model(x))
 
 
+def front_rows(served: CompiledAdaptiveModel) -> set[int]:
+    """The batch sizes the front's graphs were captured at (each key: the copy, then the input shapes)."""
+    return {key[1][0][0][0] for key in served._stage("front", served.model.policies[0])._graphs}
+
+
+def test_graph_backends_pad_a_batch_to_a_captured_size(stand_in: type[StandInGraph]) -> None:
+    """On the graph backends a batch of a size not warmed up replays the graph of the next warmed size,
+    padded with its own rows, instead of being captured while served (a larger one is captured)."""
+    model, batches = mixed_model()
+    x = torch.cat(batches)
+    served = CompiledAdaptiveModel(model, "inductor_cuda_graph", rest_buckets=(4, 8, 16, 24), batch_sizes=(8, 24))
+    assert served.pad_batches
+    served.warm_up(x[:24], [8, 24])
+    for batch in (x[:5], x[5:18], x[18:26], x[26:29]):  # 5, 13, 8 and 3 samples
+        assert_same_answers(served(batch), model(batch))
+    assert front_rows(served) == {8, 24}
+    assert_same_answers(served(x[29:59]), model(x[29:59]))  # 30: past every warmed size, captured at its own
+    assert front_rows(served) == {8, 24, 30}
+
+
 @pytest.mark.parametrize("backend", ["inductor_cuda_graph", "cuda_graph"])
 def test_graph_backends_need_cuda(backend: str) -> None:
     model, batches = mixed_model()
@@ -105,6 +125,16 @@ def test_cuda_default_captures_compiled_kernels_and_answers_as_the_model(dtype: 
     served = compile_for_serving(model, batches[0], rest_buckets=(8, 24))
     assert served.stage_backends == {"front": "inductor_cuda_graph", "rest": "inductor_cuda_graph"}
     assert_near_the_model(served, model, batches, dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+def test_cuda_batches_of_other_sizes_replay_the_graphs_of_warmed_sizes() -> None:
+    model, batches = cuda_mixed_model(torch.float32)
+    x = torch.cat(batches)
+    served = compile_for_serving(model, x[:24], batch_sizes=[8, 24])
+    odd = [x[:5], x[5:18], x[18:21]]
+    assert_near_the_model(served, model, odd, torch.float32)
+    assert front_rows(served) == {8, 24}
 
 
 def assert_near_the_model(

@@ -65,6 +65,7 @@ LAYERS: dict[str, int] = {
     "serving": SERVING,
     "compiled": SERVING,
     "compiled_stages": SERVING,
+    "compiled_warmup": SERVING,
     "cuda_graphs": SERVING,
     "host_memory": SERVING,
     "integrations": SERVING,

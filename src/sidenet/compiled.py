@@ -19,15 +19,16 @@ so the GPU idles while the host gathers the continuing samples and launches the 
   which on a GPU arrives through pinned memory and an event, so the read waits for work already done.
   A cascade's later taps each read their count when reached, as eager routing does.
 
-A new shape (batch size, bucket) or score (kind, temperature) is captured or compiled when first seen;
-a threshold is an input of the stages. On the CPU each compiled stage is kept only where it measures
-faster than eager at warm-up (:attr:`CompiledAdaptiveModel.stage_backends` says which). Answers equal
-``model(x)`` within float rounding (the README says what that means for exits near the threshold).
+On CUDA a batch of a size not warmed up is padded with its own rows to the next warmed batch size (the
+padding marked, never continuing); a larger one, a new bucket or a new score (kind, temperature) is
+captured or compiled when first seen; a threshold is an input of the stages. On the CPU each compiled
+stage is kept only where it measures faster than eager at warm-up (:attr:`CompiledAdaptiveModel.stage_backends`
+says which). Answers equal ``model(x)`` within float rounding (the README says what that means for exits
+near the threshold).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,7 +37,17 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 import sidenet.compiled_stages as stages
-from sidenet.compiled_stages import GRAPH_BACKENDS, Stage, bucket_for, bucketed_sizes, front_fn, padded_text, step_fn
+from sidenet.compiled_stages import (
+    GRAPH_BACKENDS,
+    Stage,
+    batch_rows,
+    bucket_for,
+    bucketed_sizes,
+    front_fn,
+    padded_text,
+    step_fn,
+)
+from sidenet.compiled_warmup import StageWarmUp
 from sidenet.cuda_graphs import CudaGraphStage, capture_cuda_graph
 from sidenet.outputs import AdaptiveOutput, FrontPass
 from sidenet.policy import ExitPolicy
@@ -61,7 +72,7 @@ class _CompiledFront(FrontPass):
     ready: Any
 
 
-class CompiledAdaptiveModel:
+class CompiledAdaptiveModel(StageWarmUp):
     """An :class:`~sidenet.AdaptiveModel` served with compiled or captured stages (see the module
     docstring); build it with :func:`compile_for_serving`. Adaptive routing only.
 
@@ -78,6 +89,10 @@ class CompiledAdaptiveModel:
         length_buckets: lengths text batches are padded to (``None``: their own).
         rest_shapes: ``dynamic`` (the rest and steps compiled once for every row count) or ``static``
             (once per row bucket).
+        batch_sizes: the batch sizes warmed up. With ``pad_batches`` (default on CUDA), a batch of
+            another size is padded with its own rows up to the smallest of them that holds it (marked as
+            padding: never continuing, answers dropped), so that it replays a graph captured ahead;
+            larger batches are captured at their own size when first seen.
         compile_seconds: wall time of the warm-up (compiling, capturing, first runs) and later captures.
     """
 
@@ -89,8 +104,11 @@ class CompiledAdaptiveModel:
         rest_buckets: Sequence[int] | None = None,
         length_buckets: Sequence[int] | None = None,
         rest_shapes: str = "dynamic",
+        batch_sizes: Sequence[int] = (),
     ) -> None:
         self.model = model.eval()
+        self.batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
+        self.pad_batches = backend in GRAPH_BACKENDS
         self.rest_shapes = rest_shapes
         self.backend = backend
         self.rest_buckets = None if rest_buckets is None else tuple(sorted({int(b) for b in rest_buckets}))
@@ -99,6 +117,7 @@ class CompiledAdaptiveModel:
         self._stages: dict[tuple[str, tuple[str, float] | None], Stage] = {}
         self._kept: dict[str, str] = {}  # the backend kept per stage name at warm-up (CPU)
         self._thresholds: dict[tuple[float, torch.device], torch.Tensor] = {}
+        self._valid: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         self._warmup_seconds = 0.0
 
     # -- settings and reports --------------------------------------------------------------------
@@ -135,6 +154,14 @@ class CompiledAdaptiveModel:
             self._stages[key] = Stage(fn, self._kept.get(name, self.backend), 2 if front else 1, name, rows)
         return self._stages[key]
 
+    def _valid_rows(self, size: int, n: int, device: torch.device) -> torch.Tensor:
+        """The mask of a batch of ``n`` samples padded to ``size`` rows (the first ``n`` are samples), made
+        once per shape: no operation per batch."""
+        key = (size, n, device)
+        if key not in self._valid:
+            self._valid[key] = torch.arange(size, device=device) < n
+        return self._valid[key]
+
     def _threshold(self, rule: ExitPolicy, device: torch.device) -> torch.Tensor:
         """``rule``'s threshold as the 0-d float32 tensor the stages compare scores with (as
         :meth:`ExitPolicy.exits` compares the float32 scores with a Python float), made once per value:
@@ -159,8 +186,14 @@ class CompiledAdaptiveModel:
         x = padded_text(x, self.length_buckets)
         profile = model.flop_profile(x)
         rule = model.policies[0]  # read once: another thread may install a new rule meanwhile
-        threshold = self._threshold(rule, model.split.input_device(x))
-        state, side_logits, confidence, exited, order, counts = self._stage("front", rule)((x, threshold))
+        device, n = model.split.input_device(x), model.split.batch_size(x)
+        size = next((b for b in self.batch_sizes if b >= n), n) if self.pad_batches else n
+        if size != n:  # up to a served size with the batch's own rows (state and order keep them)
+            x = batch_rows(x, torch.arange(size, device=device) % n)
+        inputs = (x, self._valid_rows(size, n, device), self._threshold(rule, device))
+        state, side_logits, confidence, exited, order, counts = self._stage("front", rule)(inputs)
+        if size != n:  # the samples' answers; the state keeps every row for the gathers by ``order``
+            side_logits, confidence, exited = side_logits[:n], confidence[:n], exited[:n]
         if self.reuses_outputs:  # handed on past the next replay
             side_logits, confidence, exited, order = (t.clone() for t in (side_logits, confidence, exited, order))
         ready = None
@@ -282,73 +315,12 @@ class CompiledAdaptiveModel:
         """A :class:`~sidenet.serving.PooledRouter` over this model's compiled stages."""
         return PooledRouter(self.model, rest_batch=rest_batch, max_wait=max_wait, stages=self)
 
-    # -- warm-up ---------------------------------------------------------------------------------
-    def warm_up(self, example: Any, batch_sizes: Sequence[int]) -> None:
-        """Compile or capture the stages for every batch size and row bucket up to it; on the CPU,
-        keep each compiled stage only where it measures faster than eager."""
-        start = time.perf_counter()
-        model = self.model
-        n = model.split.batch_size(example)
-        for size in batch_sizes:
-            index = torch.arange(size, device=model.split.input_device(example)) % n
-            if isinstance(example, Mapping):
-                batch = {k: v[index] for k, v in example.items() if isinstance(v, torch.Tensor) and v.ndim}
-            else:
-                batch = example[index]
-            self.finish(self.front_pass(batch))
-            states = self._tap_states(padded_text(batch, self.length_buckets))
-            for rows in sorted({bucket_for(r, self.rest_buckets, size) for r in (self.rest_buckets or (size,))}):
-                if rows <= size:
-                    for part, state in enumerate(states, start=1):
-                        first = model.splits[part - 1].select_sized(state, torch.arange(rows, device=index.device), ())
-                        self._run_stage(part, first)
-        if self.backend == "inductor":
-            self._keep_faster(padded_text(example, self.length_buckets))
-        self._warmup_seconds += time.perf_counter() - start
-
-    @torch.no_grad()
-    def _tap_states(self, x: Any) -> list[Any]:
-        """The MainNet's state at each tap for the whole batch ``x`` (eager)."""
-        splits = self.model.splits
-        states = [splits[0].trunk(x)]
-        for before, split in zip(splits, splits[1:], strict=False):
-            states.append(before.advance(states[-1], split))
-        return states
-
-    @torch.no_grad()
-    def _run_stage(self, part: int, state: Any) -> Any:
-        """Stage ``part`` (a step to tap ``part``, or the rest after the last tap) on every row of ``state``."""
-        model = self.model
-        if part == model.num_taps:
-            return self._stage("rest", None)(state)
-        stage, inputs = self._step(part, state)
-        return stage(inputs)
-
     def _step(self, part: int, state: Any, valid: torch.Tensor | None = None) -> tuple[Stage, tuple]:
         """The stage of step ``part`` and its inputs for ``state``, whose rows ``valid`` (default all) are samples."""
         rule = self.model.policies[part]
         if valid is None:
             valid = torch.ones(_rows(state), dtype=torch.bool, device=tree_leaves(state)[0].device)
         return self._stage(f"step-{part}", rule), (state, valid, self._threshold(rule, valid.device))
-
-    @torch.no_grad()  # as served: Dynamo guards on grad mode (timed with grad, each stage would recompile)
-    def _keep_faster(self, x: Any) -> None:
-        """On the CPU, fall back to eager for each stage whose compiled form is not faster (kept per
-        stage name, so that the stages of a new exit rule are built on the backend kept)."""
-        model, n = self.model, self.model.split.batch_size(x)
-        # The later stages are timed at their largest row bucket: a shape they serve (with static rest
-        # shapes, one already compiled).
-        rows = max([b for b in self.rest_buckets or () if b <= n], default=n)
-        states = [self._at_bucket(s, rows, split) for s, split in zip(self._tap_states(x), model.splits, strict=True)]
-        rule = model.policies[0]
-        front_inputs = (x, self._threshold(rule, model.split.input_device(x)))
-        self._kept["front"] = self._stage("front", rule).keep_if_faster(front_inputs)
-        for part in range(1, model.num_taps):
-            stage, inputs = self._step(part, states[part - 1])
-            self._kept[f"step-{part}"] = stage.keep_if_faster(inputs)
-        self._kept["rest"] = self._stage("rest", None).keep_if_faster(states[-1])
-        for (name, _), stage in self._stages.items():
-            stage.backend = self._kept.get(name, stage.backend)
 
 
 def compile_for_serving(
@@ -368,7 +340,9 @@ def compile_for_serving(
             every call).
         example: an input batch like the served ones (its device picks the backend; its batch size is
             served when ``batch_sizes`` is not given).
-        batch_sizes: the batch sizes to compile or capture ahead (others are, when first seen).
+        batch_sizes: the batch sizes to compile or capture ahead; on CUDA a smaller batch of another size is
+            padded to the next of them, a larger one captured when first seen (on the CPU: compiled when
+            first seen).
         rest_buckets: the row counts the rest (and a cascade's steps) run at. Default on CUDA: powers
             of two from 2 (not 1: a compiled stage specialises on one row) up to the largest batch
             size, and that size; on the CPU none (the exact count).
@@ -395,6 +369,6 @@ def compile_for_serving(
     backend, rest_buckets, length_buckets = stages.serving_settings(
         cuda, isinstance(example, Mapping), sizes, backend, rest_buckets, length_buckets, rest_shapes
     )
-    served = CompiledAdaptiveModel(model, backend, rest_buckets, length_buckets, rest_shapes)
+    served = CompiledAdaptiveModel(model, backend, rest_buckets, length_buckets, rest_shapes, sizes)
     served.warm_up(example, sizes)
     return served

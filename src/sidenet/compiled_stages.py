@@ -26,21 +26,24 @@ from sidenet.splits import MainNetSplit
 
 __all__ = ["GRAPH_BACKENDS", "ROW_SHAPES", "Stage", "bucket_for", "bucketed_sizes", "front_fn", "median_seconds"]
 __all__ += ["BACKENDS", "DEFAULT_LENGTH_BUCKETS", "default_row_buckets", "padded_text", "serving_settings", "step_fn"]
+__all__ += ["batch_rows"]
 
 
 def front_fn(splits: Sequence[MainNetSplit], sidenets: Sequence[SideNet], rule: ExitPolicy) -> Callable[[Any], tuple]:
-    """The front stage of a model of ``splits`` and ``sidenets`` under ``rule``'s score: on ``(x,
+    """The front stage of a model of ``splits`` and ``sidenets`` under ``rule``'s score: on ``(x, valid,
     threshold)``, trunk, first SideNet, exit score and mask, continuing samples first and their count
-    (as :meth:`AdaptiveModel.front_pass` and :func:`continuing_first`, the threshold a 0-d tensor)."""
+    (as :meth:`AdaptiveModel.front_pass` and :func:`continuing_first`, the threshold a 0-d tensor). Rows
+    not ``valid`` pad the batch to a served size: they count as exited, so that they sort last and are
+    not counted."""
     split, sidenet = splits[0], sidenets[0]
 
-    def front(inputs: tuple[Any, torch.Tensor]) -> tuple:
-        x, threshold = inputs
+    def front(inputs: tuple[Any, torch.Tensor, torch.Tensor]) -> tuple:
+        x, valid, threshold = inputs
         state = split.trunk(x)
         side_logits = sidenet(split.features(state))
         confidence = rule.confidence(side_logits)
         exited = confidence >= threshold  # rule.exits, the threshold an input
-        order, counts = continuing_first(split, state, exited)
+        order, counts = continuing_first(split, state, exited | ~valid)
         return state, side_logits, confidence, exited, order, counts
 
     return front
@@ -136,6 +139,14 @@ def bucket_for(value: int, buckets: Sequence[int] | None, ceiling: int) -> int:
     buckets, ``ceiling`` when no bucket fits)."""
     fitting = [b for b in buckets or () if value <= b <= ceiling]
     return min(fitting) if fitting else (ceiling if buckets else value)
+
+
+def batch_rows(x: Any, index: torch.Tensor) -> Any:
+    """The rows ``index`` of an input batch: a tensor, or a mapping of tensors (text) whose entries of
+    one dimension or more are indexed (a padded batch repeats its own rows)."""
+    if isinstance(x, Mapping):
+        return {k: v[index] for k, v in x.items() if isinstance(v, torch.Tensor) and v.ndim}
+    return x[index]
 
 
 def padded_text(x: Any, length_buckets: Sequence[int] | None) -> Any:

@@ -353,12 +353,17 @@ def answers(output: Any, class_names: Sequence[str]) -> list[dict[str, Any]]:
 
 def compiled_on_neutral(model: Any, inputs: ImageInputs | TextInputs, batch_size: int, backend: str | None) -> Any:
     """``model`` served by :func:`sidenet.compile_for_serving` with ``backend``, compiled ahead of traffic
-    on a batch of ``batch_size`` neutral samples of ``inputs`` (other batch sizes when first seen); None
-    where ``backend`` is None (eager routing)."""
+    on batches of neutral samples of ``inputs``: on CUDA at the powers of two up to ``batch_size`` and
+    ``batch_size`` itself, to which a batch of another size is padded (Serve's batches come in every size
+    up to ``batch_size``: none is captured while served); on the CPU at ``batch_size`` (other sizes are
+    compiled when first seen). None where ``backend`` is None (eager routing)."""
     if backend is None:
         return None
     from sidenet.compiled import compile_for_serving
+    from sidenet.compiled_stages import default_row_buckets
     from sidenet.training import to_mainnet
 
     example = to_mainnet(model.split, inputs.collate([inputs.neutral_sample()] * batch_size))
-    return compile_for_serving(model, example, batch_sizes=[batch_size], backend=backend)
+    cuda = model.split.input_device(example).type == "cuda"
+    sizes = default_row_buckets(batch_size) if cuda else [batch_size]
+    return compile_for_serving(model, example, batch_sizes=sizes, backend=backend)
