@@ -116,6 +116,10 @@ def test_batches_of_other_sizes_are_padded_to_a_served_size() -> None:
         assert_same_answers(answer.output, want)
     assert set(sizes) == {8, 16, 24}  # 3 and 5 ran at 8, 11 at 16; 24 is larger than any warmed size
     assert 0 < sum(int(w.exited.sum()) for w in expected) < len(x[:59])
+    model.threshold = sidenet.NEVER_EXIT  # every sample of a padded batch continues: its padding does not
+    for answer, batch in zip(served.pooled_router(rest_batch=8, max_wait=1).run(odd), odd, strict=True):
+        assert not answer.output.exited.any() and len(answer.output.logits) == len(batch)
+        torch.testing.assert_close(answer.output.logits, model(batch, mode="main").logits, atol=1e-5, rtol=0)
 
 
 def test_new_threshold_is_served() -> None:

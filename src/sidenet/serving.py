@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from sidenet.flops import FlopProfile
 from sidenet.routing import AdaptiveModel, AdaptiveOutput
@@ -134,8 +135,10 @@ class PooledRouter:
         model.monitor.record(front.exited, front.confidence, len(front.exited) - len(remaining))
         self._open[batch_id] = _OpenBatch(output, front.profile, len(remaining))
         if len(remaining):
-            # A captured stage's state is overwritten by its next replay: keep a copy then.
-            everyone = len(remaining) == len(front.exited) and not getattr(stages, "reuses_outputs", False)
+            # A captured stage's state is overwritten by its next replay, and a padded batch's state has
+            # more rows than samples (see CompiledAdaptiveModel.batch_sizes): keep a copy of the samples then.
+            everyone = len(remaining) == len(front.exited) == int(tree_leaves(front.state)[0].shape[0])
+            everyone = everyone and not getattr(stages, "reuses_outputs", False)
             state = front.state if everyone else model.split.select_sized(front.state, remaining, sizes)
             self._pool.append(_Waiting(batch_id, remaining, state))
             self._pooled += len(remaining)
