@@ -59,8 +59,9 @@ class ServeOptions:
         compile_backend: route through :func:`sidenet.compile_for_serving` with this backend (``auto``:
             compiled kernels in CUDA graphs on a GPU, ``torch.compile`` on the CPU; ``eager``,
             ``inductor``, ``cuda_graph``, ``inductor_cuda_graph``),
-            compiled when the replica starts, on a batch of ``max_batch_size`` neutral samples (other batch
-            sizes when first seen); None (default): eager routing.
+            compiled when the replica starts on neutral samples (see
+            :func:`~sidenet.integrations.inputs.compiled_on_neutral`: on CUDA at the powers of two up to
+            ``max_batch_size``, other sizes padded to them); None (default): eager routing.
         retain_cpu_memory: on the CPU, keep the memory a batch frees for the next batch
             (:func:`sidenet.host_memory.retain_freed_cpu_memory`, process-wide in the replica).
     """
