@@ -551,10 +551,17 @@ def served_passes(
     # Text pads to the buckets the compiled MainNet rows use: the same shapes on both sides.
     buckets = LENGTH_BUCKETS if case.workload.kind == "text" else None
     states: list[Any] = []  # every batch's full tap state, for the stage timings of each variant's rest
+    # Every size the timed batches have (text: the last batch is partial), each warmed at its own size as
+    # the MainNet rows run it, not padded to the full one; the rest's buckets those of the full size alone
+    # (the CUDA default for one size: a partial batch's size is no bucket of its own).
+    sizes = sorted({base.split.batch_size(x) for x in batches})
+    buckets_of_rest = {"rest_buckets": default_row_buckets(case.batch)} if case.device.type == "cuda" else {}
     for name, settings in serving_variants(case, args).items():
         stream, pooled, rest = FULL_VARIANTS.get(name, (None, None, None))
         try:
-            served = compile_for_serving(base, batches[0], batch_sizes=[case.batch], length_buckets=buckets, **settings)
+            served = compile_for_serving(
+                base, batches[0], batch_sizes=sizes, length_buckets=buckets, **{**buckets_of_rest, **settings}
+            )
             report["compile_s"][name] = float(served.compile_seconds)
             report["serving_backends"][name] = dict(served.stage_backends)
             for tag, threshold in thresholds.items():
