@@ -370,5 +370,7 @@ def compile_for_serving(
         cuda, isinstance(example, Mapping), sizes, backend, rest_buckets, length_buckets, rest_shapes
     )
     served = CompiledAdaptiveModel(model, backend, rest_buckets, length_buckets, rest_shapes, sizes)
-    served.warm_up(example, sizes)
+    # Largest first: Dynamo compiles the front's first size with static shapes and later ones dynamic,
+    # so the full batches (most of the traffic under load) keep the static graph.
+    served.warm_up(example, sizes[::-1])
     return served
