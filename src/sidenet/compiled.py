@@ -40,7 +40,6 @@ import sidenet.compiled_stages as stages
 from sidenet.compiled_stages import (
     GRAPH_BACKENDS,
     Stage,
-    batch_rows,
     bucket_for,
     bucketed_sizes,
     front_fn,
@@ -49,18 +48,15 @@ from sidenet.compiled_stages import (
 )
 from sidenet.compiled_warmup import StageWarmUp
 from sidenet.cuda_graphs import CudaGraphStage, capture_cuda_graph
-from sidenet.outputs import AdaptiveOutput, FrontPass
+from sidenet.outputs import AdaptiveOutput, FrontPass, state_rows
 from sidenet.policy import ExitPolicy
 from sidenet.routing import AdaptiveModel
 from sidenet.serving import PooledRouter
+from sidenet.splits import select_samples
 
 __all__ = ["CompiledAdaptiveModel", "CudaGraphStage", "capture_cuda_graph", "compile_for_serving"]  # graphs re-exported
 
 Backend = Literal["auto", "eager", "inductor", "cuda_graph", "inductor_cuda_graph"]
-
-
-def _rows(state: Any) -> int:
-    return int(tree_leaves(state)[0].shape[0])
 
 
 @dataclass
@@ -155,8 +151,8 @@ class CompiledAdaptiveModel(StageWarmUp):
         return self._stages[key]
 
     def _valid_rows(self, size: int, n: int, device: torch.device) -> torch.Tensor:
-        """The mask of a batch of ``n`` samples padded to ``size`` rows (the first ``n`` are samples), made
-        once per shape: no operation per batch."""
+        """The mask of ``size`` rows whose first ``n`` are samples (the rest padding: of a batch to a served
+        size, of continuing samples to a row bucket), made once per pair: no operation per batch."""
         key = (size, n, device)
         if key not in self._valid:
             self._valid[key] = torch.arange(size, device=device) < n
@@ -189,7 +185,7 @@ class CompiledAdaptiveModel(StageWarmUp):
         device, n = model.split.input_device(x), model.split.batch_size(x)
         size = next((b for b in self.batch_sizes if b >= n), n) if self.pad_batches else n
         if size != n:  # up to a served size with the batch's own rows (state and order keep them)
-            x = batch_rows(x, torch.arange(size, device=device) % n)
+            x = select_samples(x, torch.arange(size, device=device) % n)
         inputs = (x, self._valid_rows(size, n, device), self._threshold(rule, device))
         state, side_logits, confidence, exited, order, counts = self._stage("front", rule)(inputs)
         if size != n:  # the samples' answers; the state keeps every row for the gathers by ``order``
@@ -218,7 +214,7 @@ class CompiledAdaptiveModel(StageWarmUp):
     def rest(self, state: Any, rows: int | None = None) -> torch.Tensor:
         """Logits of the rest of the MainNet (after the last tap) on the first ``rows`` samples of
         ``state`` (all by default), run at the next row bucket with the state's own rows as padding."""
-        n = _rows(state)
+        n = state_rows(state)
         rows = n if rows is None else rows
         state = self._at_bucket(state, rows, self.model.splits[-1])
         return self._stage("rest", None)(state)[:rows].clone()
@@ -226,7 +222,7 @@ class CompiledAdaptiveModel(StageWarmUp):
     def _at_bucket(self, state: Any, rows: int, split: Any) -> Any:
         """``state`` (whose first ``rows`` rows are samples) cut or padded with its own rows to the smallest
         row bucket that holds ``rows``, past its own rows too (a pooled rest); unbucketed past the largest."""
-        n = _rows(state)
+        n = state_rows(state)
         target = bucket_for(rows, self.rest_buckets, max(n, rows, *(self.rest_buckets or ())))
         if target == n:
             return state
@@ -242,12 +238,12 @@ class CompiledAdaptiveModel(StageWarmUp):
         if mode != "adaptive":
             raise ValueError(f"the compiled serving mode routes adaptively only, got mode={mode!r}")
         model = self.model
-        rows = _rows(state) if rows is None else rows
+        rows = state_rows(state) if rows is None else rows
         if part == model.num_taps:  # past the last SideNet
             return model.mainnet_answers(self.rest(state, rows), state, profile)
         state = self._at_bucket(state, rows, model.splits[part - 1])
         cost = model.flop_ledger.step(part, state, profile)
-        valid = torch.arange(_rows(state), device=tree_leaves(state)[0].device) < rows
+        valid = self._valid_rows(state_rows(state), rows, tree_leaves(state)[0].device)
         stage, inputs = self._step(part, state, valid)
         later, logits, confidence, exited, order, counts = stage(inputs)
         logits, confidence, exited = logits[:rows].clone(), confidence[:rows].clone(), exited[:rows].clone()
@@ -271,7 +267,7 @@ class CompiledAdaptiveModel(StageWarmUp):
         # All go on: their state as it is (eager routing cuts nothing either); else gathered up to the bucket.
         rows = None if count == len(output.exited) else order[:count]
         if rows is not None:
-            bucket = bucket_for(count, self.rest_buckets, _rows(state))
+            bucket = bucket_for(count, self.rest_buckets, state_rows(state))
             state = model.splits[part].select_sized(state, order[:bucket], sizes)
         if part + 1 == model.num_taps:  # past the last SideNet: the rest of the MainNet answers
             cost = model.flop_ledger.rest(state, None, profile, part=part)
@@ -319,7 +315,7 @@ class CompiledAdaptiveModel(StageWarmUp):
         """The stage of step ``part`` and its inputs for ``state``, whose rows ``valid`` (default all) are samples."""
         rule = self.model.policies[part]
         if valid is None:
-            valid = torch.ones(_rows(state), dtype=torch.bool, device=tree_leaves(state)[0].device)
+            valid = self._valid_rows(state_rows(state), state_rows(state), tree_leaves(state)[0].device)
         return self._stage(f"step-{part}", rule), (state, valid, self._threshold(rule, valid.device))
 
 

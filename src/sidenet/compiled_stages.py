@@ -26,7 +26,6 @@ from sidenet.splits import MainNetSplit
 
 __all__ = ["GRAPH_BACKENDS", "ROW_SHAPES", "Stage", "bucket_for", "bucketed_sizes", "front_fn", "median_seconds"]
 __all__ += ["BACKENDS", "DEFAULT_LENGTH_BUCKETS", "default_row_buckets", "padded_text", "serving_settings", "step_fn"]
-__all__ += ["batch_rows"]
 
 
 def front_fn(splits: Sequence[MainNetSplit], sidenets: Sequence[SideNet], rule: ExitPolicy) -> Callable[[Any], tuple]:
@@ -139,14 +138,6 @@ def bucket_for(value: int, buckets: Sequence[int] | None, ceiling: int) -> int:
     buckets, ``ceiling`` when no bucket fits)."""
     fitting = [b for b in buckets or () if value <= b <= ceiling]
     return min(fitting) if fitting else (ceiling if buckets else value)
-
-
-def batch_rows(x: Any, index: torch.Tensor) -> Any:
-    """The rows ``index`` of an input batch: a tensor, or a mapping of tensors (text) whose entries of
-    one dimension or more are indexed (a padded batch repeats its own rows)."""
-    if isinstance(x, Mapping):
-        return {k: v[index] for k, v in x.items() if isinstance(v, torch.Tensor) and v.ndim}
-    return x[index]
 
 
 def padded_text(x: Any, length_buckets: Sequence[int] | None) -> Any:

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from sidenet.compiled_stages import GRAPH_BACKENDS, batch_rows, bucket_for, padded_text
+from sidenet.compiled_stages import GRAPH_BACKENDS, bucket_for, padded_text
+from sidenet.splits import select_samples
 
 __all__ = ["StageWarmUp"]
 
@@ -37,7 +38,7 @@ class StageWarmUp:
         n = model.split.batch_size(example)
         for size in batch_sizes:
             index = torch.arange(size, device=model.split.input_device(example)) % n
-            batch = batch_rows(example, index)
+            batch = select_samples(padded_text(example, None), index)  # its tensors, their rows repeated
             # Both copies of a captured front (they alternate: see stream()), not one left for traffic.
             for _ in range(2 if self.backend in GRAPH_BACKENDS else 1):
                 self.finish(self.front_pass(batch))

@@ -8,10 +8,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from sidenet.flops import FlopProfile
 
-__all__ = ["AdaptiveOutput", "FrontPass"]
+__all__ = ["AdaptiveOutput", "FrontPass", "state_rows"]
+
+
+def state_rows(state: Any) -> int:
+    """The rows of a MainNet state (its first tensor's first dimension): its samples, and after them any
+    rows that pad it to a served size (see :class:`~sidenet.compiled.CompiledAdaptiveModel`)."""
+    return int(tree_leaves(state)[0].shape[0])
 
 
 Lazy = torch.Tensor | Callable[[], torch.Tensor]
@@ -125,7 +132,8 @@ class FrontPass:
     """Trunk and SideNet run on a batch (see :meth:`AdaptiveModel.front_pass`).
 
     Attributes:
-        state: the MainNet's state at the tap, for the rest of the MainNet.
+        state: the MainNet's state at the tap, for the rest of the MainNet (rows past ``len(exited)``, where
+            a compiled front padded the batch, are padding).
         side_logits: (N, C) the SideNet's logits.
         confidence: (N,) the exit policy's score.
         exited: (N,) True where the SideNet answers.

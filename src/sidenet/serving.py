@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils._pytree import tree_leaves
 
 from sidenet.flops import FlopProfile
+from sidenet.outputs import state_rows
 from sidenet.routing import AdaptiveModel, AdaptiveOutput
 
 if TYPE_CHECKING:
@@ -137,8 +137,7 @@ class PooledRouter:
         if len(remaining):
             # A captured stage's state is overwritten by its next replay, and a padded batch's state has
             # more rows than samples (see CompiledAdaptiveModel.batch_sizes): keep a copy of the samples then.
-            everyone = len(remaining) == len(front.exited) == int(tree_leaves(front.state)[0].shape[0])
-            everyone = everyone and not getattr(stages, "reuses_outputs", False)
+            everyone = len(remaining) == state_rows(front.state) and not getattr(stages, "reuses_outputs", False)
             state = front.state if everyone else model.split.select_sized(front.state, remaining, sizes)
             self._pool.append(_Waiting(batch_id, remaining, state))
             self._pooled += len(remaining)
