@@ -207,6 +207,14 @@ def targets(spec: dict[str, tuple[str, float]], values: dict[str, float]) -> dic
     }
 
 
+def targets_line(title: str, found: dict[str, dict[str, Any]], digits: int = 3) -> str:
+    """``title: <name> met (<value> vs <target>); ...`` for targets made by :func:`targets`."""
+    return f"{title}: " + "; ".join(
+        f"{k.replace('_', ' ')} {'met' if v['met'] else 'NOT met'} ({v['value']:.{digits}f} vs {v['target']})"
+        for k, v in found.items()
+    )
+
+
 # -- measuring -------------------------------------------------------------------------------------
 
 

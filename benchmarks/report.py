@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.compression_plot import WORKLOADS, plot_compression
-from benchmarks.harness import RESULTS, link, markdown_path, pct, thr
+from benchmarks.harness import RESULTS, link, markdown_path, pct, targets_line, thr
 from benchmarks.sections import calibration_section, serving_section, summary_section
 from benchmarks.sections_cascade import cascade_lines
 from benchmarks.sections_cascade_training import cascade_training_section
@@ -77,11 +77,7 @@ def fmnist_section(r: dict[str, Any]) -> list[str]:
         )
     lines += [
         "",
-        "Targets (issue 2): "
-        + "; ".join(
-            f"{k.replace('_', ' ')} {'met' if v['met'] else 'NOT met'} ({v['value']:.3f} vs {v['target']})"
-            for k, v in t.items()
-        ),
+        targets_line("Targets (issue 2)", t),
         "",
         *fmnist_compiled_lines(r),
         "### Every candidate (threshold chosen on validation, reported on test)",
@@ -159,11 +155,7 @@ def sst2_section(r: dict[str, Any]) -> list[str]:
         ]
     lines += [
         "",
-        "Targets (issue 3): "
-        + "; ".join(
-            f"{k.replace('_', ' ')} {'met' if v['met'] else 'NOT met'} ({v['value']:.3f} vs {v['target']})"
-            for k, v in r["targets"].items()
-        ),
+        targets_line("Targets (issue 3)", r["targets"]),
         "",
         f"Tap and threshold chosen on phrases held out of SST-2 train instead (same rule; tap {t['tap']}, "
         f"threshold {thr(t['threshold'])}, {100 * t['on_val']['accuracy_drop']:+.2f} pt there): on dev "

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import pct, thr
+from benchmarks.harness import pct, targets_line, thr
 from benchmarks.sections_cascade import cascade_sentence
 from benchmarks.sections_gpu import gpu_summary
 
@@ -276,12 +276,7 @@ def serving_section(r: dict[str, Any]) -> list[str]:
         if "targets" in w:
             lines.append("")
             lines.append(
-                f"Targets (issue 5, batch {w['batch']}, per-sample routing): "
-                + "; ".join(
-                    f"{k.replace('_', ' ')} {'met' if v['met'] else 'NOT met'} ({v['value']:.2f} vs {v['target']})"
-                    for k, v in w["targets"].items()
-                )
-                + "."
+                targets_line(f"Targets (issue 5, batch {w['batch']}, per-sample routing)", w["targets"], digits=2) + "."
             )
         lines.append("")
     return lines

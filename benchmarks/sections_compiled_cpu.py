@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks.harness import targets_line
+
 LABELS = {
     "mainnet": "MainNet alone, eager",
     "mainnet_compiled": "MainNet alone, `torch.compile`",
@@ -111,11 +113,7 @@ def fmnist_compiled_lines(r: dict[str, Any]) -> list[str]:
         )
     lines += [
         "",
-        "Targets (issue 13, CPU): "
-        + "; ".join(
-            f"{k.replace('_', ' ')} {'met' if v['met'] else 'NOT met'} ({v['value']:.3f} vs {v['target']})"
-            for k, v in c["targets"].items()
-        ),
+        targets_line("Targets (issue 13, CPU)", c["targets"]),
         "",
     ]
     return lines
