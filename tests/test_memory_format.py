@@ -60,3 +60,13 @@ def test_a_channels_last_mainnet_served_compiled_answers_as_the_model() -> None:
         want = model(x)
         assert 0 < int(want.exited.sum()) < len(x)
         assert_same_answers(got, want, atol=1e-4)
+
+
+def test_selected_samples_leave_what_has_no_batch_dimension() -> None:
+    """An input batch may carry a 0-d tensor beside its rows (a text split accepts extra entries): selecting
+    samples (the compiled serving mode pads batches so) keeps it as it is, as it keeps anything not a tensor."""
+    index = torch.tensor([1, 0, 1])
+    batch = {"input_ids": torch.arange(6).reshape(2, 3), "scale": torch.tensor(2.0), "name": "x"}
+    got = select_samples(batch, index)
+    assert torch.equal(got["input_ids"], batch["input_ids"][index])
+    assert got["scale"] is batch["scale"] and got["name"] == "x"

@@ -38,7 +38,7 @@ class StageWarmUp:
         n = model.split.batch_size(example)
         for size in batch_sizes:
             index = torch.arange(size, device=model.split.input_device(example)) % n
-            batch = select_samples(padded_text(example, None), index)  # its tensors, their rows repeated
+            batch = select_samples(example, index)
             # Both copies of a captured front (they alternate: see stream()), not one left for traffic.
             for _ in range(2 if self.backend in GRAPH_BACKENDS else 1):
                 self.finish(self.front_pass(batch))

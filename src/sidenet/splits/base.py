@@ -24,9 +24,10 @@ State = Any
 
 
 def select_samples(state: State, index: torch.Tensor) -> State:
-    """Keep the samples ``index`` (1-D long tensor) of every tensor in ``state`` (batch on dim 0), each in
-    its own memory format: ``index_select`` makes a channels-last tensor contiguous, indexing does not."""
-    return tree_map(lambda t: _rows(t, index) if isinstance(t, torch.Tensor) else t, state)
+    """Keep the samples ``index`` (1-D long tensor) of every tensor in ``state`` (batch on dim 0; a 0-d one,
+    like anything else, kept as it is), each in its own memory format (``index_select`` would make a
+    channels-last tensor contiguous)."""
+    return tree_map(lambda t: _rows(t, index) if isinstance(t, torch.Tensor) and t.ndim else t, state)
 
 
 def _rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
