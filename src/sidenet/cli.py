@@ -13,15 +13,26 @@ from typing import Annotated
 import torch
 import typer
 
-from sidenet.attach import load_sidenet
 from sidenet.cli_fit import fit_and_save
-from sidenet.cli_options import FitSettings, check_positive, check_range
+from sidenet.cli_options import (
+    DEFAULT_OUT,
+    DataOption,
+    DeviceOption,
+    DtypeOption,
+    FitSettings,
+    QuietOption,
+    check_device_dtype,
+    check_positive,
+    fail,
+    load_saved,
+    saved_task,
+)
+from sidenet.cli_report import register as register_report_command
 from sidenet.cli_serve import register as register_serve_commands
-from sidenet.config import CASCADE_NAME, SideNetConfig
 from sidenet.curve import TradeoffCurve, sweep
-from sidenet.loaders import prefix_loader, split_loader
 from sidenet.policy import POLICIES, format_threshold, validate_threshold
-from sidenet.tasks import TASKS, Task, get_task
+from sidenet.tasks import TASKS, get_task
+from sidenet.training import to_mainnet
 
 app = typer.Typer(
     help="Adaptive compute for pretrained classifiers: attach a SideNet to your MainNet.",
@@ -35,16 +46,6 @@ app = typer.Typer(
 )
 
 TaskOption = Annotated[str, typer.Option(help=f"Workload: {', '.join(TASKS)}.")]
-DataOption = Annotated[
-    Path | None, typer.Option("--data", help="Dataset folder (default: looked up; SST-2: also $SIDENET_SST2_DIR).")
-]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-DEFAULT_OUT = Path("sidenet-output")
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
 
 
 @app.command()
@@ -61,7 +62,7 @@ def pretrain(
             raise ValueError(f"--epochs must be positive, got {epochs}")
         summary = get_task(task).pretrain(data, epochs=epochs, force=force, progress=not quiet)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(summary)
 
 
@@ -112,6 +113,8 @@ def fit(
         ),
     ] = None,
     seed: int = FitSettings.seed,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Train a SideNet at a tap of the frozen MainNet; choose its threshold on the validation data."""
@@ -138,10 +141,12 @@ def fit(
             confidence=confidence,
             max_train_samples=max_train_samples,
             max_val_samples=max_val_samples,
+            device=device,
+            dtype=dtype,
         )
         folder, choice = fit_and_save(settings, progress=not quiet)
     except (ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if "taps" in choice:
         typer.echo(
             f"Cascade saved to {folder}: taps {', '.join(choice['taps'])} of {', '.join(choice['candidate_taps'])}, "
@@ -158,16 +163,6 @@ def fit(
     )
 
 
-def _saved_task(folder: Path) -> Task:
-    """The task a saved SideNet was fitted on, read from its config alone (no MainNet loaded)."""
-    return get_task(SideNetConfig.load(folder).metadata.get("task", "fmnist"))
-
-
-def _load(folder: Path, data: Path | None, progress: bool, task: Task | None = None):
-    task = task or _saved_task(folder)
-    return load_sidenet(task.mainnet(data, progress=progress), folder), task
-
-
 @app.command("sweep")
 def sweep_command(
     sidenet: Annotated[Path, typer.Option("--sidenet", help="Folder of a saved SideNet.")] = DEFAULT_OUT
@@ -176,20 +171,23 @@ def sweep_command(
     data: DataOption = None,
     plot: Annotated[Path | None, typer.Option(help="PNG path (default: beside the SideNet).")] = None,
     rows: Annotated[int, typer.Option(help="Rows of the printed table.")] = 12,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Print the compute-accuracy curve of a saved SideNet and save it as a PNG plot."""
     try:
         check_positive(rows=rows)
-        task = _saved_task(sidenet)
+        check_device_dtype(device, dtype)
+        task = saved_task(sidenet)
         task.check_split(split)
-        model, task = _load(sidenet, data, not quiet, task)
+        model, task = load_saved(sidenet, data, not quiet, task, device, dtype)
         loaders = task.loaders(data)
         if split not in loaders:
-            _fail(f"--split must be one of {sorted(loaders)}, got {split!r}")
+            fail(f"--split must be one of {sorted(loaders)}, got {split!r}")
         curve = sweep(model, loaders[split], progress=not quiet)
     except (ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     # A cascade's curve runs along a path of threshold vectors: its marks are vectors too.
     marks = {"saved threshold": model.threshold if model.num_taps == 1 else model.thresholds}
     typer.echo(curve.table(rows, marks=marks))
@@ -209,30 +207,36 @@ def predict(
     / "fmnist-layer1.0",
     threshold: Annotated[float | None, typer.Option(help="Override the saved threshold.")] = None,
     data: DataOption = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
 ) -> None:
     """Label, confidence and exit decision for each input."""
+    try:
+        check_device_dtype(device, dtype)
+    except ValueError as exc:
+        fail(str(exc))
     if threshold is not None:
         try:
             validate_threshold(threshold)
         except ValueError as exc:
-            _fail(f"--threshold: {exc}")
+            fail(f"--threshold: {exc}")
     inputs = list(inputs or [])
     if file is not None:
         try:
             inputs += [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as exc:
-            _fail(f"cannot read --file {file}: {exc}")
+            fail(f"cannot read --file {file}: {exc}")
     if not inputs:
-        _fail("give inputs on the command line or with --file")
+        fail("give inputs on the command line or with --file")
     try:
-        model, task = _load(sidenet, data, progress=False)
+        model, task = load_saved(sidenet, data, False, None, device, dtype)
         if threshold is not None:
             model.thresholds = threshold  # a cascade: the same threshold for every SideNet
-        batch = task.read_inputs(inputs)
+        batch = to_mainnet(model.split, task.read_inputs(inputs))
         with torch.no_grad():
             output = model(batch)
     except (ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     probabilities = torch.softmax(output.logits.float(), dim=1)
     for item, label, prob, stage, conf, flops in zip(
         inputs,
@@ -251,88 +255,7 @@ def predict(
         typer.echo(f"{item}\t{name}\tp={prob:.3f}\tanswered by {where}\t{flops / 1e6:.2f} MFLOPs")
 
 
-@app.command()
-def report(
-    sidenet: Annotated[Path, typer.Option("--sidenet", help="Folder of a saved SideNet or cascade.")] = DEFAULT_OUT
-    / "fmnist-layer1.0",
-    out: Annotated[Path | None, typer.Option(help="Folder for report.html, report.md and the plots.")] = None,
-    calibration_split: Annotated[
-        str, typer.Option(help="Data partition (train/val/test) that fits temperatures and picks thresholds.")
-    ] = "val",
-    split: Annotated[str, typer.Option(help="Data partition (train/val/test) the report evaluates on.")] = "test",
-    data: DataOption = None,
-    max_drop: Annotated[float, typer.Option(help="Accuracy drop tolerated at the chosen points (fraction).")] = 0.005,
-    confidence: Annotated[float, typer.Option(help="Probability that the guarantee holds.")] = 0.9,
-    bins: Annotated[int, typer.Option(help="Calibration bins.")] = 15,
-    timing: Annotated[bool, typer.Option(help="Measure throughput at each threshold of the table.")] = True,
-    halves: Annotated[
-        bool,
-        typer.Option(
-            help="Calibrate on a random half of --split and evaluate on the other half (for when no "
-            "other data partition is distributed like it); --calibration-split is then ignored."
-        ),
-    ] = False,
-    max_samples: Annotated[
-        int | None, typer.Option(help="Use the first N samples of each data partition only (quick looks).", min=1)
-    ] = None,
-    audit: Annotated[
-        Path | None, typer.Option(help="Logged live-audit counts to show: /metrics answers of the deployment.")
-    ] = None,
-    quiet: QuietOption = False,
-) -> None:
-    """Write an HTML page and a Markdown summary: curves of every exit policy with the MainNet and the
-    oracle, calibration before and after temperature scaling, guaranteed thresholds, shift check,
-    per-class exits, measured throughput and, given logged traffic, its live audit. A cascade's report:
-    each SideNet's FLOPs and calibration, the trade-off along a path of threshold vectors with the saved
-    ones and the oracle, thresholds with and without a guarantee, the shift check, throughput and the
-    live audit (which runs the whole cascade on its drawn samples)."""
-    from sidenet.report import ReportSettings, build_report
-    from sidenet.report_page import write_report
-
-    try:
-        check_range("--max-drop", max_drop, 0.0, 1.0)
-        check_range("--confidence", confidence, 0.0, 1.0, open_interval=True)
-        check_positive(bins=bins)
-        task = _saved_task(sidenet)
-        cascade = (sidenet / CASCADE_NAME).is_file()
-        from sidenet.audit import audit_from_log  # read first: a bad file fails before the long work
-
-        audited = None if audit is None else audit_from_log(audit).to_dict()
-        for name in (calibration_split, split):
-            task.check_split(name)
-        model, task = _load(sidenet, data, not quiet, task)
-        loaders = task.loaders(data)
-        for name in (calibration_split, split):
-            if name not in loaders:
-                _fail(f"splits are {sorted(loaders)}, got {name!r}")
-        settings = ReportSettings(max_accuracy_drop=max_drop, confidence=confidence, bins=bins, timing=timing)
-        loaders = {name: prefix_loader(loader, max_samples) for name, loader in loaders.items()}
-        if halves:
-            calibration_loader, evaluation_loader = split_loader(loaders[split])
-            where = f"one half of {split}, evaluated on the other"
-        else:
-            calibration_loader, evaluation_loader = loaders[calibration_split], loaders[split]
-            where = f"{calibration_split}, evaluated on {split}"
-        report_folder = out or sidenet / "report"
-        if cascade:
-            from sidenet.report_cascade_page import cascade_report_files
-
-            title = f"sidenet report: {task.name}, taps {' -> '.join(map(str, model.taps))} (thresholds from {where})"
-            pair = (calibration_loader, evaluation_loader)
-            html_path, md_path = cascade_report_files(
-                model, pair, settings, report_folder, title, not quiet, audit=audited
-            )
-        else:
-            built = build_report(model, calibration_loader, evaluation_loader, settings, task.class_names, not quiet)
-            built.audit = audited
-            title = f"sidenet report: {task.name}, tap {model.tap} (thresholds from {where})"
-            html_path, md_path = write_report(built, report_folder, title)
-    except (ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
-    for line in md_path.read_text().splitlines():
-        if line.startswith("> "):
-            typer.echo(line[2:])
-    typer.echo(f"Report written to {html_path} (and {md_path.name}, report.json, PNGs beside it)")
+register_report_command(app)  # report (here, to be listed after predict): sidenet/cli_report.py
 
 
 @app.command()
@@ -344,19 +267,28 @@ def demo(
     max_drop: Annotated[
         float, typer.Option(help="Accuracy drop allowed when choosing the threshold.")
     ] = FitSettings.max_drop,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """The whole method on Fashion-MNIST: MainNet, SideNet, threshold on validation, curve on test."""
     progress = not quiet
     try:
         settings = FitSettings(
-            task="fmnist", tap=tap, out=out / f"fmnist-{tap}", data=data, pool=pool, max_drop=max_drop
+            task="fmnist",
+            tap=tap,
+            out=out / f"fmnist-{tap}",
+            data=data,
+            pool=pool,
+            max_drop=max_drop,
+            device=device,
+            dtype=dtype,
         )
         folder, choice = fit_and_save(settings, progress)
-        model, task = _load(folder, data, progress)
+        model, task = load_saved(folder, data, progress, None, device, dtype)
         curve: TradeoffCurve = sweep(model, task.loaders(data)["test"], progress=progress)
     except (ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     marks = {f"chosen on val (<= {100 * max_drop:.1f} pt)": model.threshold}
     typer.echo("\nCompute-accuracy trade-off on the 10,000 Fashion-MNIST test images:")
     typer.echo(curve.table(12, marks=marks))

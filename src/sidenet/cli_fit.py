@@ -14,6 +14,7 @@ from sidenet.cascade_record import collect_cascade
 from sidenet.cli_options import FitSettings
 from sidenet.curve import sweep
 from sidenet.loaders import prefix_loader
+from sidenet.placement import placed
 from sidenet.routing import AdaptiveModel
 from sidenet.splits import candidate_taps, split_mainnet
 from sidenet.tasks import get_task
@@ -25,7 +26,7 @@ def fit_and_save(settings: FitSettings, progress: bool = True) -> tuple[Path, di
     """Train the SideNet ``settings`` describe, choose its threshold on ``val`` and save it; returns
     the folder and the threshold choice (also saved in the SideNet's metadata)."""
     task = get_task(settings.task)
-    mainnet = task.mainnet(settings.data, progress=progress)
+    mainnet = placed(task.mainnet(settings.data, progress=progress), settings.device, settings.dtype)
     loaders = task.loaders(settings.data)
     loaders["train"] = prefix_loader(loaders["train"], settings.max_train_samples)
     loaders["val"] = prefix_loader(loaders["val"], settings.max_val_samples)

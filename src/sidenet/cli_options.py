@@ -1,20 +1,64 @@
-"""The command line's options, checked before any work: :func:`check_range` and :func:`check_positive`
-name the option they refuse, and :class:`FitSettings` gathers what ``sidenet fit`` and ``sidenet demo``
-train, checked once when made. A bad option is refused in well under a second, not after the MainNet
-was trained or the SideNet fitted. The commands themselves are in :mod:`sidenet.cli`.
+"""The command line's options, checked before any work: :func:`check_range`, :func:`check_positive`
+and :func:`check_device_dtype` name the option they refuse, and :class:`FitSettings` gathers what
+``sidenet fit`` and ``sidenet demo`` train, checked once when made. A bad option is refused in well
+under a second, not after the MainNet was trained or the SideNet fitted. :func:`saved_task` and
+:func:`load_saved` find and load the saved SideNet that ``--sidenet`` names. The commands themselves
+are in :mod:`sidenet.cli`, :mod:`sidenet.cli_report` and :mod:`sidenet.cli_serve`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, NoReturn
 
+import typer
+
+from sidenet.config import SideNetConfig
+from sidenet.placement import check_placement, load_placed
 from sidenet.policy import validate_policy
 from sidenet.splits import TapError
-from sidenet.tasks import get_task
+from sidenet.tasks import Task, get_task
 
-__all__ = ["FitSettings", "check_range", "check_positive"]
+__all__ = [
+    "FitSettings",
+    "check_range",
+    "check_positive",
+    "check_device_dtype",
+    "saved_task",
+    "load_saved",
+    "fail",
+    "DataOption",
+    "DeviceOption",
+    "DtypeOption",
+    "QuietOption",
+    "DEFAULT_OUT",
+]
+
+DEFAULT_OUT = Path("sidenet-output")
+DataOption = Annotated[
+    Path | None, typer.Option("--data", help="Dataset folder (default: looked up; SST-2: also $SIDENET_SST2_DIR).")
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+DeviceOption = Annotated[
+    str | None,
+    typer.Option(help="Where the MainNet and SideNet run: cpu, cuda, cuda:1, mps (default: the CPU)."),
+]
+DtypeOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Run the model in this floating dtype: float32, bfloat16 or float16 (bfloat16 on a GPU: its fast "
+        "path). Confidences and the exit rule stay float32. Default: the dtype the SideNet was fitted in "
+        "(sidenet fit: float32)."
+    ),
+]
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``error: message`` in red on stderr and leave with status 2 (a refused command)."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
 
 
 def check_range(option: str, value: float, low: float, high: float, *, open_interval: bool = False) -> None:
@@ -32,13 +76,47 @@ def check_positive(**options: int) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
 
 
+def check_device_dtype(device: str | None, dtype: str | None) -> None:
+    """Raise ``ValueError`` naming ``--device`` or ``--dtype`` for a device torch cannot parse or this
+    machine does not have, or a dtype sidenet does not run in."""
+    try:
+        check_placement(None, dtype)
+    except ValueError as exc:
+        raise ValueError(f"--dtype: {exc}") from None
+    try:
+        check_placement(device, None, here=True)
+    except ValueError as exc:
+        raise ValueError(f"--device: {exc}") from None
+
+
+def saved_task(folder: Path) -> Task:
+    """The task a saved SideNet was fitted on, read from its config alone (no MainNet loaded)."""
+    return get_task(SideNetConfig.load(folder).metadata.get("task", "fmnist"))
+
+
+def load_saved(
+    folder: Path,
+    data: Path | None,
+    progress: bool,
+    task: Task | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> tuple[Any, Task]:
+    """The SideNet in ``folder`` loaded onto its task's MainNet (``task``, default the one it was fitted
+    on), on ``device`` in ``dtype`` (None: the CPU, the dtype it was fitted in); and that task."""
+    task = task or saved_task(folder)
+    return load_placed(task.mainnet(data, progress=progress), folder, device, dtype), task
+
+
 @dataclass(frozen=True)
 class FitSettings:
     """What ``sidenet fit`` (and ``sidenet demo``) trains, and the rule that chooses its threshold on
     ``val``; the defaults are ``sidenet fit``'s. Checked once, when made: a bad option raises
     ``ValueError`` naming it (a :class:`sidenet.TapError` listing the valid taps for the tap) before any
     MainNet is trained or loaded and any data read. ``data`` None: the dataset is looked up;
-    ``features``: what a text SideNet reads; ``max_*_samples``: use the first N samples only.
+    ``features``: what a text SideNet reads; ``max_*_samples``: use the first N samples only;
+    ``device``, ``dtype``: where and in what precision the MainNet runs while the SideNet is fitted
+    (None: the CPU, float32); the SideNet is saved in that dtype.
     """
 
     task: str
@@ -59,9 +137,12 @@ class FitSettings:
     max_val_samples: int | None = None
     # A cascade: ("auto",) for every tap the splitter offers, or the candidate taps; None: one SideNet at tap.
     taps: tuple[str, ...] | None = None
+    device: str | None = None
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
         task = get_task(self.task)
+        check_device_dtype(self.device, self.dtype)
         check_positive(hidden=self.hidden, pool=self.pool, epochs=self.epochs)
         limits = {"max_train_samples": self.max_train_samples, "max_val_samples": self.max_val_samples}
         check_positive(**{name: limit for name, limit in limits.items() if limit is not None})

@@ -14,6 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
+from sidenet.cli_options import DtypeOption, fail
+
 SidenetOption = Annotated[
     Path, typer.Option("--sidenet", help="Folder of a saved SideNet (sidenet fit's output).", show_default=False)
 ]
@@ -34,18 +36,6 @@ CompileOption = Annotated[
         "Default: eager routing.",
     ),
 ]
-DtypeOption = Annotated[
-    str | None,
-    typer.Option(
-        help="Run the model in this floating dtype: float32, bfloat16 or float16 (bfloat16 on a GPU: its fast "
-        "path). Confidences and the exit rule stay float32. Default: as loaded (float32)."
-    ),
-]
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
 
 
 def _source(
@@ -56,26 +46,26 @@ def _source(
     from sidenet.tasks import TASKS
 
     if not (sidenet / "sidenet_config.json").is_file():
-        _fail(f"no saved SideNet in {sidenet} (no sidenet_config.json): run `sidenet fit` first")
+        fail(f"no saved SideNet in {sidenet} (no sidenet_config.json): run `sidenet fit` first")
     if task is not None and mainnet is not None:
-        _fail("give --task or --mainnet, not both")
+        fail("give --task or --mainnet, not both")
     if task is not None and task not in TASKS:
-        _fail(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+        fail(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
     if mainnet is not None and ":" not in mainnet:
-        _fail(f"--mainnet names a function as MODULE:FUNCTION or FILE.py:FUNCTION, got {mainnet!r}")
+        fail(f"--mainnet names a function as MODULE:FUNCTION or FILE.py:FUNCTION, got {mainnet!r}")
     if weights is not None and (mainnet is None or not weights.is_file()):
-        _fail(f"--mainnet-weights needs --mainnet and an existing safetensors file, got {weights}")
+        fail(f"--mainnet-weights needs --mainnet and an existing safetensors file, got {weights}")
     if threshold is not None and not 0 <= threshold <= 1:
-        _fail(f"--threshold must lie in [0, 1], got {threshold}")
+        fail(f"--threshold must lie in [0, 1], got {threshold}")
     return SidenetSource(str(sidenet), task, mainnet, threshold, None if weights is None else str(weights))
 
 
-def _ray_or_fail() -> Any:
+def _ray_orfail() -> Any:
     try:
         import ray
         from ray import serve  # noqa: F401 - checks the serve extra too
     except ImportError:
-        _fail("this needs Ray: pip install 'sidenet[serve]'")
+        fail("this needs Ray: pip install 'sidenet[serve]'")
     return ray
 
 
@@ -115,11 +105,11 @@ def serve_command(
 ) -> None:
     """Serve a SideNet + MainNet over HTTP with Ray Serve: POST one image or sentence, get its label."""
     if min(replicas, max_batch_size) < 1 or min(cpus, gpus, batch_wait_ms, flush_ms) < 0:
-        _fail("--replicas and --max-batch-size must be >= 1; --cpus, --gpus and the waits >= 0")
+        fail("--replicas and --max-batch-size must be >= 1; --cpus, --gpus and the waits >= 0")
     if (config is None) == (sidenet is None):
-        _fail("give --sidenet FOLDER (and the flags) or --config FILE")
+        fail("give --sidenet FOLDER (and the flags) or --config FILE")
     if config is not None and not config.is_file():
-        _fail(f"no config file {config}")
+        fail(f"no config file {config}")
     source = None if sidenet is None else _source(sidenet, task, mainnet, threshold, mainnet_weights)
     from sidenet.host_memory import switched_on
     from sidenet.integrations.options import ServeOptions
@@ -138,8 +128,8 @@ def serve_command(
             retain_cpu_memory=switched_on(),  # in the replicas too: SIDENET_CPU_MEMORY=system turns it off
         )
     except ValueError as exc:
-        _fail(str(exc))
-    ray = _ray_or_fail()
+        fail(str(exc))
+    ray = _ray_orfail()
     from ray import serve
 
     from sidenet.integrations.ray_serve import app_builder, build_app
@@ -150,7 +140,7 @@ def serve_command(
         spec = yaml.safe_load(config.read_text()) or {}
         apps = spec.get("applications") or []
         if not apps or any(not a.get("import_path", "").endswith("ray_serve:app_builder") for a in apps):
-            _fail("the config needs applications with import_path: sidenet.integrations.ray_serve:app_builder")
+            fail("the config needs applications with import_path: sidenet.integrations.ray_serve:app_builder")
         http = spec.get("http_options") or {}
         host, port = http.get("host", host), int(http.get("port", port))
         try:
@@ -159,7 +149,7 @@ def serve_command(
                 for i, a in enumerate(apps)
             ]
         except (ValueError, TypeError) as exc:
-            _fail(f"{config}: {exc}")
+            fail(f"{config}: {exc}")
         inputs = None
     else:
         inputs = source.inputs()
@@ -173,7 +163,7 @@ def serve_command(
     except RuntimeError as exc:  # a replica that failed to start: Serve's message says which and why
         serve.shutdown()
         ray.shutdown()
-        _fail(f"{exc} (replica logs: /tmp/ray/session_latest/logs/serve/)")
+        fail(f"{exc} (replica logs: /tmp/ray/session_latest/logs/serve/)")
     url = f"http://{host}:{port}/"
     typer.echo(f"Serving on {url} (GET {url}health, {url}metrics). Try:")
     if inputs is not None:
@@ -217,33 +207,33 @@ def classify_command(
     from sidenet.integrations.ray_data import classify_file
 
     if not input.exists():
-        _fail(f"no input {input}")
+        fail(f"no input {input}")
     if output.suffix.lower() != ".parquet":
-        _fail(f"--output must be a .parquet file, got {output}")
+        fail(f"--output must be a .parquet file, got {output}")
     if min(concurrency, batch_size, model_batch) < 1 or gpus < 0:
-        _fail("--concurrency, --batch-size and --model-batch must be >= 1, --gpus >= 0")
+        fail("--concurrency, --batch-size and --model-batch must be >= 1, --gpus >= 0")
     if gpus > 0 and not use_ray:
-        _fail("--gpus places Ray actors: give --ray, or --device cuda to classify on a GPU here")
+        fail("--gpus places Ray actors: give --ray, or --device cuda to classify on a GPU here")
     from sidenet.integrations.options import check_placement
 
     device = device or ("cuda" if gpus > 0 else None)
     try:
         check_placement(device, dtype)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     import torch
 
     cuda = device is not None and torch.device(device).type == "cuda"
     if use_ray and cuda and gpus == 0:
-        _fail(f"--device {device} with --ray: give each actor a GPU with --gpus (Ray places them)")
+        fail(f"--device {device} with --ray: give each actor a GPU with --gpus (Ray places them)")
     if not use_ray and cuda and not torch.cuda.is_available():
-        _fail(f"--device {device}: no CUDA device on this machine")
+        fail(f"--device {device}: no CUDA device on this machine")
     if mode not in ("adaptive", "main"):
-        _fail(f"--mode must be adaptive or main, got {mode!r}")
+        fail(f"--mode must be adaptive or main, got {mode!r}")
     from sidenet.integrations.options import COMPILE_BACKENDS
 
     if compile_backend not in COMPILE_BACKENDS:
-        _fail(f"--compile must be one of {', '.join(b for b in COMPILE_BACKENDS if b)}, got {compile_backend!r}")
+        fail(f"--compile must be one of {', '.join(b for b in COMPILE_BACKENDS if b)}, got {compile_backend!r}")
     source = _source(sidenet, task, mainnet, threshold, mainnet_weights)
     from sidenet.host_memory import switched_on
 
@@ -258,7 +248,7 @@ def classify_command(
     started = time.perf_counter()
     ours = False  # shut down only a Ray this command started (not the caller's)
     if use_ray:
-        ray = _ray_or_fail()
+        ray = _ray_orfail()
         ours = not ray.is_initialized()
         if ours:
             ray.init(address=address, include_dashboard=False)
@@ -267,7 +257,7 @@ def classify_command(
     try:
         rows = classify_file(input, output, source, column=column, use_ray=use_ray, batch_size=batch_size, **options)
     except (ValueError, KeyError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     finally:
         if ours:
             ray.shutdown()
@@ -277,4 +267,6 @@ def classify_command(
 def register(app: typer.Typer) -> None:
     """Add ``serve`` and ``classify`` to the ``sidenet`` app."""
     app.command("serve")(serve_command)
-    app.command("classify")(classify_command)
+    # Its docstring's first lines wrap badly in the command list: a one-line summary there.
+    short = "Label a folder of images or a parquet file into a parquet file; with --ray on Ray Data."
+    app.command("classify", short_help=short)(classify_command)

@@ -249,15 +249,16 @@ class SidenetSource:
         return self.task or self._config().metadata.get("task", "fmnist")
 
     def load(self) -> Any:
-        """The routed model (an :class:`sidenet.AdaptiveModel` in eval mode)."""
-        from sidenet.checkpoint import load_sidenet
+        """The routed model (an :class:`sidenet.AdaptiveModel` in eval mode), in the dtype the SideNet
+        was fitted in (its MainNet cast likewise: :func:`sidenet.placement.load_placed`)."""
+        from sidenet.placement import load_placed
         from sidenet.tasks import get_task
 
         if self.mainnet is not None:
             mainnet = build_mainnet(self.mainnet, self.mainnet_weights)
         else:
             mainnet = get_task(self.task_name()).mainnet(progress=False)
-        model = load_sidenet(mainnet, Path(self.sidenet)).eval()
+        model = load_placed(mainnet, Path(self.sidenet)).eval()
         if self.threshold is not None:
             model.thresholds = self.threshold  # a cascade: the same threshold for every SideNet
         return model

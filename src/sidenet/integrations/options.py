@@ -1,39 +1,17 @@
 """How a Ray Serve replica of :mod:`sidenet.integrations.ray_serve` batches, routes and audits: a
-plain dataclass, importable (and checked) without Ray; and where a replica or actor places its model."""
+plain dataclass, importable (and checked) without Ray. Where a replica or actor places its model is
+:mod:`sidenet.placement`'s (re-exported here)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-import torch
+from sidenet.placement import DTYPES, check_placement, placed
 
 __all__ = ["ServeOptions", "DTYPES", "check_placement", "placed"]
 
 
 COMPILE_BACKENDS = (None, "auto", "eager", "inductor", "cuda_graph", "inductor_cuda_graph")
-# The floating dtypes a served model may run in (confidences and the exit rule stay float32 in any).
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def check_placement(device: str | None, dtype: str | None) -> None:
-    """Raise ``ValueError`` for a device string torch cannot parse or a dtype not in :data:`DTYPES`."""
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if device is not None:
-        try:
-            torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device {device!r} is not a torch device ({exc})") from None
-
-
-def placed(model: Any, device: str | None, dtype: str | None) -> Any:
-    """``model`` (an :class:`~sidenet.AdaptiveModel`) moved to ``device`` and cast to ``dtype``, the SideNet
-    with its MainNet; None keeps where and how it was loaded. Batches follow it (``to_mainnet``)."""
-    check_placement(device, dtype)
-    if device is None and dtype is None:
-        return model
-    return model.to(device=device, dtype=None if dtype is None else getattr(torch, dtype))
 
 
 @dataclass(frozen=True)
