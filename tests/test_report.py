@@ -245,3 +245,21 @@ def test_report_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert "Live audit of logged traffic" in (tmp_path / "rep" / "report.md").read_text()
     missing = runner.invoke(cli.app, ["report", "--sidenet", str(out), "--audit", str(tmp_path / "none.json"), "-q"])
     assert missing.exit_code != 0
+
+
+def test_report_times_the_model_as_served(built) -> None:
+    model, _ = built
+    settings = ReportSettings(
+        max_accuracy_drop=0.05, timing_samples=64, repeats=1, table_rows=2, compile_backend="eager"
+    )
+    before = model.policies
+    report = build_report(model, mixed_loader(1), mixed_loader(2), settings, progress=False)
+    assert model.policies == before
+    timing = report.timing
+    assert timing.served == "compile_for_serving (backend eager)" and timing.mainnet_compiled is not None
+    assert all(
+        row.speedup == pytest.approx(row.throughput / timing.baseline_timing.throughput) for row in report.thresholds
+    )
+    saved = report.to_dict()["timing"]
+    assert saved["baseline"] == timing.baseline and saved["mainnet_compiled"]["throughput"] > 0
+    assert "over the best MainNet alone" in timing.describe()

@@ -137,3 +137,36 @@ def test_cascade_report_shows_the_live_audit(cascade_folder: Path, tmp_path: Pat
     bad.write_text("{}")
     result = runner.invoke(cli.app, ["report", "--sidenet", str(cascade_folder), "--audit", str(bad), "-q"])
     assert result.exit_code == 2 and "no audit counts found" in result.output, result.output
+
+
+def test_cascade_report_times_the_cascade_as_served(cascade_folder: Path) -> None:
+    report, out = _report(cascade_folder, "--max-samples", "64", "--compile", "eager")
+    timing = report["timing"]
+    assert timing["served"] == "compile_for_serving (backend eager)" and timing["compile_seconds"] > 0
+    unit = timing[timing["baseline"]]["throughput"]
+    assert timing["mainnet_compiled"]["throughput"] > 0
+    for point in timing["points"].values():
+        assert point["speedup"] == pytest.approx(point["throughput"] / unit)
+    assert "over the best MainNet alone" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--compile", "fast"], "--compile must be one of"),
+        (["--compile", "auto", "--no-timing"], "it needs timing"),
+    ],
+)
+def test_bad_compile_option_is_refused_before_any_work(
+    tiny_task: TinyTask,  # noqa: F811
+    cascade_folder: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    extra: list[str],
+    message: str,
+) -> None:
+    def no_mainnet(*args, **kwargs):
+        raise AssertionError("the MainNet was loaded before the options were checked")
+
+    monkeypatch.setattr(tiny_task, "mainnet", no_mainnet)
+    result = runner.invoke(cli.app, ["report", "--sidenet", str(cascade_folder), *extra])
+    assert result.exit_code == 2 and message in result.output

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import sidenet
+from helpers import IMAGE_SHAPE, build_tiny_mainnet, make_images
 from sidenet.loaders import make_loader
-from sidenet.timing import Timing, input_batches, latency_percentiles, measure_throughput
+from sidenet.timing import RoutedTiming, Timing, input_batches, latency_percentiles, measure_throughput, time_routed
 
 
 def test_every_runner_sees_every_batch_in_each_pass_and_finish_ends_each_pass() -> None:
@@ -68,3 +70,79 @@ def test_count_operations_counts_dispatched_operations_but_not_views() -> None:
     assert counted == {"mul": 1, "sum": 1}
     assert count_operations(lambda: (x.sum().item(), torch.promote_types(x.dtype, torch.int64))) == {"sum": 1}
     assert count_operations(lambda: None) == {}
+
+
+def test_routed_timing_speedups_are_over_the_faster_mainnet_alone() -> None:
+    eager, compiled = Timing([2.0, 2.0], 100), Timing([1.0, 1.0], 100)
+    points = {0.5: Timing([0.5, 0.5], 100)}
+    alone = RoutedTiming(samples=100, batches=2, mainnet=eager, points=points)
+    assert alone.baseline == "mainnet" and alone.speedup(0.5) == pytest.approx(4.0)
+    assert "eager routing over the eager MainNet" in alone.describe()
+    served = RoutedTiming(
+        samples=100, batches=2, mainnet=eager, mainnet_compiled=compiled, points=points, served="x", compile_seconds=3.0
+    )
+    assert served.baseline == "mainnet_compiled" and served.speedup(0.5) == pytest.approx(2.0)
+    assert "best MainNet alone (torch.compile;" in served.describe() and "3.0 s of compiling" in served.describe()
+    slower = RoutedTiming(samples=100, batches=2, mainnet=compiled, mainnet_compiled=eager, points=points)
+    assert slower.baseline == "mainnet" and slower.baseline_dict()["baseline"] == "mainnet"
+
+
+def _thresholds(model) -> dict:
+    def at(value: float):
+        return lambda: setattr(model, "threshold", value)
+
+    return {0.3: at(0.3), 0.9: at(0.9)}
+
+
+def test_time_routed_eager_puts_the_exit_rule_back(shared_model) -> None:
+    before = shared_model.policies
+    timing = time_routed(shared_model, [make_images(8, seed=1), make_images(5, seed=2)], _thresholds(shared_model), 2)
+    assert shared_model.policies is before
+    assert set(timing.points) == {0.3, 0.9} and timing.samples == 13 and timing.batches == 2
+    assert timing.mainnet_compiled is None and timing.served == "eager" and timing.compile_seconds is None
+    assert all(len(t.seconds) == 2 for t in [timing.mainnet, *timing.points.values()])
+
+
+def test_time_routed_as_served_times_the_compiled_model_and_the_compiled_mainnet(
+    shared_model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sidenet.compiled
+
+    compiled_with, served_calls = [], []
+    compile_for_serving = sidenet.compiled.compile_for_serving
+    served_call = sidenet.compiled.CompiledAdaptiveModel.__call__
+
+    def recording_compile(model, example, **options):
+        compiled_with.append(options)
+        return compile_for_serving(model, example, **options)
+
+    def recording_call(self, x):
+        served_calls.append(len(x))
+        return served_call(self, x)
+
+    monkeypatch.setattr(sidenet.compiled, "compile_for_serving", recording_compile)
+    monkeypatch.setattr(sidenet.compiled.CompiledAdaptiveModel, "__call__", recording_call)
+    before = shared_model.policies
+    batches = [make_images(8, seed=1), make_images(5, seed=2)]
+    timing = time_routed(shared_model, batches, _thresholds(shared_model), 1, compile_backend="eager")
+    assert shared_model.policies is before
+    assert compiled_with == [{"batch_sizes": [5, 8], "backend": "eager"}]
+    # Both points, in the untimed and the timed pass, ran every batch through the served model.
+    assert served_calls.count(8) >= 4 and served_calls.count(5) >= 4
+    assert timing.mainnet_compiled is not None and timing.compile_seconds > 0
+    assert timing.served == "compile_for_serving (backend eager)"
+    assert timing.baseline in ("mainnet", "mainnet_compiled")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_time_routed_as_served_on_cuda_in_bfloat16() -> None:
+    # The report's --compile auto on a GPU: the served model in CUDA graphs, the MainNet alone under
+    # reduce-overhead, timed interleaved with the eager MainNet.
+    mainnet = build_tiny_mainnet().to(device="cuda", dtype=torch.bfloat16)
+    model = sidenet.attach(mainnet, "layer1", input_shape=IMAGE_SHAPE, hidden=32, pool_size=2, seed=0)
+    batches = [make_images(8, seed=1).cuda().bfloat16(), make_images(5, seed=2).cuda().bfloat16()]
+    before = model.policies
+    timing = time_routed(model, batches, _thresholds(model), 2, compile_backend="auto")
+    assert model.policies is before and set(timing.points) == {0.3, 0.9}
+    assert timing.mainnet_compiled is not None and timing.compile_seconds > 0
+    assert all(t.throughput > 0 for t in [timing.mainnet, timing.mainnet_compiled, *timing.points.values()])

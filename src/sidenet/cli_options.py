@@ -28,6 +28,7 @@ __all__ = [
     "saved_task",
     "load_saved",
     "fail",
+    "CompileOption",
     "DataOption",
     "DeviceOption",
     "DtypeOption",
@@ -40,6 +41,15 @@ DataOption = Annotated[
     Path | None, typer.Option("--data", help="Dataset folder (default: looked up; SST-2: also $SIDENET_SST2_DIR).")
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+CompileOption = Annotated[
+    str | None,
+    typer.Option(
+        "--compile",
+        help="Route through compiled stages (sidenet.compile_for_serving): auto (torch.compile's kernels in "
+        "CUDA graphs on a GPU, torch.compile on the CPU), eager, inductor, cuda_graph or inductor_cuda_graph. "
+        "Default: eager routing.",
+    ),
+]
 
 DeviceOption = Annotated[
     str | None,

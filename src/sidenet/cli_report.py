@@ -54,6 +54,15 @@ def report_command(
     audit: Annotated[
         Path | None, typer.Option(help="Logged live-audit counts to show: /metrics answers of the deployment.")
     ] = None,
+    compile_backend: Annotated[
+        str | None,
+        typer.Option(
+            "--compile",
+            help="Time the model as served through compiled stages (sidenet.compile_for_serving: auto, eager, "
+            "inductor, cuda_graph, inductor_cuda_graph), over the best MainNet alone (the faster of eager and "
+            "torch.compile). Default: eager routing over the eager MainNet.",
+        ),
+    ] = None,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
     quiet: QuietOption = False,
@@ -72,6 +81,13 @@ def report_command(
         check_range("--confidence", confidence, 0.0, 1.0, open_interval=True)
         check_positive(bins=bins)
         check_device_dtype(device, dtype)
+        from sidenet.integrations.options import COMPILE_BACKENDS  # the serving layer's, loaded on demand
+
+        if compile_backend not in COMPILE_BACKENDS:
+            backends = ", ".join(b for b in COMPILE_BACKENDS if b)
+            raise ValueError(f"--compile must be one of {backends}, got {compile_backend!r}")
+        if compile_backend is not None and not timing:
+            raise ValueError("--compile says how to time the model: it needs timing (drop --no-timing)")
         task = saved_task(sidenet)
         cascade = (sidenet / CASCADE_NAME).is_file()
         from sidenet.audit import audit_from_log  # read first: a bad file fails before the long work
@@ -84,7 +100,13 @@ def report_command(
         for name in (calibration_split, split):
             if name not in loaders:
                 fail(f"splits are {sorted(loaders)}, got {name!r}")
-        settings = ReportSettings(max_accuracy_drop=max_drop, confidence=confidence, bins=bins, timing=timing)
+        settings = ReportSettings(
+            max_accuracy_drop=max_drop,
+            confidence=confidence,
+            bins=bins,
+            timing=timing,
+            compile_backend=compile_backend,
+        )
         loaders = {name: prefix_loader(loader, max_samples) for name, loader in loaders.items()}
         if halves:
             calibration_loader, evaluation_loader = split_loader(loaders[split])

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sidenet.cli_options import DtypeOption, fail
+from sidenet.cli_options import CompileOption, DtypeOption, fail
 
 SidenetOption = Annotated[
     Path, typer.Option("--sidenet", help="Folder of a saved SideNet (sidenet fit's output).", show_default=False)
@@ -27,15 +27,6 @@ MainnetOption = Annotated[
 WeightsOption = Annotated[Path | None, typer.Option(help="The --mainnet's weights: a safetensors state dict.")]
 ThresholdOption = Annotated[float | None, typer.Option(help="Override the saved threshold.")]
 ModeOption = Annotated[str, typer.Option(help="adaptive (per-sample routing) or main (the MainNet alone).")]
-CompileOption = Annotated[
-    str | None,
-    typer.Option(
-        "--compile",
-        help="Route through compiled stages (sidenet.compile_for_serving): auto (torch.compile's kernels in "
-        "CUDA graphs on a GPU, torch.compile on the CPU), eager, inductor, cuda_graph or inductor_cuda_graph. "
-        "Default: eager routing.",
-    ),
-]
 
 
 def _source(

@@ -10,7 +10,7 @@ thresholds; the *evaluation* data reports what they do on data they never saw.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -20,7 +20,7 @@ import torch
 
 from sidenet.calibration import CalibrationMetrics, calibration_metrics, fit_temperature, sidenet_logits
 from sidenet.curve import SweepRecord, TradeoffCurve, collect
-from sidenet.policy import NEVER_EXIT, ExitPolicy
+from sidenet.policy import ExitPolicy
 from sidenet.report_data import (
     CalibrationReport,
     ClassRow,
@@ -34,7 +34,7 @@ from sidenet.report_data import (
 )
 from sidenet.routing import AdaptiveModel
 from sidenet.shift import confidence_shift
-from sidenet.timing import input_batches, measure_throughput
+from sidenet.timing import input_batches, time_routed
 from sidenet.training import to_mainnet
 
 __all__ = [
@@ -161,32 +161,23 @@ def _throughput(
     model: AdaptiveModel, policy: ExitPolicy, loader: Iterable, thresholds: list[float], settings: ReportSettings
 ) -> ThroughputReport:
     """Samples per second of the MainNet alone and of the model under ``policy`` at each threshold, on
-    batches moved to the MainNet's device and dtype before timing (as the sweeps move them)."""
+    batches moved to the MainNet's device and dtype before timing (as the sweeps move them); eager, or
+    as served by ``settings.compile_backend``."""
     loaded = input_batches(loader, settings.timing_samples, batch_size=model.split.batch_size)
     batches = [to_mainnet(model.split, batch) for batch in loaded]
 
-    def runner(threshold: float, mode: str = "adaptive"):
+    def at(threshold: float) -> Callable[[], None]:
         rule = replace(policy, threshold=threshold)
 
-        def run(x: Any) -> torch.Tensor:
-            model.policy = rule  # runners interleave; the caller restores the model's own policy
-            return model(x, mode=mode).logits
+        def put() -> None:
+            model.policy = rule
 
-        return run
+        return put
 
-    runners = {"mainnet": runner(NEVER_EXIT, "main"), **{f"{t!r}": runner(t) for t in thresholds}}
-    # On an accelerator a pass has ended only when its queued work has: wait for it inside the timing.
-    device = next(model.sidenet.parameters()).device
-    finish = {} if device.type == "cpu" else dict.fromkeys(runners, lambda: torch.accelerator.synchronize(device))
-    timings = measure_throughput(
-        runners, batches, repeats=settings.repeats, batch_size=model.split.batch_size, finish=finish
+    timing = time_routed(
+        model, batches, {t: at(t) for t in thresholds}, settings.repeats, compile_backend=settings.compile_backend
     )
-    return ThroughputReport(
-        samples=sum(model.split.batch_size(batch) for batch in batches),
-        batches=len(batches),
-        mainnet=timings["mainnet"],
-        thresholds={t: timings[f"{t!r}"] for t in thresholds},
-    )
+    return ThroughputReport(**vars(timing))
 
 
 def build_report(

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from sidenet.calibration import CalibrationMetrics, calibration_metrics, every_sidenet_logits, fit_temperature
 from sidenet.cascade_choice import DEFAULT_FAMILY, FAMILIES, threshold_path
@@ -28,7 +27,7 @@ from sidenet.cascade_record import collect_cascade
 from sidenet.report_data import ReportSettings, ShiftChecks
 from sidenet.routing import AdaptiveModel
 from sidenet.shift import confidence_shift
-from sidenet.timing import Timing, input_batches, measure_throughput
+from sidenet.timing import RoutedTiming, input_batches, time_routed
 from sidenet.training import to_mainnet
 
 __all__ = ["CascadeReport", "SideNetSummary", "CascadePoint", "CascadeThroughput", "build_cascade_report"]
@@ -92,26 +91,15 @@ class CascadePoint:
         return clean(vars(self))
 
 
-@dataclass
-class CascadeThroughput:
-    """Samples per second of the MainNet alone and of the cascade at each named threshold vector,
-    timed interleaved on the same batches (the loader's batch size)."""
-
-    samples: int
-    batches: int
-    mainnet: Timing
-    points: dict[str, Timing]
-
-    def speedup(self, name: str) -> float:
-        return self.points[name].throughput / self.mainnet.throughput
+@dataclass(kw_only=True)
+class CascadeThroughput(RoutedTiming):
+    """Samples per second of the MainNet alone and of the cascade at each named threshold vector
+    (``points``), timed interleaved on the same batches (the loader's batch size); speed-ups over the
+    best MainNet alone (:class:`~sidenet.timing.RoutedTiming`)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "samples": self.samples,
-            "batches": self.batches,
-            "mainnet": self.mainnet.to_dict(),
-            "points": {name: {**t.to_dict(), "speedup": self.speedup(name)} for name, t in self.points.items()},
-        }
+        points = {name: {**t.to_dict(), "speedup": self.speedup(name)} for name, t in self.points.items()}
+        return {"samples": self.samples, "batches": self.batches, **self.baseline_dict(), "points": points}
 
 
 @dataclass
@@ -214,37 +202,21 @@ def _throughput(
     model: AdaptiveModel, loader: Iterable, points: dict[str, Thresholds], settings: ReportSettings
 ) -> CascadeThroughput:
     """:class:`CascadeThroughput` of the MainNet alone and the cascade at each of ``points``, on the first
-    ``settings.timing_samples`` evaluation samples moved to the MainNet's device first. The model's own
-    exit rules are put back afterwards."""
+    ``settings.timing_samples`` evaluation samples moved to the MainNet's device first; eager, or as
+    served by ``settings.compile_backend``. The model's own exit rules are put back afterwards."""
     loaded = input_batches(loader, settings.timing_samples, batch_size=model.split.batch_size)
     batches = [to_mainnet(model.split, batch) for batch in loaded]
-    saved = model.policies
 
-    def runner(vector: Thresholds | None) -> Callable[[Any], torch.Tensor]:
-        def run(x: Any) -> torch.Tensor:
-            if vector is None:
-                return model(x, mode="main").logits
-            model.thresholds = vector  # runners interleave: each sets its own vector
-            return model(x).logits
+    def at(vector: Thresholds) -> Callable[[], None]:
+        def put() -> None:
+            model.thresholds = vector
 
-        return run
+        return put
 
-    runners = {"mainnet": runner(None), **{name: runner(vector) for name, vector in points.items()}}
-    # On an accelerator a pass has ended only when its queued work has: wait for it inside the timing.
-    device = next(model.sidenet.parameters()).device
-    finish = {} if device.type == "cpu" else dict.fromkeys(runners, lambda: torch.accelerator.synchronize(device))
-    try:
-        timings = measure_throughput(
-            runners, batches, repeats=settings.repeats, batch_size=model.split.batch_size, finish=finish
-        )
-    finally:
-        model.policies = saved
-    return CascadeThroughput(
-        samples=sum(model.split.batch_size(batch) for batch in batches),
-        batches=len(batches),
-        mainnet=timings.pop("mainnet"),
-        points=timings,
+    timing = time_routed(
+        model, batches, {name: at(v) for name, v in points.items()}, settings.repeats, settings.compile_backend
     )
+    return CascadeThroughput(**vars(timing))
 
 
 def _sidenets(

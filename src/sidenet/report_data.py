@@ -14,7 +14,7 @@ from sidenet.calibration import CalibrationMetrics
 from sidenet.curve import SweepRecord, TradeoffCurve
 from sidenet.policy import POLICIES, ExitPolicy
 from sidenet.shift import ShiftReport
-from sidenet.timing import Timing
+from sidenet.timing import RoutedTiming, Timing
 
 __all__ = [
     "Point",
@@ -43,6 +43,10 @@ class ReportSettings:
         policies: exit rules to compare.
         timing: measure throughput (the slowest part); ``timing_samples`` evaluation samples in
             batches as the loader gives them, ``repeats`` interleaved passes.
+        compile_backend: None: time eager routing against the eager MainNet; a backend of
+            :func:`sidenet.compile_for_serving` (``auto``, ...): time the model as served that way, over
+            the best MainNet alone (the faster of eager and ``torch.compile``). See
+            :func:`sidenet.timing.time_routed`.
         table_rows: rows of the threshold table besides the marked points.
     """
 
@@ -54,6 +58,7 @@ class ReportSettings:
     timing_samples: int = 2048
     repeats: int = 3
     table_rows: int = 6
+    compile_backend: str | None = None
 
 
 @dataclass
@@ -195,28 +200,21 @@ class ThresholdRow:
         return row
 
 
-@dataclass
-class ThroughputReport:
-    """Samples per second of the MainNet alone and of the model at each table threshold, interleaved."""
+@dataclass(kw_only=True)
+class ThroughputReport(RoutedTiming):
+    """Samples per second of the MainNet alone and of the model at each table threshold (``points``,
+    keyed by threshold), interleaved; speed-ups over the best MainNet alone (:class:`RoutedTiming`)."""
 
-    samples: int
-    batches: int
-    mainnet: Timing
-    thresholds: dict[float, Timing]
-
-    def speedup(self, threshold: float) -> float:
-        return self.thresholds[threshold].throughput / self.mainnet.throughput
+    @property
+    def thresholds(self) -> dict[float, Timing]:
+        return self.points
 
     def to_dict(self) -> dict[str, Any]:
-        # Keyed by repr(threshold), which JSON keeps exactly; the MainNet is its own speed-up unit.
-        runners = {"mainnet": {**self.mainnet.to_dict(), "speedup": 1.0}}
-        runners |= {f"{t!r}": {**timing.to_dict(), "speedup": self.speedup(t)} for t, timing in self.thresholds.items()}
-        return {
-            "samples": self.samples,
-            "batches": self.batches,
-            "mainnet": self.mainnet.to_dict(),
-            "thresholds": runners,
-        }
+        # Keyed by repr(threshold), which JSON keeps exactly; the best MainNet alone is the speed-up unit.
+        unit = self.baseline_timing.throughput
+        runners = {"mainnet": {**self.mainnet.to_dict(), "speedup": self.mainnet.throughput / unit}}
+        runners |= {f"{t!r}": {**timing.to_dict(), "speedup": self.speedup(t)} for t, timing in self.points.items()}
+        return {"samples": self.samples, "batches": self.batches, **self.baseline_dict(), "thresholds": runners}
 
 
 @dataclass

@@ -246,6 +246,8 @@ def _headline(report: TradeoffReport) -> list[str]:
         f"SideNet ECE {pct(calibration.sidenet_before.ece)} before and {pct(calibration.sidenet_after.ece)} after "
         f"temperature scaling (MainNet {pct(calibration.mainnet.ece)}).",
     ]
+    if report.timing is not None:
+        lines.append(report.timing.describe())
     lines += audit_warning(report.audit)
     if shift.shifted:
         lines.append(

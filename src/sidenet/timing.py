@@ -8,14 +8,26 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils._pytree import tree_leaves
 
 from sidenet.loaders import iter_batches
 
-__all__ = ["Timing", "count_operations", "input_batches", "measure_throughput", "latency_percentiles", "synchronize"]
+if TYPE_CHECKING:
+    from sidenet.routing import AdaptiveModel
+
+__all__ = [
+    "Timing",
+    "RoutedTiming",
+    "count_operations",
+    "input_batches",
+    "measure_throughput",
+    "time_routed",
+    "latency_percentiles",
+    "synchronize",
+]
 
 
 @dataclass
@@ -114,6 +126,141 @@ def measure_throughput(
             one_pass(name, run)
             seconds[name].append(time.perf_counter() - started)
     return {name: Timing(values, samples) for name, values in seconds.items()}
+
+
+@dataclass(kw_only=True)
+class RoutedTiming:
+    """Throughput of a routed model at named points (thresholds, threshold vectors) and of its MainNet
+    alone, timed interleaved on the same batches by :func:`time_routed`.
+
+    Speed-ups are over the best MainNet alone: the faster of the eager MainNet and, when the model was
+    timed as served (``served`` not ``"eager"``), the MainNet compiled alone (``mainnet_compiled``).
+    ``compile_seconds``: the compilation of the served model and of the MainNet alone, untimed.
+    """
+
+    samples: int
+    batches: int
+    mainnet: Timing
+    points: dict[Any, Timing]
+    mainnet_compiled: Timing | None = None
+    served: str = "eager"
+    compile_seconds: float | None = None
+
+    @property
+    def baseline(self) -> str:
+        """``mainnet`` or ``mainnet_compiled``: the faster MainNet alone, the unit of the speed-ups."""
+        compiled = self.mainnet_compiled
+        faster = compiled is not None and compiled.throughput > self.mainnet.throughput
+        return "mainnet_compiled" if faster else "mainnet"
+
+    @property
+    def baseline_timing(self) -> Timing:
+        return self.mainnet if self.baseline == "mainnet" else self.mainnet_compiled  # type: ignore[return-value]
+
+    def speedup(self, point: Any) -> float:
+        """Throughput at ``point`` over the best MainNet alone."""
+        return self.points[point].throughput / self.baseline_timing.throughput
+
+    def describe(self) -> str:
+        """One sentence: how the model ran and what the speed-ups are over, with the MainNet's figures."""
+        eager = f"eager {self.mainnet.throughput:,.0f} samples/s"
+        if self.mainnet_compiled is None:
+            return (
+                f"Throughput of eager routing over the eager MainNet alone ({eager}); {self.samples} samples in "
+                f"batches of the loader's size, median of {len(self.mainnet.seconds)} interleaved passes."
+            )
+        compiled = f"torch.compile {self.mainnet_compiled.throughput:,.0f} samples/s"
+        best = "torch.compile" if self.baseline == "mainnet_compiled" else "eager"
+        return (
+            f"Throughput as served by {self.served}, over the best MainNet alone ({best}; {eager}, {compiled}); "
+            f"{self.samples} samples in batches of the loader's size, median of {len(self.mainnet.seconds)} "
+            f"interleaved passes after {self.compile_seconds:.1f} s of compiling."
+        )
+
+    def baseline_dict(self) -> dict[str, Any]:
+        """The MainNet alone and how the model ran, for the JSON of a report."""
+        return {
+            "mainnet": self.mainnet.to_dict(),
+            "mainnet_compiled": None if self.mainnet_compiled is None else self.mainnet_compiled.to_dict(),
+            "baseline": self.baseline,
+            "served": self.served,
+            "compile_seconds": self.compile_seconds,
+        }
+
+
+def time_routed(
+    model: AdaptiveModel,
+    batches: Sequence[Any],
+    points: Mapping[Any, Callable[[], Any]],
+    repeats: int = 3,
+    compile_backend: str | None = None,
+) -> RoutedTiming:
+    """Time ``model`` at each of ``points`` (a key and a call that puts the model's exit rules there,
+    made before every batch: the runners interleave) and its MainNet alone, over ``batches`` (on the
+    MainNet's device and dtype); the model's exit rules are put back afterwards.
+
+    ``compile_backend`` None times eager routing against the eager MainNet. A backend of
+    :func:`sidenet.compile_for_serving` (``auto``: compiled kernels in CUDA graphs on a GPU,
+    ``torch.compile`` on the CPU) times the model as served that way, and the MainNet alone also compiled
+    (``torch.compile``, mode ``reduce-overhead`` on CUDA: kernels in CUDA graphs), so that the speed-ups
+    are over the best MainNet alone a user could run; both are compiled before the timed passes.
+    """
+    split = model.split
+    saved = model.policies
+    runners: dict[str, Callable[[Any], Any]] = {"mainnet": lambda x: model(x, mode="main").logits}
+    served, seconds = model, None
+    if compile_backend is not None:
+        served, seconds = _compiled(model, batches, compile_backend, runners)
+    for key, put in points.items():
+        runners[repr(key)] = _at_point(served, put)
+    # On an accelerator a pass has ended only when its queued work has: wait for it inside the timing.
+    device = next(model.sidenet.parameters()).device
+    finish = {} if device.type == "cpu" else dict.fromkeys(runners, lambda: torch.accelerator.synchronize(device))
+    try:
+        timings = measure_throughput(runners, batches, repeats=repeats, batch_size=split.batch_size, finish=finish)
+    finally:
+        model.policies = saved
+    return RoutedTiming(
+        samples=sum(split.batch_size(batch) for batch in batches),
+        batches=len(batches),
+        mainnet=timings["mainnet"],
+        mainnet_compiled=timings.get("mainnet_compiled"),
+        points={key: timings[repr(key)] for key in points},
+        served="eager" if compile_backend is None else f"compile_for_serving (backend {compile_backend})",
+        compile_seconds=seconds,
+    )
+
+
+def _at_point(model: Callable[[Any], Any], put: Callable[[], Any]) -> Callable[[Any], Any]:
+    def run(x: Any) -> Any:
+        put()
+        return model(x).logits
+
+    return run
+
+
+def _compiled(
+    model: AdaptiveModel, batches: Sequence[Any], backend: str, runners: dict[str, Callable[[Any], Any]]
+) -> tuple[Callable[[Any], Any], float]:
+    """The model served by ``compile_for_serving`` at the batches' sizes, the MainNet compiled alone added
+    to ``runners`` (``mainnet_compiled``), both compiled on ``batches`` (every shape they hold), and the
+    seconds that took."""
+    # The serving layer, imported only when the model is to be timed as served.
+    from sidenet.compiled import compile_for_serving
+
+    split = model.split
+    started = time.perf_counter()
+    sizes = sorted({split.batch_size(batch) for batch in batches})
+    served = compile_for_serving(model, batches[0], batch_sizes=sizes, backend=backend)  # type: ignore[arg-type]
+    cuda = split.input_device(batches[0]).type == "cuda"
+    alone = torch.compile(split.mainnet_logits, mode="reduce-overhead" if cuda else None)
+    runners["mainnet_compiled"] = alone
+    with torch.inference_mode():  # the mode of the timed passes: no recompilation there
+        for batch in batches:
+            served(batch)
+            alone(batch)
+        synchronize()
+    return served, time.perf_counter() - started
 
 
 @torch.inference_mode()
