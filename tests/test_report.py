@@ -263,3 +263,24 @@ def test_report_times_the_model_as_served(built) -> None:
     saved = report.to_dict()["timing"]
     assert saved["baseline"] == timing.baseline and saved["mainnet_compiled"]["throughput"] > 0
     assert "over the best MainNet alone" in timing.describe()
+
+
+def test_report_batch_size_sets_the_batches_it_times(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_cli import TinyTask
+
+    class BatchedTinyTask(TinyTask):
+        def loaders(self, data_dir=None, batch_size=32):
+            return {name: DataLoader(ds, batch_size=batch_size) for name, ds in self._splits.items()}
+
+    monkeypatch.setitem(cli.TASKS, "tiny", BatchedTinyTask())
+    runner = CliRunner()
+    out = tmp_path / "side"
+    assert runner.invoke(cli.app, ["fit", "--task", "tiny", "--out", str(out), "--epochs", "1", "-q"]).exit_code == 0
+    for batch_size, batches in (("16", 4), ("48", 2)):
+        options = ["--out", str(tmp_path / "rep"), "--max-samples", "64", "--batch-size", batch_size, "-q"]
+        result = runner.invoke(cli.app, ["report", "--sidenet", str(out), *options])
+        assert result.exit_code == 0, result.output
+        timing = json.loads((tmp_path / "rep" / "report.json").read_text())["timing"]
+        assert (timing["samples"], timing["batches"]) == (64, batches)
+    refused = runner.invoke(cli.app, ["report", "--sidenet", str(out), "--batch-size", "0"])
+    assert refused.exit_code == 2

@@ -48,6 +48,14 @@ def report_command(
             "other data partition is distributed like it); --calibration-split is then ignored."
         ),
     ] = False,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Samples per batch in every pass and in the timing: the batch you serve at "
+            "(default: the task's, fmnist 256, sst2 32).",
+            min=1,
+        ),
+    ] = None,
     max_samples: Annotated[
         int | None, typer.Option(help="Use the first N samples of each data partition only (quick looks).", min=1)
     ] = None,
@@ -96,7 +104,7 @@ def report_command(
         for name in (calibration_split, split):
             task.check_split(name)
         model, task = load_saved(sidenet, data, not quiet, task, device, dtype)
-        loaders = task.loaders(data)
+        loaders = task.loaders(data) if batch_size is None else task.loaders(data, batch_size=batch_size)
         for name in (calibration_split, split):
             if name not in loaders:
                 fail(f"splits are {sorted(loaders)}, got {name!r}")
