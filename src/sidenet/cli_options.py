@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -19,6 +19,9 @@ from sidenet.placement import check_placement, load_placed
 from sidenet.policy import validate_policy
 from sidenet.splits import TapError
 from sidenet.tasks import Task, get_task
+
+if TYPE_CHECKING:
+    from sidenet.routing import AdaptiveModel
 
 __all__ = [
     "FitSettings",
@@ -111,7 +114,7 @@ def load_saved(
     task: Task | None = None,
     device: str | None = None,
     dtype: str | None = None,
-) -> tuple[Any, Task]:
+) -> tuple[AdaptiveModel, Task]:
     """The SideNet in ``folder`` loaded onto its task's MainNet (``task``, default the one it was fitted
     on), on ``device`` in ``dtype`` (None: the CPU, the dtype it was fitted in); and that task."""
     task = task or saved_task(folder)
