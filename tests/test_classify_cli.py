@@ -316,3 +316,54 @@ def test_actors_and_replicas_place_their_model_where_told(saved: Any) -> None:
             RoutedClassifier(SidenetSource(str(folder / "absent"), mainnet=factory), **bad)
         with pytest.raises(ValueError, match="dtype must be one of|is not a torch device"):
             ServeOptions(**bad)
+
+
+def _channels_last(model: torch.nn.Module) -> bool:
+    convolutions = [p for p in model.parameters() if p.dim() == 4]
+    return bool(convolutions) and all(p.is_contiguous(memory_format=torch.channels_last) for p in convolutions)
+
+
+def test_classification_with_channels_last_answers_as_the_model(saved: Any, tmp_path: Path) -> None:
+    """``--channels-last`` lays the MainNet's convolutions out NHWC: the same answers (the convolutions
+    sum in another order: confidences within 1e-5), the actor's model so laid out, text refused."""
+    from sidenet.integrations import SidenetSource
+    from sidenet.integrations.ray_data import RoutedClassifier
+    from sidenet.placement import placement_of
+
+    folder, mainnet, model = saved
+    images = image_folder(tmp_path / "images", 40)
+    tables = {}
+    for name, extra in (("contiguous", []), ("channels_last", ["--channels-last"])):
+        out = tmp_path / f"{name}.parquet"
+        argv = [
+            "classify",
+            "--input",
+            str(images),
+            "--output",
+            str(out),
+            "--sidenet",
+            str(folder),
+            "--mainnet",
+            mainnet,
+        ]
+        result = runner.invoke(app, [*argv, "--model-batch", "8", *extra])
+        assert result.exit_code == 0, result.output
+        tables[name] = pq.read_table(out).to_pydict()
+    confidence = torch.tensor(tables["contiguous"]["confidence"])
+    torch.testing.assert_close(torch.tensor(tables["channels_last"]["confidence"]), confidence, atol=1e-5, rtol=0)
+    clear = (confidence - model.threshold).abs() > 1e-4
+    exited = {name: torch.tensor(table["exited"])[clear] for name, table in tables.items()}
+    assert torch.equal(exited["channels_last"], exited["contiguous"]) and int(clear.sum()) >= 30
+    laid_out = RoutedClassifier(SidenetSource(str(folder), mainnet=mainnet), model_batch=8, channels_last=True).model
+    assert _channels_last(laid_out.split.mainnet) and not _channels_last(model.split.mainnet)
+    assert placement_of(laid_out)["channels_last"] and not placement_of(model)["channels_last"]
+
+
+def test_channels_last_is_refused_for_a_text_mainnet() -> None:
+    from helpers import tiny_bert
+    from sidenet import attach
+    from sidenet.placement import placed
+
+    model = attach(tiny_bert(), 1)
+    with pytest.raises(ValueError, match="lays out convolutions: this model has none"):
+        placed(model, None, None, channels_last=True)

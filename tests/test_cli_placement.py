@@ -167,3 +167,28 @@ def test_load_placed_leaves_a_mainnet_in_the_fitted_dtype_as_it_is(tmp_path: Pat
     assert next(model.split.mainnet.parameters()) is weight  # not cast, not copied
     model = load_placed(mainnet, tmp_path / "s", dtype="float16")
     assert {p.dtype for p in model.parameters()} == {torch.float16}
+
+
+def test_report_with_channels_last(bf16_folder: Path, tmp_path: Path) -> None:
+    args = ["report", "--sidenet", str(bf16_folder), "--out", str(tmp_path / "rep"), "-q", "--channels-last"]
+    result = runner.invoke(cli.app, [*args, "--max-samples", "64", "--bins", "5", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["timing"]["samples"] == 64
+
+
+def test_channels_last_is_refused_for_a_text_task_before_loading(tmp_path: Path) -> None:
+    # The sst2 task reads text: refused from the saved config's task name, before its MainNet is loaded.
+    folder = tmp_path / "side"
+    model = attach(TinyTask().mainnet(), "layer1", input_shape=(1, 28, 28), hidden=8, pool_size=2)
+    save_sidenet(model, folder, metadata={"task": "sst2"})
+    result = runner.invoke(cli.app, ["report", "--sidenet", str(folder), "--channels-last"])
+    assert result.exit_code == 2 and "the sst2 MainNet has none" in result.output
+
+
+def test_fit_with_channels_last_saves_the_same_kind_of_sidenet(fresh_task: FreshTinyTask, tmp_path: Path) -> None:
+    # The layout changes neither the fingerprint nor the weights' format: it loads onto the plain MainNet.
+    _fit(tmp_path / "cl", "--channels-last")
+    model = load_sidenet(fresh_task.mainnet(), tmp_path / "cl")
+    assert fitted_dtype(tmp_path / "cl") == torch.float32 and model.num_taps == 1
+    result = runner.invoke(cli.app, ["fit", "--task", "sst2", "--channels-last", "--out", str(tmp_path / "text")])
+    assert result.exit_code == 2 and "the sst2 MainNet has none" in result.output

@@ -85,7 +85,7 @@ def test_a_compiled_replica_answers_as_the_model(served: Any) -> None:
     try:
         status, health = get(port, "/c/health")
         assert status == 200 and health["compiled"] == {"front": "eager", "rest": "eager"}
-        assert (health["device"], health["dtype"]) == ("cpu", "float32")
+        assert (health["device"], health["dtype"], health["channels_last"]) == ("cpu", "float32", False)
         answers = [post(port, npy_bytes(image.numpy()), "application/x-npy", path="/c")[1] for image in images[:48]]
         assert_answers_equal_model(answers, model, images[:48])
     finally:

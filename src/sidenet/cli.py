@@ -16,6 +16,7 @@ import typer
 from sidenet.cli_fit import fit_and_save
 from sidenet.cli_options import (
     DEFAULT_OUT,
+    ChannelsLastOption,
     DataOption,
     DeviceOption,
     DtypeOption,
@@ -115,6 +116,7 @@ def fit(
     seed: int = FitSettings.seed,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
+    channels_last: ChannelsLastOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Train a SideNet at a tap of the frozen MainNet; choose its threshold on the validation data."""
@@ -143,6 +145,7 @@ def fit(
             max_val_samples=max_val_samples,
             device=device,
             dtype=dtype,
+            channels_last=channels_last,
         )
         folder, choice = fit_and_save(settings, progress=not quiet)
     except (ValueError, FileNotFoundError) as exc:

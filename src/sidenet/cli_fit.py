@@ -26,7 +26,8 @@ def fit_and_save(settings: FitSettings, progress: bool = True) -> tuple[Path, di
     """Train the SideNet ``settings`` describe, choose its threshold on ``val`` and save it; returns
     the folder and the threshold choice (also saved in the SideNet's metadata)."""
     task = get_task(settings.task)
-    mainnet = placed(task.mainnet(settings.data, progress=progress), settings.device, settings.dtype)
+    mainnet = task.mainnet(settings.data, progress=progress)
+    mainnet = placed(mainnet, settings.device, settings.dtype, settings.channels_last)
     loaders = task.loaders(settings.data)
     loaders["train"] = prefix_loader(loaders["train"], settings.max_train_samples)
     loaders["val"] = prefix_loader(loaders["val"], settings.max_val_samples)

@@ -35,6 +35,7 @@ __all__ = [
     "DataOption",
     "DeviceOption",
     "DtypeOption",
+    "ChannelsLastOption",
     "QuietOption",
     "DEFAULT_OUT",
 ]
@@ -64,6 +65,15 @@ DtypeOption = Annotated[
         help="Run the model in this floating dtype: float32, bfloat16 or float16 (bfloat16 on a GPU: its fast "
         "path). Confidences and the exit rule stay float32. Default: the dtype the SideNet was fitted in "
         "(sidenet fit: float32)."
+    ),
+]
+
+ChannelsLastOption = Annotated[
+    bool,
+    typer.Option(
+        "--channels-last",
+        help="Lay the MainNet's convolutions out channels-last (NHWC; images only): on a GPU the layout its "
+        "tensor cores run bfloat16 and float16 convolutions in. Measure it with sidenet report.",
     ),
 ]
 
@@ -114,11 +124,14 @@ def load_saved(
     task: Task | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    channels_last: bool = False,
 ) -> tuple[AdaptiveModel, Task]:
     """The SideNet in ``folder`` loaded onto its task's MainNet (``task``, default the one it was fitted
-    on), on ``device`` in ``dtype`` (None: the CPU, the dtype it was fitted in); and that task."""
+    on), on ``device`` in ``dtype`` (None: the CPU, the dtype it was fitted in), its convolutions
+    channels-last if asked; and that task."""
     task = task or saved_task(folder)
-    return load_placed(task.mainnet(data, progress=progress), folder, device, dtype), task
+    mainnet = task.mainnet(data, progress=progress)
+    return load_placed(mainnet, folder, device, dtype, channels_last), task
 
 
 @dataclass(frozen=True)
@@ -129,7 +142,8 @@ class FitSettings:
     MainNet is trained or loaded and any data read. ``data`` None: the dataset is looked up;
     ``features``: what a text SideNet reads; ``max_*_samples``: use the first N samples only;
     ``device``, ``dtype``: where and in what precision the MainNet runs while the SideNet is fitted
-    (None: the CPU, float32); the SideNet is saved in that dtype.
+    (None: the CPU, float32); the SideNet is saved in that dtype. ``channels_last``: its convolutions
+    laid out channels-last meanwhile (the saved SideNet does not depend on it).
     """
 
     task: str
@@ -152,10 +166,13 @@ class FitSettings:
     taps: tuple[str, ...] | None = None
     device: str | None = None
     dtype: str | None = None
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         task = get_task(self.task)
         check_device_dtype(self.device, self.dtype)
+        if self.channels_last and not task.convolutional:
+            raise ValueError(f"--channels-last lays out convolutions: the {task.name} MainNet has none")
         check_positive(hidden=self.hidden, pool=self.pool, epochs=self.epochs)
         limits = {"max_train_samples": self.max_train_samples, "max_val_samples": self.max_val_samples}
         check_positive(**{name: limit for name, limit in limits.items() if limit is not None})

@@ -11,6 +11,7 @@ import typer
 
 from sidenet.cli_options import (
     DEFAULT_OUT,
+    ChannelsLastOption,
     DataOption,
     DeviceOption,
     DtypeOption,
@@ -73,6 +74,7 @@ def report_command(
     ] = None,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
+    channels_last: ChannelsLastOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Write an HTML page and a Markdown summary: curves of every exit policy with the MainNet and the
@@ -97,13 +99,15 @@ def report_command(
         if compile_backend is not None and not timing:
             raise ValueError("--compile says how to time the model: it needs timing (drop --no-timing)")
         task = saved_task(sidenet)
+        if channels_last and not task.convolutional:
+            raise ValueError(f"--channels-last lays out convolutions: the {task.name} MainNet has none")
         cascade = (sidenet / CASCADE_NAME).is_file()
         from sidenet.audit import audit_from_log  # read first: a bad file fails before the long work
 
         audited = None if audit is None else audit_from_log(audit).to_dict()
         for name in (calibration_split, split):
             task.check_split(name)
-        model, task = load_saved(sidenet, data, not quiet, task, device, dtype)
+        model, task = load_saved(sidenet, data, not quiet, task, device, dtype, channels_last)
         loaders = task.loaders(data) if batch_size is None else task.loaders(data, batch_size=batch_size)
         for name in (calibration_split, split):
             if name not in loaders:

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sidenet.cli_options import CompileOption, DtypeOption, fail
+from sidenet.cli_options import ChannelsLastOption, CompileOption, DtypeOption, fail
 
 SidenetOption = Annotated[
     Path, typer.Option("--sidenet", help="Folder of a saved SideNet (sidenet fit's output).", show_default=False)
@@ -51,7 +51,7 @@ def _source(
     return SidenetSource(str(sidenet), task, mainnet, threshold, None if weights is None else str(weights))
 
 
-def _ray_orfail() -> Any:
+def _ray_or_fail() -> Any:
     try:
         import ray
         from ray import serve  # noqa: F401 - checks the serve extra too
@@ -87,6 +87,7 @@ def serve_command(
     mode: ModeOption = "adaptive",
     compile_backend: CompileOption = None,
     dtype: DtypeOption = None,
+    channels_last: ChannelsLastOption = False,
     address: Annotated[str | None, typer.Option(help="A running Ray cluster (default: start one here).")] = None,
     config: Annotated[
         Path | None,
@@ -102,6 +103,8 @@ def serve_command(
     if config is not None and not config.is_file():
         fail(f"no config file {config}")
     source = None if sidenet is None else _source(sidenet, task, mainnet, threshold, mainnet_weights)
+    if channels_last and (source is None or source.inputs().kind == "text"):
+        fail("--channels-last lays out an image MainNet's convolutions: give it with --sidenet of an image model")
     from sidenet.host_memory import switched_on
     from sidenet.integrations.options import ServeOptions
 
@@ -115,12 +118,13 @@ def serve_command(
             audit_share=audit_share,
             device="cuda" if gpus > 0 else None,
             dtype=dtype,
+            channels_last=channels_last,
             compile_backend=compile_backend,
             retain_cpu_memory=switched_on(),  # in the replicas too: SIDENET_CPU_MEMORY=system turns it off
         )
     except ValueError as exc:
         fail(str(exc))
-    ray = _ray_orfail()
+    ray = _ray_or_fail()
     from ray import serve
 
     from sidenet.integrations.ray_serve import app_builder, build_app
@@ -190,6 +194,7 @@ def classify_command(
         typer.Option(help="Where the model runs (cpu, cuda, cuda:1; default: cuda with --gpus, else the CPU)."),
     ] = None,
     dtype: DtypeOption = None,
+    channels_last: ChannelsLastOption = False,
     gpus: Annotated[float, typer.Option(help="With --ray: GPUs per actor.")] = 0.0,
     address: Annotated[str | None, typer.Option(help="With --ray: a running Ray cluster.")] = None,
 ) -> None:
@@ -226,6 +231,8 @@ def classify_command(
     if compile_backend not in COMPILE_BACKENDS:
         fail(f"--compile must be one of {', '.join(b for b in COMPILE_BACKENDS if b)}, got {compile_backend!r}")
     source = _source(sidenet, task, mainnet, threshold, mainnet_weights)
+    if channels_last and source.inputs().kind == "text":
+        fail("--channels-last lays out an image MainNet's convolutions: this SideNet's MainNet reads text")
     from sidenet.host_memory import switched_on
 
     options: dict[str, Any] = {
@@ -234,12 +241,13 @@ def classify_command(
         "compile_backend": compile_backend,
         "device": device,
         "dtype": dtype,
+        "channels_last": channels_last,
         "retain_cpu_memory": switched_on(),  # in the Ray Data actors too: SIDENET_CPU_MEMORY=system turns it off
     }
     started = time.perf_counter()
     ours = False  # shut down only a Ray this command started (not the caller's)
     if use_ray:
-        ray = _ray_orfail()
+        ray = _ray_or_fail()
         ours = not ray.is_initialized()
         if ours:
             ray.init(address=address, include_dashboard=False)

@@ -11,7 +11,7 @@ bfloat16 MainNet is checked against that MainNet cast the same way), then places
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from sidenet.config import WEIGHTS_NAME
 if TYPE_CHECKING:
     from sidenet.routing import AdaptiveModel
 
-__all__ = ["DTYPES", "check_placement", "placed", "fitted_dtype", "load_placed"]
+__all__ = ["DTYPES", "check_placement", "placed", "placement_of", "fitted_dtype", "load_placed"]
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -54,14 +54,41 @@ def check_placement(device: str | None, dtype: str | None, *, here: bool = False
         raise ValueError(f"device {device!r}: MPS is not available on this machine")
 
 
-def placed(model: ModuleT, device: str | None, dtype: str | None) -> ModuleT:
+def placed(model: ModuleT, device: str | None, dtype: str | None, channels_last: bool = False) -> ModuleT:
     """``model`` (an :class:`~sidenet.AdaptiveModel`: the SideNet with its MainNet; or a MainNet) moved to
     ``device`` and cast to ``dtype``, in place as ``nn.Module.to``; None keeps where and how it was
-    loaded. Batches follow it (``to_mainnet``)."""
+    loaded. Batches follow it (``to_mainnet``).
+
+    ``channels_last`` lays the convolution weights out channels-last (NHWC), the layout tensor cores run
+    half-precision convolutions in; activations follow (cuDNN picks it from the weights) and routing keeps
+    it. Raises ``ValueError`` for a model without convolutions (a text MainNet)."""
     check_placement(device, dtype)
-    if device is None and dtype is None:
-        return model
-    return model.to(device=device, dtype=None if dtype is None else getattr(torch, dtype))
+    if channels_last and not any(p.dim() == 4 for p in model.parameters()):
+        raise ValueError("channels_last lays out convolutions: this model has none (a text MainNet?)")
+    if device is not None or dtype is not None:
+        model = model.to(device=device, dtype=None if dtype is None else getattr(torch, dtype))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def placement_of(model: nn.Module) -> dict[str, Any]:
+    """Where and in what floating dtype ``model`` runs (its first floating parameter's), and whether its
+    convolutions are laid out channels-last (what a server's health check reports); {} for a model
+    without floating parameters."""
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if first is None:
+        return {}
+    convolutions = [p for p in model.parameters() if p.dim() == 4]
+    # A 1x1 convolution's weight is contiguous in both layouts: the others tell.
+    channels_last = all(p.is_contiguous(memory_format=torch.channels_last) for p in convolutions) and any(
+        not p.is_contiguous() for p in convolutions
+    )
+    return {
+        "device": str(first.device),
+        "dtype": str(first.dtype).removeprefix("torch."),
+        "channels_last": channels_last,
+    }
 
 
 def fitted_dtype(folder: str | Path) -> torch.dtype | None:
@@ -87,17 +114,22 @@ def _floating_dtype(module: nn.Module) -> torch.dtype | None:
 
 
 def load_placed(
-    mainnet: nn.Module, folder: str | Path, device: str | None = None, dtype: str | None = None
+    mainnet: nn.Module,
+    folder: str | Path,
+    device: str | None = None,
+    dtype: str | None = None,
+    channels_last: bool = False,
 ) -> AdaptiveModel:
     """The SideNet saved in ``folder`` loaded onto ``mainnet``, then moved to ``device`` and cast to
     ``dtype`` (None: where ``mainnet`` is, in the dtype the SideNet was fitted in).
 
     ``mainnet`` is the MainNet as trained (float32, say); when the SideNet was fitted on it cast to
     another dtype, it is cast the same way first (in place) so that its fingerprint is the one saved.
-    Raises what :func:`~sidenet.load_sidenet` raises, and ``ValueError`` for a bad device or dtype."""
+    ``channels_last``: see :func:`placed`. Raises what :func:`~sidenet.load_sidenet` raises, and
+    ``ValueError`` for a bad device or dtype."""
     check_placement(device, dtype)
     fitted = fitted_dtype(folder)
     current = _floating_dtype(mainnet)
     if fitted is not None and current is not None and fitted != current:
         mainnet = mainnet.to(dtype=fitted)
-    return placed(load_sidenet(mainnet, folder), device, dtype)
+    return placed(load_sidenet(mainnet, folder), device, dtype, channels_last)

@@ -34,6 +34,7 @@ class Task:
     default_tap: str
     input_shape: tuple[int, ...] | None  # one sample's shape; None where the split makes its own example
     class_names: Sequence[str] = field(default_factory=tuple)
+    convolutional: bool = False  # a MainNet of convolutions (it can run channels-last)
 
     def mainnet(self, data_dir: str | Path | None = None, progress: bool = True) -> nn.Module:
         """The task's MainNet, trained on first use and cached."""
@@ -100,6 +101,7 @@ class FashionMnistTask(Task):
             default_tap="layer1.0",
             input_shape=(1, 28, 28),
             class_names=FASHION_MNIST_CLASSES,
+            convolutional=True,
         )
 
     def _load_cached(self) -> nn.Module | None:

@@ -34,6 +34,8 @@ class ServeOptions:
         dtype: the floating dtype the replica runs the model in (``float32``, ``bfloat16``, ``float16``;
             None: as loaded, float32 for a :class:`SidenetSource`); batches are cast to it, confidences and
             the exit rule stay float32.
+        channels_last: lay the MainNet's convolutions out channels-last (:func:`sidenet.placement.placed`;
+            images only): on a GPU the layout its tensor cores run bfloat16 and float16 convolutions in.
         compile_backend: route through :func:`sidenet.compile_for_serving` with this backend (``auto``:
             compiled kernels in CUDA graphs on a GPU, ``torch.compile`` on the CPU; ``eager``,
             ``inductor``, ``cuda_graph``, ``inductor_cuda_graph``),
@@ -56,6 +58,7 @@ class ServeOptions:
     torch_threads: int | None = None
     device: str | None = None
     dtype: str | None = None
+    channels_last: bool = False
     compile_backend: str | None = None
     retain_cpu_memory: bool = True
 

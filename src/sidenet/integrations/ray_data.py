@@ -63,6 +63,8 @@ class RoutedClassifier:
         device: where the actor runs the model (e.g. ``"cuda"`` with ``num_gpus=1``; None: where it was loaded).
         dtype: the floating dtype it runs the model in (``float32``, ``bfloat16``, ``float16``; None: as
             loaded); batches are cast to it, confidences and the exit rule stay float32.
+        channels_last: lay the MainNet's convolutions out channels-last (images only; see
+            :func:`sidenet.placement.placed`).
         compile_backend: route through :func:`sidenet.compile_for_serving` with this backend (``auto``,
             ``eager``, ``inductor``, ``cuda_graph``, ``inductor_cuda_graph``), compiled when the actor
             starts on a model batch of neutral samples; None (default): eager routing.
@@ -82,6 +84,7 @@ class RoutedClassifier:
         audit_share: float = 0.0,
         device: str | None = None,
         dtype: str | None = None,
+        channels_last: bool = False,
         compile_backend: str | None = None,
         retain_cpu_memory: bool = True,
     ) -> None:
@@ -99,7 +102,7 @@ class RoutedClassifier:
         self.model_batch = int(model_batch)
         self.mode = mode
         self.keep_input = keep_input
-        self.model = placed(_build(model), device, dtype)
+        self.model = placed(_build(model), device, dtype, channels_last)
         self.cpu_memory = retain_for_cpu_model(self.model, retain_cpu_memory)
         tolerance = model.tolerance() if isinstance(model, SidenetSource) else 0.01
         # Each actor draws its own audited rows (as each Serve replica does).
@@ -173,7 +176,7 @@ def classify_dataset(
     (lazy) dataset with the result columns. ``num_cpus`` per actor defaults to an equal share of the
     cluster's CPUs less one, which is left to the tasks that read the data (actors holding every CPU
     would starve them). ``options``: :class:`RoutedClassifier`'s ``max_wait``, ``mode``, ``keep_input``,
-    ``audit_share``, ``device``, ``dtype``, ``compile_backend``, ``retain_cpu_memory``."""
+    ``audit_share``, ``device``, ``dtype``, ``channels_last``, ``compile_backend``, ``retain_cpu_memory``."""
     import ray
     import ray.data
 

@@ -48,6 +48,7 @@ from sidenet.audit import LiveAudit
 from sidenet.host_memory import retain_for_cpu_model
 from sidenet.integrations.inputs import BadInput, ImageInputs, SidenetSource, TextInputs, answers, compiled_on_neutral
 from sidenet.integrations.options import ServeOptions, placed
+from sidenet.placement import placement_of
 from sidenet.serving import PooledRouter
 from sidenet.training import to_mainnet
 
@@ -94,7 +95,7 @@ class SidenetDeployment:
         self.options = options
         self.inputs = inputs
         self.model = _build_model(model)
-        self.model = placed(self.model, options.device, options.dtype)
+        self.model = placed(self.model, options.device, options.dtype, options.channels_last)
         self.cpu_memory = retain_for_cpu_model(self.model, options.retain_cpu_memory)
         tolerance = options.tolerance
         if tolerance is None:
@@ -272,13 +273,8 @@ class SidenetDeployment:
             "taps": [str(tap) for tap in self.model.taps],
             "pending": self.router.pending,
             "compiled": None if self.compiled is None else self.compiled.stage_backends,
-            **self._placement(),
+            **placement_of(self.model),
         }
-
-    def _placement(self) -> dict[str, str]:
-        """Where and in what floating dtype the model runs (its first floating parameter's)."""
-        first = next((p for p in self.model.parameters() if p.is_floating_point()), None)
-        return {} if first is None else {"device": str(first.device), "dtype": str(first.dtype).removeprefix("torch.")}
 
     def _shift(self) -> dict[str, Any]:
         if self.model.reference_confidence is None:
