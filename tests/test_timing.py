@@ -146,3 +146,16 @@ def test_time_routed_as_served_on_cuda_in_bfloat16() -> None:
     assert model.policies is before and set(timing.points) == {0.3, 0.9}
     assert timing.mainnet_compiled is not None and timing.compile_seconds > 0
     assert all(t.throughput > 0 for t in [timing.mainnet, timing.mainnet_compiled, *timing.points.values()])
+
+
+def test_progress_bars_only_when_asked(shared_model, capsys: pytest.CaptureFixture[str]) -> None:
+    batches = [make_images(4, seed=1)]
+    time_routed(shared_model, batches, _thresholds(shared_model), 1, compile_backend="eager")
+    assert "Timing" not in capsys.readouterr().err
+    timing = time_routed(shared_model, batches, _thresholds(shared_model), 1, compile_backend="eager", progress=True)
+    err = capsys.readouterr().err
+    # One batch and the stages; (1 untimed + 1 timed pass) x (MainNet eager, compiled, two points).
+    assert (
+        "Compiling (served model, MainNet alone):   0%|          | 0/2" in err and "Timing:   0%|          | 0/8" in err
+    )
+    assert len(timing.points) == 2

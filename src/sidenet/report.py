@@ -158,7 +158,12 @@ def _table_thresholds(curve: TradeoffCurve, marks: dict[str, float], rows: int) 
 
 
 def _throughput(
-    model: AdaptiveModel, policy: ExitPolicy, loader: Iterable, thresholds: list[float], settings: ReportSettings
+    model: AdaptiveModel,
+    policy: ExitPolicy,
+    loader: Iterable,
+    thresholds: list[float],
+    settings: ReportSettings,
+    progress: bool = False,
 ) -> ThroughputReport:
     """Samples per second of the MainNet alone and of the model under ``policy`` at each threshold, on
     batches moved to the MainNet's device and dtype before timing (as the sweeps move them); eager, or
@@ -174,9 +179,8 @@ def _throughput(
 
         return put
 
-    timing = time_routed(
-        model, batches, {t: at(t) for t in thresholds}, settings.repeats, compile_backend=settings.compile_backend
-    )
+    points = {t: at(t) for t in thresholds}
+    timing = time_routed(model, batches, points, settings.repeats, settings.compile_backend, progress)
     return ThroughputReport(**vars(timing))
 
 
@@ -232,7 +236,7 @@ def build_report(
     timing = None
     if settings.timing:
         with _exiting_by(model, best.policy):
-            timing = _throughput(model, best.policy, evaluation_loader, table, settings)
+            timing = _throughput(model, best.policy, evaluation_loader, table, settings, progress)
     rows = [
         ThresholdRow(
             threshold=t,

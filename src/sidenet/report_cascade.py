@@ -199,7 +199,11 @@ def _table(curve: CascadeCurve, marks: dict[str, Thresholds], rows: int) -> list
 
 
 def _throughput(
-    model: AdaptiveModel, loader: Iterable, points: dict[str, Thresholds], settings: ReportSettings
+    model: AdaptiveModel,
+    loader: Iterable,
+    points: dict[str, Thresholds],
+    settings: ReportSettings,
+    progress: bool = False,
 ) -> CascadeThroughput:
     """:class:`CascadeThroughput` of the MainNet alone and the cascade at each of ``points``, on the first
     ``settings.timing_samples`` evaluation samples moved to the MainNet's device first; eager, or as
@@ -213,9 +217,8 @@ def _throughput(
 
         return put
 
-    timing = time_routed(
-        model, batches, {name: at(v) for name, v in points.items()}, settings.repeats, settings.compile_backend
-    )
+    puts = {name: at(vector) for name, vector in points.items()}
+    timing = time_routed(model, batches, puts, settings.repeats, settings.compile_backend, progress)
     return CascadeThroughput(**vars(timing))
 
 
@@ -305,7 +308,7 @@ def build_cascade_report(
     timing = None
     if settings.timing:
         vectors = {name: point.thresholds for name, point in points.items()}
-        timing = _throughput(model, evaluation_loader, vectors, settings)
+        timing = _throughput(model, evaluation_loader, vectors, settings, progress)
     marks = {f"{name} thresholds": point.thresholds for name, point in points.items()}
     return CascadeReport(
         taps=[str(tap) for tap in model.taps],

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils._pytree import tree_leaves
+from tqdm.auto import tqdm
 
 from sidenet.loaders import iter_batches
 
@@ -95,12 +96,14 @@ def measure_throughput(
     warmup: int = 1,
     batch_size: Callable[[Any], int] = len,
     finish: Mapping[str, Callable[[], Any]] | None = None,
+    progress: bool = False,
 ) -> dict[str, Timing]:
     """Time one pass of each runner over ``batches``, interleaved, ``repeats`` times after ``warmup``
     untimed passes; returns a :class:`Timing` per runner name. Each pass ends with :func:`synchronize`.
 
     ``finish`` maps runner names to a call made at the end of each of their passes, inside the timed
     region: for runners that hold work back across batches (:meth:`sidenet.serving.PooledRouter.flush`).
+    ``progress``: a bar over the passes, updated between them (outside the timed regions).
     """
     if repeats < 1 or not batches:
         raise ValueError("need at least one repeat and one batch")
@@ -116,15 +119,19 @@ def measure_throughput(
             finish[name]()
         synchronize()
 
+    bar = tqdm(total=(warmup + repeats) * len(runners), desc="Timing", disable=not progress, leave=False)
     for _ in range(warmup):
         for name, run in runners.items():
             one_pass(name, run)
+            bar.update()
     seconds: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():
             started = time.perf_counter()
             one_pass(name, run)
             seconds[name].append(time.perf_counter() - started)
+            bar.update()
+    bar.close()
     return {name: Timing(values, samples) for name, values in seconds.items()}
 
 
@@ -194,6 +201,7 @@ def time_routed(
     points: Mapping[Any, Callable[[], Any]],
     repeats: int = 3,
     compile_backend: str | None = None,
+    progress: bool = False,
 ) -> RoutedTiming:
     """Time ``model`` at each of ``points`` (a key and a call that puts the model's exit rules there,
     made before every batch: the runners interleave) and its MainNet alone, over ``batches`` (on the
@@ -204,20 +212,23 @@ def time_routed(
     ``torch.compile`` on the CPU) times the model as served that way, and the MainNet alone also compiled
     (``torch.compile``, mode ``reduce-overhead`` on CUDA: kernels in CUDA graphs), so that the speed-ups
     are over the best MainNet alone a user could run; both are compiled before the timed passes.
+    ``progress``: bars over the compilation and the timed passes.
     """
     split = model.split
     saved = model.policies
     runners: dict[str, Callable[[Any], Any]] = {"mainnet": lambda x: model(x, mode="main").logits}
     served, seconds = model, None
     if compile_backend is not None:
-        served, seconds = _compiled(model, batches, compile_backend, runners)
+        served, seconds = _compiled(model, batches, compile_backend, runners, progress)
     for key, put in points.items():
         runners[repr(key)] = _at_point(served, put)
     # On an accelerator a pass has ended only when its queued work has: wait for it inside the timing.
     device = next(model.sidenet.parameters()).device
     finish = {} if device.type == "cpu" else dict.fromkeys(runners, lambda: torch.accelerator.synchronize(device))
     try:
-        timings = measure_throughput(runners, batches, repeats=repeats, batch_size=split.batch_size, finish=finish)
+        timings = measure_throughput(
+            runners, batches, repeats=repeats, batch_size=split.batch_size, finish=finish, progress=progress
+        )
     finally:
         model.policies = saved
     return RoutedTiming(
@@ -240,7 +251,11 @@ def _at_point(model: Callable[[Any], Any], put: Callable[[], Any]) -> Callable[[
 
 
 def _compiled(
-    model: AdaptiveModel, batches: Sequence[Any], backend: str, runners: dict[str, Callable[[Any], Any]]
+    model: AdaptiveModel,
+    batches: Sequence[Any],
+    backend: str,
+    runners: dict[str, Callable[[Any], Any]],
+    progress: bool = False,
 ) -> tuple[Callable[[Any], Any], float]:
     """The model served by ``compile_for_serving`` at the batches' sizes, the MainNet compiled alone added
     to ``runners`` (``mainnet_compiled``), both compiled on ``batches`` (every shape they hold), and the
@@ -250,16 +265,21 @@ def _compiled(
 
     split = model.split
     started = time.perf_counter()
+    desc = "Compiling (served model, MainNet alone)"
+    bar = tqdm(total=len(batches) + 1, desc=desc, disable=not progress, leave=False)
     sizes = sorted({split.batch_size(batch) for batch in batches})
     served = compile_for_serving(model, batches[0], batch_sizes=sizes, backend=backend)  # type: ignore[arg-type]
+    bar.update()
     cuda = split.input_device(batches[0]).type == "cuda"
     alone = torch.compile(split.mainnet_logits, mode="reduce-overhead" if cuda else None)
     runners["mainnet_compiled"] = alone
     with torch.inference_mode():  # the mode of the timed passes: no recompilation there
-        for batch in batches:
+        for batch in batches:  # every shape the timed passes meet
             served(batch)
             alone(batch)
+            bar.update()
         synchronize()
+    bar.close()
     return served, time.perf_counter() - started
 
 
