@@ -159,3 +159,10 @@ def test_progress_bars_only_when_asked(shared_model, capsys: pytest.CaptureFixtu
         "Compiling (served model, MainNet alone):   0%|          | 0/2" in err and "Timing:   0%|          | 0/8" in err
     )
     assert len(timing.points) == 2
+
+
+def test_time_routed_needs_batches_and_points(shared_model) -> None:
+    with pytest.raises(ValueError, match="at least one batch and one point"):
+        time_routed(shared_model, [], _thresholds(shared_model))
+    with pytest.raises(ValueError, match="at least one batch and one point"):
+        time_routed(shared_model, [make_images(4)], {}, compile_backend="eager")

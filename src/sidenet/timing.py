@@ -174,14 +174,14 @@ class RoutedTiming:
         if self.mainnet_compiled is None:
             return (
                 f"Throughput of eager routing over the eager MainNet alone ({eager}); {self.samples} samples in "
-                f"batches of the loader's size, median of {len(self.mainnet.seconds)} interleaved passes."
+                f"{self.batches} batches, median of {len(self.mainnet.seconds)} interleaved passes."
             )
         compiled = f"torch.compile {self.mainnet_compiled.throughput:,.0f} samples/s"
         best = "torch.compile" if self.baseline == "mainnet_compiled" else "eager"
         return (
             f"Throughput as served by {self.served}, over the best MainNet alone ({best}; {eager}, {compiled}); "
-            f"{self.samples} samples in batches of the loader's size, median of {len(self.mainnet.seconds)} "
-            f"interleaved passes after {self.compile_seconds:.1f} s of compiling."
+            f"{self.samples} samples in {self.batches} batches, median of {len(self.mainnet.seconds)} interleaved "
+            f"passes after {self.compile_seconds:.1f} s of compiling."
         )
 
     def baseline_dict(self) -> dict[str, Any]:
@@ -214,6 +214,8 @@ def time_routed(
     are over the best MainNet alone a user could run; both are compiled before the timed passes.
     ``progress``: bars over the compilation and the timed passes.
     """
+    if not batches or not points:
+        raise ValueError("time_routed needs at least one batch and one point")
     split = model.split
     saved = model.policies
     runners: dict[str, Callable[[Any], Any]] = {"mainnet": lambda x: model(x, mode="main").logits}
