@@ -154,3 +154,10 @@ def test_split_options_a_mainnet_does_not_take_are_a_clean_error(
     result = runner.invoke(cli.app, args)
     assert result.exit_code == 2, result.output
     assert "error: split options {'features': 'mean'} do not apply to this MainNet" in result.output
+
+
+def test_version() -> None:
+    import sidenet
+
+    result = runner.invoke(cli.app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith(f"sidenet {sidenet.__version__} (torch ")

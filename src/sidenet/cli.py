@@ -49,6 +49,25 @@ app = typer.Typer(
 TaskOption = Annotated[str, typer.Option(help=f"Workload: {', '.join(TASKS)}.")]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from sidenet import __version__
+
+        typer.echo(f"sidenet {__version__} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app_options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the versions and exit."),
+    ] = False,
+) -> None:
+    # Typer's app-wide options; the app's help is the one given to typer.Typer above.
+    pass
+
+
 @app.command()
 def pretrain(
     task: TaskOption = "fmnist",
