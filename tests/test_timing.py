@@ -166,3 +166,32 @@ def test_time_routed_needs_batches_and_points(shared_model) -> None:
         time_routed(shared_model, [], _thresholds(shared_model))
     with pytest.raises(ValueError, match="at least one batch and one point"):
         time_routed(shared_model, [make_images(4)], {}, compile_backend="eager")
+
+
+def test_the_compiled_mainnet_alone_gets_text_padded_as_the_served_model_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("transformers")
+    import sidenet.compiled
+    from test_text_split import attached, make_batch, tiny_encoder
+
+    model = attached(tiny_encoder("bert"), tap=2)
+    batches = [make_batch([7, 3, 12, 5], seed=0), make_batch([2, 3, 1, 5], seed=1)]
+    lengths: list[int] = []
+
+    def recording_compile(fn, **options):
+        def run(x):
+            lengths.append(int(x["input_ids"].shape[1]))
+            return fn(x)
+
+        return run
+
+    compile_for_serving = sidenet.compiled.compile_for_serving
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    for buckets, seen in ((None, {12, 5}), ((4, 8, 16), {16, 8})):
+        monkeypatch.setattr(
+            sidenet.compiled,
+            "compile_for_serving",
+            lambda m, x, **o: compile_for_serving(m, x, length_buckets=buckets, **o),  # noqa: B023
+        )
+        lengths.clear()
+        timing = time_routed(model, batches, _thresholds(model), 1, compile_backend="eager")
+        assert set(lengths) == seen and timing.mainnet_compiled is not None

@@ -264,6 +264,7 @@ def _compiled(
     seconds that took."""
     # The serving layer, imported only when the model is to be timed as served.
     from sidenet.compiled import compile_for_serving
+    from sidenet.compiled_stages import padded_text
 
     split = model.split
     started = time.perf_counter()
@@ -273,7 +274,14 @@ def _compiled(
     served = compile_for_serving(model, batches[0], batch_sizes=sizes, backend=backend)  # type: ignore[arg-type]
     bar.update()
     cuda = split.input_device(batches[0]).type == "cuda"
-    alone = torch.compile(split.mainnet_logits, mode="reduce-overhead" if cuda else None)
+    compiled = torch.compile(split.mainnet_logits, mode="reduce-overhead" if cuda else None)
+    buckets = served.length_buckets
+
+    def alone(x: Any) -> torch.Tensor:
+        # Text padded to the served model's length buckets (on CUDA; none on the CPU), as gpu.py pads it for
+        # the compiled MainNet: a graph per bucket, not one per length the batches happen to have.
+        return compiled(padded_text(x, buckets))
+
     runners["mainnet_compiled"] = alone
     with torch.inference_mode():  # the mode of the timed passes: no recompilation there
         for batch in batches:  # every shape the timed passes meet
