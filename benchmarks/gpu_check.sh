@@ -21,10 +21,11 @@ REHEARSE=0
 [ "${1:-}" = "--rehearse" ] && REHEARSE=1
 OUT="${OUT:-/tmp/gpu-check}"
 mkdir -p "$OUT"
-# The module whose CUDA tests compile with inductor (the slowest) last: a cut run keeps the others' results.
+# The modules whose CUDA tests compile with inductor (the slowest) last, the report's timing (the least needed)
+# after the static rest's: a cut run keeps the others' results.
 TESTS=(
     tests/test_host_waits.py tests/test_compiled.py tests/test_compiled_cascade.py tests/test_precision.py
-    tests/test_attach.py tests/test_compiled_graphs.py tests/test_timing.py tests/test_compiled_static_rest.py
+    tests/test_attach.py tests/test_compiled_graphs.py tests/test_compiled_static_rest.py tests/test_timing.py
 )
 INPUTS=.gpu-inputs
 WHEELS=$(find "$INPUTS/wheels" -name '*.whl' 2>/dev/null | tr '\n' ':')
