@@ -44,6 +44,9 @@ modes, reduce-overhead is always compiled, default only while ``--default-min-s`
 max-autotune (minutes) while ``--autotune-min-s`` do. The JSON is rewritten after every case, so a run
 cut short still leaves its results (``"complete": false``); ``--merge`` keeps the cases of an earlier
 JSON that a run does not measure (e.g. a second run of the bfloat16 cases with every compile mode).
+``--profile-stages``: after a case's timing, one pass of each served stage and of the compiled MainNet under
+``torch.profiler``, their costliest operations and kernels in the case's ``profile`` (where the front's
+time goes: on the H100 the served ResNet-50 front took half the compiled MainNet's time).
 
 ``--quick``: tiny models and shapes on the CPU, two repeats, ``torch.compile`` with the ``eager``
 backend (Dynamo only), CUDA-only rows skipped with the reason; for tests (``tests/test_benchmark_gpu.py``).
@@ -636,7 +639,36 @@ def run_case(case: Case, args: argparse.Namespace, clock: Clock) -> tuple[list[d
     ms = {name: 1000 * statistics.median(s) / count for name, s in seconds.items()}
     spread = {name: [1000 * min(s) / count, 1000 * max(s) / count] for name, s in seconds.items()}
     report["stages_ms"] = {k: ms.pop(k) for k in STAGES if k in ms}
+    if args.profile_stages:  # after the timing: the profiler's overhead stays out of it
+        profiled = [name for name in (*STAGES, *PROFILED_MAIN) if name in passes]
+        report["profile"] = {name: profile_pass(passes[name], case.device, args.profile_rows) for name in profiled}
     return make_rows(case, ms, spread, shares, report), report
+
+
+# The MainNet rows profiled beside the stages: compiled without CUDA graphs first (each kernel its launch).
+PROFILED_MAIN = ("main_compile_default", "main_compile_reduce-overhead")
+
+
+def profile_pass(run: Callable[[], None], device: torch.device, rows: int) -> dict[str, Any]:
+    """The operations and kernels of one pass of ``run`` under ``torch.profiler``, the most expensive
+    ``rows`` by their own device time (CPU time on a CPU): where a stage's time goes, for the question the
+    stage timings leave open (why the served front of a ResNet-50 takes half the compiled MainNet's time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as profiler:
+        run()
+        synchronize(device)
+
+    def own_us(event: Any) -> float:
+        if not cuda:
+            return float(event.self_cpu_time_total)
+        return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0))
+
+    events = sorted(profiler.key_averages(), key=own_us, reverse=True)
+    top = [{"name": e.key[:160], "calls": int(e.count), "own_ms": own_us(e) / 1000} for e in events[:rows]]
+    return {"clock": "device" if cuda else "cpu", "own_ms_total": sum(map(own_us, events)) / 1000, "top": top}
 
 
 def make_rows(
@@ -953,6 +985,12 @@ def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--autotune-min-s", type=float, default=300.0, help="compile mode max-autotune: only with this much left"
     )
     parser.add_argument("--merge", action="store_true", help="keep the cases of --out that this run does not measure")
+    parser.add_argument(
+        "--profile-stages",
+        action="store_true",
+        help="after the timing, profile one pass of each served stage and of the compiled MainNet (torch.profiler)",
+    )
+    parser.add_argument("--profile-rows", type=int, default=12, help="operations kept per profiled pass")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's)")
     parser.add_argument("--sst2-data", type=Path, default=None, help="folder of SST-2's dev.tsv")
     parser.add_argument(

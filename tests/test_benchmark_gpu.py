@@ -282,3 +282,17 @@ def test_merged_runs_say_per_case_which_modes_and_passes_they_took() -> None:
     )
     r = {"settings": {"repeats": 9, "warmup": 2}, "cases": [{"passes": {"timed": 5, "warmup": 2}}, {}]}
     assert _passes(r) == "5–9 timed passes per row after 2 warm-up passes"  # the second case: the settings'
+
+
+def test_profile_stages_records_where_each_stage_spends_its_time(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    args = ["--quick", "--workloads", "resnet", "--dtypes", "float32", "--profile-stages", "--profile-rows", "5"]
+    result = gpu.run(gpu.options([*args, "--out", str(out)]))
+    (case,) = result["cases"]
+    assert {"stage_front", "stage_rest", "main_compile_default"} <= set(case["profile"])
+    for profiled in case["profile"].values():
+        assert profiled["clock"] == "cpu" and profiled["own_ms_total"] > 0 and len(profiled["top"]) == 5
+        own = [row["own_ms"] for row in profiled["top"]]
+        assert own == sorted(own, reverse=True) and all(row["calls"] >= 1 and row["name"] for row in profiled["top"])
+    # The front's convolutions are among its costliest operations (the trunk is convolutions).
+    assert any("convolution" in row["name"] for row in case["profile"]["stage_front"]["top"])
