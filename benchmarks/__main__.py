@@ -18,6 +18,7 @@ module of this package with ``run(args) -> dict`` whose result the runner writes
 | design             | sidenet_design.py             | – (SideNet hidden width, pooling, distillation)     |
 | cascade_training   | cascade_training.py           | – (what a cascade's later SideNets train on)        |
 | gpu_operations     | gpu_operations.py             | – (operations per routed batch of the GPU workloads) |
+| gpu_roofline       | gpu_roofline.py               | – (a roofline of the split ResNet-50 on an H100)    |
 | cpu_memory         | cpu_memory.py                 | – (CPU times with freed memory kept or given back)  |
 | (report)           | report.py                     | every JSON result present, once after the last step |
 
@@ -69,6 +70,7 @@ STEPS: dict[str, Step] = {
     "design": Step("sidenet_design"),
     "cascade_training": Step("cascade_training"),
     "gpu_operations": Step("gpu_operations"),
+    "gpu_roofline": Step("gpu_roofline"),
     "cpu_memory": Step("cpu_memory"),
 }
 

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from benchmarks.sections_roofline import roofline_lines
+
 # Issue 13's targets: bfloat16, exit share 0.8, the best served row over the best MainNet alone.
 TARGETS = {("resnet50", 64): 1.3, ("resnet50", 256): 1.5, ("bert_base", 128): 1.4, ("bert_base", 32): 1.1}
 EAGER_OVER_MINIMAL = 1.05  # sidenet eager at most 5% slower than the minimal eager router
@@ -318,7 +320,7 @@ def gpu_section(results: Path) -> list[str]:
         lines += [f"**GPU figures: not measured yet** ({where}). {RUN}", ""]
     lines += [METHOD, ""]
     if r is None:
-        return [*lines, *operations_lines(results)]
+        return [*lines, *operations_lines(results), *roofline_lines(results)]
     if not measured:
         smoke = " (`--quick`: tiny models)" if r.get("quick") else ""
         lines += [f"The tables below are from that {r['device_type']} run{smoke}, not GPU figures.", ""]
@@ -356,7 +358,7 @@ def gpu_section(results: Path) -> list[str]:
     skipped += [f"{s['workload']} {s['batch']} {s['dtype']}: {s['reason']}" for s in r["skipped"]]
     if skipped:
         lines += ["Not measured: " + "; ".join(skipped) + ".", ""]
-    return [*lines, *operations_lines(results)]
+    return [*lines, *operations_lines(results), *roofline_lines(results)]
 
 
 def operations_lines(results: Path) -> list[str]:

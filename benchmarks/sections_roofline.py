@@ -1,0 +1,88 @@
+"""The roofline part of BENCHMARKS.md's GPU section (``gpu_roofline.json``, written on the CPU by
+``benchmarks/gpu_roofline.py``), set beside the stage times a CUDA run measured (``gpu.json``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _measured(results: Path, workload: str, batch: int) -> dict[str, float] | None:
+    """The CUDA run's bfloat16 stage times and best MainNet alone for ``workload`` at ``batch`` (ms), or None."""
+    path = results / "gpu.json"
+    if not path.is_file():
+        return None
+    r = json.loads(path.read_text())
+    if r.get("device_type") != "cuda" or r.get("quick"):
+        return None
+    case = next(
+        (c for c in r["cases"] if (c["workload"], c["batch"], c["dtype"]) == (workload, batch, "bfloat16")), None
+    )
+    best = next(
+        (
+            row["ms"]
+            for row in r["rows"]
+            if (row["workload"], row["batch"], row["dtype"], row["mode"]) == (workload, batch, "bfloat16", "main_best")
+        ),
+        None,
+    )
+    stages = (case or {}).get("stages_ms", {})
+    if best is None or not {"stage_front", "stage_rest"} <= set(stages):
+        return None
+    return {"front": stages["stage_front"], "rest": stages["stage_rest"], "main_best": best, "device": r["device"]}
+
+
+def roofline_lines(results: Path) -> list[str]:
+    """The roofline table (and, where a CUDA run measured the same case, how far each part ran from it);
+    nothing before ``gpu_roofline.json`` exists."""
+    path = results / "gpu_roofline.json"
+    if not path.is_file():
+        return []
+    r: dict[str, Any] = json.loads(path.read_text())
+    m = r["machine"]
+    lines = [
+        f"### Where a split {r['workload']}'s time should go on a GPU: a roofline (computed on the CPU)",
+        "",
+        f"Command: `{r['command']}` — {m['date']}, torch {m['torch']}, commit {m['commit'] or 'n/a'}. Per fused "
+        "operation, time = max(FLOPs / peak, bytes / bandwidth) at "
+        f"{r['peak_tflops']:g} TFLOPS and {r['bandwidth_tbs']:g} TB/s (H100 SXM datasheet, bfloat16), "
+        f"{r['image_size']}x{r['image_size']} images, tap {r['tap']}; batch norm folded, ReLU and residual adds fused, "
+        "each activation written once and read once: a lower bound per part, not a prediction. The front is "
+        "the trunk to the tap and the SideNet; its share of the time, not of the FLOPs, bounds what exiting "
+        "there can save on a GPU.",
+        "",
+        "| batch | front: share of FLOPs | front: share of roofline time | ideal at exit 0.8 by FLOPs "
+        "| by the roofline | measured (bf16): front / best MainNet alone | ideal from the measured stages "
+        "| roofline efficiency: best MainNet alone, front, rest |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for row in r["rows"]:
+        parts, ideal = row["parts"], row["ideal_speedup"]["0.8"]
+        front_ms = parts["trunk"]["roofline_ms"] + parts["sidenet"]["roofline_ms"]
+        measured = _measured(results, r["workload"], row["batch"])
+        if measured is None:
+            seen = ["not measured", "–", "–"]
+        else:
+            staged = measured["main_best"] / (measured["front"] + 0.2 * measured["rest"])
+            efficiency = (
+                f"{row['mainnet_roofline_ms'] / measured['main_best']:.0%}, {front_ms / measured['front']:.0%}, "
+                f"{parts['rest']['roofline_ms'] / measured['rest']:.0%}"
+            )
+            seen = [f"{measured['front'] / measured['main_best']:.0%}", f"{staged:.2f}×", efficiency]
+            notes.append(measured["device"])
+        lines.append(
+            f"| {row['batch']} | {row['front_flops_share']:.0%} | {row['front_roofline_share']:.0%} "
+            f"| {ideal['flops']:.2f}× | {ideal['roofline']:.2f}× | " + " | ".join(seen) + " |"
+        )
+    lines.append("")
+    if notes:
+        lines += [
+            f"Measured on {notes[0]} (the GPU run above; exit share taken as exactly 0.8 here). Roofline "
+            "efficiency: the roofline time over the measured time. Where the served front and rest run further "
+            "from their roofline than the MainNet compiled whole, splitting it costs more than it must (the "
+            "layout of their convolutions is the suspect: see above).",
+            "",
+        ]
+    return lines
