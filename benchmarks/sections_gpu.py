@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.sections_roofline import roofline_lines
+from benchmarks.sections_roofline import roofline_lines, roofline_summary
 
 # Issue 13's targets: bfloat16, exit share 0.8, the best served row over the best MainNet alone.
 TARGETS = {("resnet50", 64): 1.3, ("resnet50", 256): 1.5, ("bert_base", 128): 1.4, ("bert_base", 32): 1.1}
@@ -307,7 +307,7 @@ def gpu_summary(results: Path) -> list[str]:
         text += (
             f"Where it does not pay in full: ResNet-50's served stages together take {' and '.join(spans)} "
             "the compiled MainNet's time (see the GPU section for why and what is not yet measured)."
-        )
+        ) + roofline_summary(results)
     return [text, ""]
 
 

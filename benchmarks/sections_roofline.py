@@ -86,3 +86,20 @@ def roofline_lines(results: Path) -> list[str]:
             "",
         ]
     return lines
+
+
+def roofline_summary(results: Path) -> str:
+    """One sentence for the summary: the front's share of the roofline time against its share of the
+    FLOPs at the largest batch, and the ideals at exit 0.8 by each; empty before the step ran."""
+    path = results / "gpu_roofline.json"
+    if not path.is_file():
+        return ""
+    r = json.loads(path.read_text())
+    row = max(r["rows"], key=lambda row: row["batch"])
+    ideal = row["ideal_speedup"]["0.8"]
+    return (
+        f" By a roofline of an H100 (section GPU), the front of a {r['workload']} split at {r['tap']} holds "
+        f"{row['front_flops_share']:.0%} of its FLOPs but {row['front_roofline_share']:.0%} of its time at batch "
+        f"{row['batch']}: at 80% exit the ideal is {ideal['roofline']:.2f}×, not the {ideal['flops']:.2f}× of the "
+        "FLOPs."
+    )

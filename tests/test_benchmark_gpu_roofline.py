@@ -88,3 +88,14 @@ def test_benchmarks_lines_with_and_without_a_gpu_run(result: dict[str, Any], tmp
     (tmp_path / "gpu.json").write_text(json.dumps(gpu_json))
     text = "\n".join(roofline_lines(tmp_path))
     assert "| 50% | 1.33× |" in text and "Measured on a GPU" in text  # 2 / 4; 4 / (2 + 0.2 * 5)
+
+
+def test_summary_sentence(result: dict[str, Any], tmp_path: Path) -> None:
+    from benchmarks.sections_roofline import roofline_summary
+
+    assert roofline_summary(tmp_path) == ""
+    (tmp_path / "gpu_roofline.json").write_text(json.dumps(result))
+    (row,) = result["rows"]
+    text = roofline_summary(tmp_path)
+    assert f"but {row['front_roofline_share']:.0%} of its time at batch 8" in text
+    assert f"the ideal is {row['ideal_speedup']['0.8']['roofline']:.2f}×" in text
