@@ -4,6 +4,7 @@
 #
 #   make gpu-inputs            # .gpu-inputs/: SST-2 dev, the MiniLM tokenizer, pure-Python test wheels
 #   device run (carry [".gpu-inputs"]):  bash benchmarks/gpu_check.sh   (writes $OUT/gpu.json, $OUT/cuda-tests.txt)
+#   a second call while the machine is warm: GPU_TESTS=0 GPU_MERGE=1 GPU_BENCH_ARGS="--workloads ..." (no tests)
 #
 # then copy $OUT/gpu.json to benchmarks/results/gpu.json and run `python -m benchmarks report`.
 #
@@ -39,10 +40,13 @@ git log -1 --format='git HEAD there: %h %s' 2>/dev/null | tee -a "$OUT/device.tx
 python3 -c "import torch, torchvision, transformers; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 # The tests that need a CUDA device (each is skipped on CPU machines), at most 3 minutes; a rehearsal
 # runs all of these modules' tests instead (on the CPU, in the image's library releases).
+# GPU_TESTS=0 skips them: a second call on the same warm machine (another workload) has run them already.
 SELECT=(-k cuda)
 [ "$REHEARSE" = 1 ] && SELECT=()
-timeout 180 python3 -m pytest -q -p no:cacheprovider --durations=12 --continue-on-collection-errors "${SELECT[@]}" "${TESTS[@]}" 2>&1 \
-    | tee "$OUT/cuda-tests.txt" | tail -60
+if [ "${GPU_TESTS:-1}" != 0 ]; then
+    timeout 180 python3 -m pytest -q -p no:cacheprovider --durations=12 --continue-on-collection-errors "${SELECT[@]}" "${TESTS[@]}" 2>&1 \
+        | tee "$OUT/cuda-tests.txt" | tail -60
+fi
 # The benchmark, time-budgeted (it rewrites its JSON after every case, so a cut run still leaves results).
 BENCH_ARGS=()
 [ "$REHEARSE" = 1 ] && BENCH_ARGS+=(--quick --text-limit 64 --serving-backend auto)

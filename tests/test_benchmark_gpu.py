@@ -296,3 +296,22 @@ def test_profile_stages_records_where_each_stage_spends_its_time(tmp_path: Path)
         assert own == sorted(own, reverse=True) and all(row["calls"] >= 1 and row["name"] for row in profiled["top"])
     # The front's convolutions are among its costliest operations (the trunk is convolutions).
     assert any("convolution" in row["name"] for row in case["profile"]["stage_front"]["top"])
+
+
+def test_gpu_check_skips_the_tests_on_a_second_call(tmp_path: Path) -> None:
+    """``GPU_TESTS=0 bash benchmarks/gpu_check.sh`` (a second call on the same warm device): the benchmark
+    only, here its quick rehearsal of one small case."""
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path),
+        "GPU_TESTS": "0",
+        "GPU_BENCH_ARGS": "--workloads resnet --dtypes float32 --exit-shares 0.5",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # python3: this interpreter
+    }
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--rehearse"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (tmp_path / "cuda-tests.txt").exists()
+    written = json.loads((tmp_path / "gpu.json").read_text())
+    assert {(c["workload"], c["dtype"]) for c in written["cases"]} == {("resnet", "float32")}
