@@ -898,6 +898,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             release(torch.device(args.device))
         took[workload.name] = max(took.get(workload.name, 0.0), time.perf_counter() - started)
         if report is not None:
+            report["device"] = result["device"]  # per case: a merged JSON may hold cases of several cards
             report["case_s"] = time.perf_counter() - started
             if workload.kind == "text":
                 report["text"] = own_text[2]["source"]
@@ -925,7 +926,11 @@ def merged_cases(path: Path, measured: set[tuple]) -> dict[str, Any] | None:
     # then used the defaults of its day: 5 timed passes, 2 warm-up).
     passes = {"timed": earlier["settings"]["repeats"], "warmup": earlier["settings"]["warmup"]}
     return {
-        "cases": [{**c, "passes": c.get("passes", passes)} for c in earlier["cases"] if other(c)],
+        "cases": [
+            {**c, "passes": c.get("passes", passes), "device": c.get("device", earlier["device"])}
+            for c in earlier["cases"]
+            if other(c)
+        ],
         "rows": [r for r in earlier["rows"] if other(r)],
         "workloads": dict(earlier["workloads"]),
         "commands": [*earlier.get("merged_commands", []), earlier["command"]],

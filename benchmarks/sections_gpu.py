@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.sections_roofline import roofline_lines, roofline_summary
+from benchmarks.sections_gpu_cpu import operations_lines, roofline_lines, roofline_summary
 
 # Issue 13's targets: bfloat16, exit share 0.8, the best served row over the best MainNet alone.
 TARGETS = {("resnet50", 64): 1.3, ("resnet50", 256): 1.5, ("bert_base", 128): 1.4, ("bert_base", 32): 1.1}
@@ -276,6 +276,27 @@ def _read(results: Path) -> tuple[dict[str, Any] | None, bool]:
     return r, r is not None and r.get("device_type") == "cuda" and not r.get("quick")
 
 
+def _cards(r: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The cases of each card a (merged) JSON's cases ran on; cases from before cards were recorded per case
+    ran on the run's."""
+    cards: dict[str, list[dict[str, Any]]] = {}
+    for case in r["cases"]:
+        cards.setdefault(case.get("device", r["device"]), []).append(case)
+    return cards or {r["device"]: []}
+
+
+def _card_of(r: dict[str, Any], workload: str, batch: int) -> str:
+    """The card of the bfloat16 case of ``workload`` at ``batch`` (a family's, for ResNet-50)."""
+    return next(
+        (
+            case.get("device", r["device"])
+            for case in r["cases"]
+            if case["workload"] in _family(workload) and case["batch"] == batch and case["dtype"] == "bfloat16"
+        ),
+        r["device"],
+    )
+
+
 def gpu_summary(results: Path) -> list[str]:
     """The GPU paragraph of BENCHMARKS.md's summary: each target case's best served speed-up over the best
     MainNet alone, and what holds the convolutional case back; nothing until a CUDA run wrote ``gpu.json``."""
@@ -283,11 +304,17 @@ def gpu_summary(results: Path) -> list[str]:
     if not measured:
         return []
     best = {(w, b): _best_served(r["rows"], w, b) for w, b in TARGETS}
-    found = [f"{w} batch {b} **{got[1]:.2f}×**{_layout(got[0])}" for (w, b), got in best.items() if got]
+    several = len(_cards(r)) > 1  # merged runs on different cards: each figure says its card
+    found = [
+        f"{w} batch {b} **{got[1]:.2f}×**{_layout(got[0])}" + (f" ({_card_of(r, w, b)})" if several else "")
+        for (w, b), got in best.items()
+        if got
+    ]
     if not found:
         return []
     text = (
-        f"**GPU ({r['device']}, random weights, bfloat16, 80% exit).** Over the best MainNet alone (the fastest "
+        f"**GPU ({' and '.join(_cards(r))}, random weights, bfloat16, 80% exit).** Over the best MainNet alone "
+        "(the fastest "
         f"of eager, `torch.compile` and a CUDA graph), the compiled serving mode: {', '.join(found)}. "
     )
     main_best = {
@@ -335,6 +362,18 @@ def gpu_section(results: Path) -> list[str]:
         + _passes(r)
         + _modes_tried(r["rows"])
         + ".",
+        *(
+            [
+                "Cards (runs merged): "
+                + "; ".join(
+                    f"{card}: " + ", ".join(f"{c['workload']} {c['batch']} {c['dtype']}" for c in cases)
+                    for card, cases in _cards(r).items()
+                )
+                + ". Each speed-up compares the rows of one case, timed on one card in one run."
+            ]
+            if len(_cards(r)) > 1
+            else []
+        ),
         f"Text: {r['text']['source']}"
         + (f" ({r['text']['why']}; {r['text']['lengths']})" if r["text"].get("why") else "")
         + (f", tokenised by {r['text']['tokenizer']}" if r["text"].get("tokenizer") else "")
@@ -359,38 +398,3 @@ def gpu_section(results: Path) -> list[str]:
     if skipped:
         lines += ["Not measured: " + "; ".join(skipped) + ".", ""]
     return [*lines, *operations_lines(results), *roofline_lines(results)]
-
-
-def operations_lines(results: Path) -> list[str]:
-    """Tensor operations per routed batch of the GPU workloads, counted on the CPU
-    (``gpu_operations.json``, written by ``benchmarks/gpu_operations.py``); nothing before it ran."""
-    path = results / "gpu_operations.json"
-    if not path.is_file():
-        return []
-    r = json.loads(path.read_text())
-    m = r["machine"]
-    lines = [
-        "### Tensor operations per routed batch (each a kernel launch on a GPU; counted on the CPU)",
-        "",
-        f"Command: `{r['command']}` — {m['date']}, torch {m['torch']}, commit {m['commit'] or 'n/a'}. The GPU "
-        "workloads above, random weights, sidenet's value checks off as on CUDA, averaged over the batches"
-        + (
-            f"; ResNet-50 at {r['image_size']}x{r['image_size']} (its operations do not depend on the image size)"
-            if r.get("image_size")
-            else ""
-        )
-        + ". Where eager routing is bound by launches, its time follows these counts.",
-        "",
-        "| workload | batch | dtype | exit share | MainNet alone | minimal router | sidenet eager (× minimal) "
-        "| sidenet issues more of | fewer of |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in r["rows"]:
-        more = ", ".join(f"{k} {v:g}" for k, v in row["more_than_minimal"].items()) or "–"
-        fewer = ", ".join(f"{k} {v:g}" for k, v in row["fewer_than_minimal"].items()) or "–"
-        lines.append(
-            f"| {row['workload']} | {row['batch']} | {row['dtype']} | {row['exit_share']:.2f} | {row['mainnet']:.0f} "
-            f"| {row['minimal_router']:.0f} | {row['sidenet_eager']:.0f} "
-            f"({row['sidenet_eager'] / row['minimal_router']:.3f}×) | {more} | {fewer} |"
-        )
-    return [*lines, ""]

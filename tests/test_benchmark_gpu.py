@@ -315,3 +315,44 @@ def test_gpu_check_skips_the_tests_on_a_second_call(tmp_path: Path) -> None:
     assert not (tmp_path / "cuda-tests.txt").exists()
     written = json.loads((tmp_path / "gpu.json").read_text())
     assert {(c["workload"], c["dtype"]) for c in written["cases"]} == {("resnet", "float32")}
+
+
+def test_merged_runs_on_two_cards_say_which_card_each_figure_is_from(quick: dict[str, Any], tmp_path: Path) -> None:
+    measured = {**quick, "device_type": "cuda", "quick": False, "device": "Card B"}
+    renamed = {"resnet": "resnet50", "resnet_cl": "resnet50_cl", "bert": "bert_base"}
+    batch = {"resnet50": 64, "resnet50_cl": 64, "bert_base": 32}
+    for key in ("rows", "cases"):
+        measured[key] = [
+            {**item, "workload": renamed[item["workload"]], "batch": batch[renamed[item["workload"]]]}
+            for item in quick[key]
+        ]
+    for case in measured["cases"]:  # the BERT cases kept from an earlier run on another card
+        case["device"] = "Card A" if case["workload"] == "bert_base" else "Card B"
+    measured["workloads"] = {renamed[name]: text for name, text in quick["workloads"].items()}
+    (tmp_path / "gpu.json").write_text(json.dumps(measured))
+    summary = "\n".join(gpu_summary(tmp_path))
+    assert "**GPU (Card B and Card A," in summary or "**GPU (Card A and Card B," in summary
+    assert "resnet50 batch 64 **" in summary and "(Card B)" in summary and "bert_base batch 32 **" in summary
+    assert "(Card A)" in summary
+    section = "\n".join(gpu_section(tmp_path))
+    assert "Cards (runs merged): " in section and "Card A: bert_base 32 bfloat16" in section
+    # One card: no card named per figure.
+    for case in measured["cases"]:
+        case["device"] = "Card B"
+    (tmp_path / "gpu.json").write_text(json.dumps(measured))
+    assert "(Card B)" not in "\n".join(gpu_summary(tmp_path))
+    assert "Cards (runs merged)" not in "\n".join(gpu_section(tmp_path))
+
+
+def test_merge_keeps_the_card_of_earlier_cases(quick: dict[str, Any], tmp_path: Path) -> None:
+    earlier = {
+        **quick,
+        "device": "Card A",
+        "cases": [{k: v for k, v in c.items() if k != "device"} for c in quick["cases"]],
+    }
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps(earlier))
+    kept = gpu.merged_cases(path, {("resnet", 8, "float32")})
+    assert kept is not None and {c["device"] for c in kept["cases"]} == {"Card A"}
+    assert ("resnet", 8, "float32") not in {(c["workload"], c["batch"], c["dtype"]) for c in kept["cases"]}
+    assert all(c["device"] for c in quick["cases"])  # a run records its card per case

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from benchmarks import gpu, gpu_roofline
-from benchmarks.sections_roofline import roofline_lines
+from benchmarks.sections_gpu_cpu import roofline_lines
 
 import sidenet
 
@@ -91,7 +91,7 @@ def test_benchmarks_lines_with_and_without_a_gpu_run(result: dict[str, Any], tmp
 
 
 def test_summary_sentence(result: dict[str, Any], tmp_path: Path) -> None:
-    from benchmarks.sections_roofline import roofline_summary
+    from benchmarks.sections_gpu_cpu import roofline_summary
 
     assert roofline_summary(tmp_path) == ""
     (tmp_path / "gpu_roofline.json").write_text(json.dumps(result))

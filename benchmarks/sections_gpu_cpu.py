@@ -1,5 +1,6 @@
-"""The roofline part of BENCHMARKS.md's GPU section (``gpu_roofline.json``, written on the CPU by
-``benchmarks/gpu_roofline.py``), set beside the stage times a CUDA run measured (``gpu.json``)."""
+"""The parts of BENCHMARKS.md's GPU section computed on the CPU: the tensor operations per routed batch of
+the GPU workloads (``gpu_operations.json``) and the roofline of the split ResNet-50 (``gpu_roofline.json``),
+set beside the stage times a CUDA run measured (``gpu.json``)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def _measured(results: Path, workload: str, batch: int) -> dict[str, float] | No
     stages = (case or {}).get("stages_ms", {})
     if best is None or not {"stage_front", "stage_rest"} <= set(stages):
         return None
-    return {"front": stages["stage_front"], "rest": stages["stage_rest"], "main_best": best, "device": r["device"]}
+    card = (case or {}).get("device", r["device"])
+    return {"front": stages["stage_front"], "rest": stages["stage_rest"], "main_best": best, "device": card}
 
 
 def roofline_lines(results: Path) -> list[str]:
@@ -103,3 +105,38 @@ def roofline_summary(results: Path) -> str:
         f"{row['batch']}: at 80% exit the ideal is {ideal['roofline']:.2f}×, not the {ideal['flops']:.2f}× of the "
         "FLOPs."
     )
+
+
+def operations_lines(results: Path) -> list[str]:
+    """Tensor operations per routed batch of the GPU workloads, counted on the CPU
+    (``gpu_operations.json``, written by ``benchmarks/gpu_operations.py``); nothing before it ran."""
+    path = results / "gpu_operations.json"
+    if not path.is_file():
+        return []
+    r = json.loads(path.read_text())
+    m = r["machine"]
+    lines = [
+        "### Tensor operations per routed batch (each a kernel launch on a GPU; counted on the CPU)",
+        "",
+        f"Command: `{r['command']}` — {m['date']}, torch {m['torch']}, commit {m['commit'] or 'n/a'}. The GPU "
+        "workloads above, random weights, sidenet's value checks off as on CUDA, averaged over the batches"
+        + (
+            f"; ResNet-50 at {r['image_size']}x{r['image_size']} (its operations do not depend on the image size)"
+            if r.get("image_size")
+            else ""
+        )
+        + ". Where eager routing is bound by launches, its time follows these counts.",
+        "",
+        "| workload | batch | dtype | exit share | MainNet alone | minimal router | sidenet eager (× minimal) "
+        "| sidenet issues more of | fewer of |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        more = ", ".join(f"{k} {v:g}" for k, v in row["more_than_minimal"].items()) or "–"
+        fewer = ", ".join(f"{k} {v:g}" for k, v in row["fewer_than_minimal"].items()) or "–"
+        lines.append(
+            f"| {row['workload']} | {row['batch']} | {row['dtype']} | {row['exit_share']:.2f} | {row['mainnet']:.0f} "
+            f"| {row['minimal_router']:.0f} | {row['sidenet_eager']:.0f} "
+            f"({row['sidenet_eager'] / row['minimal_router']:.3f}×) | {more} | {fewer} |"
+        )
+    return [*lines, ""]
