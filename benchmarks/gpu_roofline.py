@@ -1,23 +1,26 @@
 """Where a split ResNet-50's time should go on a GPU, by a roofline model computed on this CPU (issue 13).
 
-The GPU benchmark's ResNet-50 targets (tap ``layer1``) were not met on an H100: the served front (stem,
-``layer1``, SideNet, exit score) took about half the compiled MainNet's time although it holds a fifth of
-its FLOPs. FLOPs are the wrong yardstick for early layers on a GPU: at 56x56 with 256 channels their
-activations are large and their arithmetic intensity low, so they run at the memory's speed, not the
-tensor cores'. This step puts a number on that: per operation, time = max(FLOPs / peak, bytes / bandwidth)
-(the roofline), summed over the front, the SideNet and the rest of the MainNet as ``sidenet.split_mainnet``
-cuts them, so that the shares and the ideal speed-ups at exit shares 0.5 and 0.8 can be set beside the
-FLOPs ideal and the measured stage times of ``gpu.json``.
+The GPU benchmark's ResNet-50 targets (tap ``layer1``) were not met on an H100, nor on an H200 once the
+split's own cost was removed: the served front (stem, ``layer1``, SideNet, exit score) took about half the
+compiled MainNet's time although it holds a fifth of its FLOPs. FLOPs are the wrong yardstick for early
+layers on a GPU: at 56x56 with 256 channels their activations are large and their arithmetic intensity low,
+so they run at the memory's speed, not the tensor cores'. This step puts a number on that: per operation,
+time = max(FLOPs / peak, bytes / bandwidth) (the roofline), summed over the front, the SideNet and the rest
+of the MainNet as ``sidenet.split_mainnet`` cuts them, so that the shares and the ideal speed-ups at exit
+shares 0.5 and 0.8 can be set beside the FLOPs ideal and the measured stage times of ``gpu.json``.
 
-The model assumes what ``torch.compile`` does for inference: batch norm folded into the convolution, ReLU
-and the residual add fused into its epilogue (so a block's add costs one extra read of its identity), every
-activation written once and read by its consumer, weights read once per batch, 2 bytes per value
-(bfloat16). Peak and bandwidth are the H100 SXM's datasheet figures (989.4 TFLOPS dense bfloat16, 3.35 TB/s
-of HBM3); the shares depend only on their ratio. It ignores kernel launch and tail effects, the stem's
-3-channel convolution (poor for tensor cores) and cache reuse between layers: a lower bound per part,
-not a prediction of milliseconds.
+The model follows what ``torch.compile`` runs for inference (seen in ``gpu.py --profile-stages``): each
+convolution a cuDNN kernel that reads its input and weights and writes its output, then one fused pointwise
+kernel that reads that output and writes it back normalised (batch norm is not folded into the weights
+without inductor's freezing), with the ReLU and a block's residual add (one more read, of its identity);
+pooling reads and writes once; weights are read once per batch, 2 bytes per value (bfloat16). Peak and
+bandwidth are the datasheet figures of the card named by ``--card`` (H100 SXM: 989.4 TFLOPS dense bfloat16,
+3.35 TB/s of HBM3; H200 SXM: the same compute, 4.8 TB/s of HBM3e); the shares depend only on their ratio. It
+ignores kernel launch and tail effects, the stem's 3-channel convolution (poor for tensor cores) and cache
+reuse between layers: a lower bound per part, not a prediction of milliseconds.
 
-Run: ``python -m benchmarks.gpu_roofline [--quick]``; writes ``gpu_roofline.json``. No GPU needed.
+Run: ``python -m benchmarks.gpu_roofline [--quick] [--card H100|H200]`` (default H200: the card of the
+measured ResNet-50 cases); writes ``gpu_roofline.json``. No GPU needed.
 """
 
 from __future__ import annotations
@@ -38,9 +41,8 @@ NAME = "gpu_roofline"
 QUICK = {"quick_models": True}
 BATCHES = (64, 256)
 SHARES = (0.5, 0.8)
-# NVIDIA H100 SXM5 datasheet: dense bfloat16 tensor-core throughput and HBM3 bandwidth.
-H100_PEAK_FLOPS = 989.4e12
-H100_BANDWIDTH = 3.35e12
+# NVIDIA datasheets (SXM): dense bfloat16 tensor-core throughput and memory bandwidth (H100 HBM3, H200 HBM3e).
+CARDS = {"H100": (989.4e12, 3.35e12), "H200": (989.4e12, 4.8e12)}
 BYTES_PER_VALUE = 2  # bfloat16
 
 
@@ -74,6 +76,9 @@ def record_operations(modules: nn.Module, run: Callable[[], Any]) -> list[Operat
         if isinstance(module, nn.Conv2d):
             taps = (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
             found.append(Operation(name, 2 * per_sample(output) * taps, moved, weights))
+            # Batch norm and ReLU, one fused pointwise kernel over the convolution's output: read and written.
+            out = BYTES_PER_VALUE * per_sample(output)
+            found.append(Operation("BatchNorm+ReLU", 2 * per_sample(output), 2 * out, 0))
         elif isinstance(module, nn.Linear):
             found.append(Operation(name, 2 * module.in_features * module.out_features, moved, weights))
         elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
@@ -144,8 +149,7 @@ def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """This step's options from ``argv`` (the command line when None)."""
     parser = benchmark_parser(__doc__)
     parser.add_argument("--quick-models", action="store_true", help="the GPU benchmark's tiny --quick models")
-    parser.add_argument("--peak-tflops", type=float, default=H100_PEAK_FLOPS / 1e12, help="dense bfloat16 peak")
-    parser.add_argument("--bandwidth-tbs", type=float, default=H100_BANDWIDTH / 1e12, help="memory bandwidth")
+    parser.add_argument("--card", choices=sorted(CARDS), default="H200", help="whose datasheet peak and bandwidth")
     return parse_options(parser, argv, QUICK)
 
 
@@ -157,7 +161,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     size = workload.image_size
     model = sidenet.attach(workload.build().eval(), workload.tap, input_shape=(3, size, size)).eval()
     parts = split_costs(model, torch.randn(1, 3, size, size))
-    peak, bandwidth = args.peak_tflops * 1e12, args.bandwidth_tbs * 1e12
+    peak, bandwidth = CARDS[args.card]
     batches = (8,) if args.quick_models else BATCHES
     rows = [roofline(parts, batch, peak, bandwidth) for batch in batches]
     for row in rows:
@@ -176,8 +180,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "description": workload.description,
         "tap": str(workload.tap),
         "image_size": size,
-        "peak_tflops": args.peak_tflops,
-        "bandwidth_tbs": args.bandwidth_tbs,
+        "card": args.card,
+        "peak_tflops": peak / 1e12,
+        "bandwidth_tbs": bandwidth / 1e12,
         "bytes_per_value": BYTES_PER_VALUE,
         "rows": rows,
     }

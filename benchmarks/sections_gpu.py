@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.sections_gpu_cpu import operations_lines, roofline_lines, roofline_summary
+from benchmarks.sections_gpu_split import split_cost_paragraph
 
 # Issue 13's targets: bfloat16, exit share 0.8, the best served row over the best MainNet alone.
 TARGETS = {("resnet50", 64): 1.3, ("resnet50", 256): 1.5, ("bert_base", 128): 1.4, ("bert_base", 32): 1.1}
@@ -54,28 +55,6 @@ RUN = (
 )
 
 # Why a split ResNet-50 costs more than the whole: the reason found in PyTorch's source, and what to measure.
-SPLIT_COST = (
-    "Why the served stages of a ResNet-50 likely cost more than the MainNet they split: the rest is compiled "
-    "once for all its row buckets (dynamic in its rows), and inductor lays a graph's convolutions out "
-    "channels-last only where their shapes are static (`decide_layout_opt` in `torch/_inductor/graph.py`; "
-    "pytorch/pytorch#102670), as they are in the MainNet compiled alone; `tests/test_compiled_static_rest.py` "
-    "sees that decision on the CPU (mkldnn off, the path a GPU's graphs take). Two ways around it: "
-    '`compile_for_serving(..., rest_shapes="static")` compiles the rest once per bucket (`--static-rest` adds '
-    'its rows, "rest per bucket"), or the MainNet and its inputs converted to channels-last '
-    "(`.to(memory_format=torch.channels_last)`), whose layout inductor keeps in a dynamic graph too (seen in "
-    "the same test module; `--channels-last` adds the workload `resnet50_cl`, every row of it channels-last, "
-    "the MainNet alone too). A target counts the fastest served row of either layout over the faster best "
-    "MainNet alone of the two."
-)
-# What the split-cost rows still lack, and the run that measures them.
-SPLIT_COST_MISSING = {"static": "the rest per bucket", "channels_last": "the channels-last MainNet"}
-SPLIT_COST_NEXT = (
-    ' on a CUDA machine, `GPU_MERGE=1 GPU_BUDGET_S=360 GPU_BENCH_ARGS="--workloads resnet50 resnet50_cl '
-    '--dtypes bfloat16 --static-rest --channels-last --compile-modes reduce-overhead default" '
-    "bash benchmarks/gpu_check.sh` "
-    "(a compilation per bucket: minutes)."
-)
-
 MINILM_NEXT = (
     "Not measured yet: the fine-tuned MiniLM MainNet of the SST-2 benchmarks with its fitted SideNet "
     "(`minilm_sst2`). `make gpu-inputs` carries them where this machine has them (the MainNet cast to bfloat16, "
@@ -218,16 +197,6 @@ def _targets(rows: list[dict[str, Any]], cases: list[dict[str, Any]]) -> list[st
     return lines
 
 
-def _split_cost_next(rows: list[dict[str, Any]]) -> str:
-    """Which of the two ways around the split cost no run has measured yet, and the run that would."""
-    measured = {
-        "static": any(row["mode"] in STATIC for row in rows),
-        "channels_last": any(row["workload"] == "resnet50_cl" for row in rows),
-    }
-    missing = [SPLIT_COST_MISSING[way] for way, done in measured.items() if not done]
-    return f" Not measured yet: {' and '.join(missing)};{SPLIT_COST_NEXT}" if missing else ""
-
-
 def _table(r: dict[str, Any], workload: str) -> list[str]:
     """Per (batch, dtype, exit share): the MainNet rows, then the routed ones."""
     rows = [row for row in r["rows"] if row["workload"] == workload]
@@ -321,19 +290,29 @@ def gpu_summary(results: Path) -> list[str]:
         (row["workload"], row["batch"], row["dtype"]): row["ms"] for row in r["rows"] if row["mode"] == "main_best"
     }
     sums: dict[str, list[float]] = {}  # ResNet-50's served front + rest on a full batch over its best MainNet
+    fronts: list[float] = []  # and its served front alone
     for case in r["cases"]:
         stages, key = case.get("stages_ms", {}), (case["workload"], case["batch"], case["dtype"])
         if key[0] in _family("resnet50") and key[2] == "bfloat16" and {"stage_front", "stage_rest"} <= set(stages):
             rests = [stages["stage_rest"], stages.get("stage_rest_static", stages["stage_rest"])]
             sums.setdefault(key[0], []).append((stages["stage_front"] + min(rests)) / main_best[key])
+            fronts.append(stages["stage_front"] / main_best[key])
     if sums:
-        spans = [
-            f"{min(v):.2f}–{max(v):.2f}×{' channels-last' if w.endswith('_cl') else ''}"
-            for w, v in sorted(sums.items())
-        ]
+
+        def span(values: list[float], form: str) -> str:
+            low, high = format(min(values), form), format(max(values), form)
+            return low if low == high else f"{low}–{high}"
+
+        spans = [f"{span(v, '.2f')}×{' channels-last' if w.endswith('_cl') else ''}" for w, v in sorted(sums.items())]
+        remedied = any(c.get("stages_ms", {}).get("stage_rest_static") for c in r["cases"]) and "resnet50_cl" in sums
+        why = (
+            f"the front alone, which every sample pays, takes {span(fronts, '.0%')} of the best MainNet's time"
+            if remedied
+            else "see the GPU section for why and what is not yet measured"
+        )
         text += (
             f"Where it does not pay in full: ResNet-50's served stages together take {' and '.join(spans)} "
-            "the compiled MainNet's time (see the GPU section for why and what is not yet measured)."
+            f"the compiled MainNet's time ({why})."
         ) + roofline_summary(results)
     return [text, ""]
 
@@ -386,7 +365,7 @@ def gpu_section(results: Path) -> list[str]:
     targets = _targets(r["rows"], r["cases"])
     if targets:
         lines += ["Targets (issue 13; served = the fastest of the compiled and graph-captured rows):", "", *targets, ""]
-        lines += [SPLIT_COST + _split_cost_next(r["rows"]), ""]
+        lines += [split_cost_paragraph(r), ""]
         if not any(row["workload"] == "minilm_sst2" for row in r["rows"]):
             lines += [MINILM_NEXT, ""]
     if r["cases"]:

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 
-def _measured(results: Path, workload: str, batch: int) -> dict[str, float] | None:
-    """The CUDA run's bfloat16 stage times and best MainNet alone for ``workload`` at ``batch`` (ms), or None."""
+def _measured(results: Path, workload: str, batch: int, card: str) -> dict[str, float] | None:
+    """The CUDA run's bfloat16 stage times and best MainNet alone for ``workload`` at ``batch`` (ms), or None;
+    None too where that case ran on another card than ``card`` (the roofline's)."""
     path = results / "gpu.json"
     if not path.is_file():
         return None
@@ -31,8 +32,10 @@ def _measured(results: Path, workload: str, batch: int) -> dict[str, float] | No
     stages = (case or {}).get("stages_ms", {})
     if best is None or not {"stage_front", "stage_rest"} <= set(stages):
         return None
-    card = (case or {}).get("device", r["device"])
-    return {"front": stages["stage_front"], "rest": stages["stage_rest"], "main_best": best, "device": card}
+    device = (case or {}).get("device", r["device"])
+    if card not in device:
+        return None
+    return {"front": stages["stage_front"], "rest": stages["stage_rest"], "main_best": best, "device": device}
 
 
 def roofline_lines(results: Path) -> list[str]:
@@ -42,13 +45,13 @@ def roofline_lines(results: Path) -> list[str]:
     if not path.is_file():
         return []
     r: dict[str, Any] = json.loads(path.read_text())
-    m = r["machine"]
+    m, card = r["machine"], r.get("card", "H100")  # results from before --card were the H100's
     lines = [
-        f"### Where a split {r['workload']}'s time should go on a GPU: a roofline (computed on the CPU)",
+        f"### Where a split {r['workload']}'s time should go on an {card}: a roofline (computed on the CPU)",
         "",
         f"Command: `{r['command']}` — {m['date']}, torch {m['torch']}, commit {m['commit'] or 'n/a'}. Per fused "
         "operation, time = max(FLOPs / peak, bytes / bandwidth) at "
-        f"{r['peak_tflops']:g} TFLOPS and {r['bandwidth_tbs']:g} TB/s (H100 SXM datasheet, bfloat16), "
+        f"{r['peak_tflops']:g} TFLOPS and {r['bandwidth_tbs']:g} TB/s ({card} SXM datasheet, bfloat16), "
         f"{r['image_size']}x{r['image_size']} images, tap {r['tap']}; batch norm folded, ReLU and residual adds fused, "
         "each activation written once and read once: a lower bound per part, not a prediction. The front is "
         "the trunk to the tap and the SideNet; its share of the time, not of the FLOPs, bounds what exiting "
@@ -63,7 +66,7 @@ def roofline_lines(results: Path) -> list[str]:
     for row in r["rows"]:
         parts, ideal = row["parts"], row["ideal_speedup"]["0.8"]
         front_ms = parts["trunk"]["roofline_ms"] + parts["sidenet"]["roofline_ms"]
-        measured = _measured(results, r["workload"], row["batch"])
+        measured = _measured(results, r["workload"], row["batch"], card)
         if measured is None:
             seen = ["not measured", "–", "–"]
         else:
@@ -97,10 +100,11 @@ def roofline_summary(results: Path) -> str:
     if not path.is_file():
         return ""
     r = json.loads(path.read_text())
+    card = r.get("card", "H100")  # results from before --card were the H100's
     row = max(r["rows"], key=lambda row: row["batch"])
     ideal = row["ideal_speedup"]["0.8"]
     return (
-        f" By a roofline of an H100 (section GPU), the front of a {r['workload']} split at {r['tap']} holds "
+        f" By a roofline of an {card} (section GPU), the front of a {r['workload']} split at {r['tap']} holds "
         f"{row['front_flops_share']:.0%} of its FLOPs but {row['front_roofline_share']:.0%} of its time at batch "
         f"{row['batch']}: at 80% exit the ideal is {ideal['roofline']:.2f}×, not the {ideal['flops']:.2f}× of the "
         "FLOPs."

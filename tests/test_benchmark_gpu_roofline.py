@@ -74,7 +74,7 @@ def test_benchmarks_lines_with_and_without_a_gpu_run(result: dict[str, Any], tmp
     gpu_json = {
         "device_type": "cuda",
         "quick": False,
-        "device": "a GPU",
+        "device": "NVIDIA H200",
         "cases": [
             {
                 "workload": workload,
@@ -87,7 +87,10 @@ def test_benchmarks_lines_with_and_without_a_gpu_run(result: dict[str, Any], tmp
     }
     (tmp_path / "gpu.json").write_text(json.dumps(gpu_json))
     text = "\n".join(roofline_lines(tmp_path))
-    assert "| 50% | 1.33× |" in text and "Measured on a GPU" in text  # 2 / 4; 4 / (2 + 0.2 * 5)
+    assert "| 50% | 1.33× |" in text and "Measured on NVIDIA H200" in text  # 2 / 4; 4 / (2 + 0.2 * 5)
+    # A case measured on another card than the roofline's is not set beside it.
+    (tmp_path / "gpu.json").write_text(json.dumps({**gpu_json, "device": "NVIDIA H100 80GB HBM3"}))
+    assert "not measured" in "\n".join(roofline_lines(tmp_path))
 
 
 def test_summary_sentence(result: dict[str, Any], tmp_path: Path) -> None:
