@@ -52,8 +52,9 @@ def roofline_lines(results: Path) -> list[str]:
         f"Command: `{r['command']}` — {m['date']}, torch {m['torch']}, commit {m['commit'] or 'n/a'}. Per fused "
         "operation, time = max(FLOPs / peak, bytes / bandwidth) at "
         f"{r['peak_tflops']:g} TFLOPS and {r['bandwidth_tbs']:g} TB/s ({card} SXM datasheet, bfloat16), "
-        f"{r['image_size']}x{r['image_size']} images, tap {r['tap']}; batch norm folded, ReLU and residual adds fused, "
-        "each activation written once and read once: a lower bound per part, not a prediction. The front is "
+        f"{r['image_size']}x{r['image_size']} images, tap {r['tap']}; as inductor runs them, each convolution "
+        "then one fused pass over its output (batch norm, ReLU, a block's residual add): a lower bound per part, "
+        "not a prediction. The front is "
         "the trunk to the tap and the SideNet; its share of the time, not of the FLOPs, bounds what exiting "
         "there can save on a GPU.",
         "",
