@@ -367,3 +367,17 @@ def test_channels_last_is_refused_for_a_text_mainnet() -> None:
     model = attach(tiny_bert(), 1)
     with pytest.raises(ValueError, match="lays out convolutions: this model has none"):
         placed(model, None, None, channels_last=True)
+
+
+def test_channels_last_by_default_only_on_cuda_and_for_convolutions() -> None:
+    from helpers import build_tiny_mainnet, tiny_bert
+    from sidenet import attach
+    from sidenet.placement import placed
+
+    image = attach(build_tiny_mainnet(), "layer1", input_shape=(1, 16, 16), hidden=8, pool_size=2)
+    assert not _channels_last(placed(image, None, None, channels_last=None))  # on the CPU: as it is
+    text = attach(tiny_bert(), 1)
+    assert placed(text, None, None, channels_last=None) is text  # no convolutions: nothing to lay out
+    if torch.cuda.is_available():
+        assert _channels_last(placed(image, "cuda", "bfloat16", channels_last=None))
+        assert not _channels_last(placed(attach(build_tiny_mainnet(), "layer1", input_shape=(1, 16, 16)), "cuda", None))

@@ -135,7 +135,7 @@ def fit(
     seed: int = FitSettings.seed,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
-    channels_last: ChannelsLastOption = False,
+    channels_last: ChannelsLastOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Train a SideNet at a tap of the frozen MainNet; choose its threshold on the validation data."""

@@ -69,11 +69,13 @@ DtypeOption = Annotated[
 ]
 
 ChannelsLastOption = Annotated[
-    bool,
+    bool | None,
     typer.Option(
-        "--channels-last",
+        "--channels-last/--no-channels-last",
         help="Lay the MainNet's convolutions out channels-last (NHWC; images only): on a GPU the layout its "
-        "tensor cores run bfloat16 and float16 convolutions in. Measure it with sidenet report.",
+        "tensor cores run bfloat16 and float16 convolutions in. Default: on with a CUDA device for an image "
+        "MainNet.",
+        show_default=False,
     ),
 ]
 
@@ -124,7 +126,7 @@ def load_saved(
     task: Task | None = None,
     device: str | None = None,
     dtype: str | None = None,
-    channels_last: bool = False,
+    channels_last: bool | None = None,
 ) -> tuple[AdaptiveModel, Task]:
     """The SideNet in ``folder`` loaded onto its task's MainNet (``task``, default the one it was fitted
     on), on ``device`` in ``dtype`` (None: the CPU, the dtype it was fitted in), its convolutions
@@ -143,7 +145,7 @@ class FitSettings:
     ``features``: what a text SideNet reads; ``max_*_samples``: use the first N samples only;
     ``device``, ``dtype``: where and in what precision the MainNet runs while the SideNet is fitted
     (None: the CPU, float32); the SideNet is saved in that dtype. ``channels_last``: its convolutions
-    laid out channels-last meanwhile (the saved SideNet does not depend on it).
+    laid out channels-last meanwhile (None: on a CUDA device; the saved SideNet does not depend on it).
     """
 
     task: str
@@ -166,7 +168,7 @@ class FitSettings:
     taps: tuple[str, ...] | None = None
     device: str | None = None
     dtype: str | None = None
-    channels_last: bool = False
+    channels_last: bool | None = None
 
     def __post_init__(self) -> None:
         task = get_task(self.task)

@@ -74,7 +74,7 @@ def report_command(
     ] = None,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
-    channels_last: ChannelsLastOption = False,
+    channels_last: ChannelsLastOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Write an HTML page and a Markdown summary: curves of every exit policy with the MainNet and the

@@ -87,7 +87,7 @@ def serve_command(
     mode: ModeOption = "adaptive",
     compile_backend: CompileOption = None,
     dtype: DtypeOption = None,
-    channels_last: ChannelsLastOption = False,
+    channels_last: ChannelsLastOption = None,
     address: Annotated[str | None, typer.Option(help="A running Ray cluster (default: start one here).")] = None,
     config: Annotated[
         Path | None,
@@ -194,7 +194,7 @@ def classify_command(
         typer.Option(help="Where the model runs (cpu, cuda, cuda:1; default: cuda with --gpus, else the CPU)."),
     ] = None,
     dtype: DtypeOption = None,
-    channels_last: ChannelsLastOption = False,
+    channels_last: ChannelsLastOption = None,
     gpus: Annotated[float, typer.Option(help="With --ray: GPUs per actor.")] = 0.0,
     address: Annotated[str | None, typer.Option(help="With --ray: a running Ray cluster.")] = None,
 ) -> None:

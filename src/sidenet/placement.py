@@ -54,19 +54,26 @@ def check_placement(device: str | None, dtype: str | None, *, here: bool = False
         raise ValueError(f"device {device!r}: MPS is not available on this machine")
 
 
-def placed(model: ModuleT, device: str | None, dtype: str | None, channels_last: bool = False) -> ModuleT:
+def placed(model: ModuleT, device: str | None, dtype: str | None, channels_last: bool | None = False) -> ModuleT:
     """``model`` (an :class:`~sidenet.AdaptiveModel`: the SideNet with its MainNet; or a MainNet) moved to
     ``device`` and cast to ``dtype``, in place as ``nn.Module.to``; None keeps where and how it was
     loaded. Batches follow it (``to_mainnet``).
 
     ``channels_last`` lays the convolution weights out channels-last (NHWC), the layout tensor cores run
     half-precision convolutions in; activations follow (cuDNN picks it from the weights) and routing keeps
-    it. Raises ``ValueError`` for a model without convolutions (a text MainNet)."""
+    it. ``None``: where the model ends up on a CUDA device and has convolutions (on an H200 it made the
+    eager ResNet-50 1.5x faster at batch 256 in bfloat16 and removed most of the compiled serving mode's split
+    cost: BENCHMARKS.md, GPU section). ``True`` raises ``ValueError`` for a model without convolutions (a
+    text MainNet)."""
     check_placement(device, dtype)
-    if channels_last and not any(p.dim() == 4 for p in model.parameters()):
+    convolutional = any(p.dim() == 4 for p in model.parameters())
+    if channels_last and not convolutional:
         raise ValueError("channels_last lays out convolutions: this model has none (a text MainNet?)")
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=None if dtype is None else getattr(torch, dtype))
+    if channels_last is None:
+        first = next(model.parameters(), None)
+        channels_last = convolutional and first is not None and first.device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -118,7 +125,7 @@ def load_placed(
     folder: str | Path,
     device: str | None = None,
     dtype: str | None = None,
-    channels_last: bool = False,
+    channels_last: bool | None = False,
 ) -> AdaptiveModel:
     """The SideNet saved in ``folder`` loaded onto ``mainnet``, then moved to ``device`` and cast to
     ``dtype`` (None: where ``mainnet`` is, in the dtype the SideNet was fitted in).

@@ -36,6 +36,7 @@ class ServeOptions:
             the exit rule stay float32.
         channels_last: lay the MainNet's convolutions out channels-last (:func:`sidenet.placement.placed`;
             images only): on a GPU the layout its tensor cores run bfloat16 and float16 convolutions in.
+            None (default): on a CUDA device for a MainNet with convolutions.
         compile_backend: route through :func:`sidenet.compile_for_serving` with this backend (``auto``:
             compiled kernels in CUDA graphs on a GPU, ``torch.compile`` on the CPU; ``eager``,
             ``inductor``, ``cuda_graph``, ``inductor_cuda_graph``),
@@ -58,7 +59,7 @@ class ServeOptions:
     torch_threads: int | None = None
     device: str | None = None
     dtype: str | None = None
-    channels_last: bool = False
+    channels_last: bool | None = None
     compile_backend: str | None = None
     retain_cpu_memory: bool = True
 

@@ -64,7 +64,7 @@ class RoutedClassifier:
         dtype: the floating dtype it runs the model in (``float32``, ``bfloat16``, ``float16``; None: as
             loaded); batches are cast to it, confidences and the exit rule stay float32.
         channels_last: lay the MainNet's convolutions out channels-last (images only; see
-            :func:`sidenet.placement.placed`).
+            :func:`sidenet.placement.placed`); None (default): on a CUDA device for a MainNet with convolutions.
         compile_backend: route through :func:`sidenet.compile_for_serving` with this backend (``auto``,
             ``eager``, ``inductor``, ``cuda_graph``, ``inductor_cuda_graph``), compiled when the actor
             starts on a model batch of neutral samples; None (default): eager routing.
@@ -84,7 +84,7 @@ class RoutedClassifier:
         audit_share: float = 0.0,
         device: str | None = None,
         dtype: str | None = None,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         compile_backend: str | None = None,
         retain_cpu_memory: bool = True,
     ) -> None:
