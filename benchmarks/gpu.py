@@ -864,7 +864,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "skipped": [],
     }
     plan = [(w, b, d) for d in args.dtypes for w in chosen for b in w.batches]
-    kept = merged_cases(args.out, {(w.name, b, d) for w, b, d in plan}) if args.merge else None
+    # Every earlier case is kept until this run measures it anew: a planned case that the budget or a failure
+    # skips keeps the earlier run's figures rather than vanishing from the merged JSON.
+    kept = merged_cases(args.out, set()) if args.merge else None
     if kept:
         result["cases"], result["rows"], result["workloads"] = kept["cases"], kept["rows"], kept["workloads"]
         result["workloads"].update({w.name: w.description for w in chosen})
@@ -878,6 +880,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if clock.left() < needed:
             result["skipped"].append(
                 {**key, "reason": f"time budget: {clock.left():.0f} s left, a case takes ~{needed:.0f} s"}
+                | _kept_note(result, key)
             )
             continue
         started = time.perf_counter()
@@ -891,7 +894,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             case = build_case(workload, batch, getattr(torch, dtype_name), args, own_text)
             rows, report = run_case(case, args, clock)
         except Exception as exc:
-            result["skipped"].append({**key, "reason": f"failed: {type(exc).__name__}: {str(exc)[:300]}"})
+            reason = {"reason": f"failed: {type(exc).__name__}: {str(exc)[:300]}"}
+            result["skipped"].append({**key, **reason} | _kept_note(result, key))
             rows, report = [], None
         finally:
             del case
@@ -902,6 +906,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report["case_s"] = time.perf_counter() - started
             if workload.kind == "text":
                 report["text"] = own_text[2]["source"]
+            same = (workload.name, batch, dtype_name)  # an earlier run's case of this key gives way to this one
+            result["cases"] = [c for c in result["cases"] if (c["workload"], c["batch"], c["dtype"]) != same]
+            result["rows"] = [r for r in result["rows"] if (r["workload"], r["batch"], r["dtype"]) != same]
             result["cases"].append(report)
             result["rows"] += rows
             print(summary_line(rows, report), flush=True)
@@ -911,6 +918,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["elapsed_s"] = clock.elapsed()
     write(args.out, result)
     return result
+
+
+def _kept_note(result: dict[str, Any], key: dict[str, Any]) -> dict[str, Any]:
+    """For a skipped case: a note that an earlier run's case of the same key stays in the merged JSON."""
+    same = (key["workload"], key["batch"], key["dtype"])
+    kept = any((c["workload"], c["batch"], c["dtype"]) == same for c in result["cases"])
+    return {"kept": "the earlier run's case"} if kept else {}
 
 
 def merged_cases(path: Path, measured: set[tuple]) -> dict[str, Any] | None:

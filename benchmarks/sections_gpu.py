@@ -373,7 +373,10 @@ def gpu_section(results: Path) -> list[str]:
     skipped = [
         f"{c['workload']} {c['batch']} {c['dtype']}: {m} ({why})" for c in r["cases"] for m, why in c["skipped"].items()
     ]
-    skipped += [f"{s['workload']} {s['batch']} {s['dtype']}: {s['reason']}" for s in r["skipped"]]
+    skipped += [
+        f"{s['workload']} {s['batch']} {s['dtype']}: {s['reason']}" + (f" ({s['kept']} kept)" if s.get("kept") else "")
+        for s in r["skipped"]
+    ]
     if skipped:
         lines += ["Not measured: " + "; ".join(skipped) + ".", ""]
     return [*lines, *operations_lines(results), *roofline_lines(results)]

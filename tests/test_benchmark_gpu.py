@@ -356,3 +356,18 @@ def test_merge_keeps_the_card_of_earlier_cases(quick: dict[str, Any], tmp_path: 
     assert kept is not None and {c["device"] for c in kept["cases"]} == {"Card A"}
     assert ("resnet", 8, "float32") not in {(c["workload"], c["batch"], c["dtype"]) for c in kept["cases"]}
     assert all(c["device"] for c in quick["cases"])  # a run records its card per case
+
+
+def test_merge_keeps_an_earlier_case_the_budget_skips(tmp_path: Path) -> None:
+    """``--merge``: an earlier case gives way only to the same case measured anew; one the budget skips keeps
+    the earlier run's figures (and says so), where it used to vanish from the merged JSON."""
+    out = tmp_path / "gpu.json"
+    base = ["--quick", "--workloads", "resnet", "--dtypes", "float32", "--exit-shares", "0.5", "--out", str(out)]
+    first = gpu.run(gpu.options(base))
+    (case,) = first["cases"]
+    starved = gpu.run(gpu.options([*base, "--merge", "--budget-s", "0"]))
+    assert starved["cases"] == [case] and starved["rows"] == first["rows"]
+    assert starved["skipped"][0]["kept"] == "the earlier run's case" and not starved["complete"]
+    again = gpu.run(gpu.options([*base, "--merge"]))
+    assert len(again["cases"]) == 1 and not again["skipped"]  # measured anew: replaced, not doubled
+    assert len(again["rows"]) == len(first["rows"]) and again["complete"]
