@@ -28,6 +28,8 @@ __all__ = [
     "check_range",
     "check_positive",
     "check_device_dtype",
+    "check_channels_last",
+    "check_compile_backend",
     "saved_task",
     "load_saved",
     "fail",
@@ -114,6 +116,21 @@ def check_device_dtype(device: str | None, dtype: str | None) -> None:
         raise ValueError(f"--device: {exc}") from None
 
 
+def check_channels_last(channels_last: bool | None, convolutional: bool, mainnet: str) -> None:
+    """Raise ``ValueError`` for ``--channels-last`` asked of a MainNet without convolutions (``mainnet``
+    names it); the default (None) lays out only MainNets that have them."""
+    if channels_last and not convolutional:
+        raise ValueError(f"--channels-last lays out convolutions: the {mainnet} MainNet has none")
+
+
+def check_compile_backend(backend: str | None) -> None:
+    """Raise ``ValueError`` naming ``--compile`` for a backend ``sidenet.compile_for_serving`` does not have."""
+    from sidenet.integrations.options import COMPILE_BACKENDS  # the serving layer's, loaded on demand
+
+    if backend not in COMPILE_BACKENDS:
+        raise ValueError(f"--compile must be one of {', '.join(b for b in COMPILE_BACKENDS if b)}, got {backend!r}")
+
+
 def saved_task(folder: Path) -> Task:
     """The task a saved SideNet was fitted on, read from its config alone (no MainNet loaded)."""
     return get_task(SideNetConfig.load(folder).metadata.get("task", "fmnist"))
@@ -173,8 +190,7 @@ class FitSettings:
     def __post_init__(self) -> None:
         task = get_task(self.task)
         check_device_dtype(self.device, self.dtype)
-        if self.channels_last and not task.convolutional:
-            raise ValueError(f"--channels-last lays out convolutions: the {task.name} MainNet has none")
+        check_channels_last(self.channels_last, task.convolutional, task.name)
         check_positive(hidden=self.hidden, pool=self.pool, epochs=self.epochs)
         limits = {"max_train_samples": self.max_train_samples, "max_val_samples": self.max_val_samples}
         check_positive(**{name: limit for name, limit in limits.items() if limit is not None})

@@ -16,6 +16,8 @@ from sidenet.cli_options import (
     DeviceOption,
     DtypeOption,
     QuietOption,
+    check_channels_last,
+    check_compile_backend,
     check_device_dtype,
     check_positive,
     check_range,
@@ -91,16 +93,11 @@ def report_command(
         check_range("--confidence", confidence, 0.0, 1.0, open_interval=True)
         check_positive(bins=bins)
         check_device_dtype(device, dtype)
-        from sidenet.integrations.options import COMPILE_BACKENDS  # the serving layer's, loaded on demand
-
-        if compile_backend not in COMPILE_BACKENDS:
-            backends = ", ".join(b for b in COMPILE_BACKENDS if b)
-            raise ValueError(f"--compile must be one of {backends}, got {compile_backend!r}")
+        check_compile_backend(compile_backend)
         if compile_backend is not None and not timing:
             raise ValueError("--compile says how to time the model: it needs timing (drop --no-timing)")
         task = saved_task(sidenet)
-        if channels_last and not task.convolutional:
-            raise ValueError(f"--channels-last lays out convolutions: the {task.name} MainNet has none")
+        check_channels_last(channels_last, task.convolutional, task.name)
         cascade = (sidenet / CASCADE_NAME).is_file()
         from sidenet.audit import audit_from_log  # read first: a bad file fails before the long work
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sidenet.cli_options import ChannelsLastOption, CompileOption, DtypeOption, fail
+from sidenet.cli_options import ChannelsLastOption, CompileOption, DtypeOption, check_compile_backend, fail
 
 SidenetOption = Annotated[
     Path, typer.Option("--sidenet", help="Folder of a saved SideNet (sidenet fit's output).", show_default=False)
@@ -226,10 +226,10 @@ def classify_command(
         fail(f"--device {device}: no CUDA device on this machine")
     if mode not in ("adaptive", "main"):
         fail(f"--mode must be adaptive or main, got {mode!r}")
-    from sidenet.integrations.options import COMPILE_BACKENDS
-
-    if compile_backend not in COMPILE_BACKENDS:
-        fail(f"--compile must be one of {', '.join(b for b in COMPILE_BACKENDS if b)}, got {compile_backend!r}")
+    try:
+        check_compile_backend(compile_backend)
+    except ValueError as exc:
+        fail(str(exc))
     source = _source(sidenet, task, mainnet, threshold, mainnet_weights)
     if channels_last and source.inputs().kind == "text":
         fail("--channels-last lays out an image MainNet's convolutions: this SideNet's MainNet reads text")
