@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.sections_gpu_cpu import operations_lines, roofline_lines, roofline_summary
-from benchmarks.sections_gpu_split import split_cost_paragraph
+from benchmarks.sections_gpu_split import main_best_ms, split_cost_paragraph
 
 # Issue 13's targets: bfloat16, exit share 0.8, the best served row over the best MainNet alone.
 TARGETS = {("resnet50", 64): 1.3, ("resnet50", 256): 1.5, ("bert_base", 128): 1.4, ("bert_base", 32): 1.1}
@@ -286,9 +286,7 @@ def gpu_summary(results: Path) -> list[str]:
         "(the fastest "
         f"of eager, `torch.compile` and a CUDA graph), the compiled serving mode: {', '.join(found)}. "
     )
-    main_best = {
-        (row["workload"], row["batch"], row["dtype"]): row["ms"] for row in r["rows"] if row["mode"] == "main_best"
-    }
+    main_best = main_best_ms(r["rows"])
     sums: dict[str, list[float]] = {}  # ResNet-50's served front + rest on a full batch over its best MainNet
     fronts: list[float] = []  # and its served front alone
     for case in r["cases"]:

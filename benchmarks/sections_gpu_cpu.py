@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from benchmarks.sections_gpu_split import main_best_ms
+
 
 def _measured(results: Path, workload: str, batch: int, card: str) -> dict[str, float] | None:
     """The CUDA run's bfloat16 stage times and best MainNet alone for ``workload`` at ``batch`` (ms), or None;
@@ -21,14 +23,7 @@ def _measured(results: Path, workload: str, batch: int, card: str) -> dict[str, 
     case = next(
         (c for c in r["cases"] if (c["workload"], c["batch"], c["dtype"]) == (workload, batch, "bfloat16")), None
     )
-    best = next(
-        (
-            row["ms"]
-            for row in r["rows"]
-            if (row["workload"], row["batch"], row["dtype"], row["mode"]) == (workload, batch, "bfloat16", "main_best")
-        ),
-        None,
-    )
+    best = main_best_ms(r["rows"]).get((workload, batch, "bfloat16"))
     stages = (case or {}).get("stages_ms", {})
     if best is None or not {"stage_front", "stage_rest"} <= set(stages):
         return None

@@ -42,6 +42,11 @@ def _split_cost_next(rows: list[dict[str, Any]]) -> str:
     return f" Not measured yet: {' and '.join(missing)};{SPLIT_COST_NEXT}" if missing else ""
 
 
+def main_best_ms(rows: list[dict[str, Any]]) -> dict[tuple[str, int, str], float]:
+    """The best MainNet alone's milliseconds per (workload, batch, dtype) of a GPU run's rows."""
+    return {(row["workload"], row["batch"], row["dtype"]): row["ms"] for row in rows if row["mode"] == "main_best"}
+
+
 def _own_ms(profile: dict[str, Any] | None, batches: int, pick: Any) -> float:
     """Milliseconds per batch of the profiled kernels ``pick`` selects (by name), 0 without a profile."""
     if not profile:
@@ -54,7 +59,7 @@ def _measured(r: dict[str, Any]) -> str:
     MainNet alone of the same layout, the layout conversions the dynamic rest spent, and the front's share
     with its costliest kernel; empty before a CUDA run measured both."""
     cases = {(c["workload"], c["batch"]): c for c in r["cases"] if c["dtype"] == "bfloat16"}
-    best = {(row["workload"], row["batch"]): row["ms"] for row in r["rows"] if row["mode"] == "main_best"}
+    best = main_best_ms(r["rows"])
     parts, cards = [], []
     for batch in sorted({b for w, b in cases if w == "resnet50"}):
         plain, cl = cases.get(("resnet50", batch)), cases.get(("resnet50_cl", batch))
@@ -62,7 +67,7 @@ def _measured(r: dict[str, Any]) -> str:
             continue
         s, t = plain["stages_ms"], cl["stages_ms"]
         cards.append(plain.get("device", r["device"]))
-        main, main_cl = best[("resnet50", batch)], best[("resnet50_cl", batch)]
+        main, main_cl = best[("resnet50", batch, "bfloat16")], best[("resnet50_cl", batch, "bfloat16")]
         batches = plain["batches_timed"]
         profile = plain.get("profile", {})
         converts = _own_ms(profile.get("stage_rest"), batches, lambda name: any(k in name for k in LAYOUT_KERNELS))

@@ -371,3 +371,26 @@ def test_merge_keeps_an_earlier_case_the_budget_skips(tmp_path: Path) -> None:
     again = gpu.run(gpu.options([*base, "--merge"]))
     assert len(again["cases"]) == 1 and not again["skipped"]  # measured anew: replaced, not doubled
     assert len(again["rows"]) == len(first["rows"]) and again["complete"]
+
+
+def test_split_cost_paragraph_reads_the_bfloat16_cases(quick: dict[str, Any]) -> None:
+    """Both ways around the split cost measured: the paragraph's figures are the bfloat16 cases' over their
+    bfloat16 best MainNet alone, though float32 rows of the same workloads and batches come after them."""
+    from benchmarks.sections_gpu_split import split_cost_paragraph
+
+    renamed = {"resnet": "resnet50", "resnet_cl": "resnet50_cl", "bert": "bert_base"}
+    measured = {**quick, "device_type": "cuda", "quick": False}
+    for key in ("rows", "cases"):
+        measured[key] = [{**item, "workload": renamed[item["workload"]]} for item in quick[key]]
+    dtypes = [row["dtype"] for row in measured["rows"] if row["workload"] == "resnet50"]
+    assert dtypes.index("float32") > dtypes.index("bfloat16")  # float32 rows last: the order that misled
+    case = next(c for c in measured["cases"] if (c["workload"], c["dtype"]) == ("resnet50", "bfloat16"))
+    main = next(
+        row["ms"]
+        for row in measured["rows"]
+        if (row["workload"], row["batch"], row["dtype"], row["mode"])
+        == ("resnet50", case["batch"], "bfloat16", "main_best")
+    )
+    stages = case["stages_ms"]
+    text = split_cost_paragraph(measured)
+    assert f"front + rest {(stages['stage_front'] + stages['stage_rest']) / main:.2f}× the best MainNet" in text
