@@ -44,6 +44,9 @@ modes, reduce-overhead is always compiled, default only while ``--default-min-s`
 max-autotune (minutes) while ``--autotune-min-s`` do. The JSON is rewritten after every case, so a run
 cut short still leaves its results (``"complete": false``); ``--merge`` keeps the cases of an earlier
 JSON that a run does not measure (e.g. a second run of the bfloat16 cases with every compile mode).
+``--serving-autotune``: the serving mode also with ``autotune=True`` (its stages compiled with max-autotune's
+kernel choices; minutes of compiling), against a MainNet alone under ``mode="max-autotune"``. ``--batches``:
+only those of the workloads' batch sizes (a device call too short for every case).
 ``--profile-stages``: after a case's timing, one pass of each served stage and of the compiled MainNet under
 ``torch.profiler``, their costliest operations and kernels in the case's ``profile`` (where the front's
 time goes: on the H100 the served ResNet-50 front took half the compiled MainNet's time).
@@ -100,6 +103,8 @@ ROUTED_MODES = ("minimal_router", "sidenet_eager", "sidenet_cuda_graph", "sidene
 ROUTED_MODES += ("sidenet_compiled_stream", "pooled_router")
 # With --static-rest: the serving mode with its rest compiled per row bucket (rest_shapes="static").
 ROUTED_MODES += ("sidenet_compiled_static", "sidenet_compiled_static_stream", "pooled_router_static")
+# With --serving-autotune: the serving mode's stages compiled with max-autotune's kernel choices.
+ROUTED_MODES += ("sidenet_compiled_autotune", "sidenet_compiled_autotune_stream", "pooled_router_autotune")
 STAGES = ("stage_front", "stage_rest", "stage_rest_static")
 # Token counts ([CLS] and [SEP] included) of the 872 SST-2 dev sentences under the all-MiniLM-L6-v2
 # tokenizer, truncated at 64 (measured 2026-11-27): length -> sentences. The synthetic fallback draws
@@ -532,6 +537,8 @@ def serving_variants(case: Case, args: argparse.Namespace) -> dict[str, dict[str
             "rest_shapes": "static",
             "rest_buckets": default_row_buckets(case.batch),
         }
+    if args.serving_autotune and args.serving_backend in ("auto", "inductor", "inductor_cuda_graph"):
+        variants["sidenet_compiled_autotune"] = {"backend": args.serving_backend, "autotune": True}
     return variants
 
 
@@ -539,6 +546,7 @@ def serving_variants(case: Case, args: argparse.Namespace) -> dict[str, dict[str
 FULL_VARIANTS = {
     "sidenet_compiled": ("sidenet_compiled_stream", "pooled_router", "stage_rest"),
     "sidenet_compiled_static": ("sidenet_compiled_static_stream", "pooled_router_static", "stage_rest_static"),
+    "sidenet_compiled_autotune": ("sidenet_compiled_autotune_stream", "pooled_router_autotune", None),
 }
 
 
@@ -857,13 +865,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "max_wait": args.max_wait,
             "static_rest": args.static_rest,
             "channels_last": args.channels_last,
+            "serving_autotune": args.serving_autotune,
             "budget_s": args.budget_s,
         },
         "cases": [],
         "rows": [],
         "skipped": [],
     }
-    plan = [(w, b, d) for d in args.dtypes for w in chosen for b in w.batches]
+    plan = [(w, b, d) for d in args.dtypes for w in chosen for b in w.batches if not args.batches or b in args.batches]
     # Every earlier case is kept until this run measures it anew: a planned case that the budget or a failure
     # skips keeps the earlier run's figures rather than vanishing from the merged JSON.
     kept = merged_cases(args.out, set()) if args.merge else None
@@ -993,6 +1002,12 @@ def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also run each image workload with its MainNet and images channels-last (as <name>_cl)",
     )
+    parser.add_argument(
+        "--serving-autotune",
+        action="store_true",
+        help="also serve with compile_for_serving(autotune=True): max-autotune's kernel choices (minutes to compile)",
+    )
+    parser.add_argument("--batches", nargs="+", type=int, default=None, help="only these of the workloads' batches")
     parser.add_argument("--budget-s", type=float, default=270.0, help="start no case that would end past this")
     parser.add_argument(
         "--case-min-s", type=float, default=15.0, help="budget a workload's first case needs (later: its longest)"

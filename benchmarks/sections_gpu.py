@@ -17,12 +17,21 @@ SERVED = ("sidenet_cuda_graph", "sidenet_compiled", "sidenet_compiled_stream", "
 COLUMNS = ("minimal_router", "sidenet_eager", *SERVED, "ideal")
 HEADERS = ("minimal router", "sidenet eager", "eager kernels, CUDA graphs", "compiled", "compiled, pipelined")
 HEADERS += ("PooledRouter, compiled", "ideal")
-SERVING_MODES = ("sidenet_compiled", "sidenet_compiled_static")  # their compile seconds
-# Rows of a run with --static-rest (the rest compiled per row bucket), shown where a run has them.
-STATIC = {
+# The serving modes' compile seconds (the variants where a case has them) and their columns' names.
+SERVING_MODES = {
+    "sidenet_compiled": "serving mode",
+    "sidenet_compiled_static": "serving mode, rest per bucket",
+    "sidenet_compiled_autotune": "serving mode, autotuned",
+}
+# Rows of a run with --static-rest (the rest compiled per row bucket) or --serving-autotune (max-autotune's
+# kernels), shown where a run has them.
+VARIANTS = {
     "sidenet_compiled_static": "compiled, rest per bucket",
     "sidenet_compiled_static_stream": "pipelined, rest per bucket",
     "pooled_router_static": "PooledRouter, rest per bucket",
+    "sidenet_compiled_autotune": "compiled, autotuned",
+    "sidenet_compiled_autotune_stream": "pipelined, autotuned",
+    "pooled_router_autotune": "PooledRouter, autotuned",
 }
 COMPILE_MODES = ("reduce-overhead", "default", "max-autotune")
 COMPILED = ("main_compile_default", "main_compile_reduce-overhead", "main_compile_max-autotune", "main_cuda_graph")
@@ -149,7 +158,7 @@ def _best_served(rows: list[dict[str, Any]], workload: str, batch: int) -> tuple
         for r in rows
         if r["workload"] in _family(workload)
         and (r["batch"], r["dtype"], r["target_exit_share"]) == (batch, "bfloat16", 0.8)
-        and r["mode"] in (*SERVED, *STATIC)
+        and r["mode"] in (*SERVED, *VARIANTS)
     ]
     best, main = min(served, key=lambda r: r["ms"], default=None), _main_best(rows, workload, batch)
     return None if best is None or main is None else (best, main["ms"] / best["ms"])
@@ -200,8 +209,8 @@ def _targets(rows: list[dict[str, Any]], cases: list[dict[str, Any]]) -> list[st
 def _table(r: dict[str, Any], workload: str) -> list[str]:
     """Per (batch, dtype, exit share): the MainNet rows, then the routed ones."""
     rows = [row for row in r["rows"] if row["workload"] == workload]
-    static = [mode for mode in STATIC if any(row["mode"] == mode for row in rows)]
-    headers, columns = (*HEADERS, *(STATIC[m] for m in static)), (*COLUMNS, *static)
+    extra = [mode for mode in VARIANTS if any(row["mode"] == mode for row in rows)]
+    headers, columns = (*HEADERS, *(VARIANTS[m] for m in extra)), (*COLUMNS, *extra)
     lines = [
         "| batch | dtype | exit share | MainNet eager | best MainNet alone | " + " | ".join(headers) + " |",
         "|---" * (5 + len(headers)) + "|",
@@ -225,14 +234,12 @@ def _table(r: dict[str, Any], workload: str) -> list[str]:
 
 def _compile_times(r: dict[str, Any]) -> list[str]:
     """Compile (or capture) seconds per case: each MainNet variant's first pass, the serving mode's own."""
-    lines = [
-        "| workload | batch | dtype | " + " | ".join(m.removeprefix("main_") for m in COMPILED) + " | serving mode "
-        "| serving mode, rest per bucket |",
-        "|---" * (5 + len(COMPILED)) + "|",
-    ]
+    serving = [m for m in SERVING_MODES if m == "sidenet_compiled" or any(m in c["compile_s"] for c in r["cases"])]
+    names = [m.removeprefix("main_") for m in COMPILED] + [SERVING_MODES[m] for m in serving]
+    lines = ["| workload | batch | dtype | " + " | ".join(names) + " |", "|---" * (3 + len(names)) + "|"]
     for case in r["cases"]:
         seconds = case["compile_s"]
-        cells = [f"{seconds[m]:.1f}" if m in seconds else "–" for m in (*COMPILED, *SERVING_MODES)]
+        cells = [f"{seconds[m]:.1f}" if m in seconds else "–" for m in (*COMPILED, *serving)]
         lines.append(f"| {case['workload']} | {case['batch']} | {case['dtype']} | " + " | ".join(cells) + " |")
     return lines
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from benchmarks import gpu
-from benchmarks.sections_gpu import SERVED, STATIC, gpu_section, gpu_summary
+from benchmarks.sections_gpu import SERVED, VARIANTS, gpu_section, gpu_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"workload", "batch", "dtype", "exit_share", "target_exit_share", "mode", "ms"}
@@ -196,7 +196,7 @@ def test_section_says_not_measured_until_a_cuda_run(quick: dict[str, Any], tmp_p
     bf16 = [r for r in measured["rows"] if r["dtype"] == "bfloat16" and r["workload"] in ("resnet50", "resnet50_cl")]
     main = min(r["ms"] for r in bf16 if r["mode"] == "main_best")
     served = min(
-        (r for r in bf16 if r["target_exit_share"] == 0.8 and r["mode"] in (*SERVED, *STATIC)), key=lambda r: r["ms"]
+        (r for r in bf16 if r["target_exit_share"] == 0.8 and r["mode"] in (*SERVED, *VARIANTS)), key=lambda r: r["ms"]
     )
     layout = ", channels-last" if served["workload"] == "resnet50_cl" else ""
     assert f"resnet50, batch 64, bf16, exit 0.8: {main / served['ms']:.2f}× over the best MainNet alone" in text
@@ -394,3 +394,23 @@ def test_split_cost_paragraph_reads_the_bfloat16_cases(quick: dict[str, Any]) ->
     stages = case["stages_ms"]
     text = split_cost_paragraph(measured)
     assert f"front + rest {(stages['stage_front'] + stages['stage_rest']) / main:.2f}× the best MainNet" in text
+
+
+def test_serving_autotune_rows_and_the_batches_chosen(tmp_path: Path) -> None:
+    """``--serving-autotune``: the serving mode again with ``autotune=True`` (its rows, pipelined and pooled,
+    compile time and stage backends beside the default's; in the section's table); ``--batches`` runs only
+    the workloads' batches named."""
+    out = tmp_path / "gpu.json"
+    base = ["--quick", "--workloads", "resnet", "--dtypes", "float32", "--exit-shares", "0.8", "--out", str(out)]
+    tuned = gpu.run(gpu.options([*base, "--serving-backend", "inductor", "--serving-autotune", "--batches", "8"]))
+    (case,) = tuned["cases"]
+    assert case["batch"] == 8 and tuned["settings"]["serving_autotune"]
+    assert case["compile_s"]["sidenet_compiled_autotune"] > 0
+    assert set(case["serving_backends"]["sidenet_compiled_autotune"].values()) <= {"inductor", "eager"}
+    modes = {row["mode"] for row in tuned["rows"]}
+    assert {"sidenet_compiled_autotune", "sidenet_compiled_autotune_stream", "pooled_router_autotune"} <= modes
+    out.write_text(json.dumps({**tuned, "device_type": "cuda", "quick": False}))  # rendered as a GPU run's
+    section = "\n".join(gpu_section(tmp_path))
+    assert "| PooledRouter, autotuned |" in section and "| serving mode, autotuned |" in section
+    none = gpu.run(gpu.options([*base, "--batches", "16"]))  # the quick workload serves batch 8 only
+    assert none["cases"] == [] and none["rows"] == [] and none["complete"]

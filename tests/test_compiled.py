@@ -161,6 +161,37 @@ def test_inductor_on_cpu_keeps_the_faster_form_of_each_stage() -> None:
     torch.testing.assert_close(output.logits, reference.logits, atol=1e-5, rtol=1e-5)
 
 
+def test_autotune_compiles_every_stage_in_max_autotune_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``autotune=True``: each stage goes to ``torch.compile`` with max-autotune's mode less its CUDA graphs
+    (the graph backends capture stages themselves), and the answers stay the model's."""
+    from sidenet.compiled_stages import AUTOTUNE_MODE
+
+    modes: list[str | None] = []
+    compile_ = torch.compile
+
+    def recording(fn: object, **options: object) -> object:
+        modes.append(options.get("mode"))  # type: ignore[arg-type]
+        return compile_(fn, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "compile", recording)
+    torch.manual_seed(0)
+    mainnet = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    model = sidenet.attach(mainnet, 2, input_shape=(16,), hidden=8, seed=0)
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    model.threshold = threshold_between(model(x, mode="side").confidence, 0.5)
+    served = compile_for_serving(model, x, backend="inductor", autotune=True)
+    assert served.autotune and modes == [AUTOTUNE_MODE, AUTOTUNE_MODE]  # the front and the rest
+    for stage in served._stages.values():  # compiled whatever the warm-up timing kept
+        stage.backend = "inductor"
+    with torch.no_grad():
+        output, reference = served(x), model(x)
+    assert torch.equal(output.exited, reference.exited) and 0 < int(output.exited.sum()) < len(x)
+    torch.testing.assert_close(output.logits, reference.logits, atol=1e-5, rtol=1e-5)
+    modes.clear()
+    compile_for_serving(model, x, backend="inductor")
+    assert modes == [None, None]  # torch.compile's default mode unless asked
+
+
 def test_new_thresholds_are_an_input_not_a_recompilation() -> None:
     from torch._dynamo.utils import counters
 
@@ -191,6 +222,7 @@ def test_new_thresholds_are_an_input_not_a_recompilation() -> None:
         ({"backend": "tensorrt"}, "backend must be one of"),
         ({"backend": "cuda_graph"}, "needs the model and the example on a CUDA device"),
         ({"batch_sizes": [0]}, "batch sizes must be positive"),
+        ({"backend": "eager", "autotune": True}, "compiles none"),
     ],
 )
 def test_bad_options_are_named(options: dict, message: str) -> None:

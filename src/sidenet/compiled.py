@@ -101,8 +101,10 @@ class CompiledAdaptiveModel(StageWarmUp):
         length_buckets: Sequence[int] | None = None,
         rest_shapes: str = "dynamic",
         batch_sizes: Sequence[int] = (),
+        autotune: bool = False,
     ) -> None:
         self.model = model.eval()
+        self.autotune = autotune
         self.batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
         self.pad_batches = backend in GRAPH_BACKENDS
         self.rest_shapes = rest_shapes
@@ -147,7 +149,8 @@ class CompiledAdaptiveModel(StageWarmUp):
             # served batch sizes; the others at many row counts (compiled dynamic in them).
             front = name == "front"
             rows = "fixed" if front else self.rest_shapes
-            self._stages[key] = Stage(fn, self._kept.get(name, self.backend), 2 if front else 1, name, rows)
+            backend = self._kept.get(name, self.backend)
+            self._stages[key] = Stage(fn, backend, 2 if front else 1, name, rows, autotune=self.autotune)
         return self._stages[key]
 
     def _valid_rows(self, size: int, n: int, device: torch.device) -> torch.Tensor:
@@ -328,6 +331,7 @@ def compile_for_serving(
     length_buckets: Sequence[int] | None = None,
     backend: Backend = "auto",
     rest_shapes: Literal["dynamic", "static"] = "dynamic",
+    autotune: bool = False,
 ) -> CompiledAdaptiveModel:
     """Serve ``model`` with compiled or captured stages; returns a callable with ``model(x)``'s answers.
 
@@ -350,6 +354,9 @@ def compile_for_serving(
         rest_shapes: ``dynamic``: the compiled rest (and steps) one graph for all row buckets; ``static``:
             one per bucket (text: per row and length bucket), its convolutions laid out channels-last where
             inductor prefers (not for dynamic shapes). Needs ``rest_buckets``. For convolutional MainNets.
+        autotune: compile the stages as ``torch.compile(mode="max-autotune")`` would (inductor times its
+            candidate kernels for each shape and keeps the fastest; its own CUDA graphs left to the graph
+            backends): minutes of compiling on a GPU, for the last few percent. Needs a compiling backend.
 
     Example::
 
@@ -365,7 +372,9 @@ def compile_for_serving(
     backend, rest_buckets, length_buckets = stages.serving_settings(
         cuda, isinstance(example, Mapping), sizes, backend, rest_buckets, length_buckets, rest_shapes
     )
-    served = CompiledAdaptiveModel(model, backend, rest_buckets, length_buckets, rest_shapes, sizes)
+    if autotune and backend not in ("inductor", "inductor_cuda_graph"):
+        raise ValueError(f"autotune=True tunes torch.compile's kernels: backend={backend!r} compiles none")
+    served = CompiledAdaptiveModel(model, backend, rest_buckets, length_buckets, rest_shapes, sizes, autotune)
     # Largest first: Dynamo compiles the front's first size with static shapes and later ones dynamic,
     # so the full batches (most of the traffic under load) keep the static graph.
     served.warm_up(example, sizes[::-1])

@@ -25,7 +25,8 @@ from sidenet.routing import continuing_first
 from sidenet.splits import MainNetSplit
 
 __all__ = ["GRAPH_BACKENDS", "ROW_SHAPES", "Stage", "bucket_for", "bucketed_sizes", "front_fn", "median_seconds"]
-__all__ += ["BACKENDS", "DEFAULT_LENGTH_BUCKETS", "default_row_buckets", "padded_text", "serving_settings", "step_fn"]
+__all__ += ["AUTOTUNE_MODE", "BACKENDS", "DEFAULT_LENGTH_BUCKETS", "default_row_buckets", "padded_text"]
+__all__ += ["serving_settings", "step_fn"]
 
 
 def front_fn(splits: Sequence[MainNetSplit], sidenets: Sequence[SideNet], rule: ExitPolicy) -> Callable[[Any], tuple]:
@@ -77,6 +78,9 @@ GRAPH_BACKENDS = ("cuda_graph", "inductor_cuda_graph")
 ROW_SHAPES = ("fixed", "dynamic", "static")
 BACKENDS = ("auto", "eager", "inductor", *GRAPH_BACKENDS)
 DEFAULT_LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
+# torch.compile's mode for autotuned stages: max-autotune without its own CUDA graphs (the graph backends
+# capture the stages themselves; a cudagraph tree inside a capture would fail).
+AUTOTUNE_MODE = "max-autotune-no-cudagraphs"
 
 
 def default_row_buckets(largest: int) -> list[int]:
@@ -205,7 +209,7 @@ def _rows_dynamic(compiled: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return call
 
 
-def _per_shape(fn: Callable[[Any], Any], name: str) -> Callable[[Any], Any]:
+def _per_shape(fn: Callable[[Any], Any], name: str, mode: str | None = None) -> Callable[[Any], Any]:
     """``fn`` compiled once per input shape, each shape its own static graph (``dynamic=False``, its own code
     object: no shape counts against another's recompilation limit).
 
@@ -219,7 +223,7 @@ def _per_shape(fn: Callable[[Any], Any], name: str) -> Callable[[Any], Any]:
     def call(x: Any) -> Any:
         key = shape_key(x)
         if key not in compiled:
-            compiled[key] = torch.compile(own_code(fn, f"{name}_{len(compiled)}"), dynamic=False)
+            compiled[key] = torch.compile(own_code(fn, f"{name}_{len(compiled)}"), dynamic=False, mode=mode)
         return compiled[key](x)
 
     call.compiled_shapes = compiled  # type: ignore[attr-defined]  # for tests and reports
@@ -234,10 +238,17 @@ class Stage:
 
     ``rows`` says how a compiled stage treats its first dimension: ``fixed`` (the front: compiled at the
     batch sizes it meets, Dynamo's default), ``dynamic`` (one graph for every row count) or ``static``
-    (one graph per row count, see :func:`_per_shape`)."""
+    (one graph per row count, see :func:`_per_shape`). ``autotune``: inductor benchmarks its kernel choices
+    (``mode="max-autotune-no-cudagraphs"``: CUDA graphs, where wanted, are this class's own captures)."""
 
     def __init__(
-        self, fn: Callable[[Any], Any], backend: str, copies: int = 1, name: str = "stage", rows: str = "fixed"
+        self,
+        fn: Callable[[Any], Any],
+        backend: str,
+        copies: int = 1,
+        name: str = "stage",
+        rows: str = "fixed",
+        autotune: bool = False,
     ) -> None:
         if rows not in ROW_SHAPES:
             raise ValueError(f"rows must be one of {ROW_SHAPES}, got {rows!r}")
@@ -251,10 +262,11 @@ class Stage:
         self._compiled: Callable[[Any], Any] | None = None
         if backend in ("inductor", "inductor_cuda_graph"):
             code_name = f"sidenet_{name}_{next(_STAGES)}"
+            mode = AUTOTUNE_MODE if autotune else None
             if rows == "static":
-                self._compiled = _per_shape(fn, code_name)
+                self._compiled = _per_shape(fn, code_name, mode)
             else:
-                compiled = torch.compile(own_code(fn, code_name))
+                compiled = torch.compile(own_code(fn, code_name), mode=mode)
                 self._compiled = _rows_dynamic(compiled) if rows == "dynamic" else compiled
         self.capture_seconds = 0.0
 
