@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import gpu
+from benchmarks import gpu_runners
 from benchmarks.harness import ROOT, benchmark_parser, command, machine, parse_options, run_and_write
 
 NAME = "cpu_memory"
@@ -67,11 +67,11 @@ def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def at_exit_share(model: Any, batches: Sequence[Any], share: float = EXIT_SHARE) -> float:
     """Set ``model``'s threshold so that about ``share`` of the samples of ``batches`` exit (the GPU
-    benchmark's :func:`benchmarks.gpu.threshold_for_share`: strictly between two confidences, in the
+    benchmark's :func:`benchmarks.gpu_runners.threshold_for_share`: strictly between two confidences, in the
     float32 the exit rule compares in); returns the share that does."""
     with torch.no_grad():
         confidence = torch.cat([model(b, mode="side").confidence for b in batches])
-    model.threshold = gpu.threshold_for_share(confidence, share)
+    model.threshold = gpu_runners.threshold_for_share(confidence, share)
     with torch.no_grad():
         return float(torch.cat([model(b).exited for b in batches]).float().mean())
 

@@ -3,7 +3,7 @@
 On a GPU each tensor operation is a kernel launch, and eager routing at serving batch sizes in bfloat16
 is bound by launches (BERT-base takes the same time at batch 32 as at 128), so how many operations a
 routed batch issues says, without a GPU, what sidenet's eager routing costs beside a minimal router
-(trunk, SideNet, max-softmax, gather, rest, scatter: ``benchmarks.gpu.minimal_router``) and beside the
+(trunk, SideNet, max-softmax, gather, rest, scatter: ``benchmarks.gpu_runners.minimal_router``) and beside the
 MainNet alone. Issue 13 holds sidenet eager within 5% of that router's time; this is the count behind it.
 
 Workloads: those of ``benchmarks/gpu.py`` (ResNet-50, tap layer1, batch 64; BERT-base, tap 3, batch 32
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import gpu
+from benchmarks import gpu, gpu_case, gpu_runners, gpu_workloads
 from benchmarks.harness import benchmark_parser, command, machine, parse_options, run_and_write
 from sidenet.timing import count_operations
 
@@ -59,16 +59,16 @@ def per_batch(run: Callable[[Any], Any], batches: list[Any]) -> collections.Coun
     return collections.Counter({name: n / len(batches) for name, n in counted.items()})
 
 
-def count_case(case: gpu.Case) -> list[dict[str, Any]]:
+def count_case(case: gpu_case.Case) -> list[dict[str, Any]]:
     """One row per exit share: operations per batch of the MainNet, the minimal router and sidenet eager,
     and what sidenet issues more or fewer of than the minimal router."""
-    scores = gpu.confidences(case)
-    mainnet = per_batch(gpu.mainnet_call(case.model.split.mainnet, case.workload.kind), case.batches)
+    scores = gpu_case.confidences(case)
+    mainnet = per_batch(gpu_runners.mainnet_call(case.model.split.mainnet, case.workload.kind), case.batches)
     rows = []
     for share in SHARES:
-        routed = gpu.at_threshold(case.model, gpu.threshold_for_share(scores, share))
+        routed = gpu_runners.at_threshold(case.model, gpu_runners.threshold_for_share(scores, share))
         routed.check_values = False  # as on CUDA
-        minimal = per_batch(gpu.minimal_router(routed), case.batches)
+        minimal = per_batch(gpu_runners.minimal_router(routed), case.batches)
         eager = per_batch(routed, case.batches)
         realised = int((scores >= routed.threshold).sum()) / len(scores)
         rows.append(
@@ -90,8 +90,8 @@ def count_case(case: gpu.Case) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every workload and dtype; the result."""
     own = gpu_arguments(args)
-    chosen = gpu.workloads(own)
-    text = gpu.text_source(own) if any(w.kind == "text" for w in chosen) else (None, None, {})
+    chosen = gpu_workloads.workloads(own)
+    text = gpu_workloads.text_source(own) if any(w.kind == "text" for w in chosen) else (None, None, {})
     rows, workloads = [], {}
     for workload in chosen:
         if workload.kind == "vision" and not args.quick_models:
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         own.image_samples = 3 * batch
         workloads[workload.name] = workload.description
         for dtype in args.dtypes:
-            case = gpu.build_case(workload, batch, getattr(torch, dtype), own, text)
+            case = gpu_case.build_case(workload, batch, getattr(torch, dtype), own, text)
             found = count_case(case)
             rows += found
             print(

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 import sidenet
-from benchmarks import gpu
+from benchmarks import gpu, gpu_workloads
 from benchmarks.harness import benchmark_parser, command, machine, parse_options, run_and_write
 
 NAME = "gpu_roofline"
@@ -156,7 +156,7 @@ def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The image workload of the GPU benchmark (ResNet-50 at 224, tap layer1; tiny with --quick-models)."""
     own = gpu.options([*(["--quick"] if args.quick_models else []), "--device", "cpu"])
-    workload = next(w for w in gpu.workloads(own) if w.kind == "vision" and not w.channels_last)
+    workload = next(w for w in gpu_workloads.workloads(own) if w.kind == "vision" and not w.channels_last)
     torch.manual_seed(0)
     size = workload.image_size
     model = sidenet.attach(workload.build().eval(), workload.tap, input_shape=(3, size, size)).eval()

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from benchmarks import gpu
+from benchmarks import gpu, gpu_case, gpu_runners, gpu_workloads
 from benchmarks.sections_gpu import SERVED, VARIANTS, gpu_section, gpu_summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def test_quick_run_writes_every_case_and_row(quick: dict[str, Any]) -> None:
         # CUDA-only rows are skipped on the CPU, with the reason.
         assert "CUDA" in case["skipped"]["main_cuda_graph"]
         static = case["workload"] == "resnet"
-        stages = set(gpu.STAGES) - (set() if static else {"stage_rest_static"})
+        stages = set(gpu_case.STAGES) - (set() if static else {"stage_rest_static"})
         assert case["stage_basis"] == "eager" and set(case["stages_ms"]) == stages
         # --static-rest: the image MainNet's rest compiled per row bucket (eager here: the quick run's); not
         # for text nor channels-last, the other way to the layout a per-bucket graph gets.
@@ -67,7 +67,7 @@ def test_speedups_agree_with_times_and_best_is_the_fastest_mainnet(quick: dict[s
     for case in quick["cases"]:
         key = (case["workload"], case["batch"], case["dtype"])
         rows = [r for r in quick["rows"] if (r["workload"], r["batch"], r["dtype"]) == key]
-        main = {r["mode"]: r for r in rows if r["mode"] in gpu.MAIN_MODES}
+        main = {r["mode"]: r for r in rows if r["mode"] in gpu_case.MAIN_MODES}
         best = next(r for r in rows if r["mode"] == "main_best")
         assert best["ms"] == min(r["ms"] for r in main.values())
         assert best["ms"] == main[best["best_of"]]["ms"]
@@ -97,37 +97,37 @@ def test_ideal_row_is_front_plus_continuing_share_of_rest(quick: dict[str, Any])
 def test_threshold_lies_strictly_between_samples_at_the_share() -> None:
     scores = torch.linspace(0.5, 0.99, 100)
     for share in (0.5, 0.8, 0.05, 1.0):
-        t = gpu.threshold_for_share(scores, share)
+        t = gpu_runners.threshold_for_share(scores, share)
         assert not bool((scores == t).any())
         assert int((scores >= t).sum()) == round(share * 100)
-    assert gpu.threshold_for_share(scores, 0.0) == math.inf
+    assert gpu_runners.threshold_for_share(scores, 0.0) == math.inf
     # ties: the nearest gap between distinct values is taken, the share moves to the nearest reachable one
     tied = torch.tensor([0.6] * 6 + [0.7] * 4)
-    t = gpu.threshold_for_share(tied, 0.5)
+    t = gpu_runners.threshold_for_share(tied, 0.5)
     assert 0.6 < t < 0.7 and int((tied >= t).sum()) == 4
     # two adjacent float32 values leave no float32 strictly between them: another gap is used
     a = torch.tensor(0.75, dtype=torch.float32)
     b = torch.nextafter(a, torch.tensor(1.0))
     close = torch.stack([torch.tensor(0.6), a, b, torch.tensor(0.9)])
-    t = gpu.threshold_for_share(close, 0.5)
+    t = gpu_runners.threshold_for_share(close, 0.5)
     assert int((close >= t).sum()) in (1, 3)
 
 
 def test_synthetic_text_follows_the_sst2_length_histogram(tmp_path: Path) -> None:
-    lengths = gpu.synthetic_lengths(872)
-    assert sorted(lengths) == sorted(k for k, n in gpu.SST2_DEV_TOKEN_LENGTHS.items() for _ in range(n))
-    batches = gpu.synthetic_text_batches(lengths[:20], 8)
+    lengths = gpu_workloads.synthetic_lengths(872)
+    assert sorted(lengths) == sorted(k for k, n in gpu_workloads.SST2_DEV_TOKEN_LENGTHS.items() for _ in range(n))
+    batches = gpu_workloads.synthetic_text_batches(lengths[:20], 8)
     assert len(batches) == 2  # the 4 left over do not fill a batch
     for batch, chunk in zip(batches, (lengths[:8], lengths[8:16]), strict=True):
         assert batch["input_ids"].shape == (8, max(chunk))
         assert batch["attention_mask"].sum(1).tolist() == chunk
         assert bool((batch["input_ids"][:, 0] == 101).all())
     args = gpu.options(["--quick", "--sst2-data", str(tmp_path)])  # an empty folder: no dev.tsv
-    sentences, tokenizer, described = gpu.text_source(args)
+    sentences, tokenizer, described = gpu_workloads.text_source(args)
     assert sentences is None and tokenizer is None
     assert described["source"] == "synthetic" and "not found" in described["why"]
-    padded = gpu.pad_text(batches[0], gpu.bucket_length(batches[0]["input_ids"].shape[1]))
-    assert padded["input_ids"].shape[1] in gpu.LENGTH_BUCKETS
+    padded = gpu_workloads.pad_text(batches[0], gpu_workloads.bucket_length(batches[0]["input_ids"].shape[1]))
+    assert padded["input_ids"].shape[1] in gpu_workloads.LENGTH_BUCKETS
     assert torch.equal(padded["attention_mask"].sum(1), batches[0]["attention_mask"].sum(1))
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from benchmarks import gpu, gpu_roofline
+from benchmarks import gpu, gpu_roofline, gpu_workloads
 from benchmarks.sections_gpu_cpu import roofline_lines
 
 import sidenet
@@ -32,7 +32,7 @@ def test_the_parts_flops_are_the_library_counters() -> None:
     # Convolutions and linear layers (what FlopCounterMode counts) of the trunk, SideNet and rest, as routing
     # cuts the MainNet, add up to the MainNet's and SideNet's counted FLOPs.
     own = gpu.options(["--quick", "--device", "cpu"])
-    workload = next(w for w in gpu.workloads(own) if w.kind == "vision" and not w.channels_last)
+    workload = next(w for w in gpu_workloads.workloads(own) if w.kind == "vision" and not w.channels_last)
     size = workload.image_size
     torch.manual_seed(0)
     model = sidenet.attach(workload.build().eval(), workload.tap, input_shape=(3, size, size)).eval()
