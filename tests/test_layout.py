@@ -47,6 +47,7 @@ LAYERS: dict[str, int] = {
     "calibration": ANALYSIS,
     "shift": ANALYSIS,
     "timing": ANALYSIS,
+    "part_costs": ANALYSIS,
     "report": ANALYSIS,
     "report_page": ANALYSIS,
     "report_data": ANALYSIS,

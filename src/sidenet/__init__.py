@@ -29,6 +29,7 @@ from sidenet.errors import (
 from sidenet.flops import FlopLedger, FlopProfile, count_flops, profile_flops
 from sidenet.head import SideNet
 from sidenet.monitor import TrafficMonitor
+from sidenet.part_costs import PartSeconds, measure_part_seconds, time_weighted
 from sidenet.policy import NEVER_EXIT, ExitPolicy, format_threshold
 from sidenet.record import SweepRecord, collect
 from sidenet.routing import AdaptiveModel, AdaptiveOutput
@@ -84,6 +85,10 @@ __all__ = [
     "threshold_path",
     "CascadeChoice",
     "choose_taps",
+    # choosing by time where the model runs, not FLOPs (sidenet.part_costs)
+    "PartSeconds",
+    "measure_part_seconds",
+    "time_weighted",
     # errors (sidenet.errors)
     "SidenetError",
     "CheckpointError",

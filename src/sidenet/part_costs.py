@@ -1,0 +1,163 @@
+"""What each part of a routed MainNet costs in time where it runs, and tap choices priced by that time.
+
+The tap and threshold choices (:func:`~sidenet.cascade_choice.choose_taps`, the curves' ``relative_compute``)
+weigh compute in FLOPs. Time does not follow FLOPs evenly through a network: early layers move more bytes
+per FLOP (large activations, few channels), so on a GPU the first stage of a ResNet-50 took 50-54% of the
+compiled MainNet's time for 19% of its FLOPs (BENCHMARKS.md, GPU section), and on a 2-core CPU the trunk and
+SideNet of the Fashion-MNIST ResNet-20 take 20% of its time for 13% of its FLOPs. A choice made in FLOPs
+then overrates early taps. Here each part (every MainNet segment between taps, every SideNet) is timed on
+a batch as the model runs it (:func:`measure_part_seconds`), and :func:`time_weighted` prices a
+:class:`~sidenet.cascade_record.CascadeRecord` by those times, so that the same choices minimise time:
+
+    seconds = sidenet.measure_part_seconds(cascade, batch)          # on the serving device, dtype, batch
+    choice = sidenet.choose_taps(sidenet.time_weighted(record, seconds), max_accuracy_drop=0.5)
+
+Parts are timed as the eager model runs them (each part alone, device-synchronised), not compiled or
+captured; what routing adds between parts (gathering the continuing samples, one host wait per tap) is in
+no part. A sample's share of a part's time follows its share of the part's FLOPs (text: its length).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from sidenet.cascade_record import CascadeRecord
+from sidenet.timing import synchronize
+
+if TYPE_CHECKING:
+    from sidenet.routing import AdaptiveModel
+
+__all__ = ["PartSeconds", "measure_part_seconds", "time_weighted"]
+
+
+@dataclass(frozen=True)
+class PartSeconds:
+    """Seconds per sample of each part of a (cascade) model, measured on one batch.
+
+    Attributes:
+        segments: K + 1 MainNet segments, as :class:`~sidenet.cascade_record.CascadeRecord` orders them
+            (input -> tap 0, tap k-1 -> tap k, last tap -> logits).
+        sides: K SideNets (features and head; the exit score is not timed).
+        batch_size, device, dtype: the batch the parts were timed on, and where.
+        repeats: timed runs of each part (the median is kept).
+    """
+
+    segments: tuple[float, ...]
+    sides: tuple[float, ...]
+    batch_size: int
+    device: str
+    dtype: str
+    repeats: int
+
+    @property
+    def mainnet(self) -> float:
+        """Seconds per sample of the MainNet alone (its segments)."""
+        return sum(self.segments)
+
+    def shares(self) -> dict[str, list[float]]:
+        """Each part's time as a share of the MainNet's."""
+        return {
+            "segments": [s / self.mainnet for s in self.segments],
+            "sides": [s / self.mainnet for s in self.sides],
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "segments": list(self.segments),
+            "sides": list(self.sides),
+            "batch_size": self.batch_size,
+            "device": self.device,
+            "dtype": self.dtype,
+            "repeats": self.repeats,
+            "shares": self.shares(),
+        }
+
+
+def _median_seconds(runs: list[Callable[[], Any]], repeats: int) -> list[float]:
+    """The median wall time of each of ``runs`` over ``repeats`` interleaved rounds (A B C A B C ...: drift of
+    the machine's speed falls on every part alike) after one untimed round, each run ended by
+    :func:`synchronize`."""
+    for run in runs:
+        run()
+    synchronize()
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, own in zip(runs, times, strict=True):
+            started = time.perf_counter()
+            run()
+            synchronize()
+            own.append(time.perf_counter() - started)
+    return [statistics.median(own) for own in times]
+
+
+@torch.no_grad()
+def measure_part_seconds(model: AdaptiveModel, inputs: Any, repeats: int = 7) -> PartSeconds:
+    """Time each part of ``model`` (one SideNet or a cascade) on the batch ``inputs``, as ``model(inputs)``
+    takes it, on the model's device and dtype: every MainNet segment between taps and every SideNet, each
+    run alone ``repeats`` times after a warm-up run. Time the batch size and precision you serve at: the
+    shares change with both. Raises ``ValueError`` for inputs the model refuses, or ``repeats < 1``."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    model.check_input(inputs)
+    splits = model.splits
+    for split in splits:
+        split.ensure_eval()
+    states = [splits[0].trunk(inputs)]
+    for k in range(1, len(splits)):
+        states.append(splits[k - 1].advance(states[-1], splits[k]))
+    k = len(splits)
+    runs: list[Callable[[], Any]] = [lambda: splits[0].trunk(inputs)]
+    runs += [lambda j=j: splits[j - 1].advance(states[j - 1], splits[j]) for j in range(1, k)]
+    runs += [lambda: splits[-1].rest(states[-1])]
+    runs += [lambda j=j: model.side_logits(states[j], j) for j in range(k)]
+    seconds = _median_seconds(runs, repeats)
+    segments, sides = seconds[: k + 1], seconds[k + 1 :]
+    n = splits[0].batch_size(inputs)
+    reference = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return PartSeconds(
+        segments=tuple(s / n for s in segments),
+        sides=tuple(s / n for s in sides),
+        batch_size=n,
+        device=str(splits[0].input_device(inputs)),
+        dtype=str(reference.dtype).removeprefix("torch.") if reference is not None else "unknown",
+        repeats=repeats,
+    )
+
+
+def _priced(flops: np.ndarray, seconds: tuple[float, ...]) -> np.ndarray:
+    """Per-sample seconds of each column of ``flops`` (N, P): the column's measured seconds per sample,
+    spread over the samples in proportion to their FLOPs there (even where the column counts none)."""
+    measured = np.asarray(seconds, dtype=np.float64)
+    mean = flops.mean(axis=0)
+    counted = mean > 0
+    cost = np.broadcast_to(measured, flops.shape).copy()
+    cost[:, counted] = flops[:, counted] * (measured[counted] / mean[counted])
+    return cost
+
+
+def time_weighted(record: CascadeRecord, seconds: PartSeconds) -> CascadeRecord:
+    """``record`` priced in time: its ``segment_flops`` and ``side_flops`` replaced by seconds per sample
+    from ``seconds`` (:func:`measure_part_seconds` on the same taps), so that the curves and choices that
+    read it (:class:`~sidenet.cascade_curve.CascadeCurve`, :func:`~sidenet.cascade_choice.choose_taps`)
+    minimise time: ``relative_compute`` is then a share of the MainNet's measured time. Its FLOPs columns
+    hold seconds from then on; keep the original record for FLOPs."""
+    k = record.confidence.shape[1]
+    if len(seconds.segments) != k + 1 or len(seconds.sides) != k:
+        raise ValueError(
+            f"the record has {k} SideNet(s) and {k + 1} segments; the timing has {len(seconds.sides)} and "
+            f"{len(seconds.segments)}: time the model whose taps the record scored"
+        )
+    if min(seconds.segments + seconds.sides) < 0:
+        raise ValueError("part seconds must not be negative")
+    return replace(
+        record,
+        segment_flops=_priced(record.segment_flops, seconds.segments),
+        side_flops=_priced(record.side_flops, seconds.sides),
+    )

@@ -1,0 +1,109 @@
+"""Each part of a routed MainNet timed where it runs (``measure_part_seconds``), and cascade records priced
+by those times (``time_weighted``): the same tap choice then minimises time rather than FLOPs."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import sidenet
+from helpers import IMAGE_SHAPE, build_tiny_mainnet, make_images
+from sidenet import PartSeconds, choose_taps, measure_part_seconds, time_weighted
+from sidenet.cascade_curve import CascadeCurve, CascadeRecord
+from test_cascade_choice import make_record
+
+
+class Sleeps(nn.Module):
+    """An identity layer that takes ``seconds`` of wall time per call: a part far slower than its FLOPs."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return x
+
+
+def test_every_part_is_timed_per_sample() -> None:
+    model = sidenet.attach(build_tiny_mainnet(), ["layer1", "layer2"], input_shape=IMAGE_SHAPE, hidden=8, seed=0)
+    seconds = measure_part_seconds(model, make_images(16), repeats=3)
+    assert len(seconds.segments) == 3 and len(seconds.sides) == 2  # input -> layer1 -> layer2 -> logits
+    assert min(seconds.segments + seconds.sides) > 0
+    assert (seconds.batch_size, seconds.device, seconds.dtype, seconds.repeats) == (16, "cpu", "float32", 3)
+    shares = seconds.shares()
+    assert sum(shares["segments"]) == pytest.approx(1.0)
+    assert seconds.to_dict()["shares"] == shares
+
+
+def test_the_slow_part_carries_the_time() -> None:
+    """A segment that sleeps 20 ms a call, among parts of microseconds, holds most of the MainNet's time
+    though it counts no FLOPs: the timing finds which part is slow, whatever its FLOPs say."""
+    torch.manual_seed(0)
+    mainnet = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), Sleeps(0.02), nn.Linear(16, 3)).eval()
+    model = sidenet.attach(mainnet, [1, 4], input_shape=(8,), hidden=4, seed=0)  # after the first, the fourth
+    seconds = measure_part_seconds(model, torch.randn(8, 8), repeats=3)
+    slow = seconds.shares()["segments"]
+    assert slow[1] > 0.5 and slow[1] == max(slow)  # modules 1-3 (the sleep among them) of [0], [1-3], [4]
+
+
+def test_bad_inputs_and_repeats_are_refused() -> None:
+    model = sidenet.attach(build_tiny_mainnet(), "layer1", input_shape=IMAGE_SHAPE, hidden=8, seed=0)
+    with pytest.raises(ValueError, match="repeats"):
+        measure_part_seconds(model, make_images(4), repeats=0)
+    with pytest.raises(ValueError):
+        measure_part_seconds(model, torch.randn(4, 3, 16, 16))  # the MainNet takes one channel
+
+
+def part_seconds(segments: tuple[float, ...], sides: tuple[float, ...]) -> PartSeconds:
+    return PartSeconds(segments, sides, batch_size=8, device="cpu", dtype="float32", repeats=1)
+
+
+def test_records_are_priced_by_the_measured_seconds() -> None:
+    record = make_record(n=200, k=3)
+    rng = np.random.default_rng(0)
+    record.segment_flops[:, 1] *= rng.uniform(0.5, 1.5, len(record))  # per-sample FLOPs (text lengths)
+    record.segment_flops[:, 3] = 0.0  # a part that counts no FLOPs still costs its time
+    seconds = part_seconds((4.0, 2.0, 1.0, 0.5), (0.1, 0.2, 0.3))
+    priced = time_weighted(record, seconds)
+    np.testing.assert_allclose(priced.segment_flops.mean(0), seconds.segments)
+    np.testing.assert_allclose(priced.side_flops.mean(0), seconds.sides)
+    # A sample's share of a part's time follows its share of the part's FLOPs.
+    ratio = priced.segment_flops[:, 1] / record.segment_flops[:, 1]
+    np.testing.assert_allclose(ratio, ratio[0])
+    assert np.all(priced.segment_flops[:, 3] == 0.5)
+    np.testing.assert_array_equal(priced.confidence, record.confidence)  # only the costs change
+    curve = CascadeCurve(priced, [(sidenet.NEVER_EXIT,) * 3])
+    # No exit: the MainNet's own time and every SideNet's, over the MainNet's.
+    assert curve.relative_compute[0] == pytest.approx((7.5 + 0.6) / 7.5)
+
+
+def test_time_and_flops_choose_different_taps() -> None:
+    """Two taps whose SideNets let the same samples exit: in FLOPs the first tap is cheaper, in time the
+    second (its trunk is slow); each pricing keeps the tap that is cheaper in its own terms."""
+    n = 400
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, n)
+    easy = rng.uniform(size=n) < 0.7
+    confidence = np.where(easy, 0.95, 0.4)[:, None] + rng.uniform(-0.01, 0.01, (n, 2))
+    side = np.repeat(np.where(easy, labels, (labels + 1) % 3)[:, None], 2, axis=1)
+    segments = np.tile([10.0, 20.0, 70.0], (n, 1))  # FLOPs: tap 0 at 10%, tap 1 at 30%
+    record = CascadeRecord(confidence, side, labels, labels, segments, np.full((n, 2), 1.0))
+    by_flops = choose_taps(record, max_accuracy_drop=0.0)
+    assert by_flops.taps == (0,)  # exits at 11 of 100 FLOPs, against 32 at tap 1
+    # In time, tap 0's trunk and SideNet are slow: an exit there costs 80 of the MainNet's 100, at tap 1 52.
+    by_time = choose_taps(time_weighted(record, part_seconds((50.0, 1.0, 49.0), (30.0, 1.0))), max_accuracy_drop=0.0)
+    assert by_time.taps == (1,)
+    assert by_time.point["relative_compute"] == pytest.approx((0.7 * 52 + 0.3 * 101) / 100, abs=0.02)
+
+
+def test_mismatched_timing_is_refused() -> None:
+    record = make_record(n=50, k=2)
+    with pytest.raises(ValueError, match="time the model whose taps the record scored"):
+        time_weighted(record, part_seconds((1.0, 1.0), (1.0,)))
+    with pytest.raises(ValueError, match="negative"):
+        time_weighted(record, part_seconds((1.0, -1.0, 1.0), (1.0, 1.0)))
