@@ -89,18 +89,30 @@ def fold_report(full: sidenet.AdaptiveModel, fold: Fold, rule: dict[str, float])
         "choosing": sidenet.CascadeCurve(choosing, [searched]).at(searched),
         "reporting": sidenet.CascadeCurve(reporting, [searched]).at(searched),
     }
-    if choice.columns:
-        model = full.with_taps(choice.taps)
-        model.thresholds = choice.thresholds
-        outcome = routed(model, fold.report)
-    else:  # the MainNet alone is the choice: nothing to route
-        model = None
-        outcome = {"correct": mainnet_correct, "exits": 0, "samples": len(reporting), "flops": mainnet_flops}
+    mainnet_alone = {"correct": mainnet_correct, "exits": 0, "samples": len(reporting), "flops": mainnet_flops}
+    model, outcome = _chosen(full, choice, fold, mainnet_alone)
+    # The same rule priced in time (`sidenet fit --cost time`): every part timed on a batch of the served
+    # size (its inputs only), the choosing record priced by those seconds.
+    parts = sidenet.measure_part_seconds(full, fold.batches[0])
+    timed = sidenet.choose_taps(sidenet.time_weighted(choosing, parts), **rule)
+    timed_model, timed_outcome = _chosen(full, timed, fold, mainnet_alone)
     # The oracle reads no thresholds: a path of the never-exit vector alone is enough to build the curve.
     everything = sidenet.CascadeCurve(reporting, [(sidenet.NEVER_EXIT,) * reporting.num_taps])
     chosen = sidenet.CascadeCurve(reporting.restrict(choice.columns), [choice.thresholds]) if choice.columns else None
     return {
         "model": model,
+        "time_priced_model": timed_model,
+        "time_priced": {
+            "taps": list(timed.taps),
+            "thresholds": list(timed.thresholds),
+            "choosing_point": timed.point,
+            "outcome": timed_outcome,
+            "part_seconds": parts.to_dict(),
+            "flops_shares": {
+                "segments": (choosing.segment_flops.mean(0) / choosing.mainnet_flops.mean()).tolist(),
+                "sides": (choosing.side_flops.mean(0) / choosing.mainnet_flops.mean()).tolist(),
+            },
+        },
         "taps": list(choice.taps),
         "thresholds": list(choice.thresholds),
         "choosing_point": choice.point,
@@ -116,6 +128,18 @@ def fold_report(full: sidenet.AdaptiveModel, fold: Fold, rule: dict[str, float])
         "oracle_all_taps": everything.oracle(),
         "oracle_chosen_taps": {"relative_compute": 1.0} if chosen is None else chosen.oracle(),
     }
+
+
+def _chosen(
+    full: sidenet.AdaptiveModel, choice: sidenet.CascadeChoice, fold: Fold, mainnet_alone: dict[str, Any]
+) -> tuple[sidenet.AdaptiveModel | None, dict[str, Any]]:
+    """The chosen cascade at its thresholds and its answers routed over ``fold.report``; None and the
+    MainNet's own outcome where the choice is the MainNet alone (nothing to route)."""
+    if not choice.columns:
+        return None, mainnet_alone
+    model = full.with_taps(choice.taps)
+    model.thresholds = choice.thresholds
+    return model, routed(model, fold.report)
 
 
 def _on(record: sidenet.CascadeRecord, picked: sidenet.CascadeChoice) -> dict[str, Any] | None:
@@ -165,7 +189,7 @@ def cascade_section(
     section: dict[str, Any] = {
         "candidate_taps": [str(t) for t in full.taps],
         "rule": rule,
-        "folds": [{k: v for k, v in r.items() if k != "model"} for r in reports],
+        "folds": [{k: v for k, v in r.items() if k not in ("model", "time_priced_model")} for r in reports],
         "taps": list(shipped.taps) if shipped is not None else reports[0]["taps"],
         "thresholds": list(shipped.thresholds) if shipped is not None else reports[0]["thresholds"],
         "accuracy": accuracy,
@@ -178,14 +202,29 @@ def cascade_section(
         # The share of the oracle's saving (over all candidate taps) that the chosen vector achieves.
         "share_of_oracle_saving": (1 - flops_fraction) / (1 - oracle) if oracle < 1 else float("nan"),
     }
+    timed = [r["time_priced"]["outcome"] for r in reports]
+    timed_accuracy = sum(t["correct"] for t in timed) / samples
+    section["time_priced"] = {
+        "taps": [r["time_priced"]["taps"] for r in reports],
+        "accuracy": timed_accuracy,
+        "accuracy_drop": mainnet_accuracy - timed_accuracy,
+        "exit_rate": sum(t["exits"] for t in timed) / samples,
+        "flops_fraction": sum(t["flops"] for t in timed) / sum(r["mainnet_flops"] for r in reports),
+        "time_fraction_choosing": [r["time_priced"]["choosing_point"]["relative_compute"] for r in reports],
+    }
     # Throughput: each fold's batches answered by that fold's choice, interleaved with the MainNet and the
     # single tap; the pooled router keeps one pool per fold (as two deployments would).
     items = [(i, batch) for i, fold in enumerate(folds) for batch in fold.batches]
     chosen = [r["model"] for r in reports]
+    time_priced = [r["time_priced_model"] for r in reports]
     routers = [PooledRouter(m, rest_batch=None, max_wait=4) if m is not None else None for m in chosen]
 
     def run_cascade(item: tuple[int, Any]) -> Any:
         model = chosen[item[0]]
+        return model(item[1]).logits if model is not None else mainnet_run(item[1])
+
+    def run_time_priced(item: tuple[int, Any]) -> Any:
+        model = time_priced[item[0]]
         return model(item[1]).logits if model is not None else mainnet_run(item[1])
 
     def run_pooled(item: tuple[int, Any]) -> Any:
@@ -202,6 +241,7 @@ def cascade_section(
         "single_tap": lambda item: singles[item[0]](item[1]).logits,
         "cascade": run_cascade,
         "cascade_pooled": run_pooled,
+        "cascade_time_priced": run_time_priced,
     }
     if serving_backend is not None:
         examples = {i: fold.batches[0] for i, fold in enumerate(folds)}
@@ -219,6 +259,7 @@ def cascade_section(
         batch_name: timing["cascade"].throughput / base,
         f"{batch_name}_pooled": timing["cascade_pooled"].throughput / base,
         f"{batch_name}_single_tap": timing["single_tap"].throughput / base,
+        f"{batch_name}_time_priced": timing["cascade_time_priced"].throughput / base,
         "ideal": 1.0 / flops_fraction,
     }
     if serving_backend is not None:
@@ -233,6 +274,7 @@ def cascade_section(
         f"cascade: taps {section['taps']}, drop {100 * section['accuracy_drop']:+.2f} pt, exit "
         f"{section['exit_rate']:.3f}, FLOPs {flops_fraction:.3f} (oracle {oracle:.3f}); {batch_name} speed-up "
         f"{section['speedup'][batch_name]:.2f}x, pooled {section['speedup'][f'{batch_name}_pooled']:.2f}x, "
-        f"single tap {section['speedup'][f'{batch_name}_single_tap']:.2f}x"
+        f"single tap {section['speedup'][f'{batch_name}_single_tap']:.2f}x; chosen for time: taps "
+        f"{section['time_priced']['taps']}, {section['speedup'][f'{batch_name}_time_priced']:.2f}x"
     )
     return section

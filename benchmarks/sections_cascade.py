@@ -45,6 +45,41 @@ def _compiled_rows(c: dict[str, Any], batch: str) -> list[str]:
     ]
 
 
+def _time_priced_row(c: dict[str, Any], batch: str) -> list[str]:
+    """The cascade chosen by the same rule with its parts priced in time (``sidenet fit --cost time``)."""
+    t = c.get("time_priced")
+    if not t:
+        return []
+    return [
+        f"| cascade chosen for time (`--cost time`) | {' / '.join(_taps(taps) for taps in t['taps'])} | "
+        f"{pct(t['accuracy'])} | {100 * t['accuracy_drop']:+.2f} | {pct(t['exit_rate'])} | {t['flops_fraction']:.3f} | "
+        f"{c['speedup'][batch + '_time_priced']:.2f}× |"
+    ]
+
+
+def _time_priced_lines(c: dict[str, Any], folds: list[dict[str, Any]], batch: str) -> list[str]:
+    """Each part's share of the MainNet's time against its share of the FLOPs (the first fold's timing)."""
+    if not c.get("time_priced"):
+        return []
+    first = folds[0]["time_priced"]
+    timed, counted = first["part_seconds"]["shares"], first["flops_shares"]
+    ends = [*(f"`{t}`" for t in c["candidate_taps"]), "logits"]
+    segments = ", ".join(
+        f"→ {end} {pct(time_share)} ({pct(flops_share)})"
+        for end, time_share, flops_share in zip(ends, timed["segments"], counted["segments"], strict=True)
+    )
+    return [
+        f"Chosen for time (`sidenet fit --taps ... --cost time`, `sidenet.time_weighted`): the same rule with each "
+        f"part priced by its time, measured on one {batch.replace('batch', 'batch of ')} on this machine "
+        f"(`sidenet.measure_part_seconds`; eager parts). Each segment's share of the MainNet's time (of its "
+        f"FLOPs): {segments}; all candidate SideNets together {pct(sum(timed['sides']))} "
+        f"({pct(sum(counted['sides']))}). The choice minimises the time "
+        f"fraction the timing predicts ({', '.join(f'{v:.3f}' for v in c['time_priced']['time_fraction_choosing'])} "
+        "on the choosing data); the timing row above is what it measures.",
+        "",
+    ]
+
+
 def cascade_lines(r: dict[str, Any], batch: str, samples: str) -> list[str]:
     """The cascade subsection of a workload section; nothing when the step measured no cascade."""
     c = r.get("cascade")
@@ -85,6 +120,7 @@ def cascade_lines(r: dict[str, Any], batch: str, samples: str) -> list[str]:
         f"**{cs[batch]:.2f}×** |",
         f"| cascade, `PooledRouter` | same | same | same | same | same | {cs[batch + '_pooled']:.2f}× |",
         *_compiled_rows(c, batch),
+        *_time_priced_row(c, batch),
         f"| oracle of the cascade (all candidates; exit at the first SideNet agreeing with the MainNet) | all | "
         f"{pct(c['mainnet_accuracy'])} | 0 | — | {c['oracle_flops_fraction']:.3f} | — |",
         "",
@@ -94,6 +130,7 @@ def cascade_lines(r: dict[str, Any], batch: str, samples: str) -> list[str]:
         f"chosen taps alone: {c['oracle_chosen_taps_flops_fraction']:.3f} of the FLOPs).",
         "",
     ]
+    lines += _time_priced_lines(c, folds, batch)
     lines += _gap_lines(c, folds)
     targets = c.get("targets", {})
     if targets:

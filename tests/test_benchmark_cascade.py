@@ -83,6 +83,14 @@ def test_section_has_the_issue_keys_with_consistent_values(section: dict) -> Non
             assert outcome["flops"] / outcome["samples"] == pytest.approx(fold["record_point"]["mean_flops"])
         assert set(fold["families"]) >= {"shared", "equal_disagreement", "geometric", "search_all_taps"}
         assert fold["candidates"][0]["taps"] == [] and fold["candidates"][0]["relative_compute"] == 1.0
+        # The same rule priced in time: every part of all candidates timed, shares of the MainNet's time.
+        priced = fold["time_priced"]
+        assert len(priced["part_seconds"]["segments"]) == len(TAPS) + 1 == len(priced["flops_shares"]["segments"])
+        assert sum(priced["part_seconds"]["shares"]["segments"]) == pytest.approx(1.0)
+        assert set(map(str, priced["taps"])) <= set(TAPS) and len(priced["taps"]) == len(priced["thresholds"])
+    timed = section["time_priced"]
+    assert timed["accuracy_drop"] == pytest.approx(section["mainnet_accuracy"] - timed["accuracy"])
+    assert section["speedup"]["batch16_time_priced"] > 0 and 0 < timed["flops_fraction"] <= 1.5
 
 
 def test_benchmarks_md_renders_the_section(section: dict) -> None:
@@ -95,6 +103,7 @@ def test_benchmarks_md_renders_the_section(section: dict) -> None:
     text = "\n".join(cascade_lines(workload, "batch16", "images"))
     assert "Cascade of SideNets" in text and "oracle of the cascade" in text and "Choice evidence" in text
     assert "compiled serving mode" in text and "over the best MainNet alone" in text
+    assert "cascade chosen for time" in text and "share of the MainNet's time (of its FLOPs): → `stem`" in text
     assert not any(math.isnan(v) for v in section["speedup"].values())
     assert "a cascade of sidenets" in cascade_sentence(workload, "batch16").lower()
     assert cascade_lines({"tap": "x"}, "batch16", "images") == []

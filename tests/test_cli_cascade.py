@@ -69,6 +69,22 @@ def test_fit_taps_auto_saves_the_chosen_cascade(tiny_task: TinyTask, tmp_path: P
     assert "answered by SideNet" in result.output
 
 
+def test_fit_taps_priced_in_time(tiny_task: TinyTask, tmp_path: Path) -> None:  # noqa: F811
+    """``--cost time``: every part timed on a validation batch and the taps chosen for the least time; the
+    saved choice says so and keeps the timing (each part's seconds and share of the MainNet's)."""
+    out = tmp_path / "timed"
+    args = ["fit", "--task", "tiny", "--taps", "stem,layer2", "--out", str(out), "--epochs", "2", "--max-drop", "0.5"]
+    result = runner.invoke(cli.app, [*args, "--cost", "time", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "time " in result.output and "of the MainNet's" in result.output
+    choice = json.loads((out / "sidenet_config.json").read_text())["metadata"]["threshold_choice"]
+    assert choice["cost"] == "time" and choice["taps"]
+    timing = choice["part_seconds"]
+    assert len(timing["segments"]) == 3 and len(timing["sides"]) == 2 and min(timing["segments"]) > 0
+    assert sum(timing["shares"]["segments"]) == pytest.approx(1.0) and timing["device"] == "cpu"
+    assert 0 < choice["relative_compute"] < 1.5  # a share of the MainNet's measured time
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -77,6 +93,8 @@ def test_fit_taps_auto_saves_the_chosen_cascade(tiny_task: TinyTask, tmp_path: P
         (["--taps", "stem,,layer1"], "comma-separated"),
         (["--taps", "stem,layer9"], "valid taps"),
         (["--taps", "stem,layer1", "--tap", "layer1"], "not both"),
+        (["--taps", "stem,layer1", "--cost", "watts"], "--cost must be 'flops' or 'time'"),
+        (["--cost", "time"], "give --taps"),
     ],
 )
 def test_bad_taps_fail_before_any_work(tiny_task: TinyTask, tmp_path: Path, extra: list[str], message: str) -> None:  # noqa: F811

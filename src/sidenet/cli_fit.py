@@ -13,11 +13,13 @@ from sidenet.cascade_choice import choose_taps
 from sidenet.cascade_record import collect_cascade
 from sidenet.cli_options import FitSettings
 from sidenet.curve import sweep
-from sidenet.loaders import prefix_loader
+from sidenet.loaders import iter_batches, prefix_loader
+from sidenet.part_costs import measure_part_seconds, time_weighted
 from sidenet.placement import placed
 from sidenet.routing import AdaptiveModel
 from sidenet.splits import candidate_taps, split_mainnet
 from sidenet.tasks import get_task
+from sidenet.training import to_mainnet
 
 __all__ = ["fit_and_save", "choose_cascade"]
 
@@ -88,6 +90,12 @@ def choose_cascade(
     """Keep the taps and thresholds of the fitted candidates that ``choose_taps`` picks on ``val``, and
     save that cascade (or the one SideNet it keeps); returns the folder and the choice."""
     record = collect_cascade(model, val, progress=progress)
+    priced: dict[str, Any] = {"cost": settings.cost}
+    if settings.cost == "time":  # every part timed on a validation batch, where and as the MainNet runs now
+        inputs, _ = next(iter_batches(val))
+        parts = measure_part_seconds(model, to_mainnet(model.split, inputs))
+        record = time_weighted(record, parts)
+        priced["part_seconds"] = parts.to_dict()
     # With a guarantee, half of val chooses the taps and the path, the other half certifies the thresholds.
     holdout = 0.5 if settings.confidence is not None else None
     choice = choose_taps(record, max_accuracy_drop=settings.max_drop, confidence=settings.confidence, holdout=holdout)
@@ -109,6 +117,7 @@ def choose_cascade(
         "temperatures": [rule.temperature for rule in chosen.policies],
         "policy": settings.policy,
         "family": choice.family,
+        **priced,
         "evidence": [
             {"taps": [str(t) for t in c["taps"]], "relative_compute": c["point"] and c["point"]["relative_compute"]}
             for c in choice.candidates

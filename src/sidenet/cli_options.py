@@ -163,6 +163,8 @@ class FitSettings:
     ``device``, ``dtype``: where and in what precision the MainNet runs while the SideNet is fitted
     (None: the CPU, float32); the SideNet is saved in that dtype. ``channels_last``: its convolutions
     laid out channels-last meanwhile (None: on a CUDA device; the saved SideNet does not depend on it).
+    ``cost``: what a cascade's choice of taps minimises: FLOPs, or time (each part of the MainNet timed on
+    a validation batch where it runs: :func:`sidenet.measure_part_seconds`).
     """
 
     task: str
@@ -186,6 +188,8 @@ class FitSettings:
     device: str | None = None
     dtype: str | None = None
     channels_last: bool | None = None
+    # What a cascade's choice of taps minimises: "flops", or "time" (each part timed where the MainNet runs).
+    cost: str = "flops"
 
     def __post_init__(self) -> None:
         task = get_task(self.task)
@@ -209,6 +213,11 @@ class FitSettings:
                 raise ValueError("--taps auto stands alone: it takes every tap the MainNet's splitter offers")
             if len(set(self.taps)) != len(self.taps):
                 raise ValueError(f"--taps names a tap twice: {','.join(self.taps)}")
+        if self.cost not in ("flops", "time"):
+            raise ValueError(f"--cost must be 'flops' or 'time', got {self.cost!r}")
+        if self.cost == "time" and self.taps is None:
+            # One tap's threshold is the same whichever way compute is counted: the least that keeps the drop.
+            raise ValueError("--cost time prices the choice of a cascade's taps: give --taps")
         for tap in (self.tap,) if self.taps is None or self.taps == ("auto",) else self.taps:
             self._check_tap(task, tap)
 
