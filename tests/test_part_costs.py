@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import sidenet
-from helpers import IMAGE_SHAPE, build_tiny_mainnet, make_images
+from helpers import IMAGE_SHAPE, build_tiny_mainnet, make_images, tiny_bert
 from sidenet import PartSeconds, choose_taps, measure_part_seconds, time_weighted
 from sidenet.cascade_curve import CascadeCurve, CascadeRecord
 from test_cascade_choice import make_record
@@ -49,6 +49,25 @@ def test_the_slow_part_carries_the_time() -> None:
     seconds = measure_part_seconds(model, torch.randn(8, 8), repeats=3)
     slow = seconds.shares()["segments"]
     assert slow[1] > 0.5 and slow[1] == max(slow)  # modules 1-3 (the sleep among them) of [0], [1-3], [4]
+
+
+def test_text_cascades_are_timed_and_priced() -> None:
+    """A text MainNet (token ids and a mask) with SideNets after layers 1 and 2 of 4: every part timed on
+    the batch as the model takes it; the record of the same model priced by that timing."""
+    model = sidenet.attach(tiny_bert(num_hidden_layers=4), [1, 2], hidden=8, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 50, (12, 10), generator=generator)
+    mask = (torch.arange(10)[None, :] < torch.randint(3, 11, (12, 1), generator=generator)).long()
+    seconds = measure_part_seconds(model, {"input_ids": ids, "attention_mask": mask}, repeats=2)
+    assert len(seconds.segments) == 3 and len(seconds.sides) == 2 and seconds.batch_size == 12
+    labels = torch.randint(0, 3, (12,), generator=generator)
+    batches = [
+        {"input_ids": ids[i : i + 4], "attention_mask": mask[i : i + 4], "labels": labels[i : i + 4]} for i in (0, 4, 8)
+    ]
+    record = sidenet.collect_cascade(model, batches, progress=False)
+    priced = time_weighted(record, seconds)
+    np.testing.assert_allclose(priced.segment_flops.mean(0), seconds.segments)
+    assert np.all(priced.mainnet_flops > 0)
 
 
 def test_bad_inputs_and_repeats_are_refused() -> None:
