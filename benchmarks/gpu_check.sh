@@ -27,6 +27,7 @@ mkdir -p "$OUT"
 TESTS=(
     tests/test_host_waits.py tests/test_compiled.py tests/test_compiled_cascade.py tests/test_precision.py
     tests/test_attach.py tests/test_compiled_graphs.py tests/test_compiled_static_rest.py tests/test_timing.py
+    tests/test_part_costs.py
 )
 INPUTS=.gpu-inputs
 WHEELS=$(find "$INPUTS/wheels" -name '*.whl' 2>/dev/null | tr '\n' ':')

@@ -126,3 +126,14 @@ def test_mismatched_timing_is_refused() -> None:
         time_weighted(record, part_seconds((1.0, 1.0), (1.0,)))
     with pytest.raises(ValueError, match="negative"):
         time_weighted(record, part_seconds((1.0, -1.0, 1.0), (1.0, 1.0)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+def test_cuda_bfloat16_parts_are_timed_where_they_run() -> None:
+    """On a GPU every part's time ends when its kernels do (synchronised), in the dtype served."""
+    model = sidenet.attach(build_tiny_mainnet(), ["layer1", "layer2"], input_shape=IMAGE_SHAPE, hidden=8, seed=0)
+    model = model.to("cuda", torch.bfloat16)
+    seconds = measure_part_seconds(model, make_images(32).to("cuda", torch.bfloat16), repeats=3)
+    assert seconds.device.startswith("cuda") and seconds.dtype == "bfloat16"
+    assert min(seconds.segments + seconds.sides) > 0
+    assert sum(seconds.shares()["segments"]) == pytest.approx(1.0)
