@@ -79,7 +79,7 @@ def test_report_numbers_agree_with_the_library(built) -> None:
 
 def test_report_json_serialises_the_typed_report(built) -> None:
     """report.json's keys, as before the report was typed, with the values of the typed fields."""
-    _, report = built
+    model, report = built
     s = json.loads(json.dumps(report.to_dict(), default=float))
     assert list(s) == [
         "tap",
@@ -118,6 +118,13 @@ def test_report_json_serialises_the_typed_report(built) -> None:
     assert [row["threshold"] for row in s["thresholds"]] == [row.threshold for row in report.thresholds]
     assert all(row["speedup"] == pytest.approx(report.timing.speedup(row["threshold"])) for row in s["thresholds"])
     assert set(s["timing"]["thresholds"]) == {"mainnet", *(repr(row.threshold) for row in report.thresholds)}
+    # Where the time goes: the trunk, the SideNet and the rest, each timed alone, beside their FLOPs.
+    parts = s["timing"]["parts"]
+    assert len(parts["segments"]) == 2 and len(parts["sides"]) == 1 and min(parts["segments"]) > 0
+    profile = model.flop_profile(next(iter(mixed_loader(2)))[0])
+    assert report.timing.parts.segment_flops == (profile.trunk, profile.rest)
+    assert report.timing.parts.side_flops == (profile.side,)
+    assert "Where the time goes" in report.timing.describe()
     assert report.summary == report.to_dict()  # the name of earlier releases
 
 

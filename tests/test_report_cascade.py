@@ -121,6 +121,14 @@ def test_cascade_report_measures_throughput_on_halves(tiny_task: TinyTask, casca
             point["throughput"] / timing["mainnet"]["throughput"]
         )
     assert "samples/s (speed-up)" in (out / "report.md").read_text()
+    # Where the time goes: each part timed alone beside its FLOPs share, one segment per tap and the rest.
+    parts = timing["parts"]
+    assert parts["taps"] == TAPS and len(parts["segments"]) == len(TAPS) + 1 == len(parts["flops_shares"]["segments"])
+    assert sum(parts["shares"]["segments"]) == pytest.approx(1.0) == sum(parts["flops_shares"]["segments"])
+    assert (
+        f"to `{TAPS[0]}`" in (out / "report.md").read_text()
+        and "Where the time goes" in (out / "report.md").read_text()
+    )
 
 
 def test_cascade_report_shows_the_live_audit(cascade_folder: Path, tmp_path: Path) -> None:

@@ -47,6 +47,9 @@ class PartSeconds:
         sides: K SideNets (features and head; the exit score is not timed).
         batch_size, device, dtype: the batch the parts were timed on, and where.
         repeats: timed runs of each part (the median is kept).
+        taps: the K taps' names, for :meth:`describe`.
+        segment_flops, side_flops: the same parts' FLOPs per sample on that batch (the model's counter), to
+            set the time beside.
     """
 
     segments: tuple[float, ...]
@@ -55,6 +58,9 @@ class PartSeconds:
     device: str
     dtype: str
     repeats: int
+    taps: tuple[str, ...] = ()
+    segment_flops: tuple[float, ...] = ()
+    side_flops: tuple[float, ...] = ()
 
     @property
     def mainnet(self) -> float:
@@ -68,6 +74,34 @@ class PartSeconds:
             "sides": [s / self.mainnet for s in self.sides],
         }
 
+    def flops_shares(self) -> dict[str, list[float]] | None:
+        """Each part's FLOPs as a share of the MainNet's (None where they were not counted)."""
+        if not self.segment_flops:
+            return None
+        total = sum(self.segment_flops)
+        return {"segments": [f / total for f in self.segment_flops], "sides": [f / total for f in self.side_flops]}
+
+    def describe(self) -> str:
+        """One sentence: each part's share of the MainNet's time, beside its share of the FLOPs."""
+        names = [f"to `{self.taps[0]}`" if self.taps else "trunk"]
+        names += [f"`{a}` to `{b}`" for a, b in zip(self.taps, self.taps[1:], strict=False)]
+        names.append("the rest")
+        flops = self.flops_shares()
+        shares = self.shares()
+
+        def share(kind: str, k: int) -> str:
+            counted = f" ({100 * flops[kind][k]:.1f}%)" if flops else ""
+            return f"{100 * shares[kind][k]:.1f}%{counted}"
+
+        segments = ", ".join(f"{name} {share('segments', k)}" for k, name in enumerate(names))
+        sides = ", ".join(share("sides", k) for k in range(len(self.sides)))
+        of = " (of its FLOPs)" if flops else ""
+        sidenets = "the SideNets" if len(self.sides) > 1 else "the SideNet"
+        return (
+            f"Where the time goes (each part alone, eager, on one batch of {self.batch_size} on {self.device} in "
+            f"{self.dtype}), as a share of the MainNet's time{of}: {segments}; {sidenets} {sides}."
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "segments": list(self.segments),
@@ -76,7 +110,9 @@ class PartSeconds:
             "device": self.device,
             "dtype": self.dtype,
             "repeats": self.repeats,
+            "taps": list(self.taps),
             "shares": self.shares(),
+            "flops_shares": self.flops_shares(),
         }
 
 
@@ -112,6 +148,7 @@ def measure_part_seconds(model: AdaptiveModel, inputs: Any, repeats: int = 7) ->
     states = [splits[0].trunk(inputs)]
     for k in range(1, len(splits)):
         states.append(splits[k - 1].advance(states[-1], splits[k]))
+    segment_flops, side_flops = _part_flops(model, inputs, states)
     k = len(splits)
     runs: list[Callable[[], Any]] = [lambda: splits[0].trunk(inputs)]
     runs += [lambda j=j: splits[j - 1].advance(states[j - 1], splits[j]) for j in range(1, k)]
@@ -128,7 +165,23 @@ def measure_part_seconds(model: AdaptiveModel, inputs: Any, repeats: int = 7) ->
         device=str(splits[0].input_device(inputs)),
         dtype=str(reference.dtype).removeprefix("torch.") if reference is not None else "unknown",
         repeats=repeats,
+        taps=tuple(str(tap) for tap in model.taps),
+        segment_flops=segment_flops,
+        side_flops=side_flops,
     )
+
+
+def _part_flops(model: AdaptiveModel, inputs: Any, states: list[Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """FLOPs per sample of each segment and SideNet on ``inputs`` (``states``: the state at each tap), as
+    :func:`~sidenet.cascade_record.collect_cascade` counts them."""
+    profile, ledger = model.flop_profile(inputs), model.flop_ledger
+    segments, sides = [float(profile.trunk)], [float(profile.side)]
+    for k in range(1, len(states)):
+        segment, side = ledger.step_parts(k, states[k - 1], profile)
+        segments.append(float(segment))
+        sides.append(float(side))
+    segments.append(float(ledger.rest(states[-1], None, profile, part=len(states) - 1)))
+    return tuple(segments), tuple(sides)
 
 
 def _priced(flops: np.ndarray, seconds: tuple[float, ...]) -> np.ndarray:

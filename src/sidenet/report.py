@@ -20,6 +20,7 @@ import torch
 
 from sidenet.calibration import CalibrationMetrics, calibration_metrics, fit_temperature, sidenet_logits
 from sidenet.curve import SweepRecord, TradeoffCurve, collect
+from sidenet.part_costs import measure_part_seconds
 from sidenet.policy import ExitPolicy
 from sidenet.report_data import (
     CalibrationReport,
@@ -181,6 +182,7 @@ def _throughput(
 
     points = {t: at(t) for t in thresholds}
     timing = time_routed(model, batches, points, settings.repeats, settings.compile_backend, progress)
+    timing.parts = measure_part_seconds(model, batches[0], settings.repeats)  # where the time goes
     return ThroughputReport(**vars(timing))
 
 

@@ -24,6 +24,7 @@ from sidenet.calibration import CalibrationMetrics, calibration_metrics, every_s
 from sidenet.cascade_choice import DEFAULT_FAMILY, FAMILIES, threshold_path
 from sidenet.cascade_curve import CascadeCurve, CascadeRecord, Thresholds
 from sidenet.cascade_record import collect_cascade
+from sidenet.part_costs import measure_part_seconds
 from sidenet.report_data import ReportSettings, ShiftChecks
 from sidenet.routing import AdaptiveModel
 from sidenet.shift import confidence_shift
@@ -219,6 +220,7 @@ def _throughput(
 
     puts = {name: at(vector) for name, vector in points.items()}
     timing = time_routed(model, batches, puts, settings.repeats, settings.compile_backend, progress)
+    timing.parts = measure_part_seconds(model, batches[0], settings.repeats)  # where the time goes
     return CascadeThroughput(**vars(timing))
 
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from sidenet.loaders import iter_batches
 
 if TYPE_CHECKING:
+    from sidenet.part_costs import PartSeconds
     from sidenet.routing import AdaptiveModel
 
 __all__ = [
@@ -143,6 +144,8 @@ class RoutedTiming:
     Speed-ups are over the best MainNet alone: the faster of the eager MainNet and, when the model was
     timed as served (``served`` not ``"eager"``), the MainNet compiled alone (``mainnet_compiled``).
     ``compile_seconds``: the compilation of the served model and of the MainNet alone, untimed.
+    ``parts``: where the time goes, each part of the model timed alone (:func:`sidenet.measure_part_seconds`),
+    where the caller measured it.
     """
 
     samples: int
@@ -152,6 +155,7 @@ class RoutedTiming:
     mainnet_compiled: Timing | None = None
     served: str = "eager"
     compile_seconds: float | None = None
+    parts: PartSeconds | None = None
 
     @property
     def baseline(self) -> str:
@@ -170,18 +174,19 @@ class RoutedTiming:
 
     def describe(self) -> str:
         """One sentence: how the model ran and what the speed-ups are over, with the MainNet's figures."""
+        parts = "" if self.parts is None else f" {self.parts.describe()}"
         eager = f"eager {self.mainnet.throughput:,.0f} samples/s"
         if self.mainnet_compiled is None:
             return (
                 f"Throughput of eager routing over the eager MainNet alone ({eager}); {self.samples} samples in "
-                f"{self.batches} batches, median of {len(self.mainnet.seconds)} interleaved passes."
+                f"{self.batches} batches, median of {len(self.mainnet.seconds)} interleaved passes.{parts}"
             )
         compiled = f"torch.compile {self.mainnet_compiled.throughput:,.0f} samples/s"
         best = "torch.compile" if self.baseline == "mainnet_compiled" else "eager"
         return (
             f"Throughput as served by {self.served}, over the best MainNet alone ({best}; {eager}, {compiled}); "
             f"{self.samples} samples in {self.batches} batches, median of {len(self.mainnet.seconds)} interleaved "
-            f"passes after {self.compile_seconds:.1f} s of compiling."
+            f"passes after {self.compile_seconds:.1f} s of compiling.{parts}"
         )
 
     def baseline_dict(self) -> dict[str, Any]:
@@ -192,6 +197,7 @@ class RoutedTiming:
             "baseline": self.baseline,
             "served": self.served,
             "compile_seconds": self.compile_seconds,
+            "parts": None if self.parts is None else self.parts.to_dict(),
         }
 
 
