@@ -35,6 +35,7 @@ def test_every_part_is_timed_per_sample() -> None:
     assert len(seconds.segments) == 3 and len(seconds.sides) == 2  # input -> layer1 -> layer2 -> logits
     assert min(seconds.segments + seconds.sides) > 0
     assert (seconds.batch_size, seconds.device, seconds.dtype, seconds.repeats) == (16, "cpu", "float32", 3)
+    assert not seconds.graphs and "eager" in seconds.describe()  # no CUDA graphs on the CPU
     shares = seconds.shares()
     assert sum(shares["segments"]) == pytest.approx(1.0)
     assert seconds.to_dict()["shares"] == shares
@@ -74,6 +75,8 @@ def test_bad_inputs_and_repeats_are_refused() -> None:
     model = sidenet.attach(build_tiny_mainnet(), "layer1", input_shape=IMAGE_SHAPE, hidden=8, seed=0)
     with pytest.raises(ValueError, match="repeats"):
         measure_part_seconds(model, make_images(4), repeats=0)
+    with pytest.raises(ValueError, match="needs the model and inputs on CUDA"):
+        measure_part_seconds(model, make_images(4), graphs=True)
     with pytest.raises(ValueError):
         measure_part_seconds(model, torch.randn(4, 3, 16, 16))  # the MainNet takes one channel
 
@@ -135,5 +138,8 @@ def test_cuda_bfloat16_parts_are_timed_where_they_run() -> None:
     model = model.to("cuda", torch.bfloat16)
     seconds = measure_part_seconds(model, make_images(32).to("cuda", torch.bfloat16), repeats=3)
     assert seconds.device.startswith("cuda") and seconds.dtype == "bfloat16"
+    assert seconds.graphs and "in a CUDA graph" in seconds.describe()  # replayed, not launched kernel by kernel
+    eager = measure_part_seconds(model, make_images(32).to("cuda", torch.bfloat16), repeats=3, graphs=False)
+    assert not eager.graphs and min(eager.segments) > 0
     assert min(seconds.segments + seconds.sides) > 0
     assert sum(seconds.shares()["segments"]) == pytest.approx(1.0)
