@@ -13,7 +13,7 @@ from PIL import Image
 from tests.test_cli import TinyTask, tiny_task  # noqa: F401 (the fixture)
 from typer.testing import CliRunner
 
-from sidenet import cli, load_sidenet
+from sidenet import PartSeconds, cli, load_sidenet
 from sidenet.models.cifar_resnet import cifar_resnet
 from sidenet.splits import TapError, candidate_taps, split_mainnet
 
@@ -77,12 +77,14 @@ def test_fit_taps_priced_in_time(tiny_task: TinyTask, tmp_path: Path) -> None:  
     result = runner.invoke(cli.app, [*args, "--cost", "time", "-q"])
     assert result.exit_code == 0, result.output
     assert "time " in result.output and "of the MainNet's" in result.output
+    assert "Where the time goes (each part alone, eager" in result.output  # what the choice was priced by
     choice = json.loads((out / "sidenet_config.json").read_text())["metadata"]["threshold_choice"]
     assert choice["cost"] == "time" and choice["taps"]
     timing = choice["part_seconds"]
     assert len(timing["segments"]) == 3 and len(timing["sides"]) == 2 and min(timing["segments"]) > 0
     assert sum(timing["shares"]["segments"]) == pytest.approx(1.0) and timing["device"] == "cpu"
     assert 0 < choice["relative_compute"] < 1.5  # a share of the MainNet's measured time
+    assert PartSeconds.from_dict(timing).to_dict() == timing  # the saved timing reads back whole
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ from sidenet.cli_options import (
 from sidenet.cli_report import register as register_report_command
 from sidenet.cli_serve import register as register_serve_commands
 from sidenet.curve import TradeoffCurve, sweep
+from sidenet.part_costs import PartSeconds
 from sidenet.policy import POLICIES, format_threshold, validate_threshold
 from sidenet.tasks import TASKS, get_task
 from sidenet.training import to_mainnet
@@ -184,6 +185,8 @@ def fit(
             f"{choice['exit_rate']:.3f}, accuracy drop {100 * choice['accuracy_drop']:.2f} points, "
             f"{'time' if choice['cost'] == 'time' else 'compute'} {choice['relative_compute']:.3f} of the MainNet's)"
         )
+        if "part_seconds" in choice:  # --cost time: what the choice was priced by
+            typer.echo(PartSeconds.from_dict(choice["part_seconds"]).describe())
         return
     typer.echo(
         f"SideNet saved to {folder}; policy {choice['policy']}, temperature {choice['temperature']:.3f}, "

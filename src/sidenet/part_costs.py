@@ -106,6 +106,13 @@ class PartSeconds:
             f"{self.dtype}), as a share of the MainNet's time{of}: {segments}; {sidenets} {sides}."
         )
 
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> PartSeconds:
+        """The timing :meth:`to_dict` wrote (e.g. in a saved SideNet's threshold choice)."""
+        tuples = ("segments", "sides", "taps", "segment_flops", "side_flops")
+        fields = {name: saved[name] for name in cls.__dataclass_fields__ if name in saved}
+        return cls(**{name: tuple(value) if name in tuples else value for name, value in fields.items()})
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "segments": list(self.segments),
@@ -115,6 +122,9 @@ class PartSeconds:
             "dtype": self.dtype,
             "repeats": self.repeats,
             "taps": list(self.taps),
+            "segment_flops": list(self.segment_flops),
+            "side_flops": list(self.side_flops),
+            "graphs": self.graphs,
             "shares": self.shares(),
             "flops_shares": self.flops_shares(),
         }
