@@ -4,7 +4,7 @@ The tap and threshold choices (:func:`~sidenet.cascade_choice.choose_taps`, the 
 weigh compute in FLOPs. Time does not follow FLOPs evenly through a network: early layers move more bytes
 per FLOP (large activations, few channels), so on a GPU the first stage of a ResNet-50 took 50-54% of the
 compiled MainNet's time for 19% of its FLOPs (BENCHMARKS.md, GPU section), and on a 2-core CPU the trunk and
-SideNet of the Fashion-MNIST ResNet-20 take 20% of its time for 13% of its FLOPs. A choice made in FLOPs
+SideNet of the Fashion-MNIST ResNet-20 take 18% of its time for 13% of its FLOPs (BENCHMARKS.md). A choice made in FLOPs
 then overrates early taps. Here each part (every MainNet segment between taps, every SideNet) is timed on
 a batch as the model runs it (:func:`measure_part_seconds`), and :func:`time_weighted` prices a
 :class:`~sidenet.cascade_record.CascadeRecord` by those times, so that the same choices minimise time:
