@@ -62,6 +62,7 @@ def _time_priced_lines(c: dict[str, Any], folds: list[dict[str, Any]], batch: st
     if not c.get("time_priced"):
         return []
     first = folds[0]["time_priced"]
+    forecasts = c["time_priced"]["time_fraction_choosing"]
     timed, counted = first["part_seconds"]["shares"], first["flops_shares"]
     ends = [*(f"`{t}`" for t in c["candidate_taps"]), "logits"]
     segments = ", ".join(
@@ -74,8 +75,10 @@ def _time_priced_lines(c: dict[str, Any], folds: list[dict[str, Any]], batch: st
         f"(`sidenet.measure_part_seconds`; eager parts). Each segment's share of the MainNet's time (of its "
         f"FLOPs): {segments}; all candidate SideNets together {pct(sum(timed['sides']))} "
         f"({pct(sum(counted['sides']))}). The choice minimises the time "
-        f"fraction the timing predicts ({', '.join(f'{v:.3f}' for v in c['time_priced']['time_fraction_choosing'])} "
-        "on the choosing data); the timing row above is what it measures.",
+        f"fraction the timing forecasts ({', '.join(f'{v:.3f}' for v in forecasts)} of the MainNet's time on the "
+        f"choosing data, i.e. {', '.join(f'{1 / v:.2f}×' for v in forecasts)}); the row above measures "
+        f"{c['speedup'][batch + '_time_priced']:.2f}× routed as served (routing between taps and the later parts' "
+        "smaller row counts are not in the forecast).",
         "",
     ]
 
