@@ -219,13 +219,14 @@ def cascade_section(
     time_priced = [r["time_priced_model"] for r in reports]
     routers = [PooledRouter(m, rest_batch=None, max_wait=4) if m is not None else None for m in chosen]
 
-    def run_cascade(item: tuple[int, Any]) -> Any:
-        model = chosen[item[0]]
-        return model(item[1]).logits if model is not None else mainnet_run(item[1])
+    def per_fold(models: list[sidenet.AdaptiveModel | None]) -> Callable[[tuple[int, Any]], Any]:
+        """A runner answering each fold's batches by that fold's model (the MainNet where it chose none)."""
 
-    def run_time_priced(item: tuple[int, Any]) -> Any:
-        model = time_priced[item[0]]
-        return model(item[1]).logits if model is not None else mainnet_run(item[1])
+        def run(item: tuple[int, Any]) -> Any:
+            model = models[item[0]]
+            return model(item[1]).logits if model is not None else mainnet_run(item[1])
+
+        return run
 
     def run_pooled(item: tuple[int, Any]) -> Any:
         router = routers[item[0]]
@@ -239,9 +240,9 @@ def cascade_section(
     runners = {
         "mainnet": lambda item: mainnet_run(item[1]),
         "single_tap": lambda item: singles[item[0]](item[1]).logits,
-        "cascade": run_cascade,
+        "cascade": per_fold(chosen),
         "cascade_pooled": run_pooled,
-        "cascade_time_priced": run_time_priced,
+        "cascade_time_priced": per_fold(time_priced),
     }
     if serving_backend is not None:
         examples = {i: fold.batches[0] for i, fold in enumerate(folds)}

@@ -16,7 +16,7 @@ import torch
 import sidenet
 from sidenet import AdaptiveModel
 from sidenet.compiled import capture_cuda_graph, compile_for_serving
-from sidenet.compiled_stages import default_row_buckets, padded_text
+from sidenet.compiled_stages import COMPILING_BACKENDS, default_row_buckets, padded_text
 from sidenet.timing import count_operations
 from sidenet.training import to_mainnet
 
@@ -183,7 +183,7 @@ def serving_variants(case: Case, args: argparse.Namespace) -> dict[str, dict[str
             "rest_shapes": "static",
             "rest_buckets": default_row_buckets(case.batch),
         }
-    if args.serving_autotune and args.serving_backend in ("auto", "inductor", "inductor_cuda_graph"):
+    if args.serving_autotune and args.serving_backend in ("auto", *COMPILING_BACKENDS):
         variants["sidenet_compiled_autotune"] = {"backend": args.serving_backend, "autotune": True}
     return variants
 

@@ -17,7 +17,7 @@ from sidenet.training import trunk_batches
 if TYPE_CHECKING:
     from sidenet.routing import AdaptiveModel
 
-__all__ = ["CascadeRecord", "collect_cascade"]
+__all__ = ["CascadeRecord", "collect_cascade", "part_flops", "states_at_taps"]
 
 
 @dataclass
@@ -160,6 +160,29 @@ class CascadeRecord:
         )
 
 
+def states_at_taps(model: AdaptiveModel, state: Any) -> list[Any]:
+    """The MainNet's state at each of ``model``'s taps, from ``state`` at the first (its trunk's output)."""
+    splits = model.splits
+    states = [state]
+    for k in range(1, len(splits)):
+        states.append(splits[k - 1].advance(states[-1], splits[k]))
+    return states
+
+
+def part_flops(model: AdaptiveModel, inputs: Any, states: list[Any]) -> tuple[list[float], list[float]]:
+    """FLOPs per sample of each MainNet segment (input -> tap 0, tap k-1 -> tap k, last tap -> logits) and
+    of each SideNet, on the batch ``inputs`` whose state at each tap is ``states`` (:func:`states_at_taps`):
+    the trunk and the first SideNet at the inputs' size, later parts on the state (text: its padded length)."""
+    profile, ledger = model.flop_profile(inputs), model.flop_ledger
+    segments, sides = [float(profile.trunk)], [float(profile.side)]
+    for k in range(1, len(states)):
+        segment, side = ledger.step_parts(k, states[k - 1], profile)
+        segments.append(float(segment))
+        sides.append(float(side))
+    segments.append(float(ledger.rest(states[-1], None, profile, part=len(states) - 1)))
+    return segments, sides
+
+
 @torch.no_grad()
 def collect_cascade(model: AdaptiveModel, loader: Iterable, progress: bool = True) -> CascadeRecord:
     """Run the MainNet once over ``loader``, every segment on every sample, and score each SideNet of
@@ -173,29 +196,22 @@ def collect_cascade(model: AdaptiveModel, loader: Iterable, progress: bool = Tru
     record says; vision costs exactly that. Raises ``ValueError`` for bad labels (see
     :func:`sidenet.training.validate_labels`) and when the loader yields no batches.
     """
-    splits, rules, ledger = model.splits, model.policies, model.flop_ledger
-    count = model.num_taps
+    splits, rules = model.splits, model.policies
     columns: dict[str, list[np.ndarray]] = {
         name: [] for name in ("confidence", "side", "main", "labels", "segments", "sides")
     }
     for batch in trunk_batches(model, loader, progress, desc="Scoring the cascade"):
-        state, profile = batch.state, model.flop_profile(batch.inputs)
+        states = states_at_taps(model, batch.state)
+        segments, sides = part_flops(model, batch.inputs, states)
         n = len(batch.labels)
         scores, answers = [], []
-        segments, sides = [float(profile.trunk)], [float(profile.side)]
-        for k in range(count):
-            if k:
-                segment, side = ledger.step_parts(k, state, profile)
-                segments.append(float(segment))
-                sides.append(float(side))
-                state = splits[k - 1].advance(state, splits[k])
+        for k, state in enumerate(states):
             logits = model.side_logits(state, k)
             scores.append(rules[k].confidence(logits).cpu().numpy().astype(np.float64))
             answers.append(logits.argmax(1).cpu().numpy())
-        segments.append(ledger.rest(state, None, profile, part=count - 1))
         columns["confidence"].append(np.stack(scores, 1))
         columns["side"].append(np.stack(answers, 1))
-        columns["main"].append(splits[-1].rest(state).argmax(1).cpu().numpy())
+        columns["main"].append(splits[-1].rest(states[-1]).argmax(1).cpu().numpy())
         columns["labels"].append(batch.labels.numpy())
         columns["segments"].append(np.tile(np.asarray(segments, dtype=np.float64), (n, 1)))
         columns["sides"].append(np.tile(np.asarray(sides, dtype=np.float64), (n, 1)))

@@ -372,7 +372,7 @@ def compile_for_serving(
     backend, rest_buckets, length_buckets = stages.serving_settings(
         cuda, isinstance(example, Mapping), sizes, backend, rest_buckets, length_buckets, rest_shapes
     )
-    if autotune and backend not in ("inductor", "inductor_cuda_graph"):
+    if autotune and backend not in stages.COMPILING_BACKENDS:
         raise ValueError(f"autotune=True tunes torch.compile's kernels: backend={backend!r} compiles none")
     served = CompiledAdaptiveModel(model, backend, rest_buckets, length_buckets, rest_shapes, sizes, autotune)
     # Largest first: Dynamo compiles the front's first size with static shapes and later ones dynamic,

@@ -25,8 +25,8 @@ from sidenet.routing import continuing_first
 from sidenet.splits import MainNetSplit
 
 __all__ = ["GRAPH_BACKENDS", "ROW_SHAPES", "Stage", "bucket_for", "bucketed_sizes", "front_fn", "median_seconds"]
-__all__ += ["AUTOTUNE_MODE", "BACKENDS", "DEFAULT_LENGTH_BUCKETS", "default_row_buckets", "padded_text"]
-__all__ += ["serving_settings", "step_fn"]
+__all__ += ["AUTOTUNE_MODE", "BACKENDS", "COMPILING_BACKENDS", "DEFAULT_LENGTH_BUCKETS", "default_row_buckets"]
+__all__ += ["padded_text", "serving_settings", "step_fn"]
 
 
 def front_fn(splits: Sequence[MainNetSplit], sidenets: Sequence[SideNet], rule: ExitPolicy) -> Callable[[Any], tuple]:
@@ -75,6 +75,8 @@ _STAGES = itertools.count()
 # overwrites. ``inductor_cuda_graph`` captures the kernels ``torch.compile`` generated (what its
 # ``reduce-overhead`` mode does for a whole model), ``cuda_graph`` the eager ones.
 GRAPH_BACKENDS = ("cuda_graph", "inductor_cuda_graph")
+# The backends whose stages run torch.compile's kernels (so autotune applies to them).
+COMPILING_BACKENDS = ("inductor", "inductor_cuda_graph")
 ROW_SHAPES = ("fixed", "dynamic", "static")
 BACKENDS = ("auto", "eager", "inductor", *GRAPH_BACKENDS)
 DEFAULT_LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
@@ -260,7 +262,7 @@ class Stage:
         self._turn = 0
         self._graphs: dict[tuple, CudaGraphStage] = {}
         self._compiled: Callable[[Any], Any] | None = None
-        if backend in ("inductor", "inductor_cuda_graph"):
+        if backend in COMPILING_BACKENDS:
             code_name = f"sidenet_{name}_{next(_STAGES)}"
             mode = AUTOTUNE_MODE if autotune else None
             if rows == "static":

@@ -19,8 +19,6 @@ no part. A sample's share of a part's time follows its share of the part's FLOPs
 
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -29,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from sidenet.cascade_record import CascadeRecord
-from sidenet.timing import synchronize
+from sidenet.cascade_record import CascadeRecord, part_flops, states_at_taps
+from sidenet.timing import measure_throughput
 
 if TYPE_CHECKING:
     from sidenet.routing import AdaptiveModel
@@ -130,23 +128,6 @@ class PartSeconds:
         }
 
 
-def _median_seconds(runs: list[Callable[[], Any]], repeats: int) -> list[float]:
-    """The median wall time of each of ``runs`` over ``repeats`` interleaved rounds (A B C A B C ...: drift of
-    the machine's speed falls on every part alike) after one untimed round, each run ended by
-    :func:`synchronize`."""
-    for run in runs:
-        run()
-    synchronize()
-    times: list[list[float]] = [[] for _ in runs]
-    for _ in range(repeats):
-        for run, own in zip(runs, times, strict=True):
-            started = time.perf_counter()
-            run()
-            synchronize()
-            own.append(time.perf_counter() - started)
-    return [statistics.median(own) for own in times]
-
-
 @torch.no_grad()
 def measure_part_seconds(
     model: AdaptiveModel, inputs: Any, repeats: int = 7, graphs: bool | None = None
@@ -172,10 +153,8 @@ def measure_part_seconds(
     splits = model.splits
     for split in splits:
         split.ensure_eval()
-    states = [splits[0].trunk(inputs)]
-    for k in range(1, len(splits)):
-        states.append(splits[k - 1].advance(states[-1], splits[k]))
-    segment_flops, side_flops = _part_flops(model, inputs, states)
+    states = states_at_taps(model, splits[0].trunk(inputs))
+    segment_flops, side_flops = part_flops(model, inputs, states)
     k = len(splits)
     # Each part a function of its input and that input: the batch, or the state at a tap.
     parts: list[tuple[Callable[[Any], Any], Any]] = [(splits[0].trunk, inputs)]
@@ -184,7 +163,11 @@ def measure_part_seconds(
     parts += [(lambda x, j=j: model.side_logits(x, j), states[j]) for j in range(k)]
     if graphs:
         parts = [(_captured(fn, x), x) for fn, x in parts]
-    seconds = _median_seconds([lambda fn=fn, x=x: fn(x) for fn, x in parts], repeats)
+    # Interleaved rounds (A B C A B C ...: drift of the machine's speed falls on every part alike), each run
+    # synchronised; one "batch" per run, since each part brings its own input.
+    runners = {str(i): (lambda _, fn=fn, x=x: fn(x)) for i, (fn, x) in enumerate(parts)}
+    timed = measure_throughput(runners, [None], repeats=repeats, batch_size=lambda _: 1)
+    seconds = [timed[str(i)].median for i in range(len(parts))]
     segments, sides = seconds[: k + 1], seconds[k + 1 :]
     n = splits[0].batch_size(inputs)
     reference = next((p for p in model.parameters() if p.is_floating_point()), None)
@@ -196,8 +179,8 @@ def measure_part_seconds(
         dtype=str(reference.dtype).removeprefix("torch.") if reference is not None else "unknown",
         repeats=repeats,
         taps=tuple(str(tap) for tap in model.taps),
-        segment_flops=segment_flops,
-        side_flops=side_flops,
+        segment_flops=tuple(segment_flops),
+        side_flops=tuple(side_flops),
         graphs=bool(graphs),
     )
 
@@ -217,19 +200,6 @@ def _captured(fn: Callable[[Any], Any], example: Any) -> Callable[[Any], Any]:
             stacklevel=3,
         )
         return fn
-
-
-def _part_flops(model: AdaptiveModel, inputs: Any, states: list[Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """FLOPs per sample of each segment and SideNet on ``inputs`` (``states``: the state at each tap), as
-    :func:`~sidenet.cascade_record.collect_cascade` counts them."""
-    profile, ledger = model.flop_profile(inputs), model.flop_ledger
-    segments, sides = [float(profile.trunk)], [float(profile.side)]
-    for k in range(1, len(states)):
-        segment, side = ledger.step_parts(k, states[k - 1], profile)
-        segments.append(float(segment))
-        sides.append(float(side))
-    segments.append(float(ledger.rest(states[-1], None, profile, part=len(states) - 1)))
-    return tuple(segments), tuple(sides)
 
 
 def _priced(flops: np.ndarray, seconds: tuple[float, ...]) -> np.ndarray:
