@@ -92,9 +92,15 @@ def fold_report(full: sidenet.AdaptiveModel, fold: Fold, rule: dict[str, float])
     mainnet_alone = {"correct": mainnet_correct, "exits": 0, "samples": len(reporting), "flops": mainnet_flops}
     model, outcome = _chosen(full, choice, fold, mainnet_alone)
     # The same rule priced in time (`sidenet fit --cost time`): every part timed on a batch of the served
-    # size (its inputs only), the choosing record priced by those seconds.
-    parts = sidenet.measure_part_seconds(full, fold.batches[0])
-    timed = sidenet.choose_taps(sidenet.time_weighted(choosing, parts), **rule)
+    # size (its inputs only) and on fewer rows, the choosing record priced by those seconds, and the subsets
+    # compared by a forecast of their routed batches.
+    served = full.split.batch_size(fold.batches[0])
+    parts = sidenet.measure_part_seconds(full, fold.batches[0], rows=sidenet.batch_row_counts(served))
+
+    def rank(columns: tuple[int, ...], chosen_on: sidenet.CascadeRecord, thresholds: Sequence[float]) -> float:
+        return sidenet.forecast_batch_time(chosen_on, parts, thresholds, columns=columns)
+
+    timed = sidenet.choose_taps(sidenet.time_weighted(choosing, parts), **rule, rank=rank)
     timed_model, timed_outcome = _chosen(full, timed, fold, mainnet_alone)
     # The oracle reads no thresholds: a path of the never-exit vector alone is enough to build the curve.
     everything = sidenet.CascadeCurve(reporting, [(sidenet.NEVER_EXIT,) * reporting.num_taps])
@@ -108,6 +114,7 @@ def fold_report(full: sidenet.AdaptiveModel, fold: Fold, rule: dict[str, float])
             "choosing_point": timed.point,
             "outcome": timed_outcome,
             "part_seconds": parts.to_dict(),
+            "forecast": _forecasts(reporting, parts, timed),
             "flops_shares": {
                 "segments": (choosing.segment_flops.mean(0) / choosing.mainnet_flops.mean()).tolist(),
                 "sides": (choosing.side_flops.mean(0) / choosing.mainnet_flops.mean()).tolist(),
@@ -116,6 +123,7 @@ def fold_report(full: sidenet.AdaptiveModel, fold: Fold, rule: dict[str, float])
         "taps": list(choice.taps),
         "thresholds": list(choice.thresholds),
         "choosing_point": choice.point,
+        "time_forecast": _forecasts(reporting, parts, choice),
         "candidates": [
             {"taps": list(c["taps"]), "relative_compute": None if c["point"] is None else _fraction(c["point"])}
             for c in choice.candidates
@@ -127,6 +135,20 @@ def fold_report(full: sidenet.AdaptiveModel, fold: Fold, rule: dict[str, float])
         "record_point": None if chosen is None else chosen.at(choice.thresholds),
         "oracle_all_taps": everything.oracle(),
         "oracle_chosen_taps": {"relative_compute": 1.0} if chosen is None else chosen.oracle(),
+    }
+
+
+def _forecasts(
+    record: sidenet.CascadeRecord, parts: sidenet.PartSeconds, picked: sidenet.CascadeChoice
+) -> dict[str, float]:
+    """A choice's time on ``record`` (the reporting part) as a fraction of the MainNet's, forecast from
+    ``parts``: priced per sample (``time_weighted``) and per routed batch (``forecast_batch_time``)."""
+    if not picked.columns:
+        return {"per_sample": 1.0, "batches": 1.0}
+    priced = sidenet.time_weighted(record, parts).restrict(picked.columns)
+    return {
+        "per_sample": sidenet.CascadeCurve(priced, [picked.thresholds]).at(picked.thresholds)["relative_compute"],
+        "batches": sidenet.forecast_batch_time(record, parts, picked.thresholds, columns=picked.columns),
     }
 
 
@@ -146,6 +168,11 @@ def _on(record: sidenet.CascadeRecord, picked: sidenet.CascadeChoice) -> dict[st
     if not picked.columns:
         return None
     return sidenet.CascadeCurve(record.restrict(picked.columns), [picked.thresholds]).at(picked.thresholds)
+
+
+def _weighted(forecasts: list[dict[str, float]], weights: np.ndarray) -> dict[str, float]:
+    """The folds' forecasts of time fractions, weighted by their samples (the timing runs every batch)."""
+    return {key: float(np.dot(weights, [f[key] for f in forecasts])) for key in forecasts[0]}
 
 
 def cascade_section(
@@ -211,7 +238,9 @@ def cascade_section(
         "exit_rate": sum(t["exits"] for t in timed) / samples,
         "flops_fraction": sum(t["flops"] for t in timed) / sum(r["mainnet_flops"] for r in reports),
         "time_fraction_choosing": [r["time_priced"]["choosing_point"]["relative_compute"] for r in reports],
+        "forecast": _weighted([r["time_priced"]["forecast"] for r in reports], weights),
     }
+    section["time_forecast"] = _weighted([r["time_forecast"] for r in reports], weights)
     # Throughput: each fold's batches answered by that fold's choice, interleaved with the MainNet and the
     # single tap; the pooled router keeps one pool per fold (as two deployments would).
     items = [(i, batch) for i, fold in enumerate(folds) for batch in fold.batches]

@@ -58,28 +58,44 @@ def _time_priced_row(c: dict[str, Any], batch: str) -> list[str]:
 
 
 def _time_priced_lines(c: dict[str, Any], folds: list[dict[str, Any]], batch: str) -> list[str]:
-    """Each part's share of the MainNet's time against its share of the FLOPs (the first fold's timing)."""
+    """Each part's share of the MainNet's time against its share of the FLOPs (the first fold's timing), and
+    the time forecast of both choices against what they measure."""
     if not c.get("time_priced"):
         return []
     first = folds[0]["time_priced"]
-    forecasts = c["time_priced"]["time_fraction_choosing"]
     timed, counted = first["part_seconds"]["shares"], first["flops_shares"]
     ends = [*(f"`{t}`" for t in c["candidate_taps"]), "logits"]
     segments = ", ".join(
         f"→ {end} {pct(time_share)} ({pct(flops_share)})"
         for end, time_share, flops_share in zip(ends, timed["segments"], counted["segments"], strict=True)
     )
+    lines = [
+        f"Chosen for time (`sidenet fit --taps ... --cost time`): the same rule with each part priced by its time, "
+        f"measured on one {batch.replace('batch', 'batch of ')} on this machine and on 1, 2, 4, ... of its rows "
+        "(`sidenet.measure_part_seconds`, eager parts), and the subsets compared by a forecast of their routed "
+        "batches (`sidenet.forecast_batch_time`: each part, and the routing at each tap, one call on the rows that "
+        f"reach it). Each segment's share of the MainNet's time (of its FLOPs): {segments}; all candidate "
+        f"SideNets together {pct(sum(timed['sides']))} ({pct(sum(counted['sides']))})."
+    ]
+    forecasts = [(name, f, c["speedup"][key]) for name, f, key in _forecast_rows(c, batch) if f]
+    if forecasts:
+        lines[0] += (
+            " Forecast on the reporting data, as a fraction of the MainNet's time, against what the rows above "
+            "measure there: "
+            + "; ".join(
+                f"{name}: priced per sample {f['per_sample']:.3f} ({1 / f['per_sample']:.2f}×), per routed batch "
+                f"{f['batches']:.3f} ({1 / f['batches']:.2f}×), measured {measured:.2f}×"
+                for name, f, measured in forecasts
+            )
+            + ". What the batch forecast leaves out: input checks and bookkeeping once per batch."
+        )
+    return [*lines, ""]
+
+
+def _forecast_rows(c: dict[str, Any], batch: str) -> list[tuple[str, dict[str, float] | None, str]]:
     return [
-        f"Chosen for time (`sidenet fit --taps ... --cost time`, `sidenet.time_weighted`): the same rule with each "
-        f"part priced by its time, measured on one {batch.replace('batch', 'batch of ')} on this machine "
-        f"(`sidenet.measure_part_seconds`; eager parts). Each segment's share of the MainNet's time (of its "
-        f"FLOPs): {segments}; all candidate SideNets together {pct(sum(timed['sides']))} "
-        f"({pct(sum(counted['sides']))}). The choice minimises the time "
-        f"fraction the timing forecasts ({', '.join(f'{v:.3f}' for v in forecasts)} of the MainNet's time on the "
-        f"choosing data, i.e. {', '.join(f'{1 / v:.2f}×' for v in forecasts)}); the row above measures "
-        f"{c['speedup'][batch + '_time_priced']:.2f}× routed as served (routing between taps and the later parts' "
-        "smaller row counts are not in the forecast).",
-        "",
+        ("chosen for time", c["time_priced"].get("forecast"), batch + "_time_priced"),
+        ("chosen in FLOPs", c.get("time_forecast"), batch),
     ]
 
 

@@ -88,6 +88,10 @@ def test_section_has_the_issue_keys_with_consistent_values(section: dict) -> Non
         assert len(priced["part_seconds"]["segments"]) == len(TAPS) + 1 == len(priced["flops_shares"]["segments"])
         assert sum(priced["part_seconds"]["shares"]["segments"]) == pytest.approx(1.0)
         assert set(map(str, priced["taps"])) <= set(TAPS) and len(priced["taps"]) == len(priced["thresholds"])
+        # Timed on fewer rows too; both choices forecast per sample and per routed batch on the reporting part.
+        assert priced["part_seconds"]["rows"][-1] == priced["part_seconds"]["batch_size"]
+        for forecast in (priced["forecast"], fold["time_forecast"]):
+            assert set(forecast) == {"per_sample", "batches"} and all(0 < v < 3 for v in forecast.values())
     timed = section["time_priced"]
     assert timed["accuracy_drop"] == pytest.approx(section["mainnet_accuracy"] - timed["accuracy"])
     assert section["speedup"]["batch16_time_priced"] > 0 and 0 < timed["flops_fraction"] <= 1.5
@@ -104,6 +108,7 @@ def test_benchmarks_md_renders_the_section(section: dict) -> None:
     assert "Cascade of SideNets" in text and "oracle of the cascade" in text and "Choice evidence" in text
     assert "compiled serving mode" in text and "over the best MainNet alone" in text
     assert "cascade chosen for time" in text and "share of the MainNet's time (of its FLOPs): → `stem`" in text
+    assert "chosen for time: priced per sample" in text and "chosen in FLOPs: priced per sample" in text
     assert not any(math.isnan(v) for v in section["speedup"].values())
     assert "a cascade of sidenets" in cascade_sentence(workload, "batch16").lower()
     assert cascade_lines({"tap": "x"}, "batch16", "images") == []

@@ -165,3 +165,19 @@ def test_auto_family_is_at_least_as_good_as_each_family_on_the_choosing_data(lim
     # The chosen family's own path reproduces the chosen point.
     again = choose_taps(record, **limit, family=auto.family)
     assert again.columns == auto.columns and again.thresholds == auto.thresholds
+
+
+def test_rank_compares_subsets_on_the_choosing_part() -> None:
+    """``rank`` decides between subsets (here: it prefers the last tap alone) and sees only the samples the
+    subsets are chosen on, never the held-out ones that certify the thresholds."""
+    record = make_record(n=400, k=3)
+    seen: list[int] = []
+
+    def rank(columns: tuple[int, ...], chosen_on: CascadeRecord, thresholds: tuple[float, ...]) -> float:
+        seen.append(len(chosen_on))
+        assert len(thresholds) == len(columns)
+        return 0.01 if columns == (2,) else 0.99
+
+    choice = choose_taps(record, max_accuracy_drop=0.02, confidence=0.9, holdout=0.5, rank=rank)
+    assert choice.columns == (2,) and set(seen) == {200}
+    assert all(c["point"] is None or "ranked_compute" in c["point"] for c in choice.candidates if c["columns"])

@@ -85,6 +85,12 @@ def test_fit_taps_priced_in_time(tiny_task: TinyTask, tmp_path: Path) -> None:  
     assert sum(timing["shares"]["segments"]) == pytest.approx(1.0) and timing["device"] == "cpu"
     assert 0 < choice["relative_compute"] < 1.5  # a share of the MainNet's measured time
     assert PartSeconds.from_dict(timing).to_dict() == timing  # the saved timing reads back whole
+    # Each part also timed on fewer rows, and the chosen cascade's batches forecast from those calls.
+    assert timing["rows"][0] == 1 and timing["rows"][-1] == timing["batch_size"]
+    assert len(timing["route_calls"]) == 2 and len(timing["segment_calls"][0]) == len(timing["rows"])
+    forecast = choice["time_forecast"]
+    assert forecast["batch_size"] == timing["batch_size"] and 0 < forecast["time_fraction"] < 3
+    assert f"Forecast per routed batch of {timing['batch_size']}" in result.output
 
 
 @pytest.mark.parametrize(

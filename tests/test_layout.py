@@ -48,6 +48,7 @@ LAYERS: dict[str, int] = {
     "shift": ANALYSIS,
     "timing": ANALYSIS,
     "part_costs": ANALYSIS,
+    "time_forecast": ANALYSIS,
     "report": ANALYSIS,
     "report_page": ANALYSIS,
     "report_data": ANALYSIS,

@@ -12,7 +12,7 @@ from torch import nn
 
 import sidenet
 from helpers import IMAGE_SHAPE, build_tiny_mainnet, make_images, tiny_bert
-from sidenet import PartSeconds, choose_taps, measure_part_seconds, time_weighted
+from sidenet import PartSeconds, batch_row_counts, choose_taps, measure_part_seconds, time_weighted
 from sidenet.cascade_curve import CascadeCurve, CascadeRecord
 from test_cascade_choice import make_record
 
@@ -71,6 +71,57 @@ def test_text_cascades_are_timed_and_priced() -> None:
     assert np.all(priced.mainnet_flops > 0)
 
 
+def test_parts_are_timed_on_fewer_rows_too() -> None:
+    """``rows``: every part, and the routing step at every tap, timed on the first m samples as well; the
+    per-sample seconds stay those of the full batch, and everything reads back from its dict."""
+    model = sidenet.attach(build_tiny_mainnet(), ["layer1", "layer2"], input_shape=IMAGE_SHAPE, hidden=8, seed=0)
+    seconds = measure_part_seconds(model, make_images(16), repeats=2, rows=batch_row_counts(16))
+    assert seconds.rows == (1, 2, 4, 8, 16)
+    assert [len(c) for c in seconds.segment_calls] == [5, 5, 5] and [len(c) for c in seconds.side_calls] == [5, 5]
+    assert len(seconds.route_calls) == 2 and min(min(c) for c in seconds.route_calls) > 0
+    assert seconds.segments == tuple(calls[-1] / 16 for calls in seconds.segment_calls)
+    assert PartSeconds.from_dict(seconds.to_dict()) == seconds
+    # Without rows: the batch alone, no routing step, as before.
+    alone = measure_part_seconds(model, make_images(16), repeats=1)
+    assert alone.rows == () and alone.segment_calls == () and alone.route_calls == ()
+
+
+def test_text_parts_on_fewer_rows() -> None:
+    """A text batch's first rows go on with their padding cut, as routing cuts it."""
+    model = sidenet.attach(tiny_bert(num_hidden_layers=4), [1, 2], hidden=8, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 50, (6, 10), generator=generator)
+    mask = (torch.arange(10)[None, :] < torch.tensor([[3], [4], [10], [10], [10], [10]])).long()
+    seconds = measure_part_seconds(model, {"input_ids": ids, "attention_mask": mask}, repeats=1, rows=[2, 6])
+    assert seconds.rows == (2, 6) and len(seconds.route_calls) == 2
+    assert min(min(c) for c in seconds.segment_calls) > 0
+
+
+def test_call_seconds_between_and_beyond_the_timed_rows() -> None:
+    seconds = PartSeconds(
+        (1.0, 2.0), (0.5,), batch_size=4, device="cpu", dtype="float32", repeats=1,
+        rows=(1, 2, 4), segment_calls=((1.0, 1.0, 4.0), (3.0, 4.0, 8.0)), side_calls=((0.2, 0.3, 2.0),),
+        route_calls=((0.1, 0.1, 0.1),),
+    )  # fmt: skip
+    rows = np.array([0, 1, 3, 4, 6])
+    np.testing.assert_allclose(seconds.call_seconds("segments", 1, rows), [0.0, 3.0, 6.0, 8.0, 12.0])
+    np.testing.assert_allclose(seconds.call_seconds("segments", 0, rows), [0.0, 1.0, 2.5, 4.0, 7.0])
+    np.testing.assert_allclose(seconds.call_seconds("routes", 0, rows), [0.0, 0.1, 0.1, 0.1, 0.1])
+    with pytest.raises(ValueError, match="kind"):
+        seconds.call_seconds("rests", 0, rows)
+    # Timed on the batch alone: a call costs its rows' share of the batch, and routing nothing.
+    alone = part_seconds((1.0, 2.0), (0.5,))
+    np.testing.assert_allclose(alone.call_seconds("segments", 1, rows), 2.0 * rows)
+    np.testing.assert_allclose(alone.call_seconds("routes", 0, rows), 0.0)
+
+
+def test_row_counts_are_powers_of_two_then_the_batch() -> None:
+    assert batch_row_counts(1) == [1] and batch_row_counts(8) == [1, 2, 4, 8]
+    assert batch_row_counts(100) == [1, 2, 4, 8, 16, 32, 64, 100]
+    with pytest.raises(ValueError):
+        batch_row_counts(0)
+
+
 def test_bad_inputs_and_repeats_are_refused() -> None:
     model = sidenet.attach(build_tiny_mainnet(), "layer1", input_shape=IMAGE_SHAPE, hidden=8, seed=0)
     with pytest.raises(ValueError, match="repeats"):
@@ -79,6 +130,9 @@ def test_bad_inputs_and_repeats_are_refused() -> None:
         measure_part_seconds(model, make_images(4), graphs=True)
     with pytest.raises(ValueError):
         measure_part_seconds(model, torch.randn(4, 3, 16, 16))  # the MainNet takes one channel
+    for rows in ([0, 2], [5]):
+        with pytest.raises(ValueError, match="row counts must lie in"):
+            measure_part_seconds(model, make_images(4), rows=rows)
 
 
 def part_seconds(segments: tuple[float, ...], sides: tuple[float, ...]) -> PartSeconds:
@@ -143,3 +197,6 @@ def test_cuda_bfloat16_parts_are_timed_where_they_run() -> None:
     assert not eager.graphs and min(eager.segments) > 0
     assert min(seconds.segments + seconds.sides) > 0
     assert sum(seconds.shares()["segments"]) == pytest.approx(1.0)
+    # On fewer rows too, each part and routing step captured per row count (the forecast's timing).
+    rows = measure_part_seconds(model, make_images(32).to("cuda", torch.bfloat16), repeats=2, rows=[4, 32])
+    assert rows.graphs and rows.rows == (4, 32) and min(min(c) for c in rows.route_calls) > 0

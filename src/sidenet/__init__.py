@@ -29,11 +29,12 @@ from sidenet.errors import (
 from sidenet.flops import FlopLedger, FlopProfile, count_flops, profile_flops
 from sidenet.head import SideNet
 from sidenet.monitor import TrafficMonitor
-from sidenet.part_costs import PartSeconds, measure_part_seconds, time_weighted
+from sidenet.part_costs import PartSeconds, batch_row_counts, measure_part_seconds, time_weighted
 from sidenet.policy import NEVER_EXIT, ExitPolicy, format_threshold
 from sidenet.record import SweepRecord, collect
 from sidenet.routing import AdaptiveModel, AdaptiveOutput
 from sidenet.splits import CallableSplit, MainNetSplit, TextEncoderSplit, register_splitter, split_mainnet
+from sidenet.time_forecast import forecast_batch_time
 from sidenet.training import FeatureCache, cache_features, fit_sidenet, train_sidenet
 
 # The one place the version is written: pyproject.toml reads it from here
@@ -85,10 +86,12 @@ __all__ = [
     "threshold_path",
     "CascadeChoice",
     "choose_taps",
-    # choosing by time where the model runs, not FLOPs (sidenet.part_costs)
+    # choosing by time where the model runs, not FLOPs (sidenet.part_costs, sidenet.time_forecast)
     "PartSeconds",
     "measure_part_seconds",
+    "batch_row_counts",
     "time_weighted",
+    "forecast_batch_time",
     # errors (sidenet.errors)
     "SidenetError",
     "CheckpointError",

@@ -290,6 +290,7 @@ def choose_taps(
     method: str = "auto",
     points: int | None = 200,
     seed: int = 0,
+    rank: Callable[[tuple[int, ...], CascadeRecord, Thresholds], float] | None = None,
 ) -> CascadeChoice:
     """Choose which SideNets to keep and their thresholds, for the least compute under a drop or
     disagreement limit (or the best accuracy under a compute budget).
@@ -305,6 +306,10 @@ def choose_taps(
     data: ``holdout`` (a fraction, e.g. 0.5) is then required. A random part of that size (``seed``) is
     set aside; subset and path are chosen on the rest (scored with the same certified rule there), and
     the thresholds are certified on the held-out part along that fixed path. ``point`` is measured on it.
+
+    ``rank(columns, record, thresholds)``: compares subsets instead of their points' ``relative_compute``
+    (a fraction of the MainNet's, on the record they are chosen on; e.g. :func:`sidenet.forecast_batch_time`),
+    kept in the points as ``ranked_compute``; thresholds within a subset still follow the record's costs.
     """
     criterion = _criterion(max_accuracy_drop, max_disagreement, compute_budget)
     if method not in ("auto", "exhaustive", "greedy"):
@@ -330,7 +335,6 @@ def choose_taps(
     limit = k if max_taps is None else max(0, min(int(max_taps), k))
     budget = "compute_budget" in criterion
     candidates: list[dict[str, Any]] = []
-
     families: dict[tuple[int, ...], str] = {}
 
     def evaluate(columns: tuple[int, ...]) -> dict[str, Any] | None:
@@ -346,25 +350,22 @@ def choose_taps(
                     found = curve.at(curve.threshold_for(**criterion, confidence=confidence))
                 except ValueError:  # no point meets the compute budget
                     continue
+                if rank is not None:
+                    found["ranked_compute"] = float(rank(columns, select, tuple(found["thresholds"])))
                 if point is None or key(found) < key(point):
                     point, families[columns] = found, name
-        candidates.append(
-            {
-                "columns": columns,
-                "taps": tuple(record.taps[c] for c in columns),
-                "family": families.get(columns),
-                "point": point,
-            }
-        )
+        taps = tuple(record.taps[c] for c in columns)
+        candidates.append({"columns": columns, "taps": taps, "family": families.get(columns), "point": point})
         return point
 
     def key(point: dict[str, Any] | None) -> tuple[float, float]:
         if point is None:
             return (np.inf, np.inf)
+        compute = point.get("ranked_compute", point["relative_compute"])
         if budget:
             score = point["accuracy"] if select.labels is not None else 1 - point["disagreement"]
-            return (-score, point["relative_compute"])
-        return (point["relative_compute"], 0.0)
+            return (-score, compute)
+        return (compute, 0.0)
 
     chosen: tuple[int, ...] = ()
     best = evaluate(chosen)

@@ -137,7 +137,9 @@ def fit(
         str,
         typer.Option(
             help="With --taps: what the choice of taps minimises, flops or time (each part of the MainNet "
-            "timed on a validation batch on --device: early layers often cost more time than their FLOPs)."
+            "timed on a validation batch on --device, and on fewer rows: early layers often cost more time than "
+            "their FLOPs, and a routed batch's later parts run on few rows; taps compared by a forecast of routed "
+            "batches)."
         ),
     ] = FitSettings.cost,
     seed: int = FitSettings.seed,
@@ -183,10 +185,19 @@ def fit(
             f"Cascade saved to {folder}: taps {', '.join(choice['taps'])} of {', '.join(choice['candidate_taps'])}, "
             f"thresholds {', '.join(format_threshold(t) for t in choice['thresholds'])} (validation: exit rate "
             f"{choice['exit_rate']:.3f}, accuracy drop {100 * choice['accuracy_drop']:.2f} points, "
-            f"{'time' if choice['cost'] == 'time' else 'compute'} {choice['relative_compute']:.3f} of the MainNet's)"
+            f"{'time priced per sample' if choice['cost'] == 'time' else 'compute'} "
+            f"{choice['relative_compute']:.3f} of the MainNet's)"
         )
         if "part_seconds" in choice:  # --cost time: what the choice was priced by
             typer.echo(PartSeconds.from_dict(choice["part_seconds"]).describe())
+        if "time_forecast" in choice:
+            forecast = choice["time_forecast"]
+            typer.echo(
+                f"Forecast per routed batch of {forecast['batch_size']}, by which the taps were compared (each part "
+                f"and routing step timed on 1 to {forecast['batch_size']} rows, charged on the rows that reach it): "
+                f"{forecast['time_fraction']:.3f} of the MainNet's time ({1 / forecast['time_fraction']:.2f}x); "
+                "measure it with sidenet report"
+            )
         return
     typer.echo(
         f"SideNet saved to {folder}; policy {choice['policy']}, temperature {choice['temperature']:.3f}, "

@@ -4,21 +4,23 @@ cascade, choose the threshold (or the taps and thresholds) on the validation dat
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from sidenet.attach import attach, save_sidenet
 from sidenet.calibration import calibrate
 from sidenet.cascade_choice import choose_taps
-from sidenet.cascade_record import collect_cascade
+from sidenet.cascade_record import CascadeRecord, collect_cascade
 from sidenet.cli_options import FitSettings
 from sidenet.curve import sweep
 from sidenet.loaders import iter_batches, prefix_loader
-from sidenet.part_costs import measure_part_seconds, time_weighted
+from sidenet.part_costs import PartSeconds, batch_row_counts, measure_part_seconds, time_weighted
 from sidenet.placement import placed
 from sidenet.routing import AdaptiveModel
 from sidenet.splits import candidate_taps, split_mainnet
 from sidenet.tasks import get_task
+from sidenet.time_forecast import forecast_batch_time
 from sidenet.training import to_mainnet
 
 __all__ = ["fit_and_save", "choose_cascade"]
@@ -91,19 +93,30 @@ def choose_cascade(
     save that cascade (or the one SideNet it keeps); returns the folder and the choice."""
     record = collect_cascade(model, val, progress=progress)
     priced: dict[str, Any] = {"cost": settings.cost}
+    counted, parts = record, None
     if settings.cost == "time":  # every part timed on a validation batch, where and as the MainNet runs now
         inputs, _ = next(iter_batches(val))
-        parts = measure_part_seconds(model, to_mainnet(model.split, inputs))
+        inputs = to_mainnet(model.split, inputs)
+        # Also on fewer rows, as routed batches run their later parts: for the forecast below.
+        parts = measure_part_seconds(model, inputs, rows=batch_row_counts(model.split.batch_size(inputs)))
         record = time_weighted(record, parts)
         priced["part_seconds"] = parts.to_dict()
     # With a guarantee, half of val chooses the taps and the path, the other half certifies the thresholds.
     holdout = 0.5 if settings.confidence is not None else None
-    choice = choose_taps(record, max_accuracy_drop=settings.max_drop, confidence=settings.confidence, holdout=holdout)
+    # Priced in time, subsets compete by what their routed batches will cost: each part one call on the rows
+    # that reach it (a call on few rows costs more than their share of a full batch), routing included.
+    rank = None if parts is None else partial(_batch_forecast, parts)
+    choice = choose_taps(
+        record, max_accuracy_drop=settings.max_drop, confidence=settings.confidence, holdout=holdout, rank=rank
+    )
     if not choice.columns:
         raise ValueError(
             f"no SideNet among the taps {', '.join(map(str, model.taps))} saves compute within --max-drop "
             f"{settings.max_drop} on the validation data: the MainNet alone is the best choice"
         )
+    if parts is not None:  # the same forecast on all of val (with a guarantee, the subset was ranked on half)
+        forecast = _batch_forecast(parts, choice.columns, counted, choice.thresholds)
+        priced["time_forecast"] = {"batch_size": parts.batch_size, "time_fraction": forecast}
     chosen = model.with_taps(choice.taps)
     chosen.thresholds = choice.thresholds
     chosen.set_reference(record.confidence[:, choice.columns[0]])  # the first SideNet's scores, for the shift check
@@ -119,7 +132,11 @@ def choose_cascade(
         "family": choice.family,
         **priced,
         "evidence": [
-            {"taps": [str(t) for t in c["taps"]], "relative_compute": c["point"] and c["point"]["relative_compute"]}
+            {
+                "taps": [str(t) for t in c["taps"]],
+                "relative_compute": c["point"] and c["point"]["relative_compute"],
+                "time_forecast": c["point"] and c["point"].get("ranked_compute"),
+            }
             for c in choice.candidates
         ],
         **{k: v for k, v in choice.point.items() if k != "thresholds"},
@@ -128,3 +145,8 @@ def choose_cascade(
     chosen.history_ = model.history_
     save_sidenet(chosen, settings.out, metadata=metadata)
     return settings.out, summary
+
+
+def _batch_forecast(parts: PartSeconds, columns: tuple[int, ...], record: CascadeRecord, thresholds: Any) -> float:
+    """``forecast_batch_time`` in the argument order of ``choose_taps``'s ``rank``."""
+    return forecast_batch_time(record, parts, thresholds, columns=columns)

@@ -20,7 +20,7 @@ no part. A sample's share of a part's time follows its share of the part's FLOPs
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -28,12 +28,14 @@ import numpy as np
 import torch
 
 from sidenet.cascade_record import CascadeRecord, part_flops, states_at_taps
+from sidenet.routing import continuing_first
+from sidenet.splits.base import select_samples
 from sidenet.timing import measure_throughput
 
 if TYPE_CHECKING:
     from sidenet.routing import AdaptiveModel
 
-__all__ = ["PartSeconds", "measure_part_seconds", "time_weighted"]
+__all__ = ["PartSeconds", "batch_row_counts", "measure_part_seconds", "time_weighted"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,13 @@ class PartSeconds:
         graphs: each part was replayed from a CUDA graph of its own (no launch cost per kernel), not eager.
         segment_flops, side_flops: the same parts' FLOPs per sample on that batch (the model's counter), to
             set the time beside.
+        rows: the row counts each part was also timed at (ascending, the batch's own last; empty: the
+            batch alone), with ``segment_calls``/``side_calls`` the seconds of one call of each part at each
+            of them: a routed batch runs its later parts on its continuing rows only, and a call on few rows
+            costs more than their share of a full batch (:func:`sidenet.forecast_batch_time` reads them).
+            ``route_calls``: per tap, one routing step on that many rows (the SideNet's scores, the count of
+            continuing rows read, half of the rows gathered and their answers scattered back): what
+            routing adds between the parts.
     """
 
     segments: tuple[float, ...]
@@ -62,6 +71,10 @@ class PartSeconds:
     segment_flops: tuple[float, ...] = ()
     side_flops: tuple[float, ...] = ()
     graphs: bool = False
+    rows: tuple[int, ...] = ()
+    segment_calls: tuple[tuple[float, ...], ...] = ()
+    side_calls: tuple[tuple[float, ...], ...] = ()
+    route_calls: tuple[tuple[float, ...], ...] = ()
 
     @property
     def mainnet(self) -> float:
@@ -104,12 +117,39 @@ class PartSeconds:
             f"{self.dtype}), as a share of the MainNet's time{of}: {segments}; {sidenets} {sides}."
         )
 
+    def call_seconds(self, kind: str, index: int, rows: np.ndarray) -> np.ndarray:
+        """Seconds of one call of part ``index`` of ``kind`` (``"segments"``, ``"sides"``, ``"routes"``) on each of
+        ``rows`` rows: linear between the row counts it was timed at (beyond the largest, along its last
+        step; 0 rows cost nothing). Timed on the batch alone, a call costs its rows' share of that batch."""
+        rows = np.asarray(rows, dtype=np.float64)
+        calls = {"segments": self.segment_calls, "sides": self.side_calls, "routes": self.route_calls}.get(kind)
+        if calls is None:
+            raise ValueError(f"kind is 'segments', 'sides' or 'routes', got {kind!r}")
+        if kind == "routes" and not calls:  # not timed: routing costs nothing in the per-sample price
+            return np.zeros(np.shape(rows))
+        if calls:
+            counts, seconds = np.asarray(self.rows, dtype=np.float64), np.asarray(calls[index], dtype=np.float64)
+        else:  # the batch alone: a call costs its rows' share of it (the per-sample price)
+            per_sample = (self.segments if kind == "segments" else self.sides)[index]
+            counts, seconds = np.array([0.0, self.batch_size]), np.array([0.0, per_sample * self.batch_size])
+        inside = np.interp(rows, counts, seconds)
+        if len(counts) > 1:  # np.interp holds the last value: continue along the last step instead
+            slope = (seconds[-1] - seconds[-2]) / (counts[-1] - counts[-2])
+            inside = np.where(rows > counts[-1], seconds[-1] + slope * (rows - counts[-1]), inside)
+        return np.where(rows > 0, inside, 0.0)
+
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> PartSeconds:
         """The timing :meth:`to_dict` wrote (e.g. in a saved SideNet's threshold choice)."""
-        tuples = ("segments", "sides", "taps", "segment_flops", "side_flops")
+        tuples = ("segments", "sides", "taps", "segment_flops", "side_flops", "rows")
+        nested = ("segment_calls", "side_calls", "route_calls")
         fields = {name: saved[name] for name in cls.__dataclass_fields__ if name in saved}
-        return cls(**{name: tuple(value) if name in tuples else value for name, value in fields.items()})
+        return cls(
+            **{
+                name: tuple(map(tuple, value)) if name in nested else tuple(value) if name in tuples else value
+                for name, value in fields.items()
+            }
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -123,6 +163,10 @@ class PartSeconds:
             "segment_flops": list(self.segment_flops),
             "side_flops": list(self.side_flops),
             "graphs": self.graphs,
+            "rows": list(self.rows),
+            "segment_calls": [list(calls) for calls in self.segment_calls],
+            "side_calls": [list(calls) for calls in self.side_calls],
+            "route_calls": [list(calls) for calls in self.route_calls],
             "shares": self.shares(),
             "flops_shares": self.flops_shares(),
         }
@@ -130,19 +174,28 @@ class PartSeconds:
 
 @torch.no_grad()
 def measure_part_seconds(
-    model: AdaptiveModel, inputs: Any, repeats: int = 7, graphs: bool | None = None
+    model: AdaptiveModel,
+    inputs: Any,
+    repeats: int = 7,
+    graphs: bool | None = None,
+    rows: Sequence[int] | None = None,
 ) -> PartSeconds:
     """Time each part of ``model`` (one SideNet or a cascade) on the batch ``inputs``, as ``model(inputs)``
     takes it, on the model's device and dtype: every MainNet segment between taps and every SideNet, each
     run alone ``repeats`` times after a warm-up run. Time the batch size and precision you serve at: the
     shares change with both.
 
+    ``rows``: also time every part on the first ``m`` samples of the batch for each ``m`` given (at most
+    the batch's size; the batch itself is always timed), as a routed batch runs its later parts on its
+    continuing samples only; :func:`forecast_batch_time` reads those calls. :func:`batch_row_counts` gives
+    powers of two up to the batch. Default: the batch alone.
+
     ``graphs``: replay each part from a CUDA graph captured on these inputs (default: on a CUDA device).
     Eager, a part's time on a GPU is mostly the host launching its kernels (a ResNet-50 in bfloat16 at batch
     64: 8.0 ms eager, 3.4 ms compiled in CUDA graphs; issue 13), which counts kernels, not work; captured,
     it is its kernels' time, as the compiled serving mode runs it (without inductor's fusion). A part that
     cannot be captured is timed eager, with a warning. Raises ``ValueError`` for inputs the model refuses,
-    ``repeats < 1``, or ``graphs=True`` off CUDA."""
+    ``repeats < 1``, ``graphs=True`` off CUDA, or row counts outside [1, batch size]."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     model.check_input(inputs)
@@ -151,29 +204,43 @@ def measure_part_seconds(
         raise ValueError("graphs=True replays each part from a CUDA graph: it needs the model and inputs on CUDA")
     graphs = cuda if graphs is None else graphs
     splits = model.splits
+    n = splits[0].batch_size(inputs)
+    counts = sorted({*(int(m) for m in rows or ()), n})
+    if counts[0] < 1 or counts[-1] > n:
+        raise ValueError(f"row counts must lie in [1, {n}] (the batch's size), got {sorted(rows or ())}")
     for split in splits:
         split.ensure_eval()
-    states = states_at_taps(model, splits[0].trunk(inputs))
-    segment_flops, side_flops = part_flops(model, inputs, states)
+    full = states_at_taps(model, splits[0].trunk(inputs))
+    segment_flops, side_flops = part_flops(model, inputs, full)
     k = len(splits)
-    # Each part a function of its input and that input: the batch, or the state at a tap.
-    parts: list[tuple[Callable[[Any], Any], Any]] = [(splits[0].trunk, inputs)]
-    parts += [(lambda x, j=j: splits[j - 1].advance(x, splits[j]), states[j - 1]) for j in range(1, k)]
-    parts += [(splits[-1].rest, states[-1])]
-    parts += [(lambda x, j=j: model.side_logits(x, j), states[j]) for j in range(k)]
-    if graphs:
-        parts = [(_captured(fn, x), x) for fn, x in parts]
+    runners: dict[tuple[int, int], Callable[[Any], Any]] = {}
+    for m in counts:
+        # The first m samples: the trunk on their inputs, later parts on their states as routing selects
+        # them (text: padding cut to the longest of them).
+        head = torch.arange(m, device=splits[0].input_device(inputs))
+        x = inputs if m == n else select_samples(inputs, head)
+        states = full if m == n else states_at_taps(model, splits[0].select(full[0], head))
+        # Each part a function of its input and that input: the batch, or the state at a tap.
+        parts: list[tuple[Callable[[Any], Any], Any]] = [(splits[0].trunk, x)]
+        parts += [(lambda s, j=j: splits[j - 1].advance(s, splits[j]), states[j - 1]) for j in range(1, k)]
+        parts += [(splits[-1].rest, states[-1])]
+        parts += [(lambda s, j=j: model.side_logits(s, j), states[j]) for j in range(k)]
+        if len(counts) > 1:  # routing between the parts, timed where a forecast of routed batches needs it
+            parts += [_routing_step(model, j, states[j]) for j in range(k)]
+        if graphs:
+            parts = [(_captured(fn, arg), arg) for fn, arg in parts]
+        runners |= {(m, i): (lambda _, fn=fn, arg=arg: fn(arg)) for i, (fn, arg) in enumerate(parts)}
     # Interleaved rounds (A B C A B C ...: drift of the machine's speed falls on every part alike), each run
     # synchronised; one "batch" per run, since each part brings its own input.
-    runners = {str(i): (lambda _, fn=fn, x=x: fn(x)) for i, (fn, x) in enumerate(parts)}
-    timed = measure_throughput(runners, [None], repeats=repeats, batch_size=lambda _: 1)
-    seconds = [timed[str(i)].median for i in range(len(parts))]
-    segments, sides = seconds[: k + 1], seconds[k + 1 :]
-    n = splits[0].batch_size(inputs)
+    named = {f"{m}:{i}": run for (m, i), run in runners.items()}
+    timed = measure_throughput(named, [None], repeats=repeats, batch_size=lambda _: 1)
+    parts_timed = 3 * k + 1 if len(counts) > 1 else 2 * k + 1
+    calls = [[timed[f"{m}:{i}"].median for m in counts] for i in range(parts_timed)]  # per part, per row count
+    segments, sides, routes = calls[: k + 1], calls[k + 1 : 2 * k + 1], calls[2 * k + 1 :]
     reference = next((p for p in model.parameters() if p.is_floating_point()), None)
     return PartSeconds(
-        segments=tuple(s / n for s in segments),
-        sides=tuple(s / n for s in sides),
+        segments=tuple(s[-1] / n for s in segments),
+        sides=tuple(s[-1] / n for s in sides),
         batch_size=n,
         device=str(splits[0].input_device(inputs)),
         dtype=str(reference.dtype).removeprefix("torch.") if reference is not None else "unknown",
@@ -182,7 +249,40 @@ def measure_part_seconds(
         segment_flops=tuple(segment_flops),
         side_flops=tuple(side_flops),
         graphs=bool(graphs),
+        rows=tuple(counts) if len(counts) > 1 else (),
+        segment_calls=tuple(map(tuple, segments)) if len(counts) > 1 else (),
+        side_calls=tuple(map(tuple, sides)) if len(counts) > 1 else (),
+        route_calls=tuple(map(tuple, routes)),
     )
+
+
+def _routing_step(model: AdaptiveModel, k: int, state: Any) -> tuple[Callable[[Any], Any], Any]:
+    """What routing does at tap ``k`` on the rows of ``state`` besides running parts, as one call of the
+    state: the SideNet's scores and exit mask, the continuing rows found and their count read (the host
+    wait), half of the rows gathered and answers scattered back into the batch's."""
+    split, rule = model.splits[k], model.policies[k]
+    logits = model.side_logits(state, k)
+    exited = torch.arange(len(logits), device=logits.device) % 2 == 0  # half go on (one row: it exits)
+
+    def step(state: Any) -> Any:
+        rule.exits(rule.confidence(logits))
+        order, counts = continuing_first(split, state, exited)
+        read = counts.tolist()
+        if read[0] == 0:
+            return None
+        going = order[: read[0]]
+        split.select_sized(state, going, tuple(read[1:]))
+        return logits.index_copy(0, going, logits[: read[0]])
+
+    return step, state
+
+
+def batch_row_counts(batch_size: int) -> list[int]:
+    """1, 2, 4, ... below ``batch_size``, then ``batch_size``: the row counts to time parts at
+    (:func:`measure_part_seconds`'s ``rows``) for a forecast of routed batches of that size."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    return [*(2**e for e in range(batch_size.bit_length()) if 2**e < batch_size), batch_size]
 
 
 def _captured(fn: Callable[[Any], Any], example: Any) -> Callable[[Any], Any]:
