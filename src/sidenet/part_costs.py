@@ -58,7 +58,7 @@ class PartSeconds:
             costs more than their share of a full batch (:func:`sidenet.forecast_batch_time` reads them).
             ``route_calls``: per tap, one routing step on that many rows (the SideNet's scores, the count of
             continuing rows read, half of the rows gathered and their answers scattered back): what
-            routing adds between the parts.
+            routing adds between the parts; never in a CUDA graph (it reads the count from the device).
     """
 
     segments: tuple[float, ...]
@@ -225,10 +225,10 @@ def measure_part_seconds(
         parts += [(lambda s, j=j: splits[j - 1].advance(s, splits[j]), states[j - 1]) for j in range(1, k)]
         parts += [(splits[-1].rest, states[-1])]
         parts += [(lambda s, j=j: model.side_logits(s, j), states[j]) for j in range(k)]
-        if len(counts) > 1:  # routing between the parts, timed where a forecast of routed batches needs it
-            parts += [_routing_step(model, j, states[j]) for j in range(k)]
         if graphs:
             parts = [(_captured(fn, arg), arg) for fn, arg in parts]
+        if len(counts) > 1:  # routing between the parts, where a forecast of routed batches needs it: never
+            parts += [_routing_step(model, j, states[j]) for j in range(k)]  # captured (it reads the count)
         runners |= {(m, i): (lambda _, fn=fn, arg=arg: fn(arg)) for i, (fn, arg) in enumerate(parts)}
     # Interleaved rounds (A B C A B C ...: drift of the machine's speed falls on every part alike), each run
     # synchronised; one "batch" per run, since each part brings its own input.
