@@ -308,6 +308,9 @@ def compiled_comparison(
     # Each runner takes the whole list (one "batch" per pass), so that the stream can pipeline it.
     runners = {name: (lambda bs, f=f: [f(b) for b in bs]) for name, f in per_batch.items()}
     runners["compiled_stream"] = lambda bs: [out.logits for out in served.stream(bs)]
+    # The served front alone (trunk, SideNet and scores, compiled), which every image pays: what bounds the
+    # compiled mode, as the eager trunk bounds eager routing.
+    runners["compiled_front"] = lambda bs: [served.front_pass(b).confidence for b in bs]
     # The rest on full batches of continuing images pooled across batches: what the bound below assumes.
     pooled = served.pooled_router(rest_batch=64, max_wait=POOL_MAX_WAIT)
     runners["compiled_pooled"] = lambda bs: [routed.output.logits for routed in pooled.run(bs)]

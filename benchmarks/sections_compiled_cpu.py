@@ -15,6 +15,7 @@ LABELS = {
     "compiled_serving": "compiled serving mode, per batch",
     "compiled_stream": "compiled serving mode, pipelined (`served.stream`)",
     "compiled_pooled": "compiled serving mode, `PooledRouter` (rest on 64 pooled rows, at most 16 batches waiting)",
+    "compiled_front": "its served front alone (trunk, SideNet, scores: what every image pays; no answers)",
 }
 
 
@@ -105,12 +106,22 @@ def fmnist_compiled_lines(r: dict[str, Any]) -> list[str]:
         trunk, exits = r["trunk_time_fraction_batch64"], r["adaptive"]["exit_rate"]
         bound = 1 / (trunk + (1 - exits) * (1 - trunk))
         best = over[c["best_compiled"]]
-        lines.append(
+        sentence = (
             f"What bounds it: trunk + SideNet, run on every image, take {trunk:.0%} of the eager MainNet's time "
-            f"for {r['trunk_flops_fraction']:.0%} of its FLOPs, which caps the speed-up at {bound:.2f}× "
-            f"({bound / ideal:.0%} of the FLOPs ideal) even with the rest at full-batch cost; the compiled mode "
-            f"reaches {best / bound:.0%} of that cap."
+            f"for {r['trunk_flops_fraction']:.0%} of its FLOPs, which caps eager routing at {bound:.2f}× "
+            f"({bound / ideal:.0%} of the FLOPs ideal) even with the rest at full-batch cost"
         )
+        if "compiled_front" in t:  # the compiled front's own share of the best MainNet alone's time
+            front = 1 / over["compiled_front"]
+            cap = 1 / (front + (1 - exits) * (1 - front))
+            sentence += (
+                f"; compiled, the served front (trunk, SideNet, scores) takes {front:.0%} of the best MainNet "
+                f"alone's time, which caps the compiled mode at {cap:.2f}× ({cap / ideal:.0%} of the FLOPs ideal); "
+                f"it reaches {best / cap:.0%} of that cap."
+            )
+        else:
+            sentence += f"; the compiled mode reaches {best / bound:.0%} of that cap."
+        lines.append(sentence)
     lines += [
         "",
         targets_line("Targets (issue 13, CPU)", c["targets"]),

@@ -21,6 +21,7 @@ RUNNERS = {
     "compiled_serving",
     "compiled_stream",
     "compiled_pooled",
+    "compiled_front",
 }
 
 
@@ -46,3 +47,16 @@ def test_every_compiled_row_is_timed_and_rendered() -> None:
     older = {**compiled, "timing": {k: v for k, v in compiled["timing"].items() if k != "compiled_pooled"}}
     older["best_compiled"] = "compiled_serving"
     assert "PooledRouter" not in "\n".join(fmnist_compiled_lines({**result, "compiled": older}))
+    # What bounds it: the eager trunk caps eager routing, the served front the compiled mode.
+    bounded = {
+        **result,
+        "trunk_time_fraction_batch64": 0.2,
+        "trunk_flops_fraction": 0.1,
+        "adaptive": {"exit_rate": 0.9},
+    }
+    text = "\n".join(fmnist_compiled_lines(bounded))
+    assert "caps eager routing at 3.57×" in text and "which caps the compiled mode at" in text
+    assert "| its served front alone (trunk, SideNet, scores" in text
+    without_front = {k: v for k, v in compiled["timing"].items() if k != "compiled_front"}
+    text = "\n".join(fmnist_compiled_lines({**bounded, "compiled": {**compiled, "timing": without_front}}))
+    assert "the compiled mode reaches" in text and "caps the compiled mode" not in text
