@@ -125,6 +125,10 @@ def test_report_json_serialises_the_typed_report(built) -> None:
     assert report.timing.parts.segment_flops == (profile.trunk, profile.rest)
     assert report.timing.parts.side_flops == (profile.side,)
     assert "Where the time goes" in report.timing.describe()
+    # Routed eagerly on the CPU: each threshold's speed-up also forecast per routed batch from those parts.
+    assert set(s["timing"]["forecasts"]) == {repr(row.threshold) for row in report.thresholds}
+    assert all(0 < f < 3 for f in s["timing"]["forecasts"].values()) and report.timing.parts.rows[0] == 1
+    assert "; forecast " in report.timing.speed(report.thresholds[0].threshold)
     assert report.summary == report.to_dict()  # the name of earlier releases
 
 
@@ -270,6 +274,12 @@ def test_report_times_the_model_as_served(built) -> None:
     saved = report.to_dict()["timing"]
     assert saved["baseline"] == timing.baseline and saved["mainnet_compiled"]["throughput"] > 0
     assert "over the best MainNet alone" in timing.describe()
+    # Served compiled: eager parts forecast nothing about it, so no forecast is shown.
+    assert (
+        saved["forecasts"] is None
+        and timing.parts.rows == ()
+        and "forecast" not in timing.speed(report.thresholds[0].threshold)
+    )
 
 
 def test_report_batch_size_sets_the_batches_it_times(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -129,6 +129,11 @@ def test_cascade_report_measures_throughput_on_halves(tiny_task: TinyTask, casca
         f"to `{TAPS[0]}`" in (out / "report.md").read_text()
         and "Where the time goes" in (out / "report.md").read_text()
     )
+    # Eager on the CPU: each point also forecast per routed batch from those parts, shown beside the measure.
+    assert set(timing["forecasts"]) == {"saved", "empirical", "guaranteed"}
+    assert all(0 < f < 3 for f in timing["forecasts"].values()) and parts["rows"][0] == 1
+    page = (out / "report.md").read_text()
+    assert "forecast from its parts' timing per routed batch" in page and "; forecast " in page
 
 
 def test_cascade_report_shows_the_live_audit(cascade_folder: Path, tmp_path: Path) -> None:
@@ -152,7 +157,7 @@ def test_cascade_report_times_the_cascade_as_served(cascade_folder: Path) -> Non
     timing = report["timing"]
     assert timing["served"] == "compile_for_serving (backend eager)" and timing["compile_seconds"] > 0
     unit = timing[timing["baseline"]]["throughput"]
-    assert timing["mainnet_compiled"]["throughput"] > 0
+    assert timing["mainnet_compiled"]["throughput"] > 0 and timing["forecasts"] is None  # no eager forecast
     for point in timing["points"].values():
         assert point["speedup"] == pytest.approx(point["throughput"] / unit)
     assert "over the best MainNet alone" in (out / "report.md").read_text()

@@ -20,7 +20,6 @@ import torch
 
 from sidenet.calibration import CalibrationMetrics, calibration_metrics, fit_temperature, sidenet_logits
 from sidenet.curve import SweepRecord, TradeoffCurve, collect
-from sidenet.part_costs import measure_part_seconds
 from sidenet.policy import ExitPolicy
 from sidenet.report_data import (
     CalibrationReport,
@@ -35,6 +34,7 @@ from sidenet.report_data import (
 )
 from sidenet.routing import AdaptiveModel
 from sidenet.shift import confidence_shift
+from sidenet.time_forecast import timed_parts
 from sidenet.timing import input_batches, time_routed
 from sidenet.training import to_mainnet
 
@@ -164,11 +164,13 @@ def _throughput(
     loader: Iterable,
     thresholds: list[float],
     settings: ReportSettings,
+    scores: np.ndarray,
     progress: bool = False,
 ) -> ThroughputReport:
     """Samples per second of the MainNet alone and of the model under ``policy`` at each threshold, on
     batches moved to the MainNet's device and dtype before timing (as the sweeps move them); eager, or
-    as served by ``settings.compile_backend``."""
+    as served by ``settings.compile_backend``. Routed eagerly on the CPU, each threshold's speed-up is also
+    forecast from the parts on the evaluation ``scores`` (under ``policy``)."""
     loaded = input_batches(loader, settings.timing_samples, batch_size=model.split.batch_size)
     batches = [to_mainnet(model.split, batch) for batch in loaded]
 
@@ -182,7 +184,9 @@ def _throughput(
 
     points = {t: at(t) for t in thresholds}
     timing = time_routed(model, batches, points, settings.repeats, settings.compile_backend, progress)
-    timing.parts = measure_part_seconds(model, batches[0], settings.repeats)  # where the time goes
+    timing.parts, timing.forecasts = timed_parts(
+        model, batches[0], scores, {t: t for t in thresholds}, settings.repeats, settings.compile_backend
+    )
     return ThroughputReport(**vars(timing))
 
 
@@ -238,7 +242,7 @@ def build_report(
     timing = None
     if settings.timing:
         with _exiting_by(model, best.policy):
-            timing = _throughput(model, best.policy, evaluation_loader, table, settings, progress)
+            timing = _throughput(model, best.policy, evaluation_loader, table, settings, record.confidence, progress)
     rows = [
         ThresholdRow(
             threshold=t,

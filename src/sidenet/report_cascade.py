@@ -24,10 +24,10 @@ from sidenet.calibration import CalibrationMetrics, calibration_metrics, every_s
 from sidenet.cascade_choice import DEFAULT_FAMILY, FAMILIES, threshold_path
 from sidenet.cascade_curve import CascadeCurve, CascadeRecord, Thresholds
 from sidenet.cascade_record import collect_cascade
-from sidenet.part_costs import measure_part_seconds
 from sidenet.report_data import ReportSettings, ShiftChecks
 from sidenet.routing import AdaptiveModel
 from sidenet.shift import confidence_shift
+from sidenet.time_forecast import timed_parts
 from sidenet.timing import RoutedTiming, input_batches, time_routed
 from sidenet.training import to_mainnet
 
@@ -204,11 +204,13 @@ def _throughput(
     loader: Iterable,
     points: dict[str, Thresholds],
     settings: ReportSettings,
+    scores: np.ndarray,
     progress: bool = False,
 ) -> CascadeThroughput:
     """:class:`CascadeThroughput` of the MainNet alone and the cascade at each of ``points``, on the first
     ``settings.timing_samples`` evaluation samples moved to the MainNet's device first; eager, or as
-    served by ``settings.compile_backend``. The model's own exit rules are put back afterwards."""
+    served by ``settings.compile_backend``. The model's own exit rules are put back afterwards. Routed
+    eagerly on the CPU, each point's speed-up is also forecast from the parts on the evaluation ``scores``."""
     loaded = input_batches(loader, settings.timing_samples, batch_size=model.split.batch_size)
     batches = [to_mainnet(model.split, batch) for batch in loaded]
 
@@ -220,7 +222,9 @@ def _throughput(
 
     puts = {name: at(vector) for name, vector in points.items()}
     timing = time_routed(model, batches, puts, settings.repeats, settings.compile_backend, progress)
-    timing.parts = measure_part_seconds(model, batches[0], settings.repeats)  # where the time goes
+    timing.parts, timing.forecasts = timed_parts(
+        model, batches[0], scores, points, settings.repeats, settings.compile_backend
+    )
     return CascadeThroughput(**vars(timing))
 
 
@@ -310,7 +314,7 @@ def build_cascade_report(
     timing = None
     if settings.timing:
         vectors = {name: point.thresholds for name, point in points.items()}
-        timing = _throughput(model, evaluation_loader, vectors, settings, progress)
+        timing = _throughput(model, evaluation_loader, vectors, settings, eval_record.confidence, progress)
     marks = {f"{name} thresholds": point.thresholds for name, point in points.items()}
     return CascadeReport(
         taps=[str(tap) for tap in model.taps],

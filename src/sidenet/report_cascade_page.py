@@ -101,7 +101,7 @@ def _points_table(report: CascadeReport) -> Table:
         there, here = point.calibration, point.evaluation
         speed = "not measured"
         if report.timing is not None:
-            speed = f"{report.timing.points[name].throughput:,.0f} ({report.timing.speedup(name):.2f}x)"
+            speed = report.timing.speed(name)
         rows.append(
             [
                 name,
@@ -149,9 +149,11 @@ def _headline(report: CascadeReport) -> list[str]:
         + " (temperatures refitted on the calibration data are shown beside them; the saved model is unchanged).",
     ]
     if report.timing is not None:
+        forecast = report.timing.forecast_speedup("saved")
+        beside = "" if forecast is None else f" (forecast from its parts' timing per routed batch: {forecast:.2f}x)"
         lines.append(
             f"Measured throughput at the saved thresholds: {report.timing.speedup('saved'):.2f}x the best MainNet "
-            f"alone's. {report.timing.describe()}"
+            f"alone's{beside}. {report.timing.describe()}"
         )
     lines += audit_warning(report.audit)
     shift = report.shift.calibration_vs_evaluation

@@ -134,7 +134,9 @@ def _tables(report: TradeoffReport) -> dict[str, tuple[list[str], list[list[str]
     threshold_rows = []
     for row in report.thresholds:
         point = row.point
-        speed = "not measured" if row.throughput is None else f"{row.throughput:,.0f} ({row.speedup:.2f}x)"
+        speed = (
+            "not measured" if row.throughput is None or report.timing is None else report.timing.speed(row.threshold)
+        )
         threshold_rows.append(
             [
                 format_threshold(row.threshold),

@@ -17,19 +17,23 @@ input checks and bookkeeping once per batch, and a text batch's lengths beyond t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sidenet.cascade_curve import exit_stages
 from sidenet.cascade_record import CascadeRecord
-from sidenet.part_costs import PartSeconds
+from sidenet.part_costs import PartSeconds, batch_row_counts, measure_part_seconds
 
-__all__ = ["forecast_batch_time"]
+if TYPE_CHECKING:
+    from sidenet.routing import AdaptiveModel
+
+__all__ = ["forecast_batch_time", "timed_parts"]
 
 
 def forecast_batch_time(
-    record: CascadeRecord,
+    record: CascadeRecord | np.ndarray,
     seconds: PartSeconds,
     thresholds: Sequence[float],
     *,
@@ -41,7 +45,8 @@ def forecast_batch_time(
     """The routed model's time per batch as a fraction of the MainNet's, at ``thresholds``.
 
     Args:
-        record: the candidates' record (:func:`sidenet.collect_cascade`; in FLOPs: only its scores are read).
+        record: the candidates' record (:func:`sidenet.collect_cascade`; only its scores are read), or those
+            scores alone: (N, K), or (N,) for one SideNet.
         seconds: those candidates' parts timed (:func:`sidenet.measure_part_seconds`), best with ``rows``
             (:func:`sidenet.batch_row_counts`); timed on the batch alone, a call costs its rows' share of
             that batch and the forecast is the per-sample price.
@@ -56,16 +61,21 @@ def forecast_batch_time(
     reach it (none: nothing). The MainNet alone pays its segments on the full batch. Raises ``ValueError``
     for a timing of other taps than the record's, bad columns or thresholds, or ``batch_size < 1``.
     """
-    k = record.num_taps
+    scores = record.confidence if isinstance(record, CascadeRecord) else np.asarray(record, dtype=np.float64)
+    scores = scores.reshape(len(scores), -1)
+    k = scores.shape[1]
     if len(seconds.segments) != k + 1 or len(seconds.sides) != k:
         raise ValueError(
             f"the record has {k} SideNet(s); the timing has {len(seconds.sides)}: time the model whose taps the "
             "record scored"
         )
     cols = list(range(k)) if columns is None else [int(c) for c in columns]
-    sub = record.restrict(cols)  # validates the columns
-    stages = exit_stages(sub.confidence, thresholds)  # validates the thresholds
-    n = len(record)
+    if not cols or cols != sorted(set(cols)) or cols[0] < 0 or cols[-1] >= k:
+        raise ValueError(f"columns must be sorted distinct SideNet indices in [0, {k - 1}], got {cols}")
+    stages = exit_stages(scores[:, cols], thresholds)  # validates the thresholds
+    n = len(scores)
+    if n == 0:
+        raise ValueError("no samples to forecast on")
     batch = seconds.batch_size if batch_size is None else int(batch_size)
     if batch < 1 or draws < 1:
         raise ValueError(f"batch_size and draws must be positive, got {batch} and {draws}")
@@ -93,3 +103,25 @@ def forecast_batch_time(
     if not mainnet > 0:
         raise ValueError("the MainNet's timed segments sum to no time: nothing to compare with")
     return float(np.mean(routed) / mainnet)
+
+
+def timed_parts(
+    model: AdaptiveModel,
+    batch: Any,
+    scores: np.ndarray,
+    points: Mapping[Any, Sequence[float] | float],
+    repeats: int,
+    compile_backend: str | None,
+) -> tuple[PartSeconds, dict[Any, float] | None]:
+    """Where a report's time goes (every part timed ``repeats`` times on its first timing ``batch``) and,
+    where the model was routed eagerly on the CPU (no ``compile_backend``), each of ``points`` (thresholds,
+    or vectors by name) forecast per routed batch on the evaluation ``scores``, beside what the report
+    measures there. Elsewhere no forecast: compiled stages, or a GPU's parts replayed from CUDA graphs,
+    are not what eager routing runs."""
+    eager = compile_backend is None and model.split.input_device(batch).type == "cpu"
+    rows = batch_row_counts(model.split.batch_size(batch)) if eager else None
+    parts = measure_part_seconds(model, batch, repeats, rows=rows)
+    if not eager:
+        return parts, None
+    vectors = {key: np.atleast_1d(np.asarray(point, dtype=np.float64)).tolist() for key, point in points.items()}
+    return parts, {key: forecast_batch_time(scores, parts, vector) for key, vector in vectors.items()}

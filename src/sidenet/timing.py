@@ -145,7 +145,9 @@ class RoutedTiming:
     timed as served (``served`` not ``"eager"``), the MainNet compiled alone (``mainnet_compiled``).
     ``compile_seconds``: the compilation of the served model and of the MainNet alone, untimed.
     ``parts``: where the time goes, each part of the model timed alone (:func:`sidenet.measure_part_seconds`),
-    where the caller measured it.
+    where the caller measured it. ``forecasts``: each point's time per routed batch over the MainNet's, as
+    forecast from those parts (:func:`sidenet.forecast_batch_time`), where the caller set it beside what
+    was measured (eager routing, parts timed eager).
     """
 
     samples: int
@@ -156,6 +158,7 @@ class RoutedTiming:
     served: str = "eager"
     compile_seconds: float | None = None
     parts: PartSeconds | None = None
+    forecasts: dict[Any, float] | None = None
 
     @property
     def baseline(self) -> str:
@@ -172,9 +175,26 @@ class RoutedTiming:
         """Throughput at ``point`` over the best MainNet alone."""
         return self.points[point].throughput / self.baseline_timing.throughput
 
+    def forecast_speedup(self, point: Any) -> float | None:
+        """The speed-up over the MainNet alone forecast at ``point`` from the parts' timing; None where none was."""
+        fraction = (self.forecasts or {}).get(point)
+        return None if fraction is None else 1.0 / fraction
+
+    def speed(self, point: Any) -> str:
+        """Throughput and speed-up at ``point`` for a table cell, with the forecast beside where there is one."""
+        forecast = self.forecast_speedup(point)
+        beside = "" if forecast is None else f"; forecast {forecast:.2f}x"
+        return f"{self.points[point].throughput:,.0f} ({self.speedup(point):.2f}x{beside})"
+
     def describe(self) -> str:
         """One sentence: how the model ran and what the speed-ups are over, with the MainNet's figures."""
         parts = "" if self.parts is None else f" {self.parts.describe()}"
+        if self.forecasts:
+            parts += (
+                " Beside each measured speed-up, the one forecast per routed batch from those parts, timed on 1 to "
+                f"{self.parts.batch_size if self.parts else 'all'} rows with the routing step at each tap "
+                "(sidenet.forecast_batch_time)."
+            )
         eager = f"eager {self.mainnet.throughput:,.0f} samples/s"
         if self.mainnet_compiled is None:
             return (
@@ -198,6 +218,9 @@ class RoutedTiming:
             "served": self.served,
             "compile_seconds": self.compile_seconds,
             "parts": None if self.parts is None else self.parts.to_dict(),
+            "forecasts": None
+            if self.forecasts is None
+            else {key if isinstance(key, str) else repr(key): value for key, value in self.forecasts.items()},
         }
 
 
