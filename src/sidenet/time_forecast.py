@@ -4,9 +4,8 @@ Priced per sample (:func:`sidenet.time_weighted`), a part costs each sample that
 the part's time on a full batch. A routed batch does not run that way: its later parts (deeper segments,
 later SideNets, the rest of the MainNet) run once per batch on the few rows still going, and a call on few
 rows costs far more than their share of a full batch (fixed costs per call: kernel launches, Python, weights
-read once whatever the rows). On a 2-core CPU the rest of the Fashion-MNIST ResNet-20 takes 0.76 ms on one
-row and 8.4 ms on 64: a batch of 64 of which three images continue pays about 1 ms for them, not the
-0.4 ms the per-sample price says. :func:`forecast_batch_time` prices whole batches instead: batches drawn
+read once whatever the rows), so a batch of which a few samples continue pays several times what the
+per-sample price says for them. :func:`forecast_batch_time` prices whole batches instead: batches drawn
 from a record's samples, each part charged one call on the rows that reach it, at its time measured on
 that many rows (:func:`sidenet.measure_part_seconds` with ``rows``).
 
