@@ -61,9 +61,12 @@ def test_with_taps_shares_sidenets_and_routes_as_a_cascade_of_those_taps() -> No
         torch.testing.assert_close(sub(x).logits, by_hand(x).logits, rtol=0, atol=0)
     one = model.with_taps(["layer1"])
     assert one.num_taps == 1 and one.threshold == 0.0 and one.sidenet is model.sidenets[1]
-    for bad in (["layer2", "stem"], ["layer3"], [], ["stem", "stem"]):
+    assert model.with_taps("layer1").sidenet is model.sidenets[1]  # one tap by name, not its letters
+    for bad in (["layer2", "stem"], ["layer3"], [], ["stem", "stem"], "layer3"):
         with pytest.raises(ValueError, match="taps"):
             model.with_taps(bad)
+    with pytest.raises(ValueError, match="kept none says the MainNet alone"):
+        model.with_taps([])  # e.g. choose_taps(...).taps when no SideNet pays
 
 
 @pytest.mark.parametrize("kind", ["resnet", "text"])

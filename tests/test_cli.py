@@ -41,8 +41,8 @@ class TinyTask(FashionMnistTask):
     def mainnet(self, data_dir=None, progress=True):
         return self._mainnet
 
-    def loaders(self, data_dir=None, batch_size=256):
-        return {name: make_loader(ds, 32) for name, ds in self._splits.items()}
+    def loaders(self, data_dir=None, batch_size=None):
+        return {name: make_loader(ds, batch_size or 32) for name, ds in self._splits.items()}
 
 
 @pytest.fixture()

@@ -91,6 +91,17 @@ def test_fit_taps_priced_in_time(tiny_task: TinyTask, tmp_path: Path) -> None:  
     forecast = choice["time_forecast"]
     assert forecast["batch_size"] == timing["batch_size"] and 0 < forecast["time_fraction"] < 3
     assert f"Forecast per routed batch of {timing['batch_size']}" in result.output
+    # Priced in time, the point's compute is in seconds (named so) and its FLOPs fraction kept beside it.
+    assert "mean_flops" not in choice and 0 < choice["mean_seconds"] < 1 and 0 < choice["flops_fraction"] <= 1.5
+    assert f"FLOPs {choice['flops_fraction']:.3f}" in result.output
+    # --serve-batch: the parts timed, and batches forecast, at the batch served.
+    served = tmp_path / "served"
+    options = [*args[:5], "--out", str(served), *args[7:], "--cost", "time", "--serve-batch", "8", "-q"]
+    result = runner.invoke(cli.app, options)
+    assert result.exit_code == 0, result.output
+    choice = json.loads((served / "sidenet_config.json").read_text())["metadata"]["threshold_choice"]
+    assert choice["part_seconds"]["batch_size"] == 8 == choice["time_forecast"]["batch_size"]
+    assert choice["part_seconds"]["rows"] == [1, 2, 4, 8]
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,25 @@ def test_fit_checks_every_option_first(touched: list[str], tmp_path: Path, optio
     assert not (tmp_path / "side").exists()
 
 
+def test_fit_refuses_an_unwritable_out_before_any_work(touched: list[str], tmp_path: Path) -> None:
+    """``--out`` is checked first, not when the SideNet is saved after minutes of training."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert f"--out {afile} is a file, not a folder" in invoke(["fit", "--out", str(afile), "-q"], touched)
+    assert f"{afile} is a file, not a folder" in invoke(["fit", "--out", str(afile / "sub"), "-q"], touched)
+    if Path("/proc/self").exists():  # Linux: no file can be made in /proc
+        assert "cannot write in /proc" in invoke(["fit", "--out", "/proc/sidenet-out", "-q"], touched)
+    options = ["fit", "--taps", "stem,layer1", "--serve-batch", "64", "--out", str(tmp_path / "c"), "-q"]
+    assert "give --cost time" in invoke(options, touched)
+
+
+def test_sweep_refuses_an_unwritable_plot_before_any_work(touched: list[str], saved: Path) -> None:
+    options = ["sweep", "--sidenet", str(saved), "--plot"]
+    assert f"--plot {saved} is a folder, not a file" in invoke([*options, str(saved)], touched)
+    if Path("/proc/self").exists():
+        assert "cannot write in /proc" in invoke([*options, "/proc/curve.png"], touched)
+
+
 def test_fit_unknown_tap_lists_the_taps_before_any_work(touched: list[str], tmp_path: Path) -> None:
     # `invoke` checks that no MainNet was trained or loaded and no data read (no timing here: the
     # untouched task methods are the proof that it returns at once).

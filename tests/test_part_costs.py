@@ -118,8 +118,10 @@ def test_call_seconds_between_and_beyond_the_timed_rows() -> None:
 def test_row_counts_are_powers_of_two_then_the_batch() -> None:
     assert batch_row_counts(1) == [1] and batch_row_counts(8) == [1, 2, 4, 8]
     assert batch_row_counts(100) == [1, 2, 4, 8, 16, 32, 64, 100]
-    with pytest.raises(ValueError):
-        batch_row_counts(0)
+    assert batch_row_counts(np.int64(4)) == [1, 2, 4]
+    for bad in (0, 2.0, True, "8"):
+        with pytest.raises(ValueError, match="positive integer"):
+            batch_row_counts(bad)
 
 
 def test_bad_inputs_and_repeats_are_refused() -> None:
@@ -133,6 +135,8 @@ def test_bad_inputs_and_repeats_are_refused() -> None:
     for rows in ([0, 2], [5]):
         with pytest.raises(ValueError, match="row counts must lie in"):
             measure_part_seconds(model, make_images(4), rows=rows)
+    with pytest.raises(ValueError, match="whole numbers"):
+        measure_part_seconds(model, make_images(4), rows=[2.5])
 
 
 def part_seconds(segments: tuple[float, ...], sides: tuple[float, ...]) -> PartSeconds:

@@ -24,6 +24,7 @@ from sidenet.cli_options import (
     QuietOption,
     check_device_dtype,
     check_positive,
+    check_writable,
     fail,
     load_saved,
     saved_task,
@@ -142,6 +143,14 @@ def fit(
             "batches)."
         ),
     ] = FitSettings.cost,
+    serve_batch: Annotated[
+        int | None,
+        typer.Option(
+            help="With --cost time: the batch you serve at, which the parts are timed and routed batches "
+            "forecast at (default: the task's validation batch, fmnist 256, sst2 32).",
+            min=1,
+        ),
+    ] = None,
     seed: int = FitSettings.seed,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
@@ -176,9 +185,10 @@ def fit(
             dtype=dtype,
             channels_last=channels_last,
             cost=cost,
+            serve_batch=serve_batch,
         )
         folder, choice = fit_and_save(settings, progress=not quiet)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # OSError: the folder written at the end, e.g. a full disk
         fail(str(exc))
     if "taps" in choice:
         typer.echo(
@@ -186,7 +196,9 @@ def fit(
             f"thresholds {', '.join(format_threshold(t) for t in choice['thresholds'])} (validation: exit rate "
             f"{choice['exit_rate']:.3f}, accuracy drop {100 * choice['accuracy_drop']:.2f} points, "
             f"{'time priced per sample' if choice['cost'] == 'time' else 'compute'} "
-            f"{choice['relative_compute']:.3f} of the MainNet's)"
+            f"{choice['relative_compute']:.3f} of the MainNet's"
+            + (f", FLOPs {choice['flops_fraction']:.3f}" if "flops_fraction" in choice else "")
+            + ")"
         )
         if "part_seconds" in choice:  # --cost time: what the choice was priced by
             typer.echo(PartSeconds.from_dict(choice["part_seconds"]).describe())
@@ -225,6 +237,8 @@ def sweep_command(
         check_device_dtype(device, dtype)
         task = saved_task(sidenet)
         task.check_split(split)
+        plot = plot or sidenet / f"curve_{split}.png"
+        check_writable(plot, "--plot", folder=False)
         model, task = load_saved(sidenet, data, not quiet, task, device, dtype)
         loaders = task.loaders(data)
         if split not in loaders:
@@ -236,8 +250,11 @@ def sweep_command(
     marks = {"saved threshold": model.threshold if model.num_taps == 1 else model.thresholds}
     typer.echo(curve.table(rows, marks=marks))
     where = f"tap {model.tap}" if model.num_taps == 1 else f"taps {' -> '.join(map(str, model.taps))}"
-    path = curve.plot(plot or sidenet / f"curve_{split}.png", marks=marks, title=f"{task.name}, {where}, {split} data")
-    curve.save_json(path.with_suffix(".json"))
+    try:
+        path = curve.plot(plot, marks=marks, title=f"{task.name}, {where}, {split} data")
+        curve.save_json(path.with_suffix(".json"))
+    except OSError as exc:
+        fail(f"--plot {plot}: {exc}")
     typer.echo(f"Plot written to {path}")
 
 

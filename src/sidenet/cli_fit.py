@@ -11,6 +11,7 @@ from typing import Any
 from sidenet.attach import attach, save_sidenet
 from sidenet.calibration import calibrate
 from sidenet.cascade_choice import choose_taps
+from sidenet.cascade_curve import CascadeCurve
 from sidenet.cascade_record import CascadeRecord, collect_cascade
 from sidenet.cli_options import FitSettings
 from sidenet.curve import sweep
@@ -69,7 +70,13 @@ def fit_and_save(settings: FitSettings, progress: bool = True) -> tuple[Path, di
     if settings.temperature_scaling:
         calibrate(model, loaders["val"], progress=progress)
     if settings.taps is not None:
-        return choose_cascade(model, loaders["val"], settings, task.name, seconds, progress)
+        # --cost time times the parts on one validation batch: of the served size where given.
+        timing = (
+            loaders["val"]
+            if settings.serve_batch is None
+            else task.loaders(settings.data, batch_size=settings.serve_batch)["val"]
+        )
+        return choose_cascade(model, loaders["val"], settings, task.name, seconds, progress, timing)
     val_curve = sweep(model, loaders["val"], progress=progress)
     model.threshold = val_curve.threshold_for(max_accuracy_drop=settings.max_drop, confidence=settings.confidence)
     model.set_reference(val_curve.record.confidence)  # for the shift check on later traffic
@@ -87,15 +94,22 @@ def fit_and_save(settings: FitSettings, progress: bool = True) -> tuple[Path, di
 
 
 def choose_cascade(
-    model: AdaptiveModel, val: Any, settings: FitSettings, task: str, seconds: float, progress: bool
+    model: AdaptiveModel,
+    val: Any,
+    settings: FitSettings,
+    task: str,
+    seconds: float,
+    progress: bool,
+    timing: Any = None,
 ) -> tuple[Path, dict]:
     """Keep the taps and thresholds of the fitted candidates that ``choose_taps`` picks on ``val``, and
-    save that cascade (or the one SideNet it keeps); returns the folder and the choice."""
+    save that cascade (or the one SideNet it keeps); returns the folder and the choice. ``--cost time``
+    times the parts on the first batch of ``timing`` (default: of ``val``)."""
     record = collect_cascade(model, val, progress=progress)
     priced: dict[str, Any] = {"cost": settings.cost}
     counted, parts = record, None
     if settings.cost == "time":  # every part timed on a validation batch, where and as the MainNet runs now
-        inputs, _ = next(iter_batches(val))
+        inputs, _ = next(iter_batches(val if timing is None else timing))
         inputs = to_mainnet(model.split, inputs)
         # Also on fewer rows, as routed batches run their later parts: for the forecast below.
         parts = measure_part_seconds(model, inputs, rows=batch_row_counts(model.split.batch_size(inputs)))
@@ -117,6 +131,9 @@ def choose_cascade(
     if parts is not None:  # the same forecast on all of val (with a guarantee, the subset was ranked on half)
         forecast = _batch_forecast(parts, choice.columns, counted, choice.thresholds)
         priced["time_forecast"] = {"batch_size": parts.batch_size, "time_fraction": forecast}
+        # The point's compute is in seconds here: name it so, and keep the FLOPs fraction beside it.
+        in_flops = CascadeCurve(counted.restrict(choice.columns), [choice.thresholds]).at(choice.thresholds)
+        priced["flops_fraction"] = in_flops["relative_compute"]
     chosen = model.with_taps(choice.taps)
     chosen.thresholds = choice.thresholds
     chosen.set_reference(record.confidence[:, choice.columns[0]])  # the first SideNet's scores, for the shift check
@@ -139,7 +156,8 @@ def choose_cascade(
             }
             for c in choice.candidates
         ],
-        **{k: v for k, v in choice.point.items() if k != "thresholds"},
+        **{k: v for k, v in choice.point.items() if k not in ("thresholds", "mean_flops")},
+        **{"mean_seconds" if parts is not None else "mean_flops": choice.point["mean_flops"]},
     }
     metadata = {"task": task, "fit_seconds": seconds, "threshold_choice": summary}
     chosen.history_ = model.history_

@@ -8,6 +8,7 @@ are in :mod:`sidenet.cli`, :mod:`sidenet.cli_report` and :mod:`sidenet.cli_serve
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -103,6 +104,25 @@ def check_positive(**options: int) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
 
 
+def check_writable(path: Path, option: str, folder: bool = True) -> None:
+    """Raise ``ValueError`` naming ``option`` when ``path`` (a folder, or a file to write where ``folder``
+    is False) cannot be written, before any long work: a file or folder of the other kind in its place or
+    above it, or a nearest existing folder that refuses a file (probed with a temporary one, deleted)."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise ValueError(
+            f"{option} {path} is a {'file' if folder else 'folder'}, not a {'folder' if folder else 'file'}"
+        )
+    above = next(p for p in path.parents if p.exists())  # the nearest existing folder (or file) above
+    if not above.is_dir():
+        raise ValueError(f"{option} {path}: {above} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=above):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{option} {path}: cannot write in {above} ({exc.strerror or exc})") from exc
+
+
 def check_device_dtype(device: str | None, dtype: str | None) -> None:
     """Raise ``ValueError`` naming ``--device`` or ``--dtype`` for a device torch cannot parse or this
     machine does not have, or a dtype sidenet does not run in."""
@@ -164,7 +184,8 @@ class FitSettings:
     (None: the CPU, float32); the SideNet is saved in that dtype. ``channels_last``: its convolutions
     laid out channels-last meanwhile (None: on a CUDA device; the saved SideNet does not depend on it).
     ``cost``: what a cascade's choice of taps minimises: FLOPs, or time (each part of the MainNet timed on
-    a validation batch where it runs: :func:`sidenet.measure_part_seconds`).
+    a validation batch where it runs: :func:`sidenet.measure_part_seconds`), on a batch of ``serve_batch``
+    validation samples where given (the batch served at).
     """
 
     task: str
@@ -190,6 +211,8 @@ class FitSettings:
     channels_last: bool | None = None
     # What a cascade's choice of taps minimises: "flops", or "time" (each part timed where the MainNet runs).
     cost: str = "flops"
+    # With cost "time": the batch the parts are timed and routed batches forecast at (None: val's batch).
+    serve_batch: int | None = None
 
     def __post_init__(self) -> None:
         task = get_task(self.task)
@@ -213,11 +236,16 @@ class FitSettings:
                 raise ValueError("--taps auto stands alone: it takes every tap the MainNet's splitter offers")
             if len(set(self.taps)) != len(self.taps):
                 raise ValueError(f"--taps names a tap twice: {','.join(self.taps)}")
+        check_writable(self.out, "--out")
         if self.cost not in ("flops", "time"):
             raise ValueError(f"--cost must be 'flops' or 'time', got {self.cost!r}")
         if self.cost == "time" and self.taps is None:
             # One tap's threshold is the same whichever way compute is counted: the least that keeps the drop.
             raise ValueError("--cost time prices the choice of a cascade's taps: give --taps")
+        if self.serve_batch is not None:
+            check_positive(serve_batch=self.serve_batch)
+            if self.cost != "time":
+                raise ValueError("--serve-batch is the batch --cost time times the parts at: give --cost time")
         for tap in (self.tap,) if self.taps is None or self.taps == ("auto",) else self.taps:
             self._check_tap(task, tap)
 

@@ -19,6 +19,7 @@ no part. A sample's share of a part's time follows its share of the part's FLOPs
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -205,6 +206,8 @@ def measure_part_seconds(
     graphs = cuda if graphs is None else graphs
     splits = model.splits
     n = splits[0].batch_size(inputs)
+    if any(isinstance(m, bool) or int(m) != m for m in rows or ()):
+        raise ValueError(f"row counts must be whole numbers, got {list(rows or ())}")
     counts = sorted({*(int(m) for m in rows or ()), n})
     if counts[0] < 1 or counts[-1] > n:
         raise ValueError(f"row counts must lie in [1, {n}] (the batch's size), got {sorted(rows or ())}")
@@ -280,8 +283,9 @@ def _routing_step(model: AdaptiveModel, k: int, state: Any) -> tuple[Callable[[A
 def batch_row_counts(batch_size: int) -> list[int]:
     """1, 2, 4, ... below ``batch_size``, then ``batch_size``: the row counts to time parts at
     (:func:`measure_part_seconds`'s ``rows``) for a forecast of routed batches of that size."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = int(batch_size)
     return [*(2**e for e in range(batch_size.bit_length()) if 2**e < batch_size), batch_size]
 
 

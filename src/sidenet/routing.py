@@ -206,13 +206,18 @@ class AdaptiveModel(TrafficStatistics, nn.Module):
         """How many SideNets the model has: 1, or the length of a cascade."""
         return 1 + len(self._later_splits)
 
-    def with_taps(self, taps: Sequence[str | int]) -> AdaptiveModel:
-        """A model of some of this model's SideNets (``taps``, a subsequence of :attr:`taps`; taps compare
-        as text), sharing its MainNet and those SideNets (not copies) with their exit rules: a chosen
-        sub-cascade (see :func:`sidenet.cascade_choice.choose_taps`), or one SideNet of a cascade."""
+    def with_taps(self, taps: Sequence[str | int] | str | int) -> AdaptiveModel:
+        """A model of some of this model's SideNets (``taps``, a subsequence of :attr:`taps`, or one tap;
+        taps compare as text), sharing its MainNet and those SideNets (not copies) with their exit rules: a
+        chosen sub-cascade (see :func:`sidenet.cascade_choice.choose_taps`), or one SideNet of a cascade."""
         names = [str(tap) for tap in self.taps]
-        wanted = [str(tap) for tap in taps]
-        if not wanted or any(name not in names for name in wanted) or sorted(wanted, key=names.index) != wanted:
+        wanted = [str(taps)] if isinstance(taps, (str, int)) else [str(tap) for tap in taps]
+        if not wanted:  # e.g. a choice that kept no SideNet: nothing to attach
+            raise ValueError(
+                "no taps given: a model needs at least one SideNet (a tap choice that kept none says the MainNet "
+                "alone is the cheapest within its limit; serve the MainNet)"
+            )
+        if any(name not in names for name in wanted) or sorted(wanted, key=names.index) != wanted:
             raise ValueError(f"taps must be some of this model's taps {list(self.taps)}, in order; got {list(taps)}")
         if len(set(wanted)) != len(wanted):
             raise ValueError(f"taps must not repeat, got {list(taps)}")
