@@ -300,8 +300,9 @@ def test_temperature_setter_keeps_threshold(tiny_model: AdaptiveModel) -> None:
         (torch.full((2, 1, 16, 16), float("nan")), "NaN"),
         (torch.zeros(2, 1, 16, 16).index_fill_(0, torch.tensor([1]), float("inf")), "infinite"),
         (np.zeros((2, 1, 16, 16), dtype=np.float32), "tensor"),
+        (torch.zeros(2, 1, 16, 16, dtype=torch.uint8), "expected floating-point images, got torch.uint8"),
     ],
-    ids=["channels", "rank3", "rank5", "empty", "scalar", "nan", "inf", "numpy"],
+    ids=["channels", "rank3", "rank5", "empty", "scalar", "nan", "inf", "numpy", "integer-pixels"],
 )
 def test_bad_inputs_raise(tiny_model: AdaptiveModel, x: object, message: str) -> None:
     for mode in ("adaptive", "main"):

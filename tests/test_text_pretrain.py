@@ -60,6 +60,21 @@ def test_finetune_learns_caches_and_reloads(checkpoint: str, tmp_path: Path, mon
     with torch.no_grad():
         torch.testing.assert_close(loaded[0](**batch).logits, model(**batch).logits)
     assert not list(root.glob("*.partial"))
+    # progress=False (-q): transformers' loading bar is off while the weights load, and on again afterwards.
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    bars = []
+    load = transformers.AutoModelForSequenceClassification.from_pretrained
+
+    def watched(*args, **kwargs):
+        bars.append(hf_logging.is_progress_bar_enabled())
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", watched)
+    load_text_mainnet(recipe, root, progress=False)
+    load_text_mainnet(recipe, root)
+    assert bars == [False, True] and hf_logging.is_progress_bar_enabled()
     with pytest.raises(ValueError, match="invalid recipe"):
         finetune_text_mainnet(TextRecipe(checkpoint=checkpoint, epochs=0), root=root, progress=False)
 

@@ -38,7 +38,7 @@ class Task:
 
     def mainnet(self, data_dir: str | Path | None = None, progress: bool = True) -> nn.Module:
         """The task's MainNet, trained on first use and cached."""
-        cached = self._load_cached()
+        cached = self._load_cached(progress)
         if cached is not None:
             return cached
         if progress:
@@ -48,8 +48,8 @@ class Task:
             print(summary)
         return model
 
-    def _load_cached(self) -> nn.Module | None:
-        """The cached MainNet, or None when it has not been trained yet."""
+    def _load_cached(self, progress: bool = True) -> nn.Module | None:
+        """The cached MainNet, or None when it has not been trained yet (``progress``: bars while loading)."""
         raise NotImplementedError
 
     def _train(self, data_dir: str | Path | None, progress: bool) -> tuple[nn.Module, str]:
@@ -104,7 +104,7 @@ class FashionMnistTask(Task):
             convolutional=True,
         )
 
-    def _load_cached(self) -> nn.Module | None:
+    def _load_cached(self, progress: bool = True) -> nn.Module | None:
         from sidenet.pretrain import load_fmnist_resnet
 
         cached = load_fmnist_resnet()
@@ -197,10 +197,10 @@ class Sst2Task(Task):
             self._collator = TextCollator(load_tokenizer(self.recipe.checkpoint), self.recipe.max_length)
         return self._collator
 
-    def _load_cached(self) -> nn.Module | None:
+    def _load_cached(self, progress: bool = True) -> nn.Module | None:
         from sidenet.text_pretrain import load_text_mainnet
 
-        cached = load_text_mainnet(self.recipe)
+        cached = load_text_mainnet(self.recipe, progress=progress)
         return None if cached is None else cached[0]
 
     def _train(self, data_dir: str | Path | None, progress: bool) -> tuple[nn.Module, str]:

@@ -88,14 +88,25 @@ def _folder(recipe: TextRecipe, root: Path | None) -> Path:
     return (root or cache_dir() / "mainnets") / recipe.name
 
 
-def load_text_mainnet(recipe: TextRecipe = TextRecipe(), root: Path | None = None) -> tuple[Any, Any, dict] | None:
-    """The cached fine-tuned MainNet, its tokenizer and metadata, or ``None`` when never trained."""
+def load_text_mainnet(
+    recipe: TextRecipe = TextRecipe(), root: Path | None = None, progress: bool = True
+) -> tuple[Any, Any, dict] | None:
+    """The cached fine-tuned MainNet, its tokenizer and metadata, or ``None`` when never trained.
+    ``progress=False`` hides transformers' bar while the weights load (``-q`` on the command line)."""
     folder = _folder(recipe, root)
     if not (folder / "meta.json").is_file():
         return None
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    shown = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     return model.eval(), AutoTokenizer.from_pretrained(folder), json.loads((folder / "meta.json").read_text())
 
 

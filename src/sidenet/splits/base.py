@@ -169,14 +169,14 @@ class MainNetSplit(nn.Module):
                     f"input is on {x.device} but the MainNet is on {reference.device}; "
                     f"move it with x.to({str(reference.device)!r})"
                 )
-            # Integer inputs (token ids) are not cast by the MainNet; autocast casts floating ones itself.
-            # Complex inputs are refused here too: no real MainNet takes them.
+            # Integer inputs are token ids, except for a MainNet that starts with a convolution (``in_channels``):
+            # images. Autocast casts floating inputs itself; complex ones no real MainNet takes.
             inexact = x.is_floating_point() or x.is_complex()
+            if not inexact and getattr(self, "in_channels", None) is not None:
+                raise ValueError(f"expected floating-point images, got {x.dtype}: convert with x.float() and normalise")
             if inexact and x.dtype != reference.dtype and not torch.is_autocast_enabled(x.device.type):
-                raise ValueError(
-                    f"input dtype {x.dtype} does not match the MainNet's {reference.dtype}; "
-                    f"convert with x.to({reference.dtype})"
-                )
+                raise ValueError(f"input dtype {x.dtype} does not match the MainNet's {reference.dtype}; convert with "
+                                 f"x.to({reference.dtype})")  # fmt: skip
 
     def check_values(self, x: Any) -> None:
         """The checks that read the input's values (NaN/inf here; token ids and masks for text). On an
