@@ -301,3 +301,14 @@ def test_report_batch_size_sets_the_batches_it_times(tmp_path: Path, monkeypatch
         assert (timing["samples"], timing["batches"]) == (64, batches)
     refused = runner.invoke(cli.app, ["report", "--sidenet", str(out), "--batch-size", "0"])
     assert refused.exit_code == 2
+
+
+def test_headline_says_the_drop_in_words_and_the_measured_speedup(built) -> None:
+    from sidenet.report_page import _headline, below
+
+    _, report = built
+    text = "\n".join(_headline(report))
+    assert "Measured at the recommended threshold: " in text and "Speed-ups are of eager routing" in text
+    drop = report.recommended.guaranteed.evaluation["accuracy_drop"]
+    assert f"({below(drop)})" in text
+    assert (below(0.002), below(-0.0005), below(0.0)) == ("0.20 pt below", "0.05 pt above", "the same")

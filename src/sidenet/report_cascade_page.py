@@ -15,7 +15,7 @@ from sidenet.calibration import reliability_diagram
 from sidenet.policy import format_threshold
 from sidenet.report_cascade import CascadeReport, build_cascade_report
 from sidenet.report_data import ReportSettings
-from sidenet.report_page import AUDIT_SECTION, audit_table, audit_warning, pct, shift_rows, write_pages
+from sidenet.report_page import AUDIT_SECTION, audit_table, audit_warning, below, pct, shift_rows, write_pages
 from sidenet.routing import AdaptiveModel
 
 __all__ = ["write_cascade_report", "cascade_report_files"]
@@ -136,7 +136,7 @@ def _headline(report: CascadeReport) -> list[str]:
         f"Cascade of {len(report.taps)} SideNets at taps {' -> '.join(report.taps)}; thresholds "
         f"{_vector(saved.thresholds)} as saved, scored at the saved temperatures.",
         f"On {curve.num_samples} evaluation samples at the saved thresholds: accuracy {pct(point['accuracy'])} vs "
-        f"MainNet {pct(curve.mainnet_accuracy)} ({100 * point['accuracy_drop']:+.2f} pt), exit rate "
+        f"MainNet {pct(curve.mainnet_accuracy)} ({below(point['accuracy_drop'])}), exit rate "
         f"{pct(point['exit_rate'])} ({_rates(point)} per SideNet), compute {pct(point['relative_compute'])} of the "
         f"MainNet; the oracle needs {pct(oracle['relative_compute'])}, so these thresholds save {fraction} of what "
         "the oracle saves.",

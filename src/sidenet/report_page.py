@@ -27,6 +27,12 @@ def pct(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
 
 
+def below(drop: float) -> str:
+    """An accuracy drop (a fraction; negative: a gain) in words, for a sentence: "0.20 pt below"."""
+    points = 100 * drop
+    return "the same" if round(points, 2) == 0 else f"{abs(points):.2f} pt {'below' if points > 0 else 'above'}"
+
+
 def plot_policies(report: TradeoffReport, path: Path, title: str) -> Path:
     """Accuracy against relative compute for every policy on the evaluation split, the MainNet point,
     the oracle point and the marked thresholds of the recommended policy."""
@@ -241,7 +247,7 @@ def _headline(report: TradeoffReport) -> list[str]:
         f"so that the accuracy drop exceeds {100 * settings.max_accuracy_drop:g} points with probability at most "
         f"{100 * (1 - settings.confidence):g}% (exchangeable data assumed).",
         f"On {curve.num_samples} evaluation samples: accuracy {pct(point['accuracy'])} vs MainNet "
-        f"{pct(curve.mainnet_accuracy)} ({100 * point['accuracy_drop']:+.2f} pt), exit rate "
+        f"{pct(curve.mainnet_accuracy)} ({below(point['accuracy_drop'])}), exit rate "
         f"{pct(point['exit_rate'])}, compute {pct(point['relative_compute'])} of the MainNet; the oracle needs "
         f"{pct(best.oracle['relative_compute'])}, so this threshold saves {chosen.oracle_fraction:.0%} "
         "of what the oracle saves.",
@@ -249,7 +255,11 @@ def _headline(report: TradeoffReport) -> list[str]:
         f"temperature scaling (MainNet {pct(calibration.mainnet.ece)}).",
     ]
     if report.timing is not None:
-        lines.append(report.timing.describe())
+        # The table's row of the recommended (guaranteed) threshold, which the timing measured.
+        rows = [row for row in report.thresholds if any(m.startswith("guaranteed") for m in row.marks)]
+        at = rows[0].threshold if rows else None
+        measured = "" if at is None else f"Measured at the recommended threshold: {report.timing.speed(at)}. "
+        lines.append(measured + report.timing.describe())
     lines += audit_warning(report.audit)
     if shift.shifted:
         lines.append(

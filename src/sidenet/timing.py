@@ -198,13 +198,15 @@ class RoutedTiming:
         eager = f"eager {self.mainnet.throughput:,.0f} samples/s"
         if self.mainnet_compiled is None:
             return (
-                f"Throughput of eager routing over the eager MainNet alone ({eager}); {self.samples} samples in "
-                f"{self.batches} batches, median of {len(self.mainnet.seconds)} interleaved passes.{parts}"
+                f"Speed-ups are of eager routing over the eager MainNet alone ({self.mainnet.throughput:,.0f} "
+                f"samples/s); {self.samples} samples in {self.batches} batches, median of "
+                f"{len(self.mainnet.seconds)} interleaved passes.{parts}"
             )
         compiled = f"torch.compile {self.mainnet_compiled.throughput:,.0f} samples/s"
         best = "torch.compile" if self.baseline == "mainnet_compiled" else "eager"
         return (
-            f"Throughput as served by {self.served}, over the best MainNet alone ({best}; {eager}, {compiled}); "
+            f"Speed-ups are of the model as served by {self.served} over the best MainNet alone ({best}; {eager}, "
+            f"{compiled}); "
             f"{self.samples} samples in {self.batches} batches, median of {len(self.mainnet.seconds)} interleaved "
             f"passes after {self.compile_seconds:.1f} s of compiling.{parts}"
         )
