@@ -150,7 +150,7 @@ def edit_json(path: Path, **changes: Any) -> None:
     ("tamper", "message"),
     [
         (lambda f: edit_json(f / CASCADE_FOLDER / "tap-1" / CONFIG_NAME, hidden=8), "changed after saving"),
-        (lambda f: edit_json(f / CASCADE_FOLDER / "tap-1" / CONFIG_NAME, threshold=0.1), "changed after saving"),
+        (lambda f: edit_json(f / CASCADE_FOLDER / "tap-1" / CONFIG_NAME, threshold=0.1), "set model.thresholds"),
         (lambda f: (f / CASCADE_FOLDER / "tap-2" / CONFIG_NAME).unlink(), "missing"),
         (lambda f: flip_data_bytes(f / CASCADE_FOLDER / "tap-1" / WEIGHTS_NAME, 100), "sha256"),
         (lambda f: (f / CASCADE_NAME).write_text("{not json"), "corrupt"),

@@ -349,6 +349,9 @@ def _cascade_folders(folder: Path, first: SideNetConfig) -> list[Path]:
             raise CheckpointError(f"{listing_path} names a folder outside {folder}: {name!r}")
         config_path = part / CONFIG_NAME
         if not config_path.is_file() or file_sha256(config_path.read_bytes()) != digest:
-            raise CheckpointError(f"{config_path} is missing or was changed after saving (checksum mismatch)")
+            raise CheckpointError(
+                f"{config_path} is missing or was changed after saving (checksum mismatch); a cascade's later "
+                "SideNets are not edited by hand: load it, set model.thresholds and save it again"
+            )
         folders.append(part)
     return folders

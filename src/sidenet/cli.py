@@ -221,7 +221,7 @@ def fit(
 
 @app.command("sweep")
 def sweep_command(
-    sidenet: Annotated[Path, typer.Option("--sidenet", help="Folder of a saved SideNet.")] = DEFAULT_OUT
+    sidenet: Annotated[Path, typer.Option("--sidenet", help="Folder of a saved SideNet or cascade.")] = DEFAULT_OUT
     / "fmnist-layer1.0",
     split: Annotated[str, typer.Option(help="Data partition (train/val/test) to sweep.")] = "test",
     data: DataOption = None,
@@ -264,9 +264,11 @@ def predict(
         list[str] | None, typer.Argument(help="Inputs: image files for fmnist, sentences for sst2.")
     ] = None,
     file: Annotated[Path | None, typer.Option("--file", help="A text file with one input per line.")] = None,
-    sidenet: Annotated[Path, typer.Option("--sidenet", help="Folder of a saved SideNet.")] = DEFAULT_OUT
+    sidenet: Annotated[Path, typer.Option("--sidenet", help="Folder of a saved SideNet or cascade.")] = DEFAULT_OUT
     / "fmnist-layer1.0",
-    threshold: Annotated[float | None, typer.Option(help="Override the saved threshold.")] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Override the saved threshold (a cascade: every SideNet's).")
+    ] = None,
     data: DataOption = None,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
