@@ -94,6 +94,8 @@ def test_fit_taps_priced_in_time(tiny_task: TinyTask, tmp_path: Path) -> None:  
     # Priced in time, the point's compute is in seconds (named so) and its FLOPs fraction kept beside it.
     assert "mean_flops" not in choice and 0 < choice["mean_seconds"] < 1 and 0 < choice["flops_fraction"] <= 1.5
     assert f"FLOPs {choice['flops_fraction']:.3f}" in result.output
+    # The tiny task's validation split is small: the choice says so.
+    assert choice["validation_samples"] < 200 and "WARNING: chosen on only" in result.output
     # --serve-batch: the parts timed, and batches forecast, at the batch served.
     served = tmp_path / "served"
     options = [*args[:5], "--out", str(served), *args[7:], "--cost", "time", "--serve-batch", "8", "-q"]

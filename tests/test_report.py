@@ -255,7 +255,10 @@ def test_report_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert summary["state"] == "flagged" and summary["upper_bound"] > 0.01
     assert "Live audit of logged traffic" in (tmp_path / "rep" / "report.md").read_text()
     missing = runner.invoke(cli.app, ["report", "--sidenet", str(out), "--audit", str(tmp_path / "none.json"), "-q"])
-    assert missing.exit_code != 0
+    assert missing.exit_code == 2 and f"--audit {tmp_path / 'none.json'}: No such file" in missing.output
+    # Thresholds judged on the data that chose them promise nothing: refused unless split in halves.
+    same = runner.invoke(cli.app, ["report", "--sidenet", str(out), "--calibration-split", "test", "-q"])
+    assert same.exit_code == 2 and "give another --calibration-split, or --halves" in same.output
 
 
 def test_report_times_the_model_as_served(built) -> None:

@@ -190,6 +190,12 @@ def fit(
         folder, choice = fit_and_save(settings, progress=not quiet)
     except (ValueError, OSError) as exc:  # OSError: the folder written at the end, e.g. a full disk
         fail(str(exc))
+    if choice["validation_samples"] < FEW_VALIDATION_SAMPLES:
+        typer.echo(
+            f"WARNING: chosen on only {choice['validation_samples']} validation samples: the accuracy drop on new "
+            "data may be far from the one seen here; choose on more (--max-val-samples), or give --confidence",
+            err=True,
+        )
     if "taps" in choice:
         typer.echo(
             f"Cascade saved to {folder}: taps {', '.join(choice['taps'])} of {', '.join(choice['candidate_taps'])}, "
@@ -217,6 +223,10 @@ def fit(
         f"{choice['exit_rate']:.3f}, accuracy drop {100 * choice['accuracy_drop']:.2f} points, compute "
         f"{choice['relative_compute']:.3f} of the MainNet)"
     )
+
+
+# Below this many validation samples a chosen threshold's accuracy drop is a guess (one sample in 200 is 0.5 pt).
+FEW_VALIDATION_SAMPLES = 200
 
 
 @app.command("sweep")

@@ -101,9 +101,17 @@ def report_command(
         cascade = (sidenet / CASCADE_NAME).is_file()
         from sidenet.audit import audit_from_log  # read first: a bad file fails before the long work
 
-        audited = None if audit is None else audit_from_log(audit).to_dict()
+        try:
+            audited = None if audit is None else audit_from_log(audit).to_dict()
+        except OSError as exc:
+            raise ValueError(f"--audit {audit}: {exc.strerror or exc}") from exc
         for name in (calibration_split, split):
             task.check_split(name)
+        if calibration_split == split and not halves:
+            raise ValueError(
+                f"--calibration-split and --split are both {split!r}: thresholds chosen on the data they are "
+                "judged on promise nothing; give another --calibration-split, or --halves to split it in two"
+            )
         model, task = load_saved(sidenet, data, not quiet, task, device, dtype, channels_last)
         loaders = task.loaders(data) if batch_size is None else task.loaders(data, batch_size=batch_size)
         for name in (calibration_split, split):
