@@ -250,17 +250,20 @@ class CascadeCurve:
             f"{self.num_taps} SideNets at taps {list(self.record.taps)}; {self.num_samples} samples",
             f"Oracle (exit at the first SideNet that agrees with the MainNet): exit rate {oracle['exit_rate']:.3f}, "
             f"compute {oracle['relative_compute']:.3f} of the MainNet",
-            f"{'thresholds':>28} {'accuracy':>9} {'drop(pt)':>9} {'disagree':>9} {'exit rate':>10} "
-            f"{'compute':>8}  exits per SideNet",
         ]
         picks = sorted({int(i) for i in np.linspace(0, len(self) - 1, max(rows, 2)).round()})
         entries = [(self.point(i), "") for i in picks]
         entries += [(self.at(v), f"  <- {name}") for name, v in (marks or {}).items()]
-        for point, label in entries:
-            vector = "/".join(format_threshold(t, digits=4) for t in point["thresholds"])
+        vectors = ["/".join(format_threshold(t, digits=4) for t in point["thresholds"]) for point, _ in entries]
+        width = max(28, *map(len, vectors))  # as wide as the longest vector: the columns stay aligned
+        lines.append(
+            f"{'thresholds':>{width}} {'accuracy':>9} {'drop(pt)':>9} {'disagree':>9} {'exit rate':>10} "
+            f"{'compute':>8}  exits per SideNet"
+        )
+        for (point, label), vector in zip(entries, vectors, strict=True):
             rates = " ".join(f"{r:.2f}" for r in point["exit_rates"])
             lines.append(
-                f"{vector:>28} {point['accuracy']:>9.4f} {100 * point['accuracy_drop']:>9.2f} "
+                f"{vector:>{width}} {point['accuracy']:>9.4f} {100 * point['accuracy_drop']:>9.2f} "
                 f"{point['disagreement']:>9.4f} {point['exit_rate']:>10.3f} {point['relative_compute']:>8.3f}  "
                 f"{rates}{label}"
             )

@@ -257,7 +257,7 @@ def sweep_command(
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     # A cascade's curve runs along a path of threshold vectors: its marks are vectors too.
-    marks = {"saved threshold": model.threshold if model.num_taps == 1 else model.thresholds}
+    marks = {"saved threshold": model.threshold} if model.num_taps == 1 else {"saved thresholds": model.thresholds}
     typer.echo(curve.table(rows, marks=marks))
     where = f"tap {model.tap}" if model.num_taps == 1 else f"taps {' -> '.join(map(str, model.taps))}"
     try:
