@@ -299,3 +299,16 @@ def test_clear_errors() -> None:
         curve.threshold_for(max_disagreement="0.1")
     with pytest.raises(ValueError, match="zero samples"):
         CascadeCurve(record.subset(np.zeros(20, dtype=bool)), [])
+
+
+def test_table_columns_stay_aligned_with_long_vectors() -> None:
+    """Five SideNets' threshold vectors are wider than the default column: every row still lines up."""
+    record = make_record(n=200, k=5)
+    curve = CascadeCurve(record, threshold_path(record, "equal_disagreement", 10))
+    lines = curve.table(4, marks={"saved thresholds": curve.path[3]}).splitlines()
+    header, rows = lines[2], lines[3:]
+    width = header.index("thresholds") + len("thresholds")
+    assert header[width + 1 : width + 10].strip() == "accuracy"
+    for row in rows:
+        float(row[width + 1 : width + 10])  # the accuracy, in the accuracy column
+    assert rows[-1].endswith("<- saved thresholds")
