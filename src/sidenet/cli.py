@@ -322,10 +322,12 @@ def predict(
     ):
         name = task.class_names[label] if task.class_names else str(label)
         side = "SideNet" if model.num_taps == 1 else f"SideNet at tap {model.taps[min(stage, model.num_taps - 1)]}"
+        # The answer's own softmax probability, and the score the exit rule compared with the threshold
+        # (after the temperature, under the saved policy): two different numbers, each named.
         where = (
-            f"{side} (confidence {conf:.3f})" if stage < model.num_taps else f"MainNet ({side} confidence {conf:.3f})"
+            f"{side} (exit score {conf:.3f})" if stage < model.num_taps else f"MainNet ({side} exit score {conf:.3f})"
         )
-        typer.echo(f"{item}\t{name}\tp={prob:.3f}\tanswered by {where}\t{flops / 1e6:.2f} MFLOPs")
+        typer.echo(f"{item}\t{name}\tprobability {prob:.3f}\tanswered by {where}\t{flops / 1e6:.2f} MFLOPs")
 
 
 register_report_command(app)  # report (here, to be listed after predict): sidenet/cli_report.py
