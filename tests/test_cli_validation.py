@@ -190,3 +190,11 @@ def test_fit_settings_are_checked_once_when_made(touched: list[str], tmp_path: P
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.hidden = 0  # type: ignore[misc]
     assert touched == []
+
+
+def test_commands_quiet_torchs_no_cuda_notice(touched: list[str], saved: Path) -> None:
+    """Inductor's import on a machine without a GPU logs "No CUDA runtime is found": not for a command's user."""
+    import logging
+
+    invoke(["sweep", "--rows", "0", "--sidenet", str(saved)], touched)
+    assert logging.getLogger("torch.utils.cpp_extension").level == logging.ERROR

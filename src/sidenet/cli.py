@@ -7,6 +7,7 @@ in well under a second, not after the MainNet was trained or the SideNet fitted.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -66,8 +67,9 @@ def _app_options(
         typer.Option("--version", callback=_print_version, is_eager=True, help="Print the versions and exit."),
     ] = False,
 ) -> None:
-    # Typer's app-wide options; the app's help is the one given to typer.Typer above.
-    pass
+    # Typer's app-wide options; the app's help is the one given to typer.Typer above. Inductor, compiling on
+    # a machine with no GPU, has torch warn "No CUDA runtime is found" at import: noise to a command's user.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 @app.command()
