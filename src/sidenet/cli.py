@@ -67,8 +67,7 @@ def _app_options(
         typer.Option("--version", callback=_print_version, is_eager=True, help="Print the versions and exit."),
     ] = False,
 ) -> None:
-    # Typer's app-wide options; the app's help is the one given to typer.Typer above. Inductor, compiling on
-    # a machine with no GPU, has torch warn "No CUDA runtime is found" at import: noise to a command's user.
+    # App-wide options (help: typer.Typer's above). Inductor's import without a GPU logs "No CUDA runtime": noise.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
@@ -324,8 +323,7 @@ def predict(
     ):
         name = task.class_names[label] if task.class_names else str(label)
         side = "SideNet" if model.num_taps == 1 else f"SideNet at tap {model.taps[min(stage, model.num_taps - 1)]}"
-        # The answer's own softmax probability, and the score the exit rule compared with the threshold
-        # (after the temperature, under the saved policy): two different numbers, each named.
+        # Two numbers, each named: the answer's softmax probability, the score the rule held to the threshold.
         where = (
             f"{side} (exit score {conf:.3f})" if stage < model.num_taps else f"MainNet ({side} exit score {conf:.3f})"
         )
