@@ -317,14 +317,15 @@ class CascadeCurve:
         for k, (name, vector) in enumerate((marks or {}).items()):
             point = self.at(vector)
             value = 100 * (point["accuracy"] if labels else 1.0 - point["disagreement"])
-            ax.scatter([point["relative_compute"]], [value], zorder=4, marker="D")
+            dot = ax.scatter([point["relative_compute"]], [value], zorder=4, marker="D")
             # Marks often lie close together (saved, empirical, guaranteed): their labels take turns
-            # below-right, above-right, below-left and above-left of the point, with an arrow to it.
-            offset = MARK_OFFSETS[k % len(MARK_OFFSETS)]
+            # below-right, above-right, below-left and above-left of the point, with a line to it, both in
+            # the mark's colour, so that a label set near another mark still says whose it is.
+            offset, colour = MARK_OFFSETS[k % len(MARK_OFFSETS)], dot.get_facecolor()[0]
             ax.annotate(
                 f"{name}\nexit {point['exit_rate']:.0%}", (point["relative_compute"], value),
                 textcoords="offset points", xytext=offset, fontsize=8, ha="left" if offset[0] > 0 else "right",
-                arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.4"},
+                color=colour, arrowprops={"arrowstyle": "-", "lw": 0.6, "color": colour},
             )  # fmt: skip
         ax.set_ylim(max(float(np.nanmin(y)), main_y - 5) - 0.5, max(float(np.nanmax(y)), main_y) + 0.5)
         ax.set_xlabel("compute per sample, relative to the MainNet (measured FLOPs)")
