@@ -96,11 +96,7 @@ def fold_report(full: sidenet.AdaptiveModel, fold: Fold, rule: dict[str, float])
     # compared by a forecast of their routed batches.
     served = full.split.batch_size(fold.batches[0])
     parts = sidenet.measure_part_seconds(full, fold.batches[0], rows=sidenet.batch_row_counts(served))
-
-    def rank(columns: tuple[int, ...], chosen_on: sidenet.CascadeRecord, thresholds: Sequence[float]) -> float:
-        return sidenet.forecast_batch_time(chosen_on, parts, thresholds, columns=columns)
-
-    timed = sidenet.choose_taps(sidenet.time_weighted(choosing, parts), **rule, rank=rank)
+    timed = sidenet.choose_taps(sidenet.time_weighted(choosing, parts), **rule, rank=sidenet.batch_time_rank(parts))
     timed_model, timed_outcome = _chosen(full, timed, fold, mainnet_alone)
     # The oracle reads no thresholds: a path of the never-exit vector alone is enough to build the curve.
     everything = sidenet.CascadeCurve(reporting, [(sidenet.NEVER_EXIT,) * reporting.num_taps])

@@ -108,11 +108,9 @@ def test_ranked_by_batches_a_tap_whose_calls_cost_per_batch_drops_out() -> None:
     seconds = timed(64, (1, 64), [(1.0, 10.0), (1.0, 20.0), (30.0, 40.0)], [(0.1, 1.0), (5.0, 6.0)], [(0.0, 0.0)] * 2)
     per_sample = sidenet.choose_taps(time_weighted(record, seconds), max_accuracy_drop=0.0)
     assert per_sample.columns == (0, 1)
-
-    def rank(columns: tuple[int, ...], chosen_on: CascadeRecord, thresholds: tuple[float, ...]) -> float:
-        return forecast_batch_time(chosen_on, seconds, thresholds, columns=columns)
-
-    by_batches = sidenet.choose_taps(time_weighted(record, seconds), max_accuracy_drop=0.0, rank=rank)
+    by_batches = sidenet.choose_taps(
+        time_weighted(record, seconds), max_accuracy_drop=0.0, rank=sidenet.batch_time_rank(seconds)
+    )
     assert by_batches.columns == (0,)
     ranked = {c["columns"]: c["point"]["ranked_compute"] for c in by_batches.candidates if c["columns"]}
     assert ranked[(0,)] == pytest.approx(0.76, abs=0.02) and ranked[(0, 1)] == pytest.approx(0.80, abs=0.02)

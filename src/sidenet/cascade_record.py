@@ -141,10 +141,7 @@ class CascadeRecord:
         The MainNet is the same, cut at fewer taps: each segment of the sub-cascade is the sum of the
         original segments between its taps, so segment rows still add up to the MainNet's FLOPs.
         """
-        cols = [int(c) for c in columns]
-        k = self.num_taps
-        if not cols or cols != sorted(set(cols)) or cols[0] < 0 or cols[-1] >= k:
-            raise ValueError(f"columns must be sorted distinct SideNet indices in [0, {k - 1}], got {list(columns)}")
+        cols = checked_columns(columns, self.num_taps)
         # Segment j of the sub-cascade runs from just after its tap j-1 to its tap j (summed, not
         # differenced from a cumulative sum, so that keeping every tap changes no bit).
         segments = np.add.reduceat(self.segment_flops, [0, *(c + 1 for c in cols)], axis=1)
@@ -158,6 +155,14 @@ class CascadeRecord:
             taps=tuple(self.taps[c] for c in cols),
             exit_rules=tuple(self.exit_rules[c] for c in cols),
         )
+
+
+def checked_columns(columns: Sequence[int], k: int) -> list[int]:
+    """``columns`` as a list of ints, or ``ValueError`` unless they are sorted distinct indices of K SideNets."""
+    cols = [int(c) for c in columns]
+    if not cols or cols != sorted(set(cols)) or cols[0] < 0 or cols[-1] >= k:
+        raise ValueError(f"columns must be sorted distinct SideNet indices in [0, {k - 1}], got {list(columns)}")
+    return cols
 
 
 def states_at_taps(model: AdaptiveModel, state: Any) -> list[Any]:

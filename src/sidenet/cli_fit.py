@@ -4,7 +4,6 @@ cascade, choose the threshold (or the taps and thresholds) on the validation dat
 from __future__ import annotations
 
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +11,16 @@ from sidenet.attach import attach, save_sidenet
 from sidenet.calibration import calibrate
 from sidenet.cascade_choice import choose_taps
 from sidenet.cascade_curve import CascadeCurve
-from sidenet.cascade_record import CascadeRecord, collect_cascade
+from sidenet.cascade_record import collect_cascade
 from sidenet.cli_options import FitSettings
 from sidenet.curve import sweep
 from sidenet.loaders import iter_batches, prefix_loader
-from sidenet.part_costs import PartSeconds, batch_row_counts, measure_part_seconds, time_weighted
+from sidenet.part_costs import batch_row_counts, measure_part_seconds, time_weighted
 from sidenet.placement import placed
 from sidenet.routing import AdaptiveModel
 from sidenet.splits import candidate_taps, split_mainnet
 from sidenet.tasks import get_task
-from sidenet.time_forecast import forecast_batch_time
+from sidenet.time_forecast import batch_time_rank, forecast_batch_time
 from sidenet.training import to_mainnet
 
 __all__ = ["fit_and_save", "choose_cascade"]
@@ -120,7 +119,7 @@ def choose_cascade(
     holdout = 0.5 if settings.confidence is not None else None
     # Priced in time, subsets compete by what their routed batches will cost: each part one call on the rows
     # that reach it (a call on few rows costs more than their share of a full batch), routing included.
-    rank = None if parts is None else partial(_batch_forecast, parts)
+    rank = None if parts is None else batch_time_rank(parts)
     choice = choose_taps(
         record, max_accuracy_drop=settings.max_drop, confidence=settings.confidence, holdout=holdout, rank=rank
     )
@@ -130,7 +129,7 @@ def choose_cascade(
             f"{settings.max_drop} on the validation data: the MainNet alone is the best choice"
         )
     if parts is not None:  # the same forecast on all of val (with a guarantee, the subset was ranked on half)
-        forecast = _batch_forecast(parts, choice.columns, counted, choice.thresholds)
+        forecast = forecast_batch_time(counted, parts, choice.thresholds, columns=choice.columns)
         priced["time_forecast"] = {"batch_size": parts.batch_size, "time_fraction": forecast}
         # The point's compute is in seconds here: name it so, and keep the FLOPs fraction beside it.
         in_flops = CascadeCurve(counted.restrict(choice.columns), [choice.thresholds]).at(choice.thresholds)
@@ -165,8 +164,3 @@ def choose_cascade(
     chosen.history_ = model.history_
     save_sidenet(chosen, settings.out, metadata=metadata)
     return settings.out, summary
-
-
-def _batch_forecast(parts: PartSeconds, columns: tuple[int, ...], record: CascadeRecord, thresholds: Any) -> float:
-    """``forecast_batch_time`` in the argument order of ``choose_taps``'s ``rank``."""
-    return forecast_batch_time(record, parts, thresholds, columns=columns)

@@ -12,9 +12,10 @@ a batch as the model runs it (:func:`measure_part_seconds`), and :func:`time_wei
     seconds = sidenet.measure_part_seconds(cascade, batch)          # on the serving device, dtype, batch
     choice = sidenet.choose_taps(sidenet.time_weighted(record, seconds), max_accuracy_drop=0.5)
 
-Parts are timed as the eager model runs them (each part alone, device-synchronised), not compiled or
-captured; what routing adds between parts (gathering the continuing samples, one host wait per tap) is in
-no part. A sample's share of a part's time follows its share of the part's FLOPs (text: its length).
+Parts are timed as the eager model runs them (each part alone, device-synchronised; on CUDA each replayed
+from its own CUDA graph), not compiled. With ``rows`` they are also timed on fewer samples, and so is the
+routing step at each tap (scores, the count read, the gather), for :func:`sidenet.forecast_batch_time`. A
+sample's share of a part's time follows its share of the part's FLOPs (text: its length).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import numpy as np
 import torch
 
 from sidenet.cascade_record import CascadeRecord, part_flops, states_at_taps
-from sidenet.routing import continuing_first
 from sidenet.splits.base import select_samples
 from sidenet.timing import measure_throughput
 
@@ -215,7 +215,7 @@ def measure_part_seconds(
         split.ensure_eval()
     full = states_at_taps(model, splits[0].trunk(inputs))
     segment_flops, side_flops = part_flops(model, inputs, full)
-    k = len(splits)
+    k, on_rows = len(splits), len(counts) > 1  # on_rows: timed on fewer rows too, routing steps included
     runners: dict[tuple[int, int], Callable[[Any], Any]] = {}
     for m in counts:
         # The first m samples: the trunk on their inputs, later parts on their states as routing selects
@@ -230,14 +230,14 @@ def measure_part_seconds(
         parts += [(lambda s, j=j: model.side_logits(s, j), states[j]) for j in range(k)]
         if graphs:
             parts = [(_captured(fn, arg), arg) for fn, arg in parts]
-        if len(counts) > 1:  # routing between the parts, where a forecast of routed batches needs it: never
-            parts += [_routing_step(model, j, states[j]) for j in range(k)]  # captured (it reads the count)
+        if on_rows:  # routing between the parts, where a forecast of routed batches needs it: never captured
+            parts += [_routing_step(model, j, states[j]) for j in range(k)]  # (it reads the count)
         runners |= {(m, i): (lambda _, fn=fn, arg=arg: fn(arg)) for i, (fn, arg) in enumerate(parts)}
     # Interleaved rounds (A B C A B C ...: drift of the machine's speed falls on every part alike), each run
     # synchronised; one "batch" per run, since each part brings its own input.
     named = {f"{m}:{i}": run for (m, i), run in runners.items()}
     timed = measure_throughput(named, [None], repeats=repeats, batch_size=lambda _: 1)
-    parts_timed = 3 * k + 1 if len(counts) > 1 else 2 * k + 1
+    parts_timed = 3 * k + 1 if on_rows else 2 * k + 1
     calls = [[timed[f"{m}:{i}"].median for m in counts] for i in range(parts_timed)]  # per part, per row count
     segments, sides, routes = calls[: k + 1], calls[k + 1 : 2 * k + 1], calls[2 * k + 1 :]
     reference = next((p for p in model.parameters() if p.is_floating_point()), None)
@@ -252,9 +252,9 @@ def measure_part_seconds(
         segment_flops=tuple(segment_flops),
         side_flops=tuple(side_flops),
         graphs=bool(graphs),
-        rows=tuple(counts) if len(counts) > 1 else (),
-        segment_calls=tuple(map(tuple, segments)) if len(counts) > 1 else (),
-        side_calls=tuple(map(tuple, sides)) if len(counts) > 1 else (),
+        rows=tuple(counts) if on_rows else (),
+        segment_calls=tuple(map(tuple, segments)) if on_rows else (),
+        side_calls=tuple(map(tuple, sides)) if on_rows else (),
         route_calls=tuple(map(tuple, routes)),
     )
 
@@ -269,13 +269,11 @@ def _routing_step(model: AdaptiveModel, k: int, state: Any) -> tuple[Callable[[A
 
     def step(state: Any) -> Any:
         rule.exits(rule.confidence(logits))
-        order, counts = continuing_first(split, state, exited)
-        read = counts.tolist()
-        if read[0] == 0:
+        going, sizes = model._continuing(split, state, exited)  # routing's own: its one host wait at the tap
+        if len(going) == 0:
             return None
-        going = order[: read[0]]
-        split.select_sized(state, going, tuple(read[1:]))
-        return logits.index_copy(0, going, logits[: read[0]])
+        split.select_sized(state, going, sizes)
+        return logits.index_copy(0, going, logits[: len(going)])
 
     return step, state
 

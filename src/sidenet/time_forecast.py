@@ -16,19 +16,19 @@ input checks and bookkeeping once per batch, and a text batch's lengths beyond t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sidenet.cascade_curve import exit_stages
-from sidenet.cascade_record import CascadeRecord
+from sidenet.cascade_record import CascadeRecord, checked_columns
 from sidenet.part_costs import PartSeconds, batch_row_counts, measure_part_seconds
 
 if TYPE_CHECKING:
     from sidenet.routing import AdaptiveModel
 
-__all__ = ["forecast_batch_time", "timed_parts"]
+__all__ = ["batch_time_rank", "forecast_batch_time", "timed_parts"]
 
 
 def forecast_batch_time(
@@ -68,9 +68,7 @@ def forecast_batch_time(
             f"the record has {k} SideNet(s); the timing has {len(seconds.sides)}: time the model whose taps the "
             "record scored"
         )
-    cols = list(range(k)) if columns is None else [int(c) for c in columns]
-    if not cols or cols != sorted(set(cols)) or cols[0] < 0 or cols[-1] >= k:
-        raise ValueError(f"columns must be sorted distinct SideNet indices in [0, {k - 1}], got {cols}")
+    cols = list(range(k)) if columns is None else checked_columns(columns, k)
     stages = exit_stages(scores[:, cols], thresholds)  # validates the thresholds
     n = len(scores)
     if n == 0:
@@ -102,6 +100,16 @@ def forecast_batch_time(
     if not mainnet > 0:
         raise ValueError("the MainNet's timed segments sum to no time: nothing to compare with")
     return float(np.mean(routed) / mainnet)
+
+
+def batch_time_rank(seconds: PartSeconds) -> Callable[[tuple[int, ...], CascadeRecord, Sequence[float]], float]:
+    """:func:`forecast_batch_time` from ``seconds`` as :func:`~sidenet.cascade_choice.choose_taps`'s ``rank``:
+    subsets of taps compared by what their routed batches will cost."""
+
+    def rank(columns: tuple[int, ...], record: CascadeRecord, thresholds: Sequence[float]) -> float:
+        return forecast_batch_time(record, seconds, thresholds, columns=columns)
+
+    return rank
 
 
 def timed_parts(
