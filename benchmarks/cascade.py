@@ -94,8 +94,11 @@ def fold_report(full: sidenet.AdaptiveModel, fold: Fold, rule: dict[str, float])
     # The same rule priced in time (`sidenet fit --cost time`): every part timed on a batch of the served
     # size (its inputs only) and on fewer rows, the choosing record priced by those seconds, and the subsets
     # compared by a forecast of their routed batches.
+    # Text on several batches of that size, priced at their mean (one batch's lengths would set the forecast).
     served = full.split.batch_size(fold.batches[0])
-    parts = sidenet.measure_part_seconds(full, fold.batches[0], rows=sidenet.batch_row_counts(served))
+    timed_on = [b for b in fold.batches if full.split.batch_size(b) == served][: sidenet.timing_batch_count(full)]
+    timings = [sidenet.measure_part_seconds(full, b, rows=sidenet.batch_row_counts(served)) for b in timed_on]
+    parts = sidenet.PartSeconds.mean(timings)
     timed = sidenet.choose_taps(sidenet.time_weighted(choosing, parts), **rule, rank=sidenet.batch_time_rank(parts))
     timed_model, timed_outcome = _chosen(full, timed, fold, mainnet_alone)
     # The oracle reads no thresholds: a path of the never-exit vector alone is enough to build the curve.
@@ -111,6 +114,8 @@ def fold_report(full: sidenet.AdaptiveModel, fold: Fold, rule: dict[str, float])
             "outcome": timed_outcome,
             "part_seconds": parts.to_dict(),
             "forecast": _forecasts(reporting, parts, timed),
+            # What the mean of the timed batches is for: each batch's timing alone forecasts otherwise.
+            "forecast_each_timed_batch": [_forecasts(reporting, t, timed)["batches"] for t in timings],
             "flops_shares": {
                 "segments": (choosing.segment_flops.mean(0) / choosing.mainnet_flops.mean()).tolist(),
                 "sides": (choosing.side_flops.mean(0) / choosing.mainnet_flops.mean()).tolist(),
@@ -235,6 +240,9 @@ def cascade_section(
         "flops_fraction": sum(t["flops"] for t in timed) / sum(r["mainnet_flops"] for r in reports),
         "time_fraction_choosing": [r["time_priced"]["choosing_point"]["relative_compute"] for r in reports],
         "forecast": _weighted([r["time_priced"]["forecast"] for r in reports], weights),
+        # Each fold's choice forecast from each of its timed batches alone (on that fold's reporting part).
+        "forecast_each_timed_batch": [f for r in reports for f in r["time_priced"]["forecast_each_timed_batch"]],
+        "timed_batches": reports[0]["time_priced"]["part_seconds"]["batches"],
     }
     section["time_forecast"] = _weighted([r["time_forecast"] for r in reports], weights)
     # Throughput: each fold's batches answered by that fold's choice, interleaved with the MainNet and the

@@ -71,8 +71,9 @@ def _time_priced_lines(c: dict[str, Any], folds: list[dict[str, Any]], batch: st
     )
     lines = [
         f"Chosen for time (`sidenet fit --taps ... --cost time`): the same rule with each part priced by its time, "
-        f"measured on one {batch.replace('batch', 'batch of ')} on this machine and on 1, 2, 4, ... of its rows "
-        "(`sidenet.measure_part_seconds`, eager parts), and the subsets compared by a forecast of their routed "
+        f"measured on {_timed_on(c, batch)} on this machine and on 1, 2, 4, ... of "
+        f"{'its' if c['time_priced'].get('timed_batches', 1) == 1 else 'their'} rows "
+        "(`sidenet.measure_part_seconds_over`, eager parts), and the subsets compared by a forecast of their routed "
         "batches (`sidenet.forecast_batch_time`: each part, and the routing at each tap, one call on the rows that "
         f"reach it). Each segment's share of the MainNet's time (of its FLOPs): {segments}; all candidate "
         f"SideNets together {pct(sum(timed['sides']))} ({pct(sum(counted['sides']))})."
@@ -89,7 +90,20 @@ def _time_priced_lines(c: dict[str, Any], folds: list[dict[str, Any]], batch: st
             )
             + ". What the batch forecast leaves out: input checks and bookkeeping once per batch."
         )
+    each = c["time_priced"].get("forecast_each_timed_batch") or []
+    if len(each) > 1:
+        lines[0] += (
+            f" Why text is timed on several batches: the time choice forecast from each timed batch alone (both "
+            f"folds) ranges {1 / max(each):.2f}× to {1 / min(each):.2f}× ({len(each)} batches), as one batch's "
+            "lengths set the calls on few rows against the MainNet's."
+        )
     return [*lines, ""]
+
+
+def _timed_on(c: dict[str, Any], batch: str) -> str:
+    """'one batch of 64', or for text '4 batches of 32 (priced at their mean)'."""
+    size, count = batch.removeprefix("batch"), c["time_priced"].get("timed_batches", 1)
+    return f"one batch of {size}" if count == 1 else f"{count} batches of {size} (priced at their mean)"
 
 
 def _forecast_rows(c: dict[str, Any], batch: str) -> list[tuple[str, dict[str, float] | None, str]]:

@@ -114,3 +114,47 @@ def test_ranked_by_batches_a_tap_whose_calls_cost_per_batch_drops_out() -> None:
     assert by_batches.columns == (0,)
     ranked = {c["columns"]: c["point"]["ranked_compute"] for c in by_batches.candidates if c["columns"]}
     assert ranked[(0,)] == pytest.approx(0.76, abs=0.02) and ranked[(0, 1)] == pytest.approx(0.80, abs=0.02)
+
+
+def test_the_mean_of_two_timings_forecasts_between_them() -> None:
+    """Averaged timings price the mean batch: its forecast (mean routed time over mean MainNet time) lies
+    between the two batches' own; a batch timed twice as slow throughout forecasts the same fraction."""
+    record = make_record(n=256, k=2)
+    thresholds = [float(np.quantile(record.confidence[:, c], q)) + 1e-7 for c, q in enumerate((0.6, 0.4))]
+    short = timed(8, (1, 2, 8), [(1.0, 1.0, 2.0), (1.0, 1.5, 4.0), (2.0, 3.0, 8.0)], [(0.1,) * 3] * 2, [(0.0,) * 3] * 2)
+    long = timed(8, (1, 2, 8), [(1.0, 2.0, 6.0), (3.0, 5.0, 9.0), (9.0, 9.0, 9.0)], [(0.2,) * 3] * 2, [(0.1,) * 3] * 2)
+    mean = PartSeconds.mean([short, long])
+    assert mean.batches == 2 and mean.segment_calls[1] == pytest.approx((2.0, 3.25, 6.5))
+    low, high = sorted(forecast_batch_time(record, t, thresholds) for t in (short, long))
+    assert low < forecast_batch_time(record, mean, thresholds) < high
+    doubled = timed(8, (1, 2, 8), *[[tuple(2 * v for v in c) for c in calls] for calls in
+                                    (short.segment_calls, short.side_calls, short.route_calls)])  # fmt: skip
+    assert forecast_batch_time(record, PartSeconds.mean([short, doubled]), thresholds) == pytest.approx(
+        forecast_batch_time(record, short, thresholds)
+    )
+
+
+def test_text_is_timed_on_several_batches_images_on_one() -> None:
+    from helpers import IMAGE_SHAPE, build_tiny_mainnet, make_images, tiny_bert
+
+    vision = sidenet.attach(build_tiny_mainnet(), "layer1", input_shape=IMAGE_SHAPE, hidden=8, seed=0)
+    text = sidenet.attach(tiny_bert(num_hidden_layers=2), [1], hidden=8, seed=0)
+    assert sidenet.timing_batch_count(vision) == 1 and sidenet.timing_batch_count(text) > 1
+    images = make_images(40)
+    # Batches of 16, 16 and the last of 8: the last is left out (another size), the two averaged.
+    seconds = sidenet.measure_part_seconds_over(vision, list(images.split(16)), repeats=1, rows=[1, 16])
+    assert seconds.batches == 2 and seconds.batch_size == 16 and seconds.rows == (1, 16)
+    assert "on 2 batches of 16" in seconds.describe()
+    assert PartSeconds.from_dict(seconds.to_dict()) == seconds
+    with pytest.raises(ValueError, match="no batches"):
+        sidenet.measure_part_seconds_over(vision, [])
+
+
+def test_timings_of_different_batches_are_not_averaged() -> None:
+    a = timed(8, (1, 8), [(1.0, 2.0), (1.0, 4.0)], [(0.1, 0.1)], [(0.0, 0.0)])
+    with pytest.raises(ValueError, match="batch_size"):
+        PartSeconds.mean([a, timed(4, (1, 4), [(1.0, 2.0), (1.0, 4.0)], [(0.1, 0.1)], [(0.0, 0.0)])])
+    with pytest.raises(ValueError, match="route_calls"):
+        PartSeconds.mean([a, timed(8, (1, 8), [(1.0, 2.0), (1.0, 4.0)], [(0.1, 0.1)], [])])
+    with pytest.raises(ValueError, match="no timings"):
+        PartSeconds.mean([])

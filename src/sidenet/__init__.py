@@ -34,7 +34,7 @@ from sidenet.policy import NEVER_EXIT, ExitPolicy, format_threshold
 from sidenet.record import SweepRecord, collect
 from sidenet.routing import AdaptiveModel, AdaptiveOutput
 from sidenet.splits import CallableSplit, MainNetSplit, TextEncoderSplit, register_splitter, split_mainnet
-from sidenet.time_forecast import batch_time_rank, forecast_batch_time
+from sidenet.time_forecast import batch_time_rank, forecast_batch_time, measure_part_seconds_over, timing_batch_count
 from sidenet.training import FeatureCache, cache_features, fit_sidenet, train_sidenet
 
 # The one place the version is written: pyproject.toml reads it from here
@@ -93,6 +93,8 @@ __all__ = [
     "time_weighted",
     "forecast_batch_time",
     "batch_time_rank",
+    "measure_part_seconds_over",
+    "timing_batch_count",
     # errors (sidenet.errors)
     "SidenetError",
     "CheckpointError",

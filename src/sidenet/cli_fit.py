@@ -4,6 +4,7 @@ cascade, choose the threshold (or the taps and thresholds) on the validation dat
 from __future__ import annotations
 
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,12 @@ from sidenet.cascade_record import collect_cascade
 from sidenet.cli_options import FitSettings
 from sidenet.curve import sweep
 from sidenet.loaders import iter_batches, prefix_loader
-from sidenet.part_costs import batch_row_counts, measure_part_seconds, time_weighted
+from sidenet.part_costs import batch_row_counts, time_weighted
 from sidenet.placement import placed
 from sidenet.routing import AdaptiveModel
 from sidenet.splits import candidate_taps, split_mainnet
 from sidenet.tasks import get_task
-from sidenet.time_forecast import batch_time_rank, forecast_batch_time
+from sidenet.time_forecast import batch_time_rank, forecast_batch_time, measure_part_seconds_over, timing_batch_count
 from sidenet.training import to_mainnet
 
 __all__ = ["fit_and_save", "choose_cascade"]
@@ -104,15 +105,17 @@ def choose_cascade(
 ) -> tuple[Path, dict]:
     """Keep the taps and thresholds of the fitted candidates that ``choose_taps`` picks on ``val``, and
     save that cascade (or the one SideNet it keeps); returns the folder and the choice. ``--cost time``
-    times the parts on the first batch of ``timing`` (default: of ``val``)."""
+    times the parts on the first batch of ``timing`` (default: of ``val``; text: the first few)."""
     record = collect_cascade(model, val, progress=progress)
     priced: dict[str, Any] = {"cost": settings.cost}
     counted, parts = record, None
     if settings.cost == "time":  # every part timed on a validation batch, where and as the MainNet runs now
-        inputs, _ = next(iter_batches(val if timing is None else timing))
-        inputs = to_mainnet(model.split, inputs)
+        # Text: on a few batches, priced at their mean (one batch's lengths would set the forecast).
+        loaded = islice(iter_batches(val if timing is None else timing), timing_batch_count(model))
+        batches = [to_mainnet(model.split, inputs) for inputs, _ in loaded]
         # Also on fewer rows, as routed batches run their later parts: for the forecast below.
-        parts = measure_part_seconds(model, inputs, rows=batch_row_counts(model.split.batch_size(inputs)))
+        rows = batch_row_counts(model.split.batch_size(batches[0]))
+        parts = measure_part_seconds_over(model, batches, rows=rows)
         record = time_weighted(record, parts)
         priced["part_seconds"] = parts.to_dict()
     # With a guarantee, half of val chooses the taps and the path, the other half certifies the thresholds.

@@ -41,7 +41,7 @@ __all__ = ["PartSeconds", "batch_row_counts", "measure_part_seconds", "time_weig
 
 @dataclass(frozen=True)
 class PartSeconds:
-    """Seconds per sample of each part of a (cascade) model, measured on one batch.
+    """Seconds per sample of each part of a (cascade) model, measured on one batch (or the mean of several).
 
     Attributes:
         segments: K + 1 MainNet segments, as :class:`~sidenet.cascade_record.CascadeRecord` orders them
@@ -60,6 +60,7 @@ class PartSeconds:
             ``route_calls``: per tap, one routing step on that many rows (the SideNet's scores, the count of
             continuing rows read, half of the rows gathered and their answers scattered back): what
             routing adds between the parts; never in a CUDA graph (it reads the count from the device).
+        batches: how many batches of ``batch_size`` the seconds are the mean of (:meth:`mean`).
     """
 
     segments: tuple[float, ...]
@@ -76,6 +77,34 @@ class PartSeconds:
     segment_calls: tuple[tuple[float, ...], ...] = ()
     side_calls: tuple[tuple[float, ...], ...] = ()
     route_calls: tuple[tuple[float, ...], ...] = ()
+    batches: int = 1
+
+    @classmethod
+    def mean(cls, timings: Sequence[PartSeconds]) -> PartSeconds:
+        """One timing from several of one model on different batches of one size: every part's seconds (per
+        sample, per call, per routing step) and FLOPs averaged, ``batches`` counting the batches. A forecast
+        from it prices the mean batch: text batches differ in length, and the timing of one batch of SST-2
+        moved the forecast of a cascade by up to a sixth (BENCHMARKS.md, "Cascade of SideNets"). Raises
+        ``ValueError`` for no timings, or timings of other taps, batch sizes, row counts, devices, dtypes or
+        capture (graphs)."""
+        if not timings:
+            raise ValueError("no timings to average")
+        first, keys = timings[0], ("taps", "batch_size", "rows", "device", "dtype", "graphs")
+        for other in timings[1:]:
+            differ = [key for key in keys if getattr(other, key) != getattr(first, key)]
+            if bool(other.route_calls) != bool(first.route_calls):
+                differ.append("route_calls")
+            if differ:
+                raise ValueError(
+                    f"the timings differ in {', '.join(differ)}: average timings of one model on batches of one size"
+                )
+
+        def averaged(name: str) -> tuple:
+            mean = np.mean([np.asarray(getattr(t, name), dtype=np.float64) for t in timings], axis=0)
+            return tuple(map(tuple, mean.tolist())) if mean.ndim == 2 else tuple(mean.tolist())
+
+        names = ("segments", "sides", "segment_flops", "side_flops", "segment_calls", "side_calls", "route_calls")
+        return replace(first, **{name: averaged(name) for name in names}, batches=sum(t.batches for t in timings))
 
     @property
     def mainnet(self) -> float:
@@ -112,9 +141,10 @@ class PartSeconds:
         sides = ", ".join(share("sides", k) for k in range(len(self.sides)))
         of = " (of its FLOPs)" if flops else ""
         sidenets = "the SideNets" if len(self.sides) > 1 else "the SideNet"
+        batches = "one batch" if self.batches == 1 else f"{self.batches} batches"
         return (
-            f"Where the time goes (each part alone, {'in a CUDA graph' if self.graphs else 'eager'}, on one batch of "
-            f"{self.batch_size} on {self.device} in "
+            f"Where the time goes (each part alone, {'in a CUDA graph' if self.graphs else 'eager'}, on {batches} "
+            f"of {self.batch_size} on {self.device} in "
             f"{self.dtype}), as a share of the MainNet's time{of}: {segments}; {sidenets} {sides}."
         )
 
@@ -168,6 +198,7 @@ class PartSeconds:
             "segment_calls": [list(calls) for calls in self.segment_calls],
             "side_calls": [list(calls) for calls in self.side_calls],
             "route_calls": [list(calls) for calls in self.route_calls],
+            "batches": self.batches,
             "shares": self.shares(),
             "flops_shares": self.flops_shares(),
         }

@@ -185,7 +185,7 @@ def _throughput(
     points = {t: at(t) for t in thresholds}
     timing = time_routed(model, batches, points, settings.repeats, settings.compile_backend, progress)
     timing.parts, timing.forecasts = timed_parts(
-        model, batches[0], scores, {t: t for t in thresholds}, settings.repeats, settings.compile_backend
+        model, batches, scores, {t: t for t in thresholds}, settings.repeats, settings.compile_backend
     )
     return ThroughputReport(**vars(timing))
 

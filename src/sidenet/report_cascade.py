@@ -223,7 +223,7 @@ def _throughput(
     puts = {name: at(vector) for name, vector in points.items()}
     timing = time_routed(model, batches, puts, settings.repeats, settings.compile_backend, progress)
     timing.parts, timing.forecasts = timed_parts(
-        model, batches[0], scores, points, settings.repeats, settings.compile_backend
+        model, batches, scores, points, settings.repeats, settings.compile_backend
     )
     return CascadeThroughput(**vars(timing))
 

@@ -11,7 +11,10 @@ that many rows (:func:`sidenet.measure_part_seconds` with ``rows``).
 
 Routing's own work at each tap (scores, the count read, the gather, the answers scattered back) is charged
 as timed on the rows reaching the tap (``route_calls``), with half of them going on. What it leaves out: the
-input checks and bookkeeping once per batch, and a text batch's lengths beyond those of the timed batch.
+input checks and bookkeeping once per batch (2% of a routed SST-2 batch's time, measured inside routing on
+this project's 2-core CPU), and the lengths of text beyond those of the timed batches: a text part's time
+depends on which rows a batch holds (its padding is cut to the longest of them), so text is timed on several
+batches and priced at their mean (:func:`measure_part_seconds_over`, :func:`timing_batch_count`).
 """
 
 from __future__ import annotations
@@ -24,11 +27,16 @@ import numpy as np
 from sidenet.cascade_curve import exit_stages
 from sidenet.cascade_record import CascadeRecord, checked_columns
 from sidenet.part_costs import PartSeconds, batch_row_counts, measure_part_seconds
+from sidenet.splits.base import MainNetSplit
 
 if TYPE_CHECKING:
     from sidenet.routing import AdaptiveModel
 
-__all__ = ["batch_time_rank", "forecast_batch_time", "timed_parts"]
+__all__ = ["batch_time_rank", "forecast_batch_time", "measure_part_seconds_over", "timed_parts", "timing_batch_count"]
+
+# Batches to time a text model's parts on: one batch's lengths moved an SST-2 cascade's forecast by up to a
+# sixth (2.16x to 2.57x over eight batches of 32; BENCHMARKS.md); the mean of four halves that spread.
+TEXT_TIMING_BATCHES = 4
 
 
 def forecast_batch_time(
@@ -112,22 +120,47 @@ def batch_time_rank(seconds: PartSeconds) -> Callable[[tuple[int, ...], CascadeR
     return rank
 
 
+def timing_batch_count(model: AdaptiveModel) -> int:
+    """How many batches to time ``model``'s parts on: several (:data:`TEXT_TIMING_BATCHES`) where a part's time
+    depends on which samples a batch holds, not only on how many (text: padding cut to the longest of the
+    rows selected, :meth:`~sidenet.MainNetSplit.selection_sizes`), else one (images of one size)."""
+    by_content = any(type(split).selection_sizes is not MainNetSplit.selection_sizes for split in model.splits)
+    return TEXT_TIMING_BATCHES if by_content else 1
+
+
+def measure_part_seconds_over(
+    model: AdaptiveModel,
+    batches: Sequence[Any],
+    repeats: int = 7,
+    graphs: bool | None = None,
+    rows: Sequence[int] | None = None,
+) -> PartSeconds:
+    """:func:`~sidenet.measure_part_seconds` on each of ``batches`` of the first one's size (a smaller last
+    batch is left out), averaged (:meth:`PartSeconds.mean`): the time of the mean batch, where one batch's
+    lengths would set it (text; see :func:`timing_batch_count`). Raises ``ValueError`` for no batches."""
+    if not batches:
+        raise ValueError("no batches to time the parts on")
+    size = model.split.batch_size(batches[0])
+    same = [batch for batch in batches if model.split.batch_size(batch) == size]
+    return PartSeconds.mean([measure_part_seconds(model, batch, repeats, graphs, rows) for batch in same])
+
+
 def timed_parts(
     model: AdaptiveModel,
-    batch: Any,
+    batches: Sequence[Any],
     scores: np.ndarray,
     points: Mapping[Any, Sequence[float] | float],
     repeats: int,
     compile_backend: str | None,
 ) -> tuple[PartSeconds, dict[Any, float] | None]:
-    """Where a report's time goes (every part timed ``repeats`` times on its first timing ``batch``) and,
-    where the model was routed eagerly on the CPU (no ``compile_backend``), each of ``points`` (thresholds,
-    or vectors by name) forecast per routed batch on the evaluation ``scores``, beside what the report
-    measures there. Elsewhere no forecast: compiled stages, or a GPU's parts replayed from CUDA graphs,
-    are not what eager routing runs."""
-    eager = compile_backend is None and model.split.input_device(batch).type == "cpu"
-    rows = batch_row_counts(model.split.batch_size(batch)) if eager else None
-    parts = measure_part_seconds(model, batch, repeats, rows=rows)
+    """Where a report's time goes (every part timed ``repeats`` times on the first of its timing ``batches``,
+    or on the first few for text: :func:`timing_batch_count`) and, where the model was routed eagerly on the
+    CPU (no ``compile_backend``), each of ``points`` (thresholds, or vectors by name) forecast per routed
+    batch on the evaluation ``scores``, beside what the report measures there. Elsewhere no forecast:
+    compiled stages, or a GPU's parts replayed from CUDA graphs, are not what eager routing runs."""
+    eager = compile_backend is None and model.split.input_device(batches[0]).type == "cpu"
+    rows = batch_row_counts(model.split.batch_size(batches[0])) if eager else None
+    parts = measure_part_seconds_over(model, batches[: timing_batch_count(model)], repeats, rows=rows)
     if not eager:
         return parts, None
     vectors = {key: np.atleast_1d(np.asarray(point, dtype=np.float64)).tolist() for key, point in points.items()}
