@@ -153,8 +153,12 @@ def test_cascade_report_shows_the_live_audit(cascade_folder: Path, tmp_path: Pat
 
 
 def test_cascade_report_times_the_cascade_as_served(cascade_folder: Path) -> None:
-    report, out = _report(cascade_folder, "--max-samples", "64", "--compile", "eager")
-    timing = report["timing"]
+    out = cascade_folder.parent / "report"
+    args = ["report", "--sidenet", str(cascade_folder), "--out", str(out), "--max-drop", "0.05", "-q"]
+    result = runner.invoke(cli.app, [*args, "--max-samples", "64", "--compile", "eager"])
+    assert result.exit_code == 0, result.output
+    assert "Compiling for --compile eager before timing" in result.output  # -q: no bar, one line instead
+    timing = json.loads((out / "report.json").read_text())["timing"]
     assert timing["served"] == "compile_for_serving (backend eager)" and timing["compile_seconds"] > 0
     unit = timing[timing["baseline"]]["throughput"]
     assert timing["mainnet_compiled"]["throughput"] > 0 and timing["forecasts"] is None  # no eager forecast
