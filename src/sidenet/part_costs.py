@@ -84,7 +84,7 @@ class PartSeconds:
         """One timing from several of one model on different batches of one size: every part's seconds (per
         sample, per call, per routing step) and FLOPs averaged, ``batches`` counting the batches. A forecast
         from it prices the mean batch: text batches differ in length, and the timing of one batch of SST-2
-        moved the forecast of a cascade by up to a sixth (BENCHMARKS.md, "Cascade of SideNets"). Raises
+        set a cascade's forecast anywhere from 2.24x to 2.57x (BENCHMARKS.md, "Cascade of SideNets"). Raises
         ``ValueError`` for no timings, or timings of other taps, batch sizes, row counts, devices, dtypes or
         capture (graphs)."""
         if not timings:

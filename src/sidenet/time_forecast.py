@@ -11,10 +11,10 @@ that many rows (:func:`sidenet.measure_part_seconds` with ``rows``).
 
 Routing's own work at each tap (scores, the count read, the gather, the answers scattered back) is charged
 as timed on the rows reaching the tap (``route_calls``), with half of them going on. What it leaves out: the
-input checks and bookkeeping once per batch (2% of a routed SST-2 batch's time, measured inside routing on
-this project's 2-core CPU), and the lengths of text beyond those of the timed batches: a text part's time
-depends on which rows a batch holds (its padding is cut to the longest of them), so text is timed on several
-batches and priced at their mean (:func:`measure_part_seconds_over`, :func:`timing_batch_count`).
+input checks and bookkeeping once per batch, and the lengths of text beyond those of the timed batches: a
+text part's time depends on which rows a batch holds (its padding is cut to the longest of them), so text is
+timed on several batches and priced at their mean (:func:`measure_part_seconds_over`,
+:func:`timing_batch_count`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 
 __all__ = ["batch_time_rank", "forecast_batch_time", "measure_part_seconds_over", "timed_parts", "timing_batch_count"]
 
-# Batches to time a text model's parts on: one batch's lengths moved an SST-2 cascade's forecast by up to a
-# sixth (2.16x to 2.57x over eight batches of 32; BENCHMARKS.md); the mean of four halves that spread.
+# Batches to time a text model's parts on: one batch's lengths set an SST-2 cascade's forecast anywhere from
+# 2.24x to 2.57x over eight batches of 32, where routing measured 2.31x; their mean of four said 2.38x
+# (BENCHMARKS.md, "Cascade of SideNets").
 TEXT_TIMING_BATCHES = 4
 
 
