@@ -3,7 +3,9 @@ mask, per-sample FLOPs, input validation."""
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -349,3 +351,28 @@ def test_batch_mode_exits_only_when_every_sample_is_confident(tiny_model: Adapti
     torch.testing.assert_close(out.logits, main, rtol=0, atol=ATOL)
     profile = tiny_model.flop_profile(x)
     assert torch.all(out.flops == profile.trunk + profile.side + profile.rest)
+
+
+def test_answers_keep_no_mainnet_state_alive(tiny_model: AdaptiveModel, images, monkeypatch) -> None:
+    """An answer computes its FLOPs and exit stages when read, from what it holds: never the batch's MainNet
+    state at the tap (a ResNet-50's layer1 at batch 256 is hundreds of MB), which it kept alive until read."""
+    states: list[weakref.ref] = []
+    trunk = tiny_model.split.trunk
+
+    def watched(x: torch.Tensor) -> torch.Tensor:
+        state = trunk(x)
+        states.append(weakref.ref(state))
+        return state
+
+    monkeypatch.setattr(tiny_model.split, "trunk", watched)
+    x = images(16)
+    main, side, confidence = reference(tiny_model, x)
+    tiny_model.threshold = threshold_between(confidence, 0.5)  # some exit, some go on
+    before = len(states)
+    with torch.no_grad():
+        answers = [tiny_model(x), tiny_model.front_pass(x).answers(tiny_model.num_taps)]
+    gc.collect()
+    assert len(states) >= before + 2 and all(state() is None for state in states)
+    routed = answers[0]  # read afterwards, the bookkeeping is still right
+    assert 0 < int(routed.exited.sum()) < 16 and torch.equal(routed.exit_stage, (~routed.exited).long())
+    assert torch.all(routed.flops[routed.exited] < routed.flops[~routed.exited].min())
