@@ -38,6 +38,21 @@ def test_pooling_is_average_over_grid_cells() -> None:
     torch.testing.assert_close(head.pooled(features), expected)
 
 
+@pytest.mark.parametrize(
+    ("feature_shape", "pool_size"), [((16, 28, 28), 7), ((8, 16, 16), 4), ((6, 7, 9), 3), ((3, 2, 3), 4)]
+)
+def test_pooling_equals_adaptive_average_pooling(feature_shape: tuple[int, ...], pool_size: int) -> None:
+    """Fixed windows where the grid divides the map (faster on a CPU), adaptive ones elsewhere: the values
+    of adaptive average pooling either way, so a SideNet saved before loads to the same answers."""
+    head = SideNet(feature_shape, num_classes=2, hidden=4, pool_size=pool_size)
+    grid = (min(pool_size, feature_shape[1]), min(pool_size, feature_shape[2]))
+    divides = feature_shape[1] % grid[0] == 0 and feature_shape[2] % grid[1] == 0
+    assert isinstance(head.pool[0], nn.AvgPool2d if divides else nn.AdaptiveAvgPool2d)
+    features = torch.randn(5, *feature_shape, generator=torch.Generator().manual_seed(0))
+    expected = nn.functional.adaptive_avg_pool2d(features, grid).flatten(1)
+    torch.testing.assert_close(head.pooled(features), expected, rtol=0, atol=1e-6)
+
+
 def test_vector_features_used_as_they_are() -> None:
     head = SideNet((6,), num_classes=3, hidden=4)
     features = torch.randn(2, 6)
