@@ -74,6 +74,22 @@ def _operations(counted: dict[str, float] | None) -> str:
     )
 
 
+def _eager_session(c: dict[str, Any]) -> str:
+    """Where the eager ratio was timed, for a sentence (nothing for results timed in the one session)."""
+    mixed = c.get("eager_time_over_minimal_router_beside_compiled")
+    if mixed is None:
+        return ""
+    session = c["eager_session"]
+    spread = ", ".join(
+        f"{name} {session[key]['throughput']:,.0f} img/s" for key, name in
+        (("adaptive", "sidenet eager"), ("minimal_router", "minimal router"), ("mainnet", "MainNet eager"))
+    )  # fmt: skip
+    return (
+        f", timed in a session of the eager runners alone ({spread}); in the table's session, between the "
+        f"compiled runners, {mixed:.3f}×"
+    )
+
+
 def fmnist_compiled_lines(r: dict[str, Any]) -> list[str]:
     """The compiled serving mode at batch 64 on the CPU, for the Fashion-MNIST section (``fmnist_resnet.json``'s
     ``compiled``); nothing for results written before it."""
@@ -99,7 +115,7 @@ def fmnist_compiled_lines(r: dict[str, Any]) -> list[str]:
         "",
         f"FLOPs ideal {ideal:.2f}×: the compiled mode ({LABELS[c['best_compiled']]}) reaches "
         f"{c['fraction_of_ideal']:.0%} of it; sidenet eager takes {c['eager_time_over_minimal_router']:.3f}× the "
-        "minimal router's time" + _operations(c.get("operations_per_batch")) + ".",
+        "minimal router's time" + _eager_session(c) + _operations(c.get("operations_per_batch")) + ".",
     ]
     if "trunk_time_fraction_batch64" in r:
         # What bounds it: trunk + SideNet, which every image runs, may take more of the time than of the FLOPs.

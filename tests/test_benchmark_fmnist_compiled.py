@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
 import torch
 from benchmarks import fmnist_resnet
 from benchmarks.sections_compiled_cpu import fmnist_compiled_lines
@@ -43,6 +44,13 @@ def test_every_compiled_row_is_timed_and_rendered() -> None:
     result = {"compiled": compiled, "speedup": {"ideal": 4.0}}
     text = "\n".join(fmnist_compiled_lines(result))
     assert "| compiled serving mode, `PooledRouter` (rest on 64 pooled rows, at most 16 batches waiting) |" in text
+    # The eager ratio from the eager runners' own session, the one beside the compiled runners named too.
+    session = compiled["eager_session"]
+    assert set(session) == {"mainnet", "adaptive", "minimal_router"}
+    assert compiled["eager_time_over_minimal_router"] == pytest.approx(
+        session["minimal_router"]["throughput"] / session["adaptive"]["throughput"]
+    )
+    assert "timed in a session of the eager runners alone" in text and "between the compiled runners" in text
     # A result from before the pooled row: no such row (and its best compiled row one of the others).
     older = {**compiled, "timing": {k: v for k, v in compiled["timing"].items() if k != "compiled_pooled"}}
     older["best_compiled"] = "compiled_serving"
