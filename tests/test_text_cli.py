@@ -94,3 +94,15 @@ def test_text_tap_out_of_range_and_no_inputs(text_task: TinyTextTask, tmp_path: 
     assert result.exit_code == 2 and "valid taps: 1, 2" in result.output
     result = runner.invoke(cli.app, ["predict", "--sidenet", str(tmp_path)])
     assert result.exit_code == 2 and "--file" in result.output
+
+
+def test_text_cascade_priced_in_time_on_several_batches(text_task: TinyTextTask, tmp_path: Path) -> None:
+    """``--cost time`` on text: the parts timed on four validation batches (their lengths differ), priced
+    at their mean, and the saved timing says how many."""
+    out = tmp_path / "timed"
+    args = ["fit", "--task", "tinytext", "--taps", "1,2", "--out", str(out), "--epochs", "2", "--features", "mean"]
+    result = runner.invoke(cli.app, [*args, "--max-drop", "1", "--cost", "time", "-q"])
+    assert result.exit_code == 0, result.output
+    timing = json.loads((out / "sidenet_config.json").read_text())["metadata"]["threshold_choice"]["part_seconds"]
+    assert timing["batches"] == 4 and timing["batch_size"] == 16 and timing["rows"] == [1, 2, 4, 8, 16]
+    assert "on 4 batches of 16" in result.output
