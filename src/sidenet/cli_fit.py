@@ -105,7 +105,7 @@ def choose_cascade(
 ) -> tuple[Path, dict]:
     """Keep the taps and thresholds of the fitted candidates that ``choose_taps`` picks on ``val``, and
     save that cascade (or the one SideNet it keeps); returns the folder and the choice. ``--cost time``
-    times the parts on the first batch of ``timing`` (default: of ``val``; text: the first few)."""
+    times the parts on the first batch of ``timing`` (default: of ``val``; text: the first four)."""
     record = collect_cascade(model, val, progress=progress)
     priced: dict[str, Any] = {"cost": settings.cost}
     counted, parts = record, None

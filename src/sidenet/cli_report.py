@@ -125,7 +125,8 @@ def report_command(
             compile_backend=compile_backend,
         )
         if compile_backend is not None and timing and quiet:  # no bar: say why the coming minutes are silent
-            typer.echo(f"Compiling for --compile {compile_backend} before timing (a CPU: minutes at first)", err=True)
+            said = f"Compiling for --compile {compile_backend} before timing (on a CPU, minutes the first time)"
+            typer.echo(said, err=True)
         loaders = {name: prefix_loader(loader, max_samples) for name, loader in loaders.items()}
         if halves:
             calibration_loader, evaluation_loader = split_loader(loaders[split])
