@@ -80,12 +80,12 @@ def _eager_session(c: dict[str, Any]) -> str:
     if mixed is None:
         return ""
     session = c["eager_session"]
-    spread = ", ".join(
+    speeds = ", ".join(
         f"{name} {session[key]['throughput']:,.0f} img/s" for key, name in
         (("adaptive", "sidenet eager"), ("minimal_router", "minimal router"), ("mainnet", "MainNet eager"))
     )  # fmt: skip
     return (
-        f", timed in a session of the eager runners alone ({spread}); in the table's session, between the "
+        f", timed in a session of the eager runners alone ({speeds}); in the table's session, between the "
         f"compiled runners, {mixed:.3f}×"
     )
 

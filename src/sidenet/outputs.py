@@ -161,8 +161,3 @@ class FrontPass:
             lambda: torch.full((len(exited),), cost, device=device),
             lambda: torch.where(exited, 0, num_taps),
         )
-
-    def front_flops(self) -> torch.Tensor:
-        """(N,) FLOPs spent on each sample so far: trunk and SideNet."""
-        cost = float(self.profile.trunk + self.profile.side)
-        return torch.full((len(self.exited),), cost, device=self.side_logits.device)
