@@ -15,6 +15,7 @@ from torch import nn
 import sidenet
 from helpers import IMAGE_SHAPE, NUM_CLASSES, build_tiny_mainnet, make_images, threshold_between
 from sidenet import NEVER_EXIT, AdaptiveModel, CallableSplit, SideNet, TapError, count_flops
+from sidenet.timing import count_operations
 from test_host_waits import counting_reads
 
 ATOL = 1e-5  # as test_routing.py and test_text_split.py
@@ -261,6 +262,37 @@ def test_routed_cascade_reads_one_value_per_tap_reached(kind: str) -> None:
         with counting_reads() as reads:
             model(x)
         assert reads == ["tolist"] * reached
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@torch.no_grad()
+def test_routed_cascade_computes_scores_flops_and_exit_stages_when_read(kind: str) -> None:
+    """A cascade's answers are assembled from each tap's: the logits and exit flags on the routed path,
+    the exit stages, latest scores and FLOPs per sample only when read (five operations a tap reached
+    while they were assembled on every batch), once, with the values routing by hand gives."""
+    model, x = cascade(kind)
+    read_as_on_an_accelerator(model)
+    set_mixed_thresholds(model, x)
+    stage, logits = expected_routing(model, x)
+    model(x)  # warm-up: FLOPs are measured once per input size
+    outputs: list[sidenet.AdaptiveOutput] = []
+    routed = count_operations(lambda: outputs.append(model(x)))
+    out = outputs[0]
+    assert not {"full", "index_add"} & set(routed), routed
+    if kind != "text":  # (text's splits build attention masks with these)
+        assert not {"where", "lt"} & set(routed), routed
+    # Logits and exit flags scattered back at each tap but the last (after it: the logits alone).
+    assert routed["index_copy"] == 2 * model.num_taps - 1, routed
+    assert torch.equal(out.exited, stage < model.num_taps)
+    torch.testing.assert_close(out.logits, logits, rtol=0, atol=ATOL)
+    read = count_operations(lambda: (out.exit_stage, out.confidence, out.flops))
+    assert read["where"] >= model.num_taps and read["index_add"] == model.num_taps - 1, read
+    assert count_operations(lambda: (out.exit_stage, out.confidence, out.flops)) == {}
+    assert torch.equal(out.exit_stage, stage)
+    _, scores, _ = by_hand(model, x)
+    reached = torch.stack(scores)[stage.clamp(max=model.num_taps - 1), torch.arange(len(stage))]
+    torch.testing.assert_close(out.confidence, reached, rtol=0, atol=ATOL)
+    assert torch.all(out.flops[stage == 0] < out.flops[stage == model.num_taps].min())
 
 
 # -- batch mode -----------------------------------------------------------------------------------------

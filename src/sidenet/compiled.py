@@ -250,8 +250,7 @@ class CompiledAdaptiveModel(StageWarmUp):
         stage, inputs = self._step(part, state, valid)
         later, logits, confidence, exited, order, counts = stage(inputs)
         logits, confidence, exited = logits[:rows].clone(), confidence[:rows].clone(), exited[:rows].clone()
-        flops = torch.full((rows,), cost, device=logits.device)
-        output = AdaptiveOutput(logits, exited, confidence, flops, torch.where(exited, part, model.num_taps))
+        output = AdaptiveOutput.at_tap(logits, exited, confidence, cost, part, model.num_taps)
         read = counts.tolist()  # this tap's one host wait
         order = order.clone() if self.reuses_outputs else order
         sizes = bucketed_sizes(read[1:], later, self.length_buckets)
@@ -277,7 +276,7 @@ class CompiledAdaptiveModel(StageWarmUp):
             return output.answered_by_rest(rows, self.rest(state, count), cost)
         later = self.continue_from(state, profile, part=part + 1, rows=count)
         # A later SideNet ran: its score is the latest these samples got.
-        return output.completed(rows, later, model.num_taps, rescored=True)
+        return output.completed(rows, later, rescored=True)
 
     def finish(self, front: _CompiledFront) -> AdaptiveOutput:
         """The answers of a batch whose :meth:`front_pass` has run (the later stages on its continuing samples)."""

@@ -38,25 +38,53 @@ class AdaptiveOutput:
         answered_by_rest_count: how many samples the rest of the MainNet answered, as routing counted them
             on the host (it reads that count anyway); ``None`` where it was not counted.
 
-    ``flops`` and ``exit_stage`` may be given as functions that compute them: routing passes them so, and
-    they are computed on first reading. On a GPU at serving batch sizes every kernel launch counts, and a
-    server that reads only the answers launches none for this bookkeeping.
+    ``confidence``, ``flops`` and ``exit_stage`` may be given as functions that compute them: routing
+    passes them so, and they are computed on first reading. On a GPU at serving batch sizes every kernel
+    launch counts, and a server that reads only the answers launches none for this bookkeeping (a cascade's
+    answers are assembled from each tap's: eagerly, five operations more per tap reached).
     """
 
     def __init__(
         self,
         logits: torch.Tensor,
         exited: torch.Tensor,
-        confidence: torch.Tensor,
+        confidence: Lazy,
         flops: Lazy,
         exit_stage: Lazy | None = None,
     ) -> None:
         self.logits = logits
         self.exited = exited
-        self.confidence = confidence
+        self._confidence = confidence
         self._flops = flops
         self._exit_stage = exit_stage
         self.answered_by_rest_count: int | None = None
+
+    @classmethod
+    def at_tap(
+        cls, logits: torch.Tensor, exited: torch.Tensor, confidence: torch.Tensor, cost: float, part: int, num_taps: int
+    ) -> AdaptiveOutput:
+        """The answers of SideNet ``part`` (its ``logits``, ``exited`` and ``confidence``) on samples that
+        cost ``cost`` FLOPs each so far, in a model of ``num_taps`` SideNets: those that did not exit are
+        to be completed by the rest of the model (exit stage ``num_taps`` until then). The FLOPs and exit
+        stages are computed when read, by functions that hold only these tensors and numbers."""
+        device = logits.device
+        return cls(
+            logits,
+            exited,
+            confidence,
+            lambda: torch.full((len(exited),), cost, device=device),
+            lambda: torch.where(exited, part, num_taps),
+        )
+
+    @property
+    def confidence(self) -> torch.Tensor:
+        if not isinstance(self._confidence, torch.Tensor):
+            self._confidence = self._confidence()
+        return self._confidence
+
+    @confidence.setter
+    def confidence(self, value: Lazy) -> None:
+        self._confidence = value
 
     @property
     def flops(self) -> torch.Tensor:
@@ -86,18 +114,32 @@ class AdaptiveOutput:
     def predictions(self) -> torch.Tensor:
         return self.logits.argmax(dim=-1)
 
-    def completed(
-        self, rows: torch.Tensor | None, later: AdaptiveOutput, num_taps: int, rescored: bool
-    ) -> AdaptiveOutput:
+    def completed(self, rows: torch.Tensor | None, later: AdaptiveOutput, rescored: bool) -> AdaptiveOutput:
         """These answers with the samples ``rows`` (all of them where ``None``) answered by ``later``,
         what the rest of the model (later SideNets, the rest of the MainNet) gave them: their logits and
         exit stage replaced, their FLOPs added, and their score replaced where ``rescored`` (a later
-        SideNet ran). A new output; a model of ``num_taps`` SideNets."""
-        stage = _scatter(self.exit_stage, rows, later.exit_stage)
-        confidence = _scatter(self.confidence, rows, later.confidence) if rescored else self.confidence
-        flops = self.flops + later.flops if rows is None else self.flops.index_add(0, rows, later.flops)
-        logits = _scatter(self.logits, rows, later.logits)
-        done = AdaptiveOutput(logits, stage < num_taps, confidence, flops, stage)
+        SideNet ran). A new output.
+
+        The logits and exit flags now; the exit stages, scores and FLOPs when read (from these answers'
+        and ``later``'s, which the new output holds until then: answers, never MainNet state).
+        """
+
+        def stage() -> torch.Tensor:
+            return _scatter(self.exit_stage, rows, later.exit_stage)
+
+        def confidence() -> torch.Tensor:
+            return _scatter(self.confidence, rows, later.confidence)
+
+        def flops() -> torch.Tensor:
+            return self.flops + later.flops if rows is None else self.flops.index_add(0, rows, later.flops)
+
+        done = AdaptiveOutput(
+            _scatter(self.logits, rows, later.logits),
+            _scatter(self.exited, rows, later.exited),
+            confidence if rescored else self._confidence,
+            flops,
+            stage,
+        )
         done.answered_by_rest_count = later.answered_by_rest_count
         return done
 
@@ -150,14 +192,8 @@ class FrontPass:
         """The batch's answers as far as the front pass goes: the first SideNet's where it exited (exit
         stage 0), its logits for now elsewhere (stage ``num_taps``, to be completed by the rest of the
         model), the FLOPs spent so far (both computed when read)."""
-        exited, cost, device = self.exited, float(self.profile.trunk + self.profile.side), self.side_logits.device
-        # The functions computing them hold what they read, never this pass: through it an answer unread
+        # AdaptiveOutput.at_tap's functions hold what they read, never this pass: through it an answer unread
         # would keep the batch's MainNet state alive (a ResNet-50's layer1 at batch 256 in bfloat16: 411 MB),
         # for as long as the caller keeps the answer or a PooledRouter its batch waiting.
-        return AdaptiveOutput(
-            self.side_logits,
-            exited,
-            self.confidence,
-            lambda: torch.full((len(exited),), cost, device=device),
-            lambda: torch.where(exited, 0, num_taps),
-        )
+        cost = float(self.profile.trunk + self.profile.side)
+        return AdaptiveOutput.at_tap(self.side_logits, self.exited, self.confidence, cost, 0, num_taps)

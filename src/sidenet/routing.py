@@ -399,8 +399,7 @@ class AdaptiveModel(TrafficStatistics, nn.Module):
         exited = rule.exits(confidence)
         if mode == "batch" and not bool(exited.all()):
             exited = torch.zeros_like(exited)
-        flops = torch.full((len(exited),), cost, device=logits.device)
-        output = AdaptiveOutput(logits, exited, confidence, flops, torch.where(exited, part, count))
+        output = AdaptiveOutput.at_tap(logits, exited, confidence, cost, part, count)
         return self._go_on(output, state, profile, exited, part, mode)
 
     def mainnet_answers(self, logits: torch.Tensor, state: Any, profile: FlopProfile) -> AdaptiveOutput:
@@ -434,7 +433,7 @@ class AdaptiveModel(TrafficStatistics, nn.Module):
             return output.answered_by_rest(rows, logits, self.flop_ledger.rest(state, None, profile, part=part))
         later = self.continue_from(state, profile, mode, part + 1)
         # Where a later SideNet ran, its score is the latest these samples got.
-        return output.completed(rows, later, self.num_taps, rescored=part + 1 < self.num_taps)
+        return output.completed(rows, later, rescored=part + 1 < self.num_taps)
 
     def continuing(self, front: FrontPass) -> tuple[torch.Tensor, tuple[int, ...]]:
         """The samples of a front pass that continue past the first SideNet: their indices in the batch
