@@ -68,9 +68,8 @@ def test_inductor_lays_convolutions_out_channels_last_only_in_a_rest_of_static_s
     channels-last (``GraphLowering.decide_layout_opt``), and decides against it where their shapes are symbolic
     (pytorch/pytorch#102670): a rest compiled for every row count gets the slower layout on a GPU, one compiled
     per row bucket the one the MainNet compiled alone gets. On the CPU inductor's mkldnn convolutions are always
-    channels-last, so mkldnn is switched off here to take the path a GPU's graphs take; the on-disk graph cache
+    channels-last, so mkldnn is switched off here to take the path a GPU's graphs take; the compilation caches
     too, which would skip the decision for a graph compiled before."""
-    import torch._inductor.config as inductor_config
     import torch._inductor.graph as inductor_graph
 
     model = sidenet.attach(build_tiny_mainnet(), "layer1", input_shape=IMAGE_SHAPE, hidden=16, pool_size=2, seed=0)
@@ -85,7 +84,15 @@ def test_inductor_lays_convolutions_out_channels_last_only_in_a_rest_of_static_s
 
     inductor_graph.GraphLowering.decide_layout_opt = staticmethod(recorded)
     try:
-        with torch.backends.mkldnn.flags(enabled=False), inductor_config.patch(fx_graph_cache=False), torch.no_grad():
+        # Every compilation cache off, not the FX graph cache alone: AOTAutograd's cache serves compiled graphs
+        # too, keyed without the mkldnn switch, and a graph from it skips the decision. (With only the FX graph
+        # cache off, one full run on this CPU failed here: a kernel expected its convolution channels-last and
+        # met it contiguous; not reproduced in the runs after it.)
+        with (
+            torch.backends.mkldnn.flags(enabled=False),
+            torch.compiler.config.patch(force_disable_caches=True),
+            torch.no_grad(),
+        ):
             for count in (4, 8, 16):
                 stage(state[:count])
     finally:
