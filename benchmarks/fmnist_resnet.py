@@ -12,6 +12,7 @@ into the results folder.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -318,9 +319,14 @@ def compiled_comparison(
     timing = {k: v.to_dict() for k, v in result.items()}
     # The eager routers again, in a session of their own: between compiled runners (inductor's kernels and
     # their threads) eager operations run slower, and the router with more small operations more so; the
-    # target is sidenet's own overhead over the minimal router's, so it is read from this session.
+    # target is sidenet's own overhead over the minimal router's, so it is read from this session. Twice the
+    # repeats, the order rotated, and the ratio the median of each repeat's pair of passes: the two differ by
+    # a few percent, the size of the machine's drift between repeats.
     eager = {name: runners[name] for name in ("mainnet", "adaptive", "minimal_router")}
-    alone = measure_throughput(eager, [batches], repeats=args.repeats, batch_size=lambda bs: sum(map(len, bs)))
+    alone = measure_throughput(
+        eager, [batches], repeats=2 * args.repeats, batch_size=lambda bs: sum(map(len, bs)), rotate=True
+    )
+    paired = alone["adaptive"].time_ratios(alone["minimal_router"])
     print("compiled, batch 64: " + ", ".join(f"{k} {v.throughput:,.0f} img/s" for k, v in result.items()))
     # The eager runners' tensor operations per batch (after the timing: FLOPs are measured on first sight).
     operations = {
@@ -339,7 +345,8 @@ def compiled_comparison(
         "serving_compile_seconds": float(served.compile_seconds),
         **best,
         "best_compiled": max(("compiled_serving", "compiled_stream", "compiled_pooled"), key=over_best.__getitem__),
-        "eager_time_over_minimal_router": alone["minimal_router"].throughput / alone["adaptive"].throughput,
+        "eager_time_over_minimal_router": statistics.median(paired),
+        "eager_time_over_minimal_router_quartiles": statistics.quantiles(paired, n=4),
         "eager_time_over_minimal_router_beside_compiled": (
             timing["minimal_router"]["throughput"] / timing["adaptive"]["throughput"]
         ),

@@ -84,9 +84,18 @@ def _eager_session(c: dict[str, Any]) -> str:
         f"{name} {session[key]['throughput']:,.0f} img/s" for key, name in
         (("adaptive", "sidenet eager"), ("minimal_router", "minimal router"), ("mainnet", "MainNet eager"))
     )  # fmt: skip
+    quartiles = c.get("eager_time_over_minimal_router_quartiles")
+    if quartiles is None:  # results from before the ratio was paired by repeat
+        return (
+            f", timed in a session of the eager runners alone ({speeds}); in the table's session, between the "
+            f"compiled runners, {mixed:.3f}×"
+        )
+    repeats = session["adaptive"]["repeats"]
     return (
-        f", timed in a session of the eager runners alone ({speeds}); in the table's session, between the "
-        f"compiled runners, {mixed:.3f}×"
+        f", timed in a session of the eager runners alone, the median of the {repeats} repeats' ratios of the two "
+        f"passes (quartiles {quartiles[0]:.3f}–{quartiles[2]:.3f}; the runners' order rotated each repeat; "
+        f"speeds at the median pass: {speeds}); in the table's session, between the compiled runners, the ratio "
+        f"of the median passes {mixed:.3f}×"
     )
 
 

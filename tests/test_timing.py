@@ -27,6 +27,21 @@ def test_every_runner_sees_every_batch_in_each_pass_and_finish_ends_each_pass() 
     assert set(result) == {"a", "b"} and result["a"].samples == 3 and len(result["a"].seconds) == 3
 
 
+def test_rotated_repeats_start_one_runner_later_each_time() -> None:
+    order: list[str] = []
+    runners = {name: (lambda b, name=name: order.append(name)) for name in "abc"}
+    result = measure_throughput(runners, [[1]], repeats=4, warmup=1, rotate=True)
+    assert "".join(order) == "abc" + "abc" + "bca" + "cab" + "abc"  # the warm-up, then the repeats rotated
+    assert all(len(timing.seconds) == 4 for timing in result.values())
+
+
+def test_time_ratios_pair_the_passes_of_each_repeat_per_sample() -> None:
+    slow, fast = Timing([2.0, 4.0, 3.0], samples=10), Timing([1.0, 1.0, 2.0], samples=20)
+    assert slow.time_ratios(fast) == pytest.approx([4.0, 8.0, 3.0])  # per sample: (2/10) / (1/20), ...
+    with pytest.raises(ValueError, match="equal repeats"):
+        slow.time_ratios(Timing([1.0], samples=20))
+
+
 def test_timing_summary() -> None:
     timing = Timing([2.0, 1.0, 4.0], samples=8)
     assert timing.median == 2.0 and timing.throughput == 4.0

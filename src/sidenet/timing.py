@@ -1,5 +1,5 @@
 """Wall-clock throughput of compared models, measured in one process with interleaved repeats
-(A B A B ...), after a warm-up, so that drift of the machine hits every model alike."""
+(A B A B ..., or rotated: A B, B A, ...), after a warm-up, so that drift of the machine hits every model alike."""
 
 from __future__ import annotations
 
@@ -47,6 +47,16 @@ class Timing:
     def throughput(self) -> float:
         """Samples per second at the median pass time."""
         return self.samples / self.median
+
+    def time_ratios(self, other: Timing) -> list[float]:
+        """Per repeat, this runner's seconds per sample over ``other``'s, the two passes paired by repeat
+        (timed in one :func:`measure_throughput` session, each repeat's passes run one after the other).
+        Their median compares two close runners more steadily than the ratio of their medians: a drift of
+        the machine's speed between repeats moves both passes of a pair alike. Raises ``ValueError`` for
+        timings of different repeat counts."""
+        if len(self.seconds) != len(other.seconds):
+            raise ValueError(f"pairs need equal repeats: {len(self.seconds)} against {len(other.seconds)}")
+        return [(a / self.samples) / (b / other.samples) for a, b in zip(self.seconds, other.seconds, strict=True)]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -98,9 +108,14 @@ def measure_throughput(
     batch_size: Callable[[Any], int] = len,
     finish: Mapping[str, Callable[[], Any]] | None = None,
     progress: bool = False,
+    rotate: bool = False,
 ) -> dict[str, Timing]:
     """Time one pass of each runner over ``batches``, interleaved, ``repeats`` times after ``warmup``
     untimed passes; returns a :class:`Timing` per runner name. Each pass ends with :func:`synchronize`.
+
+    ``rotate``: each repeat starts one runner later (A B C, B C A, C A B, ...), so that no runner always
+    runs first or after the same other one (what a pass leaves behind, in caches and in the allocator,
+    falls on every runner alike); by default every repeat runs them in the given order.
 
     ``finish`` maps runner names to a call made at the end of each of their passes, inside the timed
     region: for runners that hold work back across batches (:meth:`sidenet.serving.PooledRouter.flush`).
@@ -126,8 +141,11 @@ def measure_throughput(
             one_pass(name, run)
             bar.update()
     seconds: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
+    names = list(runners)
+    for repeat in range(repeats):
+        shift = repeat % len(names) if rotate else 0
+        for name in names[shift:] + names[:shift]:
+            run = runners[name]
             started = time.perf_counter()
             one_pass(name, run)
             seconds[name].append(time.perf_counter() - started)
