@@ -29,7 +29,7 @@ from benchmarks.harness import targets
 from sidenet.cascade_choice import FAMILIES, search_thresholds
 from sidenet.loaders import iter_batches
 from sidenet.serving import PooledRouter
-from sidenet.timing import measure_throughput
+from sidenet.timing import count_operations, measure_throughput
 
 
 @dataclass
@@ -289,6 +289,12 @@ def cascade_section(
     )
     base = timing["mainnet"].throughput
     section["timing"] = {batch_name: {k: v.to_dict() for k, v in timing.items()}}
+    # Tensor operations per batch (after the timing: FLOPs are measured on first sight), beside what the batch
+    # forecast leaves out: routing's bookkeeping runs operations of its own.
+    section["operations_per_batch"] = {
+        name: sum(count_operations(lambda run=runners[name]: [run(item) for item in items]).values()) / len(items)
+        for name in ("mainnet", "cascade")
+    }
     section["speedup"] = {
         batch_name: timing["cascade"].throughput / base,
         f"{batch_name}_pooled": timing["cascade_pooled"].throughput / base,

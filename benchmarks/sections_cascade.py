@@ -90,6 +90,11 @@ def _time_priced_lines(c: dict[str, Any], folds: list[dict[str, Any]], batch: st
             )
             + ". What the batch forecast leaves out: input checks and bookkeeping once per batch."
         )
+        if ops := c.get("operations_per_batch"):
+            lines[0] += (
+                f" Tensor operations per routed batch (`sidenet.timing.count_operations`): the cascade chosen in "
+                f"FLOPs {ops['cascade']:.0f}, the MainNet alone {ops['mainnet']:.0f}."
+            )
     each = c["time_priced"].get("forecast_each_timed_batch") or []
     if len(each) > 1:
         lines[0] += (

@@ -92,6 +92,9 @@ def test_section_has_the_issue_keys_with_consistent_values(section: dict) -> Non
         assert priced["part_seconds"]["rows"][-1] == priced["part_seconds"]["batch_size"]
         for forecast in (priced["forecast"], fold["time_forecast"]):
             assert set(forecast) == {"per_sample", "batches"} and all(0 < v < 3 for v in forecast.values())
+    # Tensor operations per batch: the cascade's own (SideNets, routing) beside the MainNet's.
+    ops = section["operations_per_batch"]
+    assert set(ops) == {"mainnet", "cascade"} and ops["mainnet"] > 0 and ops["cascade"] > 0
     timed = section["time_priced"]
     assert timed["accuracy_drop"] == pytest.approx(section["mainnet_accuracy"] - timed["accuracy"])
     assert section["speedup"]["batch16_time_priced"] > 0 and 0 < timed["flops_fraction"] <= 1.5
@@ -109,6 +112,8 @@ def test_benchmarks_md_renders_the_section(section: dict) -> None:
     assert "compiled serving mode" in text and "over the best MainNet alone" in text
     assert "cascade chosen for time" in text and "share of the MainNet's time (of its FLOPs): → `stem`" in text
     assert "chosen for time: priced per sample" in text and "chosen in FLOPs: priced per sample" in text
+    ops = section["operations_per_batch"]
+    assert f"the cascade chosen in FLOPs {ops['cascade']:.0f}, the MainNet alone {ops['mainnet']:.0f}." in text
     assert not any(math.isnan(v) for v in section["speedup"].values())
     assert "a cascade of sidenets" in cascade_sentence(workload, "batch16").lower()
     assert cascade_lines({"tap": "x"}, "batch16", "images") == []
