@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from helpers import make_images, threshold_between
 from sidenet import NEVER_EXIT, AdaptiveModel
 from sidenet.serving import PooledRouter
+from sidenet.timing import count_operations
 
 HYPOTHESIS = settings(max_examples=20, deadline=None)
 
@@ -29,6 +30,7 @@ def assert_same_as_forward(model: AdaptiveModel, batches: list, answered: list, 
         expected = model(x)
         torch.testing.assert_close(routed.output.logits, expected.logits, rtol=0, atol=atol)
         assert torch.equal(routed.output.exited, expected.exited)
+        assert torch.equal(routed.output.exit_stage, expected.exit_stage)
         torch.testing.assert_close(routed.output.confidence, expected.confidence)
         if model.split.rest_flop_key(model.split.trunk(x)) is None:  # vision: the rest costs the same anywhere
             assert torch.equal(routed.output.flops, expected.flops)
@@ -52,6 +54,22 @@ def test_pooled_answers_equal_per_batch_routing(shared_model, sizes, rest_batch,
         assert all(routed.waited <= max(max_wait, len(batches) - 1) for routed in answered)
     finally:
         shared_model.threshold = 0.9
+
+
+@torch.no_grad()
+def test_pooled_answers_are_filed_back_with_their_bookkeeping_computed_when_read(tiny_model: AdaptiveModel) -> None:
+    """Filing the rest's answers back into their batches scatters their logits and exit flags only: the
+    FLOPs, exit stages and scores of a pooled batch are computed when read (on a GPU each operation is a
+    launch on the serving path), and equal per-batch routing's."""
+    batches = [make_images(n, seed=i) for i, n in enumerate([6, 3, 8, 5])]
+    tiny_model.threshold = median_threshold(tiny_model, batches)
+    tiny_model(batches[0])  # warm-up: FLOPs are measured once per input shape
+    answered: list = []
+    router = PooledRouter(tiny_model, rest_batch=7, max_wait=2)
+    operations = count_operations(lambda: answered.extend(router.run(batches)))
+    assert not {"full", "where", "index_add", "lt"} & set(operations), operations
+    assert operations["index_copy"] >= 2  # logits and exit flags, per batch the rest answered
+    assert_same_as_forward(tiny_model, batches, answered)
 
 
 @torch.no_grad()

@@ -131,7 +131,8 @@ class AdaptiveOutput:
             return _scatter(self.confidence, rows, later.confidence)
 
         def flops() -> torch.Tensor:
-            return self.flops + later.flops if rows is None else self.flops.index_add(0, rows, later.flops)
+            added = later.flops.to(self.flops.dtype)
+            return self.flops + added if rows is None else self.flops.index_add(0, rows, added)
 
         done = AdaptiveOutput(
             _scatter(self.logits, rows, later.logits),
@@ -142,6 +143,19 @@ class AdaptiveOutput:
         )
         done.answered_by_rest_count = later.answered_by_rest_count
         return done
+
+    def sliced(self, part: slice) -> AdaptiveOutput:
+        """The answers of the samples ``part`` (a slice of the batch): logits and exit flags as views, the
+        scores, FLOPs and exit stages sliced when read (a :class:`~sidenet.serving.PooledRouter` files the
+        answers of pooled samples back into their batches so). The rest's count is not kept."""
+        stage = self._exit_stage
+        return AdaptiveOutput(
+            self.logits[part],
+            self.exited[part],
+            lambda: self.confidence[part],
+            lambda: self.flops[part],
+            None if stage is None else (lambda: self.exit_stage[part]),
+        )
 
     def answered_by_rest(self, rows: torch.Tensor | None, logits: torch.Tensor, cost: float) -> AdaptiveOutput:
         """These answers (at the last SideNet) with the samples that did not exit, ``rows`` (all of them

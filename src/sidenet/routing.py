@@ -407,13 +407,13 @@ class AdaptiveModel(TrafficStatistics, nn.Module):
         ``logits`` on their ``state``: no exit, no SideNet score (NaN), the rest's FLOPs per sample
         (charged on the state's own size, which reads no device value), exit stage :attr:`num_taps`."""
         cost = self.flop_ledger.rest(state, None, profile, part=self.num_taps - 1)
-        n, device = len(logits), logits.device
-        return AdaptiveOutput(
+        n, device, stage = len(logits), logits.device, self.num_taps
+        return AdaptiveOutput(  # the scores, FLOPs and exit stages when read, as AdaptiveOutput.at_tap's
             logits,
             torch.zeros(n, dtype=torch.bool, device=device),
-            torch.full((n,), float("nan"), device=device),
-            torch.full((n,), cost, device=device),
-            torch.full((n,), self.num_taps, dtype=torch.long, device=device),
+            lambda: torch.full((n,), float("nan"), device=device),
+            lambda: torch.full((n,), cost, device=device),
+            lambda: torch.full((n,), stage, dtype=torch.long, device=device),
         )
 
     def _go_on(

@@ -195,16 +195,12 @@ class PooledRouter:
             model.monitor.count_exits(later.exited)  # their first-tap pass was recorded on submitting
         offset = 0
         for group in taken:
-            output = self._open[group.batch_id].output
-            rows, part = group.positions, slice(offset, offset + len(group))
-            dtype = torch.promote_types(output.logits.dtype, later.logits.dtype)
-            output.logits = output.logits.to(dtype).index_copy(0, rows, later.logits[part].to(dtype))
-            output.flops = output.flops.index_add(0, rows, later.flops[part].to(output.flops.dtype))
-            output.exit_stage = output.exit_stage.index_copy(0, rows, later.exit_stage[part])
-            output.exited = output.exit_stage < model.num_taps
-            if model.num_taps > 1:  # a later SideNet's score is the latest these samples got
-                output.confidence = output.confidence.index_copy(0, rows, later.confidence[part])
-            self._open[group.batch_id].missing -= len(group)
+            waiting = self._open[group.batch_id]
+            part = later.sliced(slice(offset, offset + len(group)))
+            # Their logits and exit flags filed now; FLOPs, exit stages and (a cascade: a later SideNet's score
+            # is the latest these samples got) scores when read: no operation for them while serving.
+            waiting.output = waiting.output.completed(group.positions, part, rescored=model.num_taps > 1)
+            waiting.missing -= len(group)
             offset += len(group)
 
     def _answered(self) -> list[RoutedBatch]:
