@@ -24,6 +24,26 @@ def state_rows(state: Any) -> int:
 Lazy = torch.Tensor | Callable[[], torch.Tensor]
 
 
+class _ComputedWhenRead:
+    """An attribute set to a tensor or to a function computing it (``None`` stays ``None``); a function is
+    called on the first reading and its tensor kept."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, output: object, owner: type | None = None) -> Any:
+        if output is None:
+            return self
+        value = getattr(output, self.slot)
+        if value is not None and not isinstance(value, torch.Tensor):
+            value = value()
+            setattr(output, self.slot, value)
+        return value
+
+    def __set__(self, output: object, value: Lazy | None) -> None:
+        setattr(output, self.slot, value)
+
+
 class AdaptiveOutput:
     """What the adaptive model returns for a batch.
 
@@ -44,6 +64,10 @@ class AdaptiveOutput:
     answers are assembled from each tap's: eagerly, five operations more per tap reached).
     """
 
+    confidence = _ComputedWhenRead()
+    flops = _ComputedWhenRead()
+    exit_stage = _ComputedWhenRead()
+
     def __init__(
         self,
         logits: torch.Tensor,
@@ -54,9 +78,9 @@ class AdaptiveOutput:
     ) -> None:
         self.logits = logits
         self.exited = exited
-        self._confidence = confidence
-        self._flops = flops
-        self._exit_stage = exit_stage
+        self.confidence = confidence
+        self.flops = flops
+        self.exit_stage = exit_stage
         self.answered_by_rest_count: int | None = None
 
     @classmethod
@@ -75,36 +99,6 @@ class AdaptiveOutput:
             lambda: torch.full((len(exited),), cost, device=device),
             lambda: torch.where(exited, part, num_taps),
         )
-
-    @property
-    def confidence(self) -> torch.Tensor:
-        if not isinstance(self._confidence, torch.Tensor):
-            self._confidence = self._confidence()
-        return self._confidence
-
-    @confidence.setter
-    def confidence(self, value: Lazy) -> None:
-        self._confidence = value
-
-    @property
-    def flops(self) -> torch.Tensor:
-        if not isinstance(self._flops, torch.Tensor):
-            self._flops = self._flops()
-        return self._flops
-
-    @flops.setter
-    def flops(self, value: Lazy) -> None:
-        self._flops = value
-
-    @property
-    def exit_stage(self) -> torch.Tensor | None:
-        if self._exit_stage is not None and not isinstance(self._exit_stage, torch.Tensor):
-            self._exit_stage = self._exit_stage()
-        return self._exit_stage
-
-    @exit_stage.setter
-    def exit_stage(self, value: Lazy | None) -> None:
-        self._exit_stage = value
 
     def __repr__(self) -> str:  # shapes only: reading values would wait for the device
         n, classes = self.logits.shape[0], self.logits.shape[-1]
@@ -148,7 +142,7 @@ class AdaptiveOutput:
         """The answers of the samples ``part`` (a slice of the batch): logits and exit flags as views, the
         scores, FLOPs and exit stages sliced when read (a :class:`~sidenet.serving.PooledRouter` files the
         answers of pooled samples back into their batches so). The rest's count is not kept."""
-        stage = self._exit_stage
+        stage = self._exit_stage  # None stays None: not read here
         return AdaptiveOutput(
             self.logits[part],
             self.exited[part],
