@@ -85,9 +85,10 @@ class AdaptiveOutput:
 
     @classmethod
     def at_tap(
-        cls, logits: torch.Tensor, exited: torch.Tensor, confidence: torch.Tensor, cost: float, part: int, num_taps: int
+        cls, logits: torch.Tensor, exited: torch.Tensor, confidence: Lazy, cost: float, part: int, num_taps: int
     ) -> AdaptiveOutput:
-        """The answers of SideNet ``part`` (its ``logits``, ``exited`` and ``confidence``) on samples that
+        """The answers of SideNet ``part`` (its ``logits``, ``exited`` and ``confidence``; past the last SideNet,
+        ``part`` is ``num_taps`` and the rest of the MainNet's logits take their place) on samples that
         cost ``cost`` FLOPs each so far, in a model of ``num_taps`` SideNets: those that did not exit are
         to be completed by the rest of the model (exit stage ``num_taps`` until then). The FLOPs and exit
         stages are computed when read, by functions that hold only these tensors and numbers."""

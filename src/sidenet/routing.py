@@ -407,13 +407,11 @@ class AdaptiveModel(TrafficStatistics, nn.Module):
         ``logits`` on their ``state``: no exit, no SideNet score (NaN), the rest's FLOPs per sample
         (charged on the state's own size, which reads no device value), exit stage :attr:`num_taps`."""
         cost = self.flop_ledger.rest(state, None, profile, part=self.num_taps - 1)
-        n, device, stage = len(logits), logits.device, self.num_taps
-        return AdaptiveOutput(  # the scores, FLOPs and exit stages when read, as AdaptiveOutput.at_tap's
-            logits,
-            torch.zeros(n, dtype=torch.bool, device=device),
-            lambda: torch.full((n,), float("nan"), device=device),
-            lambda: torch.full((n,), cost, device=device),
-            lambda: torch.full((n,), stage, dtype=torch.long, device=device),
+        n, device, count = len(logits), logits.device, self.num_taps
+        no_exit = torch.zeros(n, dtype=torch.bool, device=device)
+        # Answers past the last tap (stage num_taps); their NaN scores, FLOPs and stages computed when read.
+        return AdaptiveOutput.at_tap(
+            logits, no_exit, lambda: torch.full((n,), float("nan"), device=device), cost, count, count
         )
 
     def _go_on(
