@@ -69,14 +69,17 @@ def _time_priced_lines(c: dict[str, Any], folds: list[dict[str, Any]], batch: st
         f"→ {end} {pct(time_share)} ({pct(flops_share)})"
         for end, time_share, flops_share in zip(ends, timed["segments"], counted["segments"], strict=True)
     )
+    # Timings of earlier runs lack routing's once-per-batch work (`batch_calls`): their forecasts left it out.
+    per_batch = bool(first["part_seconds"].get("batch_calls"))
+    routing_per_batch = "; routing's work once per batch, input checks and monitor, one call" if per_batch else ""
     lines = [
         f"Chosen for time (`sidenet fit --taps ... --cost time`): the same rule with each part priced by its time, "
         f"measured on {_timed_on(c, batch)} on this machine and on 1, 2, 4, ... of "
         f"{'its' if c['time_priced'].get('timed_batches', 1) == 1 else 'their'} rows "
         "(`sidenet.measure_part_seconds_over`, eager parts), and the subsets compared by a forecast of their routed "
         "batches (`sidenet.forecast_batch_time`: each part, and the routing at each tap, one call on the rows that "
-        f"reach it). Each segment's share of the MainNet's time (of its FLOPs): {segments}; all candidate "
-        f"SideNets together {pct(sum(timed['sides']))} ({pct(sum(counted['sides']))})."
+        f"reach it{routing_per_batch}). Each segment's share of the MainNet's time (of its FLOPs): {segments}; "
+        f"all candidate SideNets together {pct(sum(timed['sides']))} ({pct(sum(counted['sides']))})."
     ]
     forecasts = [(name, f, c["speedup"][key]) for name, f, key in _forecast_rows(c, batch) if f]
     if forecasts:
@@ -88,7 +91,11 @@ def _time_priced_lines(c: dict[str, Any], folds: list[dict[str, Any]], batch: st
                 f"{f['batches']:.3f} ({1 / f['batches']:.2f}×), measured {measured:.2f}×"
                 for name, f, measured in forecasts
             )
-            + ". What the batch forecast leaves out: input checks and bookkeeping once per batch."
+            + (
+                "."
+                if per_batch
+                else ". What the batch forecast leaves out: input checks and bookkeeping once per batch."
+            )
         )
         if ops := c.get("operations_per_batch"):
             lines[0] += (

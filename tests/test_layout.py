@@ -48,6 +48,7 @@ LAYERS: dict[str, int] = {
     "shift": ANALYSIS,
     "timing": ANALYSIS,
     "part_costs": ANALYSIS,
+    "routing_steps": ANALYSIS,
     "time_forecast": ANALYSIS,
     "report": ANALYSIS,
     "report_page": ANALYSIS,

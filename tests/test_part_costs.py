@@ -3,7 +3,9 @@ by those times (``time_weighted``): the same tap choice then minimises time rath
 
 from __future__ import annotations
 
+import contextlib
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -14,6 +16,9 @@ import sidenet
 from helpers import IMAGE_SHAPE, build_tiny_mainnet, make_images, tiny_bert
 from sidenet import PartSeconds, batch_row_counts, choose_taps, measure_part_seconds, time_weighted
 from sidenet.cascade_curve import CascadeCurve, CascadeRecord
+from sidenet.cascade_record import states_at_taps
+from sidenet.outputs import AdaptiveOutput
+from sidenet.routing_steps import batch_step, routing_step
 from test_cascade_choice import make_record
 
 
@@ -79,11 +84,45 @@ def test_parts_are_timed_on_fewer_rows_too() -> None:
     assert seconds.rows == (1, 2, 4, 8, 16)
     assert [len(c) for c in seconds.segment_calls] == [5, 5, 5] and [len(c) for c in seconds.side_calls] == [5, 5]
     assert len(seconds.route_calls) == 2 and min(min(c) for c in seconds.route_calls) > 0
+    assert len(seconds.batch_calls) == 5 and min(seconds.batch_calls) > 0
     assert seconds.segments == tuple(calls[-1] / 16 for calls in seconds.segment_calls)
     assert PartSeconds.from_dict(seconds.to_dict()) == seconds
     # Without rows: the batch alone, no routing step, as before.
     alone = measure_part_seconds(model, make_images(16), repeats=1)
-    assert alone.rows == () and alone.segment_calls == () and alone.route_calls == ()
+    assert alone.rows == () and alone.segment_calls == () and alone.route_calls == () and alone.batch_calls == ()
+
+
+@pytest.mark.parametrize("taps", [["layer1"], ["layer1", "layer2"], ["layer1", "layer2", "layer3"]])
+def test_routing_steps_call_what_routing_calls_and_count_no_traffic(taps: list[str]) -> None:
+    """The routing steps timed beside the parts call what a routed batch calls: at a tap its answers filed
+    back (into a later tap's, whose FLOPs are looked up; at the last tap into the rest's), once per batch
+    the input checks, the eval-mode check, the FLOPs profile and a monitor; the model's monitor counts
+    nothing (timing is not traffic)."""
+    model = sidenet.attach(build_tiny_mainnet(), taps, input_shape=IMAGE_SHAPE, hidden=8, seed=0).eval()
+    images = make_images(8)
+    model(images)
+    counts = (model.monitor.samples_seen, model.monitor.samples_exited)
+    states = states_at_taps(model, model.split.trunk(images))
+    profile = model.flop_profile(images)
+    ledger, monitor_type = type(model.flop_ledger), type(model.monitor)
+    spied = [
+        (type(model), "check_input"), (type(model.split), "ensure_eval"), (ledger, "profile"), (ledger, "step"),
+        (ledger, "rest"), (monitor_type, "record"), (AdaptiveOutput, "completed"), (AdaptiveOutput, "answered_by_rest"),
+    ]  # fmt: skip
+    steps = [routing_step(model, k, states[k], profile) for k in range(len(taps))] + [
+        batch_step(model, images, states[0])
+    ]
+    called: list[list[str]] = []
+    for step, argument in steps:
+        with contextlib.ExitStack() as stack:
+            for owner, name in spied:
+                stack.enter_context(mock.patch.object(owner, name, autospec=True, side_effect=getattr(owner, name)))
+            mocks = {name: getattr(owner, name) for owner, name in spied}
+            step(argument)
+        called.append(sorted(name for name, spy in mocks.items() if spy.called))
+    later = [["completed", "step"]] * (len(taps) - 1)
+    assert called == [*later, ["answered_by_rest", "rest"], ["check_input", "ensure_eval", "profile", "record"]]
+    assert (model.monitor.samples_seen, model.monitor.samples_exited) == counts
 
 
 def test_text_parts_on_fewer_rows() -> None:
@@ -101,18 +140,22 @@ def test_call_seconds_between_and_beyond_the_timed_rows() -> None:
     seconds = PartSeconds(
         (1.0, 2.0), (0.5,), batch_size=4, device="cpu", dtype="float32", repeats=1,
         rows=(1, 2, 4), segment_calls=((1.0, 1.0, 4.0), (3.0, 4.0, 8.0)), side_calls=((0.2, 0.3, 2.0),),
-        route_calls=((0.1, 0.1, 0.1),),
+        route_calls=((0.1, 0.1, 0.1),), batch_calls=(0.01, 0.02, 0.04),
     )  # fmt: skip
     rows = np.array([0, 1, 3, 4, 6])
     np.testing.assert_allclose(seconds.call_seconds("segments", 1, rows), [0.0, 3.0, 6.0, 8.0, 12.0])
     np.testing.assert_allclose(seconds.call_seconds("segments", 0, rows), [0.0, 1.0, 2.5, 4.0, 7.0])
     np.testing.assert_allclose(seconds.call_seconds("routes", 0, rows), [0.0, 0.1, 0.1, 0.1, 0.1])
+    np.testing.assert_allclose(seconds.call_seconds("batches", 0, rows), [0.0, 0.01, 0.03, 0.04, 0.06])
     with pytest.raises(ValueError, match="kind"):
         seconds.call_seconds("rests", 0, rows)
+    with pytest.raises(ValueError, match="index 0"):
+        seconds.call_seconds("batches", 1, rows)
     # Timed on the batch alone: a call costs its rows' share of the batch, and routing nothing.
     alone = part_seconds((1.0, 2.0), (0.5,))
     np.testing.assert_allclose(alone.call_seconds("segments", 1, rows), 2.0 * rows)
     np.testing.assert_allclose(alone.call_seconds("routes", 0, rows), 0.0)
+    np.testing.assert_allclose(alone.call_seconds("batches", 0, rows), 0.0)
 
 
 def test_row_counts_are_powers_of_two_then_the_batch() -> None:

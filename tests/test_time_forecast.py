@@ -3,6 +3,8 @@ reach it, at its time measured on that many rows."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -40,6 +42,11 @@ def test_a_batch_pays_one_call_per_part_on_its_rows() -> None:
     # Nobody exits: the rest on all four rows; everyone exits: no rest at all.
     assert forecast_batch_time(record, seconds, [NEVER_EXIT]) == pytest.approx((1.0 + 0.5 + 0.3 + 16.0) / 17.0)
     assert forecast_batch_time(record, seconds, [0.0]) == pytest.approx((1.0 + 0.5 + 0.3) / 17.0)
+    # Routing's once-per-batch work, timed, is paid once by every batch on all its rows, whatever exits.
+    per_batch = replace(seconds, batch_calls=(0.05, 0.1, 0.2))
+    for threshold, without in ((0.5, forecast), (NEVER_EXIT, 17.8 / 17.0), (0.0, 1.8 / 17.0)):
+        assert forecast_batch_time(record, per_batch, [threshold]) == pytest.approx(without + 0.2 / 17.0)
+    assert PartSeconds.mean([per_batch, per_batch]).batch_calls == pytest.approx((0.05, 0.1, 0.2))
 
 
 def test_fixed_costs_make_few_continuing_rows_dear() -> None:
@@ -156,5 +163,7 @@ def test_timings_of_different_batches_are_not_averaged() -> None:
         PartSeconds.mean([a, timed(4, (1, 4), [(1.0, 2.0), (1.0, 4.0)], [(0.1, 0.1)], [(0.0, 0.0)])])
     with pytest.raises(ValueError, match="route_calls"):
         PartSeconds.mean([a, timed(8, (1, 8), [(1.0, 2.0), (1.0, 4.0)], [(0.1, 0.1)], [])])
+    with pytest.raises(ValueError, match="batch_calls"):
+        PartSeconds.mean([a, replace(a, batch_calls=(0.1, 0.2))])
     with pytest.raises(ValueError, match="no timings"):
         PartSeconds.mean([])

@@ -13,8 +13,9 @@ a batch as the model runs it (:func:`measure_part_seconds`), and :func:`time_wei
     choice = sidenet.choose_taps(sidenet.time_weighted(record, seconds), max_accuracy_drop=0.5)
 
 Parts are timed as the eager model runs them (each part alone, device-synchronised; on CUDA each replayed
-from its own CUDA graph), not compiled. With ``rows`` they are also timed on fewer samples, and so is the
-routing step at each tap (scores, the count read, the gather), for :func:`sidenet.forecast_batch_time`. A
+from its own CUDA graph), not compiled. With ``rows`` they are also timed on fewer samples, and so is
+routing's own work (:mod:`sidenet.routing_steps`: at each tap, and once per batch), for
+:func:`sidenet.forecast_batch_time`. A
 sample's share of a part's time follows its share of the part's FLOPs (text: its length).
 """
 
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from sidenet.cascade_record import CascadeRecord, part_flops, states_at_taps
+from sidenet.routing_steps import batch_step, routing_step
 from sidenet.splits.base import select_samples
 from sidenet.timing import measure_throughput
 
@@ -57,9 +59,12 @@ class PartSeconds:
             batch alone), with ``segment_calls``/``side_calls`` the seconds of one call of each part at each
             of them: a routed batch runs its later parts on its continuing rows only, and a call on few rows
             costs more than their share of a full batch (:func:`sidenet.forecast_batch_time` reads them).
-            ``route_calls``: per tap, one routing step on that many rows (the SideNet's scores, the count of
-            continuing rows read, half of the rows gathered and their answers scattered back): what
-            routing adds between the parts; never in a CUDA graph (it reads the count from the device).
+            ``route_calls``: per tap, one routing step on that many rows (the SideNet's scores, the tap's
+            answers, the count of continuing rows read, half of the rows gathered, their FLOPs looked up
+            and their answers filed back): what routing adds between the parts; never in a CUDA graph (it
+            reads the count from the device). ``batch_calls``: once per batch of that many rows, routing's
+            work before and after the taps (the input checks, the eval-mode check, the FLOPs profile
+            looked up, the batch counted in a monitor).
         batches: how many batches of ``batch_size`` the seconds are the mean of (:meth:`mean`).
     """
 
@@ -77,6 +82,7 @@ class PartSeconds:
     segment_calls: tuple[tuple[float, ...], ...] = ()
     side_calls: tuple[tuple[float, ...], ...] = ()
     route_calls: tuple[tuple[float, ...], ...] = ()
+    batch_calls: tuple[float, ...] = ()
     batches: int = 1
 
     @classmethod
@@ -92,8 +98,8 @@ class PartSeconds:
         first, keys = timings[0], ("taps", "batch_size", "rows", "device", "dtype", "graphs")
         for other in timings[1:]:
             differ = [key for key in keys if getattr(other, key) != getattr(first, key)]
-            if bool(other.route_calls) != bool(first.route_calls):
-                differ.append("route_calls")
+            routing = ("route_calls", "batch_calls")
+            differ += [key for key in routing if bool(getattr(other, key)) != bool(getattr(first, key))]
             if differ:
                 raise ValueError(
                     f"the timings differ in {', '.join(differ)}: average timings of one model on batches of one size"
@@ -103,7 +109,8 @@ class PartSeconds:
             mean = np.mean([np.asarray(getattr(t, name), dtype=np.float64) for t in timings], axis=0)
             return tuple(map(tuple, mean.tolist())) if mean.ndim == 2 else tuple(mean.tolist())
 
-        names = ("segments", "sides", "segment_flops", "side_flops", "segment_calls", "side_calls", "route_calls")
+        names = ("segments", "sides", "segment_flops", "side_flops", "segment_calls", "side_calls")
+        names += ("route_calls", "batch_calls")
         return replace(first, **{name: averaged(name) for name in names}, batches=sum(t.batches for t in timings))
 
     @property
@@ -149,14 +156,22 @@ class PartSeconds:
         )
 
     def call_seconds(self, kind: str, index: int, rows: np.ndarray) -> np.ndarray:
-        """Seconds of one call of part ``index`` of ``kind`` (``"segments"``, ``"sides"``, ``"routes"``) on each of
-        ``rows`` rows: linear between the row counts it was timed at (beyond the largest, along its last
-        step; 0 rows cost nothing). Timed on the batch alone, a call costs its rows' share of that batch."""
+        """Seconds of one call of part ``index`` of ``kind`` (``"segments"``, ``"sides"``, ``"routes"``, or
+        ``"batches"`` with index 0: routing's once-per-batch work) on each of ``rows`` rows: linear between the
+        row counts it was timed at (beyond the largest, along its last step; 0 rows cost nothing). Timed on
+        the batch alone, a call costs its rows' share of that batch, and routing nothing."""
         rows = np.asarray(rows, dtype=np.float64)
-        calls = {"segments": self.segment_calls, "sides": self.side_calls, "routes": self.route_calls}.get(kind)
+        calls = {
+            "segments": self.segment_calls,
+            "sides": self.side_calls,
+            "routes": self.route_calls,
+            "batches": (self.batch_calls,) if self.batch_calls else (),
+        }.get(kind)
         if calls is None:
-            raise ValueError(f"kind is 'segments', 'sides' or 'routes', got {kind!r}")
-        if kind == "routes" and not calls:  # not timed: routing costs nothing in the per-sample price
+            raise ValueError(f"kind is 'segments', 'sides', 'routes' or 'batches', got {kind!r}")
+        if kind == "batches" and index != 0:
+            raise ValueError(f"routing's once-per-batch work is one call: index 0, got {index}")
+        if kind in ("routes", "batches") and not calls:  # not timed: routing costs nothing in the per-sample price
             return np.zeros(np.shape(rows))
         if calls:
             counts, seconds = np.asarray(self.rows, dtype=np.float64), np.asarray(calls[index], dtype=np.float64)
@@ -172,7 +187,7 @@ class PartSeconds:
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> PartSeconds:
         """The timing :meth:`to_dict` wrote (e.g. in a saved SideNet's threshold choice)."""
-        tuples = ("segments", "sides", "taps", "segment_flops", "side_flops", "rows")
+        tuples = ("segments", "sides", "taps", "segment_flops", "side_flops", "rows", "batch_calls")
         nested = ("segment_calls", "side_calls", "route_calls")
         fields = {name: saved[name] for name in cls.__dataclass_fields__ if name in saved}
         return cls(
@@ -198,6 +213,7 @@ class PartSeconds:
             "segment_calls": [list(calls) for calls in self.segment_calls],
             "side_calls": [list(calls) for calls in self.side_calls],
             "route_calls": [list(calls) for calls in self.route_calls],
+            "batch_calls": list(self.batch_calls),
             "batches": self.batches,
             "shares": self.shares(),
             "flops_shares": self.flops_shares(),
@@ -261,16 +277,18 @@ def measure_part_seconds(
         parts += [(lambda s, j=j: model.side_logits(s, j), states[j]) for j in range(k)]
         if graphs:
             parts = [(_captured(fn, arg), arg) for fn, arg in parts]
-        if on_rows:  # routing between the parts, where a forecast of routed batches needs it: never captured
-            parts += [_routing_step(model, j, states[j]) for j in range(k)]  # (it reads the count)
+        if on_rows:  # routing's own work, where a forecast of routed batches needs it: never captured (it
+            profile = model.flop_profile(x)  # reads the count), between the parts and once per batch
+            parts += [routing_step(model, j, states[j], profile) for j in range(k)]
+            parts.append(batch_step(model, x, states[0]))
         runners |= {(m, i): (lambda _, fn=fn, arg=arg: fn(arg)) for i, (fn, arg) in enumerate(parts)}
     # Interleaved rounds (A B C A B C ...: drift of the machine's speed falls on every part alike), each run
     # synchronised; one "batch" per run, since each part brings its own input.
     named = {f"{m}:{i}": run for (m, i), run in runners.items()}
     timed = measure_throughput(named, [None], repeats=repeats, batch_size=lambda _: 1)
-    parts_timed = 3 * k + 1 if on_rows else 2 * k + 1
+    parts_timed = 3 * k + 2 if on_rows else 2 * k + 1
     calls = [[timed[f"{m}:{i}"].median for m in counts] for i in range(parts_timed)]  # per part, per row count
-    segments, sides, routes = calls[: k + 1], calls[k + 1 : 2 * k + 1], calls[2 * k + 1 :]
+    segments, sides, routes = calls[: k + 1], calls[k + 1 : 2 * k + 1], calls[2 * k + 1 : 3 * k + 1]
     reference = next((p for p in model.parameters() if p.is_floating_point()), None)
     return PartSeconds(
         segments=tuple(s[-1] / n for s in segments),
@@ -287,26 +305,8 @@ def measure_part_seconds(
         segment_calls=tuple(map(tuple, segments)) if on_rows else (),
         side_calls=tuple(map(tuple, sides)) if on_rows else (),
         route_calls=tuple(map(tuple, routes)),
+        batch_calls=tuple(calls[-1]) if on_rows else (),
     )
-
-
-def _routing_step(model: AdaptiveModel, k: int, state: Any) -> tuple[Callable[[Any], Any], Any]:
-    """What routing does at tap ``k`` on the rows of ``state`` besides running parts, as one call of the
-    state: the SideNet's scores and exit mask, the continuing rows found and their count read (the host
-    wait), half of the rows gathered and answers scattered back into the batch's."""
-    split, rule = model.splits[k], model.policies[k]
-    logits = model.side_logits(state, k)
-    exited = torch.arange(len(logits), device=logits.device) % 2 == 0  # half go on (one row: it exits)
-
-    def step(state: Any) -> Any:
-        rule.exits(rule.confidence(logits))
-        going, sizes = model._continuing(split, state, exited)  # routing's own: its one host wait at the tap
-        if len(going) == 0:
-            return None
-        split.select_sized(state, going, sizes)
-        return logits.index_copy(0, going, logits[: len(going)])
-
-    return step, state
 
 
 def batch_row_counts(batch_size: int) -> list[int]:

@@ -9,12 +9,12 @@ per-sample price says for them. :func:`forecast_batch_time` prices whole batches
 from a record's samples, each part charged one call on the rows that reach it, at its time measured on
 that many rows (:func:`sidenet.measure_part_seconds` with ``rows``).
 
-Routing's own work at each tap (scores, the count read, the gather, the answers scattered back) is charged
-as timed on the rows reaching the tap (``route_calls``), with half of them going on. What it leaves out: the
-input checks and bookkeeping once per batch, and the lengths of text beyond those of the timed batches: a
-text part's time depends on which rows a batch holds (its padding is cut to the longest of them), so text is
-timed on several batches and priced at their mean (:func:`measure_part_seconds_over`,
-:func:`timing_batch_count`).
+Routing's own work is charged as timed (:mod:`sidenet.routing_steps`): at each tap (scores, the count read,
+the gather, the answers filed back) on the rows reaching it, with half of them going on (``route_calls``),
+and once per batch (input checks, the monitor: ``batch_calls``). What it leaves out: the lengths of text
+beyond those of the timed batches: a text part's time depends on which rows a batch holds (its padding is cut
+to the longest of them), so text is timed on several batches and priced at their mean
+(:func:`measure_part_seconds_over`, :func:`timing_batch_count`).
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def forecast_batch_time(
             forecast is their mean time per batch.
 
     Each batch pays the trunk and the first SideNet on all its rows; every later part once on the rows that
-    reach it (none: nothing). The MainNet alone pays its segments on the full batch. Raises ``ValueError``
+    reach it (none: nothing); routing's work at each tap it reaches, and once per batch, as timed (none where
+    the timing has no ``rows``). The MainNet alone pays its segments on the full batch. Raises ``ValueError``
     for a timing of other taps than the record's, bad columns or thresholds, or ``batch_size < 1``.
     """
     scores = record.confidence if isinstance(record, CascadeRecord) else np.asarray(record, dtype=np.float64)
@@ -104,6 +105,7 @@ def forecast_batch_time(
     routed = routed + sum(seconds.call_seconds("sides", c, reach[:, i]) for i, c in enumerate(cols))
     # Routing at each kept tap, on the rows that reach it (timed at the original tap: same state, same rule).
     routed = routed + sum(seconds.call_seconds("routes", c, reach[:, i]) for i, c in enumerate(cols))
+    routed = routed + seconds.call_seconds("batches", 0, reach[:, 0])  # once per batch, on all its rows
     full = np.array([batch], dtype=np.float64)
     mainnet = sum(float(seconds.call_seconds("segments", j, full)[0]) for j in range(k + 1))
     if not mainnet > 0:
