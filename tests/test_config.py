@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -177,6 +179,28 @@ def test_one_catch_for_sidenet_errors(tiny_mainnet: nn.Module) -> None:
 def test_public_api_is_exported_once() -> None:
     assert len(sidenet.__all__) == len(set(sidenet.__all__))
     assert all(hasattr(sidenet, name) for name in sidenet.__all__)
+
+
+def test_submodules_are_reached_from_the_package_without_being_imported_by_it() -> None:
+    """``import sidenet`` then ``sidenet.calibration.calibrate(...)`` (the README's calibration example), without
+    ``import sidenet`` itself loading the analysis and serving layers (a fresh interpreter: this one's tests
+    import them)."""
+    code = (
+        "import sys, sidenet\n"
+        "heavy = ['sidenet.calibration', 'sidenet.audit', 'sidenet.report', 'sidenet.cli']\n"
+        "assert not any(name in sys.modules for name in heavy), [n for n in heavy if n in sys.modules]\n"
+        "assert callable(sidenet.calibration.calibrate) and sidenet.audit.LiveAudit\n"
+        "assert callable(sidenet.models.cifar_resnet)\n"
+        "try:\n"
+        "    sidenet.no_such_module\n"
+        "except AttributeError as exc:\n"
+        "    assert 'no_such_module' in str(exc)\n"
+        "else:\n"
+        "    raise SystemExit('no error')\n"
+        "assert not hasattr(sidenet, '__main__')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_version_is_written_once() -> None:

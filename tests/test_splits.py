@@ -323,6 +323,8 @@ def test_callable_split_class_count() -> None:
     with pytest.raises(ValueError, match="num_classes"):
         sidenet.attach(split, "t", input_shape=(6,))
     assert sidenet.attach(split, "t", input_shape=(6,), num_classes=3, hidden=4).sidenet.num_classes == 3
+    with pytest.raises(TapError, match="in place of the MainNet"):  # the split given as the tap
+        sidenet.attach(net, split, input_shape=(6,), num_classes=3)
     known = CallableSplit(trunk=net.body, rest=net.head, mainnet=net, num_classes=3)
     with pytest.raises(ValueError, match="num_classes=4 but the MainNet predicts 3"):
         sidenet.attach(known, "t", input_shape=(6,), num_classes=4)

@@ -6,6 +6,10 @@ continue through the MainNet from where they left off.
 This module's ``__all__`` is the public API; each name is defined once, in the submodule named beside it.
 """
 
+import importlib
+import pkgutil
+from types import ModuleType
+
 from sidenet.attach import attach
 from sidenet.cascade_choice import CascadeChoice, choose_taps, threshold_path
 from sidenet.cascade_curve import CascadeCurve
@@ -107,3 +111,15 @@ __all__ = [
     "TapError",
     "UnsupportedMainNetError",
 ]
+
+# Every submodule (but ``__main__``, which runs the CLI): ``import sidenet`` loads the core, and
+# ``sidenet.calibration``, ``sidenet.audit``, ``sidenet.report``, ... are imported on first use, so that
+# ``import sidenet`` stays light (no plots, HTML, Ray) and ``sidenet.calibration.calibrate(...)`` still works.
+_SUBMODULES = frozenset(info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_"))
+
+
+def __getattr__(name: str) -> ModuleType:
+    """A submodule not yet imported, imported now (PEP 562)."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

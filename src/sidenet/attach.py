@@ -23,6 +23,7 @@ from sidenet.config import SETTINGS, SideNetConfig
 from sidenet.errors import CheckpointError as CheckpointError
 from sidenet.errors import MainNetMismatchError as MainNetMismatchError
 from sidenet.errors import SplitMismatchError as SplitMismatchError
+from sidenet.errors import TapError
 from sidenet.head import SideNet
 from sidenet.routing import AdaptiveModel
 from sidenet.splits import MainNetSplit, split_mainnet
@@ -100,6 +101,11 @@ def attach(
     taps = list(tap) if isinstance(tap, (list, tuple)) else [tap]
     if not taps:
         raise ValueError("attach() needs at least one tap")
+    if any(isinstance(one, MainNetSplit) for one in taps):
+        raise TapError(
+            "a MainNetSplit (e.g. a CallableSplit) is cut already: pass it in place of the MainNet, "
+            "sidenet.attach(split, input_shape=...), not as the tap"
+        )
     if len(taps) > 1 and isinstance(mainnet, MainNetSplit):
         raise ValueError("a cascade is attached to a MainNet, not to a ready MainNetSplit (which has one tap)")
     parts = []
