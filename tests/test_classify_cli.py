@@ -143,6 +143,52 @@ def test_a_parquet_file_with_bad_rows(saved: Any, tmp_path: Path) -> None:
     assert [table["label"][i] for i in (0, 2, 4)] == expected
     assert table["label"][1] == table["label"][3] == -1
     assert "not a readable image" in table["error"][1] and "empty" in table["error"][3]
+    assert "5 rows" in result.output and "2 failed (the first: the body is not a readable image" in result.output
+    # Every row bad: refused (status 2), the first error named; the output written for the errors column.
+    pq.write_table(pa.table({"picture": [b"not an image", b"nor this"]}), source)
+    result = runner.invoke(app, [*argv, "--mainnet", mainnet, "--column", "picture"])
+    assert result.exit_code == 2 and "no row of" in result.output and "not a readable image" in result.output
+    assert pq.read_table(out).column("error").to_pylist()[1].startswith("the body is not a readable image")
+    # The answers written over their own inputs: refused before anything is read.
+    result = runner.invoke(app, [*argv[:4], str(source), *argv[5:], "--mainnet", mainnet, "--column", "picture"])
+    assert result.exit_code == 2 and "is the input file" in result.output
+    # A column not there: named, with the option that chooses one.
+    result = runner.invoke(app, [*argv, "--mainnet", mainnet, "--column", "image"])
+    assert result.exit_code == 2 and "no column 'image' in the dataset; columns: picture (name the one" in result.output
+
+
+def test_pixels_stored_as_nested_lists_are_pictures_and_flat_ones_are_refused() -> None:
+    """A parquet column of uint8 pixels row by row (``list<list<uint8>>``) holds pictures, not normalised
+    model inputs; a flat row of pixels, which lost the picture's height and width, is refused."""
+    import pyarrow as pa
+
+    inputs = ImageInputs(IMAGE_SHAPE)
+    column = pa.array([pixels(3).tolist()], type=pa.list_(pa.list_(pa.uint8()))).to_numpy(zero_copy_only=False)
+    torch.testing.assert_close(inputs.from_cell(column[0]), inputs.decode_image(png(3)))
+    with pytest.raises(BadInput, match=r"shape \(H, W\) or \(H, W, C\), got shape \[256\]"):
+        inputs.from_cell(pixels(3).reshape(-1))
+    with pytest.raises(BadInput, match="rows differ in length"):
+        inputs.from_cell(np.array([np.zeros(16, np.uint8), np.zeros(15, np.uint8)], dtype=object))
+
+
+def test_sixteen_bit_grey_pictures_are_scaled_not_clipped(saved: Any, tmp_path: Path) -> None:
+    """A 16-bit PNG of a picture answers as its 8-bit original (Pillow's own conversion clips it to white)."""
+    from PIL import Image
+
+    _, _, model = saved
+    inputs = ImageInputs(IMAGE_SHAPE)
+    wide = io.BytesIO()
+    Image.fromarray(pixels(3).astype(np.uint16) * 257).save(wide, format="PNG")  # 0-255 -> 0-65535
+    assert Image.open(io.BytesIO(wide.getvalue())).mode.startswith("I")
+    torch.testing.assert_close(inputs.decode_image(wide.getvalue()), inputs.decode_image(png(3)))
+    from sidenet.tasks import get_task
+
+    (tmp_path / "wide.png").write_bytes(wide.getvalue())
+    (tmp_path / "narrow.png").write_bytes(png(3))
+    task = get_task("fmnist")
+    torch.testing.assert_close(
+        task.read_inputs([str(tmp_path / "wide.png")]), task.read_inputs([str(tmp_path / "narrow.png")])
+    )
 
 
 @pytest.mark.parametrize(

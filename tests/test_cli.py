@@ -76,6 +76,12 @@ def test_fit_sweep_predict(tiny_task: TinyTask, tmp_path: Path) -> None:
     assert plot.stat().st_size > 1000
     saved = json.loads(plot.with_suffix(".json").read_text())
     assert saved["num_samples"] == 96
+    # No format: a PNG, under the name said; a format matplotlib does not write: refused before the sweep.
+    result = runner.invoke(cli.app, ["sweep", "--sidenet", str(out), "--plot", str(tmp_path / "bare"), "-q"])
+    assert result.exit_code == 0 and (tmp_path / "bare.png").is_file() and f"{tmp_path / 'bare.png'}" in result.output
+    result = runner.invoke(cli.app, ["sweep", "--sidenet", str(out), "--plot", str(tmp_path / "c.txt"), "-q"])
+    assert result.exit_code == 2 and "not an image format matplotlib writes" in result.output
+    assert "MainNet alone" not in result.output  # refused before sweeping
 
     images = []
     for i in range(3):

@@ -1,8 +1,7 @@
 """The ``sidenet`` command line: pretrain, fit, sweep, predict, report, demo.
 
-Every command checks its arguments before it loads data or a MainNet, so that a bad option is refused
-in well under a second, not after the MainNet was trained or the SideNet fitted.
-"""
+Every command checks its arguments before it loads data or a MainNet: a bad option is refused in well under
+a second, not after the MainNet was trained or the SideNet fitted. (serve and classify: ``cli_serve``.)"""
 
 from __future__ import annotations
 
@@ -28,6 +27,7 @@ from sidenet.cli_options import (
     check_writable,
     fail,
     load_saved,
+    plot_path,
     saved_task,
 )
 from sidenet.cli_report import register as register_report_command
@@ -248,7 +248,7 @@ def sweep_command(
         check_device_dtype(device, dtype)
         task = saved_task(sidenet)
         task.check_split(split)
-        plot = plot or sidenet / f"curve_{split}.png"
+        plot = plot_path(plot or sidenet / f"curve_{split}.png")
         check_writable(plot, "--plot", folder=False)
         model, task = load_saved(sidenet, data, not quiet, task, device, dtype)
         loaders = task.loaders(data)

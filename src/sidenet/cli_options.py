@@ -33,6 +33,7 @@ __all__ = [
     "check_compile_backend",
     "saved_task",
     "load_saved",
+    "plot_path",
     "fail",
     "CompileOption",
     "DataOption",
@@ -263,3 +264,18 @@ class FitSettings:
     def split_options(self) -> dict[str, str] | None:
         """Options of the MainNet's splitter (None: its defaults)."""
         return None if self.features is None else {"features": self.features}
+
+
+def plot_path(plot: Path) -> Path:
+    """``plot`` with a format matplotlib writes (none given: ``.png``, the name the plot is saved under), checked
+    before a sweep runs rather than after it."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if plot.is_dir():  # refused as such by check_writable
+        return plot
+    if not plot.suffix:
+        return plot.with_suffix(".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if plot.suffix[1:].lower() not in formats:
+        raise ValueError(f"--plot {plot}: not an image format matplotlib writes ({', '.join(sorted(formats))})")
+    return plot

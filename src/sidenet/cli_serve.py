@@ -206,6 +206,8 @@ def classify_command(
         fail(f"no input {input}")
     if output.suffix.lower() != ".parquet":
         fail(f"--output must be a .parquet file, got {output}")
+    if output.resolve() == input.resolve():
+        fail(f"--output {output} is the input file: the answers would replace the inputs; write them elsewhere")
     if min(concurrency, batch_size, model_batch) < 1 or gpus < 0:
         fail("--concurrency, --batch-size and --model-batch must be >= 1, --gpus >= 0")
     if gpus > 0 and not use_ray:
@@ -256,11 +258,24 @@ def classify_command(
     try:
         rows = classify_file(input, output, source, column=column, use_ray=use_ray, batch_size=batch_size, **options)
     except (ValueError, KeyError) as exc:
-        fail(str(exc))
+        fail(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
     finally:
         if ours:
             ray.shutdown()
-    typer.echo(f"Classified {rows} rows into {output} in {time.perf_counter() - started:.1f} s")
+    seconds = time.perf_counter() - started
+    failed, first = _failed_rows(output)
+    if rows and failed == rows:
+        fail(f"no row of {input} could be classified ({rows} rows; the first error: {first}); see {output}'s errors")
+    summary = f"; {failed} failed (the first: {first}; see the error column)" if failed else ""
+    typer.echo(f"Classified {rows} rows into {output} in {seconds:.1f} s{summary}")
+
+
+def _failed_rows(output: Path) -> tuple[int, str | None]:
+    """How many rows of a written answers file carry an error, and the first of those errors."""
+    import pyarrow.parquet as pq
+
+    failed = [error for error in pq.read_table(output, columns=["error"]).column("error").to_pylist() if error]
+    return len(failed), (failed[0] if failed else None)
 
 
 def register(app: typer.Typer) -> None:

@@ -18,6 +18,7 @@ import gzip
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -147,6 +148,22 @@ def find_fashion_mnist(data_dir: str | Path | None = None, download: bool = True
         "internet. Install the Debian package, or download the four *-ubyte.gz files from "
         "https://github.com/zalandoresearch/fashion-mnist into a folder and pass it with --data."
     )
+
+
+# Pillow's modes of 16-bit grey images (and of 32-bit integer ones, in which Pillow opens some of them).
+WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def eight_bit(image: Any) -> Any:
+    """A 16-bit grey PIL image as an 8-bit one, its values scaled from 0-65535 down to 0-255; any other image
+    as it is. Pillow's own ``convert("L")`` clips such values at 255 instead, which turns almost every pixel
+    of a 16-bit picture white (a classifier then answers confidently and wrongly)."""
+    if image.mode not in WIDE_GREY_MODES:
+        return image
+    from PIL import Image
+
+    values = np.asarray(image, dtype=np.float64) / 257.0  # 65535 / 257 = 255
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
 
 
 def normalize_fashion_mnist(images: np.ndarray | torch.Tensor) -> torch.Tensor:

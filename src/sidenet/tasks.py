@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from sidenet.datasets import (
     FASHION_MNIST_CLASSES,
     SST2_CLASSES,
+    eight_bit,
     fashion_mnist_datasets,
     normalize_fashion_mnist,
     sst2_datasets,
@@ -146,7 +147,7 @@ class FashionMnistTask(Task):
         for item in items:
             try:
                 with Image.open(item) as image:
-                    grey = image.convert("L").resize((28, 28), Image.Resampling.BILINEAR)
+                    grey = eight_bit(image).convert("L").resize((28, 28), Image.Resampling.BILINEAR)
             except (OSError, UnidentifiedImageError) as exc:
                 raise ValueError(f"cannot read image {item!r}: {exc}") from exc
             images.append(np.asarray(grey, dtype=np.uint8))

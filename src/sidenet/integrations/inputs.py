@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sidenet.datasets import eight_bit
+
 __all__ = ["BadInput", "ImageInputs", "TextInputs", "SidenetSource", "answers", "compiled_on_neutral"]
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp", "image/bmp", "image/gif")
@@ -69,8 +71,8 @@ class ImageInputs:
 
         channels, height, width = self.shape
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                mode = "L" if channels == 1 else "RGB"
+            with Image.open(io.BytesIO(data)) as opened:
+                image, mode = eight_bit(opened), "L" if channels == 1 else "RGB"
                 if image.mode != mode:
                     image = image.convert(mode)
                 if image.size != (width, height):
@@ -87,6 +89,10 @@ class ImageInputs:
         """A uint8 picture ``(H, W)`` or ``(H, W, C)`` (as ``ray.data.read_images`` gives) to one sample."""
         from PIL import Image
 
+        if pixels.ndim not in (2, 3):  # a flat row of pixels has lost the picture's height and width
+            raise BadInput(
+                422, f"a picture is uint8 pixels of shape (H, W) or (H, W, C), got shape {list(pixels.shape)}"
+            )
         buffer = io.BytesIO()
         try:
             Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG")
@@ -104,10 +110,13 @@ class ImageInputs:
                 raise BadInput(400, "empty image bytes")
             return self.decode_image(bytes(cell))
         array = np.asarray(cell)
+        if array.dtype == object and array.ndim == 1:  # nested lists stored row by row (their dtype kept: uint8
+            try:  # rows are a picture's pixels, float rows a model input)
+                array = np.stack([np.asarray(row) for row in array])
+            except ValueError as exc:
+                raise BadInput(422, f"the array's rows differ in length: {exc}") from exc
         if array.dtype == np.uint8:
             return self.from_pixels(array)
-        if array.dtype == object and array.ndim == 1:  # nested lists stored row by row
-            array = np.stack([np.asarray(row, dtype=np.float32) for row in array])
         return self.from_array(array)
 
     def from_array(self, array: Any) -> torch.Tensor:

@@ -154,7 +154,10 @@ class RoutedClassifier:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One Ray Data batch (numpy format) in, the same rows with the result columns out."""
         if self.column not in batch:
-            raise KeyError(f"no column {self.column!r} in the dataset; columns: {', '.join(batch)}")
+            raise KeyError(
+                f"no column {self.column!r} in the dataset; columns: {', '.join(batch)} (name the one to read with "
+                "--column, or column= in Python)"
+            )
         kept = {k: v for k, v in batch.items() if self.keep_input or k != self.column}
         return {**kept, **self.classify(list(batch[self.column]))}
 
