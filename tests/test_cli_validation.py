@@ -70,6 +70,14 @@ def test_sweep_refuses_an_unwritable_plot_before_any_work(touched: list[str], sa
         assert "cannot write in /proc" in invoke([*options, "/proc/curve.png"], touched)
 
 
+def test_report_refuses_an_unwritable_out_before_any_work(touched: list[str], saved: Path, tmp_path: Path) -> None:
+    afile = tmp_path / "report.png"
+    afile.write_text("x")
+    options = ["report", "--sidenet", str(saved), "-q", "--out"]
+    assert f"--out {afile} is a file, not a folder" in invoke([*options, str(afile)], touched)
+    assert f"{afile} is a file, not a folder" in invoke([*options, str(afile / "sub")], touched)
+
+
 def test_fit_unknown_tap_lists_the_taps_before_any_work(touched: list[str], tmp_path: Path) -> None:
     # `invoke` checks that no MainNet was trained or loaded and no data read (no timing here: the
     # untouched task methods are the proof that it returns at once).

@@ -21,6 +21,7 @@ from sidenet.cli_options import (
     check_device_dtype,
     check_positive,
     check_range,
+    check_writable,
     fail,
     load_saved,
     saved_task,
@@ -94,6 +95,7 @@ def report_command(
         check_positive(bins=bins)
         check_device_dtype(device, dtype)
         check_compile_backend(compile_backend)
+        check_writable(out or sidenet / "report", "--out")
         if compile_backend is not None and not timing:
             raise ValueError("--compile says how to time the model: it needs timing (drop --no-timing)")
         task = saved_task(sidenet)
