@@ -278,6 +278,17 @@ def test_serve_refuses_bad_arguments_before_starting_ray(extra: list[str], messa
     assert result.exit_code == 2 and message in result.output
 
 
+def test_serve_refuses_a_busy_or_impossible_port_before_starting_ray() -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:  # a port some other server listens on
+        port = busy.getsockname()[1]
+        result = runner.invoke(app, ["serve", "--sidenet", "nowhere", "--port", str(port)])
+    assert result.exit_code == 2 and f"--port {port}: cannot listen there" in result.output
+    result = runner.invoke(app, ["serve", "--sidenet", "nowhere", "--port", "99999"])
+    assert result.exit_code == 2 and "--port must lie in 1-65535, got 99999" in result.output
+
+
 def test_serve_refuses_bad_options_and_configs(saved: Any, tmp_path: Path) -> None:
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'sidenet[serve]')")
     folder, mainnet, _ = saved

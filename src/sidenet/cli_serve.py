@@ -102,6 +102,8 @@ def serve_command(
         fail("give --sidenet FOLDER (and the flags) or --config FILE")
     if config is not None and not config.is_file():
         fail(f"no config file {config}")
+    if config is None:  # a config file names its own
+        _check_port(host, port)
     source = None if sidenet is None else _source(sidenet, task, mainnet, threshold, mainnet_weights)
     if channels_last and (source is None or source.inputs().kind == "text"):
         fail("--channels-last lays out an image MainNet's convolutions: give it with --sidenet of an image model")
@@ -276,6 +278,20 @@ def _failed_rows(output: Path) -> tuple[int, str | None]:
 
     failed = [error for error in pq.read_table(output, columns=["error"]).column("error").to_pylist() if error]
     return len(failed), (failed[0] if failed else None)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse a port out of range, or one that ``host`` cannot listen on (another server there), before Ray
+    starts: Ray's own failure is dozens of lines of an actor's traceback."""
+    import socket
+
+    if not 0 < port < 65536:
+        fail(f"--port must lie in 1-65535, got {port}")
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        fail(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); is another server on it?")
 
 
 def register(app: typer.Typer) -> None:
