@@ -180,8 +180,7 @@ class CompiledAdaptiveModel(StageWarmUp):
         if mode != "adaptive":
             raise ValueError(f"the compiled serving mode routes adaptively only, got mode={mode!r}")
         model = self.model
-        model.check_input(x)
-        model.split.ensure_eval()
+        model.admit(x)
         x = padded_text(x, self.length_buckets)
         profile = model.flop_profile(x)
         rule = model.policies[0]  # read once: another thread may install a new rule meanwhile

@@ -15,8 +15,8 @@ a batch as the model runs it (:func:`measure_part_seconds`), and :func:`time_wei
 Parts are timed as the eager model runs them (each part alone, device-synchronised; on CUDA each replayed
 from its own CUDA graph), not compiled. With ``rows`` they are also timed on fewer samples, and so is
 routing's own work (:mod:`sidenet.routing_steps`: at each tap, and once per batch), for
-:func:`sidenet.forecast_batch_time`. A
-sample's share of a part's time follows its share of the part's FLOPs (text: its length).
+:func:`sidenet.forecast_batch_time`. A sample's share of a part's time follows its share of the part's FLOPs
+(text: its length).
 """
 
 from __future__ import annotations

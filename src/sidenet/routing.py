@@ -462,10 +462,15 @@ class AdaptiveModel(TrafficStatistics, nn.Module):
         else:
             self.split.check_structure(x)
 
-    def _mainnet_alone(self, x: Any) -> AdaptiveOutput:
-        """``mode="main"``: the MainNet as before attaching; no SideNet, no confidence (NaN)."""
+    def admit(self, x: Any) -> None:
+        """What every batch passes before it runs, routed or not: the input checks (:meth:`check_input`) and
+        the MainNet put back in eval mode should anything have set it training."""
         self.check_input(x)
         self.split.ensure_eval()
+
+    def _mainnet_alone(self, x: Any) -> AdaptiveOutput:
+        """``mode="main"``: the MainNet as before attaching; no SideNet, no confidence (NaN)."""
+        self.admit(x)
         profile = self.flop_profile(x)
         with torch.no_grad():
             logits = self.split.rest(self.split.trunk(x))
@@ -492,8 +497,7 @@ class AdaptiveModel(TrafficStatistics, nn.Module):
         """
         if mode not in ("adaptive", "side", "batch"):
             raise ValueError(f"front_pass mode must be 'adaptive', 'side' or 'batch', got {mode!r}")
-        self.check_input(x)
-        self.split.ensure_eval()
+        self.admit(x)
         rule = self.policies[0]  # read once: another thread may install a new rule meanwhile
         profile = self.flop_profile(x)
         with torch.no_grad():

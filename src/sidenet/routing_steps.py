@@ -53,17 +53,16 @@ def routing_step(model: AdaptiveModel, k: int, state: Any, profile: FlopProfile)
 
 def batch_step(model: AdaptiveModel, inputs: Any, state: Any) -> tuple[Callable[[Any], Any], Any]:
     """What routing does once per batch of ``inputs`` besides its taps, as one call of them (the calls of
-    :meth:`~sidenet.AdaptiveModel.forward` and ``front_pass`` around the parts): the input checks, the
-    eval-mode check, the FLOPs profile looked up, and the batch counted in a monitor, a scratch one (the
-    model's counts stay those of its traffic)."""
-    split, rule = model.split, model.policies[0]
+    :meth:`~sidenet.AdaptiveModel.forward` and ``front_pass`` around the parts): the batch admitted (input
+    checks, eval-mode check: :meth:`~sidenet.AdaptiveModel.admit`), its FLOPs profile looked up, and the batch
+    counted in a monitor, a scratch one (the model's counts stay those of its traffic)."""
+    rule = model.policies[0]
     confidence = rule.confidence(model.side_logits(state, 0))
     exited = torch.arange(len(confidence), device=confidence.device) % 2 == 0
     monitor = TrafficMonitor(model.monitor.window)
 
     def step(inputs: Any) -> None:
-        model.check_input(inputs)
-        split.ensure_eval()
+        model.admit(inputs)
         model.flop_profile(inputs)
         monitor.record(exited, confidence, len(exited) // 2)
 
